@@ -1,0 +1,290 @@
+"""The ``evalsuite`` command line.
+
+Built-in sub-commands: ``run``, ``list``, ``inspect``, ``extract``. Other modules
+add theirs (``data``, ``pretrain``, ``leaderboard``, ``compare``) through the
+``evalsuite.commands`` entry-point group, so this file never changes for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, registry
+from .errors import UserError
+
+EPILOG_RUN = """\
+examples:
+  evalsuite run --checkpoint random:resnet18 --tasks centroid --protocol quick --data-root data/demo
+  evalsuite run --checkpoint moco_v2_800ep.pth.tar --tasks voc07_svm --layers res4,res5 \\
+                --data-root /datasets --set svm.backend=sklearn
+  evalsuite run --checkpoint ckpt.safetensors --tasks all --protocol goyal19 --out runs/mine
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evalsuite",
+        description="Evaluate frozen visual representations on transfer benchmarks.",
+        formatter_class=HelpFormatter,
+        epilog="Run `evalsuite COMMAND --help` for each command's options and examples.",
+    )
+    p.add_argument("--version", action="version", version=f"evalsuite {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    _add_list(sub)
+    _add_inspect(sub)
+    _add_extract(sub)
+    for name, ep in sorted(registry.entry_points(registry.COMMAND_GROUP).items()):
+        try:
+            ep.load()(sub)
+        except ImportError as e:  # an optional extra is not installed: the command says so when used
+            stub = sub.add_parser(name, help=f"(unavailable: {e})")
+            stub.set_defaults(func=lambda a, e=e, n=name: _raise(UserError(f"command {n!r} is unavailable: {e}")))
+    return p
+
+
+def _raise(e: Exception):
+    raise e
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint path, random:<arch> or torchvision:<arch> (see `evalsuite list --formats`)")
+    p.add_argument("--arch", help="architecture (inferred from metadata or keys when omitted)")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate even if trunk keys are missing")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="DANGEROUS: allow pickles that run code (weights_only=False)")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed for everything random (random init included)")
+    p.add_argument("--batch-size", type=int, default=64, help="extraction batch size")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="extraction precision; auto = bf16 autocast + channels_last where supported")
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE or ~/.cache/evalsuite)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="evaluate a checkpoint on tasks", formatter_class=HelpFormatter,
+                       description="Evaluate one checkpoint, frozen, on the selected tasks and append one "
+                                   "result record per (task, layer, metric) to OUT/results.jsonl.",
+                       epilog=EPILOG_RUN)
+    add_checkpoint_args(p)
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
+    p.add_argument("--protocol", default="goyal19", help="preset: goyal19, vissl or quick")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol field (task.key=value or key=value); repeatable")
+    p.add_argument("--data-root", type=Path, default=Path(os.environ.get("EVALSUITE_DATA", "data")),
+                   help="directory holding the datasets")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="output directory for results.jsonl")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .runner import RunOptions, run
+
+    opts = RunOptions(
+        checkpoint=a.checkpoint, arch=a.arch, tasks=[a.tasks], layers=[a.layers] if a.layers else None,
+        preset=a.protocol, overrides=a.overrides, data_root=a.data_root, out=a.out, device=a.device,
+        seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
+        allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, progress=not a.no_progress,
+    )
+    report = run(opts)
+    print_results(report.results, title=f"{report.checkpoint.spec} ({report.checkpoint.arch}, {a.protocol})")
+    for name, why in report.skipped:
+        print(f"skipped {name}: {why}")
+    print(f"{len(report.results)} result records appended to {report.results_file}")
+    return 0
+
+
+def print_results(results, title: str = "results") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("task", "dataset", "split", "layer", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for r in results:
+        value = "n/a" if r.value is None else f"{r.value:.4g}"
+        table.add_row(r.task, r.dataset, r.split, r.layer, r.metric, value)
+    Console(width=max(100, os.get_terminal_size(0).columns if sys.stdout.isatty() else 100)).print(table)
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list tasks, methods, presets, checkpoint formats, architectures",
+                       formatter_class=HelpFormatter,
+                       epilog="examples:\n  evalsuite list\n  evalsuite list --presets --tasks-only voc07_svm")
+    p.add_argument("--tasks", action="store_true", help="tasks only")
+    p.add_argument("--methods", action="store_true", help="pretraining methods only")
+    p.add_argument("--presets", action="store_true", help="every task's resolved protocol per preset")
+    p.add_argument("--formats", action="store_true", help="checkpoint formats only")
+    p.add_argument("--archs", action="store_true", help="architectures and their taps")
+    p.add_argument("--tasks-only", nargs="*", default=None, metavar="TASK", help="restrict --presets to tasks")
+    p.set_defaults(func=cmd_list)
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from .checkpoints import FORMATS
+    from .protocols import PRESETS, format_protocol
+    from .trunks import ARCHS
+
+    everything = not (a.tasks or a.methods or a.presets or a.formats or a.archs)
+    if a.tasks or everything:
+        print("tasks:")
+        for name in registry.task_names():
+            t = registry.get_task(name)
+            print(f"  {name:18s} {getattr(t, 'description', '')}")
+    if a.methods or everything:
+        print("pretraining methods:")
+        for name in registry.names(registry.METHOD_GROUP):
+            print(f"  {name}")
+    if a.presets or everything:
+        print("protocol presets:")
+        for name, text in PRESETS.items():
+            print(f"  {name:10s} {text}")
+    if a.presets:
+        for name in a.tasks_only or registry.task_names():
+            t = registry.get_task(name)
+            for preset in PRESETS:
+                print(f"\n[{name} / {preset}]")
+                print(format_protocol(t.default_protocol(preset)))
+    if a.formats or everything:
+        print("checkpoint formats:")
+        for name, text in FORMATS.items():
+            print(f"  {name:16s} {text}")
+    if a.archs or everything:
+        print("architectures:")
+        for name, info in ARCHS.items():
+            print(f"  {name:10s} taps: {', '.join(info['taps'])}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show a checkpoint's format, architecture and key-match report",
+                       formatter_class=HelpFormatter,
+                       epilog="examples:\n  evalsuite inspect moco_v2_800ep.pth.tar\n"
+                              "  evalsuite inspect ckpt.safetensors --arch resnet18 --keys")
+    p.add_argument("checkpoint", help="checkpoint path, random:<arch> or torchvision:<arch>")
+    p.add_argument("--arch", help="architecture (inferred when omitted)")
+    p.add_argument("--allow-partial", action="store_true", help="report instead of refusing on missing keys")
+    p.add_argument("--trust-pickle", action="store_true", help="DANGEROUS: allow pickles that run code")
+    p.add_argument("--keys", action="store_true", help="list every missing and unexpected key")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoints import load_checkpoint
+
+    ck = load_checkpoint(a.checkpoint, arch=a.arch, allow_partial=a.allow_partial, trust_pickle=a.trust_pickle)
+    r = ck.report
+    print(f"checkpoint: {ck.spec}")
+    print(f"sha256:     {ck.sha256}")
+    print(f"format:     {ck.format}")
+    print(f"arch:       {ck.arch}")
+    print(f"weights at: {r.source}")
+    print(f"keys:       {r.summary()}")
+    if ck.metadata:
+        print("metadata:   " + json.dumps(ck.metadata, sort_keys=True, default=str))
+    limit = None if a.keys else 10
+    for label, keys in (("missing", r.missing), ("unexpected", r.unexpected)):
+        if keys:
+            shown = keys[:limit]
+            more = f" … (+{len(keys) - len(shown)}, use --keys)" if len(shown) < len(keys) else ""
+            print(f"{label}: " + ", ".join(shown) + more)
+    return 0
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="fill the feature cache for one dataset split (torchrun-aware)",
+        formatter_class=HelpFormatter,
+        description="Extract features of every tap into the cache. Under torchrun each rank extracts its own "
+                    "shards and rank 0 writes the manifest; a later `evalsuite run` reads the cache.",
+        epilog=textwrap.dedent("""\
+            examples:
+              evalsuite extract --checkpoint ckpt.safetensors --dataset imagefolder --root data/demo/imagefolder \\
+                                --split train --layers res4,res5 --pooling goyal
+              torchrun --nproc_per_node=4 -m evalsuite extract --checkpoint ckpt.pth --dataset voc2007 \\
+                                --root /datasets/VOCdevkit/VOC2007 --split trainval
+            """),
+    )
+    add_checkpoint_args(p)
+    p.add_argument("--dataset", required=True, help="dataset kind (imagefolder, voc2007, ...)")
+    p.add_argument("--root", type=Path, required=True, help="dataset root directory")
+    p.add_argument("--split", required=True, help="split name")
+    p.add_argument("--layers", help="comma-separated taps (default: all)")
+    p.add_argument("--pooling", default="goyal", choices=["goyal", "avg", "none"], help="per-tap pooling")
+    p.add_argument("--image-size", type=int, default=224, help="input resolution")
+    p.add_argument("--resize-mode", default="square", choices=["square", "center_crop"], help="resize mode")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_extract)
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .cache import FeatureCache
+    from .checkpoints import load_checkpoint
+    from .data import open_dataset
+    from .features import FeatureExtractor, Transform
+    from .runner import validate_layers
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+    try:
+        ck = load_checkpoint(a.checkpoint, arch=a.arch, allow_partial=a.allow_partial,
+                             trust_pickle=a.trust_pickle, seed=a.seed)
+        layers = validate_layers(ck.arch, [a.layers] if a.layers else None)
+        ds = open_dataset(a.dataset, a.root, a.split)
+        ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=FeatureCache(a.cache_dir),
+                               device=a.device, precision=a.precision, batch_size=a.batch_size,
+                               workers=a.workers, progress=not a.no_progress)
+        tf = Transform(size=a.image_size, mode=a.resize_mode, input_space=ck.metadata.get("input_space", "rgb"))
+        feats = ext.features(ds, layers or list(ext.trunk.tap_names), a.pooling, tf)
+        if int(os.environ.get("RANK", "0")) == 0:
+            for tap, x in feats.items():
+                print(f"{tap}: {x.shape[0]} x {x.shape[1]} ({ext.precision}) cached under {ext.cache.root}")
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"evalsuite: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("evalsuite: interrupted (finished work is kept; re-run to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""ImageFolder: ``ROOT/<split>/<class>/<image>`` (torchvision's layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadData
+from .base import ClassificationDataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+class ImageFolder(ClassificationDataset):
+    kind = "imagefolder"
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        super().__init__(root, split)
+        split_dir = self.root / split if split else self.root
+        if not split_dir.is_dir():
+            raise BadData(f"split directory {split!r} not found", split_dir)
+        self.split_dir = split_dir
+        self.classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise BadData("no class subdirectories (expected <split>/<class>/<image>)", split_dir)
+        samples = []
+        for ci, cname in enumerate(self.classes):
+            for f in sorted((split_dir / cname).iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    samples.append((f, ci))
+        if not samples:
+            raise BadData("dataset is empty: no images in any class folder", split_dir)
+        self.samples = samples
+        self._labels = np.array([c for _, c in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_path(self, i: int) -> Path:
+        return self.samples[i][0]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(p.relative_to(self.split_dir)) for p, _ in self.samples]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels

@@ -1,0 +1,79 @@
+"""Synthetic datasets written in real on-disk formats (the embedded default data).
+
+Deterministic: the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar", "star", "diamond")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill) -> None:
+    def rot(points):
+        ca, sa = math.cos(angle), math.sin(angle)
+        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
+
+    if shape == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r / 3)))
+    elif shape == "square":
+        draw.polygon(rot([(-r, -r), (r, -r), (r, r), (-r, r)]), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(rot([(0, -r), (r * 0.6, 0), (0, r), (-r * 0.6, 0)]), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(rot([(0, -r), (r * 0.87, r * 0.5), (-r * 0.87, r * 0.5)]), fill=fill)
+    elif shape == "bar":
+        draw.polygon(rot([(-r, -r * 0.25), (r, -r * 0.25), (r, r * 0.25), (-r, r * 0.25)]), fill=fill)
+    elif shape == "cross":
+        w = r * 0.3
+        draw.polygon(rot([(-r, -w), (r, -w), (r, w), (-r, w)]), fill=fill)
+        draw.polygon(rot([(-w, -r), (w, -r), (w, r), (-w, r)]), fill=fill)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            rr = r if k % 2 == 0 else r * 0.45
+            a = k * math.pi / 5
+            pts.append((rr * math.sin(a), -rr * math.cos(a)))
+        draw.polygon(rot(pts), fill=fill)
+    else:
+        raise ValueError(shape)
+
+
+def shape_image(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
+    """One image: a textured, cluttered background and one object of ``shape`` in a random colour."""
+    base = rng.integers(0, 256, size=3)
+    noise = rng.normal(0, 40, size=(size // 4 + 1, size // 4 + 1, 3))
+    bg = np.clip(base + np.kron(noise, np.ones((4, 4, 1)))[:size, :size], 0, 255).astype(np.uint8)
+    img = Image.fromarray(bg).filter(ImageFilter.GaussianBlur(1))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):  # clutter: small distractor blobs
+        x, y = rng.uniform(0, size, 2)
+        rr = rng.uniform(size * 0.03, size * 0.08)
+        draw.ellipse([x - rr, y - rr, x + rr, y + rr], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    r = rng.uniform(size * 0.18, size * 0.32)
+    cx, cy = rng.uniform(r, size - r, 2)
+    color = tuple(int(v) for v in rng.integers(0, 256, 3))
+    _draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), color)
+    return img
+
+
+def write_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size: int = 64,
+                      classes: int = 8, splits: dict[str, float] | None = None) -> Path:
+    """``out/<split>/<class>/<n>.jpg`` with ``per_class`` train images and half as many val per class."""
+    out = Path(out)
+    splits = splits or {"train": 1.0, "val": 0.5}
+    rng = np.random.default_rng(seed)
+    for split, frac in splits.items():
+        for shape in SHAPES[:classes]:
+            d = out / split / shape
+            d.mkdir(parents=True, exist_ok=True)
+            for n in range(max(1, int(per_class * frac))):
+                shape_image(rng, shape, size).save(d / f"{n:05d}.jpg", quality=90)
+    return out

@@ -1,0 +1,321 @@
+"""Batched feature extraction over any dataset, all taps in one forward pass, through the cache.
+
+CPU fast path: channels_last + bfloat16 autocast where the CPU supports it
+(``precision="auto"``); ``precision="fp32"`` gives the reference numbers. The
+precision is part of the cache key, so the two never mix.
+
+Multi-process (``torchrun``): when a process group is initialised, rank r
+extracts shards r, r+W, ...; rank 0 writes the manifests after a barrier.
+Batches never cross shard boundaries, so the result equals one process exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from .cache import CacheEntry, CorruptEntry, FeatureCache
+from .colorspace import IMAGENET_MEAN, IMAGENET_STD, INPUT_SPACES, to_input_space
+from .data.base import ImageDataset
+from .errors import BadData, BadFeatures, UserError
+from .trunks import PoolSpec, check_taps, pool_features, pool_spec, tap_shapes
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Evaluation transform; recorded in results and part of the cache key.
+
+    ``mode="square"`` resizes to ``size`` x ``size`` (Goyal et al.'s VOC07 SVM
+    protocol); ``mode="center_crop"`` resizes the shorter side to ``resize`` and
+    takes the central ``size`` crop (the usual kNN / linear-probe protocol).
+    """
+
+    size: int = 224
+    mode: str = "square"
+    resize: int | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    input_space: str = "rgb"
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.mode not in ("square", "center_crop"):
+            raise UserError(f"unknown transform mode {self.mode!r}; use square or center_crop")
+        if self.input_space not in INPUT_SPACES:
+            raise UserError(f"unknown input space {self.input_space!r}; known: {', '.join(INPUT_SPACES)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def __call__(self, image) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        interp = InterpolationMode(self.interpolation)
+        if self.mode == "square":
+            image = TF.resize(image, [self.size, self.size], interpolation=interp, antialias=True)
+        else:
+            image = TF.resize(image, self.resize or int(round(self.size * 256 / 224)), interpolation=interp,
+                              antialias=True)
+            image = TF.center_crop(image, [self.size, self.size])
+        x = TF.to_tensor(image)
+        return to_input_space(x, self.input_space, self.mean, self.std)
+
+    @classmethod
+    def from_protocol(cls, protocol: dict, checkpoint_meta: dict | None = None) -> Transform:
+        meta = checkpoint_meta or {}
+        norm = meta.get("normalize") or {}
+        return cls(
+            size=int(protocol.get("image_size", 224)),
+            mode=protocol.get("resize_mode", "square"),
+            resize=protocol.get("resize"),
+            mean=tuple(norm.get("mean", IMAGENET_MEAN)),
+            std=tuple(norm.get("std", IMAGENET_STD)),
+            input_space=meta.get("input_space", "rgb"),
+        )
+
+
+class _Images(torch.utils.data.Dataset):
+    """Applies the transform; returns errors as values so the main process reports them cleanly."""
+
+    def __init__(self, dataset: ImageDataset, transform: Transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(self.dataset.load_image(i)), i, None
+        except BadData as e:
+            return None, i, (e.message, e.path)
+
+
+def _collate(batch):
+    for x, i, err in batch:
+        if err is not None:
+            raise BadData(err[0], err[1] or f"sample {i}")
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None means plain fp32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    else:
+        ok = False
+    if precision == "bf16" and not ok:
+        raise UserError(f"bfloat16 is not supported on this {device.type} device; use --set precision=fp32")
+    return torch.bfloat16 if ok else None
+
+
+@dataclass
+class FeatureRequest:
+    dataset: ImageDataset
+    taps: Sequence[str]
+    pooling: str = "goyal"
+    transform: Transform = field(default_factory=Transform)
+
+
+class FeatureExtractor:
+    """Features of one checkpoint's trunk, computed once and served from the cache afterwards."""
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        checkpoint_id: str,
+        arch: str,
+        cache: FeatureCache | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        batch_size: int = 64,
+        workers: int = 0,
+        progress: bool = True,
+    ):
+        self.trunk = trunk
+        self.checkpoint_id = checkpoint_id
+        self.arch = arch
+        self.cache = cache or FeatureCache()
+        self.device = torch.device(device)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.precision = "bf16" if self.autocast_dtype is not None else "fp32"
+        self.batch_size = batch_size
+        self.workers = workers
+        self.progress = progress
+        self.stats = {"cache_hits": 0, "extracted_images": 0}
+
+    # ------------------------------------------------------------ public
+
+    def pool_specs(self, taps: Sequence[str], pooling: str, transform: Transform) -> dict[str, PoolSpec]:
+        check_taps(self.trunk, taps)
+        shapes = tap_shapes(self.trunk, transform.size, taps)
+        return {t: pool_spec(self.arch, t, shapes[t][0], shapes[t][1], pooling) for t in taps}
+
+    def entry_fields(self, dataset: ImageDataset, tap: str, spec: PoolSpec, transform: Transform) -> dict:
+        return {
+            "checkpoint": self.checkpoint_id,
+            "arch": self.arch,
+            "dataset": dataset.fingerprint(),
+            "dataset_kind": dataset.kind,
+            "split": dataset.split,
+            "tap": tap,
+            "transform": transform.to_dict(),
+            "pooling": {"method": spec.method, "op": spec.op, "shape": list(spec.out_shape)},
+            "precision": self.precision,
+        }
+
+    def features(
+        self, dataset: ImageDataset, taps: Sequence[str], pooling: str = "goyal", transform: Transform | None = None
+    ) -> dict[str, np.ndarray]:
+        """fp16 (N, D) features per tap for every sample of ``dataset``, in dataset order."""
+        transform = transform or Transform()
+        n = len(dataset)
+        if n == 0:
+            raise BadData("dataset is empty", dataset.root)
+        specs = self.pool_specs(taps, pooling, transform)
+        entries = {t: self.cache.entry(self.entry_fields(dataset, t, specs[t], transform), n) for t in taps}
+        out: dict[str, np.ndarray] = {}
+        todo: dict[str, CacheEntry] = {}
+        for tap, entry in entries.items():
+            if entry.is_complete():
+                try:
+                    out[tap] = entry.load()
+                    self.stats["cache_hits"] += 1
+                    continue
+                except CorruptEntry as e:
+                    import warnings
+
+                    warnings.warn(f"feature cache entry {entry.dir} is corrupt ({e}); rebuilding", stacklevel=2)
+                    entry.clear()
+            todo[tap] = entry
+        if todo:
+            self._extract(dataset, todo, {t: specs[t] for t in todo}, transform)
+            for tap, entry in todo.items():
+                out[tap] = entry.load()
+        return {t: out[t] for t in taps}
+
+    # ------------------------------------------------------------ extraction
+
+    def _extract(self, dataset, entries: dict[str, CacheEntry], specs: dict[str, PoolSpec], transform) -> None:
+        rank, world = _dist_info()
+        for e in entries.values():
+            if rank == 0:
+                e.prepare()
+        _barrier(world)
+        any_entry = next(iter(entries.values()))
+        missing = sorted({i for e in entries.values() for i in e.missing_shards()})
+        mine = [i for i in missing if i % world == rank]
+        if mine:
+            self._run_shards(dataset, entries, specs, transform, any_entry, mine)
+        _barrier(world)
+        if rank == 0:
+            for tap, e in entries.items():
+                e.finalize({"pool": specs[tap].op, "shape": list(specs[tap].out_shape)})
+        _barrier(world)
+
+    def _run_shards(self, dataset, entries, specs, transform, ref: CacheEntry, shards: list[int]) -> None:
+        need = {tap: {i for i in shards if not e.shard_done(i)} for tap, e in entries.items()}
+        shards = [i for i in shards if any(i in s for s in need.values())]
+        if not shards:
+            return
+        batches = []
+        for i in shards:
+            lo, hi = ref.shard_range(i)
+            batches.extend(list(range(b, min(hi, b + self.batch_size))) for b in range(lo, hi, self.batch_size))
+        loader = torch.utils.data.DataLoader(
+            _Images(dataset, transform),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        taps = list(entries)
+        trunk = self.trunk.to(self.device).eval()
+        if self.device.type in ("cpu", "cuda"):
+            trunk = trunk.to(memory_format=torch.channels_last)
+        buffers: dict[str, list[np.ndarray]] = {t: [] for t in taps}
+        current = None
+        filled = 0
+        total = sum(ref.shard_range(i)[1] - ref.shard_range(i)[0] for i in shards)
+        bar = tqdm(total=total, desc=f"features {dataset.kind}/{dataset.split}", unit="img",
+                   disable=not self.progress, leave=False)
+        with torch.inference_mode():
+            for x, idx in loader:
+                shard = int(idx[0]) // ref.shard_rows
+                if current is None:
+                    current = shard
+                feats = self._forward(trunk, x, taps, specs, dataset, idx)
+                for t in taps:
+                    buffers[t].append(feats[t])
+                filled += len(idx)
+                lo, hi = ref.shard_range(shard)
+                if filled == hi - lo:
+                    for t in taps:
+                        if shard in need[t]:
+                            entries[t].write_shard(shard, np.concatenate(buffers[t]))
+                        buffers[t] = []
+                    filled, current = 0, None
+                self.stats["extracted_images"] += len(idx)
+                bar.update(len(idx))
+        bar.close()
+
+    def _forward(self, trunk, x, taps, specs, dataset, idx) -> dict[str, np.ndarray]:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            acts = trunk(x, taps)
+        out = {}
+        for t in taps:
+            y = pool_features(acts[t].float(), specs[t])
+            if not torch.isfinite(y).all():
+                bad = int(idx[(~torch.isfinite(y)).any(dim=1).nonzero()[0, 0]])
+                path = dataset.image_path(bad)
+                raise BadFeatures(
+                    f"NaN/Inf in {t} features of checkpoint {self.checkpoint_id[:12]} (sample {bad}); "
+                    "the checkpoint's weights are probably broken",
+                    path,
+                )
+            h = y.cpu().numpy().astype(np.float16)
+            if not np.isfinite(h).all():
+                raise BadFeatures(f"{t} features overflow float16 (max |x| = {float(y.abs().max()):.3g})",
+                                  dataset.image_path(int(idx[0])))
+            out[t] = h
+        return out
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """x / (||x|| + eps) row-wise in float32, as the Goyal et al. benchmark code does."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + eps)

@@ -1,0 +1,190 @@
+"""Result records: one JSON object per line in ``results.jsonl``.
+
+A number without its protocol is a bug: every record carries the checkpoint id
+and metadata, the task, dataset, split, layer and metric, the preset name and
+the fully resolved hyper-parameters, library versions, wall time and host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass
+class Result:
+    """One number and everything needed to reproduce it."""
+
+    task: str
+    dataset: str
+    split: str
+    layer: str
+    metric: str
+    value: float | None
+    checkpoint_id: str = ""
+    checkpoint: str = ""
+    checkpoint_format: str = ""
+    method: str = ""
+    arch: str = ""
+    pretrain_data: str = ""
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+    protocol: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    note: str = ""
+    dataset_fingerprint: str = ""
+    wall_time_s: float | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    host: str = ""
+    created: str = ""
+    run_id: str = ""
+    schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        v = d["value"]
+        if v is not None and not (isinstance(v, float) and math.isfinite(v)):
+            if isinstance(v, float):
+                # A NaN must be explained, never silently stored as a number.
+                if not d["note"]:
+                    raise ValueError(f"non-finite value for {self.task}/{self.layer}/{self.metric} without a note")
+                d["value"] = None
+        return json.dumps(d, sort_keys=True, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("evalsuite", "torch", "torchvision", "numpy", "scikit-learn", "faiss-cpu", "faiss-gpu",
+                 "safetensors", "pandas", "cyanure", "stable-baselines3", "miniworld"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def append_results(path: str | Path, results: Sequence[Result]) -> Path:
+    """Append records to a JSONL file atomically: all lines in one locked write, or none.
+
+    Lines are serialised before the file is touched, so a record that fails to
+    serialise leaves the file as it was.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    payload = "".join(r.to_json() + "\n" for r in results).encode()
+    if not payload:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Make sure an earlier torn write cannot glue onto our first line.
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    payload = b"\n" + payload
+        view = memoryview(payload)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return path
+
+
+def iter_records(path: str | Path) -> Iterable[dict[str, Any]]:
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"line {lineno} is not valid JSON ({e.msg})", path) from None
+            if not isinstance(rec, dict) or "metric" not in rec or "task" not in rec:
+                raise UserError(f"line {lineno} is not a result record", path)
+            yield rec
+
+
+def find_result_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand directories to the ``results.jsonl`` files under them."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob(RESULTS_FILE))
+            if not found:
+                raise UserError(f"no {RESULTS_FILE} under this directory", p)
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError("results file or directory not found", p)
+    return files
+
+
+def read_results(paths: str | Path | Iterable[str | Path]):
+    """Read result records into a pandas DataFrame, one row per record.
+
+    Nested fields (``params``, ``checkpoint_meta``, ``versions``) stay as dicts;
+    ``params_json`` holds a canonical JSON string of ``params`` for grouping.
+    """
+    import pandas as pd
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows = []
+    for f in find_result_files(paths):
+        for rec in iter_records(f):
+            rec["source_file"] = str(f)
+            rows.append(rec)
+    columns = [f.name for f in dataclasses.fields(Result)] + ["source_file"]
+    df = pd.DataFrame(rows, columns=columns if not rows else None)
+    if rows:
+        df["params_json"] = [json.dumps(p, sort_keys=True) for p in df["params"]]
+    else:
+        df["params_json"] = pd.Series(dtype=str)
+    return df

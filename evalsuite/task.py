@@ -1,0 +1,127 @@
+"""The task contract (DESIGN.md) and the context a task runs in.
+
+A task is any object with ``name``, ``description``, ``default_protocol(preset)``
+and ``run(ctx) -> list[Result]``, registered under the ``evalsuite.tasks``
+entry-point group. Feature-based tasks call ``ctx.features(...)``, which goes
+through the cache; fine-tuning tasks take ``ctx.trunk`` instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .checkpoints import LoadedCheckpoint
+from .data import ImageDataset, open_dataset
+from .errors import UserError
+from .features import FeatureExtractor, Transform
+from .results import Result
+
+# Where each format lives under a data root (the synthetic generator writes the same layout).
+DATA_LAYOUT: dict[str, str] = {
+    "imagefolder": "imagefolder",
+    "voc2007": "VOCdevkit/VOC2007",
+    "places205": "places205",
+    "nyuv2": "nyuv2",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+}
+
+
+class DataMissing(UserError):
+    """The task's dataset is not under the data root (``--tasks all`` skips such tasks with a note)."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    description: str
+
+    def default_protocol(self, preset: str) -> dict[str, Any]: ...
+
+    def run(self, ctx: TaskContext) -> list[Result]: ...
+
+
+@dataclass
+class TaskContext:
+    task: str
+    checkpoint: LoadedCheckpoint
+    preset: str
+    protocol: dict[str, Any]
+    data_root: Path
+    out_dir: Path
+    extractor_factory: Any  # callable() -> FeatureExtractor, built lazily
+    device: str = "cpu"
+    seed: int = 0
+    layers: Sequence[str] | None = None
+    progress: bool = True
+    run_id: str = ""
+    _trunk: torch.nn.Module | None = field(default=None, repr=False)
+    _extractor: FeatureExtractor | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- trunk & features
+
+    @property
+    def trunk(self) -> torch.nn.Module:
+        """A fresh copy of the checkpoint's trunk (tasks that fine-tune may modify it)."""
+        if self._trunk is None:
+            self._trunk = self.checkpoint.build_trunk()
+        return copy.deepcopy(self._trunk)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = self.extractor_factory()
+        return self._extractor
+
+    def taps(self, default: Sequence[str]) -> list[str]:
+        """The task's default taps, restricted to ``--layers`` when given."""
+        if not self.layers:
+            return list(default)
+        return [t for t in self.layers if t in default] or list(self.layers)
+
+    def transform(self) -> Transform:
+        return Transform.from_protocol(self.protocol, self.checkpoint.metadata)
+
+    def features(
+        self, dataset: ImageDataset, taps: Sequence[str], pooling: str | None = None,
+        transform: Transform | None = None,
+    ) -> dict[str, np.ndarray]:
+        return self.extractor.features(
+            dataset, taps, pooling or self.protocol.get("pooling", "goyal"), transform or self.transform()
+        )
+
+    # ---------------------------------------------------------------- data
+
+    def dataset_root(self, kind: str, path: str | None = None) -> Path:
+        root = self.data_root / (path if path is not None else DATA_LAYOUT.get(kind, kind))
+        if not root.exists():
+            raise DataMissing(f"{kind} data not found for task {self.task} (set --data-root or --set "
+                              f"{self.task}.data_path=...)", root)
+        return root
+
+    def open_dataset(self, kind: str, split: str, path: str | None = None, **options) -> ImageDataset:
+        return open_dataset(kind, self.dataset_root(kind, path), split, **options)
+
+    # ---------------------------------------------------------------- results
+
+    def result(
+        self, dataset: str, split: str, layer: str, metric: str, value: float | None,
+        params: dict[str, Any] | None = None, note: str = "", dataset_fingerprint: str = "",
+    ) -> Result:
+        ck = self.checkpoint
+        merged = {**copy.deepcopy(self.protocol), **(params or {})}
+        merged.setdefault("feature_precision", self.extractor.precision if self._extractor else None)
+        return Result(
+            task=self.task, dataset=dataset, split=split, layer=layer, metric=metric,
+            value=None if value is None else float(value),
+            checkpoint_id=ck.sha256, checkpoint=ck.spec, checkpoint_format=ck.format, method=ck.method,
+            arch=ck.arch, pretrain_data=ck.pretrain_data, checkpoint_meta=ck.metadata, protocol=self.preset,
+            params=merged, seed=self.seed, note=note, dataset_fingerprint=dataset_fingerprint, run_id=self.run_id,
+        )

@@ -1,0 +1,204 @@
+"""Trunks with named taps, and the per-tap pooling of the Goyal et al. benchmark.
+
+A trunk's ``state_dict()`` keys are exactly torchvision's (minus the classifier),
+so every checkpoint format is converted to torchvision names once, in
+``evalsuite.checkpoints``. ``Trunk.forward(x, taps)`` returns the requested
+activations in one pass and stops after the deepest one.
+
+Pooling (``pool_features``):
+- ``goyal``: average pooling to ~9k dims per tap. For ResNet-50 at 224x224 this is
+  the published table (conv1 9216, res2 9216, res3 8192, res4 9216, res5 8192; the
+  kernel/stride/padding of VISSL's ``LINEAR_EVAL_FEAT_POOL_OPS_MAP``). Other
+  arch/resolution pairs use adaptive average pooling to the grid whose
+  C x g x g is closest to 9216.
+- ``avg``: global average pooling (C dims), the usual kNN/linear representation.
+- ``none``: the flattened map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .errors import UserError
+
+RESNET_TAPS = ("conv1", "res2", "res3", "res4", "res5")
+ALEXNET_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+ARCHS: dict[str, dict] = {
+    "resnet18": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512)},
+    "resnet34": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512)},
+    "resnet50": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048)},
+    "resnet101": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048)},
+    "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
+}
+
+# (kernel, stride, padding) of the published ResNet-50 / 224px pooling (VISSL / Goyal et al.).
+GOYAL_RESNET50_224 = {
+    "conv1": (10, 10, 4),  # 64 x 112 x 112 -> 64 x 12 x 12 = 9216
+    "res2": (16, 8, 0),  # 256 x 56 x 56 -> 256 x 6 x 6 = 9216
+    "res3": (13, 5, 0),  # 512 x 28 x 28 -> 512 x 4 x 4 = 8192
+    "res4": (8, 3, 0),  # 1024 x 14 x 14 -> 1024 x 3 x 3 = 9216
+    "res5": (6, 1, 0),  # 2048 x 7 x 7 -> 2048 x 2 x 2 = 8192
+}
+GOYAL_TARGET_DIM = 9216
+POOLINGS = ("goyal", "avg", "none")
+
+
+def arch_info(arch: str) -> dict:
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet without avgpool/fc; taps conv1 (after ReLU, before max-pool) and res2..res5."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)
+        self.arch = arch
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.tap_names = RESNET_TAPS
+
+    def stages(self):
+        yield "conv1", lambda x: self.relu(self.bn1(self.conv1(x)))
+        yield "res2", lambda x: self.layer1(self.maxpool(x))
+        yield "res3", self.layer2
+        yield "res4", self.layer3
+        yield "res5", self.layer4
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        return _run_stages(self, x, taps)
+
+
+class AlexNetTrunk(nn.Module):
+    """torchvision AlexNet ``features``; taps conv1..conv5 after their ReLU."""
+
+    _ends = {"conv1": 2, "conv2": 5, "conv3": 8, "conv4": 10, "conv5": 12}
+
+    def __init__(self, arch: str = "alexnet"):
+        super().__init__()
+        self.arch = arch
+        self.features = torchvision.models.alexnet(weights=None).features
+        self.tap_names = ALEXNET_TAPS
+
+    def stages(self):
+        start = 0
+        for name, end in self._ends.items():
+            yield name, self.features[start:end]
+            start = end
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        return _run_stages(self, x, taps)
+
+
+def _run_stages(trunk: nn.Module, x: torch.Tensor, taps: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    wanted = list(trunk.tap_names if taps is None else taps)
+    check_taps(trunk, wanted)
+    out: dict[str, torch.Tensor] = {}
+    for name, fn in trunk.stages():
+        x = fn(x)
+        if name in wanted:
+            out[name] = x
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def check_taps(trunk: nn.Module, taps: Sequence[str]) -> None:
+    unknown = [t for t in taps if t not in trunk.tap_names]
+    if unknown:
+        raise UserError(
+            f"unknown layer(s) {', '.join(unknown)} for {trunk.arch}; available: {', '.join(trunk.tap_names)}"
+        )
+
+
+def build_trunk(arch: str, seed: int | None = None) -> nn.Module:
+    """A randomly initialised trunk (seeded when ``seed`` is given)."""
+    info = arch_info(arch)
+    if seed is not None:
+        devices = []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return _construct(info, arch)
+    return _construct(info, arch)
+
+
+def _construct(info: dict, arch: str) -> nn.Module:
+    return ResNetTrunk(arch) if info["family"] == "resnet" else AlexNetTrunk(arch)
+
+
+def trunk_state_keys(arch: str) -> set[str]:
+    return set(build_trunk(arch, seed=0).state_dict().keys())
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How one tap is pooled; recorded with every feature and result."""
+
+    tap: str
+    method: str
+    op: str  # "avg_pool(k,s,p)", "adaptive_avg(g)", "global_avg", "flatten"
+    out_shape: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return int(math.prod(self.out_shape))
+
+
+def pool_spec(arch: str, tap: str, channels: int, spatial: int, method: str) -> PoolSpec:
+    if method not in POOLINGS:
+        raise UserError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
+    if method == "avg":
+        return PoolSpec(tap, method, "global_avg", (channels,))
+    if method == "none":
+        return PoolSpec(tap, method, "flatten", (channels, spatial, spatial))
+    published = GOYAL_RESNET50_224.get(tap) if arch == "resnet50" else None
+    expected_spatial = {"conv1": 112, "res2": 56, "res3": 28, "res4": 14, "res5": 7}
+    if published and spatial == expected_spatial[tap]:
+        k, s, p = published
+        g = (spatial + 2 * p - k) // s + 1
+        return PoolSpec(tap, method, f"avg_pool(k={k},s={s},p={p})", (channels, g, g))
+    g = goyal_grid(channels, spatial)
+    return PoolSpec(tap, method, f"adaptive_avg({g})", (channels, g, g))
+
+
+def goyal_grid(channels: int, spatial: int, target: int = GOYAL_TARGET_DIM) -> int:
+    """Grid side g (<= spatial) whose channels*g*g is closest to the ~9k target."""
+    best = min(range(1, spatial + 1), key=lambda g: (abs(channels * g * g - target), -g))
+    return best
+
+
+def pool_features(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """Pool a (N, C, H, W) activation to (N, D) according to ``spec``."""
+    if spec.op == "global_avg":
+        y = x.mean(dim=(2, 3))
+    elif spec.op == "flatten":
+        y = x
+    elif spec.op.startswith("avg_pool"):
+        k, s, p = (int(v.split("=")[1]) for v in spec.op[len("avg_pool(") : -1].split(","))
+        # count_include_pad=True as Caffe2/VISSL's AvgPool2d default.
+        y = F.avg_pool2d(x, kernel_size=k, stride=s, padding=p)
+    else:
+        g = spec.out_shape[-1]
+        y = F.adaptive_avg_pool2d(x, g)
+    return y.reshape(y.shape[0], -1)
+
+
+def tap_shapes(trunk: nn.Module, image_size: int, taps: Sequence[str] | None = None) -> dict[str, tuple]:
+    """(C, H, W) of each tap for a square input, found with a dry run on the meta device shape logic."""
+    was_training = trunk.training
+    trunk.eval()
+    p = next(trunk.parameters())
+    with torch.no_grad():
+        out = trunk(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype), taps)
+    trunk.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}

@@ -1,0 +1,1 @@
+"""Leaderboard: aggregation, static HTML site, reference numbers, regression comparison."""

@@ -1,0 +1,1 @@
+"""Pretraining: one file per self-supervised method, one shared trainer."""

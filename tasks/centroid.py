@@ -1,0 +1,69 @@
+"""Nearest-class-centroid accuracy on frozen features: the suite's built-in sanity task.
+
+For each tap: L2-normalise train and test features, average the train features of
+each class, assign each test sample to the class whose centroid has the highest
+cosine similarity, report top-1 accuracy. Needs no solver and no tuning, so it
+proves the checkpoint -> features -> result loop end to end on any classification
+dataset the suite reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evalsuite.features import l2_normalize
+from evalsuite.protocols import check_preset
+from evalsuite.results import Result
+from evalsuite.task import TaskContext
+
+
+def centroid_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Top-1 accuracy of the nearest class centroid under cosine similarity (pure function)."""
+    tr, te = l2_normalize(train_x), l2_normalize(test_x)
+    classes = np.unique(train_y)
+    centroids = np.stack([tr[train_y == c].mean(axis=0) for c in classes])
+    centroids = l2_normalize(centroids)
+    pred = classes[np.argmax(te @ centroids.T, axis=1)]
+    return float((pred == test_y).mean())
+
+
+class CentroidTask:
+    name = "centroid"
+    description = "nearest-class-centroid top-1 on frozen features (sanity task, any ImageFolder-like data)"
+
+    def default_protocol(self, preset: str) -> dict:
+        check_preset(preset)
+        return {
+            "dataset": "imagefolder",
+            "data_path": None,
+            "train_split": "train",
+            "test_split": "val",
+            "layers": ["conv1", "res2", "res3", "res4", "res5"],
+            "pooling": "avg",
+            "image_size": 64 if preset == "quick" else 224,
+            "resize_mode": "square",
+        }
+
+    def run(self, ctx: TaskContext) -> list[Result]:
+        p = ctx.protocol
+        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
+        test = ctx.open_dataset(p["dataset"], p["test_split"], p["data_path"])
+        if getattr(train, "classes", None) != getattr(test, "classes", None):
+            from evalsuite.errors import BadData
+
+            raise BadData("train and test splits have different class folders", test.root)
+        taps = ctx.taps([t for t in p["layers"] if t in ctx.extractor.trunk.tap_names]
+                        or list(ctx.extractor.trunk.tap_names))
+        ftr = ctx.features(train, taps)
+        fte = ctx.features(test, taps)
+        out = []
+        for tap in taps:
+            acc = centroid_accuracy(ftr[tap], train.labels, fte[tap], test.labels)
+            out.append(ctx.result(train.kind, p["test_split"], tap, "top1", 100.0 * acc,
+                                  params={"num_train": len(train), "num_test": len(test),
+                                          "feature_dim": int(ftr[tap].shape[1])},
+                                  dataset_fingerprint=test.fingerprint()))
+        return out
+
+
+task = CentroidTask()

@@ -1,0 +1,1 @@
+"""Solvers shared by several tasks (batched SVM, linear probe)."""
