@@ -44,9 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_list(sub)
     _add_inspect(sub)
     _add_extract(sub)
-    for name, ep in sorted(registry.entry_points(registry.COMMAND_GROUP).items()):
+    plugins = dict(sorted(registry.entry_points(registry.COMMAND_GROUP).items()))
+    plugins.update(registry.registered(registry.COMMAND_GROUP))
+    for name, ep in plugins.items():
         try:
-            ep.load()(sub)
+            (ep.load() if hasattr(ep, "load") else ep)(sub)
         except ImportError as e:  # an optional extra is not installed: the command says so when used
             stub = sub.add_parser(name, help=f"(unavailable: {e})")
             stub.set_defaults(func=lambda a, e=e, n=name: _raise(UserError(f"command {n!r} is unavailable: {e}")))

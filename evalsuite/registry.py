@@ -46,6 +46,11 @@ def register(group: str, name: str, obj: Any) -> None:
     _registered[group][name] = obj
 
 
+def registered(group: str) -> dict[str, Any]:
+    """Objects registered programmatically (tests, plugins loaded at run time)."""
+    return dict(_registered[group])
+
+
 def unregister(group: str, name: str) -> None:
     _registered[group].pop(name, None)
 
