@@ -1,0 +1,51 @@
+"""Shared fixtures: where ../shared lives, a private feature cache, tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Two cores in CI: keep torch from oversubscribing when pytest-xdist runs workers.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def find_shared() -> Path:
+    """../shared beside the checkout (CI and the main checkout), $EVALSUITE_SHARED, or /work/shared."""
+    candidates = [os.environ.get("EVALSUITE_SHARED"), REPO.parent / "shared", Path("/work/shared")]
+    for c in candidates:
+        if c and (Path(c) / "fixtures").is_dir():
+            return Path(c)
+    raise RuntimeError("shared/ with fixtures not found; set EVALSUITE_SHARED")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return find_shared()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared_dir: Path) -> Path:
+    return shared_dir / "fixtures"
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A private feature cache for one test (also exported as $EVALSUITE_CACHE for the CLI)."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("EVALSUITE_CACHE", str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """A data root with a small synthetic ImageFolder: 8 classes x 6 train / 3 val images, 32 px."""
+    from evalsuite.data.synthetic import write_imagefolder
+
+    root = tmp_path_factory.mktemp("data")
+    write_imagefolder(root / "imagefolder", seed=0, per_class=6, size=32)
+    return root
