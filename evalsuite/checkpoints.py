@@ -176,6 +176,9 @@ def load_checkpoint(
             "pass --allow-partial to evaluate with those left at random init",
             path,
         )
+    bad = [k for k, v in mapped.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BadCheckpoint(f"NaN/Inf values in {len(bad)} trunk tensors (first: {sorted(bad)[0]})", path)
     fmt = fmt_hint or _format_name(source, obj)
     meta.setdefault("arch", arch)
     state = {k: v for k, v in mapped.items() if k in expected}

@@ -235,6 +235,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--pooling", default="goyal", choices=["goyal", "avg", "none"], help="per-tap pooling")
     p.add_argument("--image-size", type=int, default=224, help="input resolution")
     p.add_argument("--resize-mode", default="square", choices=["square", "center_crop"], help="resize mode")
+    p.add_argument("--shard-rows", type=int, default=512, help="rows per cache shard (unit of resume)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_extract)
 
@@ -256,7 +257,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
                              trust_pickle=a.trust_pickle, seed=a.seed)
         layers = validate_layers(ck.arch, [a.layers] if a.layers else None)
         ds = open_dataset(a.dataset, a.root, a.split)
-        ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=FeatureCache(a.cache_dir),
+        ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=FeatureCache(a.cache_dir, shard_rows=a.shard_rows),
                                device=a.device, precision=a.precision, batch_size=a.batch_size,
                                workers=a.workers, progress=not a.no_progress)
         tf = Transform(size=a.image_size, mode=a.resize_mode, input_space=ck.metadata.get("input_space", "rgb"))

@@ -38,7 +38,7 @@ class CentroidTask:
             "data_path": None,
             "train_split": "train",
             "test_split": "val",
-            "layers": ["conv1", "res2", "res3", "res4", "res5"],
+            "layers": None,  # None = every tap of the trunk (conv1..res5, or conv1..conv5 for AlexNet)
             "pooling": "avg",
             "image_size": 64 if preset == "quick" else 224,
             "resize_mode": "square",
@@ -52,8 +52,7 @@ class CentroidTask:
             from evalsuite.errors import BadData
 
             raise BadData("train and test splits have different class folders", test.root)
-        taps = ctx.taps([t for t in p["layers"] if t in ctx.extractor.trunk.tap_names]
-                        or list(ctx.extractor.trunk.tap_names))
+        taps = ctx.taps(p["layers"] or list(ctx.extractor.trunk.tap_names))
         ftr = ctx.features(train, taps)
         fte = ctx.features(test, taps)
         out = []
