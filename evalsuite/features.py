@@ -165,7 +165,7 @@ class FeatureExtractor:
 
     def pool_specs(self, taps: Sequence[str], pooling: str, transform: Transform) -> dict[str, PoolSpec]:
         check_taps(self.trunk, taps)
-        shapes = tap_shapes(self.trunk, transform.size, taps)
+        shapes = tap_shapes(self.arch, transform.size, taps)
         return {t: pool_spec(self.arch, t, shapes[t][0], shapes[t][1], pooling) for t in taps}
 
     def entry_fields(self, dataset: ImageDataset, tap: str, spec: PoolSpec, transform: Transform) -> dict:

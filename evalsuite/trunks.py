@@ -193,12 +193,30 @@ def pool_features(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     return y.reshape(y.shape[0], -1)
 
 
-def tap_shapes(trunk: nn.Module, image_size: int, taps: Sequence[str] | None = None) -> dict[str, tuple]:
-    """(C, H, W) of each tap for a square input, found with a dry run on the meta device shape logic."""
-    was_training = trunk.training
-    trunk.eval()
-    p = next(trunk.parameters())
-    with torch.no_grad():
-        out = trunk(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype), taps)
-    trunk.train(was_training)
-    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+def _conv_out(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+def tap_shapes(arch: str, image_size: int, taps: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each tap for a square input, computed from the architecture (no forward pass)."""
+    info = arch_info(arch)
+    sizes = []
+    if info["family"] == "resnet":
+        s = _conv_out(image_size, 7, 2, 3)  # conv1
+        sizes.append(s)
+        s = _conv_out(s, 3, 2, 1)  # max-pool
+        sizes.append(s)  # res2 keeps the resolution
+        for _ in range(3):  # res3..res5 halve it (3x3 stride-2 conv, padding 1)
+            s = _conv_out(s, 3, 2, 1)
+            sizes.append(s)
+    else:
+        s = _conv_out(image_size, 11, 4, 2)
+        sizes.append(s)
+        s = _conv_out(_conv_out(s, 3, 2, 0), 5, 1, 2)
+        sizes.append(s)
+        s = _conv_out(s, 3, 2, 0)
+        sizes.extend([s, s, s])
+    if min(sizes) < 1:
+        raise UserError(f"image size {image_size} is too small for {arch}")
+    shapes = {t: (c, h, h) for t, c, h in zip(info["taps"], info["channels"], sizes)}
+    return {t: shapes[t] for t in (taps or info["taps"])}

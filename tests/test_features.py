@@ -1,0 +1,147 @@
+"""Feature extraction through the cache: hits, resume, corruption, precision, bad features."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evalsuite.cache import FeatureCache
+from evalsuite.data import open_dataset
+from evalsuite.errors import BadData, BadFeatures
+from evalsuite.features import FeatureExtractor, Transform
+from evalsuite.trunks import build_trunk
+
+TF = Transform(size=32)
+
+
+class CountingTrunk(torch.nn.Module):
+    """Wraps a trunk and counts images it has seen."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.inner = trunk
+        self.tap_names = trunk.tap_names
+        self.arch = trunk.arch
+        self.seen = 0
+
+    def forward(self, x, taps=None):
+        self.seen += x.shape[0]
+        return self.inner(x, taps)
+
+
+def _extractor(cache_root: Path, trunk=None, **kw) -> FeatureExtractor:
+    trunk = trunk or CountingTrunk(build_trunk("resnet18", seed=0))
+    kw.setdefault("precision", "fp32")
+    return FeatureExtractor(trunk, "ckpt-test", "resnet18", cache=FeatureCache(cache_root, shard_rows=8),
+                            batch_size=4, progress=False, **kw)
+
+
+@pytest.fixture()
+def train_ds(tiny_imagefolder):
+    return open_dataset("imagefolder", tiny_imagefolder / "imagefolder", "train")
+
+
+def test_second_request_reads_the_cache(tmp_path, train_ds) -> None:
+    ext = _extractor(tmp_path)
+    a = ext.features(train_ds, ["res4", "res5"], "goyal", TF)
+    assert ext.trunk.seen == len(train_ds) == 48
+    b = _extractor(tmp_path).features(train_ds, ["res5", "res4"], "goyal", TF)
+    for t in a:
+        assert a[t].dtype == np.float16 and a[t].shape[0] == 48
+        np.testing.assert_array_equal(a[t], b[t])
+    ext2 = _extractor(tmp_path)
+    ext2.features(train_ds, ["res5"], "goyal", TF)
+    assert ext2.trunk.seen == 0 and ext2.stats["cache_hits"] == 1
+
+
+def test_cache_key_separates_pooling_transform_precision(tmp_path, train_ds) -> None:
+    ext = _extractor(tmp_path)
+    g = ext.features(train_ds, ["res5"], "goyal", TF)["res5"]
+    a = ext.features(train_ds, ["res5"], "avg", TF)["res5"]
+    assert a.shape[1] == 512 and g.shape[0] == a.shape[0] == 48
+    ext.features(train_ds, ["res5"], "avg", Transform(size=40))
+    assert ext.trunk.seen == 3 * 48  # three keys, three extractions
+    assert len(list(tmp_path.rglob("manifest.json"))) == 3
+    bf = _extractor(tmp_path, precision="auto")
+    if bf.precision == "bf16":
+        bf.features(train_ds, ["res5"], "avg", TF)
+        assert bf.trunk.seen == 48
+
+
+def test_resume_recomputes_only_missing_shards(tmp_path, train_ds) -> None:
+    full = _extractor(tmp_path / "a").features(train_ds, ["res3", "res5"], "avg", TF)
+    ext = _extractor(tmp_path / "b")
+    ext.features(train_ds, ["res3", "res5"], "avg", TF)
+    # Simulate a kill: manifest never written, one shard of one tap lost.
+    entries = [ext.cache.entry(ext.entry_fields(train_ds, t, s, TF), 48)
+               for t, s in ext.pool_specs(["res3", "res5"], "avg", TF).items()]
+    for e in entries:
+        e.manifest_path.unlink()
+    entries[1].shard_path(2).unlink()
+    again = _extractor(tmp_path / "b")
+    out = again.features(train_ds, ["res3", "res5"], "avg", TF)
+    assert again.trunk.seen == 8  # exactly one shard of 8 rows recomputed
+    for t in full:
+        np.testing.assert_array_equal(full[t], out[t])
+
+
+def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, train_ds) -> None:
+    ext = _extractor(tmp_path)
+    ref = ext.features(train_ds, ["res5"], "avg", TF)["res5"]
+    entry = ext.cache.entry(ext.entry_fields(train_ds, "res5", ext.pool_specs(["res5"], "avg", TF)["res5"], TF), 48)
+    shard = entry.shard_path(1)
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # flip bits in the payload: still a loadable .npy, wrong content
+    shard.write_bytes(bytes(data))
+    again = _extractor(tmp_path)
+    with pytest.warns(UserWarning, match="corrupt"):
+        out = again.features(train_ds, ["res5"], "avg", TF)["res5"]
+    assert again.trunk.seen == 48
+    np.testing.assert_array_equal(ref, out)
+
+
+def test_bf16_fast_path_close_to_fp32(tmp_path, train_ds) -> None:
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bfloat16 support")
+    f32 = _extractor(tmp_path, precision="fp32").features(train_ds, ["res4"], "avg", TF)["res4"].astype(np.float32)
+    b16 = _extractor(tmp_path, precision="bf16").features(train_ds, ["res4"], "avg", TF)["res4"].astype(np.float32)
+    cos = (f32 * b16).sum(1) / (np.linalg.norm(f32, axis=1) * np.linalg.norm(b16, axis=1))
+    assert cos.min() > 0.99
+    assert np.abs(f32 - b16).max() < 0.1 * np.abs(f32).max()
+
+
+def test_nan_weights_raise_bad_features_and_cache_stays_incomplete(tmp_path, train_ds) -> None:
+    trunk = build_trunk("resnet18", seed=0)
+    with torch.no_grad():
+        trunk.layer3[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    ext = _extractor(tmp_path, trunk=trunk)
+    with pytest.raises(BadFeatures, match="NaN"):
+        ext.features(train_ds, ["res4"], "avg", TF)
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_empty_and_corrupt_images(tmp_path, tiny_imagefolder) -> None:
+    root = tmp_path / "data"
+    (root / "train" / "a").mkdir(parents=True)
+    with pytest.raises(BadData, match="empty"):
+        open_dataset("imagefolder", root, "train")
+    src = tiny_imagefolder / "imagefolder" / "train" / "disc" / "00000.jpg"
+    (root / "train" / "a" / "ok.jpg").write_bytes(src.read_bytes())
+    (root / "train" / "a" / "zz_bad.jpg").write_bytes(src.read_bytes()[:200])
+    ds = open_dataset("imagefolder", root, "train")
+    with pytest.raises(BadData) as e:
+        _extractor(tmp_path / "c").features(ds, ["res5"], "avg", TF)
+    assert "zz_bad.jpg" in str(e.value)
+    assert not list((tmp_path / "c").rglob("manifest.json"))
+
+
+def test_workers_give_identical_features(tmp_path, train_ds) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = _extractor(tmp_path / "a", workers=0).features(train_ds, ["res5"], "avg", TF)["res5"]
+        b = _extractor(tmp_path / "b", workers=2).features(train_ds, ["res5"], "avg", TF)["res5"]
+    np.testing.assert_array_equal(a, b)
