@@ -92,7 +92,8 @@ class Places205LinearTask:
                           val.root)
         num_classes = len(classes)
         trunk_taps = list(ctx.extractor.trunk.tap_names)
-        taps = ctx.taps([t for t in p["layers"] if t in trunk_taps] or trunk_taps)
+        # the preset lists ResNet taps; another trunk (AlexNet: conv1..conv5) uses all of its own
+        taps = ctx.taps(p["layers"] if all(t in trunk_taps for t in p["layers"]) else trunk_taps)
         transform = ctx.transform()
         pooling = p["pooling"]
         config = ProbeConfig.from_protocol(p, seed=ctx.seed)

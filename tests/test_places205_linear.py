@@ -56,12 +56,12 @@ class CountingExtractor:
                                 precision="fp32", batch_size=16, progress=False)
 
 
-def make_ctx(data_root: Path, out: Path, factory, overrides=(), preset="quick") -> TaskContext:
+def make_ctx(data_root: Path, out: Path, factory, overrides=(), preset="quick", layers=TAPS) -> TaskContext:
     protocol = apply_overrides({"places205_linear": places.task.default_protocol(preset)},
                                parse_overrides(["places205_linear.dataset=imagefolder", *overrides]))
     return TaskContext(task="places205_linear", checkpoint=factory.ckpt, preset=preset,
                        protocol=protocol["places205_linear"], data_root=data_root, out_dir=out,
-                       extractor_factory=factory, layers=TAPS, progress=False, seed=0)
+                       extractor_factory=factory, layers=layers, progress=False, seed=0)
 
 
 def test_presets_follow_the_benchmark():
@@ -196,3 +196,11 @@ def test_topk_not_reported_when_trivial(tmp_path):
                                        overrides=["places205_linear.epochs=1"]))
     assert {r.metric for r in results} == {"top1"}  # 4 classes: top-5 would be 100% by construction
     assert np.isfinite([r.value for r in results]).all()
+
+
+def test_alexnet_trunk_uses_its_own_five_taps(tiny_imagefolder, tmp_path):
+    ckpt = load_checkpoint("random:alexnet", seed=0)
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", CountingExtractor(ckpt, tmp_path / "cache"),
+                   overrides=["places205_linear.epochs=1", "places205_linear.image_size=96"], layers=None)
+    results = places.task.run(ctx)
+    assert sorted({r.layer for r in results}) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
