@@ -1,0 +1,412 @@
+"""Linear probe on frozen, cached features: BatchNorm (affine off) + Linear, trained with SGD.
+
+The head of the Goyal et al. 2019 linear benchmark (fair_self_supervision_benchmark's
+``*_finetune_linear`` models, VISSL's ``eval_mlp``): the pooled tap activation goes
+through a BatchNorm without scale/shift, then one fully connected layer initialised
+from N(0, 0.01^2) with zero bias, trained with softmax cross-entropy by SGD with
+Nesterov momentum 0.9, weight decay on weight and bias, and a step learning-rate
+schedule (x ``lr_gamma`` at each milestone).
+
+BatchNorm modes (``bn``):
+- ``channel`` (the benchmark's): statistics per channel of the pooled C x g x g map,
+  shared across the g x g grid (Caffe2 SpatialBN / ``nn.BatchNorm2d``), so the
+  features' row layout must be C-major (what ``evalsuite.trunks.pool_features`` writes);
+- ``feature``: one statistic per feature dimension (``nn.BatchNorm1d`` on the flat vector);
+- ``none``: no normalisation.
+
+Features are the fp16 (N, D) arrays of the feature cache; each mini-batch is sliced
+and converted to float32 on its own, so no float32 copy of the matrix is ever made.
+Batches are a seeded permutation per epoch (``epoch_order``), so an interrupted run
+resumes from its last per-epoch state file and ends with the same weights as an
+uninterrupted one. Metrics (``topk_accuracy``) are pure functions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from evalsuite.errors import BadData, BadFeatures, UserError
+
+STATE_FORMAT = 1
+BN_MODES = ("channel", "feature", "none")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Every hyper-parameter of one probe fit (all recorded with the result)."""
+
+    epochs: float = 14
+    batch_size: int = 256
+    lr: float = 0.01
+    lr_milestones: tuple[float, ...] = (4, 8, 12)
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    bn: str = "channel"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    init_std: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bn not in BN_MODES:
+            raise UserError(f"unknown probe bn mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")
+        if not self.epochs > 0:
+            raise UserError(f"probe epochs must be positive, got {self.epochs}")
+        if int(self.batch_size) < 1:
+            raise UserError(f"probe batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"probe lr must be positive, got {self.lr}")
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
+
+    @classmethod
+    def from_protocol(cls, protocol: dict[str, Any], seed: int = 0) -> ProbeConfig:
+        names = {f for f in cls.__dataclass_fields__ if f != "seed"}
+        kwargs = {k: protocol[k] for k in names if k in protocol}
+        if "lr_milestones" in kwargs:
+            kwargs["lr_milestones"] = tuple(float(m) for m in kwargs["lr_milestones"])
+        return cls(**kwargs, seed=int(seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class LinearProbe(nn.Module):
+    """BatchNorm (affine off) on the flat features, then ``nn.Linear(dim, num_classes)``."""
+
+    def __init__(self, dim: int, num_classes: int, channels: int | None = None, bn: str = "channel",
+                 eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if bn not in BN_MODES:
+            raise UserError(f"unknown probe bn mode {bn!r}; choose one of {', '.join(BN_MODES)}")
+        self.dim, self.num_classes, self.mode = dim, num_classes, bn
+        if bn == "channel":
+            channels = channels or dim
+            if dim % channels:
+                raise BadFeatures(f"feature dim {dim} is not a multiple of the tap's {channels} channels")
+            self.channels = channels
+            self.bn: nn.Module | None = nn.BatchNorm1d(channels, eps=eps, momentum=momentum, affine=False)
+        elif bn == "feature":
+            self.channels = dim
+            self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=False)
+        else:
+            self.channels = dim
+            self.bn = None
+        self.fc = nn.Linear(dim, num_classes)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None:
+            return x
+        if self.mode == "channel":
+            # (N, C*L) -> (N, C, L): BatchNorm1d over (N, L) per channel == BatchNorm2d on the C x g x g map.
+            return self.bn(x.reshape(x.shape[0], self.channels, -1)).reshape(x.shape[0], -1)
+        return self.bn(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.normalize(x))
+
+
+def build_probe(dim: int, num_classes: int, config: ProbeConfig, channels: int | None = None) -> LinearProbe:
+    """A probe with the benchmark's initialisation (weights ~ N(0, init_std^2), bias 0), seeded."""
+    model = LinearProbe(dim, num_classes, channels, config.bn, config.bn_eps, config.bn_momentum)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=gen) * config.init_std)
+        model.fc.bias.zero_()
+    return model
+
+
+# ---------------------------------------------------------------------------- schedule and order
+
+
+def iterations_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches per epoch (an incomplete last one is dropped); one batch of all rows if n < batch."""
+    return max(1, n // batch_size)
+
+
+def total_iterations(n: int, config: ProbeConfig) -> int:
+    return max(1, int(round(config.epochs * iterations_per_epoch(n, config.batch_size))))
+
+
+def lr_at(iteration: int, iters_per_epoch: int, config: ProbeConfig) -> float:
+    """Step schedule: ``lr * gamma^k`` with k the number of milestones (in epochs) already reached."""
+    steps = sum(iteration >= int(round(m * iters_per_epoch)) for m in config.lr_milestones)
+    return float(config.lr * config.lr_gamma**steps)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's order: a permutation seeded by (seed, epoch) alone, so resuming needs no RNG state."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    order = epoch_order(n, seed, epoch)
+    bs = min(batch_size, n)
+    return [order[i * bs:(i + 1) * bs] for i in range(iterations_per_epoch(n, batch_size))]
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def check_features(x: np.ndarray, what: str = "features", path: str | Path | None = None,
+                   chunk_bytes: int = 1 << 26) -> None:
+    """(N, D) with N, D > 0 and every value finite; checked in row chunks (no full-size temporary)."""
+    if x.ndim != 2:
+        raise BadFeatures(f"{what} must be a 2-D (samples, dims) array, got shape {tuple(x.shape)}", path)
+    if x.shape[0] == 0:
+        raise BadData(f"{what}: the split is empty (0 samples)", path)
+    if x.shape[1] == 0:
+        raise BadFeatures(f"{what} have 0 dimensions", path)
+    chunk_rows = max(1, chunk_bytes // max(1, x.shape[1] * x.itemsize))
+    for lo in range(0, x.shape[0], chunk_rows):
+        block = x[lo:lo + chunk_rows]
+        if not np.isfinite(block).all():
+            row = lo + int(np.nonzero(~np.isfinite(block).all(axis=1))[0][0])
+            raise BadFeatures(f"{what} contain NaN/Inf (first at sample {row})", path)
+
+
+def check_labels(y: np.ndarray, n: int, num_classes: int, what: str = "labels",
+                 path: str | Path | None = None) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise BadData(f"{what}: expected {n} labels, got shape {tuple(y.shape)}", path)
+    if n == 0:
+        raise BadData(f"{what}: the split is empty (0 samples)", path)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BadData(f"{what} must be integers, got {y.dtype}", path)
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        raise BadData(f"{what}: label {int(y[i])} at sample {i} is outside the class range "
+                      f"0..{num_classes - 1}", path)
+    return y.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------- metrics (pure)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of samples whose true class is among the k highest scores, for each k.
+
+    A sample counts for top-k when fewer than k classes score strictly higher than
+    its true class (ties are resolved in its favour, so the result does not depend on
+    a sort order). ``k`` larger than the number of classes counts every sample.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match")
+    if logits.shape[0] == 0:
+        raise ValueError("no samples to score")
+    true = logits[np.arange(len(labels)), labels]
+    rank = (logits > true[:, None]).sum(axis=1)
+    return {int(k): float((rank < k).mean()) for k in ks}
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean softmax cross-entropy (natural log) of float logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class FeatureStream:
+    """Mini-batches of an fp16 (N, D) matrix as float32 tensors on ``device``.
+
+    On CUDA the fp16 matrix is uploaded once when it fits in a quarter of free memory;
+    otherwise (and on CPU) each batch is sliced from the host array and converted alone.
+    """
+
+    def __init__(self, x: np.ndarray, device: torch.device):
+        self.x, self.device = x, device
+        self.on_device: torch.Tensor | None = None
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if x.nbytes < free // 4:
+                self.on_device = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        if self.on_device is not None:
+            return self.on_device[torch.from_numpy(idx).to(self.device)].float()
+        return torch.from_numpy(self.x[idx]).to(self.device, non_blocking=True).float()
+
+    def range(self, lo: int, hi: int) -> torch.Tensor:
+        if self.on_device is not None:
+            return self.on_device[lo:hi].float()
+        return torch.from_numpy(self.x[lo:hi]).to(self.device).float()
+
+
+@dataclass
+class ProbeFit:
+    model: LinearProbe
+    config: ProbeConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    iters_per_epoch: int = 0
+    total_iterations: int = 0
+    resumed_from_epoch: int = 0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    def loss_summary(self) -> dict[str, Any]:
+        losses = [h["loss"] for h in self.history]
+        return {
+            "loss_per_epoch": [round(v, 6) for v in losses],
+            "lr_per_epoch": [h["lr"] for h in self.history],
+            "loss_first": round(losses[0], 6) if losses else None,
+            "loss_final": round(losses[-1], 6) if losses else None,
+            "loss_min": round(min(losses), 6) if losses else None,
+        }
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - our own state file: any failure means "start over"
+        warnings.warn(f"probe state {path} is unreadable ({type(e).__name__}); training from scratch",
+                      stacklevel=3)
+        return None
+    if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
+        warnings.warn(f"probe state {path} belongs to other features or settings; training from scratch",
+                      stacklevel=3)
+        return None
+    return state
+
+
+def train_linear_probe(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    config: ProbeConfig,
+    *,
+    channels: int | None = None,
+    device: str | torch.device = "cpu",
+    state_path: str | Path | None = None,
+    fingerprint: str = "",
+    progress: bool = True,
+    desc: str = "linear probe",
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    source: str | Path | None = None,
+) -> ProbeFit:
+    """Fit a probe on fp16 (N, D) ``features``; resume from ``state_path`` when it matches ``fingerprint``.
+
+    The state file is rewritten atomically after every epoch (model, optimiser,
+    loss history). ``on_epoch_end(epoch, record)`` runs after it is written.
+    """
+    check_features(features, "train features", source)
+    labels = check_labels(labels, features.shape[0], num_classes, "train labels", source)
+    dev = torch.device(device)
+    n, dim = features.shape
+    model = build_probe(dim, num_classes, config, channels).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov, weight_decay=config.weight_decay)
+    ipe = iterations_per_epoch(n, config.batch_size)
+    total = total_iterations(n, config)
+    num_epochs = math.ceil(total / ipe)
+    fit = ProbeFit(model, config, [], ipe, total)
+    path = Path(state_path) if state_path is not None else None
+    start = 0
+    if path is not None:
+        state = _load_state(path, fingerprint)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            fit.history = list(state["history"])
+            start = fit.resumed_from_epoch = int(state["epoch"])
+    stream = FeatureStream(features, dev)
+    y_all = torch.from_numpy(labels)
+    bar = tqdm(range(start, num_epochs), desc=desc, unit="epoch", disable=not progress, leave=False,
+               initial=start, total=num_epochs)
+    for epoch in bar:
+        model.train()
+        loss_sum, seen = torch.zeros((), device=dev, dtype=torch.float64), 0
+        for b, idx in enumerate(epoch_batches(n, config.batch_size, config.seed, epoch)):
+            it = epoch * ipe + b
+            if it >= total:
+                break
+            lr = lr_at(it, ipe, config)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = stream.batch(idx)
+            y = y_all[idx].to(dev, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double() * len(idx)
+            seen += len(idx)
+        mean_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(mean_loss):
+            raise BadFeatures(f"{desc}: training loss became {mean_loss} in epoch {epoch + 1} "
+                              f"(lr {config.lr} too high for these features?)", source)
+        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr_at(epoch * ipe, ipe, config)}
+        fit.history.append(record)
+        if path is not None:
+            _atomic_torch_save({"format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+                                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "history": fit.history}, path)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2g}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    bar.close()
+    model.eval()
+    return fit
+
+
+@torch.no_grad()
+def predict_logits(model: LinearProbe, features: np.ndarray, batch_size: int = 1024,
+                   device: str | torch.device | None = None) -> np.ndarray:
+    """Float32 (N, num_classes) scores in evaluation mode (BatchNorm uses its running statistics)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+    stream = FeatureStream(features, dev)
+    out = np.empty((features.shape[0], model.num_classes), dtype=np.float32)
+    for lo in range(0, features.shape[0], batch_size):
+        hi = min(lo + batch_size, features.shape[0])
+        out[lo:hi] = model(stream.range(lo, hi)).float().cpu().numpy()
+    return out
+
+
+def evaluate_probe(model: LinearProbe, features: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5),
+                   source: str | Path | None = None) -> dict[str, Any]:
+    """Top-k accuracies (fractions) and the mean cross-entropy on a labelled split."""
+    check_features(features, "val features", source)
+    labels = check_labels(labels, features.shape[0], model.num_classes, "val labels", source)
+    logits = predict_logits(model, features)
+    return {"topk": topk_accuracy(logits, labels, ks), "loss": cross_entropy(logits, labels)}

@@ -1,0 +1,239 @@
+"""The linear-probe solver against independent values: hand-computed metrics, scikit-learn, numpy BN stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from evalsuite.errors import BadData, BadFeatures, UserError
+from tasks.solvers.linear_probe import (
+    ProbeConfig,
+    build_probe,
+    cross_entropy,
+    epoch_batches,
+    evaluate_probe,
+    lr_at,
+    predict_logits,
+    topk_accuracy,
+    total_iterations,
+    train_linear_probe,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP spin-waits on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n_per_class: int, dim: int, classes: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian classes around random centres; returned as the cache's fp16."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(1234).normal(0, 1, (classes, dim)) * sep
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centres[y] + rng.normal(0, 1, (len(y), dim)) + 3.0  # an offset the BatchNorm must remove
+    return x.astype(np.float16), y.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_topk_accuracy_hand_computed():
+    logits = np.array([
+        [0.1, 0.9, 0.0, 0.0],   # true 1: rank 0 -> top1 and top2
+        [0.5, 0.2, 0.3, 0.4],   # true 2: classes 0 and 3 above -> rank 2: only top3
+        [0.2, 0.2, 0.2, 0.2],   # true 3: all tied -> rank 0 (ties count for the sample)
+        [0.0, 1.0, 2.0, 3.0],   # true 0: three above -> rank 3: only top4
+    ])
+    labels = np.array([1, 2, 3, 0])
+    acc = topk_accuracy(logits, labels, ks=(1, 2, 3, 4, 5))
+    assert acc == {1: 0.5, 2: 0.5, 3: 0.75, 4: 1.0, 5: 1.0}
+
+
+def test_cross_entropy_hand_computed():
+    logits = np.array([[0.0, 0.0], [np.log(3.0), 0.0]])
+    # p(true) = 1/2 and 3/4
+    assert cross_entropy(logits, np.array([1, 0])) == pytest.approx(-(np.log(0.5) + np.log(0.75)) / 2)
+
+
+def test_lr_schedule_steps_at_milestones():
+    cfg = ProbeConfig(epochs=14, lr=0.01, lr_milestones=(4, 8, 12), lr_gamma=0.1, batch_size=10)
+    ipe = 5
+    assert lr_at(0, ipe, cfg) == pytest.approx(0.01)
+    assert lr_at(19, ipe, cfg) == pytest.approx(0.01)      # last iteration of epoch 4
+    assert lr_at(20, ipe, cfg) == pytest.approx(0.001)     # first iteration of epoch 5
+    assert lr_at(40, ipe, cfg) == pytest.approx(1e-4)
+    assert lr_at(69, ipe, cfg) == pytest.approx(1e-5)
+    assert total_iterations(50, cfg) == 70
+
+
+def test_epoch_batches_are_seeded_permutations():
+    a = epoch_batches(10, 3, seed=7, epoch=0)
+    assert [len(b) for b in a] == [3, 3, 3]  # incomplete last batch dropped
+    assert len(np.unique(np.concatenate(a))) == 9
+    assert all((x == y).all() for x, y in zip(a, epoch_batches(10, 3, seed=7, epoch=0)))
+    assert not all((x == y).all() for x, y in zip(a, epoch_batches(10, 3, seed=7, epoch=1)))
+    assert [len(b) for b in epoch_batches(4, 256, 0, 0)] == [4]  # fewer rows than a batch: one batch of all
+
+
+# ---------------------------------------------------------------------------- accuracy vs scikit-learn
+
+
+def test_probe_matches_sklearn_logistic_regression():
+    xtr, ytr = blobs(100, 16, 4, sep=0.5, seed=0)
+    xte, yte = blobs(100, 16, 4, sep=0.5, seed=1)
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit(xtr.astype(np.float32), ytr)
+    ref_acc = float((ref.predict(xte.astype(np.float32)) == yte).mean())
+    cfg = ProbeConfig(epochs=15, batch_size=40, lr=0.1, lr_milestones=(10,), weight_decay=1e-4, bn="feature")
+    fit = train_linear_probe(xtr, ytr, 4, cfg, progress=False)
+    acc = evaluate_probe(fit.model, xte, yte, ks=(1,))["topk"][1]
+    assert 0.75 < ref_acc < 0.95  # a problem where accuracy is informative
+    assert acc == pytest.approx(ref_acc, abs=0.03)
+    losses = [h["loss"] for h in fit.history]
+    assert losses[-1] < losses[0]
+
+
+def test_noise_features_score_near_chance():
+    rng = np.random.default_rng(3)
+    xtr = rng.normal(size=(400, 32)).astype(np.float16)
+    xva = rng.normal(size=(800, 32)).astype(np.float16)
+    ytr, yva = rng.integers(0, 4, 400), rng.integers(0, 4, 800)
+    cfg = ProbeConfig(epochs=10, batch_size=32, lr=0.05, lr_milestones=(8,), bn="feature")
+    fit = train_linear_probe(xtr, ytr, 4, cfg, progress=False)
+    acc = evaluate_probe(fit.model, xva, yva, ks=(1,))["topk"][1]
+    assert abs(acc - 0.25) < 0.07  # ~4.6 binomial standard deviations at n=800
+
+
+# ---------------------------------------------------------------------------- BatchNorm (affine off)
+
+
+def ema_stats(x: np.ndarray, batches, channels: int, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    """Running mean / unbiased variance exactly as specified, computed independently in float64."""
+    mean, var = np.zeros(channels), np.ones(channels)
+    for idx in batches:
+        b = x[idx].astype(np.float64).reshape(len(idx), channels, -1)  # (B, C, L)
+        vals = b.transpose(1, 0, 2).reshape(channels, -1)
+        mean = (1 - momentum) * mean + momentum * vals.mean(axis=1)
+        var = (1 - momentum) * var + momentum * vals.var(axis=1, ddof=1)
+    return mean, var
+
+
+@pytest.mark.parametrize("mode,channels", [("channel", 4), ("feature", None)])
+def test_batchnorm_running_stats_and_eval_output(mode, channels):
+    rng = np.random.default_rng(0)
+    # 4 channels x 3 grid cells, channel c with mean 10*c and std c+1
+    scale = np.repeat(np.arange(1, 5), 3)
+    x = (rng.normal(size=(64, 12)) * scale + 10 * np.repeat(np.arange(4), 3)).astype(np.float16)
+    y = rng.integers(0, 3, 64)
+    cfg = ProbeConfig(epochs=3, batch_size=16, lr=0.01, lr_milestones=(), bn=mode, bn_momentum=0.1, seed=5)
+    fit = train_linear_probe(x, y, 3, cfg, channels=channels, progress=False)
+    bn = fit.model.bn
+    assert list(bn.parameters()) == []  # affine off: nothing learnable but the linear layer
+    batches = [b for e in range(3) for b in epoch_batches(64, 16, 5, e)]
+    exp_mean, exp_var = ema_stats(x, batches, channels or 12, 0.1)
+    assert bn.running_mean.shape == (channels or 12,)
+    np.testing.assert_allclose(bn.running_mean.numpy(), exp_mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.running_var.numpy(), exp_var, rtol=1e-4, atol=1e-4)
+    # evaluation uses the running statistics, shared by every grid cell of a channel in "channel" mode
+    with torch.no_grad():
+        z = fit.model.normalize(torch.from_numpy(x[:5].astype(np.float32))).numpy()
+    rep = 3 if mode == "channel" else 1
+    m, v = np.repeat(exp_mean, rep), np.repeat(exp_var, rep)
+    np.testing.assert_allclose(z, (x[:5].astype(np.float64) - m) / np.sqrt(v + 1e-5), rtol=1e-3, atol=1e-3)
+    w, b = fit.model.fc.weight.detach().numpy(), fit.model.fc.bias.detach().numpy()
+    np.testing.assert_allclose(predict_logits(fit.model, x[:5]), z @ w.T + b, rtol=1e-4, atol=1e-4)
+
+
+def test_probe_init_is_seeded_gaussian_with_zero_bias():
+    cfg = ProbeConfig(init_std=0.01, seed=3)
+    a, b = build_probe(5000, 20, cfg, channels=50), build_probe(5000, 20, cfg, channels=50)
+    assert torch.equal(a.fc.weight, b.fc.weight)
+    assert float(a.fc.weight.detach().std()) == pytest.approx(0.01, rel=0.02)
+    assert float(a.fc.bias.detach().abs().max()) == 0.0
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    x, y = blobs(30, 24, 3, sep=0.5, seed=0)
+    cfg = ProbeConfig(epochs=5, batch_size=16, lr=0.05, lr_milestones=(3,), bn="channel", seed=11)
+    full = train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "a.pt", fingerprint="f",
+                              progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(epoch, record):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "b.pt", fingerprint="f",
+                           progress=False, on_epoch_end=stop_at_2)
+    resumed = train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "b.pt", fingerprint="f",
+                                 progress=False)
+    assert resumed.resumed_from_epoch == 2
+    assert full.resumed_from_epoch == 0
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert len(resumed.history) == 5
+
+
+def test_state_of_other_settings_is_not_resumed(tmp_path):
+    x, y = blobs(20, 8, 2, sep=1.0, seed=0)
+    cfg = ProbeConfig(epochs=2, batch_size=8, lr_milestones=(), bn="feature")
+    train_linear_probe(x, y, 2, cfg, state_path=tmp_path / "s.pt", fingerprint="one", progress=False)
+    with pytest.warns(UserWarning, match="other features or settings"):
+        fit = train_linear_probe(x, y, 2, cfg, state_path=tmp_path / "s.pt", fingerprint="two",
+                                 progress=False)
+    assert fit.resumed_from_epoch == 0 and fit.epochs_run == 2
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        fit = train_linear_probe(x, y, 2, cfg, state_path=tmp_path / "bad.pt", fingerprint="x",
+                                 progress=False)
+    assert fit.epochs_run == 2
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, y = blobs(10, 8, 2, sep=1.0, seed=0)
+    cfg = ProbeConfig(epochs=1, batch_size=4, lr_milestones=(), bn="feature")
+    nan = x.copy()
+    nan[7, 3] = np.nan
+    with pytest.raises(BadFeatures, match="NaN/Inf .*sample 7"):
+        train_linear_probe(nan, y, 2, cfg, progress=False)
+    with pytest.raises(BadData, match="label 5 at sample 0 is outside the class range 0..1"):
+        train_linear_probe(x, np.full(len(y), 5), 2, cfg, progress=False)
+    with pytest.raises(BadData, match="label -1"):
+        train_linear_probe(x, np.r_[y[:-1], -1], 2, cfg, progress=False)
+    with pytest.raises(BadData, match="empty"):
+        train_linear_probe(x[:0], y[:0], 2, cfg, progress=False)
+    with pytest.raises(BadData, match="expected 20 labels"):
+        train_linear_probe(x, y[:5], 2, cfg, progress=False)
+    fit = train_linear_probe(x, y, 2, cfg, progress=False)
+    with pytest.raises(BadFeatures, match="val features contain NaN"):
+        evaluate_probe(fit.model, nan, y)
+    with pytest.raises(BadData, match="val labels"):
+        evaluate_probe(fit.model, x, y + 2)
+    with pytest.raises(BadFeatures, match="not a multiple"):
+        train_linear_probe(x, y, 2, ProbeConfig(epochs=1, bn="channel"), channels=3, progress=False)
+    with pytest.raises(UserError, match="bn mode"):
+        ProbeConfig(bn="group")
+    with pytest.raises(UserError, match="increasing"):
+        ProbeConfig(lr_milestones=(8, 4))
+
+
+def test_diverging_training_is_reported_not_recorded():
+    x, y = blobs(20, 8, 2, sep=1.0, seed=0)
+    cfg = ProbeConfig(epochs=3, batch_size=8, lr=1e30, lr_milestones=(), bn="none")
+    with pytest.raises(BadFeatures, match="training loss became"):
+        train_linear_probe(x * np.float16(100), y, 2, cfg, progress=False)
