@@ -103,7 +103,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _collate(batch):
-    for x, i, err in batch:
+    for _x, i, err in batch:
         if err is not None:
             raise BadData(err[0], err[1] or f"sample {i}")
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
