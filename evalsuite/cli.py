@@ -258,7 +258,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
         layers = validate_layers(ck.arch, [a.layers] if a.layers else None)
         ds = open_dataset(a.dataset, a.root, a.split)
         cache = FeatureCache(a.cache_dir, shard_rows=a.shard_rows)
-        ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=cache, device=a.device, precision=a.precision, batch_size=a.batch_size,
+        ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=cache, device=a.device,
+                               precision=a.precision, batch_size=a.batch_size,
                                workers=a.workers, progress=not a.no_progress)
         tf = Transform(size=a.image_size, mode=a.resize_mode, input_space=ck.metadata.get("input_space", "rgb"))
         feats = ext.features(ds, layers or list(ext.trunk.tap_names), a.pooling, tf)
