@@ -296,7 +296,7 @@ class FeatureExtractor:
                     "the checkpoint's weights are probably broken",
                     path,
                 )
-            h = y.cpu().numpy().astype(np.float16)
+            h = y.detach().cpu().numpy().astype(np.float16)
             if not np.isfinite(h).all():
                 raise BadFeatures(f"{t} features overflow float16 (max |x| = {float(y.abs().max()):.3g})",
                                   dataset.image_path(int(idx[0])))
