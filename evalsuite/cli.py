@@ -93,6 +93,10 @@ def _add_run(sub) -> None:
     p.add_argument("--data-root", type=Path, default=Path(os.environ.get("EVALSUITE_DATA", "data")),
                    help="directory holding the datasets")
     p.add_argument("--out", type=Path, default=Path("runs"), help="output directory for results.jsonl")
+    p.add_argument("--launcher", default="none", choices=["none", "local", "debug", "slurm"],
+                   help="none: run here; slurm/local/debug: one submitit job per task (logs in OUT/submitit)")
+    p.add_argument("--slurm-partition", help="Slurm partition for --launcher slurm")
+    p.add_argument("--slurm-account", help="Slurm account for --launcher slurm")
     add_runtime_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -106,11 +110,30 @@ def cmd_run(a: argparse.Namespace) -> int:
         seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
         allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, progress=not a.no_progress,
     )
+    if a.launcher != "none":
+        return _run_launched(opts, a)
     report = run(opts)
     print_results(report.results, title=f"{report.checkpoint.spec} ({report.checkpoint.arch}, {a.protocol})")
     for name, why in report.skipped:
         print(f"skipped {name}: {why}")
     print(f"{len(report.results)} result records appended to {report.results_file}")
+    return 0
+
+
+def _run_launched(opts, a: argparse.Namespace) -> int:
+    from .launch import launch, split_by_task
+
+    jobs, all_mode = split_by_task(opts)
+    summaries = launch(jobs, a.launcher, Path(a.out) / "submitit", skip_missing_data=all_mode,
+                       slurm_partition=a.slurm_partition, slurm_account=a.slurm_account)
+    n = 0
+    for s in summaries:
+        if s.skipped:
+            print(f"skipped {s.task}: {s.skipped}")
+        else:
+            print(f"{s.task}: {s.n_results} result records")
+            n += s.n_results
+    print(f"{n} result records appended to {Path(a.out) / 'results.jsonl'}")
     return 0
 
 
