@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_list(sub)
     _add_inspect(sub)
     _add_extract(sub)
+    _add_demo(sub)
     plugins = dict(sorted(registry.entry_points(registry.COMMAND_GROUP).items()))
     plugins.update(registry.registered(registry.COMMAND_GROUP))
     for name, ep in plugins.items():
@@ -293,6 +295,63 @@ def cmd_extract(a: argparse.Namespace) -> int:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _add_demo(sub) -> None:
+    from .pipeline import DEMO_ARCH, DEMO_METHODS
+
+    p = sub.add_parser("demo", help="synthetic data -> pretraining -> every task -> leaderboard, in one plan",
+                       formatter_class=HelpFormatter,
+                       description="The README's main command: generates the default synthetic data, pretrains "
+                                   "a few methods briefly, evaluates every checkpoint on every task at the quick "
+                                   "preset and builds the leaderboard site. Re-running resumes (finished steps "
+                                   "are skipped).",
+                       epilog="examples:\n  evalsuite demo\n  evalsuite demo --methods random,simclr --tasks "
+                              "knn,voc07_svm --out runs/small\n  evalsuite demo --dry-run")
+    p.add_argument("--data-root", type=Path, default=Path("data/demo"), help="where the synthetic data goes")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoints, results, cache and site")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated pretraining methods")
+    p.add_argument("--arch", default=DEMO_ARCH, help="trunk architecture for every method")
+    p.add_argument("--tasks", default="all", help="comma-separated tasks, or all")
+    p.add_argument("--protocol", default="quick", help="preset for every task")
+    p.add_argument("--epochs", type=int, default=1, help="pretraining epochs per method")
+    p.add_argument("--data-scale", type=float, default=1.0, help="synthetic data size factor")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, pretraining and evaluation")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="protocol override passed to every evaluation")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--no-progress", action="store_true", help="one line per step instead of a progress bar")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .pipeline import DemoConfig, build_plan, format_plan, run_plan, summary_table, write_outcomes
+    from .runner import resolve_tasks
+
+    task_names, _ = resolve_tasks([a.tasks])
+    cfg = DemoConfig(data_root=a.data_root, out=a.out, methods=[m for m in a.methods.split(",") if m],
+                     arch=a.arch, tasks=task_names, preset=a.protocol, epochs=a.epochs, seed=a.seed,
+                     data_scale=a.data_scale, overrides=a.overrides)
+    steps = build_plan(cfg, task_names)
+    print(f"plan: {len(steps)} steps (each is an evalsuite command; re-running skips finished ones)")
+    print(format_plan(steps))
+    if a.dry_run:
+        return 0
+    t0 = time.perf_counter()
+    outcomes = run_plan(steps, lambda argv: main(argv), progress=not a.no_progress)
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_outcomes(a.out / "demo_steps.json", outcomes)
+    table = summary_table(a.out, a.protocol)
+    if not table.empty:
+        print(table.round(3).to_string())
+    failed = [o for o in outcomes if o.status == "failed"]
+    ran = sum(o.status == "done" for o in outcomes)
+    print(f"demo: {ran} steps run, {sum(o.status == 'skipped' for o in outcomes)} already done, {len(failed)} failed "
+          f"in {time.perf_counter() - t0:.0f}s; results in {a.out / 'results.jsonl'}, "
+          f"leaderboard at {a.out / 'site' / 'index.html'}")
+    for o in failed:
+        print(f"  FAILED {o.step.label}: {o.error}")
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

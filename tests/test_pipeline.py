@@ -1,0 +1,89 @@
+"""The demo plan: steps are evalsuite commands, finished ones are skipped, failures are reported, not hidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evalsuite.pipeline import (
+    DATA_MARKER,
+    DemoConfig,
+    Step,
+    build_plan,
+    finished_pairs,
+    run_plan,
+    summary_table,
+)
+from evalsuite.results import Result, append_results
+
+
+def _rec(task, layer, metric, value, checkpoint="random:resnet18", method="random", protocol="quick"):
+    return Result(task=task, dataset="d", split="test", layer=layer, metric=metric, value=value,
+                  checkpoint_id="x", checkpoint=checkpoint, checkpoint_format="random", method=method,
+                  arch="resnet18", pretrain_data="", checkpoint_meta={}, protocol=protocol, params={}, seed=0)
+
+
+def test_plan_order_and_commands(tmp_path) -> None:
+    cfg = DemoConfig(data_root=tmp_path / "d", out=tmp_path / "o", methods=["random", "simclr"])
+    steps = build_plan(cfg, ["knn", "voc07_svm"])
+    labels = [s.label for s in steps]
+    assert labels == ["generate synthetic data", "pretrain simclr", "evaluate random on knn",
+                      "evaluate random on voc07_svm", "evaluate simclr on knn", "evaluate simclr on voc07_svm",
+                      "build leaderboard"]
+    assert steps[1].argv[:3] == ["pretrain", "--method", "simclr"]
+    ck = str(tmp_path / "o" / "checkpoints" / "simclr_resnet18.safetensors")
+    assert steps[1].argv[steps[1].argv.index("--out") + 1] == ck
+    assert steps[4].argv[steps[4].argv.index("--checkpoint") + 1] == ck
+    assert steps[2].argv[steps[2].argv.index("--checkpoint") + 1] == "random:resnet18"
+    assert all("--protocol" in s.argv and "quick" in s.argv for s in steps[2:6])
+
+
+def test_resume_skips_finished_steps(tmp_path) -> None:
+    cfg = DemoConfig(data_root=tmp_path / "d", out=tmp_path / "o", methods=["random", "simclr"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / DATA_MARKER).write_text("{}")
+    ck = tmp_path / "o" / "checkpoints" / "simclr_resnet18.safetensors"
+    ck.parent.mkdir(parents=True)
+    ck.write_bytes(b"x")
+    append_results(tmp_path / "o" / "results.jsonl", [_rec("knn", "res5", "top1", 50.0)])
+    # a record under another preset does not count as done
+    append_results(tmp_path / "o" / "results.jsonl", [_rec("voc07_svm", "res5", "mAP", 1.0, protocol="goyal19")])
+    assert finished_pairs(tmp_path / "o", "quick") == {("random:resnet18", "knn")}
+    ran = []
+    outcomes = run_plan(build_plan(cfg, ["knn", "voc07_svm"]), lambda argv: ran.append(argv) or 0, progress=False,
+                        echo=lambda s: None)
+    status = {o.step.label: o.status for o in outcomes}
+    assert status["generate synthetic data"] == "skipped" and status["pretrain simclr"] == "skipped"
+    assert status["evaluate random on knn"] == "skipped"
+    assert status["evaluate random on voc07_svm"] == "done" and status["build leaderboard"] == "done"
+    assert len(ran) == 4
+
+
+def test_failures_are_collected_and_the_plan_goes_on(tmp_path) -> None:
+    marker = tmp_path / "m"
+    steps = [Step("a", ["a"], 1.0), Step("b", ["b"], 1.0, on_done=lambda: marker.write_text("x")),
+             Step("c", ["c"], 1.0)]
+
+    def fake(argv):
+        if argv == ["a"]:
+            return 2
+        if argv == ["c"]:
+            raise RuntimeError("boom")
+        return 0
+
+    lines = []
+    out = run_plan(steps, fake, progress=False, echo=lines.append)
+    assert [(o.step.label, o.status) for o in out] == [("a", "failed"), ("b", "done"), ("c", "failed")]
+    assert out[0].error == "exit code 2" and "boom" in out[2].error
+    assert marker.exists() and len(lines) == 3 and lines[0].startswith("[1/3] a: FAILED")
+
+
+def test_summary_table_takes_best_layer_per_task(tmp_path: Path) -> None:
+    append_results(tmp_path / "results.jsonl", [
+        _rec("knn", "res4", "top1", 40.0), _rec("knn", "res5", "top1", 55.0), _rec("knn", "res5", "top5", 90.0),
+        _rec("surface_normals", "res5", "median_angle", 30.0), _rec("surface_normals", "res4", "median_angle", 25.0),
+        _rec("knn", "res5", "top1", 70.0, checkpoint="c.safetensors", method="simclr"),
+    ])
+    t = summary_table(tmp_path, "quick")
+    assert t.loc["random", "knn"] == 55.0  # best layer, headline metric only (top5 ignored)
+    assert t.loc["random", "surface_normals"] == 25.0  # lower is better for angles
+    assert t.loc["simclr", "knn"] == 70.0
