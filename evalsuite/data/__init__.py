@@ -11,9 +11,11 @@ from pathlib import Path
 from ..errors import UserError
 from .base import ClassificationDataset, ImageDataset, load_rgb
 from .imagefolder import ImageFolder
+from .voc import VOC2007, VOC_CLASSES
 
 READERS: dict[str, Callable[..., ImageDataset]] = {
     "imagefolder": ImageFolder,
+    "voc2007": VOC2007,
 }
 
 
@@ -23,4 +25,5 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
     return READERS[kind](root, split, **options)
 
 
-__all__ = ["ClassificationDataset", "ImageDataset", "ImageFolder", "READERS", "load_rgb", "open_dataset"]
+__all__ = ["ClassificationDataset", "ImageDataset", "ImageFolder", "READERS", "VOC2007", "VOC_CLASSES", "load_rgb",
+           "open_dataset"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,7 +75,42 @@ class ImageDataset(ABC):
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root), "split": self.split, "n": len(self)}
+        d = {"kind": self.kind, "root": str(self.root), "split": self.split, "n": len(self)}
+        if getattr(self, "skipped", None):
+            d["skipped_corrupt"] = len(self.skipped)
+        return d
+
+    #: (path, reason) of every file dropped by ``skip_corrupt=True``; empty otherwise
+    skipped: list[tuple[str, str]] = []
+
+    def _keep_readable(self, paths: list[Path], skip_corrupt: bool) -> list[int]:
+        """Indices of ``paths`` to keep. Without ``skip_corrupt`` every index (errors surface on load);
+        with it each image is fully decoded once, unreadable ones are dropped, counted in
+        ``self.skipped`` and reported once on stderr."""
+        if not skip_corrupt:
+            self.skipped = []
+            return list(range(len(paths)))
+        keep, skipped = [], []
+        for i, p in enumerate(paths):
+            reason = image_problem(p)
+            if reason is None:
+                keep.append(i)
+            else:
+                skipped.append((str(p), reason))
+        self.skipped = skipped
+        if skipped:
+            print(f"warning: skipped {len(skipped)} corrupt or missing image(s) in {self.root} "
+                  f"(first: {skipped[0][0]}: {skipped[0][1]})", file=sys.stderr)
+        return keep
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable image, or None if it decodes fully."""
+    try:
+        load_rgb(path)
+    except BadData as e:
+        return e.message
+    return None
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -77,3 +77,8 @@ def write_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size:
             for n in range(max(1, int(per_class * frac))):
                 shape_image(rng, shape, size).save(d / f"{n:05d}.jpg", quality=90)
     return out
+
+
+from .synth_voc import write_voc2007  # noqa: E402  (re-exported: every writer is importable from here)
+
+__all__ = ["SHAPES", "shape_image", "write_imagefolder", "write_voc2007"]
