@@ -1,0 +1,524 @@
+"""Batched linear SVMs for the Goyal et al. 2019 VOC07 / low-shot benchmarks, plus the benchmark's metrics.
+
+The problem (what ``sklearn.svm.LinearSVC(C, class_weight={1: 2, -1: 1}, intercept_scaling=1,
+penalty="l2", loss="squared_hinge", dual=True, tol=1e-4, max_iter=2000)`` solves in
+fair_self_supervision_benchmark ``tools/svm/train_svm_kfold.py`` and VISSL ``svm_trainer.py``)::
+
+    min_w  1/2 ||w||^2 + C * sum_i c_i * max(0, 1 - y_i <w, [x_i, s]>)^2
+
+with ``y_i`` in {-1, +1}, ``c_i`` = 2 for positives and 1 for negatives, and ``s`` the
+intercept scaling: liblinear appends a constant feature ``s`` and *regularises* the bias
+like any other weight (``intercept_ = s * w[-1]``).
+
+Backends (``SVMConfig.backend``):
+
+- ``torch`` (ours, the default): every problem of a sweep (classes x costs x CV folds + refit)
+  is one column of a single batched problem. A truncated Newton method on the primal
+  (Chapelle 2007 / liblinear's TRON family): generalised-Hessian conjugate gradient per
+  Newton step, an exact safeguarded line search on the piecewise-quadratic objective, per-problem
+  convergence ``||grad|| <= tol * ||grad at 0||``. When the augmented dimension D+1 exceeds the
+  number of samples N, the problem is solved exactly in the N-dimensional span of the samples
+  (``K = X X^T = U S U^T``, coordinates ``Z = U S^1/2``; the optimum of an L2-regularised linear
+  model lies in that span), then mapped back, ``w = X^T U S^-1/2 v``. Runs on CPU or GPU.
+- ``sklearn``: one ``LinearSVC`` per problem with the benchmark's exact arguments (the anchors' solver).
+- ``cyanure``: ``cyanure.estimators.LinearSVC`` (squared hinge, L2), an independent reference;
+  class weight 2 is realised by duplicating positives (exact for this loss), the bias by the
+  same appended constant column (so it is regularised as liblinear does).
+
+Metrics, both pure functions:
+
+- :func:`voc_ap` -- the benchmark's *test* AP (``svm_helper.get_precision_recall`` +
+  ``calculate_ap``): rank by score, precision made monotone from the right, summed over recall
+  steps (all points, not the 11-point detection metric); ignore-labelled images are dropped.
+- :func:`cv_average_precision` -- the *cross-validation* scorer, scikit-learn's
+  ``average_precision`` (what ``cross_val_score(..., scoring="average_precision")`` uses; 0.0 for
+  a fold without positives, as scikit-learn returns).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from evalsuite.errors import BadFeatures, UserError
+
+BACKENDS = ("torch", "sklearn", "cyanure")
+
+# fair_self_supervision_benchmark README / scripts: --costs_list "1e-7,...,100" and svm_helper.parse_cost_list
+# appends 0.5**4 .. 0.5**19: 26 costs, in this order (np.argmax ties go to the earliest).
+GOYAL19_COSTS: list[float] = ([1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0]
+                              + [0.5**n for n in range(4, 20)])
+# VISSL configs/config/benchmark/{linear_image_classification,low_shot_transfer}/voc07/*svm*.yaml
+VISSL_COSTS: list[float] = [0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0]
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """Every solver setting (all recorded with the result)."""
+
+    backend: str = "torch"
+    loss: str = "squared_hinge"
+    pos_weight: float = 2.0
+    neg_weight: float = 1.0
+    intercept_scaling: float = 1.0
+    # torch backend
+    tol: float = 1e-5
+    max_newton: int = 60
+    max_cg: int = 200
+    dtype: str = "float64"
+    max_problems: int = 4096  # problems solved together (memory bound: ~4 (N + r) x P floats)
+    # sklearn backend (the benchmark's LinearSVC arguments)
+    sklearn_tol: float = 1e-4
+    sklearn_max_iter: int = 2000
+    # cyanure backend
+    cyanure_tol: float = 1e-6
+    cyanure_max_iter: int = 2000
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown svm backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.loss != "squared_hinge" and self.backend != "sklearn":
+            raise UserError(f"svm loss {self.loss!r} is only available with svm.backend=sklearn "
+                            "(the benchmark uses squared_hinge)")
+        if self.loss not in ("squared_hinge", "hinge"):
+            raise UserError(f"unknown svm loss {self.loss!r}; use squared_hinge or hinge")
+        if self.dtype not in ("float32", "float64"):
+            raise UserError(f"svm dtype must be float32 or float64, got {self.dtype!r}")
+        if not (self.pos_weight > 0 and self.neg_weight > 0 and self.intercept_scaling >= 0):
+            raise UserError("svm class weights must be positive and intercept_scaling >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SVMConfig:
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"unknown svm setting(s): {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_weight"] = {"1": self.pos_weight, "-1": self.neg_weight}
+        d["penalty"] = "l2 (bias regularised, liblinear convention)"
+        return d
+
+
+# ---------------------------------------------------------------------------- features and metrics
+
+
+def check_features(x: np.ndarray, what: str = "features") -> None:
+    """NaN/Inf or a feature matrix constant over all images (nothing to rank by) is a clear error."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise BadFeatures(f"{what}: expected a non-empty (N, D) matrix, got shape {tuple(x.shape)}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise BadFeatures(f"{what}: {int(bad.sum())} of {len(x)} rows contain NaN/Inf "
+                          f"(first row {int(np.argmax(bad))})")
+    if x.shape[0] > 1 and not (x != x[:1]).any():
+        raise BadFeatures(f"{what}: every image has the same feature vector (all zero?); an SVM cannot rank them")
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-5, dtype=np.float64) -> np.ndarray:
+    """The benchmark's ``svm_helper.normalize_features``: x / (||x||_2 + 1e-5), row-wise, in float64."""
+    out = np.asarray(x, dtype=dtype).copy()
+    out /= (np.linalg.norm(out, axis=1) + eps)[:, None]
+    return out
+
+
+def voc_ap(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The benchmark's test AP for one class; ``labels`` in {1, -1, 0}, 0 = ignore (dropped).
+
+    Images are ranked by descending score (ties: the later index first, i.e. the reverse of a stable
+    ascending argsort, which is what the benchmark's ``np.argsort(preds)[::-1]`` gives whenever
+    numpy's sort is stable on the input); precision is made monotone from the right and summed over
+    every recall step (VOC2010+ "all points" AP). NaN when there is no positive.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    keep = labels != 0
+    y, s = labels[keep] > 0, scores[keep]
+    npos = int(y.sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(s, kind="stable")[::-1]
+    tp = np.cumsum(y[order])
+    prec = tp / np.arange(1, len(tp) + 1)
+    rec = tp / npos
+    mpre = np.concatenate([[0.0], prec, [0.0]])
+    mrec = np.concatenate([[0.0], rec, [1.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    idx = np.nonzero(mrec[1:] != mrec[:-1])[0] + 1
+    return float(np.sum((mrec[idx] - mrec[idx - 1]) * mpre[idx]))
+
+
+def cv_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """scikit-learn's ``average_precision`` scorer (the benchmark's CV metric); 0.0 without positives."""
+    from sklearn.metrics import average_precision_score
+
+    y = np.asarray(labels) > 0
+    if not y.any():
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(average_precision_score(y, scores))
+
+
+def stratified_folds(y: np.ndarray, n_splits: int) -> np.ndarray:
+    """Fold index per row: ``StratifiedKFold(n_splits, shuffle=False)``, what ``cross_val_score(cv=3)``
+    uses for a classifier (scikit-learn >= 0.22 assignment). Fewer members of a class than folds is allowed
+    (scikit-learn warns; such folds get no positive)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    fold = np.full(len(y), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f, (_, test) in enumerate(StratifiedKFold(n_splits=n_splits).split(np.zeros(len(y)), y)):
+            fold[test] = f
+    return fold
+
+
+def svm_objective(x: np.ndarray, y: np.ndarray, w_aug: np.ndarray, cost: float, config: SVMConfig) -> float:
+    """The primal objective above for one problem (rows with y == 0 are excluded), in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    keep = y != 0
+    xa = np.hstack([x[keep], np.full((int(keep.sum()), 1), config.intercept_scaling)])
+    yy = np.where(y[keep] > 0, 1.0, -1.0)
+    c = np.where(yy > 0, config.pos_weight, config.neg_weight)
+    xi = np.maximum(0.0, 1.0 - yy * (xa @ w_aug))
+    sq = xi**2 if config.loss == "squared_hinge" else xi
+    return float(0.5 * w_aug @ w_aug + cost * np.sum(c * sq))
+
+
+# ---------------------------------------------------------------------------- the solution object
+
+
+@dataclass
+class SVMSolution:
+    """Weights of P problems in the original feature space: decision = x @ weight.T + bias."""
+
+    weight: np.ndarray  # (P, D)
+    bias: np.ndarray  # (P,)
+    converged: np.ndarray  # (P,) bool
+    iterations: np.ndarray  # (P,) Newton steps (torch) / solver iterations
+    backend: str
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        """(M, P) decision values, float64."""
+        return np.asarray(x, dtype=np.float64) @ self.weight.T.astype(np.float64) + self.bias[None, :]
+
+    def w_aug(self, p: int, intercept_scaling: float) -> np.ndarray:
+        s = intercept_scaling if intercept_scaling else 1.0
+        return np.concatenate([self.weight[p], [self.bias[p] / s]])
+
+
+def solve(x: np.ndarray, y: np.ndarray, costs: np.ndarray, config: SVMConfig, device: str = "cpu",
+          progress: bool = False) -> SVMSolution:
+    """Solve P binary problems on shared rows ``x`` (N, D): column p of ``y`` (N, P) holds +1/-1 for the
+    rows in problem p and 0 for rows left out of it; ``costs`` (P,) the C of each problem."""
+    y = np.asarray(y)
+    costs = np.asarray(costs, dtype=np.float64).reshape(-1)
+    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] != costs.shape[0]:
+        raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
+    if not (costs > 0).all():
+        raise UserError("svm costs must be positive")
+    if config.backend == "torch":
+        return _solve_torch(x, y, costs, config, device, progress)
+    if config.backend == "sklearn":
+        return _solve_sklearn(x, y, costs, config)
+    return _solve_cyanure(x, y, costs, config)
+
+
+# ---------------------------------------------------------------------------- torch backend
+
+
+def _basis(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Coordinates Z with Z Z^T = Xa Xa^T, and the map back (Xa^T U S^-1/2) when D+1 > N (else None)."""
+    n, d = xa.shape
+    if d <= n:
+        return xa, None
+    k = (xa.double() @ xa.double().T)
+    s, u = torch.linalg.eigh(k)
+    keep = s > s.max().clamp_min(1e-300) * 1e-12
+    s, u = s[keep], u[:, keep]
+    z = (u * s.sqrt()).to(xa.dtype)
+    back = (u / s.sqrt()).to(xa.dtype)  # v -> alpha = U S^-1/2 v; w = Xa^T alpha
+    return z, back
+
+
+def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30):
+    """Exact minimiser of phi(t) = f(v + t d) for each problem (safeguarded Newton on phi', which is
+    increasing and piecewise linear). v.d (P,), d.d (P,), margins m, directions e = Z d (N, P)."""
+
+    def deriv(t):
+        mt = m + t * e
+        act = a_w * ((y * mt) < 1)
+        d1 = vd + t * dd + 2 * cost * (act * (mt - y) * e).sum(0)
+        d2 = dd + 2 * cost * (act * e * e).sum(0)
+        return d1, d2
+
+    lo = torch.zeros_like(vd)
+    hi = torch.full_like(vd, t0)
+    d1, _ = deriv(hi)
+    for _ in range(60):  # expand until phi'(hi) >= 0
+        grow = d1 < 0
+        if not grow.any():
+            break
+        lo = torch.where(grow, hi, lo)
+        hi = torch.where(grow, hi * 2, hi)
+        d1, _ = deriv(hi)
+    t = hi.clone()
+    for _ in range(iters):
+        d1, d2 = deriv(t)
+        lo = torch.where(d1 < 0, t, lo)
+        hi = torch.where(d1 > 0, t, hi)
+        newton = t - d1 / d2.clamp_min(1e-300)
+        inside = (newton > lo) & (newton < hi)
+        t_new = torch.where(inside, newton, 0.5 * (lo + hi))
+        done = (t_new - t).abs() <= 1e-12 * t.abs().clamp_min(1e-12)
+        t = t_new
+        if done.all():
+            break
+    return t
+
+
+def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool) -> SVMSolution:
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    n, d = x.shape
+    xt = torch.as_tensor(np.asarray(x), device=device).to(dtype)
+    xa = torch.cat([xt, torch.full((n, 1), config.intercept_scaling, dtype=dtype, device=device)], 1)
+    z, back = _basis(xa)
+    del xt
+    p_total = y.shape[1]
+    weight = np.zeros((p_total, d), dtype=np.float64)
+    bias = np.zeros(p_total, dtype=np.float64)
+    converged = np.zeros(p_total, dtype=bool)
+    iterations = np.zeros(p_total, dtype=np.int64)
+    chunk = max(1, int(config.max_problems))
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, p_total, chunk), desc="svm", disable=not progress or p_total <= chunk):
+        sl = slice(start, min(p_total, start + chunk))
+        v, conv, its = _newton_cg(z, y[:, sl], costs[sl], config, dtype, device)
+        w_aug = v if back is None else xa.T @ (back @ v)  # (D+1, P)
+        w_aug = w_aug.double().cpu().numpy()
+        weight[sl] = w_aug[:d].T
+        bias[sl] = w_aug[d] * config.intercept_scaling
+        converged[sl], iterations[sl] = conv, its
+    return SVMSolution(weight, bias, converged, iterations, "torch")
+
+
+def _newton_cg(z: torch.Tensor, y_np: np.ndarray, costs_np: np.ndarray, config: SVMConfig, dtype, device):
+    n, r = z.shape
+    y = torch.as_tensor(np.sign(y_np).astype(np.float64), device=device).to(dtype)  # (N, P)
+    a_w = torch.where(y > 0, config.pos_weight, torch.where(y < 0, config.neg_weight, 0.0)).to(dtype)
+    cost = torch.as_tensor(costs_np, device=device).to(dtype)  # (P,)
+    p = y.shape[1]
+    v = torch.zeros((r, p), dtype=dtype, device=device)
+    m = torch.zeros((n, p), dtype=dtype, device=device)
+    active = torch.ones(p, dtype=torch.bool, device=device)
+    its = torch.zeros(p, dtype=torch.int64, device=device)
+    g0 = None
+    zt = z.T.contiguous()
+    for it in range(config.max_newton):
+        if it and it % 10 == 0:
+            m = z @ v  # refresh incrementally updated margins
+        act = a_w * ((y * m) < 1)
+        g = v + 2 * cost * (zt @ (act * (m - y)))
+        gnorm = g.norm(dim=0)
+        if g0 is None:
+            g0 = gnorm.clamp_min(1e-300)
+        active = active & (gnorm > config.tol * g0)
+        if not active.any():
+            break
+        idx = active.nonzero().squeeze(1)
+        its[idx] += 1
+        # CG on H s = -g for the active problems, H u = u + 2C Z^T (act * (Z u))
+        ga, acta, ca = g[:, idx], act[:, idx], cost[idx]
+        s = torch.zeros_like(ga)
+        res = -ga
+        dirn = res.clone()
+        rr = (res * res).sum(0)
+        eta = torch.minimum(torch.full_like(rr, 0.1), rr.sqrt().sqrt() / g0[idx].sqrt())  # superlinear forcing
+        stop = rr.sqrt() * eta
+        live = torch.ones_like(rr, dtype=torch.bool)
+        for _ in range(config.max_cg):
+            hd = dirn + 2 * ca * (zt @ (acta * (z @ dirn)))
+            dhd = (dirn * hd).sum(0)
+            alpha = torch.where(live, rr / dhd.clamp_min(1e-300), torch.zeros_like(rr))
+            s = s + alpha * dirn
+            res = res - alpha * hd
+            rr_new = (res * res).sum(0)
+            live = live & (rr_new.sqrt() > stop)
+            if not live.any():
+                break
+            beta = torch.where(live, rr_new / rr.clamp_min(1e-300), torch.zeros_like(rr))
+            dirn = res + beta * dirn
+            rr = rr_new
+        e = z @ s
+        va = v[:, idx]
+        t = _line_search((va * s).sum(0), (s * s).sum(0), m[:, idx], e, y[:, idx], a_w[:, idx], ca)
+        v[:, idx] = va + t * s
+        m[:, idx] = m[:, idx] + t * e
+    # final check
+    m = z @ v
+    act = a_w * ((y * m) < 1)
+    g = v + 2 * cost * (zt @ (act * (m - y)))
+    conv = (g.norm(dim=0) <= config.tol * g0 * 1.0001) if g0 is not None else torch.ones(p, dtype=torch.bool)
+    return v, conv.cpu().numpy(), its.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- reference backends
+
+
+def _problem_rows(y: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.nonzero(y[:, p] != 0)[0]
+    return keep, np.where(y[keep, p] > 0, 1, -1).astype(np.int32)
+
+
+def _solve_sklearn(x, y, costs, config: SVMConfig) -> SVMSolution:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    x64 = np.asarray(x, dtype=np.float64)
+    p_total, d = y.shape[1], x.shape[1]
+    weight, bias = np.zeros((p_total, d)), np.zeros(p_total)
+    converged, iterations = np.ones(p_total, dtype=bool), np.zeros(p_total, dtype=np.int64)
+    for p in range(p_total):
+        rows, yp = _problem_rows(y, p)
+        if len(np.unique(yp)) < 2:  # LinearSVC refuses a single class: the optimum is w = 0 + bias only
+            weight[p], bias[p] = _one_class_solution(yp, costs[p], config)
+            continue
+        clf = LinearSVC(C=float(costs[p]), class_weight={1: config.pos_weight, -1: config.neg_weight},
+                        intercept_scaling=config.intercept_scaling, penalty="l2", loss=config.loss,
+                        tol=config.sklearn_tol, dual=True, max_iter=config.sklearn_max_iter)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf.fit(x64[rows], yp)
+        converged[p] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        iterations[p] = int(np.max(clf.n_iter_))
+        weight[p], bias[p] = clf.coef_[0], float(clf.intercept_[0])
+    return SVMSolution(weight, bias, converged, iterations, "sklearn")
+
+
+def _one_class_solution(yp: np.ndarray, cost: float, config: SVMConfig) -> tuple[np.ndarray, float]:
+    """Closed form when every row has the same label: only the (regularised) bias moves.
+    min_b b^2/2 + C c n (1 - y s b)^2 -> y s b = 2Ccn s^2 / (1 + 2Ccn s^2)."""
+    sign = 1.0 if yp[0] > 0 else -1.0
+    c = config.pos_weight if sign > 0 else config.neg_weight
+    s = config.intercept_scaling
+    k = 2 * cost * c * len(yp) * s * s
+    b_raw = sign * k / (1 + k) / s if s else 0.0
+    return 0.0, b_raw * s
+
+
+def _solve_cyanure(x, y, costs, config: SVMConfig) -> SVMSolution:
+    from cyanure.estimators import LinearSVC as CyLinearSVC
+
+    x64 = np.asarray(x, dtype=np.float64)
+    p_total, d = y.shape[1], x.shape[1]
+    weight, bias = np.zeros((p_total, d)), np.zeros(p_total)
+    converged, iterations = np.ones(p_total, dtype=bool), np.zeros(p_total, dtype=np.int64)
+    for p in range(p_total):
+        rows, yp = _problem_rows(y, p)
+        if len(np.unique(yp)) < 2:
+            weight[p], bias[p] = _one_class_solution(yp, costs[p], config)
+            continue
+        xa = np.hstack([x64[rows], np.full((len(rows), 1), config.intercept_scaling)])
+        # class weight w (integer) == each row repeated w times, exact for a sum of per-row losses
+        reps = np.where(yp > 0, config.pos_weight, config.neg_weight)
+        if not np.allclose(reps, np.round(reps)):
+            raise UserError("svm.backend=cyanure needs integer class weights (rows are duplicated)")
+        reps = np.round(reps).astype(int)
+        xr, yr = np.repeat(xa, reps, axis=0), np.repeat(yp, reps).astype(np.float64)
+        # cyanure: 1/n sum 1/2 max(0, 1 - y w.x)^2 + lambda/2 ||w||^2  ==  (1/(n lambda)) * ours with C = 1/(2 n lambda)
+        lam = 1.0 / (2.0 * len(yr) * costs[p])
+        clf = CyLinearSVC(loss="sqhinge", penalty="l2", fit_intercept=False, lambda_1=lam, tol=config.cyanure_tol,
+                          max_iter=config.cyanure_max_iter, verbose=False, n_threads=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.fit(xr, yr)
+        w = np.asarray(clf.coef_, dtype=np.float64).reshape(-1)
+        weight[p], bias[p] = w[:d], w[d] * config.intercept_scaling
+    return SVMSolution(weight, bias, converged, iterations, "cyanure")
+
+
+# ---------------------------------------------------------------------------- the cross-validated sweep
+
+
+@dataclass
+class SweepResult:
+    """One-vs-rest SVMs for K classes over a cost grid, cost chosen per class by k-fold CV mean AP."""
+
+    costs: list[float]
+    cv_ap: np.ndarray  # (K, n_costs, folds)  fold APs (scikit-learn average_precision)
+    chosen: np.ndarray  # (K,) index into costs
+    final: SVMSolution  # K refits (one per class) on all training rows at the chosen cost
+    folds: int
+    not_converged: int  # problems (of the whole sweep) that hit the iteration cap
+
+    @property
+    def mean_cv_ap(self) -> np.ndarray:
+        return self.cv_ap.mean(axis=2)
+
+    @property
+    def chosen_costs(self) -> list[float]:
+        return [self.costs[i] for i in self.chosen]
+
+
+def cv_sweep(x: np.ndarray, labels: np.ndarray, costs: list[float], folds: int, config: SVMConfig,
+             device: str = "cpu", progress: bool = False) -> SweepResult:
+    """``labels`` (N, K) with +1 / -1 for training rows and 0 for rows left out of that class.
+
+    Per class: StratifiedKFold(folds) on its rows; for each cost, train on folds-1 folds, score the
+    held-out fold with scikit-learn's AP; choose the cost with the highest mean (first on ties, as
+    ``np.argmax``); the model at that cost refit on all the class's rows is the final one. All
+    classes x costs x (folds + 1) problems go to :func:`solve` together.
+    """
+    labels = np.asarray(labels)
+    n, k = labels.shape
+    nc = len(costs)
+    fold_of = np.full((n, k), -1, dtype=np.int64)
+    for j in range(k):
+        rows = np.nonzero(labels[:, j] != 0)[0]
+        if len(rows):
+            fold_of[rows, j] = stratified_folds(labels[rows, j] > 0, folds)
+    # problem p = ((j * nc) + c) * (folds + 1) + f ; f == folds -> refit on all rows
+    n_prob = k * nc * (folds + 1)
+    y = np.zeros((n, n_prob), dtype=np.int8)
+    cvec = np.zeros(n_prob)
+    for j in range(k):
+        for c in range(nc):
+            for f in range(folds + 1):
+                p = (j * nc + c) * (folds + 1) + f
+                col = labels[:, j].astype(np.int8).copy()
+                if f < folds:
+                    col[fold_of[:, j] == f] = 0
+                y[:, p], cvec[p] = col, costs[c]
+    sol = solve(x, y, cvec, config, device=device, progress=progress)
+    scores = sol.decision(x)  # (N, P)
+    cv_ap = np.zeros((k, nc, folds))
+    for j in range(k):
+        for c in range(nc):
+            for f in range(folds):
+                p = (j * nc + c) * (folds + 1) + f
+                held = fold_of[:, j] == f
+                cv_ap[j, c, f] = cv_average_precision(labels[held, j], scores[held, p])
+    chosen = np.argmax(cv_ap.mean(axis=2), axis=1)
+    pick = np.array([(j * nc + chosen[j]) * (folds + 1) + folds for j in range(k)])
+    final = SVMSolution(sol.weight[pick], sol.bias[pick], sol.converged[pick], sol.iterations[pick], sol.backend)
+    return SweepResult(list(costs), cv_ap, chosen, final, folds, int((~sol.converged).sum()))
+
+
+def finite_mean(values, nan_policy: str) -> tuple[float | None, list[int]]:
+    """Mean of per-class APs: ``nan`` -> None if any is NaN; ``exclude`` -> mean of the defined ones."""
+    arr = np.asarray(values, dtype=np.float64)
+    undefined = [int(i) for i in np.nonzero(~np.isfinite(arr))[0]]
+    if not undefined:
+        return float(arr.mean()), []
+    if nan_policy == "exclude" and len(undefined) < len(arr):
+        return float(arr[np.isfinite(arr)].mean()), undefined
+    return None, undefined
+
