@@ -1,0 +1,110 @@
+"""View pipelines of the joint-embedding methods (torchvision ``transforms.v2``, on PIL images or tensors).
+
+Each pipeline maps one image to a float RGB tensor in [0, 1]; normalisation / colour-space conversion is
+done on the batch by the method (``Method.preprocess``). Presets follow the papers:
+
+- ``simclr`` (Chen et al. 2020, App. A): RandomResizedCrop(0.08-1), flip, colour jitter (0.8, s=1:
+  0.8/0.8/0.8/0.2) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (kernel 10% of the side, sigma 0.1-2).
+- ``moco_v1`` (He et al. 2020): crop(0.2-1), grayscale p=0.2, jitter 0.4/0.4/0.4/0.4, flip.
+- ``moco_v2`` (Chen et al. 2020): crop(0.2-1), jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur p=0.5, flip.
+- ``byol`` (Grill et al. 2020, Table 6): asymmetric: view 1 blur p=1.0, solarize p=0; view 2 blur p=0.1,
+  solarize p=0.2; jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2, crop(0.08-1), flip.
+- ``swav`` multi-crop (Caron et al. 2020): 2 global crops (0.14-1) at the full size + N local crops
+  (0.05-0.14) at 96/224 of the size, SimCLR colour distortion and blur.
+- ``exemplar`` (Dosovitskiy et al. 2014): heavy crop/scale, rotation, colour and contrast changes.
+- ``basic`` (supervised / clustering): RandomResizedCrop + flip. ``center``: resize + centre crop (eval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2 as T
+
+
+def _tensor() -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+
+
+def _blur(size: int, p: float) -> T.Transform:
+    k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
+    return T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=p)
+
+
+def simclr_view(size: int, scale=(0.08, 1.0), s: float = 1.0, blur: float = 0.5, solarize: float = 0.0,
+                jitter=(0.8, 0.8, 0.8, 0.2), gray: float = 0.2) -> T.Compose:
+    ops = [T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(*(j * s for j in jitter))], p=0.8), T.RandomGrayscale(p=gray)]
+    if blur > 0:
+        ops.append(_blur(size, blur))
+    ops += _tensor()
+    if solarize > 0:
+        ops.append(T.RandomSolarize(threshold=0.5, p=solarize))
+    return T.Compose(ops)
+
+
+def basic_view(size: int, scale=(0.08, 1.0)) -> T.Compose:
+    return T.Compose([T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(), *_tensor()])
+
+
+def center_view(size: int) -> T.Compose:
+    return T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True), T.CenterCrop(size), *_tensor()])
+
+
+class ViewTransform:
+    """Applies one pipeline per view: ``image -> [view_0, view_1, ...]``."""
+
+    def __init__(self, pipelines: Sequence[Callable], name: str = "custom"):
+        self.pipelines = list(pipelines)
+        self.name = name
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [p(image) for p in self.pipelines]
+
+    def __len__(self) -> int:
+        return len(self.pipelines)
+
+    def describe(self) -> dict:
+        return {"preset": self.name, "views": [repr(p) for p in self.pipelines]}
+
+
+def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,
+               global_scale=(0.14, 1.0), local_scale=(0.05, 0.14)) -> ViewTransform:
+    """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224)."""
+    local_size = local_size or max(8, int(round(size * 96 / 224)))
+    views = [simclr_view(size, scale=global_scale) for _ in range(n_global)]
+    views += [simclr_view(local_size, scale=local_scale) for _ in range(n_local)]
+    return ViewTransform(views, f"multicrop({n_global}x{size}+{n_local}x{local_size})")
+
+
+def preset(name: str, size: int, n_views: int = 2, **kw) -> ViewTransform:
+    """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts)."""
+    from evalsuite.errors import UserError
+
+    if name == "simclr":
+        one = lambda: simclr_view(size)
+    elif name == "moco_v1":
+        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur=0.0)
+    elif name == "moco_v2":
+        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
+    elif name == "byol":
+        kinds = [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]
+        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **kinds[i % 2]) for i in range(n_views)]
+        return ViewTransform(views, name)
+    elif name == "swav":
+        return multi_crop(size, **kw)
+    elif name == "exemplar":
+        one = lambda: T.Compose([T.RandomResizedCrop(size, scale=(0.3, 1.0), ratio=(0.7, 1.4), antialias=True),
+                                 T.RandomHorizontalFlip(), T.RandomRotation(20),
+                                 T.RandomApply([T.ColorJitter(0.6, 0.6, 0.6, 0.1)], p=0.9), *_tensor()])
+    elif name == "basic":
+        one = lambda: basic_view(size)
+    elif name == "center":
+        one = lambda: center_view(size)
+    else:
+        raise UserError(f"unknown augmentation preset {name!r}; known: {', '.join(PRESETS)}")
+    return ViewTransform([one() for _ in range(n_views)], name)
+
+
+PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", "exemplar", "basic", "center")

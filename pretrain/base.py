@@ -1,0 +1,174 @@
+"""The method interface every pretraining method implements (one file per method in ``pretrain.methods``).
+
+A method is an ``nn.Module`` that owns the trunk (``self.trunk``, an ``evalsuite.trunks`` trunk whose
+``state_dict`` is exactly what the checkpoint stores), its heads, target networks, queues and memory
+banks (as buffers, so they are checkpointed with ``state_dict``), and implements:
+
+- ``views(image_size) -> ViewTransform``: PIL image -> list of float RGB tensors in [0, 1] (``pretrain.augment``);
+- ``training_step(batch) -> loss`` (or ``(loss, logs)``), ``batch`` a :class:`Batch`;
+- optional hooks: ``on_train_start(trainer)``, ``on_epoch_start(trainer, epoch)``,
+  ``on_after_backward(trainer)``, ``on_after_step(trainer)`` (EMA updates, prototype normalisation ...);
+- ``trunk_state_dict()`` (default: ``self.trunk.state_dict()``) and ``metadata()`` (extra checkpoint fields,
+  e.g. ``input_space``).
+
+Class attributes: ``name`` (the registry key), ``description``, ``defaults`` (every method hyper-parameter
+with its default; overridable with ``--set key=value``), ``optim`` (optimizer defaults: optimizer, lr,
+weight_decay, momentum, warmup_epochs, base batch size for linear lr scaling), ``uses_labels``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from evalsuite.colorspace import to_input_space
+from evalsuite.trunks import ARCHS, build_trunk
+
+from .augment import ViewTransform, preset
+
+
+@dataclass
+class Batch:
+    """One training batch: ``views[v]`` is (B, C, H, W) in the method's input space; ``index`` are dataset
+    indices (for memory banks / pseudo-labels), ``target`` the dataset labels (supervised baseline only)."""
+
+    views: list[torch.Tensor]
+    index: torch.Tensor
+    target: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def mlp(dims: list[int], bn: bool = True, last_bn: bool = False, last_affine: bool = True) -> nn.Sequential:
+    """Linear(+BN)+ReLU layers; the last Linear has no ReLU (optionally a BN, as Barlow Twins / SimSiam)."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=not (bn and (not last or last_bn))))
+        if not last:
+            if bn:
+                layers.append(nn.BatchNorm1d(dims[i + 1]))
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_affine))
+    return nn.Sequential(*layers)
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: method hyper-parameters and their defaults (all recorded in the checkpoint metadata)
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: optimizer defaults (the trainer's --optimizer/--lr/... override them)
+    optim: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9,
+                                       "warmup_epochs": 0, "base_batch_size": 256}
+    #: augmentation preset (pretrain.augment.PRESETS) and number of views
+    augment: ClassVar[str] = "simclr"
+    n_views: ClassVar[int] = 2
+    uses_labels: ClassVar[bool] = False
+    #: colour space the trunk expects (evalsuite.colorspace): rgb, lab or gray
+    input_space: ClassVar[str] = "rgb"
+    #: False for the random baseline: the trainer only writes the checkpoint
+    trains: ClassVar[bool] = True
+    #: DDP: set when some parameters get no gradient in a step
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, arch: str, hp: dict[str, Any] | None = None, num_samples: int = 0, num_classes: int = 0,
+                 seed: int = 0):
+        super().__init__()
+        self.arch = arch
+        self.hp = self.resolve_hp(hp or {})
+        self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
+        self.trunk = build_trunk(arch)
+        self.feat_dim = ARCHS[arch]["channels"][-1]
+        self.logs: dict[str, float] = {}
+
+    # ------------------------------------------------------------ hyper-parameters
+    @classmethod
+    def resolve_hp(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated by overrides, each override cast to the default's type; unknown keys refused."""
+        from evalsuite.errors import UserError
+
+        out = dict(cls.defaults)
+        for k, v in overrides.items():
+            if k not in out:
+                raise UserError(f"method {cls.name!r} has no hyper-parameter {k!r}; known: {', '.join(out) or 'none'}")
+            out[k] = _cast(v, out[k])
+        return out
+
+    # ------------------------------------------------------------ data
+    def views(self, image_size: int) -> ViewTransform:
+        return preset(self.augment, image_size, n_views=self.n_views)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] -> network input (ImageNet normalisation, or the method's input space)."""
+        return to_input_space(x, self.input_space)
+
+    # ------------------------------------------------------------ model pieces
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Global-average-pooled last tap of the trunk: (B, feat_dim)."""
+        last = self.trunk.tap_names[-1]
+        return self.trunk(x, [last])[last].float().mean(dim=(2, 3))
+
+    def forward(self, batch: Batch):  # DDP calls forward
+        return self.training_step(batch)
+
+    def training_step(self, batch: Batch):
+        raise NotImplementedError
+
+    def trunk_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.trunk.state_dict()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"input_space": self.input_space}
+
+    # ------------------------------------------------------------ hooks
+    def on_train_start(self, trainer) -> None: ...
+
+    def on_epoch_start(self, trainer, epoch: int) -> None: ...
+
+    def on_after_backward(self, trainer) -> None: ...
+
+    def on_after_step(self, trainer) -> None: ...
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters; biases and norm parameters are excluded from weight decay / LARS adaptation."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy (momentum / target encoder): no gradients, updated only by :func:`ema_update`."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- m * target + (1 - m) * online for parameters; buffers (BN statistics) are copied."""
+    for pt, po in zip(target.parameters(), online.parameters()):
+        pt.mul_(momentum).add_(po.detach(), alpha=1 - momentum)
+    for bt, bo in zip(target.buffers(), online.buffers()):
+        bt.copy_(bo)
+
+
+def _cast(value: Any, like: Any) -> Any:
+    if isinstance(value, str) and not isinstance(like, str):
+        if isinstance(like, bool):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+        if isinstance(like, list | tuple):
+            return [type(like[0])(v) if like else v for v in value.split(",")]
+    return value

@@ -1,0 +1,57 @@
+"""BYOL (Grill et al., NeurIPS 2020): online network (trunk + projector 4096-256 + predictor), target network
+= EMA of the online one with tau increased from 0.996 to 1 by a cosine schedule, symmetric normalised MSE
+2 - 2 cos(p, z') without negatives. LARS, lr 0.2 x B/256, weight decay 1.5e-6, asymmetric augmentations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..base import Batch, Method, ema_update, mlp, momentum_copy
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z), gradient stopped through ``z``."""
+    p = F.normalize(p.float(), dim=1)
+    z = F.normalize(z.detach().float(), dim=1)
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class BYOL(Method):
+    name = "byol"
+    description = "BYOL: online/target networks, predictor, EMA target, normalised MSE, no negatives"
+    defaults = {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096, "tau_base": 0.996}
+    optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
+             "base_batch_size": 256}
+    augment = "byol"
+
+    def __init__(self, arch, hp=None, **kw):
+        super().__init__(arch, hp, **kw)
+        self.projector = mlp([self.feat_dim, self.hp["proj_hidden"], self.hp["proj_dim"]])
+        self.predictor = mlp([self.hp["proj_dim"], self.hp["pred_hidden"], self.hp["proj_dim"]])
+        self.target_trunk = momentum_copy(self.trunk)
+        self.target_projector = momentum_copy(self.projector)
+
+    def _target(self, x: torch.Tensor) -> torch.Tensor:
+        last = self.target_trunk.tap_names[-1]
+        with torch.no_grad():
+            return self.target_projector(self.target_trunk(x, [last])[last].float().mean(dim=(2, 3)))
+
+    def training_step(self, batch: Batch):
+        v1, v2 = batch.views[0], batch.views[1]
+        p1 = self.predictor(self.projector(self.embed(v1)))
+        p2 = self.predictor(self.projector(self.embed(v2)))
+        z1, z2 = self._target(v1), self._target(v2)
+        return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+    def on_after_step(self, trainer) -> None:
+        tau = cosine_momentum(self.hp["tau_base"], trainer.progress)
+        ema_update(self.target_trunk, self.trunk, tau)
+        ema_update(self.target_projector, self.projector, tau)

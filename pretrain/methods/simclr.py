@@ -1,0 +1,27 @@
+"""SimCLR (Chen et al., ICML 2020): two augmented views, a 2-layer projection MLP, NT-Xent over the 2N-2
+other views of the global batch, negatives gathered across processes with gradient
+(``pretrain.losses.nt_xent``). LARS, lr 0.3 x B/256, weight decay 1e-6, 10 warm-up epochs, T = 0.5
+(0.1 for very large batches)."""
+
+from __future__ import annotations
+
+from ..base import Batch, Method, mlp
+from ..losses import nt_xent
+
+
+class SimCLR(Method):
+    name = "simclr"
+    description = "SimCLR: NT-Xent over two views, projection MLP, negatives gathered with gradient"
+    defaults = {"temperature": 0.5, "proj_hidden": 2048, "proj_dim": 128}
+    optim = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
+             "base_batch_size": 256}
+    augment = "simclr"
+
+    def __init__(self, arch, hp=None, **kw):
+        super().__init__(arch, hp, **kw)
+        self.projector = mlp([self.feat_dim, self.hp["proj_hidden"], self.hp["proj_dim"]])
+
+    def training_step(self, batch: Batch):
+        z1 = self.projector(self.embed(batch.views[0]))
+        z2 = self.projector(self.embed(batch.views[1]))
+        return nt_xent(z1, z2, self.hp["temperature"])

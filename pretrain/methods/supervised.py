@@ -1,0 +1,28 @@
+"""Supervised baseline: cross-entropy on the dataset labels with a linear classifier on the pooled trunk
+(the reference every self-supervised leaderboard row is compared with)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import Batch, Method
+
+
+class Supervised(Method):
+    name = "supervised"
+    description = "supervised baseline: cross-entropy on the dataset labels"
+    defaults = {"label_smoothing": 0.0}
+    optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
+             "base_batch_size": 256}
+    augment = "basic"
+    n_views = 1
+    uses_labels = True
+
+    def __init__(self, arch, hp=None, **kw):
+        super().__init__(arch, hp, **kw)
+        self.fc = nn.Linear(self.feat_dim, max(1, self.num_classes))
+
+    def training_step(self, batch: Batch):
+        logits = self.fc(self.embed(batch.views[0]))
+        return F.cross_entropy(logits.float(), batch.target, label_smoothing=self.hp["label_smoothing"])

@@ -1,0 +1,382 @@
+"""One training loop for every method: single process or ``torchrun`` (DDP; gloo on CPU, NCCL on GPU).
+
+- Data: ``evalsuite.data.open_dataset`` (any classification reader, ImageFolder by default); each sample's
+  augmentations are drawn from a generator seeded by (seed, epoch, index), and each epoch's order from
+  (seed, epoch), so a run is reproducible and a resumed run sees exactly the batches it would have seen.
+- Optimiser/schedule: ``pretrain.optim`` (SGD / LARS / Adam(W), linear warm-up + cosine, per step); the
+  base lr scales linearly with the global batch size (lr * B / base_batch_size) unless ``--lr`` is given.
+- Precision: fp32 or bf16 autocast (CPU or CUDA), optional channels_last.
+- State: ``<out>.state.pt`` (method incl. heads/queues/banks, optimiser, RNG, losses) written atomically at
+  every epoch end and every ``save_every`` steps; a rerun resumes from it. The final trunk goes to ``out``
+  via :func:`evalsuite.checkpoints.save_checkpoint` with the full metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from evalsuite.checkpoints import save_checkpoint
+from evalsuite.errors import BadData, UserError
+
+from . import distributed as D
+from .augment import ViewTransform, center_view
+from .base import Batch, Method
+from .optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
+from .registry import get_method
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    arch: str = "resnet18"
+    data_root: str = "data"
+    dataset: str = "imagefolder"
+    split: str = "train"
+    data_path: str | None = None  # explicit dataset directory (default: data_root/<layout of dataset>)
+    out: str = "pretrained.safetensors"
+    epochs: int = 1
+    batch_size: int = 64  # per process
+    image_size: int = 64
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    warmup_epochs: float | None = None
+    min_lr_ratio: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 | auto
+    channels_last: bool = False
+    workers: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    save_every: int = 0  # steps; 0 = at epoch ends only
+    max_steps_per_epoch: int | None = None
+    limit_images: int | None = None
+    resume: bool = True
+    progress: bool = True
+    hp: dict[str, Any] = field(default_factory=dict)
+    #: testing aid: stop (as if killed) after this many global steps, without writing the final checkpoint
+    stop_after_steps: int | None = None
+
+
+class ViewDataset(Dataset):
+    """(views, index, label) with augmentations seeded per (seed, epoch, index)."""
+
+    def __init__(self, data, transform, seed: int, limit: int | None = None):
+        self.data, self.transform, self.seed, self.epoch = data, transform, seed, 0
+        self.n = len(data) if limit is None else min(limit, len(data))
+        labels = getattr(data, "labels", None)
+        self.labels = np.asarray(labels[: self.n]) if labels is not None else np.zeros(self.n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % (2**63 - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            views = self.transform(self.data.load_image(i))
+        if isinstance(views, torch.Tensor):
+            views = [views]
+        return views, i, int(self.labels[i])
+
+
+def _collate(items):
+    n_views = len(items[0][0])
+    views = [torch.stack([it[0][v] for it in items]) for v in range(n_views)]
+    return views, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items])
+
+
+class EpochSampler(Sampler):
+    """Seeded permutation per epoch, split across ranks, resumable from a position (in samples)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch, self.start = 0, 0
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per = self.n // self.world
+        return order[: per * self.world][self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.n // self.world - self.start)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = D.init_from_env(cfg.device)
+        if cfg.device.startswith("cuda") and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            self.device = torch.device(cfg.device)
+        if cfg.precision not in ("fp32", "bf16", "auto"):
+            raise UserError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or auto")
+        self.amp = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.method_cls = get_method(cfg.method)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.data = self._open_data()
+        self.n_images = len(self.data) if cfg.limit_images is None else min(cfg.limit_images, len(self.data))
+        num_classes = len(getattr(self.data, "classes", []) or [])
+        self.method: Method = self.method_cls(cfg.arch, cfg.hp, num_samples=self.n_images,
+                                              num_classes=num_classes, seed=cfg.seed)
+        self.method.to(self.device)
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.views: ViewTransform = self.method.views(cfg.image_size)
+        self.dataset = ViewDataset(self.data, self.views, cfg.seed, cfg.limit_images)
+        self.global_batch = cfg.batch_size * self.world
+        self.steps_per_epoch = (self.n_images // self.world) // cfg.batch_size
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        if self.method.trains and self.steps_per_epoch < 1:
+            raise UserError(f"{self.n_images} images are fewer than one batch of {self.global_batch}; "
+                            "lower --batch-size")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optim_cfg = self._optim_config()
+        self.optimizer = None
+        if self.method.trains:
+            self.optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg["optimizer"],
+                                             self.optim_cfg["lr"], self.optim_cfg["weight_decay"],
+                                             self.optim_cfg["momentum"])
+        self.model = self.method
+        if self.world > 1 and self.method.trains:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.method, find_unused_parameters=self.method.find_unused_parameters,
+                             broadcast_buffers=False)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.losses: list[float] = []
+        self.state_path = Path(str(cfg.out) + ".state.pt")
+
+    # ------------------------------------------------------------ setup
+    def _open_data(self):
+        from evalsuite.data import open_dataset
+        from evalsuite.task import DATA_LAYOUT
+
+        cfg = self.cfg
+        root = Path(cfg.data_path) if cfg.data_path else Path(cfg.data_root) / DATA_LAYOUT.get(cfg.dataset,
+                                                                                             cfg.dataset)
+        if not root.exists():
+            raise BadData(f"{cfg.dataset} data not found (pass --data-root or --data-path)", root)
+        return open_dataset(cfg.dataset, root, cfg.split)
+
+    def _optim_config(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.method_cls.optim
+        name = cfg.optimizer or d.get("optimizer", "sgd")
+        if name not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if cfg.lr is not None:
+            lr = cfg.lr
+        else:
+            lr = d.get("lr", 0.03) * self.global_batch / d.get("base_batch_size", 256)
+        warm_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else d.get("warmup_epochs", 0)
+        return {"optimizer": name, "lr": lr, "base_lr_per_256": None if cfg.lr is not None else d.get("lr"),
+                "weight_decay": cfg.weight_decay if cfg.weight_decay is not None else d.get("weight_decay", 0.0),
+                "momentum": cfg.momentum if cfg.momentum is not None else d.get("momentum", 0.9),
+                "warmup_epochs": warm_epochs, "warmup_steps": int(round(warm_epochs * self.steps_per_epoch)),
+                "min_lr_ratio": cfg.min_lr_ratio, "schedule": "warmup+cosine"}
+
+    # ------------------------------------------------------------ state
+    def save_state(self) -> None:
+        if self.rank != 0:
+            return
+        state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "losses": torch.tensor(self.losses, dtype=torch.float64), "rng": torch.get_rng_state(),
+                 "config": json.dumps(self._config_record())}
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def load_state(self) -> bool:
+        if not (self.cfg.resume and self.state_path.is_file() and self.method.trains):
+            return False
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt state: refuse rather than silently restart
+            raise BadData(f"cannot read the resume state ({type(e).__name__}); delete it to restart",
+                          self.state_path) from None
+        saved = json.loads(state["config"])
+        for key in ("method", "arch", "batch_size", "world_size", "image_size"):
+            if saved.get(key) != self._config_record().get(key):
+                raise UserError(f"resume state was written with {key}={saved.get(key)!r}, this run has "
+                                f"{self._config_record().get(key)!r}; delete it or change --out", self.state_path)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.losses = [float(v) for v in state["losses"]]
+        torch.set_rng_state(state["rng"])
+        return True
+
+    def _config_record(self) -> dict[str, Any]:
+        c = asdict(self.cfg)
+        c.pop("stop_after_steps", None)
+        c.pop("progress", None)
+        c.update(world_size=self.world, global_batch_size=self.global_batch)
+        return c
+
+    # ------------------------------------------------------------ helpers for methods
+    @property
+    def progress(self) -> float:
+        """Fraction of training done (0 at the first step), for momentum schedules."""
+        return self.global_step / max(1, self.total_steps)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.method.preprocess(x.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    @torch.no_grad()
+    def full_pass(self, fn, image_size: int | None = None) -> torch.Tensor:
+        """``fn(x, index)`` over the whole training set in order with the centre view, trunk in eval mode;
+        returns the concatenated outputs (every rank computes all of it; broadcast what must agree)."""
+        ds = ViewDataset(self.data, ViewTransform([center_view(image_size or self.cfg.image_size)], "center"),
+                         self.cfg.seed, self.cfg.limit_images)
+        loader = DataLoader(ds, batch_size=max(self.cfg.batch_size, 64), shuffle=False,
+                            num_workers=self.cfg.workers, collate_fn=_collate)
+        was = self.method.training
+        self.method.eval()
+        outs = []
+        try:
+            for views, index, _ in loader:
+                with self.autocast():
+                    outs.append(fn(self.to_input(views[0]), index.to(self.device)).float())
+        finally:
+            self.method.train(was)
+        return torch.cat(outs)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    # ------------------------------------------------------------ loop
+    def fit(self) -> Path | None:
+        cfg = self.cfg
+        resumed = self.load_state()
+        if self.rank == 0 and resumed:
+            print(f"resuming {cfg.method} from epoch {self.epoch} step {self.step_in_epoch} ({self.state_path})",
+                  file=sys.stderr)
+        start = time.time()
+        if self.method.trains:
+            self.method.train()
+            self.method.on_train_start(self)
+            sampler = EpochSampler(self.n_images, cfg.seed, self.rank, self.world)
+            while self.epoch < cfg.epochs:
+                if self._run_epoch(sampler) is False:
+                    return None
+        else:
+            self.epoch = cfg.epochs
+        if D.is_dist():
+            torch.distributed.barrier()
+        out = None
+        if self.rank == 0:
+            out = save_checkpoint(cfg.out, self.method.trunk_state_dict(), self.metadata(time.time() - start))
+        return out
+
+    def _run_epoch(self, sampler: EpochSampler) -> bool:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.step_in_epoch == 0:
+            self.method.on_epoch_start(self, self.epoch)
+        sampler.epoch, sampler.start = self.epoch, self.step_in_epoch * cfg.batch_size
+        self.dataset.epoch = self.epoch
+        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=cfg.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        remaining = self.steps_per_epoch - self.step_in_epoch
+        bar = tqdm(total=remaining, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or self.rank != 0, leave=False)
+        it = iter(loader)
+        for _ in range(remaining):
+            views, index, target = next(it)
+            batch = Batch([self.to_input(v) for v in views], index.to(self.device), target.to(self.device))
+            set_lr(self.optimizer, lr_factor(self.global_step, self.total_steps, self.optim_cfg["warmup_steps"],
+                                             cfg.min_lr_ratio))
+            with self.autocast():
+                out = self.model(batch)
+            loss = out[0] if isinstance(out, tuple) else out
+            if not torch.isfinite(loss):
+                raise UserError(f"{cfg.method}: loss became {loss.item()} at step {self.global_step}; "
+                                "lower the learning rate or use fp32")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.method.on_after_backward(self)
+            self.optimizer.step()
+            self.method.on_after_step(self)
+            self.losses.append(float(loss.detach()))
+            self.global_step += 1
+            self.step_in_epoch += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+            if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
+                bar.close()
+                return False
+            if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                self.save_state()
+        bar.close()
+        del it
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_state()
+        return True
+
+    # ------------------------------------------------------------ metadata
+    def metadata(self, seconds: float) -> dict[str, Any]:
+        import torchvision
+
+        import evalsuite
+
+        cfg = self.cfg
+        return {
+            "method": cfg.method,
+            "arch": cfg.arch,
+            "pretrain_data": f"{cfg.dataset}:{self.data.root}",
+            "dataset": cfg.dataset,
+            "split": cfg.split,
+            "n_images": self.n_images,
+            "epochs": cfg.epochs,
+            "steps": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": cfg.batch_size,
+            "global_batch_size": self.global_batch,
+            "world_size": self.world,
+            "image_size": cfg.image_size,
+            "seed": cfg.seed,
+            "precision": "bf16" if self.amp else "fp32",
+            "channels_last": cfg.channels_last,
+            "hyperparameters": self.method.hp,
+            "optimizer": self.optim_cfg,
+            "augment": self.views.describe(),
+            "final_loss": self.losses[-1] if self.losses else None,
+            "train_seconds": round(seconds, 3),
+            "versions": {"evalsuite": evalsuite.__version__, "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "python": platform.python_version()},
+            **self.method.metadata(),
+        }
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    """Train and write the checkpoint; returns its path on rank 0 (None on other ranks or when stopped)."""
+    return Trainer(cfg).fit()
