@@ -11,11 +11,13 @@ from pathlib import Path
 from ..errors import UserError
 from .base import ClassificationDataset, ImageDataset, load_rgb
 from .imagefolder import ImageFolder
+from .nyuv2 import NYUv2
 from .voc import VOC2007, VOC_CLASSES
 
 READERS: dict[str, Callable[..., ImageDataset]] = {
     "imagefolder": ImageFolder,
     "voc2007": VOC2007,
+    "nyuv2": NYUv2,
 }
 
 
@@ -25,5 +27,5 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
     return READERS[kind](root, split, **options)
 
 
-__all__ = ["ClassificationDataset", "ImageDataset", "ImageFolder", "READERS", "VOC2007", "VOC_CLASSES", "load_rgb",
-           "open_dataset"]
+__all__ = ["ClassificationDataset", "ImageDataset", "ImageFolder", "NYUv2", "READERS", "VOC2007", "VOC_CLASSES",
+           "load_rgb", "open_dataset"]

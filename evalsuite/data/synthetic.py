@@ -79,6 +79,8 @@ def write_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size:
     return out
 
 
-from .synth_voc import write_voc2007  # noqa: E402  (re-exported: every writer is importable from here)
+# re-exported: every writer is importable from here
+from .render_nyu import write_nyuv2  # noqa: E402
+from .synth_voc import write_voc2007  # noqa: E402
 
-__all__ = ["SHAPES", "shape_image", "write_imagefolder", "write_voc2007"]
+__all__ = ["SHAPES", "shape_image", "write_imagefolder", "write_nyuv2", "write_voc2007"]
