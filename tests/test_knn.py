@@ -1,0 +1,246 @@
+"""knn task end to end: presets, independent recomputation of the reported numbers, CLI, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import tasks.knn as knn
+from evalsuite import registry
+from evalsuite.cache import FeatureCache
+from evalsuite.checkpoints import load_checkpoint
+from evalsuite.cli import main as cli_main
+from evalsuite.errors import BadData, BadFeatures, UserError
+from evalsuite.features import FeatureExtractor
+from evalsuite.protocols import apply_overrides, parse_overrides
+from evalsuite.task import TaskContext
+from tasks.knn_search import Neighbours
+
+TAPS = ["res4", "res5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before, fb = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    faiss.omp_set_num_threads(fb)
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return load_checkpoint("random:resnet18", seed=0)
+
+
+def make_ctx(data_root: Path, out: Path, ckpt, cache: Path, overrides=(), preset="quick", layers=TAPS):
+    protocol = apply_overrides({"knn": knn.task.default_protocol(preset)}, parse_overrides(list(overrides)))
+
+    def factory():
+        return FeatureExtractor(ckpt.build_trunk(), ckpt.sha256, ckpt.arch, cache=FeatureCache(cache),
+                                precision="fp32", batch_size=16, progress=False)
+
+    return TaskContext(task="knn", checkpoint=ckpt, preset=preset, protocol=protocol["knn"], data_root=data_root,
+                       out_dir=out, extractor_factory=factory, layers=layers, progress=False, seed=0)
+
+
+def test_presets_follow_the_protocols():
+    g, v, q = (knn.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
+    assert (g["k"], g["temperature"]) == (20, 0.07)  # DINO
+    assert (v["k"], v["temperature"]) == (200, 0.1)  # VISSL / NPID-style k
+    for p in (g, v):
+        assert p["ks"] == [10, 20, 100, 200] and p["retrieval_ks"] == [1, 10, 100]
+        assert (p["pooling"], p["normalize"], p["metric"], p["index"]) == ("avg", True, "ip", "flat")
+        assert (p["resize_mode"], p["resize"], p["image_size"]) == ("center_crop", 256, 224)
+        assert p["layers"] == ["conv1", "res2", "res3", "res4", "res5"]
+    assert q["image_size"] < g["image_size"] and max(q["ks"]) <= 20
+
+
+def test_reported_numbers_equal_an_independent_recomputation(tiny_imagefolder, tmp_path, ckpt):
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", ckpt, tmp_path / "cache")
+    results = knn.task.run(ctx)
+    by = {(r.layer, r.metric): r.value for r in results}
+    assert {r.layer for r in results} == set(TAPS)
+    expected = {"top1", "top5", "retrieval_mAP@20", "retrieval_precision@1", "retrieval_precision@10",
+                "retrieval_recall@10"} | {f"{m}@k{k}" for m in ("top1", "top5", "majority_top1", "majority_top5")
+                                          for k in (5, 10, 20)}
+    assert expected <= {m for (_, m) in by}
+    r0 = results[0]
+    assert (r0.params["num_train"], r0.params["num_val"], r0.params["num_classes"]) == (48, 24, 8)
+    assert r0.params["k_searched"] == 20 and r0.params["search"]["backend"] == "faiss-cpu"
+    assert (r0.params["k"], r0.params["temperature"]) == (10, 0.07)
+
+    # recompute res5 from the cached features with plain numpy: cosine, sort, exp(sim/T) vote
+    train = ctx.open_dataset("imagefolder", "train")
+    val = ctx.open_dataset("imagefolder", "val")
+    f_tr = ctx.features(train, ["res5"], pooling="avg")["res5"].astype(np.float64)
+    f_va = ctx.features(val, ["res5"], pooling="avg")["res5"].astype(np.float64)
+    f_tr /= np.linalg.norm(f_tr, axis=1, keepdims=True)
+    f_va /= np.linalg.norm(f_va, axis=1, keepdims=True)
+    sims = f_va @ f_tr.T
+    top1_hits, maj_hits, p1, ap = [], [], [], []
+    for i in range(len(val)):
+        order = sorted(range(len(train)), key=lambda j: (-sims[i, j], j))
+        votes = np.zeros(8)
+        for j in order[:10]:
+            votes[train.labels[j]] += np.exp(sims[i, j] / 0.07)
+        top1_hits.append(int(np.argmax(votes)) == val.labels[i])
+        counts = np.bincount(train.labels[order[:20]], minlength=8)
+        maj_hits.append(int(np.argmax(counts)) == val.labels[i])
+        rel = [train.labels[j] == val.labels[i] for j in order[:20]]
+        p1.append(rel[0])
+        hits, s = 0, 0.0
+        for n, r in enumerate(rel, 1):
+            if r:
+                hits += 1
+                s += hits / n
+        ap.append(s / min(6, 20))  # 6 train images per class
+    assert by[("res5", "top1")] == pytest.approx(100 * np.mean(top1_hits), abs=1e-9)
+    assert by[("res5", "top1")] == by[("res5", "top1@k10")]
+    assert by[("res5", "majority_top1@k20")] == pytest.approx(100 * np.mean(maj_hits))
+    assert by[("res5", "retrieval_precision@1")] == pytest.approx(100 * np.mean(p1))
+    assert by[("res5", "retrieval_mAP@20")] == pytest.approx(100 * np.mean(ap))
+    for t in TAPS:
+        assert by[(t, "top5")] >= by[(t, "top1")]
+
+    again = knn.task.run(make_ctx(tiny_imagefolder, tmp_path / "out2", ckpt, tmp_path / "cache"))
+    assert [r.value for r in again] == [r.value for r in results]  # deterministic
+
+
+def test_leave_one_out_retrieval_never_returns_the_query(tiny_imagefolder, tmp_path, ckpt, monkeypatch):
+    seen = []
+    real = knn.search
+
+    def spy(queries, bank, k, config=None, exclude_self=False, **kw):
+        nb = real(queries, bank, k, config, exclude_self=exclude_self, **kw)
+        seen.append((exclude_self, nb))
+        return nb
+
+    monkeypatch.setattr(knn, "search", spy)
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", ckpt, tmp_path / "cache", layers=["res5"],
+                   overrides=["knn.retrieval_mode=leave_one_out", "knn.retrieval_depth=all"])
+    by = {r.metric: r.value for r in knn.task.run(ctx)}
+    loo = [nb for flag, nb in seen if flag]
+    assert len(loo) == 1 and loo[0].ids.shape == (24, 23)
+    assert not (loo[0].ids == np.arange(24)[:, None]).any()
+    # whole-ranking AP within val (3 per class -> R = 2 after leaving the query out)
+    yv = ctx.open_dataset("imagefolder", "val").labels
+    rel = yv[loo[0].ids] == yv[:, None]
+    ap = [np.mean([rel[i, : n + 1].sum() / (n + 1) for n in np.flatnonzero(rel[i])]) for i in range(24)]
+    assert by["retrieval_mAP@23"] == pytest.approx(100 * np.mean(ap))
+
+
+def test_approximate_index_records_its_recall(tiny_imagefolder, tmp_path, ckpt):
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", ckpt, tmp_path / "cache", layers=["res5"],
+                   overrides=["knn.index=hnsw", "knn.retrieval=false"])
+    results = knn.task.run(ctx)
+    rec = [r for r in results if r.metric == "index_recall@20"]
+    assert len(rec) == 1 and 0 <= rec[0].value <= 100
+    assert rec[0].params["search"]["index"] == "hnsw" and rec[0].params["search"]["recall_queries"] == 24
+    assert not any(r.metric.startswith("retrieval_") for r in results)
+
+
+def test_k_larger_than_the_bank_is_a_clear_error(tiny_imagefolder, tmp_path, ckpt):
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", ckpt, tmp_path / "cache", preset="goyal19",
+                   overrides=["knn.image_size=32", "knn.resize=null"])
+    with pytest.raises(UserError, match="k=200 is larger than the bank \\(48 train samples\\)"):
+        knn.task.run(ctx)
+
+
+def test_nan_features_are_refused_naming_the_split_and_tap(tiny_imagefolder, tmp_path, ckpt):
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", ckpt, tmp_path / "cache", layers=["res5"])
+    real = ctx.features
+
+    def poisoned(dataset, taps, **kw):
+        out = real(dataset, taps, **kw)
+        if dataset.split == "val":
+            out["res5"] = out["res5"].astype(np.float32)
+            out["res5"][3, 0] = np.nan
+        return out
+
+    ctx.features = poisoned
+    with pytest.raises(BadFeatures, match="val res5 features contain NaN/Inf in 1 row.*row 3"):
+        knn.task.run(ctx)
+
+
+def fake_split(root, split, labels, classes):
+    return SimpleNamespace(root=Path(root), split=split, labels=np.asarray(labels), classes=classes)
+
+
+def test_unseen_query_labels_and_class_mismatch_are_clear_errors():
+    p = knn.task.default_protocol("quick")
+    train = fake_split("/d", "train", [0, 0, 1], ["a", "b", "c"])
+    with pytest.raises(BadData, match="val has labels never seen in train.*: c"):
+        knn._targets(train, fake_split("/d", "val", [0, 2], ["a", "b", "c"]), p)
+    with pytest.raises(BadData, match="different class lists"):
+        knn._targets(train, fake_split("/d", "val", [0], ["a", "b"]), p)
+    ml_tr = SimpleNamespace(root=Path("/d"), label_matrix=np.array([[1, -1], [1, -1]]), classes=["x", "y"])
+    ml_va = SimpleNamespace(root=Path("/d"), label_matrix=np.array([[1, 1]]), classes=["x", "y"])
+    with pytest.raises(BadData, match="never positive in train: y"):
+        knn._targets(ml_tr, ml_va, p)
+    with pytest.raises(BadData, match="neither single labels nor a label matrix"):
+        knn._targets(SimpleNamespace(root=Path("/d")), SimpleNamespace(root=Path("/d")), p)
+
+
+def test_multilabel_metrics_from_neighbours():
+    """VOC-style targets: class-mean AP of the vote and retrieval relevance = a shared positive label."""
+    p = {**knn.task.default_protocol("quick"), "k": 2, "ks": [2], "retrieval_ks": [1, 2], "retrieval_depth": 2}
+    train_lm = np.array([[1, -1], [-1, 1], [1, 1], [-1, -1]])
+    val_lm = np.array([[1, -1], [-1, 1], [0, 1]])  # 0 = difficult: ignored for that class
+    targets = knn._targets(SimpleNamespace(root=Path("/d"), label_matrix=train_lm),
+                           SimpleNamespace(root=Path("/d"), label_matrix=val_lm), p)
+    nb = Neighbours(np.array([[0.9, 0.5], [0.8, 0.1], [0.7, 0.6]], np.float32), np.array([[0, 3], [1, 2], [2, 3]]))
+    plan = knn._plan(p, 4, 3)
+    cls = knn.classification_metrics(nb, targets, p, plan)
+    from sklearn.metrics import average_precision_score
+
+    w = np.exp(nb.scores.astype(np.float64) / 0.07)
+    pos = (train_lm > 0)[nb.ids]
+    scores = (w[:, :, None] * pos).sum(1)
+    ap0 = average_precision_score([1, 0], scores[:2, 0])
+    ap1 = average_precision_score([0, 1, 1], scores[:, 1])
+    assert cls["mAP"] == pytest.approx(100 * (ap0 + ap1) / 2)
+    ret = knn.retrieval_metrics(nb, None, None, targets, p, plan, None, False)
+    # relevance: q0 {0} -> [T, F]; q1 {1} -> [T, T]; q2 {1} (class 0 is difficult, not positive) -> [T, F]
+    assert ret["retrieval_precision@1"] == pytest.approx(100.0)
+    assert ret["retrieval_precision@2"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    # R: q0 shares with train 0, 2 -> 2; q1 with 1, 2 -> 2; q2 with 1, 2 -> 2
+    assert ret["retrieval_recall@2"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    assert ret["retrieval_mAP@2"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+
+
+def test_cli_run_writes_result_records(tiny_imagefolder, tmp_path, cache_dir):
+    registry.register_task(knn.task)
+    try:
+        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "knn", "--protocol", "quick",
+                       "--layers", "res5", "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "runs"),
+                       "--no-progress"])
+    finally:
+        registry.unregister(registry.TASK_GROUP, "knn")
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    metrics = {r["metric"] for r in rows}
+    assert {"top1", "top5", "majority_top1@k20", "retrieval_mAP@20", "retrieval_precision@10"} <= metrics
+    assert all(r["task"] == "knn" and r["layer"] == "res5" and r["protocol"] == "quick" for r in rows)
+    assert all(r["params"]["k"] == 10 and r["params"]["temperature"] == 0.07 for r in rows)
+    assert all(0.0 <= r["value"] <= 100.0 for r in rows)
+
+
+def test_cli_k_too_large_exits_2(tiny_imagefolder, tmp_path, cache_dir, capsys):
+    registry.register_task(knn.task)
+    try:
+        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "knn", "--protocol", "quick",
+                       "--set", "knn.k=100", "--layers", "res5", "--data-root", str(tiny_imagefolder),
+                       "--out", str(tmp_path / "runs"), "--no-progress"])
+    finally:
+        registry.unregister(registry.TASK_GROUP, "knn")
+    assert rc == 2
+    assert "k=100 is larger than the bank" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "results.jsonl").exists()
