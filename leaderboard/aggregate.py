@@ -1,0 +1,196 @@
+"""Read result records into one table and aggregate them.
+
+One row per record after :func:`load_results`; :func:`deduplicate` then keeps one row per
+``KEY`` = (checkpoint, task, dataset, split, layer, metric, variant, protocol):
+
+* ``latest`` (default): the record with the latest ``created`` stamp wins; ties go to the
+  record read last (later file on the command line, later line). ``n_runs`` counts the
+  records of the key and ``params_conflict`` says whether they disagreed on hyper-parameters.
+* ``mean``: mean ± sample std over seeds of the records that share the latest record's
+  hyper-parameters (the latest record per seed counts once); ``n_seeds`` is their number.
+  Re-runs with other hyper-parameters are not averaged in (they are a different protocol).
+
+``variant`` separates numbers that differ only by a scalar parameter a task reports one
+record per value of (``k`` in the low-shot SVM and kNN tasks, ``shots``): ``k=<v>``.
+
+:func:`best_layer` picks, per (checkpoint, protocol, task, dataset, split, metric, variant),
+the layer with the best value (the highest, or the lowest for error metrics), the view of the
+Goyal et al. 2019 per-layer tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from evalsuite.errors import BadData, UserError
+from evalsuite.results import Result, find_result_files, iter_records
+
+KEY = ["ckpt", "task", "dataset", "split", "layer", "metric", "variant", "protocol"]
+GROUP_BEST = ["ckpt", "protocol", "task", "dataset", "split", "metric", "variant"]
+VARIANT_PARAMS = ("k", "shots")
+REQUIRED_STR = ("task", "layer", "metric")
+LOWER_IS_BETTER_TOKENS = ("error", "err", "loss", "median_angle", "mean_angle", "rmse", "distance")
+LAYER_ORDER = ["input", "pixels", "conv1", "conv2", "conv3", "conv4", "conv5", "res2", "res3", "res4", "res5",
+               "res5_onwards", "final", "pool", "fc6", "fc7", "fc8", "h", "g(h)", "finetune_all"]
+STR_FIELDS = ["task", "dataset", "split", "layer", "metric", "checkpoint_id", "checkpoint", "checkpoint_format",
+              "method", "arch", "pretrain_data", "protocol", "note", "dataset_fingerprint", "host", "created",
+              "run_id"]
+
+
+def lower_is_better(metric: str) -> bool:
+    """Error-like metrics (angle errors, losses, distances) are better when lower."""
+    m = str(metric).lower()
+    return any(t in m for t in LOWER_IS_BETTER_TOKENS)
+
+
+def layer_sort_key(layer: str) -> tuple[int, str]:
+    try:
+        return (LAYER_ORDER.index(layer), layer)
+    except ValueError:
+        return (len(LAYER_ORDER), layer)
+
+
+def _layer_rank(layer: str) -> str:
+    i, name = layer_sort_key(layer)
+    return f"{i:03d}{name}"
+
+
+def variant_of_params(params: dict) -> str:
+    for name in VARIANT_PARAMS:
+        v = params.get(name) if isinstance(params, dict) else None
+        if isinstance(v, (int, str)) and not isinstance(v, bool) and str(v) not in ("", "all"):
+            return f"{name}={v}"
+    return ""
+
+
+def _check_record(rec: dict, path: Path, index: int) -> dict:
+    where = f"record {index}"
+    for name in REQUIRED_STR:
+        if not isinstance(rec.get(name), str) or not rec[name]:
+            raise BadData(f"{where}: field {name!r} must be a non-empty string", path)
+    v = rec.get("value")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise BadData(f"{where}: value must be a number or null, got {v!r}", path)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise BadData(f"{where}: value is not finite", path)
+    for name in ("params", "checkpoint_meta", "versions"):
+        if rec.get(name) is None:
+            rec[name] = {}
+        elif not isinstance(rec[name], dict):
+            raise BadData(f"{where}: field {name!r} must be an object", path)
+    for name in STR_FIELDS:
+        x = rec.get(name)
+        rec[name] = "" if x is None else str(x)
+    return rec
+
+
+def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Read every ``results.jsonl`` under ``paths`` (files or directories) into one DataFrame.
+
+    A file that is not valid JSONL, or a record with a missing/invalid field, raises a
+    :class:`~evalsuite.errors.UserError` naming the file (the CLI turns it into exit code 2).
+    """
+    files = find_result_files(list(paths))
+    rows = []
+    defaults = Result(task="", dataset="", split="", layer="", metric="", value=None).__dict__
+    for f in files:
+        try:
+            for i, rec in enumerate(iter_records(f), 1):
+                rec = {**defaults, **rec}
+                rows.append(_check_record(rec, f, i))
+                rows[-1]["source_file"] = str(f)
+        except UnicodeDecodeError:
+            raise BadData("not a UTF-8 text file (is this a results.jsonl?)", f) from None
+        except OSError as e:
+            raise UserError(f"cannot read results file ({e.strerror})", f) from None
+    return frame_from_records(rows)
+
+
+def frame_from_records(rows: list[dict]) -> pd.DataFrame:
+    cols = list(Result(task="", dataset="", split="", layer="", metric="", value=None).__dict__) + ["source_file"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["order"] = range(len(df))
+    df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
+    df["params_json"] = [json.dumps(p, sort_keys=True, default=str) for p in df["params"]]
+    df["variant"] = [variant_of_params(p) for p in df["params"]]
+    df["ckpt"] = [cid or (f"spec:{c}" if c else f"method:{m}")
+                  for cid, c, m in zip(df["checkpoint_id"], df["checkpoint"], df["method"])]
+    df["seed"] = df["seed"].astype(object).where(df["seed"].notna(), None)
+    return df
+
+
+def deduplicate(df: pd.DataFrame, mode: str = "latest") -> pd.DataFrame:
+    """One row per KEY; see the module docstring for the ``latest`` and ``mean`` rules."""
+    if mode not in ("latest", "mean"):
+        raise UserError(f"unknown duplicate rule {mode!r}; use latest or mean")
+    if df.empty:
+        out = df.copy()
+        for c, dt in (("n_runs", int), ("n_seeds", int), ("params_conflict", bool), ("std", float)):
+            out[c] = pd.Series(dtype=dt)
+        return out
+    d = df.sort_values(["created", "order"], kind="stable")
+    grouped = d.groupby(KEY, sort=False, dropna=False)
+    latest = grouped.tail(1).set_index(KEY)
+    stats = grouped.agg(n_runs=("order", "size"), n_params=("params_json", "nunique"))
+    out = latest.join(stats)
+    out["params_conflict"] = out.pop("n_params") > 1
+    out["std"] = float("nan")
+    out["n_seeds"] = 1
+    if mode == "mean":
+        # records that share the latest record's hyper-parameters, latest per seed
+        d2 = d.join(latest["params_json"].rename("latest_params"), on=KEY)
+        same = d2[d2["params_json"] == d2["latest_params"]].copy()
+        same["seed_key"] = same["seed"].map(lambda s: "none" if s is None else str(s))
+        per_seed = same.groupby(KEY + ["seed_key"], sort=False, dropna=False).tail(1)
+        agg = per_seed.groupby(KEY, sort=False, dropna=False)["value"].agg(["mean", "std", "count"])
+        n = per_seed.groupby(KEY, sort=False, dropna=False).size()
+        out["value"] = agg["mean"]
+        out["std"] = agg["std"].where(n > 1)
+        out["n_seeds"] = n
+    out = out.reset_index()
+    out["lower_is_better"] = out["metric"].map(lower_is_better)
+    return out.sort_values(["task", "dataset", "metric", "ckpt", "protocol", "layer"], kind="stable",
+                           key=lambda s: s.map(_layer_rank) if s.name == "layer" else s).reset_index(drop=True)
+
+
+def best_layer(agg: pd.DataFrame) -> pd.DataFrame:
+    """Per (checkpoint, protocol, task, dataset, split, metric, variant): the row of the best layer."""
+    d = agg[agg["value"].notna()].copy()
+    if d.empty:
+        return d
+    d["_score"] = d["value"].where(~d["lower_is_better"], -d["value"])
+    idx = d.groupby(GROUP_BEST, sort=False, dropna=False)["_score"].idxmax()
+    return d.loc[idx].drop(columns="_score").reset_index(drop=True)
+
+
+def checkpoint_label(row) -> str:
+    """A readable name for a checkpoint: method / arch / pretraining data."""
+    parts = [row.get("method") or "unknown method", row.get("arch") or "?"]
+    if row.get("pretrain_data"):
+        parts.append(row["pretrain_data"])
+    return " / ".join(parts)
+
+
+def checkpoint_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """One row per checkpoint (latest record's metadata)."""
+    if agg.empty:
+        return pd.DataFrame(columns=["ckpt", "label", "method", "arch", "pretrain_data", "checkpoint",
+                                     "checkpoint_format", "checkpoint_meta", "n_numbers"])
+    d = agg.sort_values(["created", "order"], kind="stable")
+    last = d.groupby("ckpt", sort=False).tail(1).set_index("ckpt")
+    t = last[["method", "arch", "pretrain_data", "checkpoint", "checkpoint_format", "checkpoint_meta",
+              "checkpoint_id"]].copy()
+    t["n_numbers"] = agg.groupby("ckpt").size()
+    t["label"] = [checkpoint_label(r) for r in t.to_dict("records")]
+    return t.reset_index().sort_values(["label", "ckpt"]).reset_index(drop=True)
+
+
+def export_columns() -> list[str]:
+    return ["method", "arch", "pretrain_data", "checkpoint", "checkpoint_id", "task", "dataset", "split", "layer",
+            "metric", "variant", "protocol", "value", "std", "n_seeds", "n_runs", "params_conflict",
+            "lower_is_better", "note", "created", "params_json", "source_file"]

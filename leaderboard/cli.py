@@ -1,0 +1,130 @@
+"""``evalsuite leaderboard build`` and ``evalsuite compare``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG_BUILD = """\
+examples:
+  evalsuite leaderboard build --results runs/ --out site/
+  evalsuite leaderboard build --results runs/a runs/b/results.jsonl --out site/ --duplicates mean
+  xdg-open site/index.html     # works offline from file://
+"""
+
+EPILOG_COMPARE = """\
+examples:
+  # does my reproduction still match the published numbers (goyal19 protocol, within 1 point)?
+  evalsuite compare --results runs/ --against references --tolerance 1.0
+  # accept mmselfsup's copies of the Goyal scripts as the same protocol; per-metric tolerance
+  evalsuite compare --results runs/ --against references --accept-protocol goyal19=mmselfsup --tolerance mAP=0.5
+  # regression check against pinned results: every expected row must match (strict), JSON report
+  evalsuite compare --results runs/new --against tests/regression/quick --tolerance 0.01 --strict \\
+                    --report compare.json
+exit codes: 0 all compared rows within tolerance; 1 a row outside tolerance (with --strict also a protocol
+mismatch or a missing row); 2 bad input.
+"""
+
+
+class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def add_leaderboard_command(sub) -> None:
+    p = sub.add_parser("leaderboard", help="aggregate results into a static HTML leaderboard",
+                       formatter_class=_Fmt, epilog=EPILOG_BUILD)
+    lsub = p.add_subparsers(dest="leaderboard_command", metavar="SUBCOMMAND", required=True)
+    b = lsub.add_parser("build", help="build the static site (HTML, SVG plots, CSV, Markdown)",
+                        formatter_class=_Fmt, epilog=EPILOG_BUILD,
+                        description="Read results.jsonl files, keep one number per (checkpoint, task, dataset, "
+                                    "split, layer, metric, variant, protocol) and write a static site.")
+    b.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
+                   help="results.jsonl files or directories searched for them")
+    b.add_argument("--out", type=Path, default=Path("site"), help="output directory (replaced atomically)")
+    b.add_argument("--duplicates", choices=["latest", "mean"], default="latest",
+                   help="re-runs of one key: keep the latest record, or mean ± std over seeds")
+    b.add_argument("--no-plots", action="store_true", help="skip the per-layer SVG plots")
+    b.add_argument("--no-references", action="store_true", help="do not show published reference numbers")
+    b.add_argument("--title", default="evalsuite leaderboard", help="page title")
+    b.set_defaults(func=cmd_build)
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from .site import build_site
+
+    rep = build_site(a.results, a.out, mode=a.duplicates, plots=not a.no_plots, references=not a.no_references,
+                     title=a.title)
+    print(f"{rep.n_records} records -> {rep.n_rows} numbers, {rep.n_checkpoints} checkpoint(s), "
+          f"{len(rep.tasks)} task(s); {len(rep.pages)} pages in {rep.timings['total_s']:.1f}s")
+    print(f"open {(rep.out / 'index.html').resolve().as_uri()}")
+    return 0
+
+
+def add_compare_command(sub) -> None:
+    p = sub.add_parser("compare", help="compare results with published numbers or other results (regressions)",
+                       formatter_class=_Fmt, epilog=EPILOG_COMPARE,
+                       description="Match result rows by (method, arch, pretrain data, task, layer, metric, "
+                                   "variant) and protocol, print ours vs reference with the delta, and exit "
+                                   "non-zero when a compared row is outside tolerance.")
+    p.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
+                   help="our results.jsonl files or directories")
+    p.add_argument("--against", nargs="+", required=True, metavar="references|PATH",
+                   help="'references' (the published numbers shipped with the package) or other results")
+    p.add_argument("--tolerance", action="append", default=[], metavar="[METRIC=]NUMBER",
+                   help="absolute tolerance in the metric's units (default 0.5); METRIC=N for one metric; "
+                        "repeatable")
+    p.add_argument("--rel-tolerance", type=float, default=0.0, help="plus this fraction of |reference|")
+    p.add_argument("--accept-protocol", action="append", default=[], metavar="OURS=THEIRS",
+                   help="treat our preset OURS as the reference protocol THEIRS (e.g. goyal19=mmselfsup)")
+    p.add_argument("--ignore-field", action="append", default=[], metavar="FIELD",
+                   help="leave a field out of the match (arch, pretrain_data, method; against results also "
+                        "checkpoint_name, dataset, split)")
+    p.add_argument("--ignore-param", action="append", default=[], metavar="NAME",
+                   help="against results: a params key whose difference is not a protocol mismatch")
+    p.add_argument("--duplicates", choices=["latest", "mean"], default="latest", help="rule for re-runs")
+    p.add_argument("--strict", action="store_true",
+                   help="also fail on protocol mismatches and on reference rows without a result")
+    p.add_argument("--all-missing", action="store_true",
+                   help="against references: list every published row without a result (default: only those of "
+                        "the methods/archs/data in the results)")
+    p.add_argument("--report", type=Path, help="write the machine-readable JSON report here")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    import json
+
+    from evalsuite.errors import UserError
+
+    from .aggregate import deduplicate, load_results
+    from .compare import Tolerance, compare_to_references, compare_to_results
+
+    tol = Tolerance.parse(a.tolerance, relative=a.rel_tolerance)
+    accept = []
+    for item in a.accept_protocol:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours or not theirs:
+            raise UserError(f"--accept-protocol expects OURS=THEIRS, got {item!r}")
+        accept.append((ours.strip(), theirs.strip()))
+    ours = deduplicate(load_results(a.results), a.duplicates)
+    if ours.empty:
+        raise UserError("no result records found", a.results[0])
+    if a.against == ["references"]:
+        rep = compare_to_references(ours, tol, accept=accept, ignore=a.ignore_field, all_missing=a.all_missing,
+                                    strict=a.strict)
+    else:
+        if "references" in a.against:
+            raise UserError("--against takes either 'references' or result paths, not both")
+        other = deduplicate(load_results(a.against), a.duplicates)
+        rep = compare_to_results(ours, other, tol, ignore_params=a.ignore_param, ignore=a.ignore_field,
+                                 strict=a.strict, label=" ".join(map(str, a.against)))
+    if a.report:
+        rep.write_json(a.report)
+    if a.json:
+        json.dump(rep.to_dict(), sys.stdout, indent=2, sort_keys=True, default=str)
+        print()
+    else:
+        print(rep.format_text())
+    return rep.exit_code

@@ -1,0 +1,304 @@
+"""Compare our numbers with published references or with another set of results.
+
+Rows are matched by (method, arch, pretrain data, task, layer, metric, variant); against
+another results set also by checkpoint name, dataset and split. A matched pair is *compared*
+only when the protocols agree; otherwise it is reported as ``protocol_mismatch`` and never
+silently compared:
+
+* against references: our record's preset name (``goyal19``, ``vissl``, ``quick``) must equal
+  the reference protocol's source key (``goyal19``, ``mmselfsup``, ...), or be accepted
+  explicitly (``--accept-protocol goyal19=mmselfsup``);
+* against results: same preset and identical hyper-parameters (``params``), except those
+  named by ``--ignore-param``.
+
+Statuses: ``ok`` (|ours - reference| <= tolerance), ``regression`` (outside tolerance),
+``no_value`` (ours is an explained NaN), ``protocol_mismatch``; reference rows with no compared
+result are listed as ``missing``. Exit code: 1 when any compared row is a regression or
+``no_value`` (with ``strict``: also any mismatch or missing row), else 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evalsuite.errors import UserError
+
+from .references import load_references
+
+REF_KEY = ["method", "arch", "pretrain_data", "task", "layer", "metric", "variant"]
+RESULTS_KEY = ["method", "arch", "pretrain_data", "checkpoint_name", "task", "dataset", "split", "layer", "metric",
+               "variant"]
+IGNORABLE = ("method", "arch", "pretrain_data", "checkpoint_name", "dataset", "split")
+
+
+@dataclass
+class Tolerance:
+    """Absolute tolerance per metric (``default`` for the others) plus a relative part."""
+
+    default: float = 0.5
+    per_metric: dict[str, float] = field(default_factory=dict)
+    relative: float = 0.0
+
+    def allowed(self, metric: str, reference: float) -> float:
+        rel = self.relative * abs(reference) if math.isfinite(reference) else 0.0
+        return self.per_metric.get(metric, self.default) + rel
+
+    @classmethod
+    def parse(cls, items: Iterable[str] | None, relative: float = 0.0, default: float = 0.5) -> Tolerance:
+        """``["0.5", "mAP=1.0"]`` -> default 0.5, mAP 1.0."""
+        tol = cls(default=default, relative=relative)
+        for item in items or []:
+            name, _, value = str(item).rpartition("=")
+            try:
+                v = float(value)
+            except ValueError:
+                raise UserError(f"--tolerance expects NUMBER or METRIC=NUMBER, got {item!r}") from None
+            if not math.isfinite(v) or v < 0:
+                raise UserError(f"--tolerance must be a finite number >= 0, got {item!r}")
+            if name:
+                tol.per_metric[name] = v
+            else:
+                tol.default = v
+        if not math.isfinite(relative) or relative < 0:
+            raise UserError(f"--rel-tolerance must be >= 0, got {relative}")
+        return tol
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"default": self.default, "per_metric": dict(self.per_metric), "relative": self.relative}
+
+
+@dataclass
+class CompareReport:
+    against: str
+    tolerance: Tolerance
+    rows: list[dict[str, Any]] = field(default_factory=list)  # compared + mismatched pairs
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    unmatched: list[dict[str, Any]] = field(default_factory=list)  # our rows with nothing to compare to
+    strict: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+    @property
+    def failed(self) -> bool:
+        bad = self.count("regression") + self.count("no_value")
+        if self.strict:
+            bad += self.count("protocol_mismatch") + len(self.missing)
+        return bad > 0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"compared": self.count("ok") + self.count("regression") + self.count("no_value"),
+                "ok": self.count("ok"), "regression": self.count("regression"), "no_value": self.count("no_value"),
+                "protocol_mismatch": self.count("protocol_mismatch"), "missing": len(self.missing),
+                "unmatched_results": len(self.unmatched), "strict": self.strict, "passed": not self.failed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"against": self.against, "tolerance": self.tolerance.to_dict(), "summary": self.summary(),
+                "rows": self.rows, "missing": self.missing, "unmatched_results": self.unmatched}
+
+    def write_json(self, path: str | Path) -> Path:
+        import os
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=_jsonable)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def format_text(self, max_missing: int = 40) -> str:
+        out = []
+        head = ["status", "method", "arch", "task", "layer", "metric", "variant", "ours", "reference", "delta",
+                "tol", "protocol (ours | ref)"]
+        table = []
+        order = {"regression": 0, "no_value": 1, "ok": 2, "protocol_mismatch": 3}
+        for r in sorted(self.rows, key=lambda r: (order.get(r["status"], 9), r["task"], r["method"], r["layer"])):
+            table.append([r["status"], r["method"], r["arch"], r["task"], r["layer"], r["metric"], r["variant"],
+                          _fmt(r["ours"]), _fmt(r["reference"]), _fmt(r["delta"], sign=True), _fmt(r["tolerance"]),
+                          f"{r['our_protocol']} | {_short(r['ref_protocol'])}"])
+        if table:
+            out.append(_text_table(head, table))
+        else:
+            out.append("no result matched a reference row")
+        if self.missing:
+            out.append(f"\n{len(self.missing)} reference row(s) without a compared result:")
+            for m in self.missing[:max_missing]:
+                out.append(f"  {m['method']} {m['arch']} {m['pretrain_data']} {m['task']} {m['layer']} "
+                           f"{m['metric']} {m['variant']} = {m['reference']} [{_short(m['ref_protocol'])}]")
+            if len(self.missing) > max_missing:
+                out.append(f"  ... and {len(self.missing) - max_missing} more (see the JSON report)")
+        s = self.summary()
+        out.append(f"\ncompared {s['compared']}: {s['ok']} within tolerance, {s['regression']} outside, "
+                   f"{s['no_value']} without a value; {s['protocol_mismatch']} protocol mismatch(es) not compared; "
+                   f"{s['missing']} missing -> {'PASS' if s['passed'] else 'FAIL'}")
+        return "\n".join(out)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _short(s: str, n: int = 70) -> str:
+    s = str(s)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _fmt(v: Any, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.3f}" if sign else f"{v:.3f}"
+
+
+def _text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _none_if_nan(v: Any) -> Any:
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _pair_row(key_fields: list[str], o: Mapping, r: Mapping, ref_value: float, tol: Tolerance, compatible: bool,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    ours = _none_if_nan(o["value"])
+    row = {k: o[k] for k in key_fields}
+    row.update(ours=ours, reference=ref_value, delta=None, tolerance=tol.allowed(o["metric"], ref_value),
+               checkpoint=o.get("checkpoint", ""), our_protocol=o["protocol"], **extra)
+    if not compatible:
+        row["status"] = "protocol_mismatch"
+    elif ours is None:
+        row["status"] = "no_value"
+    else:
+        row["delta"] = ours - ref_value
+        within = abs(row["delta"]) <= row["tolerance"] + 1e-12
+        row["status"] = "ok" if within else "regression"
+    row["within"] = row["status"] == "ok"
+    return row
+
+
+def compare_to_references(agg: pd.DataFrame, tolerance: Tolerance, references: pd.DataFrame | None = None,
+                          accept: Iterable[tuple[str, str]] = (), ignore: Iterable[str] = (),
+                          all_missing: bool = False, strict: bool = False) -> CompareReport:
+    """Compare deduplicated results (``aggregate.deduplicate``) with published reference rows."""
+    refs = load_references() if references is None else references
+    refs = refs[refs["value_num"].notna()].copy()
+    ignore = set(ignore)
+    bad = ignore - {"arch", "pretrain_data", "method"}
+    if bad:
+        raise UserError(f"--ignore-field accepts arch, pretrain_data or method, not {', '.join(sorted(bad))}")
+    key = [k for k in REF_KEY if k not in ignore]
+    accept = {(a, b) for a, b in accept}
+    refs["ref_task"] = refs["task"]
+    refs["task"] = refs["suite_task"]  # match on the suite's task names
+    report = CompareReport(against="references", tolerance=tolerance, strict=strict)
+    o_records = agg.to_dict("records")
+    by_key: dict[tuple, list[dict]] = {}
+    for o in o_records:
+        by_key.setdefault(tuple(o[k] for k in key), []).append(o)
+    scope = {tuple(o[k] for k in ("method", "arch", "pretrain_data") if k not in ignore) for o in o_records}
+    matched_ours: set[int] = set()
+    for r in refs.to_dict("records"):
+        partners = by_key.get(tuple(r[k] for k in key), [])
+        compared = False
+        for o in partners:
+            compatible = o["protocol"] == r["source_key"] or (o["protocol"], r["source_key"]) in accept
+            row = _pair_row(REF_KEY, o, r, float(r["value_num"]), tolerance, compatible,
+                            {"ref_protocol": r["protocol"], "ref_source": r["source_paper"], "ref_file": r["file"],
+                             "ref_ambiguous": bool(r["ambiguous"]), "ref_task": r["ref_task"]})
+            report.rows.append(row)
+            compared |= compatible
+            matched_ours.add(id(o))
+        if not compared:
+            in_scope = tuple(r[k] for k in ("method", "arch", "pretrain_data") if k not in ignore) in scope
+            if all_missing or in_scope:
+                report.missing.append({**{k: r[k] for k in REF_KEY}, "reference": float(r["value_num"]),
+                                       "ref_protocol": r["protocol"], "ref_file": r["file"],
+                                       "has_mismatched_result": bool(partners)})
+    report.unmatched = [{k: o[k] for k in REF_KEY + ["protocol"]} for o in o_records if id(o) not in matched_ours]
+    return report
+
+
+def _checkpoint_name(spec: str) -> str:
+    return Path(str(spec)).name if spec else ""
+
+
+def compare_to_results(agg: pd.DataFrame, other: pd.DataFrame, tolerance: Tolerance,
+                       ignore_params: Iterable[str] = (), ignore: Iterable[str] = (),
+                       strict: bool = False, label: str = "results") -> CompareReport:
+    """Compare deduplicated results with another deduplicated results set (e.g. pinned expectations)."""
+    ignore = set(ignore)
+    bad = ignore - set(IGNORABLE)
+    if bad:
+        raise UserError(f"--ignore-field accepts {', '.join(IGNORABLE)}, not {', '.join(sorted(bad))}")
+    key = [k for k in RESULTS_KEY if k not in ignore]
+    skip = set(ignore_params)
+
+    def prep(df: pd.DataFrame) -> list[dict]:
+        d = df.copy()
+        d["checkpoint_name"] = d["checkpoint"].map(_checkpoint_name)
+        d["proto_sig"] = [json.dumps({k: v for k, v in p.items() if k not in skip}, sort_keys=True, default=str)
+                          for p in d["params"]]
+        return d.to_dict("records")
+
+    ours, theirs = prep(agg), prep(other)
+    by_key: dict[tuple, list[dict]] = {}
+    for o in ours:
+        by_key.setdefault(tuple(o[k] for k in key), []).append(o)
+    report = CompareReport(against=label, tolerance=tolerance, strict=strict)
+    matched: set[int] = set()
+    for r in theirs:
+        partners = by_key.get(tuple(r[k] for k in key), [])
+        ref_value = _none_if_nan(r["value"])
+        compared = False
+        for o in partners:
+            matched.add(id(o))
+            compatible = o["protocol"] == r["protocol"] and o["proto_sig"] == r["proto_sig"]
+            if ref_value is None:  # the expectation itself is an explained NaN: ours must be one too
+                row = _pair_row(RESULTS_KEY, o, r, float("nan"), tolerance, compatible,
+                                {"ref_protocol": r["protocol"]})
+                row["reference"] = None
+                if compatible:
+                    row["status"] = "ok" if _none_if_nan(o["value"]) is None else "regression"
+                    row["within"] = row["status"] == "ok"
+            else:
+                row = _pair_row(RESULTS_KEY, o, r, ref_value, tolerance, compatible,
+                                {"ref_protocol": r["protocol"]})
+            if not compatible:
+                row["param_diff"] = _param_diff(o["params"], r["params"], skip)
+            report.rows.append(row)
+            compared |= compatible
+        if not compared:
+            report.missing.append({**{k: r[k] for k in RESULTS_KEY}, "reference": ref_value,
+                                   "ref_protocol": r["protocol"], "has_mismatched_result": bool(partners)})
+    report.unmatched = [{k: o[k] for k in RESULTS_KEY + ["protocol"]} for o in ours if id(o) not in matched]
+    return report
+
+
+def _param_diff(a: Mapping, b: Mapping, skip: set[str]) -> dict[str, list[Any]]:
+    keys = (set(a) | set(b)) - skip
+    return {k: [a.get(k), b.get(k)] for k in sorted(keys) if a.get(k) != b.get(k)}

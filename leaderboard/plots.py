@@ -1,0 +1,68 @@
+"""Per-layer line plots (the "which layer transfers best" picture of Goyal et al. 2019, Fig. 2/3).
+
+Static SVG written by matplotlib's Agg/SVG backend: no JavaScript, no network. Labels come from
+user files, so mathtext is switched off (a ``$`` in a method name stays text) and matplotlib's
+SVG writer escapes the text; the page embeds the file with ``<img>``, where an SVG cannot run script.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+RC = {"svg.hashsalt": "evalsuite-leaderboard", "svg.fonttype": "none", "text.parse_math": False,
+      "font.size": 9, "axes.grid": True, "grid.alpha": 0.3}
+
+
+def layer_plot(path: Path, layers: list[str], ours: list[tuple[str, list[float | None]]],
+               published: list[tuple[str, list[float | None]]], metric: str, title: str,
+               lower_is_better: bool = False, max_lines: int = 12) -> Path:
+    """Write one SVG: x = layers in trunk order, one solid line per checkpoint, dashed for published.
+
+    ``ours``/``published``: (label, value per layer or None). At most ``max_lines`` of each are drawn
+    (the best at their best layer); the page's table lists all of them.
+    """
+    def best(vals):
+        v = [x for x in vals if x is not None]
+        if not v:
+            return float("inf")
+        return min(v) if lower_is_better else -max(v)
+
+    ours = sorted(ours, key=lambda t: best(t[1]))[:max_lines]
+    published = sorted(published, key=lambda t: best(t[1]))[:max_lines]
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(7.0, 3.6))
+        x = list(range(len(layers)))
+        for label, vals in ours:
+            _line(ax, x, vals, label, "-", "o")
+        for label, vals in published:
+            _line(ax, x, vals, f"published: {label}", "--", "s", alpha=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(layers)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(metric + (" (lower is better)" if lower_is_better else ""))
+        ax.set_title(title)
+        if ours or published:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="svg", metadata={"Date": None, "Creator": "evalsuite leaderboard"})
+        plt.close(fig)
+    return path
+
+
+def _line(ax, x, vals, label, style, marker, alpha=1.0) -> None:
+    pts = [(i, v) for i, v in zip(x, vals) if v is not None]
+    if not pts:
+        return
+    xs, ys = zip(*pts)
+    ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3.5, linewidth=1.4, label=_short(label), alpha=alpha)
+
+
+def _short(label: str, n: int = 48) -> str:
+    return label if len(label) <= n else label[: n - 1] + "…"
