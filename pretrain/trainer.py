@@ -246,7 +246,7 @@ class Trainer:
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self.method.preprocess(x.to(self.device, non_blocking=True))
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.ndim == 4 else x
 
     @torch.no_grad()
     def full_pass(self, fn, image_size: int | None = None) -> torch.Tensor:

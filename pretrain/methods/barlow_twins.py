@@ -1,0 +1,63 @@
+"""Barlow Twins (Zbontar et al., ICML 2021): projector 8192-8192-8192 (BN+ReLU), each embedding dimension
+standardised over the batch, cross-correlation C = z1n^T z2n / N driven to the identity:
+L = sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, lambda = 5e-3. LARS, lr 0.2 x B/256 (weights), wd 1.5e-6.
+Under DDP the correlation is summed over processes (the paper's all_reduce), so it is the global batch's."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed as D
+from ..base import Batch, Method, mlp
+
+
+def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5, total: int | None = None,
+                      distributed: bool = False) -> torch.Tensor:
+    """Batch-standardised cross-correlation (D, D); with ``distributed`` the per-rank sums are all-reduced
+    (statistics then should be global: pass BN'd inputs as the paper does)."""
+    z1, z2 = z1.float(), z2.float()
+    z1 = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + eps)
+    z2 = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + eps)
+    c = z1.t() @ z2
+    if distributed:
+        c = _AllReduce.apply(c)
+    return c / (total or z1.shape[0])
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        return D.all_reduce_sum(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        return D.all_reduce_sum(g)
+
+
+def barlow_twins_loss(c: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
+    on = (torch.diagonal(c) - 1).pow(2).sum()
+    off = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on + lambd * off
+
+
+class BarlowTwins(Method):
+    name = "barlow_twins"
+    description = "Barlow Twins: cross-correlation of the two views' embeddings driven to the identity"
+    defaults = {"proj_dim": 8192, "lambd": 5e-3}
+    optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
+             "base_batch_size": 256}
+    augment = "byol"
+
+    def __init__(self, arch, hp=None, **kw):
+        super().__init__(arch, hp, **kw)
+        d = self.hp["proj_dim"]
+        self.projector = mlp([self.feat_dim, d, d, d])
+
+    def training_step(self, batch: Batch):
+        z1 = self.projector(self.embed(batch.views[0]))
+        z2 = self.projector(self.embed(batch.views[1]))
+        world = D.world_size()
+        c = cross_correlation(z1, z2, total=z1.shape[0] * world, distributed=world > 1)
+        return barlow_twins_loss(c, self.hp["lambd"])

@@ -1,0 +1,64 @@
+"""SwAV (Caron et al., NeurIPS 2020): projector MLP to a 128-d unit sphere, K = 3000 prototypes (a linear
+layer without bias, re-normalised after every step, frozen for the first ``freeze_prototypes_steps``),
+codes from Sinkhorn-Knopp equipartition (eps = 0.05, 3 iterations, over all processes), swapped prediction:
+each global crop's code is predicted by the softmax(z . c / T) of every other crop (T = 0.1), multi-crop
+(2 x 224 + 6 x 96 in the paper). LARS, lr 0.6 x B/256 (4.8 at 4096), wd 1e-6."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import multi_crop
+from ..base import Batch, Method, mlp
+from ..losses import sinkhorn
+
+
+def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Mean over the global crops i (with codes q_i) and every other crop v of
+    -sum_k q_i[k] log softmax(scores_v / T)[k]."""
+    total, terms = 0.0, 0
+    for i, q in enumerate(codes):
+        for v, s in enumerate(scores):
+            if v == i:
+                continue
+            total = total - (q * F.log_softmax(s.float() / temperature, dim=1)).sum(1).mean()
+            terms += 1
+    return total / terms
+
+
+class SwAV(Method):
+    name = "swav"
+    description = "SwAV: prototypes, Sinkhorn-Knopp codes, swapped prediction, multi-crop"
+    defaults = {"proj_hidden": 2048, "proj_dim": 128, "n_prototypes": 3000, "temperature": 0.1,
+                "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 6, "freeze_prototypes_steps": 313}
+    optim = {"optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 0,
+             "base_batch_size": 256}
+    augment = "swav"
+    n_views = 2
+
+    def __init__(self, arch, hp=None, **kw):
+        super().__init__(arch, hp, **kw)
+        self.projector = mlp([self.feat_dim, self.hp["proj_hidden"], self.hp["proj_dim"]])
+        self.prototypes = nn.Linear(self.hp["proj_dim"], self.hp["n_prototypes"], bias=False)
+        self._normalize_prototypes()
+
+    def views(self, image_size):
+        return multi_crop(image_size, n_global=2, n_local=self.hp["n_local"])
+
+    @torch.no_grad()
+    def _normalize_prototypes(self) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def training_step(self, batch: Batch):
+        scores = [self.prototypes(F.normalize(self.projector(self.embed(v)), dim=1)) for v in batch.views]
+        codes = [sinkhorn(s.detach(), self.hp["epsilon"], self.hp["sinkhorn_iters"]) for s in scores[:2]]
+        return swapped_prediction_loss(scores, codes, self.hp["temperature"])
+
+    def on_after_backward(self, trainer) -> None:
+        if trainer.global_step < self.hp["freeze_prototypes_steps"]:
+            self.prototypes.weight.grad = None
+
+    def on_after_step(self, trainer) -> None:
+        self._normalize_prototypes()
