@@ -159,6 +159,7 @@ class VOC07SVMTask:
                 "cv_mean_ap": {c: round(float(sweep.mean_cv_ap[j, sweep.chosen[j]]), 6) for j, c in enumerate(classes)},
                 "ap_per_class": {c: (round(100.0 * a, 4) if np.isfinite(a) else None) for c, a in zip(classes, aps)},
                 "train_positives": {c: int((y_train[:, j] > 0).sum()) for j, c in enumerate(classes)},
+                "train_negatives": {c: int((y_train[:, j] < 0).sum()) for j, c in enumerate(classes)},
                 "test_positives": {c: int((y_test[:, j] > 0).sum()) for j, c in enumerate(classes)},
                 "problems_solved": len(classes) * len(p["costs"]) * (int(p["folds"]) + 1),
                 "problems_not_converged": sweep.not_converged, "device": ctx.device,

@@ -388,12 +388,13 @@ def _solve_sklearn(x, y, costs, config: SVMConfig) -> SVMSolution:
     converged, iterations = np.ones(p_total, dtype=bool), np.zeros(p_total, dtype=np.int64)
     for p in range(p_total):
         rows, yp = _problem_rows(y, p)
-        if len(np.unique(yp)) < 2:  # LinearSVC refuses a single class: the optimum is w = 0 + bias only
-            weight[p], bias[p] = _one_class_solution(yp, costs[p], config)
+        if len(np.unique(yp)) < 2:  # LinearSVC refuses a single class: the same objective, solved by ours
+            one = _solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False)
+            weight[p], bias[p] = one.weight[0], one.bias[0]
             continue
         clf = LinearSVC(C=float(costs[p]), class_weight={1: config.pos_weight, -1: config.neg_weight},
                         intercept_scaling=config.intercept_scaling, penalty="l2", loss=config.loss,
-                        tol=config.sklearn_tol, dual=True, max_iter=config.sklearn_max_iter)
+                        tol=config.sklearn_tol, dual=True, max_iter=config.sklearn_max_iter, random_state=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             clf.fit(x64[rows], yp)
@@ -401,17 +402,6 @@ def _solve_sklearn(x, y, costs, config: SVMConfig) -> SVMSolution:
         iterations[p] = int(np.max(clf.n_iter_))
         weight[p], bias[p] = clf.coef_[0], float(clf.intercept_[0])
     return SVMSolution(weight, bias, converged, iterations, "sklearn")
-
-
-def _one_class_solution(yp: np.ndarray, cost: float, config: SVMConfig) -> tuple[np.ndarray, float]:
-    """Closed form when every row has the same label: only the (regularised) bias moves.
-    min_b b^2/2 + C c n (1 - y s b)^2 -> y s b = 2Ccn s^2 / (1 + 2Ccn s^2)."""
-    sign = 1.0 if yp[0] > 0 else -1.0
-    c = config.pos_weight if sign > 0 else config.neg_weight
-    s = config.intercept_scaling
-    k = 2 * cost * c * len(yp) * s * s
-    b_raw = sign * k / (1 + k) / s if s else 0.0
-    return 0.0, b_raw * s
 
 
 def _solve_cyanure(x, y, costs, config: SVMConfig) -> SVMSolution:
@@ -423,8 +413,9 @@ def _solve_cyanure(x, y, costs, config: SVMConfig) -> SVMSolution:
     converged, iterations = np.ones(p_total, dtype=bool), np.zeros(p_total, dtype=np.int64)
     for p in range(p_total):
         rows, yp = _problem_rows(y, p)
-        if len(np.unique(yp)) < 2:
-            weight[p], bias[p] = _one_class_solution(yp, costs[p], config)
+        if len(np.unique(yp)) < 2:  # a single class: the same objective, solved by ours
+            one = _solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False)
+            weight[p], bias[p] = one.weight[0], one.bias[0]
             continue
         xa = np.hstack([x64[rows], np.full((len(rows), 1), config.intercept_scaling)])
         # class weight w (integer) == each row repeated w times, exact for a sum of per-row losses

@@ -1,0 +1,216 @@
+"""tasks.solvers.svm: the batched torch solver against scikit-learn's LinearSVC and cyanure; the metrics."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+from sklearn.model_selection import cross_val_score
+from sklearn.svm import LinearSVC
+
+from evalsuite.errors import BadFeatures, UserError
+from tasks.solvers import svm
+from tasks.solvers.svm import SVMConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_problem(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.where(rng.random(n) < 0.3, 1, -1)
+    x = rng.normal(size=(n, d)) + 0.6 * y[:, None] * (np.arange(d) < 3)
+    return svm.l2_normalize(x), y
+
+
+@pytest.mark.parametrize("n,d", [(150, 20), (60, 200)])  # primal path, and the sample-span (Gram) path
+def test_torch_matches_sklearn_and_cyanure(n, d):
+    x, y = make_problem(n, d)
+    x_test, y_test = make_problem(80, d, seed=1)
+    costs = np.array([1e-3, 0.1, 1.0, 10.0])
+    ys = np.repeat(y[:, None], len(costs), axis=1)
+    ys[:7, 1] = 0  # rows left out of one problem
+    cfg = SVMConfig()
+    ours = svm.solve(x, ys, costs, cfg)
+    ref = svm.solve(x, ys, costs, SVMConfig(backend="sklearn", sklearn_tol=1e-8, sklearn_max_iter=100000))
+    cy = svm.solve(x, ys, costs, SVMConfig(backend="cyanure"))
+    assert ours.converged.all()
+    for p, c in enumerate(costs):
+        f_ours = svm.svm_objective(x, ys[:, p], ours.w_aug(p, 1.0), c, cfg)
+        f_ref = svm.svm_objective(x, ys[:, p], ref.w_aug(p, 1.0), c, cfg)
+        f_cy = svm.svm_objective(x, ys[:, p], cy.w_aug(p, 1.0), c, cfg)
+        assert f_ours <= f_ref * (1 + 1e-7) + 1e-12
+        assert f_ours == pytest.approx(f_ref, rel=1e-6)
+        assert f_ours == pytest.approx(f_cy, rel=1e-5)
+        s_ours, s_ref = ours.decision(x_test)[:, p], ref.decision(x_test)[:, p]
+        np.testing.assert_allclose(s_ours, s_ref, atol=1e-4 * max(1.0, np.abs(s_ref).max()))
+        assert svm.voc_ap(y_test, s_ours) == pytest.approx(svm.voc_ap(y_test, s_ref), abs=1e-6)
+
+
+def test_benchmark_linearsvc_arguments_reach_the_same_models():
+    """The sklearn backend is the benchmark's call: LinearSVC(C, class_weight={1: 2, -1: 1}, ...)."""
+    x, y = make_problem(120, 10, seed=3)
+    sol = svm.solve(x, y[:, None], np.array([0.5]), SVMConfig(backend="sklearn"))
+    clf = LinearSVC(C=0.5, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
+                    tol=1e-4, dual=True, max_iter=2000).fit(x, y)
+    # liblinear's dual coordinate descent visits rows in a random order: equal to its tolerance
+    np.testing.assert_allclose(sol.weight[0], clf.coef_[0], atol=1e-4)
+    assert sol.bias[0] == pytest.approx(clf.intercept_[0], abs=1e-4)
+    again = svm.solve(x, y[:, None], np.array([0.5]), SVMConfig(backend="sklearn"))
+    assert (again.weight == sol.weight).all()  # seeded here (random_state=0): the same numbers twice
+
+
+def test_float32_and_one_class_problems():
+    x, y = make_problem(100, 15, seed=4)
+    ys = np.stack([y, -np.ones_like(y), np.ones_like(y)], 1)  # a problem with no positives, one with no negatives
+    costs = np.array([1.0, 1.0, 0.1])
+    f64 = svm.solve(x, ys, costs, SVMConfig())
+    f32 = svm.solve(x, ys, costs, SVMConfig(dtype="float32", tol=1e-4))
+    np.testing.assert_allclose(f32.decision(x)[:, 0], f64.decision(x)[:, 0], atol=2e-3)
+    from scipy.optimize import minimize
+
+    cfg = SVMConfig()
+    for p in (1, 2):  # one class only (no positives / no negatives): check optimality independently (L-BFGS)
+        opt = minimize(lambda w, p=p: svm.svm_objective(x, ys[:, p], w, costs[p], cfg), np.zeros(x.shape[1] + 1),
+                       method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-14, "maxiter": 10000})
+        ours = svm.svm_objective(x, ys[:, p], f64.w_aug(p, 1.0), costs[p], cfg)
+        assert ours <= opt.fun * (1 + 1e-8)
+        assert np.sign(f64.decision(x)[:, p]).tolist() == [ys[0, p]] * len(x) or costs[p] < 1
+        ref = svm.solve(x, ys[:, p:p + 1], costs[p:p + 1], SVMConfig(backend="sklearn"))  # LinearSVC refuses
+        assert svm.svm_objective(x, ys[:, p], ref.w_aug(0, 1.0), costs[p], cfg) == pytest.approx(ours)
+
+
+def test_cv_sweep_equals_the_benchmark_loop():
+    """Re-run fair_self_supervision_benchmark's train_svm_kfold logic with sklearn and compare."""
+    rng = np.random.default_rng(5)
+    n, d, k = 90, 12, 3
+    x = svm.l2_normalize(rng.normal(size=(n, d)))
+    labels = np.where(x[:, :k] + 0.8 * rng.normal(size=(n, k)) > 0.3, 1, -1).astype(np.int8)
+    costs = [1e-4, 0.01, 1.0, 100.0]
+    res = svm.cv_sweep(x, labels, costs, 3, SVMConfig())
+    for j in range(k):
+        ref = []
+        for c in costs:
+            clf = LinearSVC(C=c, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
+                            loss="squared_hinge", tol=1e-8, dual=True, max_iter=100000)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref.append(cross_val_score(clf, x, labels[:, j], cv=3, scoring="average_precision").mean())
+        np.testing.assert_allclose(res.mean_cv_ap[j], ref, atol=1e-6)
+        assert res.chosen[j] == int(np.argmax(ref))
+
+
+def test_cost_selection_finds_the_large_cost_when_the_small_one_ranks_by_a_nuisance():
+    """Tiny C gives w ~ class-mean difference, dominated here by a noisy feature; a large C finds the
+    clean small-margin separator. CV must pick the large cost, and a test AP near 1 follows."""
+    rng = np.random.default_rng(6)
+
+    def data(n):
+        y = np.where(rng.random(n) < 0.4, 1, -1)
+        x = np.stack([0.1 * y + 0.01 * rng.normal(size=n), 1.0 * y + 5.0 * rng.normal(size=n)], 1)
+        return x, y
+
+    x, y = data(300)
+    res = svm.cv_sweep(x, y[:, None].astype(np.int8), [1e-7, 100.0], 3, SVMConfig())
+    assert res.chosen_costs == [100.0]
+    assert res.mean_cv_ap[0, 1] > 0.99 > 0.9 > res.mean_cv_ap[0, 0]
+    xt, yt = data(200)
+    assert svm.voc_ap(yt, res.final.decision(xt)[:, 0]) > 0.99
+
+
+def reference_voc_ap(labels, scores):
+    """The benchmark's get_precision_recall + calculate_ap, loop for loop (ignore rows removed first)."""
+    keep = [i for i in range(len(labels)) if labels[i] != 0]
+    t = np.array([1.0 if labels[i] > 0 else 0.0 for i in keep])
+    s = np.array([scores[i] for i in keep], dtype=np.float64)
+    ind = np.argsort(s, kind="stable")[::-1]
+    tp = np.array([t[i] for i in ind])
+    fp = 1.0 - tp
+    prec = np.cumsum(tp) / (np.cumsum(tp) + np.cumsum(fp))
+    rec = np.cumsum(tp) / t.sum()
+    mrec = [0.0, *rec, 1.0]
+    mpre = [0.0, *prec, 0.0]
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
+
+
+def test_voc_ap_hand_cases():
+    # ranked P N P N: precisions 1, 1/2, 2/3, 1/2 at recalls .5 .5 1 1 -> .5 * 1 + .5 * 2/3
+    assert svm.voc_ap(np.array([1, -1, 1, -1]), np.array([0.9, 0.8, 0.7, 0.1])) == pytest.approx(5 / 6)
+    # an ignored image at the top changes nothing
+    assert svm.voc_ap(np.array([0, 1, -1, 1, -1]), np.array([5, 0.9, 0.8, 0.7, 0.1])) == pytest.approx(5 / 6)
+    # a tie: the later index ranks first (reverse of a stable ascending sort) -> N then P -> AP 1/2
+    assert svm.voc_ap(np.array([1, -1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert svm.voc_ap(np.array([-1, 1]), np.array([0.5, 0.5])) == pytest.approx(1.0)
+    # monotone precision: N P P -> precision at the recall steps is max(1/2, 2/3) = 2/3 for both
+    assert svm.voc_ap(np.array([-1, 1, 1]), np.array([3.0, 2.0, 1.0])) == pytest.approx(2 / 3)
+    assert np.isnan(svm.voc_ap(np.array([-1, -1, 0]), np.array([1.0, 2.0, 3.0])))  # no positive
+    assert np.isnan(svm.voc_ap(np.array([0, 0]), np.array([1.0, 2.0])))  # all ignored
+
+
+def test_voc_ap_matches_the_benchmark_loop_and_differs_from_sklearn_ap():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        labels = rng.choice([1, -1, 0], size=60, p=[0.3, 0.6, 0.1])
+        labels[0] = 1
+        scores = np.round(rng.normal(size=60), 1)  # coarse: many ties
+        assert svm.voc_ap(labels, scores) == pytest.approx(reference_voc_ap(labels, scores), abs=1e-12)
+    labels = np.array([-1, 1, 1, -1, 1])
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    # sklearn's (non-interpolated) AP differs: the metric used for test is the benchmark's, not sklearn's
+    assert svm.voc_ap(labels, scores) != pytest.approx(average_precision_score(labels > 0, scores))
+
+
+def test_cv_average_precision_is_sklearns():
+    rng = np.random.default_rng(8)
+    y = np.where(rng.random(50) < 0.4, 1, -1)
+    s = rng.normal(size=50)
+    assert svm.cv_average_precision(y, s) == pytest.approx(average_precision_score(y > 0, s))
+    assert svm.cv_average_precision(-np.ones(5), s[:5]) == 0.0  # what sklearn's scorer gives a positive-free fold
+
+
+def test_stratified_folds_match_sklearn():
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0], dtype=bool)
+    folds = svm.stratified_folds(y, 3)
+    for f, (_, test) in enumerate(StratifiedKFold(3).split(np.zeros(len(y)), y)):
+        assert (np.nonzero(folds == f)[0] == test).all()
+
+
+def test_bad_features_and_settings():
+    x = np.ones((4, 3))
+    with pytest.raises(BadFeatures, match="same feature vector"):
+        svm.check_features(np.zeros((4, 3)))
+    x[2, 1] = np.nan
+    with pytest.raises(BadFeatures, match="NaN"):
+        svm.check_features(x, "res5 features")
+    with pytest.raises(UserError, match="unknown svm setting"):
+        SVMConfig.from_dict({"bakend": "torch"})
+    with pytest.raises(UserError, match="only available with svm.backend=sklearn"):
+        SVMConfig(loss="hinge")
+    with pytest.raises(UserError, match="costs must be positive"):
+        svm.solve(np.eye(3), np.ones((3, 1)), np.array([0.0]), SVMConfig())
+
+
+def test_l2_normalize_is_the_benchmarks():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float16)
+    out = svm.l2_normalize(x)
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out[0], [3 / (5 + 1e-5), 4 / (5 + 1e-5)])
+    assert (out[1] == 0).all()
+
+
+def test_finite_mean_policies():
+    assert svm.finite_mean([0.5, 0.7], "nan") == (pytest.approx(0.6), [])
+    assert svm.finite_mean([0.5, float("nan")], "nan") == (None, [1])
+    assert svm.finite_mean([0.5, float("nan")], "exclude") == (0.5, [1])
