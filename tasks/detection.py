@@ -1,0 +1,326 @@
+"""Object detection transfer: Fast R-CNN on VOC07 (or VOC07+12) trainval, evaluated on VOC07 test.
+
+The Goyal et al. (2019) benchmark (fair_self_supervision_benchmark,
+``configs/benchmark_tasks/object_detection_frozen/voc07/fast_rcnn_R-50-C4_with_ss_proposals_trainval.yaml``,
+run with Detectron): Fast R-CNN, ResNet-50-C4 initialised from the checkpoint, selective-search
+proposals, res5 RoI head. Model, sampler, losses and test-time post-processing live in
+``tasks.fast_rcnn``; the VOC metric in ``tasks.detection_eval``; proposals in ``tasks.proposals``.
+
+Presets:
+
+- ``goyal19``: ``FREEZE_AT: 4`` (stem and res2..res4 frozen, "training RoI heads only"), BN frozen
+  everywhere, SGD lr 0.002 (2 GPUs x 2 images: 4 images per iteration), x0.1 at 22k, stop at 30k
+  (VOC07+12: 66k / 80k), Detectron defaults otherwise: 64 RoIs per image, 25% foreground at
+  IoU >= 0.5, background IoU in [0, 0.5), momentum 0.9, weight decay 1e-4 (not on biases, which
+  get 2x lr), 500 linear warm-up iterations from lr/3, horizontal flips, shortest side 600 /
+  longest at most 1000, at most 2000 proposals per image, RoIAlign 14x14, test NMS 0.3, score
+  threshold 0.05, at most 100 detections per image. Metric: VOC07 11-point AP at IoU 0.5 per class
+  and its mean over the 20 classes.
+- ``vissl``: the same detector with every layer fine-tuned (``freeze_at 0``, BN still frozen),
+  the setting of the "all layers fine-tuned" rows of the published tables.
+- ``quick``: 128 px images (longest 192), 2 images x 32 RoIs pooled to 8x8, 60 iterations, lr 0.01,
+  at most 100 selective-search proposals per image (``proposals=sliding_window`` skips the search):
+  for CPU and CI; numbers are not comparable.
+
+``freeze_at`` (0..4), ``train_sets`` (e.g. ``["voc2007:trainval", "voc2012:trainval"]`` for 07+12 when a
+``voc2012`` reader is available), ``proposals`` and every solver field can be overridden with ``--set``.
+
+Deviations, recorded in every result's params: selective search is OpenCV's re-implementation (fast
+mode) rather than the MATLAB boxes of Detectron's published proposal files; images are normalised with
+the checkpoint's mean/std rather than Caffe2's BGR pixel means; RoIAlign uses ``aligned=True``.
+
+Bad input: training images whose annotations have no (non-difficult) box are skipped (count recorded);
+boxes reaching outside the image are clipped to it; a box that is empty after clipping raises BadData
+naming the annotation file; an image with no proposals is trained on its ground-truth boxes only and
+yields no detections at test time; a checkpoint without res5 weights (or a non-ResNet trunk) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from evalsuite.errors import BadData, UserError
+from evalsuite.protocols import check_preset
+from evalsuite.results import Result
+from evalsuite.task import TaskContext
+from tasks import detection_eval as deval
+from tasks import proposals as props
+from tasks.fast_rcnn import (
+    ImageRecord,
+    ModelConfig,
+    SamplerConfig,
+    TestConfig,
+    TrainConfig,
+    config_dict,
+    get_backend,
+    prepare_proposals,
+    xml_to_continuous,
+)
+
+SELECTIVE_SEARCH_NOTE = ("OpenCV ximgproc selective search (fast mode), not Detectron's published MATLAB "
+                         "selective_search_msra_voc_2007_*.pkl boxes")
+
+
+class DetectionTask:
+    name = "detection"
+    description = "Fast R-CNN (ResNet-C4, res5 head) on VOC07 trainval, VOC07 test 11-point mAP@0.5"
+
+    def default_protocol(self, preset: str) -> dict[str, Any]:
+        check_preset(preset)
+        p: dict[str, Any] = {
+            "backend": "torchvision",
+            "train_sets": ["voc2007:trainval"],
+            "test_set": "voc2007:test",
+            "data_path": None,
+            "train_use_difficult": False,
+            "freeze_at": 4,
+            "pooler": "roi_align",
+            "pool_size": 14,
+            "proposals": "selective_search",
+            "proposal_mode": "fast",
+            "proposal_max_side": 500,
+            "proposal_limit": 2000,
+            "proposal_cache": None,
+            "max_iter": 30000,
+            "lr": 0.002,
+            "steps": [22000],
+            "gamma": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "bias_double_lr": True,
+            "bias_weight_decay": False,
+            "warmup_iters": 500,
+            "warmup_factor": 1.0 / 3,
+            "ims_per_batch": 4,
+            "rois_per_image": 64,
+            "fg_fraction": 0.25,
+            "fg_thresh": 0.5,
+            "bg_thresh_hi": 0.5,
+            "bg_thresh_lo": 0.0,
+            "train_scales": [600],
+            "train_max_size": 1000,
+            "flip": True,
+            "smooth_l1_beta": 1.0,
+            "checkpoint_period": 500,
+            "test_scale": 600,
+            "test_max_size": 1000,
+            "nms": 0.3,
+            "score_thresh": 0.05,
+            "max_dets": 100,
+            "iou_thresh": 0.5,
+            "ap_method": "voc07",
+            "iou_compare": ">",
+            "extra_metrics": True,
+            "max_train_images": None,
+            "max_test_images": None,
+        }
+        if preset == "vissl":
+            p["freeze_at"] = 0
+        elif preset == "quick":
+            p.update({"proposal_limit": 100, "pool_size": 8, "max_iter": 60, "lr": 0.01,
+                      "steps": [45], "warmup_iters": 5, "ims_per_batch": 2, "rois_per_image": 32,
+                      "train_scales": [128], "train_max_size": 192, "test_scale": 128, "test_max_size": 192,
+                      "checkpoint_period": 20})
+        return p
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, ctx: TaskContext) -> list[Result]:
+        p = ctx.protocol
+        train_sets = [_parse_set(s) for s in p["train_sets"]]
+        test_kind, test_split = _parse_set(p["test_set"])
+        datasets = [ctx.open_dataset(k, s, p["data_path"]) for k, s in train_sets]
+        test = ctx.open_dataset(test_kind, test_split, p["data_path"])
+        classes = list(getattr(test, "classes", []))
+        if not hasattr(test, "annotations") or not classes:
+            raise BadData(f"{test_kind} has no box annotations", test.root)
+        for d in datasets:
+            if list(d.classes) != classes:
+                raise BadData("training and test sets have different class lists", d.root)
+        missing_res5 = [k for k in getattr(ctx.checkpoint.report, "missing", []) if k.startswith("layer4.")]
+        if missing_res5:
+            raise UserError(f"checkpoint {ctx.checkpoint.spec} has no res5 weights ({len(missing_res5)} layer4 keys "
+                            "missing); the Fast R-CNN C4 head is the trunk's res5")
+
+        train_records, skipped = [], 0
+        for d in datasets:
+            recs, sk = build_records(d, p, train=True, limit=p["max_train_images"], progress=ctx.progress)
+            train_records += recs
+            skipped += sk
+        if not train_records:
+            raise BadData("no training image has a usable box", datasets[0].root)
+        test_records, _ = build_records(test, p, train=False, limit=p["max_test_images"], progress=ctx.progress)
+        gts = [ground_truth(test, i) for i in range(len(test_records))]
+
+        meta = ctx.checkpoint.metadata or {}
+        normalize = {**(meta.get("normalize") or {}), "input_space": meta.get("input_space", "rgb")}
+        model_cfg = ModelConfig(pooler=p["pooler"], pool_size=int(p["pool_size"]), freeze_at=int(p["freeze_at"]))
+        backend = get_backend(p["backend"], ctx.trunk, len(classes), model_cfg, device=ctx.device, normalize=normalize)
+        train_cfg = train_config(p, ctx.seed)
+        test_cfg = test_config(p)
+        fingerprint = _fingerprint(ctx, [d.fingerprint() for d in datasets], train_cfg, model_cfg, len(train_records))
+        state = ctx.out_dir / "detection_state" / f"{fingerprint[:16]}.pt"
+        fit = backend.fit(train_records, train_cfg, state_path=state, fingerprint=fingerprint, progress=ctx.progress)
+        preds = backend.predict(test_records, test_cfg, progress=ctx.progress)
+        dets = detections_from(preds)
+
+        per_class = deval.evaluate_detections(dets, gts, len(classes), p["iou_thresh"], p["ap_method"],
+                                              p["iou_compare"])
+        layer = layer_name(int(p["freeze_at"]))
+        params = {
+            "arch": ctx.checkpoint.arch, "num_classes": len(classes), "num_train_images": len(train_records),
+            "train_images_without_boxes_skipped": skipped, "num_test_images": len(test_records),
+            "num_detections": int(len(dets.score)), "backend": backend.name,
+            "solver": config_dict(train_cfg), "test": config_dict(test_cfg), "model": config_dict(model_cfg),
+            "iterations_run": fit.iterations, "resumed_from_iteration": fit.resumed_from,
+            "train_curve": fit.summary(), "device": ctx.device,
+            "proposal_method": p["proposals"], "proposal_params": props.method_params(p["proposals"], _pp(p)),
+            "metric_definition": f"{p['ap_method']} AP at IoU {p['iou_compare']} {p['iou_thresh']}, "
+                                 "difficult ignored, mean over classes with ground truth",
+            "box_coordinates": "VOC XML 1-based inclusive pixels",
+        }
+        if p["proposals"] == "selective_search":
+            params["proposal_note"] = SELECTIVE_SEARCH_NOTE
+        fp = test.fingerprint()
+        results = [ctx.result(test_kind, test_split, layer, "mAP", 100 * deval.mean_ap(per_class), params=params,
+                              note=f"{p['ap_method']} mAP@{p['iou_thresh']}", dataset_fingerprint=fp)]
+        for c, ev in zip(classes, per_class):
+            value = None if ev.npos == 0 else 100 * ev.ap
+            results.append(ctx.result(test_kind, test_split, layer, f"AP/{c}", value, params=params,
+                                      note="" if ev.npos else "no ground truth for this class",
+                                      dataset_fingerprint=fp))
+        if p["extra_metrics"]:
+            other = "area" if p["ap_method"] == "voc07" else "voc07"
+            extra = deval.mean_ap(deval.evaluate_detections(dets, gts, len(classes), p["iou_thresh"], other,
+                                                            p["iou_compare"]))
+            results.append(ctx.result(test_kind, test_split, layer, f"mAP_{other}", 100 * extra, params=params,
+                                      note=f"{other} AP at IoU {p['iou_thresh']} (extra metric)",
+                                      dataset_fingerprint=fp))
+            results.append(ctx.result(test_kind, test_split, layer, "mAP_coco_style",
+                                      100 * deval.coco_style_ap(dets, gts, len(classes)), params=params,
+                                      note="area AP averaged over IoU 0.50:0.05:0.95 (extra metric, not the COCO "
+                                           "toolkit)", dataset_fingerprint=fp))
+        state.unlink(missing_ok=True)
+        return results
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _parse_set(s: str) -> tuple[str, str]:
+    if not isinstance(s, str) or ":" not in s:
+        raise UserError(f"detection data sets are written kind:split (e.g. voc2007:trainval), got {s!r}")
+    kind, split = s.split(":", 1)
+    return kind, split
+
+
+def _pp(p: dict[str, Any]) -> dict[str, Any]:
+    return {"mode": p["proposal_mode"], "max_side": p["proposal_max_side"], "max_boxes": p["proposal_limit"]}
+
+
+def layer_name(freeze_at: int) -> str:
+    """How the reference tables name what was trained: finetune_all, finetune_above_conv1, ..._res4."""
+    return {0: "finetune_all", 1: "finetune_above_conv1"}.get(freeze_at, f"finetune_above_res{freeze_at}")
+
+
+def gt_boxes(dataset, i: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Annotations of image ``i`` and its boxes in continuous coordinates, clipped to the image."""
+    a = dataset.annotations(i)
+    src = dataset.annotation_path(i) if hasattr(dataset, "annotation_path") else dataset.root
+    b = xml_to_continuous(a["boxes"])
+    if len(b) and (np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1])):
+        raise BadData("a box has xmax < xmin or ymax < ymin", src)
+    b[:, 0::2] = b[:, 0::2].clip(0, a["width"])
+    b[:, 1::2] = b[:, 1::2].clip(0, a["height"])
+    if len(b) and (np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1])):
+        raise BadData("a box lies entirely outside the image", src)
+    return a, b
+
+
+def ground_truth(dataset, i: int) -> deval.GroundTruth:
+    a = dataset.annotations(i)
+    return deval.GroundTruth(boxes=np.asarray(a["boxes"], np.float64), labels=np.asarray(a["labels"]),
+                             difficult=np.asarray(a["difficult"], bool))
+
+
+def build_records(dataset, p: dict[str, Any], train: bool, limit: int | None = None, progress: bool = False
+                  ) -> tuple[list[ImageRecord], int]:
+    """Image records with ground truth and (cached) proposals; training skips images without boxes."""
+    cache = props.ProposalCache(p["proposal_cache"], p["proposals"], _pp(p), dataset_key=dataset.fingerprint())
+    n = len(dataset) if limit is None else min(len(dataset), int(limit))
+    if progress:
+        cache.precompute(_Subset(dataset, n), progress=True)
+    records, skipped = [], 0
+    for i in range(n):
+        a, boxes = gt_boxes(dataset, i)
+        keep = np.ones(len(boxes), bool) if (not train or p["train_use_difficult"]) else ~a["difficult"]
+        if train and not keep.any():
+            skipped += 1
+            continue
+        proposals = prepare_proposals(cache.get(dataset, i), a["width"], a["height"], p["proposal_limit"])
+        records.append(ImageRecord(image_id=dataset.ids[i], width=int(a["width"]), height=int(a["height"]),
+                                   boxes=boxes[keep], labels=np.asarray(a["labels"])[keep], proposals=proposals,
+                                   load=_loader(dataset, i)))
+    return records, skipped
+
+
+class _Subset:
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, n
+
+    @property
+    def ids(self) -> list[str]:
+        return self.dataset.ids[: self.n]
+
+    def load_image(self, i: int):
+        return self.dataset.load_image(i)
+
+
+def _loader(dataset, i: int):
+    return lambda: dataset.load_image(i)
+
+
+def detections_from(preds) -> deval.Detections:
+    from tasks.fast_rcnn import continuous_to_xml
+
+    parts = [deval.Detections(np.full(len(s), i, np.int64), np.asarray(lab, np.int64), np.asarray(s, np.float32),
+                              continuous_to_xml(b)) for i, (b, lab, s) in enumerate(preds)]
+    return deval.Detections.concat(parts)
+
+
+def train_config(p: dict[str, Any], seed: int) -> TrainConfig:
+    return TrainConfig(
+        max_iter=int(p["max_iter"]), lr=float(p["lr"]), steps=tuple(int(s) for s in p["steps"]),
+        gamma=float(p["gamma"]),
+        momentum=float(p["momentum"]), weight_decay=float(p["weight_decay"]), bias_double_lr=bool(p["bias_double_lr"]),
+        bias_weight_decay=bool(p["bias_weight_decay"]), warmup_iters=int(p["warmup_iters"]),
+        warmup_factor=float(p["warmup_factor"]), ims_per_batch=int(p["ims_per_batch"]),
+        scales=tuple(int(s) for s in p["train_scales"]), max_size=int(p["train_max_size"]), flip=bool(p["flip"]),
+        smooth_l1_beta=float(p["smooth_l1_beta"]), checkpoint_period=int(p["checkpoint_period"]), seed=seed,
+        sampler=SamplerConfig(rois_per_image=int(p["rois_per_image"]), fg_fraction=float(p["fg_fraction"]),
+                              fg_thresh=float(p["fg_thresh"]), bg_thresh_hi=float(p["bg_thresh_hi"]),
+                              bg_thresh_lo=float(p["bg_thresh_lo"])),
+    )
+
+
+def test_config(p: dict[str, Any]) -> TestConfig:
+    return TestConfig(scale=int(p["test_scale"]), max_size=int(p["test_max_size"]), nms=float(p["nms"]),
+                      score_thresh=float(p["score_thresh"]), max_dets=int(p["max_dets"]))
+
+
+test_config.__test__ = False  # not a pytest test
+
+
+def _fingerprint(ctx: TaskContext, data_fps: list[str], train_cfg: TrainConfig, model_cfg: ModelConfig,
+                 n: int) -> str:
+    """Identifies one training run: resuming is allowed only into exactly the same run."""
+    payload = {"checkpoint": ctx.checkpoint.sha256, "data": data_fps, "train": config_dict(train_cfg),
+               "model": config_dict(model_cfg), "n": n, "device": ctx.device, "proto": ctx.protocol}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+task = DetectionTask()

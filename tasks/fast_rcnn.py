@@ -1,0 +1,555 @@
+"""Fast R-CNN (Girshick 2015) with a ResNet-C4 trunk on torchvision ops, as in Detectron's
+``ResNet50_fast_rcnn`` used by Goyal et al. (2019).
+
+- Trunk: stem + res2..res4 (stride 16); RoIAlign (14 x 14, ``aligned``) or RoIPool on the res4
+  map; the trunk's own res5 is the RoI head (stride 2 -> 7 x 7), global average pooled; a
+  (K+1)-way classifier (init N(0, 0.01^2)) and class-specific box regression (4(K+1), init
+  N(0, 0.001^2)).
+- Frozen BatchNorm everywhere (statistics and affine of the checkpoint; Detectron's
+  AffineChannel); ``freeze_at`` k freezes the stem (k >= 1) and res2..res_k (k >= 2); 4 =
+  the whole conv body (Goyal et al. "FREEZE_AT: 4": only the res5 head and the box layers train).
+- Minibatch sampling (Detectron ``fast_rcnn_roi_data``): ground-truth boxes join the
+  proposals; ``rois_per_image`` RoIs with up to ``fg_fraction`` foreground (IoU >= ``fg_thresh``),
+  the rest background (``bg_lo <= IoU < bg_hi``), sampled without replacement.
+- Box targets: (dx, dy, dw, dh) normalised by the weights (10, 10, 5, 5) (= py-faster-rcnn's
+  target stds 0.1, 0.1, 0.2, 0.2); loss = softmax cross-entropy + smooth-L1 (beta 1) on the
+  true class's deltas of foreground RoIs, summed and divided by the number of sampled RoIs.
+- Test: softmax scores, per-class decoded boxes clipped to the image, per-class NMS 0.3, score
+  threshold, at most 100 detections per image.
+
+Boxes are continuous 0-based x1, y1, x2, y2 (an XML box [a, b] in 1-based pixels spans [a-1, b]),
+so IoU here equals the devkit's inclusive-pixel IoU.
+
+The ``Backend`` protocol (``fit`` / ``predict`` on plain records) is the boundary a detectron2
+implementation would plug into; ``get_backend`` detects detectron2 but never requires it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from evalsuite.errors import UserError
+
+BBOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+DELTA_CLIP = math.log(1000.0 / 16)
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def encode_boxes(ref: torch.Tensor, gt: torch.Tensor, weights=BBOX_WEIGHTS) -> torch.Tensor:
+    """Regression targets taking ``ref`` boxes to ``gt`` boxes (both (N, 4) continuous)."""
+    wx, wy, ww, wh = weights
+    rw, rh = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+    rx, ry = ref[:, 0] + 0.5 * rw, ref[:, 1] + 0.5 * rh
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    gx, gy = gt[:, 0] + 0.5 * gw, gt[:, 1] + 0.5 * gh
+    return torch.stack([wx * (gx - rx) / rw, wy * (gy - ry) / rh, ww * torch.log(gw / rw), wh * torch.log(gh / rh)], 1)
+
+
+def decode_boxes(deltas: torch.Tensor, ref: torch.Tensor, weights=BBOX_WEIGHTS) -> torch.Tensor:
+    """Apply (N, 4k) deltas to (N, 4) ``ref`` boxes -> (N, 4k) boxes (inverse of ``encode_boxes``)."""
+    wx, wy, ww, wh = weights
+    rw, rh = (ref[:, 2] - ref[:, 0])[:, None], (ref[:, 3] - ref[:, 1])[:, None]
+    rx, ry = ref[:, 0:1] + 0.5 * rw, ref[:, 1:2] + 0.5 * rh
+    dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+    dw, dh = (deltas[:, 2::4] / ww).clamp(max=DELTA_CLIP), (deltas[:, 3::4] / wh).clamp(max=DELTA_CLIP)
+    cx, cy, w, h = dx * rw + rx, dy * rh + ry, torch.exp(dw) * rw, torch.exp(dh) * rh
+    out = torch.empty_like(deltas)
+    out[:, 0::4], out[:, 1::4] = cx - 0.5 * w, cy - 0.5 * h
+    out[:, 2::4], out[:, 3::4] = cx + 0.5 * w, cy + 0.5 * h
+    return out
+
+
+def clip_boxes(boxes: torch.Tensor, width: float, height: float) -> torch.Tensor:
+    b = boxes.clone()
+    b[:, 0::2] = b[:, 0::2].clamp(0, width)
+    b[:, 1::2] = b[:, 1::2].clamp(0, height)
+    return b
+
+
+def xml_to_continuous(boxes: np.ndarray) -> np.ndarray:
+    """1-based inclusive pixel boxes (VOC XML) -> continuous 0-based boxes."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    b[:, :2] -= 1.0
+    return b
+
+
+def continuous_to_xml(boxes: np.ndarray) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    b[:, :2] += 1.0
+    return b
+
+
+def prepare_proposals(boxes: np.ndarray, width: int, height: int, limit: int | None, min_size: float = 1.0
+                      ) -> np.ndarray:
+    """Clip to the image, drop boxes smaller than ``min_size`` and exact duplicates, keep the first ``limit``."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    b[:, 0::2] = b[:, 0::2].clip(0, width)
+    b[:, 1::2] = b[:, 1::2].clip(0, height)
+    b = b[((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)]
+    if len(b):
+        _, first = np.unique(b, axis=0, return_index=True)
+        b = b[np.sort(first)]
+    return b[:limit] if limit else b
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SamplerConfig:
+    rois_per_image: int = 64
+    fg_fraction: float = 0.25
+    fg_thresh: float = 0.5
+    bg_thresh_hi: float = 0.5
+    bg_thresh_lo: float = 0.0
+
+
+def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, cfg: SamplerConfig,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample training RoIs for one image.
+
+    ``gt_labels`` are 0..K-1; returned labels are 1..K for foreground and 0 for background;
+    targets (R, 4) are the normalised deltas to the matched ground truth (zeros for background).
+    """
+    rois = torch.cat([proposals.reshape(-1, 4), gt_boxes.reshape(-1, 4)]) if len(gt_boxes) else proposals
+    if len(gt_boxes):
+        max_iou, arg = box_iou(rois, gt_boxes).max(dim=1)
+    else:
+        max_iou, arg = torch.zeros(len(rois)), torch.zeros(len(rois), dtype=torch.long)
+    fg = torch.nonzero(max_iou >= cfg.fg_thresh).flatten()
+    bg = torch.nonzero((max_iou < cfg.bg_thresh_hi) & (max_iou >= cfg.bg_thresh_lo)).flatten()
+    n_fg = min(int(round(cfg.fg_fraction * cfg.rois_per_image)), len(fg))
+    fg = fg[torch.randperm(len(fg), generator=generator)[:n_fg]]
+    n_bg = min(cfg.rois_per_image - n_fg, len(bg))
+    bg = bg[torch.randperm(len(bg), generator=generator)[:n_bg]]
+    keep = torch.cat([fg, bg])
+    labels = torch.zeros(len(keep), dtype=torch.long)
+    targets = torch.zeros(len(keep), 4)
+    if n_fg:
+        labels[:n_fg] = gt_labels[arg[fg]] + 1
+        targets[:n_fg] = encode_boxes(rois[fg], gt_boxes[arg[fg]])
+    return rois[keep], labels, targets
+
+
+def fast_rcnn_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+                   beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-entropy (mean over RoIs) and smooth-L1 on the true class of fg RoIs (sum / #RoIs)."""
+    loss_cls = F.cross_entropy(cls_logits, labels)
+    fg = torch.nonzero(labels > 0).flatten()
+    if len(fg) == 0:
+        return loss_cls, box_deltas.sum() * 0.0
+    d = box_deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
+    loss_box = F.smooth_l1_loss(d, targets[fg], beta=beta, reduction="sum") / max(1, len(labels))
+    return loss_cls, loss_box
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d holding the same statistics and affine."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight if child.affine else torch.ones(child.num_features))
+                frozen.bias.copy_(child.bias if child.affine else torch.zeros(child.num_features))
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def check_c4_trunk(trunk: nn.Module) -> None:
+    if not all(hasattr(trunk, a) for a in ("conv1", "layer1", "layer2", "layer3", "layer4")):
+        arch = getattr(trunk, "arch", type(trunk).__name__)
+        raise UserError(f"detection needs a ResNet trunk with res4 and res5 (C4 body + res5 head); got {arch}")
+
+
+@dataclass
+class ModelConfig:
+    pooler: str = "roi_align"  # or roi_pool
+    pool_size: int = 14
+    sampling_ratio: int = 0
+    freeze_at: int = 4
+    cls_init_std: float = 0.01
+    box_init_std: float = 0.001
+
+
+class FastRCNN(nn.Module):
+    stride = 16
+
+    def __init__(self, trunk: nn.Module, num_classes: int, cfg: ModelConfig | None = None):
+        super().__init__()
+        check_c4_trunk(trunk)
+        self.cfg = cfg or ModelConfig()
+        if not 0 <= self.cfg.freeze_at <= 4:
+            raise UserError(f"freeze_at must be 0..4 (stem, res2, res3, res4), got {self.cfg.freeze_at}")
+        if self.cfg.pooler not in ("roi_align", "roi_pool"):
+            raise UserError(f"pooler must be roi_align or roi_pool, got {self.cfg.pooler!r}")
+        freeze_batchnorm(trunk)
+        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+        self.res2, self.res3, self.res4, self.res5 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
+        self.num_classes = num_classes
+        channels = [m for m in self.res5.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.cls_score = nn.Linear(channels, num_classes + 1)
+        self.bbox_pred = nn.Linear(channels, 4 * (num_classes + 1))
+        nn.init.normal_(self.cls_score.weight, std=self.cfg.cls_init_std)
+        nn.init.normal_(self.bbox_pred.weight, std=self.cfg.box_init_std)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        for stage in self.frozen_stages():
+            for p in stage.parameters():
+                p.requires_grad_(False)
+
+    def frozen_stages(self) -> list[nn.Module]:
+        return [self.stem, self.res2, self.res3, self.res4][: self.cfg.freeze_at]
+
+    def body(self, images: torch.Tensor) -> torch.Tensor:
+        """The res4 map (stride 16); frozen leading stages run without autograd."""
+        x = images
+        for k, stage in enumerate((self.stem, self.res2, self.res3, self.res4)):
+            if k < self.cfg.freeze_at:
+                with torch.no_grad():
+                    x = stage(x)
+            else:
+                x = stage(x)
+        return x
+
+    def head(self, feat: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rois`` (R, 5): batch index, x1, y1, x2, y2 in input pixels -> class logits, box deltas."""
+        size, scale = self.cfg.pool_size, 1.0 / self.stride
+        if self.cfg.pooler == "roi_align":
+            x = roi_align(feat, rois, (size, size), scale, self.cfg.sampling_ratio, aligned=True)
+        else:
+            x = roi_pool(feat, rois, (size, size), scale)
+        x = self.res5(x).mean(dim=(2, 3))
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.body(images), rois)
+
+
+# ----------------------------------------------------------------------------- data records
+
+
+@dataclass
+class ImageRecord:
+    """One image for training or testing: boxes continuous 0-based in original pixels."""
+
+    image_id: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (M, 4) ground truth used for training (difficult dropped unless asked)
+    labels: np.ndarray  # (M,) 0..K-1
+    proposals: np.ndarray  # (P, 4)
+    load: Callable[[], Any] = field(repr=False, default=None)  # -> PIL RGB image
+
+
+@dataclass
+class TrainConfig:
+    max_iter: int = 30000
+    lr: float = 0.002
+    steps: Sequence[int] = (22000,)
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_double_lr: bool = True
+    bias_weight_decay: bool = False
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3
+    ims_per_batch: int = 2
+    scales: Sequence[int] = (600,)
+    max_size: int = 1000
+    flip: bool = True
+    smooth_l1_beta: float = 1.0
+    checkpoint_period: int = 500
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class TestConfig:
+    scale: int = 600
+    max_size: int = 1000
+    nms: float = 0.3
+    score_thresh: float = 0.05
+    max_dets: int = 100
+    roi_chunk: int = 512
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Detectron's ``steps_with_decay`` with linear warm-up."""
+    lr = cfg.lr * cfg.gamma ** sum(it >= s for s in cfg.steps)
+    if it < cfg.warmup_iters:
+        alpha = it / cfg.warmup_iters
+        lr *= cfg.warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def image_scale(width: int, height: int, scale: int, max_size: int) -> float:
+    s = scale / min(width, height)
+    if round(s * max(width, height)) > max_size:
+        s = max_size / max(width, height)
+    return s
+
+
+def to_input(image, s: float, mean, std, input_space: str, flip: bool = False) -> torch.Tensor:
+    from torchvision.transforms import functional as TF
+
+    from evalsuite.colorspace import to_input_space
+
+    w, h = image.size
+    image = TF.resize(image, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
+    if flip:
+        image = TF.hflip(image)
+    return to_input_space(TF.to_tensor(image), input_space, mean, std)
+
+
+def pad_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    h = max(i.shape[1] for i in images)
+    w = max(i.shape[2] for i in images)
+    out = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+    for k, im in enumerate(images):
+        out[k, :, : im.shape[1], : im.shape[2]] = im
+    return out
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@dataclass
+class FitReport:
+    iterations: int
+    resumed_from: int
+    losses: list[dict[str, float]]  # averaged per log window
+
+    def summary(self) -> dict[str, Any]:
+        return {"first": self.losses[0] if self.losses else None, "last": self.losses[-1] if self.losses else None,
+                "windows": len(self.losses)}
+
+
+class Backend(Protocol):
+    """What the detection task needs from a detector implementation."""
+
+    name: str
+
+    def fit(self, records: Sequence[ImageRecord], cfg: TrainConfig, *, state_path: Path | None, fingerprint: str,
+            progress: bool) -> FitReport: ...
+
+    def predict(self, records: Sequence[ImageRecord], cfg: TestConfig, *, progress: bool
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image: boxes (D, 4) continuous original pixels, labels (D,) 0..K-1, scores (D,)."""
+        ...
+
+
+def detectron2_available() -> bool:
+    return importlib.util.find_spec("detectron2") is not None
+
+
+def get_backend(name: str, trunk: nn.Module, num_classes: int, model_cfg: ModelConfig, *, device: str = "cpu",
+                normalize: dict | None = None) -> Backend:
+    if name == "torchvision":
+        return TorchvisionFastRCNN(trunk, num_classes, model_cfg, device=device, normalize=normalize)
+    if name == "detectron2":
+        if not detectron2_available():
+            raise UserError("backend detectron2 requested but detectron2 is not installed; use backend=torchvision")
+        raise UserError("a detectron2 backend is not implemented yet (detectron2 was found); use backend=torchvision")
+    raise UserError(f"unknown detection backend {name!r}; choose torchvision or detectron2")
+
+
+class TorchvisionFastRCNN:
+    """Fast R-CNN on torchvision ops (runs on CPU or CUDA)."""
+
+    name = "torchvision"
+
+    def __init__(self, trunk: nn.Module, num_classes: int, model_cfg: ModelConfig, device: str = "cpu",
+                 normalize: dict | None = None):
+        self.model = FastRCNN(trunk, num_classes, model_cfg).to(device)
+        self.device = torch.device(device)
+        norm = normalize or {}
+        from evalsuite.features import IMAGENET_MEAN, IMAGENET_STD
+
+        self.mean = tuple(norm.get("mean", IMAGENET_MEAN))
+        self.std = tuple(norm.get("std", IMAGENET_STD))
+        self.input_space = norm.get("input_space", "rgb")
+
+    # ------------------------------------------------------------ training
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        weights, biases = [], []
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                (biases if n.endswith(".bias") else weights).append(p)
+        return [{"params": weights, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
+                {"params": biases, "lr_mult": 2.0 if cfg.bias_double_lr else 1.0,
+                 "weight_decay": cfg.weight_decay if cfg.bias_weight_decay else 0.0}]
+
+    def batch_indices(self, it: int, n: int, cfg: TrainConfig) -> list[int]:
+        out = []
+        for pos in range(it * cfg.ims_per_batch, (it + 1) * cfg.ims_per_batch):
+            epoch, k = divmod(pos, n)
+            out.append(int(np.random.default_rng([cfg.seed, epoch]).permutation(n)[k]))
+        return out
+
+    def train_step(self, batch: Sequence[ImageRecord], cfg: TrainConfig, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, rois, labels, targets = [], [], [], []
+        for b, rec in enumerate(batch):
+            scale_px = cfg.scales[int(torch.randint(len(cfg.scales), (1,), generator=gen))]
+            flip = cfg.flip and bool(torch.rand(1, generator=gen) < 0.5)
+            s = image_scale(rec.width, rec.height, scale_px, cfg.max_size)
+            images.append(to_input(rec.load(), s, self.mean, self.std, self.input_space, flip))
+            gt, props = torch.from_numpy(rec.boxes).float(), torch.from_numpy(rec.proposals).float()
+            if flip:
+                gt, props = hflip_boxes(gt, rec.width), hflip_boxes(props, rec.width)
+            r, lab, tgt = sample_rois(props * s, gt * s, torch.from_numpy(rec.labels).long(), cfg.sampler, gen)
+            rois.append(torch.cat([torch.full((len(r), 1), float(b)), r], 1))
+            labels.append(lab)
+            targets.append(tgt)
+        x = pad_batch(images).to(self.device)
+        logits, deltas = self.model(x, torch.cat(rois).to(self.device))
+        return fast_rcnn_loss(logits, deltas, torch.cat(labels).to(self.device), torch.cat(targets).to(self.device),
+                              cfg.smooth_l1_beta)
+
+    def fit(self, records: Sequence[ImageRecord], cfg: TrainConfig, *, state_path: Path | None = None,
+            fingerprint: str = "", progress: bool = False, stop_after: int | None = None) -> FitReport:
+        """SGD for ``cfg.max_iter`` iterations; state saved atomically every ``checkpoint_period``.
+
+        ``stop_after`` (tests) returns early after that many iterations of this call, as an interrupt would.
+        """
+        from tqdm import tqdm
+
+        groups = self.param_groups(cfg)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        start, losses = 0, []
+        if state_path is not None and Path(state_path).exists():
+            state = torch.load(state_path, map_location=self.device, weights_only=True)
+            if state.get("fingerprint") == fingerprint:
+                self.model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                start, losses = int(state["iteration"]), list(state["losses"])
+        self.model.train()
+        window: list[tuple[float, float]] = []
+        done = 0
+        for it in tqdm(range(start, cfg.max_iter), desc="detection train", disable=not progress,
+                       initial=start, total=cfg.max_iter):
+            lr = lr_at(it, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+            batch = [records[k] for k in self.batch_indices(it, len(records), cfg)]
+            loss_cls, loss_box = self.train_step(batch, cfg, gen)
+            loss = loss_cls + loss_box
+            if not torch.isfinite(loss):
+                raise UserError(f"detection training diverged at iteration {it} (loss {loss.item()}); lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            window.append((loss_cls.item(), loss_box.item()))
+            done += 1
+            last = it + 1 == cfg.max_iter
+            if len(window) >= 20 or last:
+                a = np.mean(window, axis=0)
+                losses.append({"iter": it + 1, "loss_cls": round(float(a[0]), 5), "loss_box": round(float(a[1]), 5)})
+                window = []
+            if state_path is not None and ((it + 1) % cfg.checkpoint_period == 0 or last):
+                self._save(state_path, opt, it + 1, losses, fingerprint)
+            if stop_after is not None and done >= stop_after and not last:
+                if state_path is not None:
+                    self._save(state_path, opt, it + 1, losses, fingerprint)
+                return FitReport(it + 1, start, losses)
+        return FitReport(cfg.max_iter, start, losses)
+
+    def _save(self, path: Path, opt, it: int, losses, fingerprint: str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"model": self.model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                        "losses": losses, "fingerprint": fingerprint}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def detect_one(self, rec: ImageRecord, cfg: TestConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        if len(rec.proposals) == 0:
+            return empty
+        self.model.eval()
+        s = image_scale(rec.width, rec.height, cfg.scale, cfg.max_size)
+        x = to_input(rec.load(), s, self.mean, self.std, self.input_space)[None].to(self.device)
+        feat = self.model.body(x)
+        props = torch.from_numpy(rec.proposals).float().to(self.device)
+        logits, deltas = [], []
+        for k in range(0, len(props), cfg.roi_chunk):
+            p = props[k: k + cfg.roi_chunk] * s
+            lo, de = self.model.head(feat, torch.cat([p.new_zeros(len(p), 1), p], 1))
+            logits.append(lo)
+            deltas.append(de)
+        scores = torch.softmax(torch.cat(logits), 1).cpu()
+        boxes = decode_boxes(torch.cat(deltas).cpu(), props.cpu())  # original pixels: deltas are scale-free
+        boxes = clip_boxes(boxes, rec.width, rec.height).reshape(len(props), -1, 4)
+        K = self.model.num_classes
+        cls_boxes, cls_scores, cls_ids = [], [], []
+        for j in range(1, K + 1):
+            keep = torch.nonzero(scores[:, j] > cfg.score_thresh).flatten()
+            cls_boxes.append(boxes[keep, j])
+            cls_scores.append(scores[keep, j])
+            cls_ids.append(torch.full((len(keep),), j - 1, dtype=torch.long))
+        b, sc, ids = torch.cat(cls_boxes), torch.cat(cls_scores), torch.cat(cls_ids)
+        keep = batched_nms(b, sc, ids, cfg.nms)[: cfg.max_dets]  # sorted by decreasing score
+        return b[keep].numpy(), ids[keep].numpy(), sc[keep].numpy()
+
+    def predict(self, records: Sequence[ImageRecord], cfg: TestConfig, *, progress: bool = False
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        from tqdm import tqdm
+
+        return [self.detect_one(r, cfg) for r in tqdm(records, desc="detection test", disable=not progress)]
+
+
+def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    out = boxes.clone()
+    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return out
+
+
+def config_dict(*cfgs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in cfgs:
+        d = asdict(c)
+        out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()})
+    return out
+
+
+def params_checksum(module: nn.Module) -> str:
+    """sha256 of every parameter and buffer (for frozen-layer checks)."""
+    h = hashlib.sha256()
+    for n, t in sorted(module.state_dict().items()):
+        h.update(n.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
