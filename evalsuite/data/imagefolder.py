@@ -15,7 +15,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".ti
 class ImageFolder(ClassificationDataset):
     kind = "imagefolder"
 
-    def __init__(self, root: str | Path, split: str = "train"):
+    def __init__(self, root: str | Path, split: str = "train", skip_corrupt: bool = False):
         super().__init__(root, split)
         split_dir = self.root / split if split else self.root
         if not split_dir.is_dir():
@@ -31,8 +31,9 @@ class ImageFolder(ClassificationDataset):
                     samples.append((f, ci))
         if not samples:
             raise BadData("dataset is empty: no images in any class folder", split_dir)
-        self.samples = samples
-        self._labels = np.array([c for _, c in samples], dtype=np.int64)
+        keep = self._keep_readable([p for p, _ in samples], skip_corrupt)
+        self.samples = [samples[k] for k in keep]
+        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.samples)

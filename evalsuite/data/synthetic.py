@@ -81,6 +81,42 @@ def write_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size:
 
 # re-exported: every writer is importable from here
 from .render_nyu import write_nyuv2  # noqa: E402
+from .synth_places import write_places205  # noqa: E402
 from .synth_voc import write_voc2007  # noqa: E402
 
-__all__ = ["SHAPES", "shape_image", "write_imagefolder", "write_nyuv2", "write_voc2007"]
+
+def write_cifar10(root: str | Path, seed: int = 0, scale: float = 1.0, train_per_class: int = 50,
+                  test_per_class: int = 10) -> Path:
+    """``root/cifar-10-batches-py`` in the official python-pickle format (5 train batches, test_batch,
+    batches.meta; protocol-2 pickles with bytes keys, as the original Python 2 files): the 10
+    Places-like scene categories rendered at 32x32. ``scale`` multiplies the images per class."""
+    import pickle
+
+    from .render import atomic_dir, to_uint8
+    from .synth_places import CATEGORIES, render_place
+
+    target = Path(root) / "cifar-10-batches-py"
+    counts = {"train": max(1, round(train_per_class * scale)), "test": max(1, round(test_per_class * scale))}
+    with atomic_dir(target) as tmp:
+        for split, n in counts.items():
+            xs, ys, names = [], [], []
+            for k in range(n):
+                for c in range(len(CATEGORIES)):
+                    img = to_uint8(render_place(np.random.default_rng([seed, 32, c, int(split == "test"), k]), c, 32))
+                    xs.append(img.transpose(2, 0, 1).reshape(-1))
+                    ys.append(c)
+                    names.append(f"{CATEGORIES[c].split('/')[1]}_{split}_{k:05d}.png".encode())
+            data = np.stack(xs)
+            parts = np.array_split(np.arange(len(ys)), 5) if split == "train" else [np.arange(len(ys))]
+            for b, idx in enumerate(parts, 1):
+                name = f"data_batch_{b}" if split == "train" else "test_batch"
+                batch = {b"batch_label": f"{split} batch {b}".encode(), b"labels": [ys[i] for i in idx],
+                         b"data": data[idx], b"filenames": [names[i] for i in idx]}
+                (tmp / name).write_bytes(pickle.dumps(batch, protocol=2))
+        meta = {b"label_names": [c.split("/")[1].encode() for c in CATEGORIES], b"num_cases_per_batch": 0,
+                b"num_vis": 3072}
+        (tmp / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return target
+
+__all__ = ["SHAPES", "shape_image", "write_cifar10", "write_imagefolder", "write_nyuv2", "write_places205",
+           "write_voc2007"]
