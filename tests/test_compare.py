@@ -1,0 +1,157 @@
+"""`evalsuite compare`: matching, tolerances, protocol mismatches, missing rows, exit codes, JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evalsuite.cli import main
+from evalsuite.errors import UserError
+from evalsuite.results import Result, append_results
+from leaderboard.aggregate import deduplicate, load_results
+from leaderboard.compare import Tolerance, compare_to_references, compare_to_results
+
+# Goyal et al. 2019, VOC07 SVM mAP, ImageNet-supervised ResNet-50 (leaderboard/references/voc07_svm.csv)
+GOYAL_SUP = {"conv1": 24.49, "res2": 47.75, "res3": 60.54, "res4": 80.36, "res5": 87.95}
+
+
+def rec(value, layer="res5", *, task="voc07_svm", metric="mAP", protocol="goyal19", method="supervised",
+        params=None, created="2024-01-01T00:00:00Z", checkpoint="/ckpts/sup.pth") -> Result:
+    return Result(task=task, dataset="voc2007", split="test", layer=layer, metric=metric, value=value,
+                  checkpoint_id="c" * 64, checkpoint=checkpoint, method=method, arch="resnet50",
+                  pretrain_data="imagenet1k", protocol=protocol, params=params or {"costs": [1, 10]},
+                  created=created)
+
+
+def write(d: Path, records) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    append_results(d / "results.jsonl", records)
+    return d
+
+
+def agg_of(d: Path):
+    return deduplicate(load_results([d]))
+
+
+def test_tolerance_parsing() -> None:
+    t = Tolerance.parse(["0.25", "mAP=1.5"], relative=0.01)
+    assert t.allowed("top1", 50.0) == pytest.approx(0.25 + 0.5)
+    assert t.allowed("mAP", 50.0) == pytest.approx(1.5 + 0.5)
+    for bad in (["x"], ["mAP=abc"], ["-1"], ["nan"]):
+        with pytest.raises(UserError):
+            Tolerance.parse(bad)
+
+
+def test_against_references_within_and_outside_tolerance(tmp_path) -> None:
+    offsets = {"conv1": 0.3, "res2": -0.4, "res3": 0.0, "res4": 1.2, "res5": -2.0}
+    d = write(tmp_path / "r", [rec(GOYAL_SUP[lay] + off, lay) for lay, off in offsets.items()])
+    rep = compare_to_references(agg_of(d), Tolerance(default=0.5))
+    goyal = {r["layer"]: r for r in rep.rows if r["ref_protocol"].startswith("goyal19")}
+    assert set(goyal) == set(GOYAL_SUP)
+    for lay, off in offsets.items():
+        r = goyal[lay]
+        assert r["reference"] == GOYAL_SUP[lay] and r["delta"] == pytest.approx(off)
+        assert r["status"] == ("ok" if abs(off) <= 0.5 else "regression"), lay
+    assert rep.exit_code == 1
+    # a wider tolerance for mAP makes it pass
+    assert compare_to_references(agg_of(d), Tolerance(default=0.5, per_metric={"mAP": 2.0})).exit_code == 0
+
+
+def test_protocol_mismatch_is_flagged_not_compared(tmp_path) -> None:
+    # our quick-preset numbers are far from the published goyal19 ones, but never compared with them
+    d = write(tmp_path / "r", [rec(GOYAL_SUP[lay] - 30, lay, protocol="quick") for lay in GOYAL_SUP])
+    rep = compare_to_references(agg_of(d), Tolerance())
+    assert rep.rows and {r["status"] for r in rep.rows} == {"protocol_mismatch"}
+    assert all(r["delta"] is None for r in rep.rows)
+    assert rep.exit_code == 0
+    assert any(m["has_mismatched_result"] and m["layer"] == "res5" for m in rep.missing)
+    assert compare_to_references(agg_of(d), Tolerance(), strict=True).exit_code == 1
+    # accepting the mapping explicitly turns them into (failing) comparisons
+    acc = compare_to_references(agg_of(d), Tolerance(), accept=[("quick", "goyal19")])
+    assert {r["status"] for r in acc.rows if r["ref_protocol"].startswith("goyal19")} == {"regression"}
+
+
+def test_lowshot_variant_matches_the_k_row(tmp_path) -> None:
+    # mmselfsup MoCo v2 low-shot k=1 at res5 (lowshot.csv); our task name lowshot_svm, k in params
+    from leaderboard.references import load_references
+
+    refs = load_references(["lowshot.csv"])
+    row = refs[(refs["method"] == "moco_v2") & (refs["variant"] == "k=1") & (refs["source_key"] == "mmselfsup")]
+    assert len(row) == 1
+    ref = float(row["value"].iloc[0])
+    r = rec(ref + 0.1, "res5", task="lowshot_svm", method="moco_v2", params={"k": 1, "costs": [1, 10, 100]})
+    d = write(tmp_path / "r", [r])
+    rep = compare_to_references(agg_of(d), Tolerance(), references=refs, accept=[("goyal19", "mmselfsup")])
+    ok = [x for x in rep.rows if x["status"] == "ok"]
+    assert len(ok) == 1 and ok[0]["variant"] == "k=1" and ok[0]["reference"] == ref
+    # the other k of the same method are listed as missing
+    assert {m["variant"] for m in rep.missing if m["task"] == "lowshot_svm" and m["ref_protocol"].startswith(
+        "mmselfsup")} == {f"k={k}" for k in (2, 4, 8, 16, 32, 64, 96)}
+
+
+def test_against_results_detects_moves_param_changes_and_missing_rows(tmp_path) -> None:
+    base = [rec(50.0, "res4"), rec(60.0, "res5"), rec(70.0, "res5", task="places205_linear", metric="top1")]
+    exp = write(tmp_path / "expected", base)
+    same = write(tmp_path / "same", [rec(50.004, "res4"), rec(59.996, "res5"),
+                                     rec(70.0, "res5", task="places205_linear", metric="top1")])
+    rep = compare_to_results(agg_of(same), agg_of(exp), Tolerance(default=0.01), strict=True)
+    assert rep.summary()["ok"] == 3 and rep.exit_code == 0
+    moved = write(tmp_path / "moved", [rec(50.0, "res4"), rec(61.0, "res5"),
+                                       rec(70.0, "res5", task="places205_linear", metric="top1")])
+    rep = compare_to_results(agg_of(moved), agg_of(exp), Tolerance(default=0.01))
+    bad = [r for r in rep.rows if r["status"] == "regression"]
+    assert len(bad) == 1 and bad[0]["layer"] == "res5" and bad[0]["delta"] == pytest.approx(1.0)
+    assert rep.exit_code == 1
+    changed = write(tmp_path / "changed", [rec(50.0, "res4", params={"costs": [1]}), rec(60.0, "res5"),
+                                           rec(70.0, "res5", task="places205_linear", metric="top1")])
+    rep = compare_to_results(agg_of(changed), agg_of(exp), Tolerance(default=0.01))
+    mm = [r for r in rep.rows if r["status"] == "protocol_mismatch"]
+    assert len(mm) == 1 and mm[0]["param_diff"] == {"costs": [[1], [1, 10]]}
+    assert rep.exit_code == 0 and compare_to_results(agg_of(changed), agg_of(exp), Tolerance(default=0.01),
+                                                     strict=True).exit_code == 1
+    assert compare_to_results(agg_of(changed), agg_of(exp), Tolerance(default=0.01), ignore_params=["costs"],
+                              strict=True).exit_code == 0
+    partial = write(tmp_path / "partial", [rec(50.0, "res4"), rec(60.0, "res5")])
+    rep = compare_to_results(agg_of(partial), agg_of(exp), Tolerance(default=0.01), strict=True)
+    assert [m["task"] for m in rep.missing] == ["places205_linear"] and rep.exit_code == 1
+
+
+def test_explained_nan_is_a_failure_when_a_number_is_expected(tmp_path) -> None:
+    exp = write(tmp_path / "expected", [rec(50.0)])
+    r = rec(None)
+    r.note = "class without positives"
+    got = write(tmp_path / "got", [r])
+    rep = compare_to_results(agg_of(got), agg_of(exp), Tolerance())
+    assert rep.rows[0]["status"] == "no_value" and rep.exit_code == 1
+
+
+def test_cli_exit_codes_and_json_report(tmp_path, capsys) -> None:
+    within = write(tmp_path / "within", [rec(v + 0.2, lay) for lay, v in GOYAL_SUP.items()])
+    outside = write(tmp_path / "outside", [rec(v + (3.0 if lay == "res3" else 0.0), lay)
+                                           for lay, v in GOYAL_SUP.items()])
+    report = tmp_path / "out" / "report.json"
+    assert main(["compare", "--results", str(within), "--against", "references", "--tolerance", "0.5",
+                 "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text and "87.950" in text
+    data = json.loads(report.read_text())
+    assert data["summary"]["ok"] == 5 and data["summary"]["regression"] == 0 and data["summary"]["passed"]
+    assert main(["compare", "--results", str(outside), "--against", "references", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    bad = [r for r in data["rows"] if r["status"] == "regression"]
+    assert [(r["layer"], round(r["delta"], 6)) for r in bad] == [("res3", 3.0)]
+    # results against results
+    assert main(["compare", "--results", str(within), "--against", str(within), "--strict"]) == 0
+    assert main(["compare", "--results", str(outside), "--against", str(within), "--tolerance", "0.5"]) == 1
+    capsys.readouterr()
+    # bad input: exit 2, one line naming the file
+    bad_file = tmp_path / "bad" / "results.jsonl"
+    bad_file.parent.mkdir()
+    bad_file.write_text("garbage\n")
+    assert main(["compare", "--results", str(bad_file), "--against", "references"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad_file) in err[0]
+    assert main(["compare", "--results", str(within), "--against", "references", "--tolerance", "x"]) == 2
+    assert main(["compare", "--results", str(within), "--against", "references", "--accept-protocol", "x"]) == 2
