@@ -1,0 +1,171 @@
+"""lowshot_svm: the benchmark's k-shot sampling (counts, pools, seeds), stats over samples, cost selection, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import tasks.lowshot_svm as ls
+from evalsuite import registry
+from evalsuite.cli import main as cli_main
+from evalsuite.results import Result
+from tasks.solvers import svm
+
+CLASSES = [f"c{j}" for j in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeVOC:
+    def __init__(self, split, labels):
+        self.split, self.classes, self.root = split, list(CLASSES), Path("/fake")
+        self.label_matrix = np.asarray(labels, dtype=np.int8)
+
+    def __len__(self):
+        return len(self.label_matrix)
+
+    def fingerprint(self):
+        return "fp"
+
+
+class FakeCtx:
+    def __init__(self, protocol, train, test, feats, seed=0):
+        self.protocol, self.seed, self.device, self.progress, self.layers = protocol, seed, "cpu", False, None
+        self._data = {protocol["train_split"]: train, protocol["test_split"]: test}
+        self._feats = feats
+        self.extractor = SimpleNamespace(trunk=SimpleNamespace(tap_names=list(feats[protocol["train_split"]])),
+                                         pool_specs=lambda taps, pooling, t: {
+                                             tap: SimpleNamespace(op="none", out_shape=(3,)) for tap in taps})
+
+    def open_dataset(self, kind, split, path=None):
+        return self._data[split]
+
+    def taps(self, default):
+        return list(default)
+
+    def transform(self):
+        return SimpleNamespace(to_dict=lambda: {"size": 224})
+
+    def features(self, dataset, taps, pooling=None, transform=None):
+        return {t: self._feats[dataset.split][t] for t in taps}
+
+    def result(self, dataset, split, layer, metric, value, params=None, note="", dataset_fingerprint=""):
+        return Result(task="t", dataset=dataset, split=split, layer=layer, metric=metric, value=value,
+                      params={**self.protocol, **(params or {})}, note=note)
+
+
+def voc_like(n, rng, noise=0.8):
+    labels = np.where(rng.random((n, len(CLASSES))) < 0.3, 1, -1).astype(np.int8)
+    labels[rng.random(labels.shape) < 0.05] = 0  # difficult-only
+    feats = np.hstack([labels + noise * rng.normal(size=labels.shape), rng.normal(size=(n, 4))])
+    return labels, feats.astype(np.float32)
+
+
+def test_voc_sampling_counts_pools_and_seeds():
+    rng = np.random.default_rng(0)
+    labels, _ = voc_like(400, rng)
+    for k in (1, 2, 4):
+        s = ls.sample_voc_lowshot(labels, k, seed=0, sample=0)
+        for j in range(len(CLASSES)):
+            pos, neg = np.nonzero(s[:, j] == 1)[0], np.nonzero(s[:, j] == -1)[0]
+            assert len(pos) == k and len(neg) == (len(CLASSES) - 1) * k  # k and (K-1)k, distinct rows
+            assert (labels[pos, j] == 1).all() and (labels[neg, j] == -1).all()  # never a difficult-only image
+        assert (ls.sample_voc_lowshot(labels, k, seed=0, sample=0) == s).all()  # reproducible
+        assert (ls.sample_voc_lowshot(labels, k, seed=0, sample=1) != s).any()  # independent samples differ
+        assert (ls.sample_voc_lowshot(labels, k, seed=1, sample=0) != s).any()
+    with pytest.raises(ls.NotEnoughImages, match="class 0 has"):
+        ls.sample_voc_lowshot(labels[:20], 8, seed=0, sample=0)
+
+
+def test_single_label_sampling():
+    labels = np.repeat(np.arange(3), [5, 6, 7])
+    s = ls.sample_single_label_lowshot(labels, 3, 4, seed=0, sample=0)
+    picked = (s != 0).any(axis=1)
+    assert picked.sum() == 12 and all((labels[picked] == c).sum() == 4 for c in range(3))
+    assert ((s == 1).sum(axis=0) == 4).all() and ((s == -1).sum(axis=0) == 8).all()
+    assert (s[picked, labels[picked]] == 1).all()
+    with pytest.raises(ls.NotEnoughImages):
+        ls.sample_single_label_lowshot(labels, 3, 6, seed=0, sample=0)
+
+
+def test_presets():
+    g, v, q = (ls.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
+    assert g["k_values"] == [1, 2, 4, 8, 16, 32, 64, 96] == v["k_values"]
+    assert g["num_samples"] == 5 and g["cost_selection"] == "test" and len(g["costs"]) == 26
+    assert v["costs"][-1] == 1000.0 and q["num_samples"] < 5
+
+
+def test_test_selected_stats_follow_the_benchmark_aggregation():
+    rng = np.random.default_rng(1)
+    ytr, ftr = voc_like(300, rng)
+    yte, fte = voc_like(150, rng)
+    prot = ls.task.default_protocol("quick")
+    prot.update({"layers": ["f"], "k_values": [2, 100], "num_samples": 3, "costs": [0.01, 1.0]})
+    ctx = FakeCtx(prot, FakeVOC("trainval", ytr), FakeVOC("test", yte), {"trainval": {"f": ftr}, "test": {"f": fte}})
+    r2, r100 = ls.task.run(ctx)
+    assert (r2.metric, r100.metric) == ("mAP_k2", "mAP_k100")
+    assert r100.value is None and "k=100 skipped" in r100.note
+    p = r2.params
+    maps = np.array(p["per_sample_map"])
+    assert r2.value == pytest.approx(maps.mean(), abs=1e-3) and p["std"] == pytest.approx(maps.std(), abs=1e-3)
+    assert (p["min"], p["max"]) == (pytest.approx(maps.min(), abs=1e-3), pytest.approx(maps.max(), abs=1e-3))
+    assert p["map_per_cost"][str(p["chosen_cost"])] == max(p["map_per_cost"].values())
+    # recompute sample 0 at the chosen cost independently (one LinearSVC-objective solve per class)
+    lab = ls.sample_voc_lowshot(ytr, 2, seed=0, sample=0)
+    xtr, xte = svm.l2_normalize(ftr), svm.l2_normalize(fte)
+    aps = []
+    for j in range(len(CLASSES)):
+        rows = lab[:, j] != 0
+        sol = svm.solve(xtr[rows], lab[rows, j:j + 1], np.array([p["chosen_cost"]]), svm.SVMConfig(backend="sklearn",
+                        sklearn_tol=1e-8, sklearn_max_iter=100000))
+        aps.append(svm.voc_ap(yte[:, j], sol.decision(xte)[:, 0]))
+    assert maps[0] == pytest.approx(100 * np.mean(aps), abs=0.05)
+    assert "TEST set" in p["cost_selection_note"]
+
+
+def test_cv_selection_and_noise_is_near_chance():
+    rng = np.random.default_rng(2)
+    ytr, ftr = voc_like(300, rng, noise=0.3)
+    yte, fte = voc_like(200, rng, noise=0.3)
+    prot = ls.task.default_protocol("quick")
+    prot.update({"layers": ["f", "noise"], "k_values": [4], "num_samples": 2, "cost_selection": "cv"})
+    feats = {"trainval": {"f": ftr, "noise": rng.normal(size=ftr.shape)},
+             "test": {"f": fte, "noise": rng.normal(size=fte.shape)}}
+    good, noise = ls.task.run(FakeCtx(prot, FakeVOC("trainval", ytr), FakeVOC("test", yte), feats))
+    assert good.params["cost_selection"] == "cv" and good.params["folds_used"] == 3
+    assert len(good.params["chosen_cost_per_sample"]) == 2
+    assert good.value > 85 and abs(noise.value - 100 * (yte == 1).sum() / (yte != 0).sum()) < 15
+
+
+@pytest.fixture(scope="module")
+def synthetic_voc(tmp_path_factory) -> Path:
+    from evalsuite.data.synth_voc import write_voc2007
+
+    root = tmp_path_factory.mktemp("vocdata")
+    write_voc2007(root, seed=0, image_size=40, n_trainval=60, n_test=40)
+    return root
+
+
+def test_cli_run_on_synthetic_voc(synthetic_voc, tmp_path, cache_dir):
+    registry.register_task(ls.task)
+    try:
+        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "lowshot_svm", "--protocol", "quick",
+                       "--set", "lowshot_svm.image_size=32", "--set", "lowshot_svm.k_values=[1]",
+                       "--data-root", str(synthetic_voc), "--out", str(tmp_path / "runs"), "--no-progress"])
+    finally:
+        registry.unregister(registry.TASK_GROUP, "lowshot_svm")
+    assert rc == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert [(r["layer"], r["metric"]) for r in rows] == [("res5", "mAP_k1")]
+    assert rows[0]["params"]["k"] == 1 and len(rows[0]["params"]["per_sample_map"]) == 2
