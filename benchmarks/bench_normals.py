@@ -1,0 +1,106 @@
+"""Surface-normal training and evaluation speed at the ``quick`` preset, side by side in one run.
+
+Measured on ray-cast synthetic NYUv2 scenes (``write_nyuv2``) with a random trunk:
+- training steps/s with the frozen stages' outputs computed once and reused every epoch ("cached")
+  versus recomputed for every batch ("recomputed"), for the goyal19 split (res5 + head trained,
+  ``freeze_through=res4``) and for a head on a fully frozen trunk (``freeze_through=res5``);
+  the one-off cost of filling the cache is reported separately and included in the end-to-end time;
+- evaluation images/s (forward, upsampling to the ground-truth resolution, decoding, pooled metrics).
+
+    python -m benchmarks.bench_normals [--arch resnet18] [--n-train 32] [--n-test 16]
+                                       [--height 48] [--width 64] [--epochs 3] [--threads 1]
+
+Prints a table and writes benchmarks/out/bench_normals.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tasks.surface_normals as sn
+from benchmarks.common import peak_rss_mb, write_json
+from evalsuite.checkpoints import load_checkpoint
+from evalsuite.data import open_dataset
+from evalsuite.data.synthetic import write_nyuv2
+from tasks.dense_heads import FrozenTrunkDenseModel
+
+
+def build(arch: str, freeze_through: str, cfg, p) -> FrozenTrunkDenseModel:
+    torch.manual_seed(0)
+    return FrozenTrunkDenseModel(load_checkpoint(f"random:{arch}", seed=0).build_trunk(), freeze_through,
+                                 cfg.num_outputs, output_stride=int(p["output_stride"]),
+                                 head_channels=int(p["head_channels"]), bins=p["psp_bins"], dropout=float(p["dropout"]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--n-train", type=int, default=32)
+    ap.add_argument("--n-test", type=int, default=16)
+    ap.add_argument("--height", type=int, default=48)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    p = {**sn.task.default_protocol("quick"), "image_size": [args.height, args.width], "epochs": args.epochs}
+    cfg = sn.TrainConfig.from_protocol(p, seed=0)
+    norm = sn._normalisation({})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_nyuv2(Path(tmp), seed=0, n_train=args.n_train, n_test=args.n_test, height=args.height,
+                           width=args.width)
+        train, test = open_dataset("nyuv2", root, "train"), open_dataset("nyuv2", root, "test")
+        t0 = time.perf_counter()
+        data = sn.load_split(train, cfg.image_size, cfg.unit_tolerance, progress=False)
+        load_s = time.perf_counter() - t0
+        iters = (len(data) // min(cfg.batch_size, len(data))) * cfg.epochs
+        for freeze in ("res4", "res5"):
+            timing = {}
+            for cached in (True, False):
+                model = build(args.arch, freeze, cfg, p)
+                cache_s = 0.0
+                if cached:  # time the one-off cache fill on its own
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        for i in range(0, len(data), cfg.batch_size):
+                            model.frozen_features(sn.to_input(data.images[i:i + cfg.batch_size], norm))
+                    cache_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                fit = sn.train_dense(model, data, cfg, norm, progress=False, cache_frozen=cached)
+                total_s = time.perf_counter() - t0
+                train_s = total_s - cache_s
+                timing[cached] = {"steps_per_s": iters / train_s, "train_s": train_s, "cache_fill_s": cache_s,
+                                  "end_to_end_s": total_s, "loss_final": fit.losses[-1]}
+                if not cached:
+                    t0 = time.perf_counter()
+                    scores = sn.evaluate(model, test, cfg, norm, fit.codebook, progress=False)
+                    eval_s = time.perf_counter() - t0
+                    timing["eval_images_per_s"] = len(test) / eval_s
+                    timing["median_angle_error_deg"] = scores["median_angle_error_deg"]
+            rows.append({"freeze_through": freeze, "layer": model.layer_name, "iterations": iters,
+                         "cached": timing[True], "recomputed": timing[False],
+                         "speedup_steps_per_s": timing[True]["steps_per_s"] / timing[False]["steps_per_s"],
+                         "speedup_end_to_end": timing[False]["end_to_end_s"] / timing[True]["end_to_end_s"],
+                         "eval_images_per_s": timing["eval_images_per_s"],
+                         "median_angle_error_deg": timing["median_angle_error_deg"]})
+
+    print(f"surface normals, {args.arch}, {args.height}x{args.width}, batch {cfg.batch_size}, "
+          f"{args.n_train} train / {args.n_test} test, {args.threads} thread(s); loading the split {load_s:.2f}s")
+    print(f"{'layer':14s} {'cached st/s':>12s} {'recomp st/s':>12s} {'x steps':>8s} {'x e2e':>7s} {'eval img/s':>11s}")
+    for r in rows:
+        print(f"{r['layer']:14s} {r['cached']['steps_per_s']:12.2f} {r['recomputed']['steps_per_s']:12.2f} "
+              f"{r['speedup_steps_per_s']:8.2f} {r['speedup_end_to_end']:7.2f} {r['eval_images_per_s']:11.1f}")
+    write_json("bench_normals", {"args": vars(args), "load_split_s": load_s, "rows": rows,
+                                 "peak_rss_mb": peak_rss_mb()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
