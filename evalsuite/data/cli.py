@@ -1,28 +1,137 @@
-"""``evalsuite data``: generate synthetic datasets in real formats."""
+"""``evalsuite data``: generate synthetic datasets in real formats (``synth``) and check a dataset (``check``)."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+
+from ..errors import BadData, UserError
+
+SYNTH_KINDS = ("imagefolder", "voc", "places", "nyuv2", "cifar10")
+ALIASES = {"voc": "voc2007", "places": "places205"}
+CHECK_KINDS = ("imagefolder", "voc", "voc2007", "places", "places205", "nyuv2", "cifar10", "cifar100", "digits")
+SPLITS = {"imagefolder": ("train", "val"), "voc2007": ("trainval", "test"), "places205": ("train", "val"),
+          "nyuv2": ("train", "test"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
+          "digits": ("train", "test")}
+
+EPILOG = """\
+examples:
+  evalsuite data synth --out data/demo --seed 0                 every kind, default size, into one data root
+  evalsuite data synth --kind voc --out data/big --size 10      10x the images of the default VOC stand-in
+  evalsuite data synth --kind nyuv2 --nyu-format dir --out data/d
+  evalsuite data check --kind voc --root ~/data                 (~/data/VOCdevkit/VOC2007, or the folder itself)
+  evalsuite data check --kind places --root data/demo --skip-corrupt
+"""
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("data", help="generate or check datasets",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  evalsuite data synth --kind imagefolder --out data/demo --seed 0")
+    p = sub.add_parser("data", help="generate or check datasets", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG)
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    s = dsub.add_parser("synth", help="write a synthetic dataset in a real on-disk format")
-    s.add_argument("--kind", default="imagefolder", choices=["imagefolder"], help="dataset format")
-    s.add_argument("--out", type=Path, required=True, help="data root to write into")
-    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    s.add_argument("--size", type=int, default=20, help="images per class (train split)")
-    s.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    s = dsub.add_parser("synth", help="write synthetic datasets in their real on-disk formats",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, "all"],
+                   help="dataset to write (default all: every kind into the one data root)")
+    s.add_argument("--out", type=Path, required=True, help="data root to write into (each kind in its usual sub-path)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical files)")
+    s.add_argument("--size", type=float, default=1.0,
+                   help="scale factor on the number of images (1.0: ~400 VOC, 400 Places, 96 NYUv2, 240 ImageFolder, "
+                        "600 CIFAR images)")
+    s.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: each kind's own)")
+    s.add_argument("--nyu-format", choices=["mat", "dir"], default="mat",
+                   help="NYUv2 layout: labeled .mat + splits.mat (default) or per-frame files")
     s.set_defaults(func=cmd_synth)
+    c = dsub.add_parser("check", help="parse a dataset, decode every file and summarise it (exit 2 on bad data)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    c.add_argument("--kind", required=True, choices=CHECK_KINDS)
+    c.add_argument("--root", type=Path, default=Path("."),
+                   help="the data root (the kind's usual sub-path is looked up) or the dataset folder itself")
+    c.add_argument("--split", action="append", help="split(s) to check (default: the kind's usual two)")
+    c.add_argument("--skip-corrupt", action="store_true", help="count and report unreadable images instead of failing")
+    c.set_defaults(func=cmd_check)
+
+
+def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: int | None = None,
+          nyu_format: str = "mat") -> dict[str, Path]:
+    """Write one kind (or "all") under the data root ``out``; returns {kind: written path}."""
+    from . import synthetic as S
+
+    kinds = SYNTH_KINDS if kind == "all" else (kind,)
+    px = {} if image_size is None else {"image_size": image_size}
+    done: dict[str, Path] = {}
+    for k in kinds:
+        if k == "imagefolder":
+            done[k] = S.write_imagefolder(out / "imagefolder", seed=seed, per_class=max(1, round(20 * scale)),
+                                          size=image_size or 64)
+        elif k == "voc":
+            done[k] = S.write_voc2007(out, seed=seed, scale=scale, **px)
+        elif k == "places":
+            done[k] = S.write_places205(out, seed=seed, scale=scale, **px)
+        elif k == "nyuv2":
+            hw = {} if image_size is None else {"height": image_size * 3 // 4, "width": image_size}
+            done[k] = S.write_nyuv2(out, seed=seed, scale=scale, fmt=nyu_format, **hw)
+        elif k == "cifar10":
+            done[k] = S.write_cifar10(out, seed=seed, scale=scale)
+        else:  # pragma: no cover - argparse restricts choices
+            raise UserError(f"unknown synthetic kind {k!r}")
+    return done
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from .synthetic import write_imagefolder
+    if a.size <= 0:
+        raise UserError(f"--size must be positive, got {a.size}")
+    t0 = time.perf_counter()
+    for k, path in synth(a.kind, a.out, a.seed, a.size, a.image_size, a.nyu_format).items():
+        print(f"wrote {k} to {path}")
+    print(f"done in {time.perf_counter() - t0:.1f}s (seed {a.seed}, size {a.size})")
+    return 0
 
-    root = write_imagefolder(a.out / "imagefolder", seed=a.seed, per_class=a.size, size=a.image_size)
-    print(f"wrote {a.kind} data to {root}")
+
+def resolve_root(kind: str, root: Path) -> Path:
+    from ..task import DATA_LAYOUT
+
+    sub = DATA_LAYOUT.get(kind, kind)
+    if sub and (root / sub).exists():
+        return root / sub
+    return root
+
+
+def check_dataset(kind: str, root: Path, split: str, skip_corrupt: bool = False) -> dict:
+    """Open one split and touch every sample (image decode, annotations, normals); returns a summary."""
+    import numpy as np
+
+    from . import open_dataset
+
+    opts = {"skip_corrupt": True} if skip_corrupt and kind != "digits" else {}
+    ds = open_dataset(kind, root, split, **opts)
+    if len(ds) == 0:
+        raise BadData(f"split {split!r} is empty", root)
+    s = ds.describe()
+    for i in range(len(ds)):
+        ds.load_image(i)
+    if kind == "voc2007":
+        s["objects"] = ds.check_annotations()
+        s["difficult"] = int(sum(ds.annotations(i)["difficult"].sum() for i in range(len(ds))))
+    elif kind == "nyuv2":
+        s["valid_fraction"] = round(float(np.mean([ds.valid_mask(i).mean() for i in range(len(ds))])), 4)
+        ds.normals(0)
+    elif hasattr(ds, "labels"):
+        s["classes"] = len(ds.classes)
+        s["per_class_min"] = int(np.bincount(ds.labels, minlength=len(ds.classes)).min())
+    s["fingerprint"] = ds.fingerprint()[:16]
+    return s
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    kind = ALIASES.get(a.kind, a.kind)
+    root = a.root if kind == "digits" else resolve_root(kind, a.root)
+    skipped = 0
+    for split in a.split or SPLITS[kind]:
+        s = check_dataset(kind, root, split, a.skip_corrupt)
+        skipped += s.get("skipped_corrupt", 0)
+        print(f"{kind} {split}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("kind", "split")))
+    if skipped:
+        print(f"skipped {skipped} corrupt file(s) (--skip-corrupt)")
+    print("ok")
     return 0
