@@ -31,6 +31,7 @@ DATA_LAYOUT: dict[str, str] = {
     "nyuv2": "nyuv2",
     "cifar10": "cifar-10-batches-py",
     "cifar100": "cifar-100-python",
+    "digits": "",  # scikit-learn's bundled 8x8 digits: no files under the data root
 }
 
 
