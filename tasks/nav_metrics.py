@@ -1,0 +1,86 @@
+"""Navigation metrics as pure functions: success rate, SPL, mean return and episode length.
+
+SPL (Success weighted by (normalized inverse) Path Length), Anderson et al. 2018,
+"On Evaluation of Embodied Navigation Agents", Eq. 1::
+
+    SPL = 1/N * sum_i S_i * l_i / max(p_i, l_i)
+
+with S_i the binary success of episode i, l_i the shortest-path distance from the
+agent's start to the goal (from the simulator's geometry) and p_i the length of the
+path the agent actually took. An episode that starts inside the goal region
+(l_i = p_i = 0) and succeeds counts as 1 (the ratio's limit: the shortest path was taken).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What one finished episode contributes to the metrics."""
+
+    success: bool
+    shortest_path: float  # l_i, metres (simulator units)
+    path_length: float  # p_i, metres actually travelled
+    ret: float  # sum of rewards
+    length: int  # number of steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(success: Sequence, shortest: Sequence, path: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = np.asarray(success, dtype=bool).reshape(-1)
+    lengths = np.asarray(shortest, dtype=np.float64).reshape(-1)
+    p = np.asarray(path, dtype=np.float64).reshape(-1)
+    if not (len(s) == len(lengths) == len(p)):
+        raise ValueError(f"success, shortest and path lengths differ: {len(s)}, {len(lengths)}, {len(p)}")
+    if not (np.all(np.isfinite(lengths)) and np.all(np.isfinite(p))):
+        raise ValueError("path lengths must be finite")
+    if np.any(lengths < 0) or np.any(p < 0):
+        raise ValueError("path lengths must be non-negative")
+    return s, lengths, p
+
+
+def success_rate(success: Sequence[bool]) -> float:
+    s = np.asarray(success, dtype=bool).reshape(-1)
+    if len(s) == 0:
+        raise ValueError("no episodes")
+    return float(s.mean())
+
+
+def spl(success: Sequence[bool], shortest: Sequence[float], path: Sequence[float]) -> float:
+    """Anderson et al. 2018 SPL over N episodes (see the module docstring)."""
+    s, lengths, p = _check(success, shortest, path)
+    if len(s) == 0:
+        raise ValueError("no episodes")
+    denom = np.maximum(p, lengths)
+    ratio = np.where(denom > 0, lengths / np.where(denom > 0, denom, 1.0), 1.0)
+    return float(np.mean(s * ratio))
+
+
+def summarize(episodes: Iterable[Episode]) -> dict[str, float]:
+    """success_rate, spl, mean_return, mean_length (and num_episodes) of a set of episodes."""
+    eps = list(episodes)
+    if not eps:
+        raise ValueError("no episodes")
+    s = [e.success for e in eps]
+    return {
+        "success_rate": success_rate(s),
+        "spl": spl(s, [e.shortest_path for e in eps], [e.path_length for e in eps]),
+        "mean_return": float(np.mean([e.ret for e in eps])),
+        "mean_length": float(np.mean([e.length for e in eps])),
+        "num_episodes": len(eps),
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population std (ddof=0) across seeds, as the anchors' "mean ± std" over 5 seeds."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("no values")
+    return float(v.mean()), float(v.std())
