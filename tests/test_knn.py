@@ -244,3 +244,32 @@ def test_cli_k_too_large_exits_2(tiny_imagefolder, tmp_path, cache_dir, capsys):
     assert rc == 2
     assert "k=100 is larger than the bank" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "results.jsonl").exists()
+
+
+def test_multilabel_voc_end_to_end(tmp_path, ckpt):
+    """Synthetic VOC2007 (real VOCdevkit layout): class-mean AP of the vote, multi-label retrieval."""
+    from sklearn.metrics import average_precision_score
+
+    from evalsuite.data.synth_voc import write_voc2007
+
+    root = tmp_path / "data"
+    write_voc2007(root, seed=0, scale=0.02, image_size=48)
+    ctx = make_ctx(root, tmp_path / "out", ckpt, tmp_path / "cache", layers=["res5"],
+                   overrides=["knn.dataset=voc2007", "knn.train_split=trainval", "knn.val_split=test", "knn.k=5",
+                              "knn.ks=[5,10]", "knn.retrieval_depth=10", "knn.image_size=48"])
+    by = {r.metric: r for r in knn.task.run(ctx)}
+    assert {"mAP", "mAP@k5", "mAP@k10", "majority_mAP@k5", "retrieval_mAP@10", "retrieval_precision@1"} <= set(by)
+    assert not any(m.startswith("top") for m in by)
+    assert by["mAP"].params["multilabel"] is True and by["mAP"].params["num_classes"] == 20
+    # recompute mAP@k5 from the cached features: cosine top-5, exp(sim/T) votes per positive label
+    tr, te = ctx.open_dataset("voc2007", "trainval"), ctx.open_dataset("voc2007", "test")
+    f = [ctx.features(d, ["res5"], pooling="avg")["res5"].astype(np.float64) for d in (tr, te)]
+    f = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in f]
+    sims = f[1] @ f[0].T
+    order = np.lexsort((np.broadcast_to(np.arange(len(tr)), sims.shape), -sims), axis=-1)[:, :5]
+    w = np.exp(np.take_along_axis(sims, order, 1) / 0.07)
+    scores = (w[:, :, None] * (tr.label_matrix > 0)[order]).sum(1)
+    lm = te.label_matrix
+    aps = [average_precision_score(lm[lm[:, c] != 0, c] > 0, scores[lm[:, c] != 0, c])
+           for c in range(20) if (lm[:, c] > 0).any()]
+    assert by["mAP"].value == pytest.approx(100 * np.mean(aps), rel=1e-6)
