@@ -289,6 +289,7 @@ class TrainConfig:
 
 @dataclass
 class TestConfig:
+    __test__ = False  # not a pytest class
     scale: int = 600
     max_size: int = 1000
     nms: float = 0.3
@@ -514,22 +515,29 @@ class TorchvisionFastRCNN:
         scores = torch.softmax(torch.cat(logits), 1).cpu()
         boxes = decode_boxes(torch.cat(deltas).cpu(), props.cpu())  # original pixels: deltas are scale-free
         boxes = clip_boxes(boxes, rec.width, rec.height).reshape(len(props), -1, 4)
-        K = self.model.num_classes
-        cls_boxes, cls_scores, cls_ids = [], [], []
-        for j in range(1, K + 1):
-            keep = torch.nonzero(scores[:, j] > cfg.score_thresh).flatten()
-            cls_boxes.append(boxes[keep, j])
-            cls_scores.append(scores[keep, j])
-            cls_ids.append(torch.full((len(keep),), j - 1, dtype=torch.long))
-        b, sc, ids = torch.cat(cls_boxes), torch.cat(cls_scores), torch.cat(cls_ids)
-        keep = batched_nms(b, sc, ids, cfg.nms)[: cfg.max_dets]  # sorted by decreasing score
-        return b[keep].numpy(), ids[keep].numpy(), sc[keep].numpy()
+        return postprocess(scores, boxes, cfg.score_thresh, cfg.nms, cfg.max_dets)
 
     def predict(self, records: Sequence[ImageRecord], cfg: TestConfig, *, progress: bool = False
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         from tqdm import tqdm
 
         return [self.detect_one(r, cfg) for r in tqdm(records, desc="detection test", disable=not progress)]
+
+
+def postprocess(scores: torch.Tensor, boxes: torch.Tensor, score_thresh: float, nms: float, max_dets: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class thresholding and NMS, then the ``max_dets`` best over all classes (Detectron's
+    ``box_results_with_nms_and_limit``). ``scores`` (R, K+1) with background at 0, ``boxes`` (R, K+1, 4).
+    Returns boxes (D, 4), labels 0..K-1 and scores, by decreasing score."""
+    cls_boxes, cls_scores, cls_ids = [], [], []
+    for j in range(1, scores.shape[1]):
+        keep = torch.nonzero(scores[:, j] > score_thresh).flatten()
+        cls_boxes.append(boxes[keep, j])
+        cls_scores.append(scores[keep, j])
+        cls_ids.append(torch.full((len(keep),), j - 1, dtype=torch.long))
+    b, sc, ids = torch.cat(cls_boxes), torch.cat(cls_scores), torch.cat(cls_ids)
+    keep = batched_nms(b, sc, ids, nms)[:max_dets]  # sorted by decreasing score
+    return b[keep].numpy(), ids[keep].numpy(), sc[keep].numpy()
 
 
 def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:

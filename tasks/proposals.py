@@ -59,6 +59,7 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None
         image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
                            interpolation=cv2.INTER_AREA)
     cv2.setNumThreads(threads)
+    _seed_c_rand(0)  # OpenCV ranks the boxes with C rand(): fix it, so the same image gives the same boxes
     ss = seg.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV wants BGR
     ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
@@ -71,6 +72,16 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
     return boxes.astype(np.float32)
+
+
+def _seed_c_rand(seed: int) -> None:
+    """Seed the C library's ``rand()`` (used by OpenCV's selective search ranking); best effort."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).srand(seed)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def sliding_window(width: int, height: int, sizes=(0.15, 0.3, 0.5, 0.75, 1.0), ratios=(0.5, 1.0, 2.0),

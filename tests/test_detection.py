@@ -1,0 +1,392 @@
+"""Fast R-CNN pieces (boxes, sampler, loss, NMS, frozen layers, training, resume) and the detection task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tasks.detection as det
+from evalsuite.checkpoints import load_checkpoint
+from evalsuite.cli import main as cli_main
+from evalsuite.errors import BadData, UserError
+from evalsuite.protocols import apply_overrides, parse_overrides
+from evalsuite.task import TaskContext
+from evalsuite.trunks import build_trunk
+from tasks.fast_rcnn import (
+    FastRCNN,
+    ImageRecord,
+    ModelConfig,
+    SamplerConfig,
+    TestConfig,
+    TorchvisionFastRCNN,
+    TrainConfig,
+    decode_boxes,
+    encode_boxes,
+    fast_rcnn_loss,
+    get_backend,
+    params_checksum,
+    postprocess,
+    prepare_proposals,
+    sample_rois,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def test_encode_known_case_and_decode_round_trip():
+    ref = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    gt = torch.tensor([[5.0, 0.0, 15.0, 20.0]])
+    # centre x moves 5 on width 10 (x10 weight), y moves 5 on height 10, height doubles (x5 weight)
+    torch.testing.assert_close(encode_boxes(ref, gt), torch.tensor([[5.0, 5.0, 0.0, 5 * float(np.log(2.0))]]))
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 100
+    ref = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 80], 1)
+    xy = torch.rand(50, 2, generator=g) * 100
+    gt = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 80], 1)
+    torch.testing.assert_close(decode_boxes(encode_boxes(ref, gt), ref), gt, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(decode_boxes(torch.zeros(50, 8), ref), ref.repeat(1, 2))
+
+
+def test_prepare_proposals_clips_dedups_drops_tiny_and_limits():
+    b = np.array([[-5, -5, 20, 20], [0, 0, 20, 20], [3, 3, 3.5, 9], [10, 10, 200, 90], [1, 1, 5, 5]], np.float32)
+    out = prepare_proposals(b, 100, 80, limit=2)
+    np.testing.assert_array_equal(out, [[0, 0, 20, 20], [10, 10, 100, 80]])
+
+
+# ----------------------------------------------------------------------------- sampler & loss
+
+
+def _proposals_with_iou():
+    gt = torch.tensor([[20.0, 20.0, 60.0, 60.0]])
+    fg = torch.tensor([[20.0 + d, 20.0, 60.0 + d, 60.0] for d in range(0, 12)])  # IoU >= 0.54
+    bg = torch.tensor([[20.0 + d, 20.0, 60.0 + d, 60.0] for d in range(16, 40)])  # IoU 0.43 .. 0
+    far = torch.tensor([[100.0 + d, 100.0, 130.0 + d, 130.0] for d in range(40)])  # IoU 0
+    return gt, torch.cat([fg, bg, far])
+
+
+def test_sampler_fractions_thresholds_and_targets():
+    gt, props = _proposals_with_iou()
+    from torchvision.ops import box_iou
+
+    cfg = SamplerConfig(rois_per_image=16, fg_fraction=0.25, bg_thresh_lo=0.1)
+    rois, labels, targets = sample_rois(props, gt, torch.tensor([3]), cfg, torch.Generator().manual_seed(0))
+    iou = box_iou(rois, gt).squeeze(1)
+    assert len(rois) == 16 and int((labels > 0).sum()) == 4
+    assert torch.all(labels[labels > 0] == 4) and torch.all(iou[labels > 0] >= 0.5)
+    assert torch.all((iou[labels == 0] < 0.5) & (iou[labels == 0] >= 0.1))  # the IoU-0 boxes never sampled
+    torch.testing.assert_close(targets[labels > 0], encode_boxes(rois[labels > 0], gt.expand(4, 4)))
+    assert torch.all(targets[labels == 0] == 0)
+    # lo = 0 (Detectron): background may come from anywhere below 0.5, fills the batch
+    rois, labels, _ = sample_rois(props, gt, torch.tensor([3]), SamplerConfig(rois_per_image=64),
+                                  torch.Generator().manual_seed(0))
+    assert int((labels > 0).sum()) == 13 and len(rois) == 64  # 12 proposals + the gt box are foreground
+
+
+def test_sampler_without_ground_truth_or_proposals():
+    _, props = _proposals_with_iou()
+    rois, labels, _ = sample_rois(props, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), SamplerConfig())
+    assert len(rois) == 64 and torch.all(labels == 0)
+    gt = torch.tensor([[20.0, 20.0, 60.0, 60.0]])
+    rois, labels, _ = sample_rois(torch.zeros(0, 4), gt, torch.tensor([0]), SamplerConfig())
+    assert len(rois) == 1 and labels.tolist() == [1]  # the ground truth box itself
+
+
+def test_loss_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    deltas = torch.zeros(2, 12)
+    deltas[1, 4:8] = torch.tensor([0.5, -2.0, 0.0, 0.0])
+    labels = torch.tensor([0, 1])
+    targets = torch.tensor([[0.0, 0, 0, 0], [0.0, 0.0, 0.0, 1.0]])
+    lc, lb = fast_rcnn_loss(logits, deltas, labels, targets)
+    ce = (-(torch.log_softmax(logits, 1)[0, 0]) - torch.log_softmax(logits, 1)[1, 1]) / 2
+    assert lc.item() == pytest.approx(ce.item())
+    # smooth L1 (beta 1): 0.5*0.5^2 + (2 - 0.5) + 0 + 0.5*1^2 = 0.125 + 1.5 + 0.5; divided by 2 RoIs
+    assert lb.item() == pytest.approx((0.125 + 1.5 + 0.5) / 2)
+
+
+# ----------------------------------------------------------------------------- NMS
+
+
+def reference_nms(boxes, scores, thresh):
+    """Greedy NMS written out (continuous IoU)."""
+    order = list(np.argsort(-scores, kind="stable"))
+    keep = []
+    while order:
+        i = order.pop(0)
+        keep.append(i)
+        rest = []
+        for j in order:
+            ix = max(0.0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
+            iy = max(0.0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
+            inter = ix * iy
+            a = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+            if inter / (a(boxes[i]) + a(boxes[j]) - inter) <= thresh:
+                rest.append(j)
+        order = rest
+    return keep
+
+
+def test_postprocess_is_per_class_nms_with_threshold_and_limit():
+    rng = np.random.default_rng(0)
+    R, K = 60, 3
+    xy = rng.uniform(0, 60, (R, 2))
+    base = np.concatenate([xy, xy + rng.uniform(10, 40, (R, 2))], 1)
+    boxes = np.stack([base + rng.normal(0, 3, base.shape) for _ in range(K + 1)], 1).astype(np.float32)
+    scores = rng.dirichlet(np.ones(K + 1), R).astype(np.float32)
+    b, lab, sc = postprocess(torch.from_numpy(scores), torch.from_numpy(boxes), 0.05, 0.3, max_dets=1000)
+    expected = []
+    for j in range(1, K + 1):
+        idx = np.nonzero(scores[:, j] > 0.05)[0]
+        for k in reference_nms(boxes[idx, j], scores[idx, j], 0.3):
+            expected.append((j - 1, float(scores[idx[k], j])))
+    got = sorted(zip(lab.tolist(), sc.tolist()))
+    expected = sorted(expected)
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    np.testing.assert_allclose([g[1] for g in got], [e[1] for e in expected], rtol=1e-6)
+    assert 0 < len(got) < (scores[:, 1:] > 0.05).sum()  # NMS removed some
+    assert np.all(np.diff(sc) <= 0)
+    b5, lab5, sc5 = postprocess(torch.from_numpy(scores), torch.from_numpy(boxes), 0.05, 0.3, max_dets=5)
+    np.testing.assert_allclose(sc5, sc[:5])
+
+
+# ----------------------------------------------------------------------------- tiny data
+
+
+def square_scene(seed: int, size: int = 64) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """A dark noisy image with one bright square (class 0, red) or disc-free green square (class 1)."""
+    rng = np.random.default_rng(seed)
+    img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+    s = int(rng.integers(18, 30))
+    x, y = (int(v) for v in rng.integers(2, size - s - 2, 2))
+    cls = seed % 2
+    img[y: y + s, x: x + s] = (230, 40, 40) if cls == 0 else (40, 230, 40)
+    return Image.fromarray(img), np.array([[x, y, x + s, y + s]], np.float32), np.array([cls])
+
+
+def tiny_records(n: int, size: int = 64) -> list[ImageRecord]:
+    out = []
+    for i in range(n):
+        img, boxes, labels = square_scene(i, size)
+        rng = np.random.default_rng(100 + i)
+        jit = boxes + rng.normal(0, 3, (30, 4)).astype(np.float32)
+        xy = rng.uniform(0, size - 20, (30, 2))
+        rand = np.concatenate([xy, xy + rng.uniform(8, 20, (30, 2))], 1).astype(np.float32)
+        props = prepare_proposals(np.concatenate([jit, rand]), size, size, None)
+        out.append(ImageRecord(str(i), size, size, boxes, labels, props, load=lambda img=img: img))
+    return out
+
+
+def tiny_train_cfg(**kw) -> TrainConfig:
+    base = dict(max_iter=30, lr=0.01, steps=(1000,), warmup_iters=0, ims_per_batch=2, scales=(64,), max_size=96,
+                checkpoint_period=1000, sampler=SamplerConfig(rois_per_image=16))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def backend(freeze_at: int = 4, seed: int = 0, arch: str = "resnet18") -> TorchvisionFastRCNN:
+    torch.manual_seed(seed)
+    return TorchvisionFastRCNN(build_trunk(arch, seed=seed), 2, ModelConfig(pool_size=8, freeze_at=freeze_at))
+
+
+def stage_sums(model: FastRCNN) -> dict[str, str]:
+    return {n: params_checksum(getattr(model, n)) for n in ("stem", "res2", "res3", "res4", "res5")}
+
+
+@pytest.mark.parametrize("freeze_at", [4, 2])
+def test_frozen_stages_get_no_gradient_and_do_not_change(freeze_at):
+    be = backend(freeze_at)
+    before = stage_sums(be.model)
+    head_before = params_checksum(be.model.cls_score)
+    be.fit(tiny_records(4), tiny_train_cfg(max_iter=3))
+    after = stage_sums(be.model)
+    frozen = ["stem", "res2", "res3", "res4"][:freeze_at]
+    for name in ("stem", "res2", "res3", "res4", "res5"):
+        params = list(getattr(be.model, name).parameters())
+        if name in frozen:
+            assert after[name] == before[name], name
+            assert all(not p.requires_grad and p.grad is None for p in params), name
+        else:
+            assert after[name] != before[name], name
+    assert params_checksum(be.model.cls_score) != head_before
+    # BatchNorm is frozen everywhere: no BatchNorm2d module, running statistics are buffers that never move
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in be.model.modules())
+
+
+def test_training_overfits_a_tiny_set_and_beats_the_untrained_head():
+    recs = tiny_records(4)
+    be = backend(freeze_at=0)
+    untrained = be.predict(recs, TestConfig(scale=64, max_size=96, score_thresh=0.0))
+    rep = be.fit(recs, tiny_train_cfg(max_iter=60, lr=0.02))
+    first, last = rep.losses[0], rep.losses[-1]
+    assert last["loss_cls"] + last["loss_box"] < 0.7 * (first["loss_cls"] + first["loss_box"])
+    trained = be.predict(recs, TestConfig(scale=64, max_size=96, score_thresh=0.0))
+
+    from tasks.detection_eval import Detections, GroundTruth, evaluate_detections, mean_ap
+    from tasks.fast_rcnn import continuous_to_xml
+
+    gts = [GroundTruth(continuous_to_xml(r.boxes).astype(np.float64), r.labels, np.zeros(1, bool)) for r in recs]
+
+    def m_ap(preds):
+        d = Detections.concat([Detections(np.full(len(s), i), lab, s, continuous_to_xml(b))
+                               for i, (b, lab, s) in enumerate(preds)])
+        return mean_ap(evaluate_detections(d, gts, 2))
+
+    assert m_ap(trained) > m_ap(untrained) + 0.3
+
+
+def test_resume_after_interrupt_gives_the_same_model(tmp_path):
+    recs, cfg = tiny_records(4), tiny_train_cfg(max_iter=6, checkpoint_period=2)
+    full = backend()
+    full.fit(recs, cfg)
+    state = tmp_path / "state.pt"
+    part = backend()
+    rep = part.fit(recs, cfg, state_path=state, fingerprint="fp", stop_after=3)
+    assert rep.iterations == 3 and state.exists()
+    resumed = backend()  # a fresh process: new model, state from disk
+    rep = resumed.fit(recs, cfg, state_path=state, fingerprint="fp")
+    assert rep.resumed_from == 3 and rep.iterations == 6
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    other = backend()  # a different fingerprint never resumes
+    assert other.fit(recs, tiny_train_cfg(max_iter=1), state_path=state, fingerprint="other").resumed_from == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_empty_proposals_train_on_ground_truth_and_detect_nothing():
+    recs = tiny_records(2)
+    for r in recs:
+        r.proposals = np.zeros((0, 4), np.float32)
+    be = backend()
+    be.fit(recs, tiny_train_cfg(max_iter=2))
+    b, lab, s = be.predict(recs[:1], TestConfig(scale=64, max_size=96))[0]
+    assert b.shape == (0, 4) and len(lab) == len(s) == 0
+
+
+def test_non_resnet_trunk_and_unknown_backend_are_refused():
+    with pytest.raises(UserError, match="ResNet trunk with res4 and res5"):
+        FastRCNN(build_trunk("alexnet", seed=0), 20)
+    with pytest.raises(UserError, match="detectron2"):
+        get_backend("detectron2", build_trunk("resnet18", seed=0), 20, ModelConfig())
+    with pytest.raises(UserError, match="freeze_at"):
+        FastRCNN(build_trunk("resnet18", seed=0), 20, ModelConfig(freeze_at=5))
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def test_presets_follow_the_benchmark():
+    g, v, q = (det.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
+    assert (g["freeze_at"], g["lr"], g["steps"], g["max_iter"]) == (4, 0.002, [22000], 30000)
+    assert (g["rois_per_image"], g["fg_fraction"], g["fg_thresh"], g["bg_thresh_hi"]) == (64, 0.25, 0.5, 0.5)
+    assert (g["train_scales"], g["train_max_size"], g["test_scale"], g["test_max_size"]) == ([600], 1000, 600, 1000)
+    assert (g["nms"], g["max_dets"], g["ap_method"], g["iou_thresh"]) == (0.3, 100, "voc07", 0.5)
+    assert (g["proposals"], g["train_sets"], g["test_set"]) == ("selective_search", ["voc2007:trainval"],
+                                                                "voc2007:test")
+    assert v["freeze_at"] == 0 and {k: v[k] for k in v if k != "freeze_at"} == {k: g[k] for k in g if k != "freeze_at"}
+    assert q["max_iter"] < 1000 and q["test_scale"] <= 128
+    assert det.layer_name(4) == "finetune_above_res4" and det.layer_name(0) == "finetune_all"
+
+
+@pytest.fixture(scope="module")
+def synth_voc(tmp_path_factory) -> Path:
+    from evalsuite.data.synthetic import write_voc2007
+
+    root = tmp_path_factory.mktemp("voc")
+    write_voc2007(root, seed=0, scale=0.1, image_size=72)  # 20 trainval + 20 test images
+    return root
+
+
+def make_ctx(data_root: Path, out: Path, overrides=(), preset="quick", spec="random:resnet18") -> TaskContext:
+    protocol = apply_overrides({"detection": det.task.default_protocol(preset)},
+                               parse_overrides([f"detection.proposal_cache={out / 'proposals'}", *overrides]))
+    return TaskContext(task="detection", checkpoint=load_checkpoint(spec), preset=preset,
+                       protocol=protocol["detection"], data_root=data_root, out_dir=out,
+                       extractor_factory=lambda: None, progress=False, seed=0)
+
+
+def test_task_on_synthetic_voc_records_every_class_and_the_protocol(synth_voc, tmp_path):
+    ctx = make_ctx(synth_voc, tmp_path, ["detection.max_iter=4", "detection.max_test_images=6"])
+    results = det.task.run(ctx)
+    metrics = [r.metric for r in results]
+    assert metrics[0] == "mAP" and len([m for m in metrics if m.startswith("AP/")]) == 20
+    assert {"mAP_area", "mAP_coco_style"} <= set(metrics)
+    r = results[0]
+    assert r.layer == "finetune_above_res4" and r.dataset == "voc2007" and r.split == "test"
+    assert r.params["solver"]["lr"] == 0.01 and r.params["num_test_images"] == 6
+    assert r.params["iterations_run"] == 4 and r.params["model"]["freeze_at"] == 4
+    per_class = [x for x in results if x.metric.startswith("AP/")]
+    with_gt = [x.value for x in per_class if x.value is not None]
+    assert r.value == pytest.approx(np.mean(with_gt))
+    assert not list((tmp_path / "detection_state").glob("*.pt"))  # finished: nothing left to resume
+
+
+def test_bad_boxes_and_images_without_boxes(synth_voc, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_voc / "VOCdevkit", root / "VOCdevkit")
+    voc = root / "VOCdevkit" / "VOC2007"
+    ids = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    # image 0: every object removed -> skipped in training; image 1: a box reaching outside the image -> clipped
+    xml0 = voc / "Annotations" / f"{ids[0]}.xml"
+    text = xml0.read_text()
+    xml0.write_text(text[: text.index("<object>")] + "</annotation>\n")
+    xml1 = voc / "Annotations" / f"{ids[1]}.xml"
+    t1 = xml1.read_text()
+    start = t1.index("<xmax>") + len("<xmax>")
+    xml1.write_text(t1[:start] + "9999" + t1[t1.index("</xmax>"):])
+    from evalsuite.data import open_dataset
+
+    ds = open_dataset("voc2007", voc, "trainval")
+    p = {**det.task.default_protocol("quick"), "proposal_cache": str(tmp_path / "props")}
+    recs, skipped = det.build_records(ds, p, train=True, limit=3)
+    assert skipped == 1 and [r.image_id for r in recs] == ids[1:3]
+    assert recs[0].boxes[:, 2].max() <= recs[0].width
+    # a box with xmax < xmin names the annotation file
+    xml1.write_text(t1[:start] + "0" + t1[t1.index("</xmax>"):])
+    ds = open_dataset("voc2007", voc, "trainval")
+    with pytest.raises(BadData, match=ids[1]):
+        det.build_records(ds, p, train=True, limit=3)
+
+
+def test_checkpoint_without_res5_is_refused(synth_voc, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in build_trunk("resnet18", seed=0).state_dict().items() if not k.startswith("layer4.")}
+    path = tmp_path / "nores5.safetensors"
+    save_file(state, path, metadata={"evalsuite": json.dumps({"arch": "resnet18"})})
+    try:
+        ckpt = load_checkpoint(str(path), allow_partial=True)
+    except TypeError:
+        pytest.skip("load_checkpoint has no allow_partial")
+    ctx = make_ctx(synth_voc, tmp_path)
+    ctx.checkpoint = ckpt
+    with pytest.raises(UserError, match="no res5 weights"):
+        det.task.run(ctx)
+
+
+def test_cli_end_to_end_writes_per_class_ap_and_map(synth_voc, tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "detection", "--protocol", "quick",
+                   "--data-root", str(synth_voc), "--out", str(out), "--no-progress",
+                   "--set", "detection.max_iter=3", "--set", "detection.max_test_images=4"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"detection"}
+    assert [r["metric"] for r in rows].count("mAP") == 1
+    assert sum(r["metric"].startswith("AP/") for r in rows) == 20
+    assert all(r["params"]["proposal_method"] == "selective_search" for r in rows)

@@ -1,0 +1,110 @@
+"""Proposals: selective search on real and synthetic images, the per-image cache, the CLI command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from evalsuite.cli import main as cli_main
+from evalsuite.data import open_dataset
+from tasks.fast_rcnn import xml_to_continuous
+from tasks.proposals import ProposalCache, selective_search, sliding_window
+
+
+def test_selective_search_on_a_real_voc_image_covers_its_objects(fixtures_dir):
+    ds = open_dataset("voc2007", fixtures_dir / "voc2007_mini" / "VOCdevkit" / "VOC2007", "trainval")
+    i = 0
+    a = ds.annotations(i)
+    boxes = selective_search(np.asarray(ds.load_image(i)), max_side=300, max_boxes=2000)
+    w, h = a["width"], a["height"]
+    assert boxes.dtype == np.float32 and boxes.ndim == 2 and len(boxes) > 50
+    assert boxes[:, [0, 2]].min() >= 0 and boxes[:, [0, 2]].max() <= w
+    assert boxes[:, [1, 3]].min() >= 0 and boxes[:, [1, 3]].max() <= h
+    assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+    best = box_iou(torch.from_numpy(xml_to_continuous(a["boxes"])), torch.from_numpy(boxes)).max(1).values
+    assert float(best.max()) >= 0.5  # at least one object is found at the detection IoU
+
+
+def test_selective_search_finds_a_single_square():
+    img = np.full((80, 100, 3), 30, np.uint8)
+    img[20:50, 40:80] = (220, 200, 10)
+    boxes = selective_search(img, max_side=None)
+    iou = box_iou(torch.tensor([[40.0, 20.0, 80.0, 50.0]]), torch.from_numpy(boxes)).max()
+    assert float(iou) > 0.9
+
+
+def test_sliding_window_is_deterministic_and_any_prefix_covers_scales():
+    a, b = sliding_window(120, 90), sliding_window(120, 90)
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a, axis=0)) == len(a)
+    side = np.sqrt((a[:100, 2] - a[:100, 0]) * (a[:100, 3] - a[:100, 1]))
+    assert side.min() < 20 and side.max() > 60
+    assert a[:, 2].max() <= 120 + 1e-3 and a[:, 3].max() <= 90 + 1e-3
+
+
+class TinySet:
+    def __init__(self, n: int):
+        self.ids = [f"im{k}" for k in range(n)]
+        self.loads = 0
+
+    def load_image(self, i: int):
+        self.loads += 1
+        rng = np.random.default_rng(i)
+        return Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8))
+
+
+def test_cache_writes_once_reads_after_and_rebuilds_a_corrupt_file(tmp_path):
+    ds = TinySet(3)
+    c = ProposalCache(tmp_path, "selective_search", {"max_side": None}, dataset_key="k")
+    assert c.precompute(ds, progress=False) == 3 and ds.loads == 3
+    files = sorted(p.name for p in c.dir.iterdir())
+    assert files == ["im0.npy", "im1.npy", "im2.npy"]  # no temporary file left behind
+    first = c.get(ds, 1)
+    again = ProposalCache(tmp_path, "selective_search", {"max_side": None}, dataset_key="k")
+    assert again.precompute(ds, progress=False) == 0 and ds.loads == 3  # all read from disk
+    np.testing.assert_array_equal(again.get(ds, 1), first)
+    (c.dir / "im1.npy").write_bytes(b"garbage")
+    np.save(c.dir / "im2.npy", np.full((3, 4), np.nan, np.float32))
+    assert again.precompute(ds, progress=False) == 2  # both bad files recomputed, never used
+    np.testing.assert_array_equal(again.get(ds, 1), first)
+    # other parameters or other images live elsewhere
+    assert ProposalCache(tmp_path, "selective_search", {"max_side": 20}, dataset_key="k").dir != c.dir
+    assert ProposalCache(tmp_path, "selective_search", {"max_side": None}, dataset_key="j").dir != c.dir
+
+
+def test_an_interrupted_precompute_resumes(tmp_path):
+    ds = TinySet(4)
+    c = ProposalCache(tmp_path, "sliding_window", dataset_key="k")
+
+    class Boom(Exception):
+        pass
+
+    orig = ds.load_image
+
+    def flaky(i):
+        if i == 2:
+            raise Boom
+        return orig(i)
+
+    ds.load_image = flaky
+    with pytest.raises(Boom):
+        c.precompute(ds, progress=False)
+    assert sorted(p.name for p in c.dir.iterdir()) == ["im0.npy", "im1.npy"]
+    ds.load_image = orig
+    assert ProposalCache(tmp_path, "sliding_window", dataset_key="k").precompute(ds, progress=False) == 2
+
+
+def test_cli_precomputes_and_resumes(tmp_path, capsys):
+    from evalsuite.data.synthetic import write_voc2007
+
+    data = tmp_path / "data"
+    write_voc2007(data, seed=1, scale=0.1, image_size=48)
+    args = ["proposals", "--data-root", str(data), "--split", "test", "--cache-dir", str(tmp_path / "c"),
+            "--no-progress"]
+    assert cli_main(args) == 0
+    assert "20 images, 20 computed, 0 already cached" in capsys.readouterr().out
+    assert cli_main(args) == 0
+    assert "0 computed, 20 already cached" in capsys.readouterr().out
