@@ -24,6 +24,8 @@ examples:
   evalsuite run --checkpoint moco_v2_800ep.pth.tar --tasks voc07_svm --layers res4,res5 \\
                 --data-root /datasets --set svm.backend=sklearn
   evalsuite run --checkpoint ckpt.safetensors --tasks all --protocol goyal19 --out runs/mine
+  evalsuite run --schedule leaderboard.toml          # resumable; --force recomputes finished jobs
+  evalsuite run --checkpoint ckpt.pth --tasks all --launcher slurm --slurm-partition gpu
 """
 
 
@@ -61,8 +63,8 @@ def _raise(e: Exception):
     raise e
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
+def add_checkpoint_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--checkpoint", required=required,
                    help="checkpoint path, random:<arch> or torchvision:<arch> (see `evalsuite list --formats`)")
     p.add_argument("--arch", help="architecture (inferred from metadata or keys when omitted)")
     p.add_argument("--allow-partial", action="store_true", help="evaluate even if trunk keys are missing")
@@ -86,15 +88,19 @@ def _add_run(sub) -> None:
                        description="Evaluate one checkpoint, frozen, on the selected tasks and append one "
                                    "result record per (task, layer, metric) to OUT/results.jsonl.",
                        epilog=EPILOG_RUN)
-    add_checkpoint_args(p)
+    add_checkpoint_args(p, required=False)
+    p.add_argument("--schedule", type=Path, metavar="FILE",
+                   help="run every pending (checkpoint, task, preset, seed) job of a TOML/JSON schedule instead")
+    p.add_argument("--force", action="store_true", help="with --schedule: recompute finished jobs too")
+    p.add_argument("--dry-run", action="store_true", help="with --schedule: list the pending jobs and stop")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
     p.add_argument("--protocol", default="goyal19", help="preset: goyal19, vissl or quick")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol field (task.key=value or key=value); repeatable")
-    p.add_argument("--data-root", type=Path, default=Path(os.environ.get("EVALSUITE_DATA", "data")),
-                   help="directory holding the datasets")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="output directory for results.jsonl")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="directory holding the datasets (default $EVALSUITE_DATA or data/)")
+    p.add_argument("--out", type=Path, default=None, help="output directory for results.jsonl (default runs/)")
     p.add_argument("--launcher", default="none", choices=["none", "local", "debug", "slurm"],
                    help="none: run here; slurm/local/debug: one submitit job per task (logs in OUT/submitit)")
     p.add_argument("--slurm-partition", help="Slurm partition for --launcher slurm")
@@ -105,6 +111,18 @@ def _add_run(sub) -> None:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import RunOptions, run
+
+    if bool(a.schedule) == bool(a.checkpoint):
+        raise UserError("evalsuite run needs exactly one of --checkpoint or --schedule")
+    if a.schedule:
+        from leaderboard.schedule import run_schedule
+
+        rep = run_schedule(a.schedule, force=a.force, out=a.out, data_root=a.data_root, cache_dir=a.cache_dir,
+                           device=None if a.device == "cpu" else a.device, tasks=None if a.tasks == "all" else a.tasks,
+                           dry_run=a.dry_run, progress=not a.no_progress)
+        return rep.exit_code
+    a.data_root = a.data_root or Path(os.environ.get("EVALSUITE_DATA", "data"))
+    a.out = a.out or Path("runs")
 
     opts = RunOptions(
         checkpoint=a.checkpoint, arch=a.arch, tasks=[a.tasks], layers=[a.layers] if a.layers else None,

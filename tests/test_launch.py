@@ -95,3 +95,19 @@ def test_slurm_submission_script(tmp_path, monkeypatch) -> None:
         assert line in script, line
     with pytest.raises(UserError):
         make_executor("pbs", tmp_path, {"gpus": 0, "cpus": 1, "mem_gb": 1, "timeout_min": 1}, "x")
+
+
+def test_run_schedule_from_the_cli_resumes(tmp_path, tiny_imagefolder, cache_dir, capsys) -> None:
+    sched = tmp_path / "board.toml"
+    sched.write_text('[[run]]\ncheckpoint = "random:resnet18"\ntasks = ["centroid"]\nprotocol = "quick"\n'
+                     'set = ["image_size=32"]\nlayers = ["res5"]\n')
+    out = tmp_path / "runs"
+    args = ["run", "--schedule", str(sched), "--data-root", str(tiny_imagefolder), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert len(_records(out)) == 1
+    assert main(args) == 0  # finished jobs are not recomputed
+    assert "1 already done, 0 to run" in capsys.readouterr().out and len(_records(out)) == 1
+    assert main([*args, "--force"]) == 0
+    assert len(_records(out)) == 2
+    assert main(["run", "--schedule", str(sched), "--checkpoint", "random:resnet18"]) == 2
+    assert "exactly one of --checkpoint or --schedule" in capsys.readouterr().err
