@@ -71,9 +71,9 @@ def gl_available() -> bool:
 
 def import_miniworld():
     """Import MiniWorld for headless EGL rendering (see the module docstring for the order that works)."""
+    require_gl()
     if "miniworld" in sys.modules:
         return sys.modules["miniworld"]
-    require_gl()
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
     import torch  # noqa: F401  (must be imported before the first GL context is created)
 
@@ -228,7 +228,8 @@ def _grid_geodesic(start, goal, goal_radius, agent_radius, segs, obstacles, reso
     from scipy.sparse.csgraph import dijkstra
 
     pts = np.concatenate([segs.reshape(-1, 2), start[None], goal[None]]) if len(segs) else np.stack([start, goal])
-    lo, hi = pts.min(0) - resolution, pts.max(0) + resolution
+    pad = 2 * agent_radius + 2 * resolution  # room to walk around a free-standing wall's end
+    lo, hi = pts.min(0) - pad, pts.max(0) + pad
     nx, nz = (np.ceil((hi - lo) / resolution).astype(int) + 1)
     gx, gz = np.meshgrid(np.arange(nx), np.arange(nz), indexing="ij")
     centres = lo[None] + np.stack([gx.ravel(), gz.ravel()], 1) * resolution
