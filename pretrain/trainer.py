@@ -161,10 +161,14 @@ class Trainer:
                                              self.optim_cfg["momentum"])
         self.model = self.method
         if self.world > 1 and self.method.trains:
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.method, find_unused_parameters=self.method.find_unused_parameters,
-                             broadcast_buffers=False)
+            # buffers (queues, banks) are kept in sync by the methods themselves (gathered updates)
+            sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                    else {"broadcast_buffers": False})
+            self.model = DDP(self.method, find_unused_parameters=self.method.find_unused_parameters, **sync)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.losses: list[float] = []
         self.state_path = Path(str(cfg.out) + ".state.pt")
