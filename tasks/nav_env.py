@@ -15,7 +15,9 @@ imported, so a machine without them gets one line naming the Debian packages, no
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -145,7 +147,8 @@ def resolve(name: str) -> tuple[Simulator, str]:
 def _miniworld_make(env: str, image_size: int, kwargs: dict) -> gym.Env:
     import_miniworld()
     try:
-        return gym.make(f"MiniWorld-{env}-v0", obs_width=image_size, obs_height=image_size, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):  # MiniWorld prints "Falling back to num_samples=4"
+            return gym.make(f"MiniWorld-{env}-v0", obs_width=image_size, obs_height=image_size, **kwargs)
     except UserError:
         raise
     except Exception as e:  # an EGL display/driver that loads but cannot create a context

@@ -69,9 +69,13 @@ def summarize(episodes: Iterable[Episode]) -> dict[str, float]:
     if not eps:
         raise ValueError("no episodes")
     s = [e.success for e in eps]
+    # an episode whose shortest path the geometry could not give (NaN) is left out of SPL only
+    known = [e for e in eps if np.isfinite(e.shortest_path)]
     return {
         "success_rate": success_rate(s),
-        "spl": spl(s, [e.shortest_path for e in eps], [e.path_length for e in eps]),
+        "spl": spl([e.success for e in known], [e.shortest_path for e in known], [e.path_length for e in known])
+        if known else float("nan"),
+        "spl_episodes": len(known),
         "mean_return": float(np.mean([e.ret for e in eps])),
         "mean_length": float(np.mean([e.length for e in eps])),
         "num_episodes": len(eps),

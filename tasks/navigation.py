@@ -125,7 +125,7 @@ class NavigationTask:
             params = {
                 "agent": agent, "seeds": seeds, "taps": taps if agent == "ppo" else [],
                 "simulator": SIMULATOR_NOTE, "device": ctx.device,
-                "per_seed": [{k: r[k] for k in (*METRICS, "num_episodes", "seed")} for r in runs],
+                "per_seed": [{k: r.get(k) for k in (*METRICS, "num_episodes", "spl_episodes", "seed")} for r in runs],
                 "timing": [r.get("timing", {}) for r in runs],
             }
             if ctx.preset == "vissl":

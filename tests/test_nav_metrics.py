@@ -63,7 +63,10 @@ def test_summarize_and_mean_std():
     assert out["spl"] == pytest.approx((0.5 + 0 + 1.0) / 3)
     assert out["mean_return"] == pytest.approx(1.7 / 3)
     assert out["mean_length"] == pytest.approx(22.0)
-    assert out["num_episodes"] == 3
+    assert out["num_episodes"] == 3 == out["spl_episodes"]
+    unknown = summarize([*eps, Episode(True, float("nan"), 2.0, 1.0, 3)])  # no shortest path: left out of SPL
+    assert unknown["spl"] == pytest.approx(out["spl"]) and unknown["spl_episodes"] == 3
+    assert unknown["success_rate"] == pytest.approx(3 / 4)
     assert mean_std([0.5, 0.7]) == pytest.approx((0.6, 0.1))  # population std over seeds
 
 
