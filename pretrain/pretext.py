@@ -274,27 +274,28 @@ class DenseHead(nn.Module):
 
 
 class ImageDecoder(nn.Module):
-    """Vector (B, in_dim) -> image (B, out_ch, size, size): linear to a 4x4 map, then x2 upsampling
-    conv-BN-ReLU stages (channels halved each time), a final 3x3 conv (DCGAN-style generator / decoder)."""
+    """Vector (B, in_dim) -> image (B, out_ch, size, size): linear to a 4x4 map, ``stages`` x2 upsampling
+    conv-BN-ReLU stages (channels halved each time), a final 3x3 conv (DCGAN-style generator / decoder),
+    resized bilinearly to the requested ``size`` when 4 * 2^stages differs from it."""
 
-    def __init__(self, in_dim: int, size: int, out_ch: int = 3, width: int = 256, min_width: int = 32):
+    def __init__(self, in_dim: int, out_ch: int = 3, width: int = 256, stages: int = 4, min_width: int = 32):
         super().__init__()
-        self.size, self.width = size, width
+        self.width = width
         self.fc = nn.Linear(in_dim, width * 16)
         layers: list[nn.Module] = []
-        s, c = 4, width
-        while s < size:
+        c = width
+        for _ in range(stages):
             c2 = max(min_width, c // 2)
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c2, 3, padding=1),
                        nn.BatchNorm2d(c2), nn.ReLU(inplace=True)]
-            s, c = s * 2, c2
+            c = c2
         layers.append(nn.Conv2d(c, out_ch, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
         x = self.net(F.relu(self.fc(z)).view(z.shape[0], self.width, 4, 4))
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
 
 
@@ -335,3 +336,30 @@ def tap_maps(trunk: nn.Module, x: torch.Tensor, n: int = 3) -> list[torch.Tensor
     out = trunk(x, names)
     return [out[t] for t in names]
 
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def discriminator_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of a critic's logits with label 1 for ``pos`` and 0 for ``neg``:
+    mean softplus(-pos) + mean softplus(neg) (= -log sigmoid(pos) - log(1 - sigmoid(neg)))."""
+    return F.softplus(-pos.float()).mean() + F.softplus(neg.float()).mean()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the pixels where ``mask`` (B or 1, 1, H, W) is 1 (all pixels if None)."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.mean()
+    m = mask.to(err).expand_as(err)
+    return (err * m).sum() / m.sum().clamp_min(1)
+
+
+def normalized_from_unit(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB -> ImageNet-normalised (the ``rgb`` input space)."""
+    from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD
+
+    m = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

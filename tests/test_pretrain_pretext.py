@@ -228,3 +228,135 @@ def test_colorization_loss_hand_value():
     ref = 2.0 * -(0.75 * logp[0] + 0.25 * logp[1])  # weight of the nearest bin (0) times the soft CE
     assert colorization_loss(logits, idx, w, idx[..., 0], cw).item() == pytest.approx(float(ref), rel=1e-6)
     assert colorization_loss(logits, idx, w, idx[..., 0], None).item() == pytest.approx(float(ref) / 2, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ split-brain
+def test_split_brain_halves_never_mix():
+    from pretrain.methods.split_brain import SplitBrain
+
+    torch.manual_seed(0)
+    m = SplitBrain("resnet18", {"head_hidden": 8})
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    lab = torch.rand(4, 3, 32, 32, generator=_gen(8)) * 2 - 1
+    m.train()
+    loss = m.training_step(type("B", (), {"views": [lab]})())
+    loss.backward()
+    m.on_after_backward(None)
+    opt.step()
+    m.on_after_step(None)
+    m.eval()
+    base = m.trunk(lab)
+    other_ab = lab.clone()
+    other_ab[:, 1:] = torch.rand(4, 2, 32, 32, generator=_gen(9))
+    other_l = lab.clone()
+    other_l[:, :1] = torch.rand(4, 1, 32, 32, generator=_gen(10))
+    out_ab, out_l = m.trunk(other_ab), m.trunk(other_l)
+    for tap, ref in base.items():
+        h = ref.shape[1] // 2
+        assert torch.equal(out_ab[tap][:, :h], ref[:, :h])  # the L half ignores ab
+        assert torch.equal(out_l[tap][:, h:], ref[:, h:])  # the ab half ignores L
+        assert not torch.equal(out_ab[tap][:, h:], ref[:, h:]) and not torch.equal(out_l[tap][:, :h], ref[:, :h])
+
+
+def test_split_brain_targets_and_loss_by_hand():
+    from pretrain.methods.split_brain import l_targets, split_brain_loss
+
+    lab = torch.zeros(1, 3, 2, 2)
+    lab[0, 0] = torch.tensor([[-1.0, -0.5], [0.0, 1.0]])  # L = 0, 25, 50, 100
+    assert l_targets(lab, (2, 2), 50).tolist() == [[[0, 12], [25, 49]]]
+    assert l_targets(lab, (1, 1), 4).tolist() == [[[1]]]  # mean L 43.75 -> bin 1 of [0, 25, 50, 75]
+    logits_ab = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)
+    logits_l = torch.tensor([2.0, 0.0]).view(1, 2, 1, 1)
+    loss = split_brain_loss(logits_ab, torch.tensor([[[[0]]]]), torch.tensor([[[[1.0]]]]), logits_l,
+                            torch.tensor([[[1]]]))
+    assert loss.item() == pytest.approx(math.log(2) + math.log(1 + math.e**2), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ inpainting, DAE
+def test_context_encoder_masks_and_loss():
+    from pretrain.methods.inpainting import center_mask, context_encoder_loss, random_block_mask
+
+    m = center_mask(8, 0.5)
+    ref = torch.zeros(8, 8)
+    ref[2:6, 2:6] = 1
+    assert torch.equal(m[0, 0], ref)
+    r = random_block_mask(5, 16, coverage=0.25, generator=_gen(11))
+    assert r.shape == (5, 1, 16, 16) and all(0.25 <= float(v.mean()) < 1 for v in r)
+    pred, target = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert context_encoder_loss(pred, target, mask, None, 1.0, 0.0).item() == pytest.approx((1 + 16) / 2)
+    d_fake = torch.tensor([0.0])
+    full = context_encoder_loss(pred, target, mask, d_fake, 0.5, 0.25).item()
+    assert full == pytest.approx(0.5 * 8.5 + 0.25 * math.log(2), rel=1e-6)
+
+
+def test_denoising_corruptions():
+    from pretrain.methods.denoising_ae import corrupt
+
+    x = torch.rand(4, 3, 32, 32, generator=_gen(12)) + 1
+    m = corrupt(x, "masking", 0.25, _gen(13))
+    zero = m == 0
+    assert torch.equal(zero[:, :1].expand_as(zero), zero)  # whole pixels, all channels together
+    assert 0.2 < zero.float().mean() < 0.3 and torch.equal(m[~zero], x[~zero])
+    g = corrupt(x, "gaussian", 0.1, _gen(14))
+    assert (g - x).std().item() == pytest.approx(0.1, rel=0.05)
+    sp = corrupt(x, "salt_pepper", 0.2, _gen(15))
+    changed = (sp != x).any(1)
+    assert 0.15 < changed.float().mean() < 0.25
+    with pytest.raises(ValueError):
+        corrupt(x, "nope")
+
+
+# ------------------------------------------------------------------------------------------------ counting
+def test_counting_tiles_and_loss_by_hand():
+    from pretrain.methods.counting import counting_loss, downsample, tiles_2x2
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    t = tiles_2x2(x)
+    assert t[0, :, 0].tolist() == [[[0, 1], [4, 5]], [[2, 3], [6, 7]], [[8, 9], [12, 13]], [[10, 11], [14, 15]]]
+    assert downsample(x, "area")[0, 0].tolist() == [[2.5, 4.5], [10.5, 12.5]]
+    c_down = torch.tensor([[1.0, 2.0]])
+    tiles_sum = torch.tensor([[1.0, 0.0]])
+    other = torch.tensor([[2.0, 0.0]])
+    # |(0, 2)|^2 = 4; |(1, 0)|^2 = 1 < M = 3 -> hinge 2
+    assert counting_loss(c_down, tiles_sum, other, margin=3.0).item() == pytest.approx(6.0)
+    assert counting_loss(c_down, tiles_sum, other, margin=0.5).item() == pytest.approx(4.0)
+
+
+# ------------------------------------------------------------------------------------------------ BiGAN
+def test_bigan_losses_and_frozen_discriminator():
+    from pretrain.methods.bigan import bigan_losses
+    from pretrain.pretext import ConvDiscriminator, frozen_call
+
+    d_enc, d_gen = torch.tensor([2.0]), torch.tensor([-1.0])
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    loss_d, loss_eg = bigan_losses(d_enc, d_gen, d_enc, d_gen)
+    assert loss_d.item() == pytest.approx(sp(-2.0) + sp(-1.0), rel=1e-6)  # -log s(2) - log(1 - s(-1))
+    assert loss_eg.item() == pytest.approx(sp(1.0) + sp(2.0), rel=1e-6)  # labels swapped
+    disc = ConvDiscriminator(3, 4, z_dim=3, hidden=8)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    z = torch.randn(2, 3, requires_grad=True)
+    out = frozen_call(disc, x, z)
+    assert torch.allclose(out, disc(x, z))
+    out.sum().backward()
+    assert x.grad is not None and z.grad is not None
+    assert all(p.grad is None for p in disc.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ Selfie
+def test_selfie_patches_masks_and_loss_by_hand():
+    from pretrain.methods.selfie import choose_masked, image_patches, selfie_loss
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    p = image_patches(x, 4)
+    assert p.shape == (2, 16, 3, 2, 2)
+    for i in range(16):
+        r, q = divmod(i, 4)
+        assert torch.equal(p[:, i], x[:, :, 2 * r : 2 * r + 2, 2 * q : 2 * q + 2])
+    masked, visible = choose_masked(3, 16, 4, generator=_gen(16))
+    for mi, vi in zip(masked.tolist(), visible.tolist()):
+        assert sorted(mi + vi) == list(range(16)) and len(mi) == 4
+    q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    c = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    # logits row 0: (1, 1) target 0 -> log 2; row 1: (0, 2) target 1 -> log(1 + e^-2)
+    assert selfie_loss(q, c).item() == pytest.approx((math.log(2) + math.log(1 + math.exp(-2))) / 2, rel=1e-6)
