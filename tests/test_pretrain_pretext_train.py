@@ -89,3 +89,26 @@ def test_pretext_method_trains_and_checkpoint_loads(method, tiny_imagefolder, tm
     assert set(taps) == set(RESNET_TAPS) and all(torch.isfinite(v).all() for v in taps.values())
     init = load_checkpoint("random:resnet18").build_trunk().state_dict()
     assert any(not torch.equal(v, init[k]) for k, v in ck.state_dict.items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("method,space", [("colorization", "gray"), ("split_brain", "lab")])
+def test_cli_colour_space_checkpoint_evaluates(method, space, tiny_imagefolder, tmp_path, cache_dir):
+    """`evalsuite pretrain` then `evalsuite run`: the recorded input space reaches feature extraction."""
+    import json
+
+    from evalsuite.cli import main
+    from evalsuite.features import Transform
+
+    out = tmp_path / f"{method}.safetensors"
+    rc = main(["pretrain", "--method", method, "--data-root", str(tiny_imagefolder), "--epochs", "1",
+               "--batch-size", "8", "--image-size", "32", "--max-steps-per-epoch", "1", "--out", str(out),
+               "--set", "head_hidden=8", "--no-progress"])
+    assert rc == 0
+    ck = load_checkpoint(out)
+    assert ck.metadata["input_space"] == space and ck.metadata["hyperparameters"]["head_hidden"] == 8
+    assert Transform.from_protocol({"image_size": 32}, ck.metadata).input_space == space
+    rc = main(["run", "--checkpoint", str(out), "--tasks", "centroid", "--protocol", "quick", "--data-root",
+               str(tiny_imagefolder), "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert rc == 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert {r["layer"] for r in records} >= {"res5"}
