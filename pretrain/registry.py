@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import warnings
 
 from evalsuite import registry as core
 from evalsuite.errors import UserError
@@ -14,6 +15,8 @@ from evalsuite.errors import UserError
 from .base import Method
 
 _cache: dict[str, type[Method]] | None = None
+#: modules of pretrain.methods that failed to import: module name -> error (one bad file never hides the rest)
+broken: dict[str, str] = {}
 
 
 def _builtin() -> dict[str, type[Method]]:
@@ -22,7 +25,12 @@ def _builtin() -> dict[str, type[Method]]:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        try:
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except Exception as e:  # a broken or half-written method file: report it, keep the others usable
+            broken[info.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"pretrain.methods.{info.name} cannot be imported ({broken[info.name]})", stacklevel=2)
+            continue
         for _, obj in inspect.getmembers(mod, inspect.isclass):
             if issubclass(obj, Method) and obj.__module__ == mod.__name__ and obj.name:
                 found[obj.name] = obj
@@ -50,7 +58,9 @@ def get_method(name: str) -> type[Method]:
         except ImportError as e:
             raise UserError(f"method {name!r} cannot be imported ({e})") from None
     if obj is None:
-        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(known))}")
+        bad = ", ".join(f"{k}: {v}" for k, v in broken.items())
+        hint = f" (modules that failed to import: {bad})" if broken else ""
+        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(known))}{hint}")
     if not (inspect.isclass(obj) and issubclass(obj, Method)):
         raise UserError(f"entry point {name!r} is not a pretrain.base.Method subclass")
     return obj
