@@ -68,7 +68,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
         for name in sorted(methods()):
             cls = get_method(name)
-            print(f"{name:14s} {cls.description}")
+            print(f"{name:18s} {cls.description}")
         return 0
     if not a.method:
         raise UserError("--method is required (see `evalsuite pretrain --list`)")
