@@ -212,3 +212,15 @@ def test_imagefolder_empty_and_corrupt(tmp_path: Path, capsys):
     sk = open_dataset("imagefolder", root, "train", skip_corrupt=True)
     assert len(sk) == 3 and sk.labels.tolist() == [0, 1, 1] and len(sk.skipped) == 1
     assert sk.describe()["skipped_corrupt"] == 1
+
+
+def test_cifar_numpy1_module_path(tmp_path: Path):
+    """The official batches name ``numpy.core.multiarray`` (numpy < 2 / Python 2); numpy 2 writes ``numpy._core``."""
+    root = write_cifar10(tmp_path, seed=0, scale=0.1)
+    ref = open_dataset("cifar10", root, "test")
+    raw = (root / "test_batch").read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    (root / "test_batch").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    old = open_dataset("cifar10", root, "test")
+    np.testing.assert_array_equal(old.data, ref.data)
+    np.testing.assert_array_equal(old.labels, ref.labels)
