@@ -199,3 +199,39 @@ def test_dir_layout_bad_inputs(tmp_path: Path, synth_dir: Path):
     with pytest.raises(BadData, match="no normal map") as e:
         open_dataset("nyuv2", root, "train")
     assert first.stem in e.value.path
+
+
+def test_official_mat_with_toolkit_normal_pngs(tmp_path: Path):
+    """The official labeled file has no normals: they come from normal/<split>/<NNNNN>.png."""
+    import scipy.io as sio
+
+    root = tmp_path / "nyuv2"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    h, w = 6, 8
+    imgs = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+    depths = rng.uniform(0.5, 9, (3, h, w)).astype(np.float32)
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:  # MATLAB's column-major view
+        f.create_dataset("images", data=imgs.transpose(0, 3, 2, 1))
+        f.create_dataset("depths", data=depths.transpose(0, 2, 1))
+    sio.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [3]], np.uint16),
+                                      "testNdxs": np.array([[2]], np.uint16)})
+    n = rng.normal(size=(h, w, 3))
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    n[0, :3] = 0  # no ground truth there -> mid-grey in the PNG
+    (root / "normal" / "train").mkdir(parents=True)
+    Image.fromarray(encode_normal_png(n)).save(root / "normal" / "train" / "00003.png")
+    ds = open_dataset("nyuv2", root, "train")
+    assert ds.layout == "mat" and ds.ids == ["00001", "00003"]
+    np.testing.assert_array_equal(np.asarray(ds.load_image(1)), imgs[2])
+    np.testing.assert_array_equal(ds.depth(1), depths[2])
+    m = ds.valid_mask(1)
+    assert not m[0, :3].any() and m.sum() == h * w - 3
+    assert np.abs(ds.normals(1)[m] - n[m]).max() <= 1 / 255 + 1e-6
+    with pytest.raises(BadData, match="no normal map") as e:
+        ds.normals(0)
+    assert e.value.path.endswith("normal/train/00001.png")
+    sio.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [4]], np.uint16), "testNdxs": np.array([[2]])})
+    with pytest.raises(BadData, match="out of range") as e:
+        open_dataset("nyuv2", root, "train")
+    assert e.value.path.endswith("splits.mat")
