@@ -196,8 +196,15 @@ def cmd_list(a: argparse.Namespace) -> int:
             print(f"  {name:18s} {getattr(t, 'description', '')}")
     if a.methods or everything:
         print("pretraining methods:")
-        for name in registry.names(registry.METHOD_GROUP):
-            print(f"  {name}")
+        try:
+            from pretrain.registry import methods as pretrain_methods
+
+            found = pretrain_methods()
+        except ImportError:
+            found = {n: None for n in registry.names(registry.METHOD_GROUP)}
+        for name, cls in sorted(found.items()):
+            doc = getattr(cls, "description", "") or ""
+            print(f"  {name:18s} {doc}")
     if a.presets or everything:
         print("protocol presets:")
         for name, text in PRESETS.items():
