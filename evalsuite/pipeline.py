@@ -155,6 +155,8 @@ def summary_table(results_dir: Path, preset: str):
             metric = HEADLINE.get(r["task"])
             if metric and r["metric"] != metric:
                 continue
+            if (r.get("params") or {}).get("agent") in BASELINE_AGENTS:
+                continue  # navigation's random/blind baselines are not the checkpoint's score
             rows.append({"checkpoint": r.get("method") or r.get("checkpoint"), "task": r["task"],
                          "value": float(r["value"]), "metric": r["metric"], "lower": r["metric"] in LOWER_IS_BETTER})
     if not rows:
@@ -167,9 +169,10 @@ def summary_table(results_dir: Path, preset: str):
 
 # The number shown per task in the terminal summary (best over layers).
 HEADLINE = {"centroid": "top1", "knn": "top1", "places205_linear": "top1", "voc07_svm": "mAP",
-            "lowshot_svm": "mAP", "detection": "mAP", "surface_normals": "median_angle",
+            "lowshot_svm": "mAP", "detection": "mAP", "surface_normals": "median_angle_error_deg",
             "navigation": "success_rate"}
-LOWER_IS_BETTER = {"median_angle", "mean_angle", "rmse_angle"}
+LOWER_IS_BETTER = {"median_angle_error_deg", "mean_angle_error_deg", "rmse_angle_error_deg"}
+BASELINE_AGENTS = {"random", "blind"}
 
 
 def format_plan(steps: Sequence[Step]) -> str:

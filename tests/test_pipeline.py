@@ -16,10 +16,11 @@ from evalsuite.pipeline import (
 from evalsuite.results import Result, append_results
 
 
-def _rec(task, layer, metric, value, checkpoint="random:resnet18", method="random", protocol="quick"):
+def _rec(task, layer, metric, value, checkpoint="random:resnet18", method="random", protocol="quick", params=None):
     return Result(task=task, dataset="d", split="test", layer=layer, metric=metric, value=value,
                   checkpoint_id="x", checkpoint=checkpoint, checkpoint_format="random", method=method,
-                  arch="resnet18", pretrain_data="", checkpoint_meta={}, protocol=protocol, params={}, seed=0)
+                  arch="resnet18", pretrain_data="", checkpoint_meta={}, protocol=protocol, params=params or {},
+                  seed=0)
 
 
 def test_plan_order_and_commands(tmp_path) -> None:
@@ -80,10 +81,14 @@ def test_failures_are_collected_and_the_plan_goes_on(tmp_path) -> None:
 def test_summary_table_takes_best_layer_per_task(tmp_path: Path) -> None:
     append_results(tmp_path / "results.jsonl", [
         _rec("knn", "res4", "top1", 40.0), _rec("knn", "res5", "top1", 55.0), _rec("knn", "res5", "top5", 90.0),
-        _rec("surface_normals", "res5", "median_angle", 30.0), _rec("surface_normals", "res4", "median_angle", 25.0),
+        _rec("surface_normals", "res5", "median_angle_error_deg", 30.0),
+        _rec("surface_normals", "res4", "median_angle_error_deg", 25.0),
+        _rec("navigation", "res3+res4+res5", "success_rate", 0.5, params={"agent": "ppo"}),
+        _rec("navigation", "random", "success_rate", 0.7, params={"agent": "random"}),
         _rec("knn", "res5", "top1", 70.0, checkpoint="c.safetensors", method="simclr"),
     ])
     t = summary_table(tmp_path, "quick")
     assert t.loc["random", "knn"] == 55.0  # best layer, headline metric only (top5 ignored)
     assert t.loc["random", "surface_normals"] == 25.0  # lower is better for angles
     assert t.loc["simclr", "knn"] == 70.0
+    assert t.loc["random", "navigation"] == 0.5  # the random-policy baseline is not the checkpoint's score
