@@ -72,7 +72,7 @@ def test_float32_and_one_class_problems():
     x, y = make_problem(100, 15, seed=4)
     ys = np.stack([y, -np.ones_like(y), np.ones_like(y)], 1)  # a problem with no positives, one with no negatives
     costs = np.array([1.0, 1.0, 0.1])
-    f64 = svm.solve(x, ys, costs, SVMConfig())
+    f64 = svm.solve(x, ys, costs, SVMConfig(dtype="float64", tol=1e-8))
     f32 = svm.solve(x, ys, costs, SVMConfig(dtype="float32", tol=1e-4))
     np.testing.assert_allclose(f32.decision(x)[:, 0], f64.decision(x)[:, 0], atol=2e-3)
     from scipy.optimize import minimize

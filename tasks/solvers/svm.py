@@ -66,11 +66,15 @@ class SVMConfig:
     neg_weight: float = 1.0
     intercept_scaling: float = 1.0
     # torch backend
-    tol: float = 1e-5
+    tol: float = 1e-5  # ||grad|| <= tol * ||grad at w = 0||, per problem
     max_newton: int = 60
-    max_cg: int = 200
-    dtype: str = "float64"
-    max_problems: int = 4096  # problems solved together (memory bound: ~4 (N + r) x P floats)
+    max_cg: int = 500
+    cg_forcing: float = 0.1  # CG stops at ||residual|| <= min(cg_forcing, sqrt(||g|| / ||g0||)) ||g||
+    dtype: str = "float32"  # matmul precision; norms for the stopping test are float64
+    precond_rank: int = 256  # top eigen-directions of Z^T Z in the CG preconditioner (0: none)
+    warm_start: bool = True  # solve each cost path in increasing order from the previous solution
+    max_problems: int = 4096  # problems solved together, at most
+    memory_fraction: float = 1.0  # per-problem solver state <= this x the float32 feature matrix
     # sklearn backend (the benchmark's LinearSVC arguments)
     sklearn_tol: float = 1e-4
     sklearn_max_iter: int = 2000
@@ -224,33 +228,120 @@ def solve(x: np.ndarray, y: np.ndarray, costs: np.ndarray, config: SVMConfig, de
         raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
     if not (costs > 0).all():
         raise UserError("svm costs must be positive")
+    return solve_with_scores(x, y, costs, config, device, progress)[0]
+
+
+def solve_with_scores(x: np.ndarray, y: np.ndarray, costs: np.ndarray, config: SVMConfig, device: str = "cpu",
+                      progress: bool = False, keep: np.ndarray | None = None
+                      ) -> tuple[SVMSolution, np.ndarray, np.ndarray]:
+    """:func:`solve`, plus the (N, P) decision values of every problem on the rows of ``x`` and the (P,)
+    convergence flags; the returned solution holds only the problems ``keep`` (default: all). The torch
+    backend gets the scores from its margins for free and maps only the kept problems back to weights."""
+    y = np.asarray(y)
+    costs = np.asarray(costs, dtype=np.float64).reshape(-1)
+    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] != costs.shape[0]:
+        raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
+    if not (costs > 0).all():
+        raise UserError("svm costs must be positive")
+    keep = np.arange(y.shape[1]) if keep is None else np.asarray(keep, dtype=np.int64)
     if config.backend == "torch":
-        return _solve_torch(x, y, costs, config, device, progress)
-    if config.backend == "sklearn":
-        return _solve_sklearn(x, y, costs, config)
-    return _solve_cyanure(x, y, costs, config)
+        run = _solve_torch(x, y, costs, config, device, progress, keep)
+        return run.solution, run.scores, run.converged
+    sol = _solve_sklearn(x, y, costs, config) if config.backend == "sklearn" else _solve_cyanure(x, y, costs, config)
+    scores = sol.decision(x)
+    part = SVMSolution(sol.weight[keep], sol.bias[keep], sol.converged[keep], sol.iterations[keep], sol.backend)
+    return part, scores, sol.converged
 
 
 # ---------------------------------------------------------------------------- torch backend
 
 
-def _basis(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Coordinates Z with Z Z^T = Xa Xa^T, and the map back (Xa^T U S^-1/2) when D+1 > N (else None)."""
-    n, d = xa.shape
-    if d <= n:
-        return xa, None
-    k = (xa.double() @ xa.double().T)
-    s, u = torch.linalg.eigh(k)
-    keep = s > s.max().clamp_min(1e-300) * 1e-12
-    s, u = s[keep], u[:, keep]
-    z = (u * s.sqrt()).to(xa.dtype)
-    back = (u / s.sqrt()).to(xa.dtype)  # v -> alpha = U S^-1/2 v; w = Xa^T alpha
-    return z, back
+class _Basis:
+    """Coordinates ``z`` (N, r) of the augmented rows ``Xa = [X, s]`` with ``z z^T = Xa Xa^T``, and the map back.
+
+    - primal (D + 1 <= N, or the Gram route below fails): ``z = Xa``, ``w = v``.
+    - span (D + 1 > N): the optimum of an L2-regularised linear model lies in the row span, so with the
+      Cholesky factor ``Xa Xa^T = L L^T`` (float64) the coordinates ``z = L`` and ``w = Xa^T L^-T v`` are
+      an isometry (``||w|| = ||v||``, ``Xa w = z v``): the same objective in N instead of D + 1 unknowns.
+
+    Only the caller's ``x`` is read; Xa is never materialised in the span route (column chunks).
+    """
+
+    def __init__(self, x: np.ndarray, scaling: float, dtype, device, col_chunk: int = 1024):
+        self.x, self.n, self.d = x, x.shape[0], x.shape[1]
+        self.scaling, self.dtype, self.device, self.col_chunk = float(scaling), dtype, device, col_chunk
+        self.chol = None
+        if self.d + 1 > self.n:
+            k = torch.full((self.n, self.n), self.scaling**2, dtype=torch.float64, device=device)
+            for c in range(0, self.d, col_chunk):
+                xc = torch.as_tensor(x[:, c:c + col_chunk], device=device).to(dtype)
+                k += (xc @ xc.T).double()
+                del xc
+            chol, info = torch.linalg.cholesky_ex(k)
+            del k
+            if int(info) == 0:  # else: a (numerically) rank-deficient Gram matrix -> primal coordinates
+                self.chol = chol
+                self.z = chol.to(dtype)
+        if self.chol is None:
+            self.z = torch.empty((self.n, self.d + 1), dtype=dtype, device=device)
+            for c in range(0, self.d, col_chunk):
+                e = min(self.d, c + col_chunk)
+                self.z[:, c:e] = torch.as_tensor(x[:, c:e], device=device).to(dtype)
+            self.z[:, self.d] = self.scaling
+        self.r = self.z.shape[1]
+
+    def weights(self, v: torch.Tensor) -> np.ndarray:
+        """(D + 1, P) float64 augmented weights of coordinates v (r, P)."""
+        if self.chol is None:
+            return v.double().cpu().numpy()
+        alpha = torch.linalg.solve_triangular(self.chol.T, v.double(), upper=True)  # L^-T v  (N, P)
+        out = np.empty((self.d + 1, v.shape[1]))
+        for c in range(0, self.d, self.col_chunk):
+            xc = torch.as_tensor(self.x[:, c:c + self.col_chunk], device=self.device).double()
+            out[c:c + xc.shape[1]] = (xc.T @ alpha).cpu().numpy()
+        out[self.d] = self.scaling * alpha.sum(0).cpu().numpy()
+        return out
+
+
+@dataclass
+class _Precond:
+    """Top-k eigenpairs of z^T z (randomised subspace iteration): q (r, k) orthonormal, w2 = (z q)^2 (N, k).
+
+    For problem p with active row weights a_p, the curvature of H_p = I + 2C z^T diag(a_p) z along q_j is
+    1 + 2C (w2^T a_p)_j; the preconditioner inverts H_p on span(q) by that diagonal and is the identity
+    elsewhere (Nystrom-style PCG, Frangella et al. 2021, with the active set taken into account)."""
+
+    q: torch.Tensor
+    w2: torch.Tensor
+
+    @classmethod
+    def build(cls, z: torch.Tensor, rank: int, iters: int = 3, seed: int = 0) -> _Precond | None:
+        n, r = z.shape
+        k = min(int(rank), r, n)
+        if k <= 0:
+            return None
+        gen = torch.Generator(device=z.device).manual_seed(seed)
+        q = torch.randn((r, k), generator=gen, device=z.device, dtype=torch.float64)
+        for _ in range(iters):
+            q = torch.linalg.qr(q).Q.to(z.dtype)
+            q = (z.T @ (z @ q)).double()
+        q = torch.linalg.qr(q).Q.to(z.dtype)
+        w = z @ q
+        _, u = torch.linalg.eigh(w.double().T @ w.double())
+        u = u.to(z.dtype)
+        return cls(q @ u, (w @ u) ** 2)
+
+    def factors(self, act: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+        """(k, P): 1 / (1 + 2C curvature) - 1 along each top direction."""
+        return 1.0 / (1.0 + 2.0 * cost * (self.w2.T @ act)) - 1.0
+
+    def apply(self, u: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return u + self.q @ (f * (self.q.T @ u))
 
 
 def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30):
-    """Exact minimiser of phi(t) = f(v + t d) for each problem (safeguarded Newton on phi', which is
-    increasing and piecewise linear). v.d (P,), d.d (P,), margins m, directions e = Z d (N, P)."""
+    """Exact minimiser over t >= 0 of phi(t) = f(v + t d) for each problem (safeguarded Newton on phi',
+    which is increasing and piecewise linear). v.d (P,), d.d (P,), margins m, directions e = z d (N, P)."""
 
     def deriv(t):
         mt = m + t * e
@@ -259,8 +350,9 @@ def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30):
         d2 = dd + 2 * cost * (act * e * e).sum(0)
         return d1, d2
 
+    eps = 1e-12 if vd.dtype == torch.float64 else 1e-6
     lo = torch.zeros_like(vd)
-    hi = torch.full_like(vd, t0)
+    hi = torch.as_tensor(t0, dtype=vd.dtype, device=vd.device).expand_as(vd).clone()
     d1, _ = deriv(hi)
     for _ in range(60):  # expand until phi'(hi) >= 0
         grow = d1 < 0
@@ -277,97 +369,160 @@ def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30):
         newton = t - d1 / d2.clamp_min(1e-300)
         inside = (newton > lo) & (newton < hi)
         t_new = torch.where(inside, newton, 0.5 * (lo + hi))
-        done = (t_new - t).abs() <= 1e-12 * t.abs().clamp_min(1e-12)
+        done = (t_new - t).abs() <= eps * t.abs().clamp_min(1e-12)
         t = t_new
         if done.all():
             break
     return t
 
 
-def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool) -> SVMSolution:
+def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
+    """Per-problem preconditioned CG on H_p s = -g_p, H_p = I + 2C_p z^T diag(act_p) z, all problems in one
+    pair of matmuls per step; a problem leaves the batch when ||residual|| <= stop. Returns s and e = z s."""
+    p_all = g.shape[1]
+    s_out, e_out = torch.zeros_like(g), torch.zeros((z.shape[0], p_all), dtype=g.dtype, device=g.device)
+    idx = torch.arange(p_all, device=g.device)
+    f = pre.factors(act, cost) if pre is not None else None
+    res = -g
+    zr = pre.apply(res, f) if pre is not None else res
+    d, rz = zr, (res * zr).sum(0)
+    s, e = torch.zeros_like(g), torch.zeros_like(e_out)
+    for _ in range(max_cg):
+        zd = z @ d
+        hd = d + 2 * cost * (z.T @ (act * zd))
+        alpha = rz / (d * hd).sum(0).clamp_min(1e-300)
+        s += alpha * d
+        e += alpha * zd
+        res -= alpha * hd
+        fin = res.double().norm(dim=0) <= stop
+        if fin.any():
+            s_out[:, idx[fin]], e_out[:, idx[fin]] = s[:, fin], e[:, fin]
+            keep = ~fin
+            if not keep.any():
+                return s_out, e_out
+            idx, s, e, res, d, rz = idx[keep], s[:, keep], e[:, keep], res[:, keep], d[:, keep], rz[keep]
+            act, cost, stop = act[:, keep], cost[keep], stop[keep]
+            f = f[:, keep] if f is not None else None
+        zr = pre.apply(res, f) if pre is not None else res
+        rz_new = (res * zr).sum(0)
+        d = zr + (rz_new / rz.clamp_min(1e-300)) * d
+        rz = rz_new
+    s_out[:, idx], e_out[:, idx] = s, e
+    return s_out, e_out
+
+
+def _newton(z, pre, y, aw, cost, v, m, g0, config: SVMConfig):
+    """Truncated Newton (exact line search) for P problems in place on v (r, P) / margins m = z v (N, P).
+    Problem p stops when ||grad_p|| <= tol * ||grad_p(0)|| (g0, float64); converged problems leave the batch.
+    Returns converged (P,) bool and Newton steps (P,)."""
+    p_all = y.shape[1]
+    conv = torch.zeros(p_all, dtype=torch.bool, device=y.device)
+    its = torch.zeros(p_all, dtype=torch.int64, device=y.device)
+    live = torch.arange(p_all, device=y.device)
+    for it in range(config.max_newton + 1):
+        yl, al, cl, vl, ml = y[:, live], aw[:, live], cost[live], v[:, live], m[:, live]
+        act = al * ((yl * ml) < 1)
+        g = vl + 2 * cl * (z.T @ (act * (ml - yl)))
+        gn = g.double().norm(dim=0)
+        g0l = g0[live]
+        ok = gn <= config.tol * g0l
+        conv[live[ok]] = True
+        if it == config.max_newton or ok.all():
+            break
+        keep = ~ok
+        if not keep.all():
+            live, yl, al, cl, vl, ml, act, g, gn, g0l = (live[keep], yl[:, keep], al[:, keep], cl[keep], vl[:, keep],
+                                                         ml[:, keep], act[:, keep], g[:, keep], gn[keep], g0l[keep])
+        eta = torch.minimum(torch.full_like(gn, config.cg_forcing), (gn / g0l.clamp_min(1e-300)).sqrt())
+        s, e = _pcg(z, pre, act, cl, g, eta * gn, config.max_cg)
+        t = _line_search((vl * s).sum(0), (s * s).sum(0), ml, e, yl, al, cl)
+        v[:, live] = vl + t * s
+        m[:, live] = ml + t * e
+        its[live] += 1
+    return conv, its
+
+
+def _chains(y: np.ndarray, costs: np.ndarray) -> list[list[int]]:
+    """Problems with identical label columns (same rows, same signs), each list sorted by increasing cost:
+    a cost path solved in order, each problem warm-started from the previous cost's solution."""
+    groups: dict[bytes, list[int]] = {}
+    sign = np.sign(y).astype(np.int8)
+    for p in range(y.shape[1]):
+        groups.setdefault(np.ascontiguousarray(sign[:, p]).tobytes(), []).append(p)
+    return [sorted(g, key=lambda p: (costs[p], p)) for g in groups.values()]
+
+
+@dataclass
+class _Run:
+    solution: SVMSolution  # problems `keep` only
+    scores: np.ndarray  # (N, P) decision values on the training rows, every problem
+    converged: np.ndarray  # (P,)
+    iterations: np.ndarray  # (P,)
+
+
+def _chunk_size(n: int, r: int, d: int, config: SVMConfig) -> int:
+    """Problems per batch so that the per-problem state (~14 vectors of length max(N, r)) stays within
+    memory_fraction x the float32 feature matrix (N x D)."""
+    per_problem = 14 * max(n, r) * 4
+    budget = config.memory_fraction * n * max(d, 1) * 4
+    return int(max(8, min(config.max_problems, budget // per_problem)))
+
+
+def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, keep=None) -> _Run:
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     n, d = x.shape
-    xt = torch.as_tensor(np.asarray(x), device=device).to(dtype)
-    xa = torch.cat([xt, torch.full((n, 1), config.intercept_scaling, dtype=dtype, device=device)], 1)
-    z, back = _basis(xa)
-    del xt
     p_total = y.shape[1]
-    weight = np.zeros((p_total, d), dtype=np.float64)
-    bias = np.zeros(p_total, dtype=np.float64)
+    keep = np.arange(p_total) if keep is None else np.asarray(keep)
+    basis = _Basis(x, config.intercept_scaling, dtype, device)
+    z = basis.z
+    pre = _Precond.build(z, config.precond_rank) if config.precond_rank > 0 else None
+    chains = _chains(y, costs) if config.warm_start else [[p] for p in range(p_total)]
+    scores = np.zeros((n, p_total))
     converged = np.zeros(p_total, dtype=bool)
     iterations = np.zeros(p_total, dtype=np.int64)
-    chunk = max(1, int(config.max_problems))
+    keep_pos = {int(p): i for i, p in enumerate(keep)}
+    v_keep = torch.zeros((basis.r, len(keep)), dtype=dtype, device=device)
+    multi = [c for c, ch in enumerate(chains) if len(ch) > 1]
+    slot = {c: i for i, c in enumerate(multi)}
+    v_prev = torch.zeros((basis.r, len(multi)), dtype=dtype, device=device)
+    g0_unit = np.zeros(len(chains))
+    chunk = _chunk_size(n, basis.r, d, config)
+    depth = max(len(ch) for ch in chains)
+    work = [(level, [c for c in range(len(chains)) if len(chains[c]) > level]) for level in range(depth)]
+    work = [(lv, cs[i:i + chunk]) for lv, cs in work for i in range(0, len(cs), chunk)]
     from tqdm import tqdm
 
-    for start in tqdm(range(0, p_total, chunk), desc="svm", disable=not progress or p_total <= chunk):
-        sl = slice(start, min(p_total, start + chunk))
-        v, conv, its = _newton_cg(z, y[:, sl], costs[sl], config, dtype, device)
-        w_aug = v if back is None else xa.T @ (back @ v)  # (D+1, P)
-        w_aug = w_aug.double().cpu().numpy()
-        weight[sl] = w_aug[:d].T
-        bias[sl] = w_aug[d] * config.intercept_scaling
-        converged[sl], iterations[sl] = conv, its
-    return SVMSolution(weight, bias, converged, iterations, "torch")
-
-
-def _newton_cg(z: torch.Tensor, y_np: np.ndarray, costs_np: np.ndarray, config: SVMConfig, dtype, device):
-    n, r = z.shape
-    y = torch.as_tensor(np.sign(y_np).astype(np.float64), device=device).to(dtype)  # (N, P)
-    a_w = torch.where(y > 0, config.pos_weight, torch.where(y < 0, config.neg_weight, 0.0)).to(dtype)
-    cost = torch.as_tensor(costs_np, device=device).to(dtype)  # (P,)
-    p = y.shape[1]
-    v = torch.zeros((r, p), dtype=dtype, device=device)
-    m = torch.zeros((n, p), dtype=dtype, device=device)
-    active = torch.ones(p, dtype=torch.bool, device=device)
-    its = torch.zeros(p, dtype=torch.int64, device=device)
-    g0 = None
-    zt = z.T.contiguous()
-    for it in range(config.max_newton):
-        if it and it % 10 == 0:
-            m = z @ v  # refresh incrementally updated margins
-        act = a_w * ((y * m) < 1)
-        g = v + 2 * cost * (zt @ (act * (m - y)))
-        gnorm = g.norm(dim=0)
-        if g0 is None:
-            g0 = gnorm.clamp_min(1e-300)
-        active = active & (gnorm > config.tol * g0)
-        if not active.any():
-            break
-        idx = active.nonzero().squeeze(1)
-        its[idx] += 1
-        # CG on H s = -g for the active problems, H u = u + 2C Z^T (act * (Z u))
-        ga, acta, ca = g[:, idx], act[:, idx], cost[idx]
-        s = torch.zeros_like(ga)
-        res = -ga
-        dirn = res.clone()
-        rr = (res * res).sum(0)
-        eta = torch.minimum(torch.full_like(rr, 0.1), rr.sqrt().sqrt() / g0[idx].sqrt())  # superlinear forcing
-        stop = rr.sqrt() * eta
-        live = torch.ones_like(rr, dtype=torch.bool)
-        for _ in range(config.max_cg):
-            hd = dirn + 2 * ca * (zt @ (acta * (z @ dirn)))
-            dhd = (dirn * hd).sum(0)
-            alpha = torch.where(live, rr / dhd.clamp_min(1e-300), torch.zeros_like(rr))
-            s = s + alpha * dirn
-            res = res - alpha * hd
-            rr_new = (res * res).sum(0)
-            live = live & (rr_new.sqrt() > stop)
-            if not live.any():
-                break
-            beta = torch.where(live, rr_new / rr.clamp_min(1e-300), torch.zeros_like(rr))
-            dirn = res + beta * dirn
-            rr = rr_new
-        e = z @ s
-        va = v[:, idx]
-        t = _line_search((va * s).sum(0), (s * s).sum(0), m[:, idx], e, y[:, idx], a_w[:, idx], ca)
-        v[:, idx] = va + t * s
-        m[:, idx] = m[:, idx] + t * e
-    # final check
-    m = z @ v
-    act = a_w * ((y * m) < 1)
-    g = v + 2 * cost * (zt @ (act * (m - y)))
-    conv = (g.norm(dim=0) <= config.tol * g0 * 1.0001) if g0 is not None else torch.ones(p, dtype=torch.bool)
-    return v, conv.cpu().numpy(), its.cpu().numpy()
+    for level, cids in tqdm(work, desc="svm", disable=not progress or len(work) <= 1):
+        probs = np.array([chains[c][level] for c in cids])
+        ys = np.sign(y[:, probs]).astype(np.float32)
+        yt = torch.as_tensor(ys, device=device).to(dtype)
+        aw = torch.where(yt > 0, config.pos_weight, torch.where(yt < 0, config.neg_weight, 0.0)).to(dtype)
+        cost = torch.as_tensor(costs[probs], device=device).to(dtype)
+        if level == 0:
+            g0_unit[cids] = (z.T @ (aw * yt)).double().norm(dim=0).cpu().numpy()
+            v = torch.zeros((basis.r, len(cids)), dtype=dtype, device=device)
+            m = torch.zeros((n, len(cids)), dtype=dtype, device=device)
+        else:  # warm start: the previous cost's solution, rescaled by the exact minimiser along that ray
+            prev = np.array([chains[c][level - 1] for c in cids])
+            v = v_prev[:, [slot[c] for c in cids]]
+            m = torch.as_tensor(scores[:, prev], device=device).to(dtype)
+            t = _line_search(torch.zeros_like(cost), (v * v).sum(0), torch.zeros_like(m), m, yt, aw, cost,
+                             t0=torch.as_tensor(costs[probs] / costs[prev], device=device).to(dtype))
+            v, m = v * t, m * t
+        g0 = 2 * torch.as_tensor(costs[probs] * g0_unit[cids], device=device)
+        conv, its = _newton(z, pre, yt, aw, cost, v, m, g0, config)
+        m = z @ v  # fresh margins (no drift from the incremental updates)
+        scores[:, probs] = m.double().cpu().numpy()
+        converged[probs], iterations[probs] = conv.cpu().numpy(), its.cpu().numpy()
+        for j, c in enumerate(cids):
+            if c in slot:
+                v_prev[:, slot[c]] = v[:, j]
+            if int(probs[j]) in keep_pos:
+                v_keep[:, keep_pos[int(probs[j])]] = v[:, j]
+    w_aug = basis.weights(v_keep)
+    sol = SVMSolution(np.ascontiguousarray(w_aug[:d].T), w_aug[d] * config.intercept_scaling, converged[keep],
+                      iterations[keep], "torch")
+    return _Run(sol, scores, converged, iterations)
 
 
 # ---------------------------------------------------------------------------- reference backends
@@ -389,7 +544,7 @@ def _solve_sklearn(x, y, costs, config: SVMConfig) -> SVMSolution:
     for p in range(p_total):
         rows, yp = _problem_rows(y, p)
         if len(np.unique(yp)) < 2:  # LinearSVC refuses a single class: the same objective, solved by ours
-            one = _solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False)
+            one = _solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False).solution
             weight[p], bias[p] = one.weight[0], one.bias[0]
             continue
         clf = LinearSVC(C=float(costs[p]), class_weight={1: config.pos_weight, -1: config.neg_weight},
@@ -414,7 +569,7 @@ def _solve_cyanure(x, y, costs, config: SVMConfig) -> SVMSolution:
     for p in range(p_total):
         rows, yp = _problem_rows(y, p)
         if len(np.unique(yp)) < 2:  # a single class: the same objective, solved by ours
-            one = _solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False)
+            one = _solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False).solution
             weight[p], bias[p] = one.weight[0], one.bias[0]
             continue
         xa = np.hstack([x64[rows], np.full((len(rows), 1), config.intercept_scaling)])
@@ -488,8 +643,8 @@ def cv_sweep(x: np.ndarray, labels: np.ndarray, costs: list[float], folds: int, 
                 if f < folds:
                     col[fold_of[:, j] == f] = 0
                 y[:, p], cvec[p] = col, costs[c]
-    sol = solve(x, y, cvec, config, device=device, progress=progress)
-    scores = sol.decision(x)  # (N, P)
+    refits = np.array([(j * nc + c) * (folds + 1) + folds for j in range(k) for c in range(nc)])
+    sol, scores, converged = solve_with_scores(x, y, cvec, config, device=device, progress=progress, keep=refits)
     cv_ap = np.zeros((k, nc, folds))
     for j in range(k):
         for c in range(nc):
@@ -498,9 +653,9 @@ def cv_sweep(x: np.ndarray, labels: np.ndarray, costs: list[float], folds: int, 
                 held = fold_of[:, j] == f
                 cv_ap[j, c, f] = cv_average_precision(labels[held, j], scores[held, p])
     chosen = np.argmax(cv_ap.mean(axis=2), axis=1)
-    pick = np.array([(j * nc + chosen[j]) * (folds + 1) + folds for j in range(k)])
+    pick = np.array([j * nc + chosen[j] for j in range(k)])  # positions in `refits`
     final = SVMSolution(sol.weight[pick], sol.bias[pick], sol.converged[pick], sol.iterations[pick], sol.backend)
-    return SweepResult(list(costs), cv_ap, chosen, final, folds, int((~sol.converged).sum()))
+    return SweepResult(list(costs), cv_ap, chosen, final, folds, int((~converged).sum()))
 
 
 def finite_mean(values, nan_policy: str) -> tuple[float | None, list[int]]:
