@@ -9,6 +9,7 @@ STAMP := $(VENV)/.evalsuite-installed
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install demo test lint bench clean
 
@@ -20,10 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The whole plan (data -> pretraining -> every task -> leaderboard); re-running resumes.
 demo: $(STAMP)
-	$(BIN)/evalsuite data synth --out $(DEMO_DATA) --seed 0
-	$(BIN)/evalsuite run --checkpoint random:resnet18 --protocol quick --data-root $(DEMO_DATA) \
-		--out $(DEMO_OUT) --cache-dir $(DEMO_OUT)/cache
+	$(BIN)/evalsuite demo --data-root $(DEMO_DATA) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)

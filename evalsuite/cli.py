@@ -353,7 +353,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .pipeline import DemoConfig, build_plan, format_plan, run_plan, summary_table, write_outcomes
     from .runner import resolve_tasks
 
-    task_names, _ = resolve_tasks([a.tasks])
+    task_names, all_mode = resolve_tasks([a.tasks])
+    if all_mode and "navigation" in task_names:
+        try:
+            from tasks.nav_env import require_gl
+
+            require_gl()
+        except (ImportError, UserError) as e:
+            task_names.remove("navigation")
+            print(f"note: navigation left out of the demo: {e}")
     cfg = DemoConfig(data_root=a.data_root, out=a.out, methods=[m for m in a.methods.split(",") if m],
                      arch=a.arch, tasks=task_names, preset=a.protocol, epochs=a.epochs, seed=a.seed,
                      data_scale=a.data_scale, overrides=a.overrides)
