@@ -173,7 +173,7 @@ class NYUv2(ImageDataset):
 
     @property
     def ids(self) -> list[str]:
-        return list(self._ids)
+        return self._ids
 
     def image_path(self, i: int) -> Path | None:
         return None if self.layout == "mat" else self.image_path_of(self._ids[i])

@@ -142,7 +142,7 @@ class VOC2007(ImageDataset):
 
     @property
     def ids(self) -> list[str]:
-        return list(self._ids)
+        return self._ids
 
     def image_path(self, i: int) -> Path:
         return self.root / "JPEGImages" / f"{self._ids[i]}.jpg"
