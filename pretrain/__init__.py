@@ -5,7 +5,8 @@
 """
 
 from .base import Batch, Method
-from .registry import get_method, methods, register_method
+from .registry import get_method, register_method
+from .registry import methods as available_methods  # `pretrain.methods` is the subpackage of method files
 from .trainer import TrainConfig, Trainer, train
 
-__all__ = ["Batch", "Method", "TrainConfig", "Trainer", "get_method", "methods", "register_method", "train"]
+__all__ = ["Batch", "Method", "TrainConfig", "Trainer", "available_methods", "get_method", "register_method", "train"]

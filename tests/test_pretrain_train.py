@@ -13,8 +13,9 @@ import torch
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.errors import UserError
 from evalsuite.trunks import RESNET_TAPS
-from pretrain import TrainConfig, Trainer, methods, train
+from pretrain import TrainConfig, Trainer, train
 from pretrain.base import Batch, Method
+from pretrain.registry import methods
 
 # Tiny heads / banks so one step costs little; every other hyper-parameter is the method's default.
 SMALL = {
