@@ -57,6 +57,12 @@ def add_command(sub) -> None:
                    help="override a method hyper-parameter; repeatable")
     p.add_argument("--out", type=Path, default=Path("pretrained.safetensors"))
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("Slurm (optional, needs submitit: the cluster extra)")
+    g.add_argument("--slurm", action="store_true", help="submit to Slurm instead of running here")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=1)
+    g.add_argument("--partition")
+    g.add_argument("--timeout-min", type=int, default=24 * 60)
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -87,6 +93,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp)
+    if a.slurm:
+        from .launch import submit
+
+        job = submit(cfg, nodes=a.nodes, gpus_per_node=a.gpus_per_node, partition=a.partition,
+                     timeout_min=a.timeout_min, folder=Path(str(a.out) + ".slurm"))
+        print(f"submitted job {job.job_id}; logs in {a.out}.slurm")
+        return 0
     out = train(cfg)
     if out is not None:
         print(f"wrote {out}")
