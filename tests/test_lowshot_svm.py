@@ -102,7 +102,9 @@ def test_single_label_sampling():
 def test_presets():
     g, v, q = (ls.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
     assert g["k_values"] == [1, 2, 4, 8, 16, 32, 64, 96] == v["k_values"]
-    assert g["num_samples"] == 5 and g["cost_selection"] == "test" and len(g["costs"]) == 26
+    assert g["num_samples"] == 5 and len(g["costs"]) == 26
+    # cross-validated cost choice is the default everywhere; the anchors' test-set choice is opt-in
+    assert g["cost_selection"] == v["cost_selection"] == q["cost_selection"] == "cv"
     assert v["costs"][-1] == 1000.0 and q["num_samples"] < 5
 
 
@@ -111,7 +113,8 @@ def test_test_selected_stats_follow_the_benchmark_aggregation():
     ytr, ftr = voc_like(300, rng)
     yte, fte = voc_like(150, rng)
     prot = ls.task.default_protocol("quick")
-    prot.update({"layers": ["f"], "k_values": [2, 100], "num_samples": 3, "costs": [0.01, 1.0]})
+    prot.update({"layers": ["f"], "k_values": [2, 100], "num_samples": 3, "costs": [0.01, 1.0],
+                 "cost_selection": "test"})
     ctx = FakeCtx(prot, FakeVOC("trainval", ytr), FakeVOC("test", yte), {"trainval": {"f": ftr}, "test": {"f": fte}})
     r2, r100 = ls.task.run(ctx)
     assert (r2.metric, r100.metric) == ("mAP_k2", "mAP_k100")

@@ -214,3 +214,106 @@ def test_finite_mean_policies():
     assert svm.finite_mean([0.5, 0.7], "nan") == (pytest.approx(0.6), [])
     assert svm.finite_mean([0.5, float("nan")], "nan") == (None, [1])
     assert svm.finite_mean([0.5, float("nan")], "exclude") == (0.5, [1])
+
+
+def reference_objectives(x, ys, costs, cfg):
+    """Each problem solved alone by LinearSVC to a tight tolerance (our objective, float64)."""
+    ref = svm.solve(x, ys, costs, SVMConfig(backend="sklearn", sklearn_tol=1e-10, sklearn_max_iter=200000))
+    return np.array([svm.svm_objective(x, ys[:, p], ref.w_aug(p, 1.0), costs[p], cfg) for p in range(len(costs))])
+
+
+def path_problem(n=120, d=30, seed=11):
+    """Two label columns (one with rows left out) x a cost path spanning easy (tiny C) to hard (large C)."""
+    x, y = make_problem(n, d, seed=seed)
+    costs_path = np.array([1e-4, 1e-2, 0.1, 1.0, 10.0, 100.0])
+    y2 = y.copy()
+    y2[: n // 3] = 0  # a CV-style fold left out
+    ys = np.concatenate([np.repeat(y[:, None], len(costs_path), 1), np.repeat(y2[:, None], len(costs_path), 1)], 1)
+    costs = np.tile(costs_path, 2)
+    order = np.random.default_rng(seed).permutation(len(costs))  # problems in no particular order
+    return x, ys[:, order], costs[order]
+
+
+def objectives(x, ys, costs, sol, cfg):
+    return np.array([svm.svm_objective(x, ys[:, p], sol.w_aug(p, 1.0), costs[p], cfg) for p in range(len(costs))])
+
+
+@pytest.mark.parametrize("direct", ["never", "always", "auto"])
+def test_warm_started_path_equals_cold_solves(direct):
+    """Solving each cost path in increasing order from the previous solution reaches the same optima as
+    independent cold starts, and both match LinearSVC run per problem to a tight tolerance."""
+    x, ys, costs = path_problem()
+    cfg = SVMConfig(dtype="float64", tol=1e-9, direct_steps=direct)
+    warm = svm.solve(x, ys, costs, cfg)
+    cold = svm.solve(x, ys, costs, SVMConfig(dtype="float64", tol=1e-9, direct_steps=direct, warm_start=False))
+    assert warm.converged.all() and cold.converged.all()
+    f_warm, f_cold, f_ref = objectives(x, ys, costs, warm, cfg), objectives(x, ys, costs, cold, cfg), \
+        reference_objectives(x, ys, costs, cfg)
+    np.testing.assert_allclose(f_warm, f_cold, rtol=1e-9)
+    assert (f_warm <= f_ref * (1 + 1e-9)).all()
+    np.testing.assert_allclose(f_warm, f_ref, rtol=1e-6)
+    np.testing.assert_allclose(warm.decision(x), cold.decision(x), atol=1e-6)
+    # the warm path needs fewer Newton steps in total than cold starts
+    assert warm.iterations.sum() < cold.iterations.sum()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mixed_easy_and_hard_problems_all_converge(dtype):
+    """Per-problem convergence masks: a batch mixing trivial problems (tiny C), hard ones (large C on
+    nearly separable data), an empty one (no rows) and one-class ones; each stops on its own test and
+    every one reaches LinearSVC's optimum."""
+    rng = np.random.default_rng(12)
+    n, d = 150, 40
+    y = np.where(rng.random(n) < 0.3, 1, -1)
+    x = svm.l2_normalize(rng.normal(size=(n, d)) + 1.5 * y[:, None] * (np.arange(d) < 2))
+    cols, costs = [], []
+    for c in (1e-6, 1e-3, 1.0, 100.0, 1000.0):
+        cols.append(y)
+        costs.append(c)
+    sub = y.copy()
+    sub[::2] = 0
+    cols += [sub, np.where(np.arange(n) < 40, -1, 0), np.zeros(n, dtype=int)]
+    costs += [50.0, 10.0, 1.0]
+    ys, costs = np.stack(cols, 1), np.array(costs)
+    tol = 1e-9 if dtype == "float64" else 1e-6  # 1e-5 is too loose at C = 1000 (0.2 % in the objective)
+    cfg = SVMConfig(dtype=dtype, tol=tol, warm_start=False)  # one batch, no cost path
+    sol = svm.solve(x, ys, costs, cfg)
+    assert sol.converged.all()
+    assert sol.iterations[0] < sol.iterations[4]  # the easy problem left the batch early
+    f = objectives(x, ys, costs, sol, cfg)
+    assert f[-1] == 0.0 and (sol.weight[-1] == 0).all() and sol.bias[-1] == 0.0  # no rows: w = 0
+    two_class = [0, 1, 2, 3, 4, 5]
+    f_ref = reference_objectives(x, ys[:, two_class], costs[two_class], cfg)
+    np.testing.assert_allclose(f[two_class], f_ref, rtol=1e-7 if dtype == "float64" else 2e-4)
+    # the one-class problem: check optimality against L-BFGS on the same objective
+    from scipy.optimize import minimize
+
+    opt = minimize(lambda w: svm.svm_objective(x, ys[:, 6], w, costs[6], cfg), np.zeros(d + 1), method="L-BFGS-B",
+                   options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
+    assert f[6] == pytest.approx(opt.fun, rel=1e-6 if dtype == "float64" else 1e-4)
+
+
+@pytest.mark.parametrize("n,d", [(120, 30), (50, 120)])  # primal coordinates, and the sample span
+def test_chunking_gives_the_same_results(n, d):
+    x, ys, costs = path_problem(n, d, seed=13)
+    whole = svm.solve(x, ys, costs, SVMConfig(dtype="float64", tol=1e-9))
+    for chunk in (1, 3):
+        part = svm.solve(x, ys, costs, SVMConfig(dtype="float64", tol=1e-9, max_problems=chunk))
+        np.testing.assert_allclose(part.weight, whole.weight, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(part.bias, whole.bias, rtol=1e-7, atol=1e-9)
+    # the memory rule: per-problem state bounded by memory_fraction x the float32 feature matrix
+    assert svm._chunk_size(5011, 2049, 2048, SVMConfig()) == 5011 * 2048 * 4 // (14 * 5011 * 4)
+    assert svm._chunk_size(5011, 2049, 2048, SVMConfig(max_problems=10)) == 10
+
+
+def test_scores_from_margins_equal_the_decision_values():
+    """cv_sweep scores the held-out rows from the solver's margins (z v) without building every weight vector."""
+    x, ys, costs = path_problem(90, 20, seed=14)
+    for d_extra in (0, 100):  # primal, then span coordinates (D + 1 > N)
+        xx = np.hstack([x, svm.l2_normalize(np.random.default_rng(1).normal(size=(len(x), d_extra)))]) if d_extra else x
+        keep = np.array([0, 5])
+        sol, scores, conv = svm.solve_with_scores(xx, ys, costs, SVMConfig(dtype="float64"), keep=keep)
+        full = svm.solve(xx, ys, costs, SVMConfig(dtype="float64"))
+        np.testing.assert_allclose(scores, full.decision(xx), atol=1e-8)
+        np.testing.assert_allclose(sol.weight, full.weight[keep], atol=1e-10)
+        assert conv.shape == (len(costs),) and conv.all()

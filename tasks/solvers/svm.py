@@ -66,7 +66,7 @@ class SVMConfig:
     neg_weight: float = 1.0
     intercept_scaling: float = 1.0
     # torch backend
-    tol: float = 1e-5  # ||grad|| <= tol * ||grad at w = 0||, per problem
+    tol: float = 1e-6  # ||grad|| <= tol * ||grad at w = 0||, per problem (1e-5 is loose at C >= 1000)
     max_newton: int = 60
     max_cg: int = 500
     cg_forcing: float = 0.1  # CG stops at ||residual|| <= min(cg_forcing, sqrt(||g|| / ||g0||)) ||g||
@@ -75,6 +75,7 @@ class SVMConfig:
     warm_start: bool = True  # solve each cost path in increasing order from the previous solution
     max_problems: int = 4096  # problems solved together, at most
     memory_fraction: float = 1.0  # per-problem solver state <= this x the float32 feature matrix
+    direct_steps: str = "auto"  # exact kernel Newton steps: auto (cheaper than the CG they replace), always, never
     # sklearn backend (the benchmark's LinearSVC arguments)
     sklearn_tol: float = 1e-4
     sklearn_max_iter: int = 2000
@@ -90,6 +91,8 @@ class SVMConfig:
                             "(the benchmark uses squared_hinge)")
         if self.loss not in ("squared_hinge", "hinge"):
             raise UserError(f"unknown svm loss {self.loss!r}; use squared_hinge or hinge")
+        if self.direct_steps not in ("auto", "always", "never"):
+            raise UserError(f"svm direct_steps must be auto, always or never, got {self.direct_steps!r}")
         if self.dtype not in ("float32", "float64"):
             raise UserError(f"svm dtype must be float32 or float64, got {self.dtype!r}")
         if not (self.pos_weight > 0 and self.neg_weight > 0 and self.intercept_scaling >= 0):
@@ -270,7 +273,7 @@ class _Basis:
     def __init__(self, x: np.ndarray, scaling: float, dtype, device, col_chunk: int = 1024):
         self.x, self.n, self.d = x, x.shape[0], x.shape[1]
         self.scaling, self.dtype, self.device, self.col_chunk = float(scaling), dtype, device, col_chunk
-        self.chol = None
+        self.chol, self._gram = None, None
         if self.d + 1 > self.n:
             k = torch.full((self.n, self.n), self.scaling**2, dtype=torch.float64, device=device)
             for c in range(0, self.d, col_chunk):
@@ -278,10 +281,11 @@ class _Basis:
                 k += (xc @ xc.T).double()
                 del xc
             chol, info = torch.linalg.cholesky_ex(k)
-            del k
             if int(info) == 0:  # else: a (numerically) rank-deficient Gram matrix -> primal coordinates
                 self.chol = chol
                 self.z = chol.to(dtype)
+                self._gram = k.to(dtype)
+            del k
         if self.chol is None:
             self.z = torch.empty((self.n, self.d + 1), dtype=dtype, device=device)
             for c in range(0, self.d, col_chunk):
@@ -289,6 +293,12 @@ class _Basis:
                 self.z[:, c:e] = torch.as_tensor(x[:, c:e], device=device).to(dtype)
             self.z[:, self.d] = self.scaling
         self.r = self.z.shape[1]
+
+    def gram(self) -> torch.Tensor:
+        """K = z z^T (N, N), computed on first use (only when a direct Newton step is taken)."""
+        if self._gram is None:
+            self._gram = self.z @ self.z.T
+        return self._gram
 
     def weights(self, v: torch.Tensor) -> np.ndarray:
         """(D + 1, P) float64 augmented weights of coordinates v (r, P)."""
@@ -381,6 +391,7 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
     pair of matmuls per step; a problem leaves the batch when ||residual|| <= stop. Returns s and e = z s."""
     p_all = g.shape[1]
     s_out, e_out = torch.zeros_like(g), torch.zeros((z.shape[0], p_all), dtype=g.dtype, device=g.device)
+    n_it = torch.zeros(p_all, dtype=torch.int64, device=g.device)
     idx = torch.arange(p_all, device=g.device)
     f = pre.factors(act, cost) if pre is not None else None
     res = -g
@@ -388,6 +399,7 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
     d, rz = zr, (res * zr).sum(0)
     s, e = torch.zeros_like(g), torch.zeros_like(e_out)
     for _ in range(max_cg):
+        n_it[idx] += 1
         zd = z @ d
         hd = d + 2 * cost * (z.T @ (act * zd))
         alpha = rz / (d * hd).sum(0).clamp_min(1e-300)
@@ -399,7 +411,7 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
             s_out[:, idx[fin]], e_out[:, idx[fin]] = s[:, fin], e[:, fin]
             keep = ~fin
             if not keep.any():
-                return s_out, e_out
+                return s_out, e_out, n_it
             idx, s, e, res, d, rz = idx[keep], s[:, keep], e[:, keep], res[:, keep], d[:, keep], rz[keep]
             act, cost, stop = act[:, keep], cost[keep], stop[keep]
             f = f[:, keep] if f is not None else None
@@ -408,17 +420,44 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
         d = zr + (rz_new / rz.clamp_min(1e-300)) * d
         rz = rz_new
     s_out[:, idx], e_out[:, idx] = s, e
-    return s_out, e_out
+    return s_out, e_out, n_it
 
 
-def _newton(z, pre, y, aw, cost, v, m, g0, config: SVMConfig):
+def _direct_steps(basis: _Basis, act, cost, y, v):
+    """Exact Newton directions for the given problems (Chapelle 2007, squared hinge): with the active set A
+    fixed, the minimiser is w = z_A^T beta, (K_AA + diag(1 / (2 C c_A))) beta = y_A -- one Cholesky of
+    size |A| per problem instead of many CG steps when C is large and the active set small."""
+    k = basis.gram()
+    z = basis.z
+    target = torch.empty_like(v)
+    for j in range(v.shape[1]):
+        rows = (act[:, j] > 0).nonzero().squeeze(1)
+        if len(rows) == 0:
+            target[:, j] = 0
+            continue
+        kaa = k[rows][:, rows]
+        kaa.diagonal().add_(1.0 / (2.0 * cost[j] * act[rows, j]))
+        chol, info = torch.linalg.cholesky_ex(kaa)
+        if int(info) != 0:
+            chol = torch.linalg.cholesky(kaa.double()).to(kaa.dtype)
+        beta = torch.cholesky_solve(y[rows, j:j + 1], chol)
+        target[:, j] = (z[rows].T @ beta).squeeze(1)
+    return target - v
+
+
+def _newton(basis, pre, y, aw, cost, v, m, g0, config: SVMConfig, cg_hist):
     """Truncated Newton (exact line search) for P problems in place on v (r, P) / margins m = z v (N, P).
     Problem p stops when ||grad_p|| <= tol * ||grad_p(0)|| (g0, float64); converged problems leave the batch.
     Returns converged (P,) bool and Newton steps (P,)."""
+    z = basis.z
+    n, r = z.shape
     p_all = y.shape[1]
     conv = torch.zeros(p_all, dtype=torch.bool, device=y.device)
     its = torch.zeros(p_all, dtype=torch.int64, device=y.device)
     live = torch.arange(p_all, device=y.device)
+    tiny = 10 * torch.finfo(v.dtype).eps
+    force_cg = torch.zeros(p_all, dtype=torch.bool, device=y.device)  # a direct step stopped making progress
+    stall = torch.zeros(p_all, dtype=torch.int64, device=y.device)
     for it in range(config.max_newton + 1):
         yl, al, cl, vl, ml = y[:, live], aw[:, live], cost[live], v[:, live], m[:, live]
         act = al * ((yl * ml) < 1)
@@ -429,14 +468,39 @@ def _newton(z, pre, y, aw, cost, v, m, g0, config: SVMConfig):
         conv[live[ok]] = True
         if it == config.max_newton or ok.all():
             break
-        keep = ~ok
+        keep = ~ok & (stall[live] < 2)
+        if not keep.any():
+            break
         if not keep.all():
             live, yl, al, cl, vl, ml, act, g, gn, g0l = (live[keep], yl[:, keep], al[:, keep], cl[keep], vl[:, keep],
                                                          ml[:, keep], act[:, keep], g[:, keep], gn[keep], g0l[keep])
         eta = torch.minimum(torch.full_like(gn, config.cg_forcing), (gn / g0l.clamp_min(1e-300)).sqrt())
-        s, e = _pcg(z, pre, act, cl, g, eta * gn, config.max_cg)
+        # direct (Cholesky) step where it costs less than the CG steps this problem needed last time
+        n_act = (act > 0).sum(0).double()
+        if config.direct_steps == "auto":
+            direct = 2 * n_act**3 / 3 <= cg_hist[live] * 4.0 * n * r
+        else:
+            direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
+        direct &= ~force_cg[live]
+        s = torch.zeros_like(g)
+        e = torch.zeros_like(ml)
+        cg_idx, dir_idx = (~direct).nonzero().squeeze(1), direct.nonzero().squeeze(1)
+        if len(cg_idx):
+            s_c, e_c, n_it = _pcg(z, pre, act[:, cg_idx], cl[cg_idx], g[:, cg_idx], (eta * gn)[cg_idx],
+                                  config.max_cg)
+            s[:, cg_idx], e[:, cg_idx] = s_c, e_c
+            cg_hist[live[cg_idx]] = n_it.double()
+        if len(dir_idx):
+            s_d = _direct_steps(basis, act[:, dir_idx], cl[dir_idx], yl[:, dir_idx], vl[:, dir_idx])
+            s[:, dir_idx], e[:, dir_idx] = s_d, z @ s_d
         t = _line_search((vl * s).sum(0), (s * s).sum(0), ml, e, yl, al, cl)
-        v[:, live] = vl + t * s
+        v_new = vl + t * s
+        # a problem whose iterate no longer moves (the float precision floor) leaves, unconverged
+        frozen = (t * s).double().norm(dim=0) <= tiny * v_new.double().norm(dim=0)
+        # after a direct step: the float K it used differs from z z^T by rounding; CG steps finish the job
+        force_cg[live] |= frozen & direct
+        stall[live] = torch.where(frozen & ~direct, stall[live] + 1, 0)
+        v[:, live] = v_new
         m[:, live] = ml + t * e
         its[live] += 1
     return conv, its
@@ -465,7 +529,7 @@ def _chunk_size(n: int, r: int, d: int, config: SVMConfig) -> int:
     memory_fraction x the float32 feature matrix (N x D)."""
     per_problem = 14 * max(n, r) * 4
     budget = config.memory_fraction * n * max(d, 1) * 4
-    return int(max(8, min(config.max_problems, budget // per_problem)))
+    return int(max(1, min(config.max_problems, budget // per_problem)))
 
 
 def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, keep=None) -> _Run:
@@ -486,6 +550,7 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
     slot = {c: i for i, c in enumerate(multi)}
     v_prev = torch.zeros((basis.r, len(multi)), dtype=dtype, device=device)
     g0_unit = np.zeros(len(chains))
+    cg_hist = np.zeros(len(chains))  # CG steps of the chain's last iterative Newton step
     chunk = _chunk_size(n, basis.r, d, config)
     depth = max(len(ch) for ch in chains)
     work = [(level, [c for c in range(len(chains)) if len(chains[c]) > level]) for level in range(depth)]
@@ -510,7 +575,9 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
                              t0=torch.as_tensor(costs[probs] / costs[prev], device=device).to(dtype))
             v, m = v * t, m * t
         g0 = 2 * torch.as_tensor(costs[probs] * g0_unit[cids], device=device)
-        conv, its = _newton(z, pre, yt, aw, cost, v, m, g0, config)
+        hist = torch.as_tensor(cg_hist[cids], device=device)
+        conv, its = _newton(basis, pre, yt, aw, cost, v, m, g0, config, hist)
+        cg_hist[cids] = hist.cpu().numpy()
         m = z @ v  # fresh margins (no drift from the incremental updates)
         scores[:, probs] = m.double().cpu().numpy()
         converged[probs], iterations[probs] = conv.cpu().numpy(), its.cpu().numpy()
