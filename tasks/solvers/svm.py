@@ -423,7 +423,7 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
     return s_out, e_out, n_it
 
 
-def _direct_steps(basis: _Basis, act, cost, y, v):
+def _direct_steps(basis: _Basis, act, cost, y, v, refine: int = 3):
     """Exact Newton directions for the given problems (Chapelle 2007, squared hinge): with the active set A
     fixed, the minimiser is w = z_A^T beta, (K_AA + diag(1 / (2 C c_A))) beta = y_A -- one Cholesky of
     size |A| per problem instead of many CG steps when C is large and the active set small."""
@@ -436,12 +436,17 @@ def _direct_steps(basis: _Basis, act, cost, y, v):
             target[:, j] = 0
             continue
         kaa = k[rows][:, rows]
-        kaa.diagonal().add_(1.0 / (2.0 * cost[j] * act[rows, j]))
+        dinv = 1.0 / (2.0 * cost[j] * act[rows, j:j + 1])
+        kaa.diagonal().add_(dinv.squeeze(1))
         chol, info = torch.linalg.cholesky_ex(kaa)
         if int(info) != 0:
             chol = torch.linalg.cholesky(kaa.double()).to(kaa.dtype)
-        beta = torch.cholesky_solve(y[rows, j:j + 1], chol)
-        target[:, j] = (z[rows].T @ beta).squeeze(1)
+        za = z[rows]
+        rhs = y[rows, j:j + 1]
+        beta = torch.cholesky_solve(rhs, chol)
+        for _ in range(refine):  # iterative refinement against z (the stored K is rounded; (K + D)^-1 amplifies it)
+            beta += torch.cholesky_solve(rhs - za @ (za.T @ beta) - dinv * beta, chol)
+        target[:, j] = (za.T @ beta).squeeze(1)
     return target - v
 
 
