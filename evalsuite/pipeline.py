@@ -53,6 +53,7 @@ class DemoConfig:
     seed: int = 0
     data_scale: float = 1.0
     overrides: Sequence[str] = ()
+    pretrain_batch_size: int = 32
     extra_pretrain_args: Sequence[str] = field(default_factory=list)
 
 
@@ -83,13 +84,14 @@ def build_plan(cfg: DemoConfig, task_names: Sequence[str]) -> list[Step]:
         ck = Path(checkpoint_spec(cfg, m))
         steps.append(Step(f"pretrain {m}", ["pretrain", "--method", m, "--arch", cfg.arch, "--data-root",
                                              str(cfg.data_root), "--epochs", str(cfg.epochs), "--seed",
-                                             str(cfg.seed), "--out", str(ck), "--no-progress",
+                                             str(cfg.seed), "--batch-size", str(cfg.pretrain_batch_size),
+                                             "--out", str(ck), "--no-progress",
                                              *cfg.extra_pretrain_args],
                           cost=25 * cfg.epochs, done=ck.exists))
-    sets = [x for o in cfg.overrides for x in ("--set", o)]
     for m in cfg.methods:
         spec = checkpoint_spec(cfg, m)
         for t in task_names:
+            sets = [x for o in overrides_for(t, cfg.overrides, task_names) for x in ("--set", o)]
             steps.append(Step(
                 f"evaluate {m} on {t}",
                 ["run", "--checkpoint", spec, "--tasks", t, "--protocol", cfg.preset, "--data-root",
@@ -100,6 +102,12 @@ def build_plan(cfg: DemoConfig, task_names: Sequence[str]) -> list[Step]:
     steps.append(Step("build leaderboard", ["leaderboard", "build", "--results", str(cfg.out), "--out",
                                             str(cfg.out / "site")], cost=10.0))
     return steps
+
+
+def overrides_for(task: str, overrides: Sequence[str], task_names: Sequence[str]) -> list[str]:
+    """The ``--set`` items that concern one task: unscoped ones and ``task.key=value`` for this task."""
+    others = set(task_names) - {task}
+    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in others]
 
 
 # Rough seconds per quick-preset evaluation of a ResNet-18 on the default data (2 CPU cores).

@@ -38,6 +38,15 @@ def test_plan_order_and_commands(tmp_path) -> None:
     assert all("--protocol" in s.argv and "quick" in s.argv for s in steps[2:6])
 
 
+def test_task_scoped_overrides_go_to_their_task_only(tmp_path) -> None:
+    cfg = DemoConfig(data_root=tmp_path / "d", out=tmp_path / "o", methods=["random"],
+                     overrides=["knn.k=5", "image_size=32", "voc07_svm.folds=2"])
+    steps = {s.label: s.argv for s in build_plan(cfg, ["knn", "voc07_svm"])}
+    knn = steps["evaluate random on knn"]
+    assert "knn.k=5" in knn and "image_size=32" in knn and "voc07_svm.folds=2" not in knn
+    assert "voc07_svm.folds=2" in steps["evaluate random on voc07_svm"]
+
+
 def test_resume_skips_finished_steps(tmp_path) -> None:
     cfg = DemoConfig(data_root=tmp_path / "d", out=tmp_path / "o", methods=["random", "simclr"])
     (tmp_path / "d").mkdir()
