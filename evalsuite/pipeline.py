@@ -91,7 +91,10 @@ def build_plan(cfg: DemoConfig, task_names: Sequence[str]) -> list[Step]:
     for m in cfg.methods:
         spec = checkpoint_spec(cfg, m)
         for t in task_names:
-            sets = [x for o in overrides_for(t, cfg.overrides, task_names) for x in ("--set", o)]
+            items = overrides_for(t, cfg.overrides, task_names)
+            if t == "navigation" and m != cfg.methods[0]:
+                items.append("navigation.baselines=[]")  # random/blind baselines do not depend on the trunk
+            sets = [x for o in items for x in ("--set", o)]
             steps.append(Step(
                 f"evaluate {m} on {t}",
                 ["run", "--checkpoint", spec, "--tasks", t, "--protocol", cfg.preset, "--data-root",

@@ -47,6 +47,13 @@ def test_task_scoped_overrides_go_to_their_task_only(tmp_path) -> None:
     assert "voc07_svm.folds=2" in steps["evaluate random on voc07_svm"]
 
 
+def test_navigation_baselines_run_once(tmp_path) -> None:
+    cfg = DemoConfig(data_root=tmp_path / "d", out=tmp_path / "o", methods=["random", "simclr"])
+    steps = {s.label: s.argv for s in build_plan(cfg, ["navigation"])}
+    assert "navigation.baselines=[]" not in steps["evaluate random on navigation"]
+    assert "navigation.baselines=[]" in steps["evaluate simclr on navigation"]
+
+
 def test_resume_skips_finished_steps(tmp_path) -> None:
     cfg = DemoConfig(data_root=tmp_path / "d", out=tmp_path / "o", methods=["random", "simclr"])
     (tmp_path / "d").mkdir()
