@@ -435,7 +435,7 @@ def _direct_steps(basis: _Basis, act, cost, y, v, refine: int = 3):
         if len(rows) == 0:
             target[:, j] = 0
             continue
-        kaa = k[rows][:, rows]
+        kaa = k[rows[:, None], rows]  # |A| x |A| gathered directly (no |A| x N intermediate)
         dinv = 1.0 / (2.0 * cost[j] * act[rows, j:j + 1])
         kaa.diagonal().add_(dinv.squeeze(1))
         chol, info = torch.linalg.cholesky_ex(kaa)
@@ -524,7 +524,7 @@ def _chains(y: np.ndarray, costs: np.ndarray) -> list[list[int]]:
 @dataclass
 class _Run:
     solution: SVMSolution  # problems `keep` only
-    scores: np.ndarray  # (N, P) decision values on the training rows, every problem
+    scores: np.ndarray  # (N, P) decision values on the training rows, every problem (the solver's dtype)
     converged: np.ndarray  # (P,)
     iterations: np.ndarray  # (P,)
 
@@ -546,7 +546,7 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
     z = basis.z
     pre = _Precond.build(z, config.precond_rank) if config.precond_rank > 0 else None
     chains = _chains(y, costs) if config.warm_start else [[p] for p in range(p_total)]
-    scores = np.zeros((n, p_total))
+    scores = np.zeros((n, p_total), dtype=np.float32 if dtype == torch.float32 else np.float64)
     converged = np.zeros(p_total, dtype=bool)
     iterations = np.zeros(p_total, dtype=np.int64)
     keep_pos = {int(p): i for i, p in enumerate(keep)}
@@ -584,7 +584,7 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
         conv, its = _newton(basis, pre, yt, aw, cost, v, m, g0, config, hist)
         cg_hist[cids] = hist.cpu().numpy()
         m = z @ v  # fresh margins (no drift from the incremental updates)
-        scores[:, probs] = m.double().cpu().numpy()
+        scores[:, probs] = m.cpu().numpy()
         converged[probs], iterations[probs] = conv.cpu().numpy(), its.cpu().numpy()
         for j, c in enumerate(cids):
             if c in slot:
