@@ -350,7 +350,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .pipeline import DemoConfig, build_plan, format_plan, run_plan, summary_table, write_outcomes
+    from .pipeline import DemoConfig, build_plan, format_plan, logged_step, run_plan, summary_table, write_outcomes
     from .runner import resolve_tasks
 
     task_names, all_mode = resolve_tasks([a.tasks])
@@ -371,7 +371,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.dry_run:
         return 0
     t0 = time.perf_counter()
-    outcomes = run_plan(steps, lambda argv: main(argv), progress=not a.no_progress)
+    outcomes = run_plan(steps, logged_step(a.out / "logs", main), progress=not a.no_progress)
     a.out.mkdir(parents=True, exist_ok=True)
     write_outcomes(a.out / "demo_steps.json", outcomes)
     table = summary_table(a.out, a.protocol)
@@ -384,6 +384,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"leaderboard at {a.out / 'site' / 'index.html'}")
     for o in failed:
         print(f"  FAILED {o.step.label}: {o.error}")
+    print(f"each step's output: {a.out / 'logs'}")
     return 1 if failed else 0
 
 

@@ -9,7 +9,9 @@ the others: the summary lists it and the exit code is 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +23,9 @@ from .results import RESULTS_FILE, iter_records
 
 DEMO_METHODS = ("random", "supervised", "rotnet", "jigsaw", "simclr", "moco_v2", "byol", "swav")
 DEMO_ARCH = "resnet18"
+# Demo-only settings on top of the quick preset (printed with the plan, recorded in every result):
+# sliding-window proposals instead of selective search keep detection to seconds per checkpoint.
+DEMO_OVERRIDES = ("detection.proposals=sliding_window",)
 DATA_MARKER = ".evalsuite-demo-data.json"  # written once the synthetic data is complete
 
 
@@ -91,7 +96,7 @@ def build_plan(cfg: DemoConfig, task_names: Sequence[str]) -> list[Step]:
     for m in cfg.methods:
         spec = checkpoint_spec(cfg, m)
         for t in task_names:
-            items = overrides_for(t, cfg.overrides, task_names)
+            items = overrides_for(t, [*DEMO_OVERRIDES, *cfg.overrides], task_names)
             if t == "navigation" and m != cfg.methods[0]:
                 items.append("navigation.baselines=[]")  # random/blind baselines do not depend on the trunk
             sets = [x for o in items for x in ("--set", o)]
@@ -151,6 +156,29 @@ def run_plan(steps: Sequence[Step], run_argv: Callable[[list[str]], int], *, pro
                 echo(f"[{i}/{len(steps)}] {step.label}: {'FAILED ' + error if error else 'done'} ({secs:.1f}s)")
             bar.advance(job, step.cost)
     return outcomes
+
+
+def logged_step(log_dir: Path, run_argv: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """Wrap ``run_argv`` so each step's output goes to its own log file, keeping the terminal for the plan.
+
+    A failing step raises a UserError carrying the step's own error line (so the summary can show it).
+    """
+    counter = {"n": 0}
+
+    def run(argv: list[str]) -> int:
+        counter["n"] += 1
+        log_dir.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(argv[:1] + [x for x in argv[1:4] if not x.startswith("-")]))
+        log = log_dir / f"{counter['n']:03d}-{name}.log"
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            f.write(f"$ evalsuite {shlex.join(argv)}\n")
+            rc = run_argv(argv)
+        if rc != 0:
+            errors = [x for x in log.read_text().splitlines() if "error" in x.lower()]
+            raise UserError(f"{errors[-1] if errors else f'exit code {rc}'} (log: {log})")
+        return rc
+
+    return run
 
 
 def summary_table(results_dir: Path, preset: str):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from evalsuite.errors import UserError
 from evalsuite.pipeline import (
     DATA_MARKER,
     DemoConfig,
     Step,
     build_plan,
     finished_pairs,
+    logged_step,
     run_plan,
     summary_table,
 )
@@ -108,3 +112,22 @@ def test_summary_table_takes_best_layer_per_task(tmp_path: Path) -> None:
     assert t.loc["random", "surface_normals"] == 25.0  # lower is better for angles
     assert t.loc["simclr", "knn"] == 70.0
     assert t.loc["random", "navigation"] == 0.5  # the random-policy baseline is not the checkpoint's score
+
+
+def test_logged_step_keeps_output_in_a_log_and_surfaces_the_error_line(tmp_path) -> None:
+    def fake(argv):
+        print("a results table")
+        if argv[0] == "bad":
+            import sys
+
+            print("evalsuite: error: /x/y.xml: unknown class 'dragon'", file=sys.stderr)
+            return 2
+        return 0
+
+    run = logged_step(tmp_path / "logs", fake)
+    assert run(["run", "--checkpoint", "random:resnet18"]) == 0
+    with pytest.raises(UserError, match="unknown class 'dragon'"):
+        run(["bad", "x"])
+    logs = sorted((tmp_path / "logs").iterdir())
+    assert [p.name for p in logs] == ["001-run-random_resnet18.log", "002-bad-x.log"]
+    assert "a results table" in logs[0].read_text() and logs[0].read_text().startswith("$ evalsuite run")
