@@ -14,8 +14,10 @@ Presets:
   IoU >= 0.5, background IoU in [0, 0.5), momentum 0.9, weight decay 1e-4 (not on biases, which
   get 2x lr), 500 linear warm-up iterations from lr/3, horizontal flips, shortest side 600 /
   longest at most 1000, at most 2000 proposals per image, RoIAlign 14x14, test NMS 0.3, score
-  threshold 0.05, at most 100 detections per image. Metric: VOC07 11-point AP at IoU 0.5 per class
-  and its mean over the 20 classes.
+  threshold 0 (the benchmark's setting: every class score is kept, so low-confidence detections
+  still count toward recall; Detectron's own default ``TEST.SCORE_THRESH`` is 0.05, available as
+  ``--set detection.score_thresh=0.05``), at most 100 detections per image. Metric: VOC07
+  11-point AP at IoU 0.5 per class and its mean over the 20 classes.
 - ``vissl``: the same detector with every layer fine-tuned (``freeze_at 0``, BN still frozen),
   the setting of the "all layers fine-tuned" rows of the published tables.
 - ``quick``: 128 px images (longest 192), 2 images x 32 RoIs pooled to 8x8, 60 iterations, lr 0.01,
@@ -109,7 +111,7 @@ class DetectionTask:
             "test_scale": 600,
             "test_max_size": 1000,
             "nms": 0.3,
-            "score_thresh": 0.05,
+            "score_thresh": 0.0,
             "max_dets": 100,
             "iou_thresh": 0.5,
             "ap_method": "voc07",

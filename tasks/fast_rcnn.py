@@ -15,7 +15,8 @@
   target stds 0.1, 0.1, 0.2, 0.2); loss = softmax cross-entropy + smooth-L1 (beta 1) on the
   true class's deltas of foreground RoIs, summed and divided by the number of sampled RoIs.
 - Test: softmax scores, per-class decoded boxes clipped to the image, per-class NMS 0.3, score
-  threshold, at most 100 detections per image.
+  threshold (scores must exceed it; 0 as in Goyal et al., Detectron's default is 0.05), at most
+  100 detections per image.
 
 Boxes are continuous 0-based x1, y1, x2, y2 (an XML box [a, b] in 1-based pixels spans [a-1, b]),
 so IoU here equals the devkit's inclusive-pixel IoU.
@@ -293,7 +294,7 @@ class TestConfig:
     scale: int = 600
     max_size: int = 1000
     nms: float = 0.3
-    score_thresh: float = 0.05
+    score_thresh: float = 0.0  # Goyal et al.; Detectron's TEST.SCORE_THRESH default is 0.05
     max_dets: int = 100
     roi_chunk: int = 512
 

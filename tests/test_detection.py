@@ -35,15 +35,6 @@ from tasks.fast_rcnn import (
     sample_rois,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- boxes
 
 
@@ -298,6 +289,11 @@ def test_presets_follow_the_benchmark():
                                                                 "voc2007:test")
     assert v["freeze_at"] == 0 and {k: v[k] for k in v if k != "freeze_at"} == {k: g[k] for k in g if k != "freeze_at"}
     assert q["max_iter"] < 1000 and q["test_scale"] <= 128
+    # test-time score threshold 0 (Goyal et al.), in every preset; Detectron's 0.05 only when asked for
+    assert g["score_thresh"] == v["score_thresh"] == q["score_thresh"] == 0.0
+    assert det.test_config(g).score_thresh == 0.0 and TestConfig().score_thresh == 0.0
+    over = apply_overrides({"detection": g}, parse_overrides(["detection.score_thresh=0.05"]))["detection"]
+    assert det.test_config(over).score_thresh == 0.05
     assert det.layer_name(4) == "finetune_above_res4" and det.layer_name(0) == "finetune_all"
 
 
