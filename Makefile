@@ -9,6 +9,8 @@ STAMP := $(VENV)/.evalsuite-installed
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# one pytest-xdist worker per core (each test process runs torch on one thread)
+PYTEST_WORKERS ?= auto
 DEMO_ARGS ?=
 
 .PHONY: install demo test lint bench clean
@@ -27,7 +29,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

@@ -152,7 +152,7 @@ class LowShotSVMTask:
                         "sample_rng": "numpy default_rng([seed, sample, k, class])"}
                 bad = [v for (kk, _), v in samples.items() if kk == k and isinstance(v, str)]
                 if bad:
-                    results.append(ctx.result(p["dataset"], p["test_split"], tap, f"mAP_k{k}", None, params=base,
+                    results.append(ctx.result(p["dataset"], p["test_split"], tap, "mAP", None, params=base,
                                               note=f"k={k} skipped: {bad[0]}", dataset_fingerprint=test.fingerprint()))
                     continue
                 draws = [samples[k, s] for s in range(int(p["num_samples"]))]
@@ -161,7 +161,7 @@ class LowShotSVMTask:
                 else:
                     value, params, note = self._cv_selected(x_tr, x_te, y_test, draws, costs, int(k), config, ctx,
                                                             classes)
-                results.append(ctx.result(p["dataset"], p["test_split"], tap, f"mAP_k{k}", value,
+                results.append(ctx.result(p["dataset"], p["test_split"], tap, "mAP", value,
                                           params={**base, **params}, note=note,
                                           dataset_fingerprint=test.fingerprint()))
         return results

@@ -74,7 +74,7 @@ def base_protocol(preset: str) -> dict[str, Any]:
         "costs": list(GOYAL19_COSTS),
         "undefined_ap": "nan",
         "svm": {"backend": "torch", "pos_weight": 2.0, "neg_weight": 1.0, "intercept_scaling": 1.0,
-                "loss": "squared_hinge", "tol": 1e-5, "dtype": "float64"},
+                "loss": "squared_hinge", "tol": 1e-6, "dtype": "float32"},
     }
     if preset == "vissl":
         p["costs"] = list(VISSL_COSTS)

@@ -10,8 +10,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Two cores in CI: keep torch from oversubscribing when pytest-xdist runs workers.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per test process: tiny tensors gain nothing from more, OpenMP spinning across
+# threads slowed the suite down several times on 2 cores, and `make test` runs one pytest-xdist
+# worker per core instead. Tests that measure threading set it themselves.
+torch.set_num_threads(1)
 
 
 def find_shared() -> Path:
@@ -48,4 +50,14 @@ def tiny_imagefolder(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("data")
     write_imagefolder(root / "imagefolder", seed=0, per_class=6, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory) -> Path:
+    """A data root with a small synthetic VOC2007 (60 trainval / 40 test images, 40 px)."""
+    from evalsuite.data.synth_voc import write_voc2007
+
+    root = tmp_path_factory.mktemp("vocdata")
+    write_voc2007(root, seed=0, image_size=40, n_trainval=60, n_test=40)
     return root

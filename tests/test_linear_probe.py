@@ -22,15 +22,6 @@ from tasks.solvers.linear_probe import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread avoids OpenMP spin-waits on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def blobs(n_per_class: int, dim: int, classes: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian classes around random centres; returned as the cache's fp16."""
     rng = np.random.default_rng(seed)

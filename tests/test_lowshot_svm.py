@@ -3,66 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import tasks.lowshot_svm as ls
 from evalsuite import registry
 from evalsuite.cli import main as cli_main
-from evalsuite.results import Result
 from tasks.solvers import svm
-
-CLASSES = [f"c{j}" for j in range(4)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class FakeVOC:
-    def __init__(self, split, labels):
-        self.split, self.classes, self.root = split, list(CLASSES), Path("/fake")
-        self.label_matrix = np.asarray(labels, dtype=np.int8)
-
-    def __len__(self):
-        return len(self.label_matrix)
-
-    def fingerprint(self):
-        return "fp"
-
-
-class FakeCtx:
-    def __init__(self, protocol, train, test, feats, seed=0):
-        self.protocol, self.seed, self.device, self.progress, self.layers = protocol, seed, "cpu", False, None
-        self._data = {protocol["train_split"]: train, protocol["test_split"]: test}
-        self._feats = feats
-        self.extractor = SimpleNamespace(trunk=SimpleNamespace(tap_names=list(feats[protocol["train_split"]])),
-                                         pool_specs=lambda taps, pooling, t: {
-                                             tap: SimpleNamespace(op="none", out_shape=(3,)) for tap in taps})
-
-    def open_dataset(self, kind, split, path=None):
-        return self._data[split]
-
-    def taps(self, default):
-        return list(default)
-
-    def transform(self):
-        return SimpleNamespace(to_dict=lambda: {"size": 224})
-
-    def features(self, dataset, taps, pooling=None, transform=None):
-        return {t: self._feats[dataset.split][t] for t in taps}
-
-    def result(self, dataset, split, layer, metric, value, params=None, note="", dataset_fingerprint=""):
-        return Result(task="t", dataset=dataset, split=split, layer=layer, metric=metric, value=value,
-                      params={**self.protocol, **(params or {})}, note=note)
+from tests.svm_fakes import CLASSES, FakeCtx, FakeVOC
 
 
 def voc_like(n, rng, noise=0.8):
@@ -117,7 +66,7 @@ def test_test_selected_stats_follow_the_benchmark_aggregation():
                  "cost_selection": "test"})
     ctx = FakeCtx(prot, FakeVOC("trainval", ytr), FakeVOC("test", yte), {"trainval": {"f": ftr}, "test": {"f": fte}})
     r2, r100 = ls.task.run(ctx)
-    assert (r2.metric, r100.metric) == ("mAP_k2", "mAP_k100")
+    assert [(r.metric, r.params["k"]) for r in (r2, r100)] == [("mAP", 2), ("mAP", 100)]
     assert r100.value is None and "k=100 skipped" in r100.note
     p = r2.params
     maps = np.array(p["per_sample_map"])
@@ -151,15 +100,6 @@ def test_cv_selection_and_noise_is_near_chance():
     assert good.value > 85 and abs(noise.value - 100 * (yte == 1).sum() / (yte != 0).sum()) < 15
 
 
-@pytest.fixture(scope="module")
-def synthetic_voc(tmp_path_factory) -> Path:
-    from evalsuite.data.synth_voc import write_voc2007
-
-    root = tmp_path_factory.mktemp("vocdata")
-    write_voc2007(root, seed=0, image_size=40, n_trainval=60, n_test=40)
-    return root
-
-
 def test_cli_run_on_synthetic_voc(synthetic_voc, tmp_path, cache_dir):
     registry.register_task(ls.task)
     try:
@@ -170,5 +110,5 @@ def test_cli_run_on_synthetic_voc(synthetic_voc, tmp_path, cache_dir):
         registry.unregister(registry.TASK_GROUP, "lowshot_svm")
     assert rc == 0
     rows = [json.loads(ln) for ln in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
-    assert [(r["layer"], r["metric"]) for r in rows] == [("res5", "mAP_k1")]
+    assert [(r["layer"], r["metric"]) for r in rows] == [("res5", "mAP")]
     assert rows[0]["params"]["k"] == 1 and len(rows[0]["params"]["per_sample_map"]) == 2

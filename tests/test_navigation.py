@@ -27,14 +27,6 @@ needs_gl = pytest.mark.skipif(not IN_CI and not nav_env.gl_available(),
                               reason="EGL/GL libraries missing (apt-get install " + nav_env.GL_PACKAGES + ")")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- bad input (no simulator needed)
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tasks.places205_linear as places
 from evalsuite import registry
@@ -20,14 +19,6 @@ from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
 
 TAPS = ["conv1", "res5"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CountingExtractor:

@@ -33,15 +33,6 @@ LR = {"selfie": 1e-4}  # its candidate logits move fast at 1e-3 on a single batc
 ADVERSARIAL = {"bigan"}  # a min-max game: its summed loss need not fall
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these steps are tiny and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg(method, root, out, **kw) -> TrainConfig:
     base = dict(method=method, data_root=str(root), out=str(out), batch_size=8, image_size=32, epochs=1,
                 max_steps_per_epoch=1, hp=SMALL[method], progress=False, optimizer="adam", lr=LR.get(method, 1e-3))

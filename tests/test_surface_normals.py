@@ -23,14 +23,6 @@ from tasks.normals_metrics import angular_errors_deg, summarize_errors
 WALL, FLOOR, SIDE = (0.0, 0.0, -1.0), (0.0, -1.0, 0.0), (1.0, 0.0, 0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PlanarScenes:
     """In-memory NYUv2-like split: a back wall, a floor below a random horizon, a left wall left of a
     random column; each plane has its own colour and texture, normals are exact, a random patch is invalid

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import tasks.surface_normals as sn
@@ -27,14 +26,6 @@ def make_ctx(data_root, out, overrides=()):
     return TaskContext(task="surface_normals", checkpoint=load_checkpoint("random:resnet18", seed=0), preset="quick",
                        protocol=protocol, data_root=data_root, out_dir=out, extractor_factory=None,
                        progress=False, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mean_normal_baseline(root):

@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
@@ -14,14 +13,6 @@ from sklearn.svm import LinearSVC
 from evalsuite.errors import BadFeatures, UserError
 from tasks.solvers import svm
 from tasks.solvers.svm import SVMConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_problem(n, d, seed=0):

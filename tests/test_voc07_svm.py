@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
@@ -18,67 +15,8 @@ from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
 from evalsuite.errors import BadFeatures
-from evalsuite.results import Result
 from tasks.solvers import svm
-
-CLASSES = [f"c{j}" for j in range(4)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synthetic_voc(tmp_path_factory) -> Path:
-    from evalsuite.data.synth_voc import write_voc2007
-
-    root = tmp_path_factory.mktemp("vocdata")
-    write_voc2007(root, seed=0, image_size=40, n_trainval=60, n_test=40)
-    return root
-
-
-class FakeCtx:
-    """Just what the SVM tasks use of a TaskContext, with features handed in directly."""
-
-    def __init__(self, protocol, train, test, feats, seed=0):
-        self.protocol, self.seed, self.device, self.progress, self.layers = protocol, seed, "cpu", False, None
-        self._data = {protocol["train_split"]: train, protocol["test_split"]: test}
-        self._feats = feats  # split -> {tap: array}
-        self.extractor = SimpleNamespace(trunk=SimpleNamespace(tap_names=list(feats[protocol["train_split"]])),
-                                         pool_specs=lambda taps, pooling, t: {
-                                             tap: SimpleNamespace(op="none", out_shape=(3,)) for tap in taps})
-
-    def open_dataset(self, kind, split, path=None):
-        return self._data[split]
-
-    def taps(self, default):
-        return list(default)
-
-    def transform(self):
-        return SimpleNamespace(to_dict=lambda: {"size": 224})
-
-    def features(self, dataset, taps, pooling=None, transform=None):
-        return {t: self._feats[dataset.split][t] for t in taps}
-
-    def result(self, dataset, split, layer, metric, value, params=None, note="", dataset_fingerprint=""):
-        return Result(task="t", dataset=dataset, split=split, layer=layer, metric=metric, value=value,
-                      params={**self.protocol, **(params or {})}, note=note)
-
-
-class FakeVOC:
-    def __init__(self, split, labels):
-        self.split, self.classes, self.root = split, list(CLASSES), Path("/fake")
-        self.label_matrix = np.asarray(labels, dtype=np.int8)
-
-    def __len__(self):
-        return len(self.label_matrix)
-
-    def fingerprint(self):
-        return "fp"
+from tests.svm_fakes import CLASSES, FakeCtx, FakeVOC
 
 
 def quick_protocol(**over):
