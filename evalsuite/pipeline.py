@@ -168,7 +168,10 @@ def logged_step(log_dir: Path, run_argv: Callable[[list[str]], int]) -> Callable
     def run(argv: list[str]) -> int:
         counter["n"] += 1
         log_dir.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(argv[:1] + [x for x in argv[1:4] if not x.startswith("-")]))
+        keys = ("--method", "--checkpoint", "--tasks")
+        named = [Path(argv[i + 1]).stem for i, x in enumerate(argv[:-1]) if x in keys]
+        words = named or [x for x in argv[1:4] if not x.startswith("-")]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(argv[:1] + words))
         log = log_dir / f"{counter['n']:03d}-{name}.log"
         with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             f.write(f"$ evalsuite {shlex.join(argv)}\n")

@@ -125,9 +125,9 @@ def test_logged_step_keeps_output_in_a_log_and_surfaces_the_error_line(tmp_path)
         return 0
 
     run = logged_step(tmp_path / "logs", fake)
-    assert run(["run", "--checkpoint", "random:resnet18"]) == 0
+    assert run(["run", "--checkpoint", "runs/ck/simclr_resnet18.safetensors", "--tasks", "knn"]) == 0
     with pytest.raises(UserError, match="unknown class 'dragon'"):
         run(["bad", "x"])
     logs = sorted((tmp_path / "logs").iterdir())
-    assert [p.name for p in logs] == ["001-run-random_resnet18.log", "002-bad-x.log"]
+    assert [p.name for p in logs] == ["001-run-simclr_resnet18-knn.log", "002-bad-x.log"]
     assert "a results table" in logs[0].read_text() and logs[0].read_text().startswith("$ evalsuite run")
