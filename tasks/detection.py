@@ -20,7 +20,7 @@ Presets:
   11-point AP at IoU 0.5 per class and its mean over the 20 classes.
 - ``vissl``: the same detector with every layer fine-tuned (``freeze_at 0``, BN still frozen),
   the setting of the "all layers fine-tuned" rows of the published tables.
-- ``quick``: 128 px images (longest 192), 2 images x 32 RoIs pooled to 8x8, 60 iterations, lr 0.01,
+- ``quick``: 128 px images (longest 192), 2 images x 32 RoIs pooled to 4x4, 60 iterations, lr 0.01,
   at most 100 selective-search proposals per image (``proposals=sliding_window`` skips the search):
   for CPU and CI; numbers are not comparable.
 
@@ -123,7 +123,7 @@ class DetectionTask:
         if preset == "vissl":
             p["freeze_at"] = 0
         elif preset == "quick":
-            p.update({"proposal_limit": 100, "pool_size": 8, "max_iter": 60, "lr": 0.01,
+            p.update({"proposal_limit": 100, "pool_size": 4, "max_iter": 60, "lr": 0.01,
                       "steps": [45], "warmup_iters": 5, "ims_per_batch": 2, "rois_per_image": 32,
                       "train_scales": [128], "train_max_size": 192, "test_scale": 128, "test_max_size": 192,
                       "checkpoint_period": 20})
