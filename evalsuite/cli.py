@@ -354,6 +354,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .runner import resolve_tasks
 
     task_names, all_mode = resolve_tasks([a.tasks])
+    from pretrain.registry import get_method
+
+    for m in (m for m in a.methods.split(",") if m and m != "random"):
+        get_method(m)  # an unknown method is bad input: one line, exit 2, before anything runs
     if all_mode and "navigation" in task_names:
         try:
             from tasks.nav_env import require_gl

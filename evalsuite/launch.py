@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class JobSummary:
     task: str
     n_results: int = 0
     skipped: str = ""
-    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 def task_resources(task_name: str, preset: str) -> dict[str, Any]:
@@ -69,9 +68,7 @@ def run_one(opts: RunOptions, skip_missing_data: bool = False) -> JobSummary:
         if not skip_missing_data:
             raise
         return JobSummary(opts.checkpoint, task, skipped=str(e))
-    return JobSummary(opts.checkpoint, task, n_results=len(report.results),
-                      results=[{"layer": r.layer, "metric": r.metric, "value": r.value, "dataset": r.dataset}
-                               for r in report.results])
+    return JobSummary(opts.checkpoint, task, n_results=len(report.results))
 
 
 def make_executor(launcher: str, folder: Path, resources: dict[str, Any], name: str,

@@ -131,3 +131,13 @@ def test_logged_step_keeps_output_in_a_log_and_surfaces_the_error_line(tmp_path)
     logs = sorted((tmp_path / "logs").iterdir())
     assert [p.name for p in logs] == ["001-run-simclr_resnet18-knn.log", "002-bad-x.log"]
     assert "a results table" in logs[0].read_text() and logs[0].read_text().startswith("$ evalsuite run")
+
+
+def test_demo_refuses_an_unknown_method_before_running_anything(tmp_path, capsys) -> None:
+    from evalsuite.cli import main
+
+    rc = main(["demo", "--methods", "random,simclrr", "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'simclrr'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
