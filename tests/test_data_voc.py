@@ -200,3 +200,85 @@ def test_truncated_jpeg_and_skip_corrupt(tmp_path: Path, voc_fixture: Path, caps
     np.testing.assert_array_equal(sk.label_matrix, ds.label_matrix[[0, 1, 3, 4]])
     assert "skipped 1" in capsys.readouterr().err
     assert sk.fingerprint() != ds.fingerprint()
+
+
+# ----------------------------------------------------------------------------- VOC2012
+
+
+def voc2012_from(voc2007: Path, root: Path, rename, splits: dict[str, list[str]] | None = None,
+                 split_of=None) -> Path:
+    """Write ``root/VOCdevkit/VOC2012`` from a VOC2007-layout tree: image id ``i`` becomes ``rename(i)``
+    (files copied, ``<folder>``/``<filename>`` rewritten as the VOC2012 devkit has them). ``splits``
+    (default: train = the VOC2007 train ids, val = val, trainval = both) lists VOC2007 ids; per-class files
+    are derived from the XMLs (1 / 0 difficult-only / -1), as the devkit's are."""
+    src_main = voc2007 / "ImageSets" / "Main"
+    if splits is None:
+        splits = {s: (src_main / f"{s}.txt").read_text().split() for s in ("train", "val")}
+        splits["trainval"] = sorted(splits["train"] + splits["val"])
+    dst = root / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (dst / d).mkdir(parents=True, exist_ok=True)
+    for i in sorted({i for ids in splits.values() for i in ids}):
+        new = rename(i)
+        shutil.copyfile(voc2007 / "JPEGImages" / f"{i}.jpg", dst / "JPEGImages" / f"{new}.jpg")
+        xml = (voc2007 / "Annotations" / f"{i}.xml").read_text()
+        xml = xml.replace("<folder>VOC2007</folder>", "<folder>VOC2012</folder>")
+        xml = xml.replace(f"<filename>{i}.jpg</filename>", f"<filename>{new}.jpg</filename>")
+        (dst / "Annotations" / f"{new}.xml").write_text(xml)
+    for split, ids in splits.items():
+        new_ids = [rename(i) for i in ids]
+        (dst / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in new_ids))
+        labs = [labels_from_xml(xml_objects(dst / "Annotations" / f"{i}.xml")) for i in new_ids]
+        for c, name in enumerate(STANDARD_ORDER):
+            (dst / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
+                "".join(f"{i} {lab[c]:2d}\n" for i, lab in zip(new_ids, labs)))
+    return dst
+
+
+def test_voc2012_reads_the_real_2007_prefixed_images(tmp_path: Path, voc_fixture: Path):
+    """The fixture's 0000NN files are VOC2012's 2007_0000NN files (PROVENANCE.md): put them back."""
+    ids = ["000032", "000033", "000039", "000042"]
+    dst = voc2012_from(voc_fixture, tmp_path, lambda i: f"2007_{i}",
+                       {"train": ids[:2], "val": ids[2:], "trainval": ids})
+    for split, n in (("train", 2), ("val", 2), ("trainval", 4)):
+        ds = open_dataset("voc2012", dst, split)
+        assert len(ds) == n and ds.kind == "voc2012" and list(ds.classes) == STANDARD_ORDER
+    tv = open_dataset("voc2012", dst, "trainval")
+    v07 = open_dataset("voc2007", voc_fixture, "trainval")
+    assert tv.ids == [f"2007_{i}" for i in ids]
+    for k, i in enumerate(ids):
+        a, b = tv.annotations(k), v07.annotations(v07.ids.index(i))
+        objs = xml_objects(dst / "Annotations" / f"2007_{i}.xml")
+        np.testing.assert_array_equal(a["boxes"], np.array([o[1] for o in objs], np.float32))
+        assert [STANDARD_ORDER[c] for c in a["labels"]] == [o[0] for o in objs]
+        for key in ("boxes", "labels", "difficult", "truncated"):
+            np.testing.assert_array_equal(a[key], b[key])
+        assert (a["width"], a["height"]) == tv.load_image(k).size
+        np.testing.assert_array_equal(tv.label_matrix[k], labels_from_xml(objs))
+    assert tv.fingerprint() != v07.fingerprint()
+
+
+def test_voc2012_devkit_variants_and_refused_test_split(tmp_path: Path, synth_voc: Path):
+    dst = voc2012_from(synth_voc, tmp_path, lambda i: f"2008_{i}")
+    x = sorted((dst / "Annotations").glob("*.xml"))[0]
+    text = x.read_text()
+    # VOC2012 flavour: a person-layout <part> with its own box, no <difficult> tag, fractional coordinates
+    first = text.index("<object>")
+    obj_end = text.index("</object>", first)
+    obj = text[first:obj_end]
+    obj = obj.replace("\t\t<difficult>0</difficult>\n", "").replace("\t\t<difficult>1</difficult>\n", "")
+    xmin = re.search(r"<xmin>(\d+)</xmin>", obj).group(1)
+    obj = obj.replace(f"<xmin>{xmin}</xmin>", f"<xmin>{xmin}.5</xmin>", 1)
+    part = "\t\t<part>\n\t\t\t<name>head</name>\n\t\t\t<bndbox>\n\t\t\t\t<xmin>1</xmin>\n\t\t\t\t<ymin>1</ymin>\n" \
+           "\t\t\t\t<xmax>3</xmax>\n\t\t\t\t<ymax>3</ymax>\n\t\t\t</bndbox>\n\t\t</part>\n"
+    x.write_text(text[:first] + obj + part + text[obj_end:])
+    ds = open_dataset("voc2012", dst, "trainval")
+    k = ds.ids.index(x.stem)
+    a = ds.annotations(k)
+    assert a["boxes"][0, 0] == float(xmin) + 0.5 and not a["difficult"][0]
+    assert len(a["labels"]) == len(xml_objects(synth_voc / "Annotations" / f"{x.stem[5:]}.xml"))
+    assert sorted(open_dataset("voc2012", dst, "train").ids + open_dataset("voc2012", dst, "val").ids) == ds.ids
+    with pytest.raises(BadData, match="never released"):
+        open_dataset("voc2012", dst, "test")
+    with pytest.raises(BadData, match="expected VOCdevkit/VOC2012"):
+        open_dataset("voc2012", tmp_path / "nowhere", "trainval")

@@ -15,11 +15,12 @@ from .digits import Digits
 from .imagefolder import ImageFolder
 from .nyuv2 import NYUv2
 from .places import Places205
-from .voc import VOC2007, VOC_CLASSES
+from .voc import VOC2007, VOC2012, VOC_CLASSES
 
 READERS: dict[str, Callable[..., ImageDataset]] = {
     "imagefolder": ImageFolder,
     "voc2007": VOC2007,
+    "voc2012": VOC2012,
     "nyuv2": NYUv2,
     "places205": Places205,
     "cifar10": open_cifar("cifar10"),
@@ -40,4 +41,4 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
 
 
 __all__ = ["CIFAR", "ClassificationDataset", "Digits", "ImageDataset", "ImageFolder", "NYUv2", "Places205", "READERS",
-           "VOC2007", "VOC_CLASSES", "load_rgb", "open_dataset"]
+           "VOC2007", "VOC2012", "VOC_CLASSES", "load_rgb", "open_dataset"]

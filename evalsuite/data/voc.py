@@ -12,6 +12,12 @@ Classification labels follow the Goyal et al. (2019) benchmark code
 present / absent / *ignore*, where 0 marks an image whose only instances of the class are
 difficult; such an image is left out of both SVM training and testing for that class.
 ``difficult_as_negative=True`` turns those 0s into -1 instead (what some later works do).
+
+PASCAL VOC2012 (``VOCdevkit/VOC2012``, kind ``voc2012``) has the same devkit layout and XML format
+(ids like ``2008_000008``; some objects carry ``<part>`` boxes or no ``<difficult>`` tag, read as 0;
+coordinates may be fractional). Its splits are train / val / trainval: the test annotations were
+never released, so ``test`` is refused with a clear error. Fast R-CNN's "07+12" training set is
+VOC2007 trainval + VOC2012 trainval, evaluated on VOC2007 test.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 VOC_SPLITS = ("train", "val", "trainval", "test")
+VOC2012_SPLITS = ("train", "val", "trainval")
 
 
 def read_id_list(path: Path) -> list[str]:
@@ -111,6 +118,10 @@ class VOC2007(ImageDataset):
     """One split of VOC2007: ``ids``, ``label_matrix`` (int8 (N, 20): 1 / -1 / 0), ``annotations(i)``."""
 
     kind = "voc2007"
+    year = "VOC2007"
+    splits: tuple[str, ...] = VOC_SPLITS  # the standard ones; any ImageSets/Main/<split>.txt is read
+    refused_splits: tuple[str, ...] = ()
+    split_note = ""
     classes: list[str] = list(VOC_CLASSES)
 
     def __init__(self, root: str | Path, split: str = "trainval", difficult_as_negative: bool = False,
@@ -119,7 +130,10 @@ class VOC2007(ImageDataset):
         self.classes = list(VOC_CLASSES)
         self.difficult_as_negative = bool(difficult_as_negative)
         if not self.root.is_dir():
-            raise BadData("VOC2007 directory not found (expected VOCdevkit/VOC2007)", self.root)
+            raise BadData(f"{self.year} directory not found (expected VOCdevkit/{self.year})", self.root)
+        if split in self.refused_splits:
+            raise BadData(f"{self.year} has no split {split!r} (splits: {', '.join(self.splits)}){self.split_note}",
+                          self.root)
         main = self.root / "ImageSets" / "Main"
         ids = read_id_list(main / f"{split}.txt")
         mat = np.empty((len(ids), len(VOC_CLASSES)), dtype=np.int8)
@@ -172,3 +186,13 @@ class VOC2007(ImageDataset):
         d.update(positives=int((m == 1).sum()), ignored=int((m == 0).sum()),
                  difficult_as_negative=self.difficult_as_negative)
         return d
+
+
+class VOC2012(VOC2007):
+    """One split (train, val or trainval) of VOC2012 in the same devkit format as VOC2007."""
+
+    kind = "voc2012"
+    year = "VOC2012"
+    splits = VOC2012_SPLITS
+    refused_splits = ("test",)
+    split_note = "; its test annotations were never released (detection tests on voc2007:test)"
