@@ -24,8 +24,12 @@ Presets:
   at most 100 selective-search proposals per image (``proposals=sliding_window`` skips the search):
   for CPU and CI; numbers are not comparable.
 
-``freeze_at`` (0..4), ``train_sets`` (e.g. ``["voc2007:trainval", "voc2012:trainval"]`` for 07+12 when a
-``voc2012`` reader is available), ``proposals`` and every solver field can be overridden with ``--set``.
+``freeze_at`` (0..4), ``train_sets``, ``proposals`` and every solver field can be overridden with ``--set``.
+
+VOC07+12: ``--set detection.train_sets=voc07+12`` (= ``["voc2007:trainval", "voc2012:trainval"]``) trains on
+both trainval sets (VOC2012 read from ``<data root>/VOCdevkit/VOC2012``, or ``data_paths.voc2012``) and tests on
+VOC2007 test; the benchmark's 07+12 schedule is ``--set detection.max_iter=80000 --set detection.steps=[66000]``
+(not changed automatically). The sets used and their image counts are recorded in params.
 
 Deviations, recorded in every result's params: selective search is OpenCV's re-implementation (fast
 mode) rather than the MATLAB boxes of Detectron's published proposal files; images are normalised with
@@ -78,10 +82,12 @@ class DetectionTask:
             "train_sets": ["voc2007:trainval"],
             "test_set": "voc2007:test",
             "data_path": None,
+            "data_paths": {},
             "train_use_difficult": False,
             "freeze_at": 4,
             "pooler": "roi_align",
             "pool_size": 14,
+            "cls_agnostic_bbox_reg": False,
             "proposals": "selective_search",
             "proposal_mode": "fast",
             "proposal_max_side": 500,
@@ -133,10 +139,11 @@ class DetectionTask:
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p = ctx.protocol
-        train_sets = [_parse_set(s) for s in p["train_sets"]]
+        train_names = expand_train_sets(p["train_sets"])
+        train_sets = [_parse_set(s) for s in train_names]
         test_kind, test_split = _parse_set(p["test_set"])
-        datasets = [ctx.open_dataset(k, s, p["data_path"]) for k, s in train_sets]
-        test = ctx.open_dataset(test_kind, test_split, p["data_path"])
+        datasets = [ctx.open_dataset(k, s, dataset_path(p, k)) for k, s in train_sets]
+        test = ctx.open_dataset(test_kind, test_split, dataset_path(p, test_kind))
         classes = list(getattr(test, "classes", []))
         if not hasattr(test, "annotations") or not classes:
             raise BadData(f"{test_kind} has no box annotations", test.root)
@@ -148,11 +155,12 @@ class DetectionTask:
             raise UserError(f"checkpoint {ctx.checkpoint.spec} has no res5 weights ({len(missing_res5)} layer4 keys "
                             "missing); the Fast R-CNN C4 head is the trunk's res5")
 
-        train_records, skipped = [], 0
-        for d in datasets:
+        train_records, skipped, per_set = [], 0, {}
+        for name, d in zip(train_names, datasets):
             recs, sk = build_records(d, p, train=True, limit=p["max_train_images"], progress=ctx.progress)
             train_records += recs
             skipped += sk
+            per_set[name] = len(recs)
         if not train_records:
             raise BadData("no training image has a usable box", datasets[0].root)
         test_records, _ = build_records(test, p, train=False, limit=p["max_test_images"], progress=ctx.progress)
@@ -160,7 +168,8 @@ class DetectionTask:
 
         meta = ctx.checkpoint.metadata or {}
         normalize = {**(meta.get("normalize") or {}), "input_space": meta.get("input_space", "rgb")}
-        model_cfg = ModelConfig(pooler=p["pooler"], pool_size=int(p["pool_size"]), freeze_at=int(p["freeze_at"]))
+        model_cfg = ModelConfig(pooler=p["pooler"], pool_size=int(p["pool_size"]), freeze_at=int(p["freeze_at"]),
+                                cls_agnostic_bbox_reg=bool(p["cls_agnostic_bbox_reg"]))
         backend = get_backend(p["backend"], ctx.trunk, len(classes), model_cfg, device=ctx.device, normalize=normalize)
         train_cfg = train_config(p, ctx.seed)
         test_cfg = test_config(p)
@@ -175,6 +184,7 @@ class DetectionTask:
         layer = layer_name(int(p["freeze_at"]))
         params = {
             "arch": ctx.checkpoint.arch, "num_classes": len(classes), "num_train_images": len(train_records),
+            "train_sets_used": train_names, "num_train_images_per_set": per_set,
             "train_images_without_boxes_skipped": skipped, "num_test_images": len(test_records),
             "num_detections": int(len(dets.score)), "backend": backend.name,
             "solver": config_dict(train_cfg), "test": config_dict(test_cfg), "model": config_dict(model_cfg),
@@ -211,6 +221,39 @@ class DetectionTask:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# Shorthands for train_sets (Fast R-CNN / Detectron's names for the VOC training sets).
+TRAIN_SET_ALIASES = {"voc07": ["voc2007:trainval"], "voc07+12": ["voc2007:trainval", "voc2012:trainval"],
+                     "voc2007+2012": ["voc2007:trainval", "voc2012:trainval"]}
+# Sub-paths of the data root for kinds the shared layout table may not list yet.
+EXTRA_LAYOUT = {"voc2012": "VOCdevkit/VOC2012"}
+
+
+def expand_train_sets(value) -> list[str]:
+    """``train_sets`` as a list of ``kind:split``: a list, one ``kind:split`` string, or an alias
+    (``voc07+12`` = VOC2007 trainval + VOC2012 trainval)."""
+    if isinstance(value, str):
+        value = TRAIN_SET_ALIASES.get(value.lower(), [value])
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(f"detection.train_sets must be a list of kind:split or one of "
+                        f"{', '.join(TRAIN_SET_ALIASES)}, got {value!r}")
+    out = [s for v in value for s in TRAIN_SET_ALIASES.get(str(v).lower(), [v])]
+    return list(dict.fromkeys(out))
+
+
+def dataset_path(p: dict[str, Any], kind: str) -> str | None:
+    """Where a kind's data is: ``data_paths[kind]``, else ``data_path`` (every set), else the data-root layout."""
+    paths = p.get("data_paths") or {}
+    if not isinstance(paths, dict):
+        raise UserError(f"detection.data_paths must map dataset kinds to paths, got {paths!r}")
+    if paths.get(kind):
+        return str(paths[kind])
+    if p.get("data_path"):
+        return str(p["data_path"])
+    from evalsuite.task import DATA_LAYOUT
+
+    return None if kind in DATA_LAYOUT else EXTRA_LAYOUT.get(kind)
 
 
 def _parse_set(s: str) -> tuple[str, str]:

@@ -4,7 +4,7 @@
 - Trunk: stem + res2..res4 (stride 16); RoIAlign (14 x 14, ``aligned``) or RoIPool on the res4
   map; the trunk's own res5 is the RoI head (stride 2 -> 7 x 7), global average pooled; a
   (K+1)-way classifier (init N(0, 0.01^2)) and class-specific box regression (4(K+1), init
-  N(0, 0.001^2)).
+  N(0, 0.001^2)); ``cls_agnostic_bbox_reg`` (Detectron's option) predicts one box per RoI instead.
 - Frozen BatchNorm everywhere (statistics and affine of the checkpoint; Detectron's
   AffineChannel); ``freeze_at`` k freezes the stem (k >= 1) and res2..res_k (k >= 2); 4 =
   the whole conv body (Goyal et al. "FREEZE_AT: 4": only the res5 head and the box layers train).
@@ -156,7 +156,8 @@ def fast_rcnn_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor, labels: t
     fg = torch.nonzero(labels > 0).flatten()
     if len(fg) == 0:
         return loss_cls, box_deltas.sum() * 0.0
-    d = box_deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
+    d = box_deltas.reshape(len(labels), -1, 4)
+    d = d[fg, 0] if d.shape[1] == 1 else d[fg, labels[fg]]  # class-agnostic: one box for every class
     loss_box = F.smooth_l1_loss(d, targets[fg], beta=beta, reduction="sum") / max(1, len(labels))
     return loss_cls, loss_box
 
@@ -194,6 +195,7 @@ class ModelConfig:
     freeze_at: int = 4
     cls_init_std: float = 0.01
     box_init_std: float = 0.001
+    cls_agnostic_bbox_reg: bool = False  # Detectron MODEL.CLS_AGNOSTIC_BBOX_REG: one box per RoI for every class
 
 
 class FastRCNN(nn.Module):
@@ -213,7 +215,7 @@ class FastRCNN(nn.Module):
         self.num_classes = num_classes
         channels = [m for m in self.res5.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         self.cls_score = nn.Linear(channels, num_classes + 1)
-        self.bbox_pred = nn.Linear(channels, 4 * (num_classes + 1))
+        self.bbox_pred = nn.Linear(channels, 4 if self.cfg.cls_agnostic_bbox_reg else 4 * (num_classes + 1))
         nn.init.normal_(self.cls_score.weight, std=self.cfg.cls_init_std)
         nn.init.normal_(self.bbox_pred.weight, std=self.cfg.box_init_std)
         nn.init.zeros_(self.cls_score.bias)
@@ -516,6 +518,8 @@ class TorchvisionFastRCNN:
         scores = torch.softmax(torch.cat(logits), 1).cpu()
         boxes = decode_boxes(torch.cat(deltas).cpu(), props.cpu())  # original pixels: deltas are scale-free
         boxes = clip_boxes(boxes, rec.width, rec.height).reshape(len(props), -1, 4)
+        if boxes.shape[1] == 1:  # class-agnostic regression: the same box for every class
+            boxes = boxes.expand(len(props), scores.shape[1], 4)
         return postprocess(scores, boxes, cfg.score_thresh, cfg.nms, cfg.max_dets)
 
     def predict(self, records: Sequence[ImageRecord], cfg: TestConfig, *, progress: bool = False

@@ -11,6 +11,11 @@ Methods:
   before the search (speed); boxes are mapped back to the original size.
 - ``sliding_window``: a deterministic multi-scale, multi-aspect grid of boxes in a fixed
   shuffled order (a prefix covers every scale); cheap, for CI and tests (not a published protocol).
+  Sides 0.3, 0.5, 0.75 and 1.0 of the image's shorter side, aspect ratios 1:2, 1:1, 2:1, positions
+  spaced at most half a box apart and spanning the image edge to edge: about 180 boxes on the
+  synthetic VOC-like images (objects of 0.3-0.7 of the shorter side, sqrt-area), recall of their
+  non-difficult boxes at IoU 0.5 0.995 (all) / 0.90 (first 100); the former 0.15-side level
+  (430 of 594 boxes) made a 100-box prefix reach only 0.40.
 
 Boxes are float32 ``(N, 4)`` x1, y1, x2, y2 in *continuous* 0-based image coordinates
 (pixel ``k`` of the XML's 1-based convention spans ``[k-1, k]``).
@@ -84,18 +89,25 @@ def _seed_c_rand(seed: int) -> None:
         pass
 
 
-def sliding_window(width: int, height: int, sizes=(0.15, 0.3, 0.5, 0.75, 1.0), ratios=(0.5, 1.0, 2.0),
-                   stride_frac: float = 0.5) -> np.ndarray:
-    """A deterministic grid of boxes: side ``s * min(W, H)``, aspect ratios ``ratios``, stride ``stride_frac``."""
+SLIDING_SIZES = (0.3, 0.5, 0.75, 1.0)
+SLIDING_RATIOS = (0.5, 1.0, 2.0)
+SLIDING_STRIDE = 0.5
+
+
+def sliding_window(width: int, height: int, sizes=SLIDING_SIZES, ratios=SLIDING_RATIOS,
+                   stride_frac: float = SLIDING_STRIDE) -> np.ndarray:
+    """A deterministic grid of boxes: side ``s * min(W, H)``, aspect ratios ``ratios``; along each axis the
+    positions are evenly spaced from one image edge to the other, at most ``stride_frac`` box sides apart."""
     out = []
     base = min(width, height)
     for s in sizes:
         for r in ratios:
             bw = min(width, s * base * np.sqrt(r))
             bh = min(height, s * base / np.sqrt(r))
-            sx, sy = max(1.0, bw * stride_frac), max(1.0, bh * stride_frac)
-            xs = np.arange(0.0, width - bw + 1e-6, sx)
-            ys = np.arange(0.0, height - bh + 1e-6, sy)
+            nx = int(np.ceil((width - bw) / max(1.0, bw * stride_frac) - 1e-6)) + 1
+            ny = int(np.ceil((height - bh) / max(1.0, bh * stride_frac) - 1e-6)) + 1
+            xs = np.linspace(0.0, width - bw, max(1, nx))
+            ys = np.linspace(0.0, height - bh, max(1, ny))
             gx, gy = np.meshgrid(xs, ys)
             out.append(np.stack([gx.ravel(), gy.ravel(), gx.ravel() + bw, gy.ravel() + bh], 1))
     boxes = np.round(np.concatenate(out), 2).astype(np.float32)
@@ -129,7 +141,8 @@ def method_params(method: str, params: dict[str, Any] | None = None) -> dict[str
         return {"mode": params.get("mode", "fast"), "max_side": params.get("max_side", 500),
                 "max_boxes": params.get("max_boxes", 2000), "impl": "opencv-ximgproc"}
     if method == "sliding_window":
-        return {"sizes": [0.15, 0.3, 0.5, 0.75, 1.0], "ratios": [0.5, 1.0, 2.0], "stride_frac": 0.5}
+        return {"sizes": list(SLIDING_SIZES), "ratios": list(SLIDING_RATIOS), "stride_frac": SLIDING_STRIDE,
+                "positions": "edge to edge"}
     raise UserError(f"unknown proposal method {method!r}; choose one of {', '.join(METHODS)}")
 
 

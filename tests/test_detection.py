@@ -330,6 +330,35 @@ def test_task_on_synthetic_voc_records_every_class_and_the_protocol(synth_voc, t
     assert not list((tmp_path / "detection_state").glob("*.pt"))  # finished: nothing left to resume
 
 
+def test_voc07_plus_12_trains_on_both_trainval_sets_and_tests_on_voc07(synth_voc, tmp_path):
+    from tests.test_data_voc import voc2012_from
+
+    voc07 = synth_voc / "VOCdevkit" / "VOC2007"
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(synth_voc / "VOCdevkit", data / "VOCdevkit")
+    voc2012_from(voc07, data, lambda i: f"2008_{i}")
+    assert det.expand_train_sets("voc07+12") == ["voc2007:trainval", "voc2012:trainval"]
+    assert det.expand_train_sets(["voc2007:trainval", "voc07+12"]) == ["voc2007:trainval", "voc2012:trainval"]
+    assert det.expand_train_sets("voc2012:train") == ["voc2012:train"]
+    with pytest.raises(UserError, match="train_sets"):
+        det.expand_train_sets([])
+    ctx = make_ctx(data, tmp_path / "out", ["detection.train_sets=voc07+12", "detection.max_iter=2",
+                                            "detection.max_test_images=3", "detection.proposals=sliding_window"])
+    r = det.task.run(ctx)[0]
+    n07 = len((voc07 / "ImageSets" / "Main" / "trainval.txt").read_text().split())
+    per_set = r.params["num_train_images_per_set"]
+    assert r.params["train_sets_used"] == ["voc2007:trainval", "voc2012:trainval"]
+    assert per_set["voc2012:trainval"] == per_set["voc2007:trainval"] and 0 < per_set["voc2007:trainval"] <= n07
+    assert r.params["num_train_images"] == 2 * per_set["voc2007:trainval"]
+    assert (r.dataset, r.split, r.params["num_test_images"]) == ("voc2007", "test", 3)
+    # VOC2012 has no test annotations: testing on it is refused with the reason
+    bad = make_ctx(data, tmp_path / "out2", ["detection.test_set=voc2012:test", "detection.max_iter=1"])
+    with pytest.raises(BadData, match="never released"):
+        det.task.run(bad)
+
+
 def test_bad_boxes_and_images_without_boxes(synth_voc, tmp_path):
     import shutil
 

@@ -41,8 +41,36 @@ def test_sliding_window_is_deterministic_and_any_prefix_covers_scales():
     np.testing.assert_array_equal(a, b)
     assert len(np.unique(a, axis=0)) == len(a)
     side = np.sqrt((a[:100, 2] - a[:100, 0]) * (a[:100, 3] - a[:100, 1]))
-    assert side.min() < 20 and side.max() > 60
-    assert a[:, 2].max() <= 120 + 1e-3 and a[:, 3].max() <= 90 + 1e-3
+    assert side.min() < 30 and side.max() > 80  # shorter side 90: sizes 0.3 .. 1.0 of it
+    assert a[:, 0].min() == 0 and a[:, 1].min() == 0  # edge to edge
+    assert a[:, 2].max() == pytest.approx(120) and a[:, 3].max() == pytest.approx(90)
+
+
+def np_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Continuous-coordinate IoU matrix, written out with numpy."""
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    inter = ix * iy
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def test_sliding_window_recalls_the_synthetic_voc_objects(synthetic_voc):
+    """The grid is sized for the synthetic VOC-like objects: nearly every non-difficult box has a window
+    at IoU >= 0.5, also in a 100-box prefix (the quick preset's limit is larger)."""
+    ds = open_dataset("voc2007", synthetic_voc / "VOCdevkit" / "VOC2007", "test")
+    best_all, best_100 = [], []
+    for i in range(len(ds)):
+        a = ds.annotations(i)
+        gt = xml_to_continuous(a["boxes"][~a["difficult"]])
+        if not len(gt):
+            continue
+        win = sliding_window(a["width"], a["height"])
+        best_all += list(np_iou(gt, win).max(1))
+        best_100 += list(np_iou(gt, win[:100]).max(1))
+    assert len(best_all) > 30
+    assert np.mean(np.array(best_all) >= 0.5) >= 0.95
+    assert np.mean(np.array(best_100) >= 0.5) >= 0.8
 
 
 class TinySet:
