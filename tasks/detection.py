@@ -216,6 +216,11 @@ class DetectionTask:
                                       100 * deval.coco_style_ap(dets, gts, len(classes)), params=params,
                                       note="area AP averaged over IoU 0.50:0.05:0.95 (extra metric, not the COCO "
                                            "toolkit)", dataset_fingerprint=fp))
+            agn = deval.class_agnostic_ap(dets, gts, p["nms"], p["iou_thresh"], p["ap_method"], p["iou_compare"])
+            results.append(ctx.result(test_kind, test_split, layer, "AP_class_agnostic", 100 * agn, params=params,
+                                      note=f"{p['ap_method']} AP of the boxes whatever their class (classes merged, "
+                                           f"NMS {p['nms']} across classes; extra diagnostic of localisation)",
+                                      dataset_fingerprint=fp))
         state.unlink(missing_ok=True)
         return results
 

@@ -22,6 +22,8 @@ Recall is divided by the number of non-difficult boxes (``npos``). AP is:
 
 ``coco_style_ap`` averages the ``area`` AP over IoU thresholds 0.50:0.05:0.95 (an extra,
 labelled metric; not the COCO toolkit, whose matching and 101-point sampling differ).
+``class_agnostic_ap`` (extra, labelled diagnostic of localisation alone): every class's detections
+merged, greedy NMS across classes at ``nms`` per image, then evaluated as one class against all boxes.
 A class with no non-difficult ground truth has AP ``nan`` and is left out of the mean.
 """
 
@@ -174,3 +176,25 @@ def coco_style_ap(dets: Detections, gts: Sequence[GroundTruth], num_classes: int
                   ious: Sequence[float] = COCO_IOUS) -> float:
     """mAP (area under PR) averaged over IoU thresholds 0.50:0.05:0.95."""
     return float(np.mean([mean_ap(evaluate_detections(dets, gts, num_classes, t, "area")) for t in ious]))
+
+
+def class_agnostic_ap(dets: Detections, gts: Sequence[GroundTruth], nms: float = 0.3, iou_thresh: float = 0.5,
+                      method: str = "voc07", compare: str = ">") -> float:
+    """AP of the boxes whatever their class: detections of one image merged over classes, greedy NMS at
+    ``nms`` (inclusive-pixel IoU, above ``nms`` suppressed), then one-class evaluation against every box."""
+    keep = []
+    for i in np.unique(dets.image):
+        idx = np.nonzero(dets.image == i)[0]
+        idx = idx[np.argsort(-dets.score[idx], kind="stable")]
+        alive = np.ones(len(idx), bool)
+        for a in range(len(idx)):
+            if not alive[a]:
+                continue
+            keep.append(idx[a])
+            rest = np.nonzero(alive[a + 1:])[0] + a + 1
+            if len(rest):
+                alive[rest[iou_inclusive(dets.boxes[idx[a]], dets.boxes[idx[rest]]) > nms]] = False
+    keep = np.asarray(sorted(keep), np.int64)
+    merged = Detections(dets.image[keep], np.zeros(len(keep), np.int64), dets.score[keep], dets.boxes[keep])
+    one = [GroundTruth(g.boxes, np.zeros(len(g.labels), np.int64), g.difficult) for g in gts]
+    return evaluate_detections(merged, one, 1, iou_thresh, method, compare)[0].ap

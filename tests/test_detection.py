@@ -319,7 +319,7 @@ def test_task_on_synthetic_voc_records_every_class_and_the_protocol(synth_voc, t
     results = det.task.run(ctx)
     metrics = [r.metric for r in results]
     assert metrics[0] == "mAP" and len([m for m in metrics if m.startswith("AP/")]) == 20
-    assert {"mAP_area", "mAP_coco_style"} <= set(metrics)
+    assert {"mAP_area", "mAP_coco_style", "AP_class_agnostic"} <= set(metrics)
     r = results[0]
     assert r.layer == "finetune_above_res4" and r.dataset == "voc2007" and r.split == "test"
     assert r.params["solver"]["lr"] == 0.01 and r.params["num_test_images"] == 6

@@ -10,6 +10,7 @@ import pytest
 from tasks.detection_eval import (
     Detections,
     GroundTruth,
+    class_agnostic_ap,
     coco_style_ap,
     evaluate_class,
     evaluate_detections,
@@ -206,3 +207,21 @@ def test_coco_style_ap_is_at_most_ap50_and_one_when_perfect():
                          np.array([[14, 14, 53, 53], B], np.float64))
     c = coco_style_ap(shifted, G, 2)
     assert c < mean_ap(evaluate_detections(shifted, G, 2, 0.5, "area")) == pytest.approx(1.0)
+
+
+def test_class_agnostic_ap_merges_classes_and_suppresses_cross_class_duplicates():
+    # image 0: A (class 3) and B (class 5); image 1: A (class 3)
+    gts = [GroundTruth(np.array([A, B], float), np.array([3, 5]), np.zeros(2, bool)),
+           GroundTruth(np.array([A], float), np.array([3]), np.zeros(1, bool))]
+    shifted = [A[0] + 2, A[1], A[2] + 2, A[3]]  # IoU with A 38*40/(42*40) = 0.905 > 0.3: suppressed
+    dets = Detections(image=np.array([0, 0, 0, 1, 1]), label=np.array([7, 3, 1, 0, 2]),
+                      score=np.array([0.9, 0.8, 0.7, 0.6, 0.1]),
+                      boxes=np.array([A, shifted, B, [200, 200, 240, 240], A], float))
+    # merged, after NMS: 0.9 A (TP), 0.7 B (TP), 0.6 far box (FP), 0.1 A in image 1 (TP); 3 boxes in all
+    # precision at recalls 1/3, 2/3, 2/3, 1: 1, 1, 2/3, 3/4 -> 11-point: 7 points at 1, 4 at 3/4
+    assert class_agnostic_ap(dets, gts) == pytest.approx((7 * 1 + 4 * 0.75) / 11)
+    # the class-specific mAP of the same detections is far lower (wrong labels everywhere but one)
+    assert mean_ap(evaluate_detections(dets, gts, 8)) < 0.6
+    # no NMS across classes (threshold 1): the shifted copy is a duplicate, hence a false positive:
+    # TP, FP, TP, FP, TP -> (recall, precision) (1/3, 1), (1/3, 1/2), (2/3, 2/3), (2/3, 1/2), (1, 3/5)
+    assert class_agnostic_ap(dets, gts, nms=1.0) == pytest.approx((4 * 1 + 3 * 2 / 3 + 4 * 0.6) / 11)
