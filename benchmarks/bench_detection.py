@@ -1,13 +1,18 @@
 """Detection speed, side by side in one run: Fast R-CNN training iterations/s and test images/s at the
-``quick`` and ``goyal19`` image sizes, and proposal extraction images/s uncached vs cached.
+``quick`` and ``goyal19`` image sizes, and proposal extraction images/s uncached vs cached; then a quality
+run: the ``quick`` preset (sliding-window proposals, as the demo) trained vs untrained (0 iterations, the
+same head initialisation) on synthetic VOC-like data (mAP, class-agnostic AP, seconds). The 1-minute load
+average before and after is recorded (the CPU may be shared).
 
     python -m benchmarks.bench_detection                     # small defaults (resnet18, a few iterations)
-    python -m benchmarks.bench_detection --arch resnet50 --iters 10 --images 8 --threads 16
+    python -m benchmarks.bench_detection --quality-scale 1   # quality on the demo's full default data
+    python -m benchmarks.bench_detection --arch resnet50 --iters 10 --images 8 --threads 16 --quality-scale 0
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--proposals", type=int, default=300, help="test proposals per image")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quality-scale", type=float, default=0.25,
+                    help="synthetic data scale of the quality run (1 = 200 trainval + 200 test images; 0 = skip)")
+    ap.add_argument("--quality-iters", type=int, default=None, help="training iterations (default: the preset's)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    load_before = os.getloadavg()[0]
 
     from evalsuite.data import open_dataset
     from evalsuite.data.synthetic import write_voc2007
@@ -85,10 +94,45 @@ def main(argv=None) -> int:
                          "test_quick_over_goyal19": round(q["test_img_per_s"] / g["test_img_per_s"], 1)}
         print(f"quick vs goyal19: train {out['ratios']['train_quick_over_goyal19']}x, "
               f"test {out['ratios']['test_quick_over_goyal19']}x")
+        if a.quality_scale > 0:
+            out["quality"] = quality_run(root / "quality", a)
+    out["load_avg_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["note"] = "test images/s include the trunk on the whole image and res5 on every proposal"
     write_json("detection", out)
     return 0
+
+
+def quality_run(root: Path, a) -> dict:
+    """``quick`` (sliding-window proposals) trained vs untrained on synthetic VOC-like data."""
+    from evalsuite.checkpoints import load_checkpoint
+    from evalsuite.data.synthetic import write_voc2007
+    from evalsuite.protocols import apply_overrides, parse_overrides
+    from evalsuite.task import TaskContext
+    from tasks import detection as det
+
+    write_voc2007(root / "data", seed=0, scale=a.quality_scale)
+    proto = det.task.default_protocol("quick")
+    iters = int(proto["max_iter"] if a.quality_iters is None else a.quality_iters)
+    res = {"preset": "quick", "data_scale": a.quality_scale, "arch": a.arch, "checkpoint": f"random:{a.arch}",
+           "proposals": "sliding_window", "max_iter": iters}
+    for name, n in (("untrained", 0), ("trained", iters)):
+        over = parse_overrides([f"detection.proposal_cache={root / 'props'}", "detection.proposals=sliding_window",
+                                f"detection.max_iter={n}"])
+        ctx = TaskContext(task="detection", checkpoint=load_checkpoint(f"random:{a.arch}"), preset="quick",
+                          protocol=apply_overrides({"detection": proto}, over)["detection"], data_root=root / "data",
+                          out_dir=root / name, extractor_factory=lambda: None, progress=False, seed=0,
+                          device=a.device)
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        rows = {r.metric: r for r in det.task.run(ctx)}
+        res[name] = {"mAP": round(rows["mAP"].value, 2), "AP_class_agnostic": round(rows["AP_class_agnostic"].value, 2),
+                     "seconds": round(time.perf_counter() - t, 1),
+                     "num_test_images": rows["mAP"].params["num_test_images"]}
+        print(f"quality {name:9s}: mAP {res[name]['mAP']:.2f}, class-agnostic AP {res[name]['AP_class_agnostic']:.2f}"
+              f" ({res[name]['seconds']:.0f} s)")
+    res["mAP_margin"] = round(res["trained"]["mAP"] - res["untrained"]["mAP"], 2)
+    return res
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import tasks.detection as det
 from evalsuite.checkpoints import load_checkpoint
@@ -322,7 +322,7 @@ def test_task_on_synthetic_voc_records_every_class_and_the_protocol(synth_voc, t
     assert {"mAP_area", "mAP_coco_style", "AP_class_agnostic"} <= set(metrics)
     r = results[0]
     assert r.layer == "finetune_above_res4" and r.dataset == "voc2007" and r.split == "test"
-    assert r.params["solver"]["lr"] == 0.01 and r.params["num_test_images"] == 6
+    assert r.params["solver"]["lr"] == det.task.default_protocol("quick")["lr"] and r.params["num_test_images"] == 6
     assert r.params["iterations_run"] == 4 and r.params["model"]["freeze_at"] == 4
     per_class = [x for x in results if x.metric.startswith("AP/")]
     with_gt = [x.value for x in per_class if x.value is not None]
@@ -417,34 +417,113 @@ def test_cli_end_to_end_writes_per_class_ap_and_map(synth_voc, tmp_path, cache_d
     assert all(r["params"]["proposal_method"] == "selective_search" for r in rows)
 
 
-# Measured (random:resnet18, 1 CPU thread, ~70 s): untrained 0.00 / 0.01 mAP, trained 3.2 / 1.6 mAP for seeds 0 / 1.
-# Twenty shape x texture classes are hard for a random trunk in a few hundred iterations, so the margin is modest
-# but the untrained head sits at chance (~0) on every seed tried.
-LEARNING_SETTINGS = [
-    "detection.proposals=sliding_window", "detection.proposal_limit=1000", "detection.max_test_images=50",
-    "detection.pool_size=4", "detection.freeze_at=4", "detection.lr=0.02", "detection.steps=[350]",
-    "detection.warmup_iters=20", "detection.train_scales=[72]", "detection.train_max_size=96",
-    "detection.test_scale=72", "detection.test_max_size=96",
+EASY_CLASSES = ("aeroplane", "bicycle", "bird")  # red squares, green discs, blue triangles
+EASY_COLOURS = ((225, 40, 40), (40, 215, 40), (50, 60, 235))
+
+
+def write_easy_voc(root: Path, seed: int = 0, n_trainval: int = 40, n_test: int = 30, size: int = 64) -> Path:
+    """A VOC2007-layout data set the test writes itself: 1-2 solid, well separated objects of 3 classes
+    (red square, green disc, blue triangle, 30-50% of the image side) on dark noise. Other 17 classes absent."""
+    from evalsuite.data.synth_voc import image_labels, voc_xml
+    from evalsuite.data.voc import VOC_CLASSES
+
+    voc = Path(root) / "VOCdevkit" / "VOC2007"
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[str]] = {"trainval": [], "test": []}
+    labels = {}
+    for k in range(n_trainval + n_test):
+        rng = np.random.default_rng([seed, k])
+        image_id = f"{k + 1:06d}"
+        img = Image.fromarray((rng.random((size, size, 3)) * 70).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        objects, taken = [], []
+        for j in range(int(rng.integers(1, 3))):
+            c = int(rng.integers(0, 3)) if j else k % 3
+            s = int(rng.integers(int(0.3 * size), int(0.5 * size)))
+            for _ in range(20):  # keep objects apart (no occlusion)
+                x, y = (int(v) for v in rng.integers(0, size - s, 2))
+                if all(x + s <= a or a + t <= x or y + s <= b or b + t <= y for a, b, t in taken):
+                    break
+            else:
+                continue
+            taken.append((x, y, s))
+            box = [x, y, x + s - 1, y + s - 1]
+            if c == 0:
+                draw.rectangle(box, fill=EASY_COLOURS[c])
+            elif c == 1:
+                draw.ellipse(box, fill=EASY_COLOURS[c])
+            else:
+                draw.polygon([(x, y + s - 1), (x + s - 1, y + s - 1), (x + (s - 1) / 2, y)], fill=EASY_COLOURS[c])
+            objects.append({"name": EASY_CLASSES[c], "box": (x + 1, y + 1, x + s, y + s), "truncated": 0,
+                            "difficult": 0})
+        img.save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        (voc / "Annotations" / f"{image_id}.xml").write_text(voc_xml(image_id, size, size, objects))
+        labels[image_id] = image_labels(objects)
+        splits["trainval" if k < n_trainval else "test"].append(image_id)
+    main = voc / "ImageSets" / "Main"
+    for split, ids in splits.items():
+        (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        for c, name in enumerate(VOC_CLASSES):
+            (main / f"{name}_{split}.txt").write_text("".join(f"{i} {labels[i][c]:2d}\n" for i in ids))
+    return voc
+
+
+EASY_SETTINGS = [
+    "detection.proposals=sliding_window", "detection.proposal_limit=200", "detection.lr=0.04",
+    "detection.steps=[100]", "detection.warmup_iters=10", "detection.cls_agnostic_bbox_reg=true",
+    "detection.train_scales=[192]", "detection.test_scale=192", "detection.train_max_size=288",
+    "detection.test_max_size=288",
 ]
 
 
 @pytest.mark.slow
-def test_training_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path_factory):
+def test_training_on_easy_voc_layout_data_learns_a_detector(tmp_path_factory):
+    """End to end (reader, proposals, sampler, training, test, VOC07 AP) on data whose classes a random
+    frozen trunk can tell apart (colour and shape): training must take the mAP from ~0 to well over 40.
+    Measured (random:resnet18, 1 thread): untrained 0.0 mAP, trained (120 iterations) ~60 mAP, ~30 s."""
+    root = tmp_path_factory.mktemp("easy_voc")
+    write_easy_voc(root, seed=0, n_trainval=40, n_test=24)
+    out = tmp_path_factory.mktemp("easy_out")
+
+    def run(iters: int):
+        torch.manual_seed(0)
+        results = det.task.run(make_ctx(root, out, [*EASY_SETTINGS, f"detection.max_iter={iters}"]))
+        return {r.metric: r for r in results}
+
+    untrained, trained = run(0), run(120)
+    assert trained["mAP"].params["num_test_images"] == 24
+    # only the three drawn classes have ground truth: the other 17 are left out of the mean
+    assert sum(r.value is not None for m, r in trained.items() if m.startswith("AP/")) == 3
+    assert untrained["mAP"].value < 5
+    assert trained["mAP"].value > 40, trained["mAP"].value
+    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 30
+
+
+@pytest.mark.slow
+def test_quick_preset_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path_factory):
+    """The ``quick`` preset as the demo runs it (sliding-window proposals) on synthetic VOC-like data:
+    training finds the objects (class-agnostic AP far above the untrained head's) and beats the untrained
+    mAP. The 20 shape x texture classes are hard for a random trunk (see tasks.detection), so the mAP margin
+    is a few points while the localisation margin is tens of points."""
     from evalsuite.data.synth_voc import write_voc2007
 
     root = tmp_path_factory.mktemp("voc_learn")
-    write_voc2007(root, seed=0, scale=0.25, image_size=72)  # 50 trainval + 50 test images
+    write_voc2007(root, seed=0, scale=0.25)  # 50 trainval + 50 test images, ~112 px
     out = tmp_path_factory.mktemp("det_learn")
 
-    def run(iters: int):
+    def run(iters: int | None):
         torch.manual_seed(0)  # the same head initialisation for both runs
-        ctx = make_ctx(root, out, [*LEARNING_SETTINGS, f"detection.max_iter={iters}"])
-        return det.task.run(ctx)[0]
+        extra = [] if iters is None else [f"detection.max_iter={iters}"]
+        return {r.metric: r for r in det.task.run(make_ctx(root, out, ["detection.proposals=sliding_window", *extra]))}
 
-    untrained, trained = run(0), run(400)
-    assert untrained.params["iterations_run"] == 0 and trained.params["iterations_run"] == 400
-    assert untrained.params["num_test_images"] == trained.params["num_test_images"] == 50
-    curve = trained.params["train_curve"]
+    untrained, trained = run(0), run(None)
+    n_iter = det.task.default_protocol("quick")["max_iter"]
+    assert untrained["mAP"].params["iterations_run"] == 0 and trained["mAP"].params["iterations_run"] == n_iter
+    assert untrained["mAP"].params["num_test_images"] == trained["mAP"].params["num_test_images"] == 50
+    curve = trained["mAP"].params["train_curve"]
     assert curve["last"]["loss_cls"] < 0.6 * curve["first"]["loss_cls"]
-    assert untrained.value < 0.5
-    assert trained.value > untrained.value + 1.0, (untrained.value, trained.value)
+    assert untrained["mAP"].value < 0.5
+    got = {k: (untrained[k].value, trained[k].value) for k in ("mAP", "AP_class_agnostic")}
+    assert trained["mAP"].value > untrained["mAP"].value + 1.5, got
+    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 15, got
