@@ -471,7 +471,7 @@ def write_easy_voc(root: Path, seed: int = 0, n_trainval: int = 40, n_test: int 
 
 EASY_SETTINGS = [
     "detection.proposals=sliding_window", "detection.proposal_limit=200", "detection.lr=0.04",
-    "detection.steps=[100]", "detection.warmup_iters=10", "detection.cls_agnostic_bbox_reg=true",
+    "detection.steps=[120]", "detection.warmup_iters=10", "detection.cls_agnostic_bbox_reg=true",
     "detection.train_scales=[192]", "detection.test_scale=192", "detection.train_max_size=288",
     "detection.test_max_size=288",
 ]
@@ -481,7 +481,7 @@ EASY_SETTINGS = [
 def test_training_on_easy_voc_layout_data_learns_a_detector(tmp_path_factory):
     """End to end (reader, proposals, sampler, training, test, VOC07 AP) on data whose classes a random
     frozen trunk can tell apart (colour and shape): training must take the mAP from ~0 to well over 40.
-    Measured (random:resnet18, 1 thread): untrained 0.0 mAP, trained (120 iterations) ~60 mAP, ~30 s."""
+    Measured (random:resnet18, 1 thread): untrained 0.0 mAP, trained (150 iterations) ~60 mAP, ~30 s."""
     root = tmp_path_factory.mktemp("easy_voc")
     write_easy_voc(root, seed=0, n_trainval=40, n_test=24)
     out = tmp_path_factory.mktemp("easy_out")
@@ -491,7 +491,7 @@ def test_training_on_easy_voc_layout_data_learns_a_detector(tmp_path_factory):
         results = det.task.run(make_ctx(root, out, [*EASY_SETTINGS, f"detection.max_iter={iters}"]))
         return {r.metric: r for r in results}
 
-    untrained, trained = run(0), run(120)
+    untrained, trained = run(0), run(150)
     assert trained["mAP"].params["num_test_images"] == 24
     # only the three drawn classes have ground truth: the other 17 are left out of the mean
     assert sum(r.value is not None for m, r in trained.items() if m.startswith("AP/")) == 3
@@ -505,7 +505,8 @@ def test_quick_preset_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path
     """The ``quick`` preset as the demo runs it (sliding-window proposals) on synthetic VOC-like data:
     training finds the objects (class-agnostic AP far above the untrained head's) and beats the untrained
     mAP. The 20 shape x texture classes are hard for a random trunk (see tasks.detection), so the mAP margin
-    is a few points while the localisation margin is tens of points."""
+    is a few points while the localisation margin is tens of points.
+    Measured (1 thread, load ~4): mAP 0.21 -> 4.87, class-agnostic AP 2.25 -> 24.85; 60 s (~35 s unloaded)."""
     from evalsuite.data.synth_voc import write_voc2007
 
     root = tmp_path_factory.mktemp("voc_learn")
@@ -525,5 +526,5 @@ def test_quick_preset_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path
     assert curve["last"]["loss_cls"] < 0.6 * curve["first"]["loss_cls"]
     assert untrained["mAP"].value < 0.5
     got = {k: (untrained[k].value, trained[k].value) for k in ("mAP", "AP_class_agnostic")}
-    assert trained["mAP"].value > untrained["mAP"].value + 1.5, got
-    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 15, got
+    assert trained["mAP"].value > untrained["mAP"].value + 2.0, got
+    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 12, got
