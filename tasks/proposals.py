@@ -216,7 +216,7 @@ def add_command(sub) -> None:
                        epilog="examples:\n  evalsuite proposals --data-root data --split test\n"
                               "  evalsuite proposals --data-root data --split trainval --method sliding_window")
     p.add_argument("--data-root", type=Path, required=True, help="directory holding the datasets")
-    p.add_argument("--dataset", default="voc2007", help="dataset kind (default voc2007)")
+    p.add_argument("--dataset", default="voc2007", help="dataset kind (default voc2007; voc2012 for 07+12)")
     p.add_argument("--split", action="append", required=True, help="split(s) to process; repeatable")
     p.add_argument("--method", default="selective_search", choices=list(METHODS))
     p.add_argument("--mode", default="fast", choices=["fast", "quality"], help="selective search mode")
@@ -229,9 +229,11 @@ def add_command(sub) -> None:
 def cmd_proposals(a: argparse.Namespace) -> int:
     from evalsuite.data import open_dataset
     from evalsuite.task import DATA_LAYOUT
+    from tasks.detection import EXTRA_LAYOUT
 
+    sub = DATA_LAYOUT.get(a.dataset) or EXTRA_LAYOUT.get(a.dataset, a.dataset)
     for split in a.split:
-        ds = open_dataset(a.dataset, a.data_root / DATA_LAYOUT.get(a.dataset, a.dataset), split)
+        ds = open_dataset(a.dataset, a.data_root / sub, split)
         cache = ProposalCache(a.cache_dir, a.method, {"mode": a.mode, "max_side": a.max_side},
                               dataset_key=ds.fingerprint())
         n = cache.precompute(ds, progress=not a.no_progress)

@@ -359,6 +359,27 @@ def test_voc07_plus_12_trains_on_both_trainval_sets_and_tests_on_voc07(synth_voc
         det.task.run(bad)
 
 
+def test_voc07_plus_12_on_the_real_fixture(fixtures_dir, tmp_path):
+    """Real VOC files: the fixture's VOC2007 plus a VOC2012 tree rebuilt from its 2007_-prefixed images."""
+    import shutil
+
+    from tests.test_data_voc import voc2012_from
+
+    voc07 = fixtures_dir / "voc2007_mini" / "VOCdevkit" / "VOC2007"
+    data = tmp_path / "data"
+    shutil.copytree(voc07, data / "VOCdevkit" / "VOC2007")
+    ids12 = ["000032", "000033", "000039", "000042"]
+    voc2012_from(voc07, data, lambda i: f"2007_{i}", {"train": ids12[:2], "val": ids12[2:], "trainval": ids12})
+    ctx = make_ctx(data, tmp_path / "out", ["detection.train_sets=voc07+12", "detection.max_iter=2",
+                                            "detection.proposals=sliding_window"])
+    r = det.task.run(ctx)[0]
+    n07 = len((voc07 / "ImageSets" / "Main" / "trainval.txt").read_text().split())
+    n_test = len((voc07 / "ImageSets" / "Main" / "test.txt").read_text().split())
+    assert r.params["num_train_images_per_set"] == {"voc2007:trainval": n07, "voc2012:trainval": 4}
+    assert r.params["num_train_images"] == n07 + 4 and r.params["num_test_images"] == n_test
+    assert r.params["iterations_run"] == 2 and r.dataset == "voc2007" and r.split == "test"
+
+
 def test_bad_boxes_and_images_without_boxes(synth_voc, tmp_path):
     import shutil
 

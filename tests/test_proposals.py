@@ -136,3 +136,17 @@ def test_cli_precomputes_and_resumes(tmp_path, capsys):
     assert "20 images, 20 computed, 0 already cached" in capsys.readouterr().out
     assert cli_main(args) == 0
     assert "0 computed, 20 already cached" in capsys.readouterr().out
+
+
+def test_cli_finds_voc2012_under_the_data_root(tmp_path, capsys):
+    from evalsuite.data.synthetic import write_voc2007
+    from tests.test_data_voc import voc2012_from
+
+    data = tmp_path / "data"
+    voc07 = write_voc2007(tmp_path / "src", seed=2, scale=0.1, image_size=40)
+    voc2012_from(voc07, data, lambda i: f"2008_{i}")
+    n = len((voc07 / "ImageSets" / "Main" / "trainval.txt").read_text().split())
+    args = ["proposals", "--data-root", str(data), "--dataset", "voc2012", "--split", "trainval",
+            "--method", "sliding_window", "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert cli_main(args) == 0
+    assert f"{n} images, {n} computed" in capsys.readouterr().out
