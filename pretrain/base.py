@@ -57,6 +57,17 @@ def mlp(dims: list[int], bn: bool = True, last_bn: bool = False, last_affine: bo
     return nn.Sequential(*layers)
 
 
+RECIPES = ("paper", "short")
+#: optimizer changes every method gets under the ``short`` recipe: a warm-up of a fraction of an epoch (the
+#: papers' 10 warm-up epochs would use up a short run at a tiny lr) and a base batch size of 64 for the lr
+#: scaling (so a batch of 64 gets the method's base lr, not a quarter of it)
+SHORT_OPTIM: dict[str, Any] = {"warmup_epochs": 0.5, "base_batch_size": 64}
+#: the joint-embedding methods' short-run optimizer: LARS with eta = 0.001 at a batch of 64 moves each weight
+#: by ~1e-4 of its norm per step (the papers pair it with batches of 4096 and lrs of 4.8), far too little
+#: for a few hundred steps; plain SGD with momentum does what a short run needs
+SHORT_SGD: dict[str, Any] = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
+
+
 class Method(nn.Module):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -65,6 +76,10 @@ class Method(nn.Module):
     #: optimizer defaults (the trainer's --optimizer/--lr/... override them)
     optim: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9,
                                        "warmup_epochs": 0, "base_batch_size": 256}
+    #: the ``short`` recipe (``--recipe short``): overrides of ``defaults`` ("hp") and ``optim`` ("optim") for a
+    #: run of minutes on a few thousand small images (no multi-epoch warm-up, queues/prototypes sized to the
+    #: data, faster-moving target networks, narrower heads); ``paper`` (the default) uses the published values
+    short: ClassVar[dict[str, dict[str, Any]]] = {}
     #: augmentation preset (pretrain.augment.PRESETS) and number of views
     augment: ClassVar[str] = "simclr"
     n_views: ClassVar[int] = 2
@@ -77,10 +92,11 @@ class Method(nn.Module):
     find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, arch: str, hp: dict[str, Any] | None = None, num_samples: int = 0, num_classes: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, recipe: str = "paper"):
         super().__init__()
         self.arch = arch
-        self.hp = self.resolve_hp(hp or {})
+        self.recipe = recipe
+        self.hp = self.resolve_hp(hp or {}, recipe)
         self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
         self.trunk = build_trunk(arch)
         self.feat_dim = ARCHS[arch]["channels"][-1]
@@ -88,16 +104,33 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------ hyper-parameters
     @classmethod
-    def resolve_hp(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Defaults updated by overrides, each override cast to the default's type; unknown keys refused."""
+    def resolve_hp(cls, overrides: dict[str, Any], recipe: str = "paper") -> dict[str, Any]:
+        """Defaults (updated by the recipe's) updated by overrides, each override cast to the default's type;
+        unknown keys refused."""
         from evalsuite.errors import UserError
 
         out = dict(cls.defaults)
+        out.update(cls.recipe_overrides(recipe)["hp"])
         for k, v in overrides.items():
             if k not in out:
                 raise UserError(f"method {cls.name!r} has no hyper-parameter {k!r}; known: {', '.join(out) or 'none'}")
             out[k] = _cast(v, out[k])
         return out
+
+    @classmethod
+    def recipe_overrides(cls, recipe: str) -> dict[str, dict[str, Any]]:
+        """``{"hp": {...}, "optim": {...}}`` that the recipe changes (empty for ``paper``)."""
+        from evalsuite.errors import UserError
+
+        if recipe not in RECIPES:
+            raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        if recipe == "paper":
+            return {"hp": {}, "optim": {}}
+        return {"hp": dict(cls.short.get("hp", {})), "optim": {**SHORT_OPTIM, **cls.short.get("optim", {})}}
+
+    @classmethod
+    def optim_defaults(cls, recipe: str = "paper") -> dict[str, Any]:
+        return {**cls.optim, **cls.recipe_overrides(recipe)["optim"]}
 
     # ------------------------------------------------------------ data
     def views(self, image_size: int) -> ViewTransform:

@@ -53,6 +53,11 @@ def add_command(sub) -> None:
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--limit-images", type=int, help="use only the first N images")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT.state.pt")
+    p.add_argument("--recipe", default="paper", choices=["paper", "short"],
+                   help="hyper-parameter recipe: the papers' values, or each method's recipe for a run of minutes "
+                        "on a few thousand small images (--set still overrides)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="fit the lr schedule to this wall-clock budget and stop when it is spent")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyper-parameter; repeatable")
     p.add_argument("--out", type=Path, default=Path("pretrained.safetensors"))
@@ -92,7 +97,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                       weight_decay=a.weight_decay, momentum=a.momentum, warmup_epochs=a.warmup_epochs,
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
-                      limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp)
+                      limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,
+                      recipe=a.recipe, time_budget_s=a.time_budget)
     if a.slurm:
         from .launch import submit
 

@@ -65,6 +65,13 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     hp: dict[str, Any] = field(default_factory=dict)
+    #: ``paper`` (published hyper-parameters) or ``short`` (each method's recipe for minutes of CPU training)
+    recipe: str = "paper"
+    #: wall-clock budget in seconds: after the first steps the schedule's total is shrunk to the steps that fit
+    #: (re-estimated every ``budget_check`` steps), and training stops when the budget is spent; the final
+    #: checkpoint is written as usual (metadata records the budget and the steps actually run)
+    time_budget_s: float | None = None
+    budget_check: int = 10
     #: testing aid: stop (as if killed) after this many global steps, without writing the final checkpoint
     stop_after_steps: int | None = None
 
@@ -139,7 +146,7 @@ class Trainer:
         self.n_images = len(self.data) if cfg.limit_images is None else min(cfg.limit_images, len(self.data))
         num_classes = len(getattr(self.data, "classes", []) or [])
         self.method: Method = self.method_cls(cfg.arch, cfg.hp, num_samples=self.n_images,
-                                              num_classes=num_classes, seed=cfg.seed)
+                                              num_classes=num_classes, seed=cfg.seed, recipe=cfg.recipe)
         self.method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
@@ -153,6 +160,10 @@ class Trainer:
             raise UserError(f"{self.n_images} images are fewer than one batch of {self.global_batch}; "
                             "lower --batch-size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.planned_steps = self.total_steps  # before any time-budget shrinking
+        self._budget_start: float | None = None
+        self._budget_step0 = 0
+        self.budget_stopped = False
         self.optim_cfg = self._optim_config()
         self.optimizer = None
         if self.method.trains:
@@ -186,7 +197,8 @@ class Trainer:
         return open_dataset(cfg.dataset, root, cfg.split)
 
     def _optim_config(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.method_cls.optim
+        cfg = self.cfg
+        d = self.method_cls.optim_defaults(cfg.recipe)
         name = cfg.optimizer or d.get("optimizer", "sgd")
         if name not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -282,6 +294,7 @@ class Trainer:
             print(f"resuming {cfg.method} from epoch {self.epoch} step {self.step_in_epoch} ({self.state_path})",
                   file=sys.stderr)
         start = time.time()
+        self._fit_t0 = time.perf_counter()
         if self.method.trains:
             self.method.train()
             self.method.on_train_start(self)
@@ -337,6 +350,11 @@ class Trainer:
             if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
                 bar.close()
                 return False
+            if cfg.time_budget_s is not None and self._budget_tick():
+                bar.close()
+                self.epoch = cfg.epochs
+                self.save_state()
+                return True
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < self.steps_per_epoch:
                 self.save_state()
         bar.close()
@@ -345,6 +363,22 @@ class Trainer:
         self.step_in_epoch = 0
         self.save_state()
         return True
+
+    def _budget_tick(self) -> bool:
+        """Fit the schedule to the wall-clock budget; True when training must stop now."""
+        now = time.perf_counter()
+        elapsed = now - self._fit_t0
+        if elapsed >= self.cfg.time_budget_s or self.global_step >= self.total_steps:
+            return True
+        if self._budget_start is None:  # the first step (allocation, caches) is not a steady-state step
+            self._budget_start, self._budget_step0 = now, self.global_step
+            return False
+        done = self.global_step - self._budget_step0
+        if done % max(1, self.cfg.budget_check) == 0:
+            rate = (now - self._budget_start) / done  # seconds per step, steady state
+            fit = self.global_step + int((self.cfg.time_budget_s - elapsed) / rate)
+            self.total_steps = max(self.global_step + 1, min(self.planned_steps, fit))
+        return False
 
     # ------------------------------------------------------------ metadata
     def metadata(self, seconds: float) -> dict[str, Any]:
@@ -373,6 +407,10 @@ class Trainer:
             "hyperparameters": self.method.hp,
             "optimizer": self.optim_cfg,
             "augment": self.views.describe(),
+            "recipe": cfg.recipe,
+            "time_budget_s": cfg.time_budget_s,
+            "planned_steps": self.planned_steps,
+            "schedule_steps": self.total_steps,
             "final_loss": self.losses[-1] if self.losses else None,
             "train_seconds": round(seconds, 3),
             "versions": {"evalsuite": evalsuite.__version__, "torch": torch.__version__,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed as D
-from ..base import Batch, Method, mlp
+from ..base import SHORT_SGD, Batch, Method, mlp
 
 
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5, total: int | None = None,
@@ -48,6 +48,7 @@ class BarlowTwins(Method):
     defaults = {"proj_dim": 8192, "lambd": 5e-3}
     optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
              "base_batch_size": 256}
+    short = {"hp": {"proj_dim": 1024, "lambd": 5e-3}, "optim": SHORT_SGD}
     augment = "byol"
 
     def __init__(self, arch, hp=None, **kw):

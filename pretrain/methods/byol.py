@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import Batch, Method, ema_update, mlp, momentum_copy
+from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,7 @@ class BYOL(Method):
     defaults = {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096, "tau_base": 0.996}
     optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
              "base_batch_size": 256}
+    short = {"hp": {"proj_hidden": 1024, "pred_hidden": 1024, "tau_base": 0.99}, "optim": SHORT_SGD}
     augment = "byol"
 
     def __init__(self, arch, hp=None, **kw):

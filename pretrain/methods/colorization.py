@@ -56,6 +56,7 @@ class Colorization(Method):
                 "head_hidden": 256}
     optim = {"optimizer": "adam", "lr": 3e-4, "weight_decay": 1e-3, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 40}
+    short = {"hp": {"prior_images": 256}, "optim": {"lr": 1e-3, "base_batch_size": 64}}
     augment = "basic"
     n_views = 1
     input_space = "gray"

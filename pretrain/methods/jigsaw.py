@@ -60,6 +60,7 @@ class Jigsaw(Method):
                 "gray_prob": 0.3, "tile_dim": 512, "hidden": 1024, "perm_seed": 0, "crop_scale_min": 0.3}
     optim = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
+    short = {"hp": {"n_permutations": 100, "tile_dim": 256, "hidden": 512}, "optim": {"lr": 0.05}}
     augment = "jigsaw"
     n_views = 2
 

@@ -26,6 +26,7 @@ class MoCoV1(Method):
                 "mlp_hidden": 0}
     optim = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
+    short = {"hp": {"queue_size": 1024, "momentum_k": 0.99}, "optim": {"lr": 0.06, "weight_decay": 5e-4}}
     augment = "moco_v1"
 
     def __init__(self, arch, hp=None, **kw):
@@ -67,4 +68,5 @@ class MoCoV2(MoCoV1):
     name = "moco_v2"
     description = "MoCo v2: MoCo v1 + MLP head, blur augmentation, T=0.2, cosine schedule"
     defaults = {**MoCoV1.defaults, "temperature": 0.2, "mlp_hidden": 2048}
+    short = {"hp": {**MoCoV1.short["hp"], "mlp_hidden": 512}, "optim": MoCoV1.short["optim"]}
     augment = "moco_v2"

@@ -32,6 +32,7 @@ class RotNet(Method):
     defaults = {"n_rotations": 4}
     optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 128}
+    short = {"optim": {"lr": 0.05}}
     augment = "basic"
     n_views = 1
 

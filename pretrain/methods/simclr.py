@@ -5,7 +5,7 @@ other views of the global batch, negatives gathered across processes with gradie
 
 from __future__ import annotations
 
-from ..base import Batch, Method, mlp
+from ..base import SHORT_SGD, Batch, Method, mlp
 from ..losses import nt_xent
 
 
@@ -15,6 +15,7 @@ class SimCLR(Method):
     defaults = {"temperature": 0.5, "proj_hidden": 2048, "proj_dim": 128}
     optim = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
              "base_batch_size": 256}
+    short = {"hp": {"temperature": 0.2, "proj_hidden": 512}, "optim": SHORT_SGD}
     augment = "simclr"
 
     def __init__(self, arch, hp=None, **kw):

@@ -15,6 +15,7 @@ class Supervised(Method):
     defaults = {"label_smoothing": 0.0}
     optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
+    short = {"optim": {"lr": 0.05}}
     augment = "basic"
     n_views = 1
     uses_labels = True

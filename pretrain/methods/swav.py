@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import multi_crop
-from ..base import Batch, Method, mlp
+from ..base import SHORT_SGD, Batch, Method, mlp
 from ..losses import sinkhorn
 
 
@@ -35,6 +35,8 @@ class SwAV(Method):
                 "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 6, "freeze_prototypes_steps": 313}
     optim = {"optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
+    short = {"hp": {"proj_hidden": 512, "n_prototypes": 100, "n_local": 2, "freeze_prototypes_steps": 20},
+             "optim": SHORT_SGD}
     augment = "swav"
     n_views = 2
 

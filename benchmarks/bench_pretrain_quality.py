@@ -1,0 +1,194 @@
+"""Pretraining quality: does a few minutes of each method beat the random-init trunk? (issues 5 and 6)
+
+Side by side in one run, on synthetic data written by the real writers (``evalsuite.data.synthetic``):
+
+- pretraining set: the synthetic ImageFolder ``train`` split (8 shape classes, random colours, clutter;
+  ``--per-class`` images per class at 64 px), labels unused except by ``supervised``;
+- each method in ``--methods`` trains ResNet-18 (``--arch``) with the ``short`` recipe
+  (``pretrain.base.SHORT_OPTIM`` + the method's ``short`` overrides, all recorded in the checkpoint
+  metadata) for a fixed wall budget (``--minutes``; the trainer fits its cosine schedule to the budget) or
+  a fixed number of steps (``--steps``), at ``--px`` px crops, batch ``--batch-size``;
+- the saved checkpoint AND ``random:<arch>`` (same seed) are evaluated through the real tasks at the
+  ``quick`` preset with the image size set to ``--eval-px``: ``knn`` (weighted kNN top-1 on the
+  ImageFolder ``val`` split against the ``train`` bank, every tap) and ``voc07_svm`` (per-class linear SVM
+  with cross-validated cost, test mAP on the synthetic VOC2007 ``test`` split, every tap).
+
+The issues' acceptance: each method's kNN top-1 (best tap) and best-layer VOC mAP clearly above the
+random-init rows; Jigsaw's per-layer mAP peaks at an intermediate tap. The machine load average is recorded
+before and after each method (the CPU is shared), so the minutes can be read against it.
+
+    python -m benchmarks.bench_pretrain_quality                       # small: 2 methods, 0.5 min each
+    python -m benchmarks.bench_pretrain_quality --minutes 4 --per-class 250 \\
+        --methods simclr,moco_v2,byol,swav,barlow_twins,rotnet,jigsaw,colorization,supervised
+
+Prints a table and writes benchmarks/out/bench_pretrain_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_json
+
+ISSUE5 = ["simclr", "moco_v2", "byol", "swav", "barlow_twins"]
+ISSUE6 = ["rotnet", "jigsaw", "colorization"]
+
+
+def make_data(root: Path, seed: int, per_class: int, voc_scale: float) -> dict:
+    """ImageFolder (pretraining + kNN) and VOC2007 (SVM) in their real layouts under ``root``."""
+    from evalsuite.data.synthetic import write_imagefolder, write_voc2007
+
+    t0 = time.perf_counter()
+    if not (root / "imagefolder").exists():
+        write_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)
+    if not (root / "VOCdevkit").exists():
+        write_voc2007(root, seed=seed, scale=voc_scale)
+    return {"root": str(root), "imagefolder_per_class": per_class, "voc_scale": voc_scale,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
+def pretrain(method: str, a, root: Path, out: Path) -> dict:
+    from evalsuite.checkpoints import read_metadata
+    from pretrain.trainer import TrainConfig, Trainer
+
+    budget, epochs, per_epoch = a.minutes * 60, a.epochs, None
+    if a.steps:  # fixed step count instead of a wall budget: the cosine schedule spans exactly these steps
+        spe = max(1, 8 * a.per_class // a.batch_size)
+        budget, epochs = None, -(-a.steps // spe)
+        per_epoch = -(-a.steps // epochs)
+    cfg = TrainConfig(method=method, arch=a.arch, data_root=str(root), out=str(out), image_size=a.px,
+                      batch_size=a.batch_size, epochs=epochs, max_steps_per_epoch=per_epoch, seed=a.seed,
+                      workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
+                      progress=a.progress, recipe=a.recipe, time_budget_s=budget)
+    l0, t0 = load(), time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    meta = read_metadata(out)
+    losses = trainer.losses
+    return {"minutes": round(seconds / 60, 2), "steps": trainer.global_step, "epochs_seen":
+            round(trainer.global_step / max(1, trainer.steps_per_epoch), 2),
+            "loss_first": round(losses[0], 4) if losses else None,
+            "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None,
+            "load_before": l0, "load_after": load(), "recipe": meta.get("recipe"),
+            "hyperparameters": meta.get("hyperparameters"), "optimizer": meta.get("optimizer"),
+            "precision": meta.get("precision"), "image_size": meta.get("image_size")}
+
+
+def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
+    from evalsuite.runner import RunOptions, run
+
+    overrides = [f"knn.image_size={a.eval_px}", f"voc07_svm.image_size={a.eval_px}"]
+    t0 = time.perf_counter()
+    rep = run(RunOptions(checkpoint=checkpoint, arch=a.arch, tasks=["knn", "voc07_svm"], preset="quick",
+                         overrides=overrides, data_root=root, out=work / "runs", cache_dir=work / "cache",
+                         seed=a.seed, progress=False))
+    knn, svm = {}, {}
+    for r in rep.results:
+        if r.task == "knn" and r.metric == "top1":
+            knn[r.layer] = round(r.value, 2)
+        elif r.task == "voc07_svm" and r.metric == "mAP" and r.value is not None:
+            svm[r.layer] = round(r.value, 2)
+    best_knn = max(knn, key=knn.get) if knn else None
+    best_svm = max(svm, key=svm.get) if svm else None
+    return {"knn_top1": knn.get(best_knn), "knn_best_layer": best_knn, "knn_top1_per_layer": knn,
+            "map": svm.get(best_svm), "map_best_layer": best_svm, "map_per_layer": svm,
+            "eval_seconds": round(time.perf_counter() - t0, 1), "eval_overrides": overrides}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="simclr,rotnet",
+                   help=f"comma list (issue 5: {','.join(ISSUE5)}; issue 6: {','.join(ISSUE6)})")
+    p.add_argument("--minutes", type=float, default=0.5, help="wall budget per method")
+    p.add_argument("--steps", type=int, help="fixed step count per method instead of --minutes")
+    p.add_argument("--epochs", type=int, default=10**6, help="cap on epochs under --minutes")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--px", type=int, default=32, help="pretraining crop size")
+    p.add_argument("--eval-px", type=int, help="evaluation image size (default: --px)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--per-class", type=int, default=60, help="ImageFolder train images per class (val: half)")
+    p.add_argument("--voc-scale", type=float, default=1.0)
+    p.add_argument("--recipe", default="short", choices=["short", "paper"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", type=Path, help="reuse/keep data here (default: a temporary directory)")
+    p.add_argument("--keep", type=Path, help="keep checkpoints and feature cache in this directory")
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args()
+    a.eval_px = a.eval_px or a.px
+    torch.set_num_threads(a.threads)
+    methods = [m for m in a.methods.split(",") if m]
+    with tempfile.TemporaryDirectory(prefix="bench_pq_") as tmp:
+        work = a.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        root = a.data_root or work / "data"
+        data = make_data(root, a.seed, a.per_class, a.voc_scale)
+        rows = []
+        base = {"method": f"random:{a.arch}", "minutes": 0.0, "steps": 0, "load_before": load()}
+        base.update(evaluate(f"random:{a.arch}", a, root, work))
+        rows.append(base)
+        _print_row(base)
+        for m in methods:
+            ck = work / f"{m}.safetensors"
+            try:
+                row = {"method": m, **pretrain(m, a, root, ck)}
+                row.update(evaluate(str(ck), a, root, work))
+            except Exception as e:  # one broken method must not cost the others' measurements
+                print(f"{m}: FAILED {type(e).__name__}: {e}", flush=True)
+                rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
+                continue
+            row["beats_random_knn"] = row["knn_top1"] is not None and row["knn_top1"] > base["knn_top1"]
+            row["beats_random_map"] = row["map"] is not None and row["map"] > base["map"]
+            row["d_knn"] = round(row["knn_top1"] - base["knn_top1"], 2)
+            row["d_map"] = round(row["map"] - base["map"], 2)
+            rows.append(row)
+            _print_row(row)
+            _write(a, data, rows)  # after every method: a long run keeps what it measured
+    _print_table(rows)
+    _write(a, data, rows)
+
+
+def _write(a, data: dict, rows: list[dict]) -> None:
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    write_json("bench_pretrain_quality", {"params": params, "data": data, "rows": rows,
+                                          "load_avg_end": list(os.getloadavg())})
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['method']:16s} {r['minutes']:5.2f} min {r['steps']:5d} steps  kNN {r['knn_top1']:5.1f} "
+          f"({r['knn_best_layer']})  mAP {r['map']:5.1f} ({r['map_best_layer']})  per-layer mAP "
+          + " ".join(f"{k}={v:.1f}" for k, v in r["map_per_layer"].items())
+          + f"  load {r.get('load_before')}->{r.get('load_after', '')}", flush=True)
+
+
+def _print_table(rows: list[dict]) -> None:
+    taps = list(rows[0]["map_per_layer"])
+    print("\n| method | minutes | steps | kNN top-1 (best tap) | VOC mAP (best tap) | "
+          + " | ".join(f"mAP {t}" for t in taps) + " | load avg |")
+    print("|" + "---|" * (6 + len(taps)))
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | failed: {r['error']} |")
+            continue
+        print(f"| {r['method']} | {r['minutes']:.1f} | {r['steps']} | {r['knn_top1']:.1f} ({r['knn_best_layer']}) | "
+              f"{r['map']:.1f} ({r['map_best_layer']}) | "
+              + " | ".join(f"{r['map_per_layer'].get(t, float('nan')):.1f}" for t in taps)
+              + f" | {r.get('load_before')}-{r.get('load_after', '')} |")
+
+
+if __name__ == "__main__":
+    main()
