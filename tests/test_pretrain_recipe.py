@@ -1,0 +1,85 @@
+"""The ``short`` recipe (hyper-parameters for minutes of CPU training) and the wall-clock budget."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import pretrain.trainer as trainer_mod
+from evalsuite.checkpoints import read_metadata
+from evalsuite.errors import UserError
+from pretrain import TrainConfig, Trainer
+from pretrain.base import SHORT_OPTIM, SHORT_SGD
+from pretrain.registry import get_method
+
+BENCH_METHODS = ["simclr", "moco_v2", "byol", "swav", "barlow_twins", "rotnet", "jigsaw", "colorization",
+                 "supervised"]
+
+
+@pytest.mark.parametrize("name", BENCH_METHODS)
+def test_short_recipe_resolves_over_defaults(name):
+    cls = get_method(name)
+    assert cls.resolve_hp({}) == cls.defaults  # paper: the published values untouched
+    assert cls.optim_defaults() == cls.optim
+    short_hp = cls.resolve_hp({}, "short")
+    assert short_hp == {**cls.defaults, **cls.short.get("hp", {})}
+    assert cls.optim_defaults("short") == {**cls.optim, **SHORT_OPTIM, **cls.short.get("optim", {})}
+    assert cls.optim_defaults("short")["warmup_epochs"] < 1  # never the papers' multi-epoch warm-ups
+
+
+def test_short_recipe_replaces_small_batch_lars():
+    for name in ("simclr", "byol", "swav", "barlow_twins"):
+        cls = get_method(name)
+        assert cls.optim["optimizer"] == "lars"
+        assert cls.optim_defaults("short")["optimizer"] == SHORT_SGD["optimizer"] == "sgd"
+    moco = get_method("moco_v2").resolve_hp({}, "short")
+    assert moco["queue_size"] < 65536 and moco["momentum_k"] < 0.999
+
+
+def test_override_beats_recipe_and_unknown_recipe_refused():
+    cls = get_method("simclr")
+    assert cls.resolve_hp({"temperature": "0.3"}, "short")["temperature"] == 0.3
+    with pytest.raises(UserError, match="unknown recipe"):
+        cls.resolve_hp({}, "fast")
+
+
+def _cfg(root, out, **kw):
+    base = dict(method="simclr", data_root=str(root), out=str(out), batch_size=8, image_size=32, epochs=1,
+                max_steps_per_epoch=1, hp={"proj_hidden": 32, "proj_dim": 16}, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_short_recipe_recorded_in_checkpoint(tiny_imagefolder, tmp_path):
+    out = tmp_path / "s.safetensors"
+    tr = Trainer(_cfg(tiny_imagefolder, out, recipe="short"))
+    tr.fit()
+    meta = read_metadata(out)
+    assert meta["recipe"] == "short"
+    assert meta["hyperparameters"]["temperature"] == 0.2 and meta["hyperparameters"]["proj_hidden"] == 32
+    opt = meta["optimizer"]
+    assert opt["optimizer"] == "sgd" and opt["weight_decay"] == SHORT_SGD["weight_decay"]
+    assert opt["lr"] == pytest.approx(SHORT_SGD["lr"] * 8 / 64)  # linear scaling from a base batch of 64
+    assert opt["warmup_steps"] == round(SHORT_OPTIM["warmup_epochs"] * tr.steps_per_epoch)
+
+
+def test_time_budget_shrinks_schedule_and_stops(tiny_imagefolder, tmp_path, monkeypatch):
+    clock = {"t": 1000.0}
+
+    def perf_counter():  # every trainer clock read is one second later: one second per step
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=perf_counter,
+                                                                   time=trainer_mod.time.time))
+    out = tmp_path / "b.safetensors"
+    tr = Trainer(_cfg(tiny_imagefolder, out, epochs=50, max_steps_per_epoch=2, time_budget_s=6.0,
+                      budget_check=2))
+    assert tr.planned_steps == 100
+    assert tr.fit() == out
+    # fit start at t+1; step s ends at t+1+s: 1 s/step measured from step 1, so 6 steps fit the budget
+    assert tr.global_step == 6 and tr.total_steps == 6
+    meta = read_metadata(out)
+    assert meta["steps"] == 6 and meta["schedule_steps"] == 6 and meta["planned_steps"] == 100
+    assert meta["time_budget_s"] == 6.0
