@@ -308,3 +308,19 @@ def test_scores_from_margins_equal_the_decision_values():
         np.testing.assert_allclose(scores, full.decision(xx), atol=1e-8)
         np.testing.assert_allclose(sol.weight, full.weight[keep], atol=1e-10)
         assert conv.shape == (len(costs),) and conv.all()
+
+
+def test_trapezoid_row_blocks_equal_the_dense_triangular_factor():
+    """The span route keeps its Cholesky factor as trapezoid row blocks; products and the back-substitution
+    equal dense torch on the full triangular matrix, and the blocks hold about (k + 1) / 2k of it."""
+    rng = np.random.default_rng(3)
+    n = 37
+    a = rng.normal(size=(n, 60))
+    low = torch.linalg.cholesky(torch.as_tensor(a @ a.T + np.eye(n)))
+    rows = svm._Rows.lower(low, torch.float64, parts=4)
+    d, u = torch.as_tensor(rng.normal(size=(n, 3))), torch.as_tensor(rng.normal(size=(n, 3)))
+    torch.testing.assert_close(rows @ d, low @ d)
+    torch.testing.assert_close(rows.T @ u, low.T @ u)
+    torch.testing.assert_close(rows.solve_upper_t(d), torch.linalg.solve_triangular(low.T, d, upper=True))
+    stored = sum(b.numel() for _, b in rows.blocks)
+    assert n * n / 2 < stored < n * n * 0.7

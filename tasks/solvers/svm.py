@@ -76,6 +76,7 @@ class SVMConfig:
     max_problems: int = 4096  # problems solved together, at most
     memory_fraction: float = 1.0  # per-problem solver state <= this x the float32 feature matrix
     direct_steps: str = "auto"  # exact kernel Newton steps: auto (cheaper than the CG they replace), always, never
+    cg_straggle: float = 0.125  # CG stops its last <= this fraction of problems once they lag (0: never)
     # sklearn backend (the benchmark's LinearSVC arguments)
     sklearn_tol: float = 1e-4
     sklearn_max_iter: int = 2000
@@ -259,6 +260,61 @@ def solve_with_scores(x: np.ndarray, y: np.ndarray, costs: np.ndarray, config: S
 # ---------------------------------------------------------------------------- torch backend
 
 
+class _Rows:
+    """An (N, r) matrix held as row blocks, each with only the columns that can be non-zero (``z @ d`` and
+    ``z.T @ u`` as for a tensor). A lower-triangular factor cut into k trapezoids keeps and multiplies
+    (k + 1) / 2k of the dense matrix: ~56 % at k = 8, in memory and in every CG matrix product."""
+
+    def __init__(self, blocks: list[tuple[int, torch.Tensor]], n: int, r: int):
+        self.blocks, self.shape = blocks, (n, r)
+        self.dtype, self.device = blocks[0][1].dtype, blocks[0][1].device
+
+    @classmethod
+    def dense(cls, m: torch.Tensor) -> _Rows:
+        return cls([(0, m)], m.shape[0], m.shape[1])
+
+    @classmethod
+    def lower(cls, low: torch.Tensor, dtype, parts: int = 8) -> _Rows:
+        n = low.shape[0]
+        cuts = sorted({n * i // parts for i in range(parts + 1)})
+        return cls([(a, low[a:b, :b].to(dtype, copy=True)) for a, b in zip(cuts[:-1], cuts[1:])], n, n)
+
+    def __matmul__(self, d: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.shape[0], d.shape[1]), dtype=d.dtype, device=d.device)
+        for a, blk in self.blocks:
+            out[a:a + blk.shape[0]] = blk @ d[:blk.shape[1]]
+        return out
+
+    def rmatmul(self, u: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((self.shape[1], u.shape[1]), dtype=u.dtype, device=u.device)
+        for a, blk in self.blocks:
+            out[:blk.shape[1]] += blk.T @ u[a:a + blk.shape[0]]
+        return out
+
+    @property
+    def T(self) -> _RowsT:  # noqa: N802 (tensor-like)
+        return _RowsT(self)
+
+    def solve_upper_t(self, v: torch.Tensor) -> torch.Tensor:
+        """L^-T v for a lower-triangular matrix held by :meth:`lower` (block back-substitution)."""
+        alpha = torch.empty_like(v)
+        acc = torch.zeros_like(v)  # sum over later blocks of B_k[:, :a_k]^T alpha_k
+        for a, blk in reversed(self.blocks):
+            b = a + blk.shape[0]
+            alpha[a:b] = torch.linalg.solve_triangular(blk[:, a:b].T, v[a:b] - acc[a:b], upper=True)
+            if a:
+                acc[:a] += blk[:, :a].T @ alpha[a:b]
+        return alpha
+
+
+class _RowsT:
+    def __init__(self, rows: _Rows):
+        self.rows = rows
+
+    def __matmul__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.rows.rmatmul(u)
+
+
 class _Basis:
     """Coordinates ``z`` (N, r) of the augmented rows ``Xa = [X, s]`` with ``z z^T = Xa Xa^T``, and the map back.
 
@@ -266,6 +322,8 @@ class _Basis:
     - span (D + 1 > N): the optimum of an L2-regularised linear model lies in the row span, so with the
       Cholesky factor ``Xa Xa^T = L L^T`` (float64) the coordinates ``z = L`` and ``w = Xa^T L^-T v`` are
       an isometry (``||w|| = ||v||``, ``Xa w = z v``): the same objective in N instead of D + 1 unknowns.
+      L is lower-triangular, so it is held as trapezoid row blocks (:class:`_Rows`): in the solver's dtype
+      for the CG products and in float64 for the exact gradients, margins and the map back.
 
     Only the caller's ``x`` is read; Xa is never materialised in the span route (column chunks).
     """
@@ -282,29 +340,60 @@ class _Basis:
                 del xc
             chol, info = torch.linalg.cholesky_ex(k)
             if int(info) == 0:  # else: a (numerically) rank-deficient Gram matrix -> primal coordinates
-                self.chol = chol
-                self.z = chol.to(dtype)
                 self._gram = k.to(dtype)
-            del k
+                del k
+                self.chol = _Rows.lower(chol, torch.float64)
+                self.z = _Rows.lower(chol, dtype)
+            del chol
         if self.chol is None:
-            self.z = torch.empty((self.n, self.d + 1), dtype=dtype, device=device)
+            z = torch.empty((self.n, self.d + 1), dtype=dtype, device=device)
             for c in range(0, self.d, col_chunk):
                 e = min(self.d, c + col_chunk)
-                self.z[:, c:e] = torch.as_tensor(x[:, c:e], device=device).to(dtype)
-            self.z[:, self.d] = self.scaling
+                z[:, c:e] = torch.as_tensor(x[:, c:e], device=device).to(dtype)
+            z[:, self.d] = self.scaling
+            self.z = _Rows.dense(z)
         self.r = self.z.shape[1]
+
+    def hi_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """z v in float64 (N, P) for float64 v (r, P): the exact margins behind the convergence test."""
+        if self.chol is not None:
+            return self.chol @ v
+        if self.z.dtype == torch.float64:
+            return self.z @ v
+        out = torch.empty((self.n, v.shape[1]), dtype=torch.float64, device=v.device)
+        for a, xc in self._x_rows():
+            out[a:a + xc.shape[0]] = xc @ v[:self.d] + self.scaling * v[self.d]
+        return out
+
+    def hi_rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        """z^T u in float64 (r, P) for float64 u (N, P): the exact gradient."""
+        if self.chol is not None:
+            return self.chol.T @ u
+        if self.z.dtype == torch.float64:
+            return self.z.T @ u
+        out = torch.zeros((self.d + 1, u.shape[1]), dtype=torch.float64, device=u.device)
+        for a, xc in self._x_rows():
+            out[:self.d] += xc.T @ u[a:a + xc.shape[0]]
+        out[self.d] = self.scaling * u.sum(0)
+        return out
+
+    def _x_rows(self, rows: int = 1024):
+        """Row blocks of the caller's features as float64 tensors (no copy when x is float64 and C-ordered)."""
+        for a in range(0, self.n, rows):
+            yield a, torch.as_tensor(self.x[a:a + rows], device=self.device).double()
 
     def gram(self) -> torch.Tensor:
         """K = z z^T (N, N), computed on first use (only when a direct Newton step is taken)."""
         if self._gram is None:
-            self._gram = self.z @ self.z.T
+            z = self.z.blocks[0][1]  # primal coordinates: one dense block
+            self._gram = z @ z.T
         return self._gram
 
     def weights(self, v: torch.Tensor) -> np.ndarray:
         """(D + 1, P) float64 augmented weights of coordinates v (r, P)."""
         if self.chol is None:
             return v.double().cpu().numpy()
-        alpha = torch.linalg.solve_triangular(self.chol.T, v.double(), upper=True)  # L^-T v  (N, P)
+        alpha = self.chol.solve_upper_t(v.double())  # L^-T v  (N, P)
         out = np.empty((self.d + 1, v.shape[1]))
         for c in range(0, self.d, self.col_chunk):
             xc = torch.as_tensor(self.x[:, c:c + self.col_chunk], device=self.device).double()
@@ -386,9 +475,15 @@ def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30):
     return t
 
 
-def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
+def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg, straggle: float = 0.0):
     """Per-problem preconditioned CG on H_p s = -g_p, H_p = I + 2C_p z^T diag(act_p) z, all problems in one
-    pair of matmuls per step; a problem leaves the batch when ||residual|| <= stop. Returns s and e = z s."""
+    pair of matmuls per step; a problem leaves the batch when ||residual|| <= stop. Returns s, e = z s and
+    the steps taken.
+
+    ``straggle`` > 0 truncates the tail: once at most that fraction of the batch is left and the survivors
+    have run twice as many steps as it took half the batch to finish, they stop with their current iterate
+    (a CG iterate from 0 is a descent direction; the outer Newton loop finishes them). Single-column matrix
+    products are memory-bound, so a few stragglers would otherwise cost as much as the whole batch."""
     p_all = g.shape[1]
     s_out, e_out = torch.zeros_like(g), torch.zeros((z.shape[0], p_all), dtype=g.dtype, device=g.device)
     n_it = torch.zeros(p_all, dtype=torch.int64, device=g.device)
@@ -398,7 +493,8 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
     zr = pre.apply(res, f) if pre is not None else res
     d, rz = zr, (res * zr).sum(0)
     s, e = torch.zeros_like(g), torch.zeros_like(e_out)
-    for _ in range(max_cg):
+    half_at = None
+    for it in range(1, max_cg + 1):
         n_it[idx] += 1
         zd = z @ d
         hd = d + 2 * cost * (z.T @ (act * zd))
@@ -407,6 +503,11 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
         e += alpha * zd
         res -= alpha * hd
         fin = res.double().norm(dim=0) <= stop
+        left = len(idx) - int(fin.sum())
+        if half_at is None and left <= p_all // 2:
+            half_at = it
+        if straggle > 0 and half_at is not None and left <= straggle * p_all and it >= 2 * half_at + 5:
+            fin = torch.ones_like(fin)
         if fin.any():
             s_out[:, idx[fin]], e_out[:, idx[fin]] = s[:, fin], e[:, fin]
             keep = ~fin
@@ -423,92 +524,59 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg):
     return s_out, e_out, n_it
 
 
-def _direct_steps(basis: _Basis, act, cost, y, v, refine: int = 3):
-    """Exact Newton directions for the given problems (Chapelle 2007, squared hinge): with the active set A
-    fixed, the minimiser is w = z_A^T beta, (K_AA + diag(1 / (2 C c_A))) beta = y_A -- one Cholesky of
-    size |A| per problem instead of many CG steps when C is large and the active set small."""
-    k = basis.gram()
-    z = basis.z
-    target = torch.empty_like(v)
-    for j in range(v.shape[1]):
+def _direct_steps(basis: _Basis, act, cost, g):
+    """Exact Newton directions s = -H^-1 g for the given problems (Chapelle 2007, squared hinge), through the
+    Woodbury identity on the active set A: H = I + z_A^T D z_A, D = diag(2 C c_A), so
+    s = -g + z_A^T (D^-1 + K_AA)^-1 z_A g -- one Cholesky of size |A| per problem instead of many CG steps
+    when C is large and the active set small. Taken from the (float64) gradient, so a rounded K only slows
+    convergence down, never stops it at the float32 precision floor."""
+    k, z = basis.gram(), basis.z
+    zg = z @ g
+    beta = torch.zeros_like(zg)
+    for j in range(g.shape[1]):
         rows = (act[:, j] > 0).nonzero().squeeze(1)
         if len(rows) == 0:
-            target[:, j] = 0
             continue
         kaa = k[rows[:, None], rows]  # |A| x |A| gathered directly (no |A| x N intermediate)
-        dinv = 1.0 / (2.0 * cost[j] * act[rows, j:j + 1])
-        kaa.diagonal().add_(dinv.squeeze(1))
+        kaa.diagonal().add_(1.0 / (2.0 * cost[j] * act[rows, j]))
         chol, info = torch.linalg.cholesky_ex(kaa)
         if int(info) != 0:
             chol = torch.linalg.cholesky(kaa.double()).to(kaa.dtype)
-        za = z[rows]
-        rhs = y[rows, j:j + 1]
-        beta = torch.cholesky_solve(rhs, chol)
-        for _ in range(refine):  # iterative refinement against z (the stored K is rounded; (K + D)^-1 amplifies it)
-            beta += torch.cholesky_solve(rhs - za @ (za.T @ beta) - dinv * beta, chol)
-        target[:, j] = (za.T @ beta).squeeze(1)
-    return target - v
+        beta[rows, j] = torch.cholesky_solve(zg[rows, j:j + 1], chol).squeeze(1)
+    return -g + z.T @ beta
 
 
-def _newton(basis, pre, y, aw, cost, v, m, g0, config: SVMConfig, cg_hist):
-    """Truncated Newton (exact line search) for P problems in place on v (r, P) / margins m = z v (N, P).
-    Problem p stops when ||grad_p|| <= tol * ||grad_p(0)|| (g0, float64); converged problems leave the batch.
-    Returns converged (P,) bool and Newton steps (P,)."""
+def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: SVMConfig):
+    """One truncated Newton step for the live problems: a direction from CG or from the exact kernel
+    formula, both in the solver's dtype, then the exact line search in float64 (vl, ml, g float64).
+    Returns the step t * s and its margins t * z s (float64), and whether each problem's iterate froze."""
     z = basis.z
     n, r = z.shape
-    p_all = y.shape[1]
-    conv = torch.zeros(p_all, dtype=torch.bool, device=y.device)
-    its = torch.zeros(p_all, dtype=torch.int64, device=y.device)
-    live = torch.arange(p_all, device=y.device)
-    tiny = 10 * torch.finfo(v.dtype).eps
-    force_cg = torch.zeros(p_all, dtype=torch.bool, device=y.device)  # a direct step stopped making progress
-    stall = torch.zeros(p_all, dtype=torch.int64, device=y.device)
-    for it in range(config.max_newton + 1):
-        yl, al, cl, vl, ml = y[:, live], aw[:, live], cost[live], v[:, live], m[:, live]
-        act = al * ((yl * ml) < 1)
-        g = vl + 2 * cl * (z.T @ (act * (ml - yl)))
-        gn = g.double().norm(dim=0)
-        g0l = g0[live]
-        ok = gn <= config.tol * g0l
-        conv[live[ok]] = True
-        if it == config.max_newton or ok.all():
-            break
-        keep = ~ok & (stall[live] < 2)
-        if not keep.any():
-            break
-        if not keep.all():
-            live, yl, al, cl, vl, ml, act, g, gn, g0l = (live[keep], yl[:, keep], al[:, keep], cl[keep], vl[:, keep],
-                                                         ml[:, keep], act[:, keep], g[:, keep], gn[keep], g0l[keep])
-        eta = torch.minimum(torch.full_like(gn, config.cg_forcing), (gn / g0l.clamp_min(1e-300)).sqrt())
-        # direct (Cholesky) step where it costs less than the CG steps this problem needed last time
-        n_act = (act > 0).sum(0).double()
-        if config.direct_steps == "auto":
-            direct = 2 * n_act**3 / 3 <= cg_hist[live] * 4.0 * n * r
-        else:
-            direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
-        direct &= ~force_cg[live]
-        s = torch.zeros_like(g)
-        e = torch.zeros_like(ml)
-        cg_idx, dir_idx = (~direct).nonzero().squeeze(1), direct.nonzero().squeeze(1)
-        if len(cg_idx):
-            s_c, e_c, n_it = _pcg(z, pre, act[:, cg_idx], cl[cg_idx], g[:, cg_idx], (eta * gn)[cg_idx],
-                                  config.max_cg)
-            s[:, cg_idx], e[:, cg_idx] = s_c, e_c
-            cg_hist[live[cg_idx]] = n_it.double()
-        if len(dir_idx):
-            s_d = _direct_steps(basis, act[:, dir_idx], cl[dir_idx], yl[:, dir_idx], vl[:, dir_idx])
-            s[:, dir_idx], e[:, dir_idx] = s_d, z @ s_d
-        t = _line_search((vl * s).sum(0), (s * s).sum(0), ml, e, yl, al, cl)
-        v_new = vl + t * s
-        # a problem whose iterate no longer moves (the float precision floor) leaves, unconverged
-        frozen = (t * s).double().norm(dim=0) <= tiny * v_new.double().norm(dim=0)
-        # after a direct step: the float K it used differs from z z^T by rounding; CG steps finish the job
-        force_cg[live] |= frozen & direct
-        stall[live] = torch.where(frozen & ~direct, stall[live] + 1, 0)
-        v[:, live] = v_new
-        m[:, live] = ml + t * e
-        its[live] += 1
-    return conv, its
+    eta = torch.minimum(torch.full_like(gn, config.cg_forcing), (gn / g0l.clamp_min(1e-300)).sqrt())
+    # direct (Cholesky) step where it costs less than the CG steps this problem needed last time
+    n_act = (act > 0).sum(0).double()
+    if config.direct_steps == "auto":
+        direct = 2 * n_act**3 / 3 <= hist * 4.0 * n * r
+    else:
+        direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
+    gl = g.to(z.dtype)
+    s = torch.zeros_like(gl)
+    e = torch.zeros((n, gl.shape[1]), dtype=z.dtype, device=z.device)
+    cg_idx, dir_idx = (~direct).nonzero().squeeze(1), direct.nonzero().squeeze(1)
+    if len(cg_idx):
+        s_c, e_c, n_it = _pcg(z, pre, act[:, cg_idx], cl[cg_idx], gl[:, cg_idx], (eta * gn)[cg_idx], config.max_cg,
+                              straggle=config.cg_straggle)
+        s[:, cg_idx], e[:, cg_idx] = s_c, e_c
+        hist[cg_idx] = n_it.double()
+    if len(dir_idx):
+        s_d = _direct_steps(basis, act[:, dir_idx], cl[dir_idx], gl[:, dir_idx])
+        s[:, dir_idx], e[:, dir_idx] = s_d, z @ s_d
+    s, e = s.double(), e.double()
+    t = _line_search((vl * s).sum(0), (s * s).sum(0), ml, e, yl.double(), al.double(), cl.double())
+    step = t * s
+    # a problem whose iterate no longer moves (the float64 precision floor) stops making progress
+    frozen = step.norm(dim=0) <= 10 * torch.finfo(torch.float64).eps * (vl + step).norm(dim=0)
+    return step, t * e, frozen
 
 
 def _chains(y: np.ndarray, costs: np.ndarray) -> list[list[int]]:
@@ -537,6 +605,103 @@ def _chunk_size(n: int, r: int, d: int, config: SVMConfig) -> int:
     return int(max(1, min(config.max_problems, budget // per_problem)))
 
 
+class _Slots:
+    """The batch: S slots, each running one cost path (chain) problem after problem.
+
+    A slot whose problem converges records it and immediately takes the next cost of its chain (warm-started
+    from the solution it holds) or, when the chain is done, the next chain (cold start). So the batch stays
+    full while problems finish at different times: no cost-by-cost synchronisation with a tail of one or
+    two slow problems running as memory-bound matrix-vector products."""
+
+    def __init__(self, basis: _Basis, y, costs, chains, n_slots: int, config: SVMConfig, device):
+        self.basis, self.y, self.costs, self.chains, self.config = basis, y, costs, chains, config
+        n, r, dt = basis.n, basis.r, basis.z.dtype
+        # the iterate and its margins in float64: with float32 storage, rounding v alone moves the gradient of
+        # an ill-conditioned (large C) problem by more than the tolerance; directions stay in the solver dtype
+        self.v = torch.zeros((r, n_slots), dtype=torch.float64, device=device)
+        self.m = torch.zeros((n, n_slots), dtype=torch.float64, device=device)
+        self.ys = torch.zeros((n, n_slots), dtype=dt, device=device)
+        self.aw = torch.zeros((n, n_slots), dtype=dt, device=device)
+        self.cost = torch.zeros(n_slots, dtype=dt, device=device)
+        self.g0_unit = torch.zeros(n_slots, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(n_slots, dtype=torch.float64, device=device)  # CG steps of the last CG Newton step
+        self.its = torch.zeros(n_slots, dtype=torch.int64, device=device)
+        self.stall = torch.zeros(n_slots, dtype=torch.int64, device=device)
+        self.active = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        self.g = torch.zeros((r, n_slots), dtype=torch.float64, device=device)  # gradient at v (float64)
+        self.gn = torch.zeros(n_slots, dtype=torch.float64, device=device)
+        self.chain = [-1] * n_slots
+        self.level = [0] * n_slots
+        self.next_chain = 0
+
+    def problem(self, s: int) -> int:
+        return self.chains[self.chain[s]][self.level[s]]
+
+    def gradient(self, idx) -> None:
+        """g = v + 2C z^T (c * active * (m - y)) in float64 for the slots idx (the convergence test's gradient)."""
+        y, m = self.ys[:, idx].double(), self.m[:, idx]
+        act = self.aw[:, idx].double() * ((y * m) < 1)
+        self.g[:, idx] = self.v[:, idx] + 2 * self.cost[idx].double() * self.basis.hi_rmatvec(act * (m - y))
+        self.gn[idx] = self.g[:, idx].norm(dim=0)
+
+    def g0(self, idx):
+        return 2 * self.cost[idx].double() * self.g0_unit[idx]
+
+    def load(self, slots: list[int]) -> None:
+        """Put each slot's current (chain, level) problem in place: labels, weights, cost and the start point."""
+        if not slots:
+            return
+        cfg, z = self.config, self.basis.z
+        idx = torch.as_tensor(slots, device=self.v.device)
+        probs = [self.problem(s) for s in slots]
+        yt = torch.as_tensor(np.sign(self.y[:, probs]).astype(np.float32), device=self.v.device).to(z.dtype)
+        self.ys[:, idx] = yt
+        self.aw[:, idx] = torch.where(yt > 0, cfg.pos_weight, torch.where(yt < 0, cfg.neg_weight, 0.0)).to(yt.dtype)
+        self.cost[idx] = torch.as_tensor(self.costs[probs], device=self.v.device).to(z.dtype)
+        cold = [i for i, s in enumerate(slots) if self.level[s] == 0]
+        warm = [i for i, s in enumerate(slots) if self.level[s] > 0]
+        if cold:
+            c = idx[cold]
+            self.v[:, c], self.m[:, c], self.hist[c] = 0, 0, 0
+            self.g0_unit[c] = (z.T @ (self.aw[:, c] * self.ys[:, c])).double().norm(dim=0)
+        if warm:  # the previous cost's solution, rescaled by the exact minimiser along that ray
+            w = idx[warm]
+            prev = np.array([self.chains[self.chain[slots[i]]][self.level[slots[i]] - 1] for i in warm])
+            ratio = torch.as_tensor(self.costs[[probs[i] for i in warm]] / self.costs[prev], device=self.v.device)
+            vw, mw = self.v[:, w], self.m[:, w]
+            t = _line_search(torch.zeros_like(vw[0]), (vw * vw).sum(0), torch.zeros_like(mw), mw,
+                             self.ys[:, w].double(), self.aw[:, w].double(), self.cost[w].double(), t0=ratio)
+            self.v[:, w], self.m[:, w] = vw * t, mw * t
+        self.its[idx], self.stall[idx] = 0, 0
+        self.active[idx] = True
+
+    def start(self) -> None:
+        slots = []
+        for s in range(len(self.chain)):
+            if self.next_chain < len(self.chains):
+                self.chain[s], self.level[s] = self.next_chain, 0
+                self.next_chain += 1
+                slots.append(s)
+        self.load(slots)
+
+    def advance(self, slots: list[int]) -> list[int]:
+        """Finished slots take the next cost of their chain, else the next chain, else go idle; returns the
+        slots that took a new problem."""
+        reload = []
+        for s in slots:
+            if self.level[s] + 1 < len(self.chains[self.chain[s]]):
+                self.level[s] += 1
+            elif self.next_chain < len(self.chains):
+                self.chain[s], self.level[s] = self.next_chain, 0
+                self.next_chain += 1
+            else:
+                self.active[s] = False
+                continue
+            reload.append(s)
+        self.load(reload)
+        return reload
+
+
 def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, keep=None) -> _Run:
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     n, d = x.shape
@@ -550,47 +715,47 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
     converged = np.zeros(p_total, dtype=bool)
     iterations = np.zeros(p_total, dtype=np.int64)
     keep_pos = {int(p): i for i, p in enumerate(keep)}
-    v_keep = torch.zeros((basis.r, len(keep)), dtype=dtype, device=device)
-    multi = [c for c, ch in enumerate(chains) if len(ch) > 1]
-    slot = {c: i for i, c in enumerate(multi)}
-    v_prev = torch.zeros((basis.r, len(multi)), dtype=dtype, device=device)
-    g0_unit = np.zeros(len(chains))
-    cg_hist = np.zeros(len(chains))  # CG steps of the chain's last iterative Newton step
-    chunk = _chunk_size(n, basis.r, d, config)
-    depth = max(len(ch) for ch in chains)
-    work = [(level, [c for c in range(len(chains)) if len(chains[c]) > level]) for level in range(depth)]
-    work = [(lv, cs[i:i + chunk]) for lv, cs in work for i in range(0, len(cs), chunk)]
+    v_keep = torch.zeros((basis.r, len(keep)), dtype=torch.float64, device=device)
+    sl = _Slots(basis, y, costs, chains, min(_chunk_size(n, basis.r, d, config), len(chains)), config, device)
+    sl.start()
     from tqdm import tqdm
 
-    for level, cids in tqdm(work, desc="svm", disable=not progress or len(work) <= 1):
-        probs = np.array([chains[c][level] for c in cids])
-        ys = np.sign(y[:, probs]).astype(np.float32)
-        yt = torch.as_tensor(ys, device=device).to(dtype)
-        aw = torch.where(yt > 0, config.pos_weight, torch.where(yt < 0, config.neg_weight, 0.0)).to(dtype)
-        cost = torch.as_tensor(costs[probs], device=device).to(dtype)
-        if level == 0:
-            g0_unit[cids] = (z.T @ (aw * yt)).double().norm(dim=0).cpu().numpy()
-            v = torch.zeros((basis.r, len(cids)), dtype=dtype, device=device)
-            m = torch.zeros((n, len(cids)), dtype=dtype, device=device)
-        else:  # warm start: the previous cost's solution, rescaled by the exact minimiser along that ray
-            prev = np.array([chains[c][level - 1] for c in cids])
-            v = v_prev[:, [slot[c] for c in cids]]
-            m = torch.as_tensor(scores[:, prev], device=device).to(dtype)
-            t = _line_search(torch.zeros_like(cost), (v * v).sum(0), torch.zeros_like(m), m, yt, aw, cost,
-                             t0=torch.as_tensor(costs[probs] / costs[prev], device=device).to(dtype))
-            v, m = v * t, m * t
-        g0 = 2 * torch.as_tensor(costs[probs] * g0_unit[cids], device=device)
-        hist = torch.as_tensor(cg_hist[cids], device=device)
-        conv, its = _newton(basis, pre, yt, aw, cost, v, m, g0, config, hist)
-        cg_hist[cids] = hist.cpu().numpy()
-        m = z @ v  # fresh margins (no drift from the incremental updates)
-        scores[:, probs] = m.cpu().numpy()
-        converged[probs], iterations[probs] = conv.cpu().numpy(), its.cpu().numpy()
-        for j, c in enumerate(cids):
-            if c in slot:
-                v_prev[:, slot[c]] = v[:, j]
-            if int(probs[j]) in keep_pos:
-                v_keep[:, keep_pos[int(probs[j])]] = v[:, j]
+    bar = tqdm(total=p_total, desc="svm", disable=not progress or p_total <= 1)
+    steps = 0
+    stale = sl.active.nonzero().squeeze(1)  # slots whose gradient must be (re)computed
+    while bool(sl.active.any()):
+        if len(stale):
+            sl.gradient(stale)
+        live = sl.active.nonzero().squeeze(1)
+        g, gn, g0l = sl.g[:, live], sl.gn[live], sl.g0(live)
+        ok = gn <= config.tol * g0l
+        done = ok | (sl.its[live] >= config.max_newton) | (sl.stall[live] >= 2)
+        if bool(done.any()):
+            fin = live[done].tolist()
+            probs = [sl.problem(s) for s in fin]
+            scores[:, probs] = sl.m[:, fin].cpu().numpy()
+            converged[probs] = ok[done].cpu().numpy()
+            iterations[probs] = sl.its[fin].cpu().numpy()
+            for s, p in zip(fin, probs):
+                if p in keep_pos:
+                    v_keep[:, keep_pos[p]] = sl.v[:, s]
+            bar.update(len(fin))
+            stale = torch.as_tensor(sl.advance(fin), dtype=torch.int64, device=device)
+            continue
+        yl, al, cl, vl, ml = sl.ys[:, live], sl.aw[:, live], sl.cost[live], sl.v[:, live], sl.m[:, live]
+        act = al * ((yl * ml) < 1)
+        hist = sl.hist[live]  # a copy (advanced indexing): _newton_step updates it, written back below
+        step, de, frozen = _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config)
+        sl.hist[live] = hist
+        sl.v[:, live] = vl + step
+        sl.m[:, live] = ml + de
+        sl.stall[live] = torch.where(frozen, sl.stall[live] + 1, 0)
+        sl.its[live] += 1
+        steps += 1
+        if steps % 8 == 0:  # exact margins: no drift from the incremental (solver-dtype) updates
+            sl.m[:, live] = basis.hi_matvec(sl.v[:, live])
+        stale = live
+    bar.close()
     w_aug = basis.weights(v_keep)
     sol = SVMSolution(np.ascontiguousarray(w_aug[:d].T), w_aug[d] * config.intercept_scaling, converged[keep],
                       iterations[keep], "torch")
