@@ -200,6 +200,7 @@ class DetectionTask:
             "iterations_run": fit.iterations, "resumed_from_iteration": fit.resumed_from,
             "train_curve": fit.summary(), "device": ctx.device,
             "proposal_method": p["proposals"], "proposal_params": props.method_params(p["proposals"], _pp(p)),
+            "proposal_recall": proposal_recall(test_records, gts),
             "metric_definition": f"{p['ap_method']} AP at IoU {p['iou_compare']} {p['iou_thresh']}, "
                                  "difficult ignored, mean over classes with ground truth",
             "box_coordinates": "VOC XML 1-based inclusive pixels",
@@ -341,6 +342,29 @@ class _Subset:
 
 def _loader(dataset, i: int):
     return lambda: dataset.load_image(i)
+
+
+def proposal_recall(records: list[ImageRecord], gts: list[deval.GroundTruth], thresholds=(0.5, 0.7)
+                    ) -> dict[str, float | int]:
+    """Fraction of the non-difficult ground-truth boxes that some proposal covers at IoU >= t (test set),
+    and the mean number of proposals per image: what the detector can find at best."""
+    import torch
+    from torchvision.ops import box_iou
+
+    best, counts = [], []
+    for rec, g in zip(records, gts):
+        counts.append(len(rec.proposals))
+        gt = rec.boxes[~g.difficult]
+        if not len(gt):
+            continue
+        if not len(rec.proposals):
+            best += [0.0] * len(gt)
+            continue
+        best += box_iou(torch.from_numpy(gt), torch.from_numpy(rec.proposals)).max(1).values.tolist()
+    out: dict[str, float | int] = {f"iou_{t}": round(float(np.mean(np.asarray(best) >= t)), 4) if best else 0.0
+                                   for t in thresholds}
+    out.update(num_boxes=len(best), mean_proposals=round(float(np.mean(counts)), 1) if counts else 0.0)
+    return out
 
 
 def detections_from(preds) -> deval.Detections:

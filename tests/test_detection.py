@@ -324,6 +324,8 @@ def test_task_on_synthetic_voc_records_every_class_and_the_protocol(synth_voc, t
     assert r.layer == "finetune_above_res4" and r.dataset == "voc2007" and r.split == "test"
     assert r.params["solver"]["lr"] == det.task.default_protocol("quick")["lr"] and r.params["num_test_images"] == 6
     assert r.params["iterations_run"] == 4 and r.params["model"]["freeze_at"] == 4
+    rc = r.params["proposal_recall"]
+    assert 0 < rc["iou_0.7"] <= rc["iou_0.5"] <= 1 and 0 < rc["mean_proposals"] <= 200
     per_class = [x for x in results if x.metric.startswith("AP/")]
     with_gt = [x.value for x in per_class if x.value is not None]
     assert r.value == pytest.approx(np.mean(with_gt))
@@ -378,6 +380,21 @@ def test_voc07_plus_12_on_the_real_fixture(fixtures_dir, tmp_path):
     assert r.params["num_train_images_per_set"] == {"voc2007:trainval": n07, "voc2012:trainval": 4}
     assert r.params["num_train_images"] == n07 + 4 and r.params["num_test_images"] == n_test
     assert r.params["iterations_run"] == 2 and r.dataset == "voc2007" and r.split == "test"
+
+
+def test_proposal_recall_by_hand():
+    from tasks.detection_eval import GroundTruth
+
+    box = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
+    rec = ImageRecord("a", 60, 60, box, np.zeros(3, np.int64),
+                      np.array([[0, 0, 10, 10], [20, 20, 30, 25], [0, 30, 5, 35]], np.float32))
+    empty = ImageRecord("b", 60, 60, box[:1], np.zeros(1, np.int64), np.zeros((0, 4), np.float32))
+    gts = [GroundTruth(box, np.zeros(3), np.array([False, False, True])), GroundTruth(box[:1], np.zeros(1),
+                                                                                      np.zeros(1, bool))]
+    # box 0: IoU 1; box 1: IoU 0.5 exactly (half of it); box 2 difficult (left out); image b: no proposals
+    assert det.proposal_recall([rec, empty], gts) == {"iou_0.5": pytest.approx(2 / 3, abs=1e-4),
+                                                      "iou_0.7": pytest.approx(1 / 3, abs=1e-4), "num_boxes": 3,
+                                                      "mean_proposals": 1.5}
 
 
 def test_bad_boxes_and_images_without_boxes(synth_voc, tmp_path):
