@@ -24,7 +24,7 @@ Presets:
   (x0.1 at 240, 20 warm-up iterations), at most 200 selective-search proposals per image
   (``proposals=sliding_window`` skips the search); same freezing as goyal19. For CPU and CI; numbers
   are not comparable. On the default synthetic VOC-like data (112 px images, objects 0.3-0.7 of the
-  shorter side) a random ResNet-18 reaches only ~3-6 mAP (untrained head ~0) but ~30-40 class-agnostic
+  shorter side) a random ResNet-18 reaches only ~3-6 mAP (untrained head ~0) but ~20-40 class-agnostic
   AP: the boxes are found, the 20 shape x texture classes are not told apart (a linear probe on the
   same RoI features classifies 9% of held-out objects, chance 5%; even the training images reach
   only ~4 mAP). Larger images (224, 320 px), 1000 iterations, class-agnostic box regression, 64 RoIs
