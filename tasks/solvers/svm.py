@@ -315,6 +315,22 @@ class _RowsT:
         return self.rows.rmatmul(u)
 
 
+def _cholesky_in_place(k: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of the symmetric float64 CPU matrix k, overwriting k (LAPACK potrf in place: the
+    Gram matrix and its factor never coexist); None when k is not numerically positive definite."""
+    if k.device.type != "cpu":
+        chol, info = torch.linalg.cholesky_ex(k)
+        return chol if int(info) == 0 else None
+    import scipy.linalg
+
+    a = k.numpy().T  # Fortran-ordered view of the same (symmetric) matrix: potrf works on it in place
+    try:
+        c = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    return torch.from_numpy(c)
+
+
 class _Basis:
     """Coordinates ``z`` (N, r) of the augmented rows ``Xa = [X, s]`` with ``z z^T = Xa Xa^T``, and the map back.
 
@@ -338,12 +354,14 @@ class _Basis:
                 xc = torch.as_tensor(x[:, c:c + col_chunk], device=device).to(dtype)
                 k += (xc @ xc.T).double()
                 del xc
-            chol, info = torch.linalg.cholesky_ex(k)
-            if int(info) == 0:  # else: a (numerically) rank-deficient Gram matrix -> primal coordinates
-                self._gram = k.to(dtype)
-                del k
+            self._gram = k.to(dtype, copy=True)  # for the direct steps' K_AA (k itself becomes the factor)
+            chol = _cholesky_in_place(k)
+            del k
+            if chol is not None:
                 self.chol = _Rows.lower(chol, torch.float64)
                 self.z = _Rows.lower(chol, dtype)
+            else:  # a (numerically) rank-deficient Gram matrix -> primal coordinates
+                self._gram = None
             del chol
         if self.chol is None:
             z = torch.empty((self.n, self.d + 1), dtype=dtype, device=device)
@@ -382,12 +400,16 @@ class _Basis:
         for a in range(0, self.n, rows):
             yield a, torch.as_tensor(self.x[a:a + rows], device=self.device).double()
 
-    def gram(self) -> torch.Tensor:
-        """K = z z^T (N, N), computed on first use (only when a direct Newton step is taken)."""
-        if self._gram is None:
-            z = self.z.blocks[0][1]  # primal coordinates: one dense block
-            self._gram = z @ z.T
-        return self._gram
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """K_AA = z_A z_A^T for the rows A, a new tensor: gathered from the stored Gram matrix in the span
+        route; formed from z_A in primal coordinates (an N x N Gram matrix would outgrow the features)."""
+        if self._gram is not None:
+            return self._gram[rows[:, None], rows]
+        za = self.z.blocks[0][1][rows]  # primal coordinates: one dense block
+        return za @ za.T
+
+    def kernel_flops(self, n_act: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(n_act) if self._gram is not None else 2.0 * n_act**2 * self.r
 
     def weights(self, v: torch.Tensor) -> np.ndarray:
         """(D + 1, P) float64 augmented weights of coordinates v (r, P)."""
@@ -530,14 +552,14 @@ def _direct_steps(basis: _Basis, act, cost, g):
     s = -g + z_A^T (D^-1 + K_AA)^-1 z_A g -- one Cholesky of size |A| per problem instead of many CG steps
     when C is large and the active set small. Taken from the (float64) gradient, so a rounded K only slows
     convergence down, never stops it at the float32 precision floor."""
-    k, z = basis.gram(), basis.z
+    z = basis.z
     zg = z @ g
     beta = torch.zeros_like(zg)
     for j in range(g.shape[1]):
         rows = (act[:, j] > 0).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
-        kaa = k[rows[:, None], rows]  # |A| x |A| gathered directly (no |A| x N intermediate)
+        kaa = basis.kernel(rows)
         kaa.diagonal().add_(1.0 / (2.0 * cost[j] * act[rows, j]))
         chol, info = torch.linalg.cholesky_ex(kaa)
         if int(info) != 0:
@@ -556,7 +578,7 @@ def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: 
     # direct (Cholesky) step where it costs less than the CG steps this problem needed last time
     n_act = (act > 0).sum(0).double()
     if config.direct_steps == "auto":
-        direct = 2 * n_act**3 / 3 <= hist * 4.0 * n * r
+        direct = 2 * n_act**3 / 3 + basis.kernel_flops(n_act) <= hist * 4.0 * n * r
     else:
         direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
     gl = g.to(z.dtype)
