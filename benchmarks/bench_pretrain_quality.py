@@ -18,8 +18,8 @@ random-init rows; Jigsaw's per-layer mAP peaks at an intermediate tap. The machi
 before and after each method (the CPU is shared), so the minutes can be read against it.
 
     python -m benchmarks.bench_pretrain_quality                       # small: 2 methods, 0.5 min each
-    python -m benchmarks.bench_pretrain_quality --minutes 4 --per-class 250 \\
-        --methods simclr,moco_v2,byol,swav,barlow_twins,rotnet,jigsaw,colorization,supervised
+    python -m benchmarks.bench_pretrain_quality --minutes 3 --per-class 250 \\
+        --methods supervised,simclr,moco_v2,byol,swav,barlow_twins,rotnet,jigsaw,colorization
 
 Prints a table and writes benchmarks/out/bench_pretrain_quality.json.
 """
@@ -114,9 +114,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="fixed step count per method instead of --minutes")
     p.add_argument("--epochs", type=int, default=10**6, help="cap on epochs under --minutes")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--px", type=int, default=32, help="pretraining crop size")
+    p.add_argument("--px", type=int, default=64, help="pretraining crop size (64 = the quick preset's eval size)")
     p.add_argument("--eval-px", type=int, help="evaluation image size (default: --px)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--per-class", type=int, default=60, help="ImageFolder train images per class (val: half)")
     p.add_argument("--voc-scale", type=float, default=1.0)
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
