@@ -25,7 +25,8 @@ DEMO_METHODS = ("random", "supervised", "rotnet", "jigsaw", "simclr", "moco_v2",
 DEMO_ARCH = "resnet18"
 # Demo-only settings on top of the quick preset (printed with the plan, recorded in every result):
 # sliding-window proposals instead of selective search keep detection to seconds per checkpoint.
-DEMO_OVERRIDES = ("detection.proposals=sliding_window",)
+# detection at quick trains 300 iterations (~55 s per checkpoint on 2 cores); the demo halves it
+DEMO_OVERRIDES = ("detection.proposals=sliding_window", "detection.max_iter=150", "detection.steps=[120]")
 DATA_MARKER = ".evalsuite-demo-data.json"  # written once the synthetic data is complete
 
 

@@ -27,6 +27,7 @@ from .results import Result
 DATA_LAYOUT: dict[str, str] = {
     "imagefolder": "imagefolder",
     "voc2007": "VOCdevkit/VOC2007",
+    "voc2012": "VOCdevkit/VOC2012",
     "places205": "places205",
     "nyuv2": "nyuv2",
     "cifar10": "cifar-10-batches-py",
