@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,8 @@ class TrainConfig:
     hp: dict[str, Any] = field(default_factory=dict)
     #: ``paper`` (published hyper-parameters) or ``short`` (each method's recipe for minutes of CPU training)
     recipe: str = "paper"
-    #: wall-clock budget in seconds: after the first steps the schedule's total is shrunk to the steps that fit
-    #: (re-estimated every ``budget_check`` steps), and training stops when the budget is spent; the final
+    #: wall-clock budget in seconds: the schedule's total is set to the steps that fit (rate over the last
+    #: ``budget_check`` steps, re-estimated every step), and training stops when the budget is spent; the final
     #: checkpoint is written as usual (metadata records the budget and the steps actually run)
     time_budget_s: float | None = None
     budget_check: int = 10
@@ -161,9 +162,7 @@ class Trainer:
                             "lower --batch-size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.planned_steps = self.total_steps  # before any time-budget shrinking
-        self._budget_start: float | None = None
-        self._budget_step0 = 0
-        self.budget_stopped = False
+        self._step_ends: deque[float] = deque(maxlen=max(2, cfg.budget_check) + 1)
         self.optim_cfg = self._optim_config()
         self.optimizer = None
         if self.method.trains:
@@ -365,18 +364,17 @@ class Trainer:
         return True
 
     def _budget_tick(self) -> bool:
-        """Fit the schedule to the wall-clock budget; True when training must stop now."""
+        """Fit the schedule to the wall-clock budget; True when training must stop now. The rate is measured
+        over the last ``budget_check`` steps and re-estimated every step, so the slow first steps (oneDNN /
+        allocator warm-up: tens of seconds on a busy CPU) age out and the schedule grows back."""
         now = time.perf_counter()
         elapsed = now - self._fit_t0
         if elapsed >= self.cfg.time_budget_s or self.global_step >= self.total_steps:
             return True
-        if self._budget_start is None:  # the first step (allocation, caches) is not a steady-state step
-            self._budget_start, self._budget_step0 = now, self.global_step
-            return False
-        done = self.global_step - self._budget_step0
-        if done % max(1, self.cfg.budget_check) == 0:
-            rate = (now - self._budget_start) / done  # seconds per step, steady state
-            fit = self.global_step + int((self.cfg.time_budget_s - elapsed) / rate)
+        self._step_ends.append(now)
+        if len(self._step_ends) >= 3:
+            rate = (self._step_ends[-1] - self._step_ends[0]) / (len(self._step_ends) - 1)  # seconds per step
+            fit = self.global_step + int((self.cfg.time_budget_s - elapsed) / max(rate, 1e-9))
             self.total_steps = max(self.global_step + 1, min(self.planned_steps, fit))
         return False
 
