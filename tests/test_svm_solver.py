@@ -325,3 +325,15 @@ def test_trapezoid_row_blocks_equal_the_dense_triangular_factor():
     torch.testing.assert_close(rows.solve_upper_t(d), torch.linalg.solve_triangular(low.T, d, upper=True))
     stored = sum(b.numel() for _, b in rows.blocks)
     assert n * n / 2 < stored < n * n * 0.7
+
+
+def test_gram_as_trapezoid_blocks_gathers_any_active_set():
+    """The direct steps' K_AA comes from the Gram matrix kept as lower trapezoid blocks (symmetric: only
+    the lower part of each row block is read, then mirrored); it equals (z z^T)[A][:, A] exactly."""
+    rng = np.random.default_rng(4)
+    z = torch.as_tensor(rng.normal(size=(29, 11)))
+    gram = svm._Rows.gram_lower(z, parts=5)
+    full = z @ z.T
+    for rows in (torch.arange(29), torch.tensor([0, 3, 4, 17, 28]), torch.tensor([12]), torch.tensor([5, 6, 7, 8])):
+        torch.testing.assert_close(gram.sym_gather(rows), full[rows[:, None], rows])
+    assert sum(b.numel() for _, b in gram.blocks) < 0.7 * 29 * 29

@@ -222,16 +222,20 @@ class SVMSolution:
         return np.concatenate([self.weight[p], [self.bias[p] / s]])
 
 
+def _check_problems(x: np.ndarray, y: np.ndarray, costs: np.ndarray) -> None:
+    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] != costs.shape[0]:
+        raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
+    if not (costs > 0).all():
+        raise UserError("svm costs must be positive")
+
+
 def solve(x: np.ndarray, y: np.ndarray, costs: np.ndarray, config: SVMConfig, device: str = "cpu",
           progress: bool = False) -> SVMSolution:
     """Solve P binary problems on shared rows ``x`` (N, D): column p of ``y`` (N, P) holds +1/-1 for the
     rows in problem p and 0 for rows left out of it; ``costs`` (P,) the C of each problem."""
     y = np.asarray(y)
     costs = np.asarray(costs, dtype=np.float64).reshape(-1)
-    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] != costs.shape[0]:
-        raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
-    if not (costs > 0).all():
-        raise UserError("svm costs must be positive")
+    _check_problems(x, y, costs)
     return solve_with_scores(x, y, costs, config, device, progress)[0]
 
 
@@ -243,10 +247,7 @@ def solve_with_scores(x: np.ndarray, y: np.ndarray, costs: np.ndarray, config: S
     backend gets the scores from its margins for free and maps only the kept problems back to weights."""
     y = np.asarray(y)
     costs = np.asarray(costs, dtype=np.float64).reshape(-1)
-    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] != costs.shape[0]:
-        raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
-    if not (costs > 0).all():
-        raise UserError("svm costs must be positive")
+    _check_problems(x, y, costs)
     keep = np.arange(y.shape[1]) if keep is None else np.asarray(keep, dtype=np.int64)
     if config.backend == "torch":
         run = _solve_torch(x, y, costs, config, device, progress, keep)
@@ -280,12 +281,16 @@ class _Rows:
         return cls([(a, low[a:b, :b].to(dtype, copy=True)) for a, b in zip(cuts[:-1], cuts[1:])], n, n)
 
     def __matmul__(self, d: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks) == 1:
+            return self.blocks[0][1] @ d
         out = torch.empty((self.shape[0], d.shape[1]), dtype=d.dtype, device=d.device)
         for a, blk in self.blocks:
             out[a:a + blk.shape[0]] = blk @ d[:blk.shape[1]]
         return out
 
     def rmatmul(self, u: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks) == 1:
+            return self.blocks[0][1].T @ u
         out = torch.zeros((self.shape[1], u.shape[1]), dtype=u.dtype, device=u.device)
         for a, blk in self.blocks:
             out[:blk.shape[1]] += blk.T @ u[a:a + blk.shape[0]]
@@ -294,6 +299,25 @@ class _Rows:
     @property
     def T(self) -> _RowsT:  # noqa: N802 (tensor-like)
         return _RowsT(self)
+
+    def sym_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """K[rows][:, rows] (rows ascending) of a symmetric matrix held by :meth:`lower` (each row block keeps
+        the columns up to its end, so its lower triangle is complete): gather the lower part, then mirror it."""
+        out = torch.zeros((len(rows), len(rows)), dtype=self.dtype, device=self.device)
+        for a, blk in self.blocks:
+            sel = ((rows >= a) & (rows < a + blk.shape[0])).nonzero().squeeze(1)
+            if len(sel):
+                cols = (rows < a + blk.shape[0]).nonzero().squeeze(1)
+                out[sel[:, None], cols] = blk[rows[sel] - a][:, rows[cols]]
+        low = torch.tril(out)
+        return low + torch.tril(low, -1).T
+
+    @classmethod
+    def gram_lower(cls, z: torch.Tensor, parts: int = 8) -> _Rows:
+        """The Gram matrix z z^T as lower trapezoid row blocks, without forming the full N x N matrix."""
+        n = z.shape[0]
+        cuts = sorted({n * i // parts for i in range(parts + 1)})
+        return cls([(a, z[a:b] @ z[:b].T) for a, b in zip(cuts[:-1], cuts[1:])], n, n)
 
     def solve_upper_t(self, v: torch.Tensor) -> torch.Tensor:
         """L^-T v for a lower-triangular matrix held by :meth:`lower` (block back-substitution)."""
@@ -354,7 +378,7 @@ class _Basis:
                 xc = torch.as_tensor(x[:, c:c + col_chunk], device=device).to(dtype)
                 k += (xc @ xc.T).double()
                 del xc
-            self._gram = k.to(dtype, copy=True)  # for the direct steps' K_AA (k itself becomes the factor)
+            self._gram = _Rows.lower(k, dtype)  # for the direct steps' K_AA (k itself becomes the factor)
             chol = _cholesky_in_place(k)
             del k
             if chol is not None:
@@ -401,15 +425,11 @@ class _Basis:
             yield a, torch.as_tensor(self.x[a:a + rows], device=self.device).double()
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        """K_AA = z_A z_A^T for the rows A, a new tensor: gathered from the stored Gram matrix in the span
-        route; formed from z_A in primal coordinates (an N x N Gram matrix would outgrow the features)."""
-        if self._gram is not None:
-            return self._gram[rows[:, None], rows]
-        za = self.z.blocks[0][1][rows]  # primal coordinates: one dense block
-        return za @ za.T
-
-    def kernel_flops(self, n_act: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(n_act) if self._gram is not None else 2.0 * n_act**2 * self.r
+        """K_AA = z_A z_A^T for the rows A (a new tensor), from the Gram matrix kept as lower trapezoid blocks
+        (~56 % of N x N, formed on first use in primal coordinates)."""
+        if self._gram is None:
+            self._gram = _Rows.gram_lower(self.z.blocks[0][1])  # primal coordinates: one dense block
+        return self._gram.sym_gather(rows)
 
     def weights(self, v: torch.Tensor) -> np.ndarray:
         """(D + 1, P) float64 augmented weights of coordinates v (r, P)."""
@@ -578,7 +598,7 @@ def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: 
     # direct (Cholesky) step where it costs less than the CG steps this problem needed last time
     n_act = (act > 0).sum(0).double()
     if config.direct_steps == "auto":
-        direct = 2 * n_act**3 / 3 + basis.kernel_flops(n_act) <= hist * 4.0 * n * r
+        direct = 2 * n_act**3 / 3 <= hist * 4.0 * n * r
     else:
         direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
     gl = g.to(z.dtype)
@@ -614,7 +634,7 @@ def _chains(y: np.ndarray, costs: np.ndarray) -> list[list[int]]:
 @dataclass
 class _Run:
     solution: SVMSolution  # problems `keep` only
-    scores: np.ndarray  # (N, P) decision values on the training rows, every problem (the solver's dtype)
+    scores: np.ndarray | None  # (N, P) decision values on the training rows, every problem (solver's dtype)
     converged: np.ndarray  # (P,)
     iterations: np.ndarray  # (P,)
 
@@ -724,7 +744,10 @@ class _Slots:
         return reload
 
 
-def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, keep=None) -> _Run:
+def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, keep=None,
+                 on_scores=None) -> _Run:
+    """``on_scores(problems, margins)``, when given, receives each finished problem's (N, len) margins on the
+    training rows instead of an (N, P) array being kept (``_Run.scores`` is then None)."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     n, d = x.shape
     p_total = y.shape[1]
@@ -733,7 +756,7 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
     z = basis.z
     pre = _Precond.build(z, config.precond_rank) if config.precond_rank > 0 else None
     chains = _chains(y, costs) if config.warm_start else [[p] for p in range(p_total)]
-    scores = np.zeros((n, p_total), dtype=np.float32 if dtype == torch.float32 else np.float64)
+    scores = None if on_scores else np.zeros((n, p_total), dtype=np.float32 if dtype == torch.float32 else np.float64)
     converged = np.zeros(p_total, dtype=bool)
     iterations = np.zeros(p_total, dtype=np.int64)
     keep_pos = {int(p): i for i, p in enumerate(keep)}
@@ -755,7 +778,10 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
         if bool(done.any()):
             fin = live[done].tolist()
             probs = [sl.problem(s) for s in fin]
-            scores[:, probs] = sl.m[:, fin].cpu().numpy()
+            if on_scores is None:
+                scores[:, probs] = sl.m[:, fin].cpu().numpy()
+            else:
+                on_scores(probs, sl.m[:, fin].cpu().numpy())
             converged[probs] = ok[done].cpu().numpy()
             iterations[probs] = sl.its[fin].cpu().numpy()
             for s, p in zip(fin, probs):
@@ -907,14 +933,23 @@ def cv_sweep(x: np.ndarray, labels: np.ndarray, costs: list[float], folds: int, 
                     col[fold_of[:, j] == f] = 0
                 y[:, p], cvec[p] = col, costs[c]
     refits = np.array([(j * nc + c) * (folds + 1) + folds for j in range(k) for c in range(nc)])
-    sol, scores, converged = solve_with_scores(x, y, cvec, config, device=device, progress=progress, keep=refits)
     cv_ap = np.zeros((k, nc, folds))
-    for j in range(k):
-        for c in range(nc):
-            for f in range(folds):
-                p = (j * nc + c) * (folds + 1) + f
+
+    def score_folds(probs, margins):  # each fold problem's held-out AP, as soon as it is solved
+        for p, col in zip(probs, margins.T):
+            j, c, f = p // (nc * (folds + 1)), (p // (folds + 1)) % nc, p % (folds + 1)
+            if f < folds:
                 held = fold_of[:, j] == f
-                cv_ap[j, c, f] = cv_average_precision(labels[held, j], scores[held, p])
+                cv_ap[j, c, f] = cv_average_precision(labels[held, j], col[held])
+
+    if config.backend == "torch":  # no (N, problems) score matrix: APs are taken as problems finish
+        _check_problems(x, y, cvec)
+        run = _solve_torch(x, y, cvec, config, device, progress, refits, on_scores=score_folds)
+        sol, converged = run.solution, run.converged
+    else:
+        sol, scores, converged = solve_with_scores(x, y, cvec, config, device=device, progress=progress,
+                                                   keep=refits)
+        score_folds(range(n_prob), scores)
     chosen = np.argmax(cv_ap.mean(axis=2), axis=1)
     pick = np.array([j * nc + chosen[j] for j in range(k)])  # positions in `refits`
     final = SVMSolution(sol.weight[pick], sol.bias[pick], sol.converged[pick], sol.iterations[pick], sol.backend)
