@@ -92,7 +92,7 @@ def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     rep = run(RunOptions(checkpoint=checkpoint, arch=a.arch, tasks=["knn", "voc07_svm"], preset="quick",
                          overrides=overrides, data_root=root, out=work / "runs", cache_dir=work / "cache",
-                         seed=a.seed, progress=False))
+                         seed=a.seed, precision=a.eval_precision, progress=False))
     knn, svm = {}, {}
     for r in rep.results:
         if r.task == "knn" and r.metric == "top1":
@@ -121,6 +121,8 @@ def main() -> None:
     p.add_argument("--voc-scale", type=float, default=1.0)
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
