@@ -309,8 +309,8 @@ class _Rows:
             if len(sel):
                 cols = (rows < a + blk.shape[0]).nonzero().squeeze(1)
                 out[sel[:, None], cols] = blk[rows[sel] - a][:, rows[cols]]
-        low = torch.tril(out)
-        return low + torch.tril(low, -1).T
+        out.tril_()
+        return out.add_(out.T.triu(1))
 
     @classmethod
     def gram_lower(cls, z: torch.Tensor, parts: int = 8) -> _Rows:
