@@ -420,7 +420,11 @@ class _Basis:
         return out
 
     def _x_rows(self, rows: int = 1024):
-        """Row blocks of the caller's features as float64 tensors (no copy when x is float64 and C-ordered)."""
+        """Row blocks of the caller's features as float64 tensors: all rows at once, without a copy, when x is
+        float64 and C-ordered on the CPU; else blocks converted one at a time."""
+        if self.x.dtype == np.float64 and self.x.flags.c_contiguous and torch.device(self.device).type == "cpu":
+            yield 0, torch.from_numpy(self.x)
+            return
         for a in range(0, self.n, rows):
             yield a, torch.as_tensor(self.x[a:a + rows], device=self.device).double()
 
