@@ -242,8 +242,6 @@ class DetectionTask:
 # Shorthands for train_sets (Fast R-CNN / Detectron's names for the VOC training sets).
 TRAIN_SET_ALIASES = {"voc07": ["voc2007:trainval"], "voc07+12": ["voc2007:trainval", "voc2012:trainval"],
                      "voc2007+2012": ["voc2007:trainval", "voc2012:trainval"]}
-# Sub-paths of the data root for kinds the shared layout table may not list yet.
-EXTRA_LAYOUT = {"voc2012": "VOCdevkit/VOC2012"}
 
 
 def expand_train_sets(value) -> list[str]:
@@ -267,9 +265,7 @@ def dataset_path(p: dict[str, Any], kind: str) -> str | None:
         return str(paths[kind])
     if p.get("data_path"):
         return str(p["data_path"])
-    from evalsuite.task import DATA_LAYOUT
-
-    return None if kind in DATA_LAYOUT else EXTRA_LAYOUT.get(kind)
+    return None  # the data root's layout (evalsuite.task.DATA_LAYOUT)
 
 
 def _parse_set(s: str) -> tuple[str, str]:

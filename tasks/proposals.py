@@ -229,9 +229,8 @@ def add_command(sub) -> None:
 def cmd_proposals(a: argparse.Namespace) -> int:
     from evalsuite.data import open_dataset
     from evalsuite.task import DATA_LAYOUT
-    from tasks.detection import EXTRA_LAYOUT
 
-    sub = DATA_LAYOUT.get(a.dataset) or EXTRA_LAYOUT.get(a.dataset, a.dataset)
+    sub = DATA_LAYOUT.get(a.dataset, a.dataset)
     for split in a.split:
         ds = open_dataset(a.dataset, a.data_root / sub, split)
         cache = ProposalCache(a.cache_dir, a.method, {"mode": a.mode, "max_side": a.max_side},

@@ -16,10 +16,13 @@ Backends (``SVMConfig.backend``):
   is one column of a single batched problem. A truncated Newton method on the primal
   (Chapelle 2007 / liblinear's TRON family): generalised-Hessian conjugate gradient per
   Newton step, an exact safeguarded line search on the piecewise-quadratic objective, per-problem
-  convergence ``||grad|| <= tol * ||grad at 0||``. When the augmented dimension D+1 exceeds the
-  number of samples N, the problem is solved exactly in the N-dimensional span of the samples
-  (``K = X X^T = U S U^T``, coordinates ``Z = U S^1/2``; the optimum of an L2-regularised linear
-  model lies in that span), then mapped back, ``w = X^T U S^-1/2 v``. Runs on CPU or GPU.
+  convergence ``||grad|| <= tol * ||grad at 0||`` on a float64 iterate and gradient (CG products in the
+  solver dtype). Each cost path is warm-started cost after cost, and a finished problem's batch slot
+  takes the next problem at once. Large-C steps with small active sets are exact (Woodbury on the
+  active set). When the augmented dimension D+1 exceeds the number of samples N, the problem is solved
+  exactly in the N-dimensional span of the samples (``Xa Xa^T = L L^T``, coordinates ``z = L``; the
+  optimum of an L2-regularised linear model lies in that span), then mapped back, ``w = Xa^T L^-T v``.
+  Runs on CPU or GPU.
 - ``sklearn``: one ``LinearSVC`` per problem with the benchmark's exact arguments (the anchors' solver).
 - ``cyanure``: ``cyanure.estimators.LinearSVC`` (squared hinge, L2), an independent reference;
   class weight 2 is realised by duplicating positives (exact for this loss), the bias by the
@@ -644,8 +647,9 @@ class _Run:
 
 
 def _chunk_size(n: int, r: int, d: int, config: SVMConfig) -> int:
-    """Problems per batch so that the per-problem state (~14 vectors of length max(N, r)) stays within
-    memory_fraction x the float32 feature matrix (N x D)."""
+    """Problems per batch (slots) so that ~14 float32-equivalent vectors of length max(N, r) per problem stay
+    within memory_fraction x the float32 feature matrix (N x D); a rough model, see the benchmark's
+    measured memory."""
     per_problem = 14 * max(n, r) * 4
     budget = config.memory_fraction * n * max(d, 1) * 4
     return int(max(1, min(config.max_problems, budget // per_problem)))
