@@ -40,6 +40,7 @@ Metrics, both pure functions:
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -74,7 +75,7 @@ class SVMConfig:
     max_cg: int = 500
     cg_forcing: float = 0.1  # CG stops at ||residual|| <= min(cg_forcing, sqrt(||g|| / ||g0||)) ||g||
     dtype: str = "float32"  # matmul precision; norms for the stopping test are float64
-    precond_rank: int = 256  # top eigen-directions of Z^T Z in the CG preconditioner (0: none)
+    precond_rank: int = 64  # top eigen-directions of Z^T Z in the CG preconditioner (0: none)
     warm_start: bool = True  # solve each cost path in increasing order from the previous solution
     max_problems: int = 4096  # problems solved together, at most
     memory_fraction: float = 1.0  # per-problem solver state <= this x the float32 feature matrix
@@ -225,8 +226,9 @@ class SVMSolution:
         return np.concatenate([self.weight[p], [self.bias[p] / s]])
 
 
-def _check_problems(x: np.ndarray, y: np.ndarray, costs: np.ndarray) -> None:
-    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] != costs.shape[0]:
+def _check_problems(x: np.ndarray, y: np.ndarray, costs: np.ndarray, col: np.ndarray | None = None) -> None:
+    n_cols = costs.shape[0] if col is None else int(col.max(initial=-1)) + 1
+    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] < n_cols or (col is None and y.shape[1] != n_cols):
         raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
     if not (costs > 0).all():
         raise UserError("svm costs must be positive")
@@ -303,20 +305,26 @@ class _Rows:
     def T(self) -> _RowsT:  # noqa: N802 (tensor-like)
         return _RowsT(self)
 
-    def sym_gather(self, rows: torch.Tensor) -> torch.Tensor:
+    def sym_gather(self, rows: torch.Tensor, mirror: bool = True) -> torch.Tensor:
         """K[rows][:, rows] (rows ascending) of a symmetric matrix held by :meth:`lower` (each row block keeps
-        the columns up to its end, so its lower triangle is complete): gather the lower part, then mirror it."""
+        the columns up to its end, so its lower triangle is complete): gather the lower part block by block
+        (the rows of block [a, b) are a contiguous run of ``rows``, their columns the run before it), then
+        mirror it (``mirror=False``: only the lower triangle is meaningful, as a Cholesky factorisation
+        reads it)."""
         out = torch.zeros((len(rows), len(rows)), dtype=self.dtype, device=self.device)
-        for a, blk in self.blocks:
-            sel = ((rows >= a) & (rows < a + blk.shape[0])).nonzero().squeeze(1)
-            if len(sel):
-                cols = (rows < a + blk.shape[0]).nonzero().squeeze(1)
-                out[sel[:, None], cols] = blk[rows[sel] - a][:, rows[cols]]
+        ends = torch.searchsorted(rows, torch.tensor([a + blk.shape[0] for a, blk in self.blocks], device=rows.device))
+        s0 = 0
+        for (a, blk), s1 in zip(self.blocks, ends.tolist()):
+            if s1 > s0:
+                out[s0:s1, :s1] = blk.index_select(1, rows[:s1]).index_select(0, rows[s0:s1] - a)
+            s0 = s1
+        if not mirror:
+            return out
         out.tril_()
         return out.add_(out.T.triu(1))
 
     @classmethod
-    def gram_lower(cls, z: torch.Tensor, parts: int = 8) -> _Rows:
+    def gram_lower(cls, z: torch.Tensor, parts: int = 32) -> _Rows:
         """The Gram matrix z z^T as lower trapezoid row blocks, without forming the full N x N matrix."""
         n = z.shape[0]
         cuts = sorted({n * i // parts for i in range(parts + 1)})
@@ -381,7 +389,9 @@ class _Basis:
                 xc = torch.as_tensor(x[:, c:c + col_chunk], device=device).to(dtype)
                 k += (xc @ xc.T).double()
                 del xc
-            self._gram = _Rows.lower(k, dtype)  # for the direct steps' K_AA (k itself becomes the factor)
+            # for the direct steps' K_AA (k itself becomes the factor); only gathered from, so in thin
+            # trapezoids (~52 % of N x N at 32 parts)
+            self._gram = _Rows.lower(k, dtype, parts=32)
             chol = _cholesky_in_place(k)
             del k
             if chol is not None:
@@ -394,20 +404,22 @@ class _Basis:
             z = torch.empty((self.n, self.d + 1), dtype=dtype, device=device)
             for c in range(0, self.d, col_chunk):
                 e = min(self.d, c + col_chunk)
-                z[:, c:e] = torch.as_tensor(x[:, c:e], device=device).to(dtype)
+                z[:, c:e].copy_(torch.as_tensor(x[:, c:e], device=device))  # converted in the copy
             z[:, self.d] = self.scaling
             self.z = _Rows.dense(z)
         self.r = self.z.shape[1]
 
-    def hi_matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """z v in float64 (N, P) for float64 v (r, P): the exact margins behind the convergence test."""
+    def hi_matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """z v in float64 (N, P) for float64 v (r, P): the exact margins behind the convergence test (written
+        into ``out`` when given and z is the caller's float64 rows)."""
         if self.chol is not None:
             return self.chol @ v
         if self.z.dtype == torch.float64:
             return self.z @ v
-        out = torch.empty((self.n, v.shape[1]), dtype=torch.float64, device=v.device)
+        if out is None:
+            out = torch.empty((self.n, v.shape[1]), dtype=torch.float64, device=v.device)
         for a, xc in self._x_rows():
-            out[a:a + xc.shape[0]] = xc @ v[:self.d] + self.scaling * v[self.d]
+            torch.addmm(self.scaling * v[self.d], xc, v[:self.d], out=out[a:a + xc.shape[0]])
         return out
 
     def hi_rmatvec(self, u: torch.Tensor) -> torch.Tensor:
@@ -432,11 +444,12 @@ class _Basis:
             yield a, torch.as_tensor(self.x[a:a + rows], device=self.device).double()
 
     def kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        """K_AA = z_A z_A^T for the rows A (a new tensor), from the Gram matrix kept as lower trapezoid blocks
-        (~56 % of N x N, formed on first use in primal coordinates)."""
+        """The lower triangle of K_AA = z_A z_A^T for the rows A (a new tensor; the strict upper part is not
+        filled in), from the Gram matrix kept as lower trapezoid blocks (~52 % of N x N, formed on first use in
+        primal coordinates)."""
         if self._gram is None:
             self._gram = _Rows.gram_lower(self.z.blocks[0][1])  # primal coordinates: one dense block
-        return self._gram.sym_gather(rows)
+        return self._gram.sym_gather(rows, mirror=False)
 
     def weights(self, v: torch.Tensor) -> np.ndarray:
         """(D + 1, P) float64 augmented weights of coordinates v (r, P)."""
@@ -475,7 +488,7 @@ class _Precond:
             q = (z.T @ (z @ q)).double()
         q = torch.linalg.qr(q).Q.to(z.dtype)
         w = z @ q
-        _, u = torch.linalg.eigh(w.double().T @ w.double())
+        _, u = torch.linalg.eigh((w.T @ w).double())
         u = u.to(z.dtype)
         return cls(q @ u, (w @ u) ** 2)
 
@@ -487,13 +500,27 @@ class _Precond:
         return u + self.q @ (f * (self.q.T @ u))
 
 
-def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30):
+def _inside(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y m < 1 for labels y in {-1, 0, 1} (bool), without a float temporary of m's size."""
+    return ((y > 0) & (m < 1)) | ((y < 0) & (m > -1)) | (y == 0)
+
+
+def _line_search(vd, dd, m, e, y, a_w, cost, t0=1.0, iters=30, cols: int = 32):
     """Exact minimiser over t >= 0 of phi(t) = f(v + t d) for each problem (safeguarded Newton on phi',
-    which is increasing and piecewise linear). v.d (P,), d.d (P,), margins m, directions e = z d (N, P)."""
+    which is increasing and piecewise linear). v.d (P,), d.d (P,), margins m (float64), directions e = z d
+    (N, P); y, a_w and e may be in the solver's dtype (promoted to float64 ``cols`` problems at a time, so
+    the search's temporaries stay small whatever the batch)."""
+    p = m.shape[1]
+    if p > cols:
+        t0 = torch.as_tensor(t0, dtype=vd.dtype, device=vd.device).expand_as(vd)
+        return torch.cat([_line_search(vd[a:a + cols], dd[a:a + cols], m[:, a:a + cols], e[:, a:a + cols],
+                                       y[:, a:a + cols], a_w[:, a:a + cols], cost[a:a + cols], t0[a:a + cols],
+                                       iters, cols) for a in range(0, p, cols)])
+    e = e.double()
 
     def deriv(t):
         mt = m + t * e
-        act = a_w * ((y * mt) < 1)
+        act = a_w * _inside(mt, y)
         d1 = vd + t * dd + 2 * cost * (act * (mt - y) * e).sum(0)
         d2 = dd + 2 * cost * (act * e * e).sum(0)
         return d1, d2
@@ -540,17 +567,17 @@ def _pcg(z, pre: _Precond | None, act, cost, g, stop, max_cg, straggle: float = 
     f = pre.factors(act, cost) if pre is not None else None
     res = -g
     zr = pre.apply(res, f) if pre is not None else res
-    d, rz = zr, (res * zr).sum(0)
+    d, rz = zr.clone(), (res * zr).sum(0)  # a copy: res is updated in place (and is zr without a preconditioner)
     s, e = torch.zeros_like(g), torch.zeros_like(e_out)
     half_at = None
     for it in range(1, max_cg + 1):
         n_it[idx] += 1
         zd = z @ d
-        hd = d + 2 * cost * (z.T @ (act * zd))
+        hd = (z.T @ (act * zd)).mul_(2 * cost).add_(d)  # H d
         alpha = rz / (d * hd).sum(0).clamp_min(1e-300)
-        s += alpha * d
-        e += alpha * zd
-        res -= alpha * hd
+        s.addcmul_(d, alpha)
+        e.addcmul_(zd, alpha)
+        res.addcmul_(hd, alpha, value=-1.0)
         fin = res.double().norm(dim=0) <= stop
         left = len(idx) - int(fin.sum())
         if half_at is None and left <= p_all // 2:
@@ -586,11 +613,16 @@ def _direct_steps(basis: _Basis, act, cost, g):
         rows = (act[:, j] > 0).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
+        dinv = 1.0 / (2.0 * cost[j] * act[rows, j])
         kaa = basis.kernel(rows)
-        kaa.diagonal().add_(1.0 / (2.0 * cost[j] * act[rows, j]))
-        chol, info = torch.linalg.cholesky_ex(kaa)
-        if int(info) != 0:
-            chol = torch.linalg.cholesky(kaa.double()).to(kaa.dtype)
+        kaa.diagonal().add_(dinv)
+        chol, info = torch.linalg.cholesky_ex(kaa)  # reads the lower triangle only
+        del kaa
+        if int(info) != 0:  # not positive definite in the solver's dtype: float64
+            kaa = basis.kernel(rows).double()
+            kaa.diagonal().add_(dinv.double())
+            chol = torch.linalg.cholesky(kaa).to(z.dtype)
+            del kaa
         beta[rows, j] = torch.cholesky_solve(zg[rows, j:j + 1], chol).squeeze(1)
     return -g + z.T @ beta
 
@@ -598,7 +630,8 @@ def _direct_steps(basis: _Basis, act, cost, g):
 def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: SVMConfig):
     """One truncated Newton step for the live problems: a direction from CG or from the exact kernel
     formula, both in the solver's dtype, then the exact line search in float64 (vl, ml, g float64).
-    Returns the step t * s and its margins t * z s (float64), and whether each problem's iterate froze."""
+    Returns the step t * s (float64), the direction's margins z s (solver dtype) with the step length t,
+    and whether each problem's iterate froze."""
     z = basis.z
     n, r = z.shape
     eta = torch.minimum(torch.full_like(gn, config.cg_forcing), (gn / g0l.clamp_min(1e-300)).sqrt())
@@ -609,9 +642,14 @@ def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: 
     else:
         direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
     gl = g.to(z.dtype)
-    s = torch.zeros_like(gl)
-    e = torch.zeros((n, gl.shape[1]), dtype=z.dtype, device=z.device)
     cg_idx, dir_idx = (~direct).nonzero().squeeze(1), direct.nonzero().squeeze(1)
+    if len(cg_idx) == gl.shape[1]:  # all by CG (the common case): no scatter into zeroed (N, P) buffers
+        s, e, n_it = _pcg(z, pre, act, cl, gl, eta * gn, config.max_cg, straggle=config.cg_straggle)
+        hist.copy_(n_it)
+        cg_idx = cg_idx[:0]
+    else:
+        s = torch.zeros_like(gl)
+        e = torch.zeros((n, gl.shape[1]), dtype=z.dtype, device=z.device)
     if len(cg_idx):
         s_c, e_c, n_it = _pcg(z, pre, act[:, cg_idx], cl[cg_idx], gl[:, cg_idx], (eta * gn)[cg_idx], config.max_cg,
                               straggle=config.cg_straggle)
@@ -620,21 +658,25 @@ def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: 
     if len(dir_idx):
         s_d = _direct_steps(basis, act[:, dir_idx], cl[dir_idx], gl[:, dir_idx])
         s[:, dir_idx], e[:, dir_idx] = s_d, z @ s_d
-    s, e = s.double(), e.double()
-    t = _line_search((vl * s).sum(0), (s * s).sum(0), ml, e, yl.double(), al.double(), cl.double())
+    s = s.double()
+    t = _line_search((vl * s).sum(0), (s * s).sum(0), ml, e, yl, al, cl.double())
     step = t * s
     # a problem whose iterate no longer moves (the float64 precision floor) stops making progress
     frozen = step.norm(dim=0) <= 10 * torch.finfo(torch.float64).eps * (vl + step).norm(dim=0)
-    return step, t * e, frozen
+    return step, e, t, frozen
 
 
-def _chains(y: np.ndarray, costs: np.ndarray) -> list[list[int]]:
-    """Problems with identical label columns (same rows, same signs), each list sorted by increasing cost:
-    a cost path solved in order, each problem warm-started from the previous cost's solution."""
+def _chains(y: np.ndarray, costs: np.ndarray, col: np.ndarray) -> list[list[int]]:
+    """Problems with identical label columns (same rows, same signs; problem p's column is ``y[:, col[p]]``),
+    each list sorted by increasing cost: a cost path solved in order, each problem warm-started from the
+    previous cost's solution."""
+    digest = {}  # of each column's signs (not a copy of N bytes per problem)
     groups: dict[bytes, list[int]] = {}
-    sign = np.sign(y).astype(np.int8)
-    for p in range(y.shape[1]):
-        groups.setdefault(np.ascontiguousarray(sign[:, p]).tobytes(), []).append(p)
+    for p in range(len(costs)):
+        u = int(col[p])
+        if u not in digest:
+            digest[u] = hashlib.blake2b(np.sign(y[:, u]).astype(np.int8).tobytes(), digest_size=32).digest()
+        groups.setdefault(digest[u], []).append(p)
     return [sorted(g, key=lambda p: (costs[p], p)) for g in groups.values()]
 
 
@@ -663,8 +705,8 @@ class _Slots:
     full while problems finish at different times: no cost-by-cost synchronisation with a tail of one or
     two slow problems running as memory-bound matrix-vector products."""
 
-    def __init__(self, basis: _Basis, y, costs, chains, n_slots: int, config: SVMConfig, device):
-        self.basis, self.y, self.costs, self.chains, self.config = basis, y, costs, chains, config
+    def __init__(self, basis: _Basis, y, col, costs, chains, n_slots: int, config: SVMConfig, device):
+        self.basis, self.y, self.col, self.costs, self.chains, self.config = basis, y, col, costs, chains, config
         n, r, dt = basis.n, basis.r, basis.z.dtype
         # the iterate and its margins in float64: with float32 storage, rounding v alone moves the gradient of
         # an ill-conditioned (large C) problem by more than the tolerance; directions stay in the solver dtype
@@ -687,12 +729,21 @@ class _Slots:
     def problem(self, s: int) -> int:
         return self.chains[self.chain[s]][self.level[s]]
 
+    def every(self, idx: torch.Tensor) -> bool:
+        """Whether the (ascending) slot indices idx are all the slots: then column views replace copies."""
+        return len(idx) == self.v.shape[1]
+
+    def cols(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """t[:, idx]: a view when idx is every slot, else a copy."""
+        return t if self.every(idx) else t[:, idx]
+
     def gradient(self, idx) -> None:
         """g = v + 2C z^T (c * active * (m - y)) in float64 for the slots idx (the convergence test's gradient)."""
-        y, m = self.ys[:, idx].double(), self.m[:, idx]
-        act = self.aw[:, idx].double() * ((y * m) < 1)
-        self.g[:, idx] = self.v[:, idx] + 2 * self.cost[idx].double() * self.basis.hi_rmatvec(act * (m - y))
-        self.gn[idx] = self.g[:, idx].norm(dim=0)
+        y, m = self.cols(self.ys, idx), self.cols(self.m, idx)
+        u = (m - y).mul_(self.cols(self.aw, idx)).masked_fill_(~_inside(m, y), 0.0)
+        self.g[:, idx] = self.cols(self.v, idx) + 2 * self.cost[idx].double() * self.basis.hi_rmatvec(u)
+        del u
+        self.gn[idx] = self.cols(self.g, idx).norm(dim=0)
 
     def g0(self, idx):
         return 2 * self.cost[idx].double() * self.g0_unit[idx]
@@ -704,7 +755,7 @@ class _Slots:
         cfg, z = self.config, self.basis.z
         idx = torch.as_tensor(slots, device=self.v.device)
         probs = [self.problem(s) for s in slots]
-        yt = torch.as_tensor(np.sign(self.y[:, probs]).astype(np.float32), device=self.v.device).to(z.dtype)
+        yt = torch.as_tensor(np.sign(self.y[:, self.col[probs]]).astype(np.float32), device=self.v.device).to(z.dtype)
         self.ys[:, idx] = yt
         self.aw[:, idx] = torch.where(yt > 0, cfg.pos_weight, torch.where(yt < 0, cfg.neg_weight, 0.0)).to(yt.dtype)
         self.cost[idx] = torch.as_tensor(self.costs[probs], device=self.v.device).to(z.dtype)
@@ -720,7 +771,7 @@ class _Slots:
             ratio = torch.as_tensor(self.costs[[probs[i] for i in warm]] / self.costs[prev], device=self.v.device)
             vw, mw = self.v[:, w], self.m[:, w]
             t = _line_search(torch.zeros_like(vw[0]), (vw * vw).sum(0), torch.zeros_like(mw), mw,
-                             self.ys[:, w].double(), self.aw[:, w].double(), self.cost[w].double(), t0=ratio)
+                             self.ys[:, w], self.aw[:, w], self.cost[w].double(), t0=ratio)
             self.v[:, w], self.m[:, w] = vw * t, mw * t
         self.its[idx], self.stall[idx] = 0, 0
         self.active[idx] = True
@@ -753,23 +804,27 @@ class _Slots:
 
 
 def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, keep=None,
-                 on_scores=None) -> _Run:
+                 on_scores=None, col=None) -> _Run:
     """``on_scores(problems, margins)``, when given, receives each finished problem's (N, len) margins on the
-    training rows instead of an (N, P) array being kept (``_Run.scores`` is then None)."""
+    training rows instead of an (N, P) array being kept (``_Run.scores`` is then None); it may return kept
+    problems whose solutions are no longer wanted (their rows in the solution are then NaN). ``col`` (P,), when
+    given, says which column of ``y`` each problem uses (problems that differ only in cost share one)."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     n, d = x.shape
-    p_total = y.shape[1]
+    p_total = len(costs)
+    col = np.arange(p_total) if col is None else np.asarray(col)
     keep = np.arange(p_total) if keep is None else np.asarray(keep)
     basis = _Basis(x, config.intercept_scaling, dtype, device)
     z = basis.z
     pre = _Precond.build(z, config.precond_rank) if config.precond_rank > 0 else None
-    chains = _chains(y, costs) if config.warm_start else [[p] for p in range(p_total)]
+    chains = _chains(y, costs, col) if config.warm_start else [[p] for p in range(p_total)]
     scores = None if on_scores else np.zeros((n, p_total), dtype=np.float32 if dtype == torch.float32 else np.float64)
     converged = np.zeros(p_total, dtype=bool)
     iterations = np.zeros(p_total, dtype=np.int64)
-    keep_pos = {int(p): i for i, p in enumerate(keep)}
-    v_keep = torch.zeros((basis.r, len(keep)), dtype=torch.float64, device=device)
-    sl = _Slots(basis, y, costs, chains, min(_chunk_size(n, basis.r, d, config), len(chains)), config, device)
+    keep_set = {int(p) for p in keep}
+    kept: dict[int, torch.Tensor] = {}  # finished problems of `keep`: their coordinates
+    dropped: set[int] = set()
+    sl = _Slots(basis, y, col, costs, chains, min(_chunk_size(n, basis.r, d, config), len(chains)), config, device)
     sl.start()
     from tqdm import tqdm
 
@@ -789,30 +844,44 @@ def _solve_torch(x, y, costs, config: SVMConfig, device: str, progress: bool, ke
             if on_scores is None:
                 scores[:, probs] = sl.m[:, fin].cpu().numpy()
             else:
-                on_scores(probs, sl.m[:, fin].cpu().numpy())
+                gone = on_scores(probs, sl.m[:, fin].cpu().numpy()) or ()
+                dropped.update(int(p) for p in gone)
+                for p in gone:
+                    kept.pop(int(p), None)
             converged[probs] = ok[done].cpu().numpy()
             iterations[probs] = sl.its[fin].cpu().numpy()
             for s, p in zip(fin, probs):
-                if p in keep_pos:
-                    v_keep[:, keep_pos[p]] = sl.v[:, s]
+                if p in keep_set and p not in dropped:
+                    kept[p] = sl.v[:, s].clone()
             bar.update(len(fin))
             stale = torch.as_tensor(sl.advance(fin), dtype=torch.int64, device=device)
             continue
-        yl, al, cl, vl, ml = sl.ys[:, live], sl.aw[:, live], sl.cost[live], sl.v[:, live], sl.m[:, live]
-        act = al * ((yl * ml) < 1)
+        yl, al, cl, vl, ml = sl.cols(sl.ys, live), sl.cols(sl.aw, live), sl.cost[live], sl.cols(sl.v, live), \
+            sl.cols(sl.m, live)
+        act = al * _inside(ml, yl)
         hist = sl.hist[live]  # a copy (advanced indexing): _newton_step updates it, written back below
-        step, de, frozen = _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config)
+        step, e, t, frozen = _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config)
+        del act
         sl.hist[live] = hist
-        sl.v[:, live] = vl + step
-        sl.m[:, live] = ml + de
+        vl.add_(step)
+        ml.addcmul_(e, t)
+        del e
+        if not sl.every(live):  # vl, ml were copies
+            sl.v[:, live], sl.m[:, live] = vl, ml
         sl.stall[live] = torch.where(frozen, sl.stall[live] + 1, 0)
         sl.its[live] += 1
         steps += 1
         if steps % 8 == 0:  # exact margins: no drift from the incremental (solver-dtype) updates
-            sl.m[:, live] = basis.hi_matvec(sl.v[:, live])
+            if sl.every(live):
+                sl.m = basis.hi_matvec(sl.v, out=sl.m)
+            else:
+                sl.m[:, live] = basis.hi_matvec(sl.v[:, live])
         stale = live
     bar.close()
-    w_aug = basis.weights(v_keep)
+    w_aug = np.full((d + 1, len(keep)), np.nan)
+    have = [i for i, p in enumerate(keep) if int(p) in kept]
+    if have:
+        w_aug[:, have] = basis.weights(torch.stack([kept[int(keep[i])] for i in have], dim=1))
     sol = SVMSolution(np.ascontiguousarray(w_aug[:d].T), w_aug[d] * config.intercept_scaling, converged[keep],
                       iterations[keep], "torch")
     return _Run(sol, scores, converged, iterations)
@@ -928,34 +997,50 @@ def cv_sweep(x: np.ndarray, labels: np.ndarray, costs: list[float], folds: int, 
         rows = np.nonzero(labels[:, j] != 0)[0]
         if len(rows):
             fold_of[rows, j] = stratified_folds(labels[rows, j] > 0, folds)
-    # problem p = ((j * nc) + c) * (folds + 1) + f ; f == folds -> refit on all rows
+    # problem p = ((j * nc) + c) * (folds + 1) + f ; f == folds -> refit on all rows. Its labels are column
+    # j * (folds + 1) + f of y (one column per class and fold, shared by the costs)
     n_prob = k * nc * (folds + 1)
-    y = np.zeros((n, n_prob), dtype=np.int8)
+    y = np.zeros((n, k * (folds + 1)), dtype=np.int8)
+    col = np.zeros(n_prob, dtype=np.int64)
     cvec = np.zeros(n_prob)
     for j in range(k):
-        for c in range(nc):
-            for f in range(folds + 1):
+        for f in range(folds + 1):
+            u = j * (folds + 1) + f
+            y[:, u] = labels[:, j]
+            if f < folds:
+                y[fold_of[:, j] == f, u] = 0
+            for c in range(nc):
                 p = (j * nc + c) * (folds + 1) + f
-                col = labels[:, j].astype(np.int8).copy()
-                if f < folds:
-                    col[fold_of[:, j] == f] = 0
-                y[:, p], cvec[p] = col, costs[c]
+                col[p], cvec[p] = u, costs[c]
     refits = np.array([(j * nc + c) * (folds + 1) + folds for j in range(k) for c in range(nc)])
     cv_ap = np.zeros((k, nc, folds))
+    folds_done = np.zeros((k, nc), dtype=np.int64)
 
-    def score_folds(probs, margins):  # each fold problem's held-out AP, as soon as it is solved
-        for p, col in zip(probs, margins.T):
+    def score_folds(probs, margins):
+        """Each fold problem's held-out AP, as soon as it is solved. Returns the refits that can no longer be
+        chosen: a cost whose CV is complete loses to the first best of the other complete costs (so it is not
+        ``np.argmax`` of the final means either), and its refit need not be kept."""
+        touched = set()
+        for p, scores_p in zip(probs, margins.T):
             j, c, f = p // (nc * (folds + 1)), (p // (folds + 1)) % nc, p % (folds + 1)
             if f < folds:
                 held = fold_of[:, j] == f
-                cv_ap[j, c, f] = cv_average_precision(labels[held, j], col[held])
+                cv_ap[j, c, f] = cv_average_precision(labels[held, j], scores_p[held])
+                folds_done[j, c] += 1
+                touched.add(j)
+        gone = []
+        for j in touched:
+            complete = np.flatnonzero(folds_done[j] == folds)
+            best = complete[np.argmax(cv_ap[j, complete].mean(axis=1))] if len(complete) else -1
+            gone += [(j * nc + c) * (folds + 1) + folds for c in complete if c != best]
+        return gone
 
     if config.backend == "torch":  # no (N, problems) score matrix: APs are taken as problems finish
-        _check_problems(x, y, cvec)
-        run = _solve_torch(x, y, cvec, config, device, progress, refits, on_scores=score_folds)
+        _check_problems(x, y, cvec, col)
+        run = _solve_torch(x, y, cvec, config, device, progress, refits, on_scores=score_folds, col=col)
         sol, converged = run.solution, run.converged
     else:
-        sol, scores, converged = solve_with_scores(x, y, cvec, config, device=device, progress=progress,
+        sol, scores, converged = solve_with_scores(x, y[:, col], cvec, config, device=device, progress=progress,
                                                    keep=refits)
         score_folds(range(n_prob), scores)
     chosen = np.argmax(cv_ap.mean(axis=2), axis=1)
