@@ -336,4 +336,43 @@ def test_gram_as_trapezoid_blocks_gathers_any_active_set():
     full = z @ z.T
     for rows in (torch.arange(29), torch.tensor([0, 3, 4, 17, 28]), torch.tensor([12]), torch.tensor([5, 6, 7, 8])):
         torch.testing.assert_close(gram.sym_gather(rows), full[rows[:, None], rows])
+        # what the Cholesky reads: the lower triangle alone
+        torch.testing.assert_close(gram.sym_gather(rows, mirror=False).tril(), full[rows[:, None], rows].tril())
     assert sum(b.numel() for _, b in gram.blocks) < 0.7 * 29 * 29
+
+
+@pytest.mark.parametrize("precond_rank", [0, 4])
+def test_cg_directions_solve_the_newton_system(precond_rank):
+    """_pcg run to a tight residual returns s = -H^-1 g and e = z s for each problem's
+    H = I + 2C z^T diag(act) z, with and without the preconditioner (no aliasing of residual and direction)."""
+    rng = np.random.default_rng(8)
+    n, r, p = 40, 9, 3
+    z = torch.as_tensor(rng.normal(size=(n, r)))
+    act = torch.as_tensor((rng.random((n, p)) < 0.6) * rng.choice([1.0, 2.0], size=(n, p)))
+    cost = torch.tensor([0.1, 1.0, 30.0], dtype=torch.float64)
+    g = torch.as_tensor(rng.normal(size=(r, p)))
+    pre = svm._Precond.build(z, precond_rank) if precond_rank else None
+    s, e, its = svm._pcg(z, pre, act, cost, g, torch.full((p,), 1e-12, dtype=torch.float64), max_cg=200)
+    for j in range(p):
+        h = torch.eye(r, dtype=torch.float64) + 2 * cost[j] * z.T @ (act[:, j:j + 1] * z)
+        torch.testing.assert_close(s[:, j], torch.linalg.solve(h, -g[:, j]), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(e, z @ s)
+    assert (its <= 3 * r).all()  # CG in exact arithmetic needs at most r steps
+
+
+def test_cv_sweep_keeps_the_chosen_refits_only_and_they_equal_a_direct_solve():
+    """Refits whose cost can no longer win the CV are dropped as the folds finish; the chosen ones are
+    kept and equal solving that class at that cost on all its rows."""
+    rng = np.random.default_rng(9)
+    n, d, k = 120, 15, 4
+    x = svm.l2_normalize(rng.normal(size=(n, d)))
+    labels = np.where(x[:, :k] + 0.7 * rng.normal(size=(n, k)) > 0.4, 1, -1).astype(np.int8)
+    labels[::7, 1] = 0  # rows left out of class 1
+    costs = [1e-5, 1e-3, 0.03, 0.3, 1.0, 3.0, 30.0, 300.0]
+    cfg = SVMConfig(dtype="float64", tol=1e-9)
+    res = svm.cv_sweep(x, labels, costs, 3, cfg)
+    assert np.isfinite(res.final.weight).all() and np.isfinite(res.final.bias).all()
+    ref = svm.solve(x, labels, np.array(res.chosen_costs), cfg)
+    np.testing.assert_allclose(res.final.weight, ref.weight, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(res.final.bias, ref.bias, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(res.chosen, np.argmax(res.mean_cv_ap, axis=1))
