@@ -2,8 +2,11 @@
 
 Side by side in one run, on synthetic data written by the real writers (``evalsuite.data.synthetic``):
 
-- pretraining set: the synthetic ImageFolder ``train`` split (8 shape classes, random colours, clutter;
-  ``--per-class`` images per class at 64 px), labels unused except by ``supervised``;
+- pretraining set: a synthetic ImageFolder ``train`` split at 64 px, ``--per-class`` images per class, labels
+  unused except by ``supervised``. ``--pretrain-data objects`` (default): one object of each of the 20
+  VOC-like classes per image over the VOC-like clutter (``write_object_imagefolder``: the categories the VOC
+  task tests, as ImageNet's overlap PASCAL's); ``shapes``: the 8 plain shape classes of
+  ``write_imagefolder``, which share nothing with the VOC-like classes but low-level statistics;
 - each method in ``--methods`` trains ResNet-18 (``--arch``) with the ``short`` recipe
   (``pretrain.base.SHORT_OPTIM`` + the method's ``short`` overrides, all recorded in the checkpoint
   metadata) for a fixed wall budget (``--minutes``; the trainer fits its cosine schedule to the budget) or
@@ -40,16 +43,23 @@ ISSUE5 = ["simclr", "moco_v2", "byol", "swav", "barlow_twins"]
 ISSUE6 = ["rotnet", "jigsaw", "colorization"]
 
 
-def make_data(root: Path, seed: int, per_class: int, voc_scale: float) -> dict:
+N_CLASSES = {"objects": 20, "shapes": 8}
+
+
+def make_data(root: Path, seed: int, per_class: int, voc_scale: float, kind: str = "objects") -> dict:
     """ImageFolder (pretraining + kNN) and VOC2007 (SVM) in their real layouts under ``root``."""
-    from evalsuite.data.synthetic import write_imagefolder, write_voc2007
+    from evalsuite.data.synthetic import write_imagefolder, write_object_imagefolder, write_voc2007
 
     t0 = time.perf_counter()
     if not (root / "imagefolder").exists():
-        write_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)
+        if kind == "objects":
+            write_object_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)
+        else:
+            write_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)
     if not (root / "VOCdevkit").exists():
         write_voc2007(root, seed=seed, scale=voc_scale)
-    return {"root": str(root), "imagefolder_per_class": per_class, "voc_scale": voc_scale,
+    return {"root": str(root), "pretrain_data": kind, "imagefolder_classes": N_CLASSES[kind],
+            "imagefolder_per_class": per_class, "voc_scale": voc_scale,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -63,7 +73,7 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
 
     budget, epochs, per_epoch = a.minutes * 60, a.epochs, None
     if a.steps:  # fixed step count instead of a wall budget: the cosine schedule spans exactly these steps
-        spe = max(1, 8 * a.per_class // a.batch_size)
+        spe = max(1, N_CLASSES[a.pretrain_data] * a.per_class // a.batch_size)
         budget, epochs = None, -(-a.steps // spe)
         per_epoch = -(-a.steps // epochs)
     cfg = TrainConfig(method=method, arch=a.arch, data_root=str(root), out=str(out), image_size=a.px,
@@ -119,6 +129,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--per-class", type=int, default=60, help="ImageFolder train images per class (val: half)")
     p.add_argument("--voc-scale", type=float, default=1.0)
+    p.add_argument("--pretrain-data", default="objects", choices=sorted(N_CLASSES),
+                   help="pretraining / kNN ImageFolder (see the module docstring)")
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
@@ -138,7 +150,7 @@ def main() -> None:
         work = a.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         root = a.data_root or work / "data"
-        data = make_data(root, a.seed, a.per_class, a.voc_scale)
+        data = make_data(root, a.seed, a.per_class, a.voc_scale, a.pretrain_data)
         rows = []
         base = {"method": f"random:{a.arch}", "minutes": 0.0, "steps": 0, "load_before": load()}
         base.update(evaluate(f"random:{a.arch}", a, root, work))

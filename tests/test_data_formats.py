@@ -224,3 +224,19 @@ def test_cifar_numpy1_module_path(tmp_path: Path):
     old = open_dataset("cifar10", root, "test")
     np.testing.assert_array_equal(old.data, ref.data)
     np.testing.assert_array_equal(old.labels, ref.labels)
+
+
+def test_object_imagefolder_one_voc_class_per_image(tmp_path: Path):
+    from evalsuite.data.synth_voc import render_scene
+    from evalsuite.data.synthetic import write_object_imagefolder
+    from evalsuite.data.voc import VOC_CLASSES
+
+    root = write_object_imagefolder(tmp_path / "a", seed=3, per_class=2, size=32)
+    tr, va = open_dataset("imagefolder", root, "train"), open_dataset("imagefolder", root, "val")
+    assert tr.classes == list(VOC_CLASSES) and len(tr) == 40 and len(va) == 20
+    assert np.bincount(tr.labels).tolist() == [2] * 20
+    assert _tree_hash(write_object_imagefolder(tmp_path / "b", seed=3, per_class=2, size=32)) == _tree_hash(root)
+    # every image holds exactly its class's object (same renderer call, annotations instead of pixels)
+    for c in (0, 7, 19):
+        _, objects = render_scene(np.random.default_rng([3, 11, 0, c, 1]), 32, 32, first_class=c, n_objects=1)
+        assert [o["name"] for o in objects] == [VOC_CLASSES[c]]

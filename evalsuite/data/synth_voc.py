@@ -110,10 +110,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int) -> tuple[np.ndarray, list[dict]]:
-    """One image (float (h, w, 3)) and its object annotations (1-based inclusive boxes)."""
+def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int,
+                 n_objects: int | None = None) -> tuple[np.ndarray, list[dict]]:
+    """One image (float (h, w, 3)) and its object annotations (1-based inclusive boxes); ``n_objects``
+    fixes the object count (default: 1-4 at random, as in the VOC-like scenes)."""
     img = _background(rng, h, w)
-    n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15]))
+    n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15])) if n_objects is None else int(n_objects)
     # the scene's guaranteed class is drawn last (on top, central), so it is always visible
     classes = [int(rng.integers(0, 20)) for _ in range(n - 1)] + [first_class]
     pad = max(w, h)
@@ -223,3 +225,23 @@ def write_voc2007(root: str | Path, seed: int = 0, scale: float = 1.0, image_siz
             for c, cname in enumerate(VOC_CLASSES):
                 write_text(main / f"{cname}_{split}.txt", "".join(f"{i} {labels[i][c]:2d}\n" for i in sids))
     return target
+
+
+def write_object_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size: int = 64,
+                             splits: dict[str, float] | None = None) -> Path:
+    """``out/<split>/<class>/<n>.jpg``: one object of each of the 20 VOC-like classes per image, over the
+    same cluttered backgrounds (``per_class`` train images, half as many val). The ImageNet of this
+    synthetic VOC: a pretraining / kNN set whose categories are the ones the VOC-like transfer tasks test,
+    as ImageNet's overlap PASCAL's. Deterministic per seed."""
+    out = Path(out)
+    splits = splits or {"train": 1.0, "val": 0.5}
+    with atomic_dir(out) as tmp:
+        for s_i, (split, frac) in enumerate(splits.items()):
+            for c, cname in enumerate(VOC_CLASSES):
+                d = tmp / split / cname
+                d.mkdir(parents=True)
+                for k in range(max(1, int(per_class * frac))):
+                    rng = np.random.default_rng([seed, 11, s_i, c, k])
+                    img, _ = render_scene(rng, size, size, first_class=c, n_objects=1)
+                    save_jpeg(img, d / f"{k:05d}.jpg")
+    return out
