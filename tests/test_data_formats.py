@@ -238,5 +238,6 @@ def test_object_imagefolder_one_voc_class_per_image(tmp_path: Path):
     assert _tree_hash(write_object_imagefolder(tmp_path / "b", seed=3, per_class=2, size=32)) == _tree_hash(root)
     # every image holds exactly its class's object (same renderer call, annotations instead of pixels)
     for c in (0, 7, 19):
-        _, objects = render_scene(np.random.default_rng([3, 11, 0, c, 1]), 32, 32, first_class=c, n_objects=1)
+        _, objects = render_scene(np.random.default_rng([3, 11, 0, c, 1]), 32, 32, first_class=c, n_objects=1,
+                                  radius=(0.22, 0.36))
         assert [o["name"] for o in objects] == [VOC_CLASSES[c]]

@@ -110,10 +110,11 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int,
-                 n_objects: int | None = None) -> tuple[np.ndarray, list[dict]]:
+def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int, n_objects: int | None = None,
+                 radius: tuple[float, float] = (0.13, 0.3)) -> tuple[np.ndarray, list[dict]]:
     """One image (float (h, w, 3)) and its object annotations (1-based inclusive boxes); ``n_objects``
-    fixes the object count (default: 1-4 at random, as in the VOC-like scenes)."""
+    fixes the object count (default: 1-4 at random, as in the VOC-like scenes), ``radius`` the range of
+    object half-sizes as fractions of the shorter side."""
     img = _background(rng, h, w)
     n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15])) if n_objects is None else int(n_objects)
     # the scene's guaranteed class is drawn last (on top, central), so it is always visible
@@ -123,7 +124,7 @@ def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int,
     s = min(w, h)
     for j, c in enumerate(classes):
         body, tex, parts = class_recipe(c)
-        r = rng.uniform(0.13, 0.3) * s
+        r = rng.uniform(*radius) * s
         lo = 0.1 if j < n - 1 else 0.3
         cx, cy = rng.uniform(lo * w, (1 - lo) * w), rng.uniform(lo * h, (1 - lo) * h)
         angle = rng.uniform(-0.45, 0.45)
@@ -228,11 +229,13 @@ def write_voc2007(root: str | Path, seed: int = 0, scale: float = 1.0, image_siz
 
 
 def write_object_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size: int = 64,
-                             splits: dict[str, float] | None = None) -> Path:
+                             splits: dict[str, float] | None = None,
+                             radius: tuple[float, float] = (0.22, 0.36)) -> Path:
     """``out/<split>/<class>/<n>.jpg``: one object of each of the 20 VOC-like classes per image, over the
-    same cluttered backgrounds (``per_class`` train images, half as many val). The ImageNet of this
-    synthetic VOC: a pretraining / kNN set whose categories are the ones the VOC-like transfer tasks test,
-    as ImageNet's overlap PASCAL's. Deterministic per seed."""
+    same cluttered backgrounds (``per_class`` train images, half as many val), larger than in the scenes
+    (object-centric, as ImageNet photos are). The ImageNet of this synthetic VOC: a pretraining / kNN set
+    whose categories are the ones the VOC-like transfer tasks test, as ImageNet's overlap PASCAL's.
+    Deterministic per seed."""
     out = Path(out)
     splits = splits or {"train": 1.0, "val": 0.5}
     with atomic_dir(out) as tmp:
@@ -242,6 +245,6 @@ def write_object_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20
                 d.mkdir(parents=True)
                 for k in range(max(1, int(per_class * frac))):
                     rng = np.random.default_rng([seed, 11, s_i, c, k])
-                    img, _ = render_scene(rng, size, size, first_class=c, n_objects=1)
+                    img, _ = render_scene(rng, size, size, first_class=c, n_objects=1, radius=radius)
                     save_jpeg(img, d / f"{k:05d}.jpg")
     return out
