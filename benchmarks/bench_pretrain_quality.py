@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,11 @@ def make_data(root: Path, seed: int, per_class: int, voc_scale: float, kind: str
     from evalsuite.data.synthetic import write_imagefolder, write_object_imagefolder, write_voc2007
 
     t0 = time.perf_counter()
+    train = root / "imagefolder" / "train"
+    if train.exists() and sum(1 for d in train.iterdir() if d.is_dir()) != N_CLASSES[kind]:
+        print(f"{train}: holds another pretraining set than --pretrain-data {kind}; use a fresh --data-root",
+              file=sys.stderr)
+        raise SystemExit(2)
     if not (root / "imagefolder").exists():
         if kind == "objects":
             write_object_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)

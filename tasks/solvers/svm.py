@@ -227,8 +227,12 @@ class SVMSolution:
 
 
 def _check_problems(x: np.ndarray, y: np.ndarray, costs: np.ndarray, col: np.ndarray | None = None) -> None:
-    n_cols = costs.shape[0] if col is None else int(col.max(initial=-1)) + 1
-    if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] < n_cols or (col is None and y.shape[1] != n_cols):
+    """Shapes of one batch: problem p uses label column ``col[p]`` of y (default: column p) and cost p."""
+    if col is None:
+        cols_ok = y.ndim == 2 and y.shape[1] == costs.shape[0]
+    else:
+        cols_ok = y.ndim == 2 and col.shape == costs.shape and int(col.max(initial=-1)) < y.shape[1]
+    if not cols_ok or y.shape[0] != x.shape[0]:
         raise UserError(f"svm: labels {y.shape} / costs {costs.shape} do not match features {x.shape}")
     if not (costs > 0).all():
         raise UserError("svm costs must be positive")
@@ -643,19 +647,17 @@ def _newton_step(basis, pre, yl, al, cl, vl, ml, act, g, gn, g0l, hist, config: 
         direct = torch.full_like(n_act, config.direct_steps == "always", dtype=torch.bool)
     gl = g.to(z.dtype)
     cg_idx, dir_idx = (~direct).nonzero().squeeze(1), direct.nonzero().squeeze(1)
-    if len(cg_idx) == gl.shape[1]:  # all by CG (the common case): no scatter into zeroed (N, P) buffers
+    if not len(dir_idx):  # all by CG (the common case): no scatter into zeroed (N, P) buffers
         s, e, n_it = _pcg(z, pre, act, cl, gl, eta * gn, config.max_cg, straggle=config.cg_straggle)
         hist.copy_(n_it)
-        cg_idx = cg_idx[:0]
     else:
         s = torch.zeros_like(gl)
         e = torch.zeros((n, gl.shape[1]), dtype=z.dtype, device=z.device)
-    if len(cg_idx):
-        s_c, e_c, n_it = _pcg(z, pre, act[:, cg_idx], cl[cg_idx], gl[:, cg_idx], (eta * gn)[cg_idx], config.max_cg,
-                              straggle=config.cg_straggle)
-        s[:, cg_idx], e[:, cg_idx] = s_c, e_c
-        hist[cg_idx] = n_it.double()
-    if len(dir_idx):
+        if len(cg_idx):
+            s_c, e_c, n_it = _pcg(z, pre, act[:, cg_idx], cl[cg_idx], gl[:, cg_idx], (eta * gn)[cg_idx],
+                                  config.max_cg, straggle=config.cg_straggle)
+            s[:, cg_idx], e[:, cg_idx] = s_c, e_c
+            hist[cg_idx] = n_it.double()
         s_d = _direct_steps(basis, act[:, dir_idx], cl[dir_idx], gl[:, dir_idx])
         s[:, dir_idx], e[:, dir_idx] = s_d, z @ s_d
     s = s.double()
