@@ -1,11 +1,15 @@
 """Detection speed, side by side in one run: Fast R-CNN training iterations/s and test images/s at the
 ``quick`` and ``goyal19`` image sizes, and proposal extraction images/s uncached vs cached; then a quality
 run: the ``quick`` preset (sliding-window proposals, as the demo) trained vs untrained (0 iterations, the
-same head initialisation) on synthetic VOC-like data (mAP, class-agnostic AP, seconds). The 1-minute load
+same head initialisation) on synthetic VOC-like data (mAP, class-agnostic AP, seconds), for each trunk of
+``--quality-checkpoints`` (default the random one; a checkpoint pretrained by
+``benchmarks.bench_pretrain_quality --keep DIR`` shows whether detection ranks trunks). The 1-minute load
 average before and after is recorded (the CPU may be shared).
 
     python -m benchmarks.bench_detection                     # small defaults (resnet18, a few iterations)
     python -m benchmarks.bench_detection --quality-scale 1   # quality on the demo's full default data
+    python -m benchmarks.bench_detection --iters 0 --quality-scale 1 --threads 2 \
+        --quality-checkpoints random:resnet18,DIR/supervised.safetensors
     python -m benchmarks.bench_detection --arch resnet50 --iters 10 --images 8 --threads 16 --quality-scale 0
 """
 
@@ -34,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-scale", type=float, default=0.25,
                     help="synthetic data scale of the quality run (1 = 200 trainval + 200 test images; 0 = skip)")
     ap.add_argument("--quality-iters", type=int, default=None, help="training iterations (default: the preset's)")
+    ap.add_argument("--quality-checkpoints", default=None,
+                    help="comma-separated trunks of the quality run (default: random:<arch>)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()[0]
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
                             "cached_over_uncached": round(cached / uncached, 1), "images": n}
         print(f"proposals: uncached {uncached:.2f} img/s, cached {cached:.0f} img/s ({cached / uncached:.0f}x)")
 
-        for preset in ("quick", "goyal19"):
+        for preset in ("quick", "goyal19") if a.iters > 0 else ():
             p = det.task.default_protocol(preset)
             p.update(proposal_cache=str(root / "props"), proposals="sliding_window", proposal_limit=a.proposals,
                      max_iter=a.iters, checkpoint_period=10**9)
@@ -89,13 +95,15 @@ def main(argv=None) -> int:
                                     "test_img_per_s": round(test_ips, 3)}
             print(f"{preset:8s} (short side {p['train_scales'][0]}): train {train_its:.3f} it/s, "
                   f"test {test_ips:.3f} img/s")
-        q, g = out["sizes"]["quick"], out["sizes"]["goyal19"]
-        out["ratios"] = {"train_quick_over_goyal19": round(q["train_it_per_s"] / g["train_it_per_s"], 1),
-                         "test_quick_over_goyal19": round(q["test_img_per_s"] / g["test_img_per_s"], 1)}
-        print(f"quick vs goyal19: train {out['ratios']['train_quick_over_goyal19']}x, "
-              f"test {out['ratios']['test_quick_over_goyal19']}x")
+        if out["sizes"]:
+            q, g = out["sizes"]["quick"], out["sizes"]["goyal19"]
+            out["ratios"] = {"train_quick_over_goyal19": round(q["train_it_per_s"] / g["train_it_per_s"], 1),
+                             "test_quick_over_goyal19": round(q["test_img_per_s"] / g["test_img_per_s"], 1)}
+            print(f"quick vs goyal19: train {out['ratios']['train_quick_over_goyal19']}x, "
+                  f"test {out['ratios']['test_quick_over_goyal19']}x")
         if a.quality_scale > 0:
-            out["quality"] = quality_run(root / "quality", a)
+            specs = (a.quality_checkpoints or f"random:{a.arch}").split(",")
+            out["quality"] = [quality_run(root / "quality", a, s, i) for i, s in enumerate(specs)]
     out["load_avg_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["note"] = "test images/s include the trunk on the whole image and res5 on every proposal"
@@ -103,25 +111,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def quality_run(root: Path, a) -> dict:
-    """``quick`` (sliding-window proposals) trained vs untrained on synthetic VOC-like data."""
+def quality_run(root: Path, a, spec: str, index: int = 0) -> dict:
+    """``quick`` (sliding-window proposals) on trunk ``spec``, trained vs untrained, on synthetic VOC-like data."""
     from evalsuite.checkpoints import load_checkpoint
     from evalsuite.data.synthetic import write_voc2007
     from evalsuite.protocols import apply_overrides, parse_overrides
     from evalsuite.task import TaskContext
     from tasks import detection as det
 
-    write_voc2007(root / "data", seed=0, scale=a.quality_scale)
+    if not (root / "data").exists():
+        write_voc2007(root / "data", seed=0, scale=a.quality_scale)
     proto = det.task.default_protocol("quick")
     iters = int(proto["max_iter"] if a.quality_iters is None else a.quality_iters)
-    res = {"preset": "quick", "data_scale": a.quality_scale, "arch": a.arch, "checkpoint": f"random:{a.arch}",
+    res = {"preset": "quick", "data_scale": a.quality_scale, "arch": a.arch, "checkpoint": spec,
            "proposals": "sliding_window", "max_iter": iters}
     for name, n in (("untrained", 0), ("trained", iters)):
         over = parse_overrides([f"detection.proposal_cache={root / 'props'}", "detection.proposals=sliding_window",
                                 f"detection.max_iter={n}"])
-        ctx = TaskContext(task="detection", checkpoint=load_checkpoint(f"random:{a.arch}"), preset="quick",
+        ctx = TaskContext(task="detection", checkpoint=load_checkpoint(spec), preset="quick",
                           protocol=apply_overrides({"detection": proto}, over)["detection"], data_root=root / "data",
-                          out_dir=root / name, extractor_factory=lambda: None, progress=False, seed=0,
+                          out_dir=root / f"trunk{index}" / name, extractor_factory=lambda: None, progress=False, seed=0,
                           device=a.device)
         torch.manual_seed(0)
         t = time.perf_counter()
@@ -129,8 +138,9 @@ def quality_run(root: Path, a) -> dict:
         res[name] = {"mAP": round(rows["mAP"].value, 2), "AP_class_agnostic": round(rows["AP_class_agnostic"].value, 2),
                      "seconds": round(time.perf_counter() - t, 1),
                      "num_test_images": rows["mAP"].params["num_test_images"]}
-        print(f"quality {name:9s}: mAP {res[name]['mAP']:.2f}, class-agnostic AP {res[name]['AP_class_agnostic']:.2f}"
-              f" ({res[name]['seconds']:.0f} s)")
+        r = res[name]
+        print(f"quality {spec} {name:9s}: mAP {r['mAP']:.2f}, class-agnostic AP {r['AP_class_agnostic']:.2f}"
+              f" ({r['seconds']:.0f} s)")
     res["mAP_margin"] = round(res["trained"]["mAP"] - res["untrained"]["mAP"], 2)
     return res
 

@@ -5,7 +5,9 @@ Side by side in one run, on synthetic data written by the real writers (``evalsu
 - pretraining set: a synthetic ImageFolder ``train`` split at 64 px, ``--per-class`` images per class, labels
   unused except by ``supervised``. ``--pretrain-data objects`` (default): one object of each of the 20
   VOC-like classes per image over the VOC-like clutter (``write_object_imagefolder``: the categories the VOC
-  task tests, as ImageNet's overlap PASCAL's); ``shapes``: the 8 plain shape classes of
+  task tests, as ImageNet's overlap PASCAL's); ``studio``: the same objects over a pool of ``--backgrounds``
+  cluttered backdrops shared by every class and image (a backdrop then identifies no image, so
+  instance-discrimination methods must tell images apart by their object); ``shapes``: the 8 plain shape classes of
   ``write_imagefolder``, which share nothing with the VOC-like classes but low-level statistics;
 - each method in ``--methods`` trains ResNet-18 (``--arch``) with the ``short`` recipe
   (``pretrain.base.SHORT_OPTIM`` + the method's ``short`` overrides, all recorded in the checkpoint
@@ -44,27 +46,32 @@ ISSUE5 = ["simclr", "moco_v2", "byol", "swav", "barlow_twins"]
 ISSUE6 = ["rotnet", "jigsaw", "colorization"]
 
 
-N_CLASSES = {"objects": 20, "shapes": 8}
+N_CLASSES = {"objects": 20, "studio": 20, "shapes": 8}
 
 
-def make_data(root: Path, seed: int, per_class: int, voc_scale: float, kind: str = "objects") -> dict:
-    """ImageFolder (pretraining + kNN) and VOC2007 (SVM) in their real layouts under ``root``."""
+def make_data(root: Path, seed: int, per_class: int, voc_scale: float, kind: str = "objects",
+              backgrounds: int = 16) -> dict:
+    """ImageFolder (pretraining + kNN) and VOC2007 (SVM) in their real layouts under ``root``; the
+    pretraining set's description is kept in ``root/imagefolder.txt`` so a reused root is checked."""
     from evalsuite.data.synthetic import write_imagefolder, write_object_imagefolder, write_voc2007
 
     t0 = time.perf_counter()
-    train = root / "imagefolder" / "train"
-    if train.exists() and sum(1 for d in train.iterdir() if d.is_dir()) != N_CLASSES[kind]:
-        print(f"{train}: holds another pretraining set than --pretrain-data {kind}; use a fresh --data-root",
+    desc = f"{kind} seed={seed} per_class={per_class}" + (f" backgrounds={backgrounds}" if kind == "studio" else "")
+    marker = root / "imagefolder.txt"
+    if (root / "imagefolder").exists() and (not marker.exists() or marker.read_text() != desc):
+        print(f"{root / 'imagefolder'}: holds another pretraining set than {desc!r}; use a fresh --data-root",
               file=sys.stderr)
         raise SystemExit(2)
     if not (root / "imagefolder").exists():
-        if kind == "objects":
-            write_object_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)
-        else:
+        if kind == "shapes":
             write_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64)
+        else:
+            write_object_imagefolder(root / "imagefolder", seed=seed, per_class=per_class, size=64,
+                                     backgrounds=backgrounds if kind == "studio" else None)
+        marker.write_text(desc)
     if not (root / "VOCdevkit").exists():
         write_voc2007(root, seed=seed, scale=voc_scale)
-    return {"root": str(root), "pretrain_data": kind, "imagefolder_classes": N_CLASSES[kind],
+    return {"root": str(root), "pretrain_data": desc, "imagefolder_classes": N_CLASSES[kind],
             "imagefolder_per_class": per_class, "voc_scale": voc_scale,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -137,6 +144,7 @@ def main() -> None:
     p.add_argument("--voc-scale", type=float, default=1.0)
     p.add_argument("--pretrain-data", default="objects", choices=sorted(N_CLASSES),
                    help="pretraining / kNN ImageFolder (see the module docstring)")
+    p.add_argument("--backgrounds", type=int, default=16, help="backdrop pool size of --pretrain-data studio")
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
@@ -156,7 +164,7 @@ def main() -> None:
         work = a.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         root = a.data_root or work / "data"
-        data = make_data(root, a.seed, a.per_class, a.voc_scale, a.pretrain_data)
+        data = make_data(root, a.seed, a.per_class, a.voc_scale, a.pretrain_data, a.backgrounds)
         rows = []
         base = {"method": f"random:{a.arch}", "minutes": 0.0, "steps": 0, "load_before": load()}
         base.update(evaluate(f"random:{a.arch}", a, root, work))

@@ -20,19 +20,19 @@ Presets:
   11-point AP at IoU 0.5 per class and its mean over the 20 classes.
 - ``vissl``: the same detector with every layer fine-tuned (``freeze_at 0``, BN still frozen),
   the setting of the "all layers fine-tuned" rows of the published tables.
-- ``quick``: 128 px images (longest 192), 2 images x 32 RoIs pooled to 4x4, 300 iterations, lr 0.02
+- ``quick``: 128 px images (longest 192), 2 images x 32 RoIs pooled to 4x4, 300 iterations, lr 0.01
   (x0.1 at 240, 20 warm-up iterations), at most 200 selective-search proposals per image
   (``proposals=sliding_window`` skips the search); same freezing as goyal19. For CPU and CI; numbers
-  are not comparable. On the default synthetic VOC-like data (112 px images, objects 0.3-0.7 of the
-  shorter side) a random ResNet-18 reaches only ~3-6 mAP (untrained head ~0) but ~20-40 class-agnostic
-  AP: the boxes are found, the 20 shape x texture classes are not told apart (a linear probe on the
-  same RoI features classifies 9% of held-out objects, chance 5%; even the training images reach
-  only ~4 mAP). Larger images (224, 320 px), 1000 iterations, class-agnostic box regression, 64 RoIs
-  per image, background IoU in [0.1, 0.5) or a fine-tuned trunk (``freeze_at=0``: 7 mAP at 600
-  iterations) did not change that; 60 -> 300 iterations and lr 0.01 -> 0.04 took it from ~1 to ~3-6; lr 0.04
-  diverged on one demo checkpoint (SwAV, NaN loss at iteration 16), so quick uses 0.02.
-  On data whose classes a random trunk can separate (solid coloured shapes, written by
-  ``tests/test_detection.py``) the same detector goes from 0 to ~68 mAP in 150 iterations.
+  are not comparable to published ones, but they rank trunks: on the default synthetic VOC-like data
+  (112 px images, 20 shape x texture x parts classes) a random ResNet-18 reaches ~4 mAP (untrained head
+  ~0) and ~20 class-agnostic AP: the boxes are found, the classes are not told apart (a linear probe on
+  its RoI features classifies 9% of held-out objects, chance 5%), while a ResNet-18 pretrained 3 minutes
+  (supervised, on ``write_object_imagefolder``) reaches ~15 mAP from the same 300 iterations
+  (``benchmarks/bench_detection.py --quality-checkpoints``). lr 0.02 was ~1 mAP better on those two
+  trunks but diverged on another pretrained one (classification loss 1.8 -> 5.0, above chance), as
+  0.04 did on a SwAV checkpoint; 0.01 trained every trunk tried. On data whose classes a random trunk
+  can separate (solid coloured shapes, written by ``tests/test_detection.py``) the same detector goes from
+  0 to ~60 mAP in 150 iterations.
 
 ``freeze_at`` (0..4), ``train_sets``, ``proposals`` and every solver field can be overridden with ``--set``.
 
@@ -139,7 +139,7 @@ class DetectionTask:
         if preset == "vissl":
             p["freeze_at"] = 0
         elif preset == "quick":
-            p.update({"proposal_limit": 200, "pool_size": 4, "max_iter": 300, "lr": 0.02,
+            p.update({"proposal_limit": 200, "pool_size": 4, "max_iter": 300, "lr": 0.01,
                       "steps": [240], "warmup_iters": 20, "ims_per_batch": 2, "rois_per_image": 32,
                       "train_scales": [128], "train_max_size": 192, "test_scale": 128, "test_max_size": 192,
                       "checkpoint_period": 100})

@@ -241,3 +241,36 @@ def test_object_imagefolder_one_voc_class_per_image(tmp_path: Path):
         _, objects = render_scene(np.random.default_rng([3, 11, 0, c, 1]), 32, 32, first_class=c, n_objects=1,
                                   radius=(0.22, 0.36))
         assert [o["name"] for o in objects] == [VOC_CLASSES[c]]
+
+
+def test_object_imagefolder_shared_backdrops(tmp_path: Path):
+    """``backgrounds=k``: every image's backdrop comes from one pool of k, whatever its class or split;
+    outside its object an image then differs from its backdrop by the pixel noise alone."""
+    from evalsuite.data.synth_voc import _background, render_scene
+    from evalsuite.data.synthetic import write_object_imagefolder
+
+    backdrop = _background(np.random.default_rng([5, 13, 0]), 48, 48)
+    img, objects = render_scene(np.random.default_rng(1), 48, 48, first_class=4, n_objects=1, radius=(0.22, 0.36),
+                                background=backdrop)
+    x1, y1, x2, y2 = objects[0]["box"]
+    outside = np.ones((48, 48), bool)
+    outside[y1 - 1:y2, x1 - 1:x2] = False
+    assert outside.sum() > 400
+    assert np.abs(img - backdrop)[outside].mean() < 4.5  # N(0, 4) noise: mean |x| = 3.2
+    assert np.abs(img - backdrop)[~outside].mean() > 20  # the object is drawn over it
+
+    from PIL import Image
+
+    def pixels(root):
+        return [np.asarray(Image.open(p), np.float32) for p in sorted(root.rglob("*.jpg"))]
+
+    shared = pixels(write_object_imagefolder(tmp_path / "one", seed=5, per_class=1, size=48, backgrounds=1))
+    own = pixels(write_object_imagefolder(tmp_path / "own", seed=5, per_class=1, size=48))
+    assert len(shared) == len(own) == 40  # 20 train + 20 val (half of 1, at least one)
+
+    def median_gap(ims):  # per pixel, median over pairs: most pixels are backdrop in both images
+        return float(np.median([np.median(np.abs(a - b)) for a, b in zip(ims, ims[1:])]))
+
+    assert median_gap(shared) < 10 < 30 < median_gap(own)
+    # one backdrop of the pool is the first of the seed's pool, the one the renderer was given above
+    assert np.median(np.abs(shared[0] - backdrop)) < 10

@@ -111,11 +111,13 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int, n_objects: int | None = None,
-                 radius: tuple[float, float] = (0.13, 0.3)) -> tuple[np.ndarray, list[dict]]:
+                 radius: tuple[float, float] = (0.13, 0.3), background: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, list[dict]]:
     """One image (float (h, w, 3)) and its object annotations (1-based inclusive boxes); ``n_objects``
     fixes the object count (default: 1-4 at random, as in the VOC-like scenes), ``radius`` the range of
-    object half-sizes as fractions of the shorter side."""
-    img = _background(rng, h, w)
+    object half-sizes as fractions of the shorter side, ``background`` a given (h, w, 3) backdrop instead
+    of a fresh cluttered one."""
+    img = _background(rng, h, w) if background is None else background.astype(np.float32, copy=True)
     n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15])) if n_objects is None else int(n_objects)
     # the scene's guaranteed class is drawn last (on top, central), so it is always visible
     classes = [int(rng.integers(0, 20)) for _ in range(n - 1)] + [first_class]
@@ -230,14 +232,20 @@ def write_voc2007(root: str | Path, seed: int = 0, scale: float = 1.0, image_siz
 
 def write_object_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size: int = 64,
                              splits: dict[str, float] | None = None,
-                             radius: tuple[float, float] = (0.22, 0.36)) -> Path:
+                             radius: tuple[float, float] = (0.22, 0.36), backgrounds: int | None = None) -> Path:
     """``out/<split>/<class>/<n>.jpg``: one object of each of the 20 VOC-like classes per image, over the
     same cluttered backgrounds (``per_class`` train images, half as many val), larger than in the scenes
     (object-centric, as ImageNet photos are). The ImageNet of this synthetic VOC: a pretraining / kNN set
     whose categories are the ones the VOC-like transfer tasks test, as ImageNet's overlap PASCAL's.
+
+    ``backgrounds``: None gives every image its own clutter; ``k`` draws each image's backdrop from one
+    pool of ``k`` cluttered backgrounds shared by all classes and splits, so a backdrop identifies neither
+    a class nor an image (instance-discrimination methods then have to tell images apart by their object).
     Deterministic per seed."""
     out = Path(out)
     splits = splits or {"train": 1.0, "val": 0.5}
+    pool = None if backgrounds is None else [_background(np.random.default_rng([seed, 13, b]), size, size)
+                                             for b in range(int(backgrounds))]
     with atomic_dir(out) as tmp:
         for s_i, (split, frac) in enumerate(splits.items()):
             for c, cname in enumerate(VOC_CLASSES):
@@ -245,6 +253,8 @@ def write_object_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20
                 d.mkdir(parents=True)
                 for k in range(max(1, int(per_class * frac))):
                     rng = np.random.default_rng([seed, 11, s_i, c, k])
-                    img, _ = render_scene(rng, size, size, first_class=c, n_objects=1, radius=radius)
+                    backdrop = None if pool is None else pool[int(rng.integers(len(pool)))]
+                    img, _ = render_scene(rng, size, size, first_class=c, n_objects=1, radius=radius,
+                                          background=backdrop)
                     save_jpeg(img, d / f"{k:05d}.jpg")
     return out
