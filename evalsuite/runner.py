@@ -115,6 +115,7 @@ def run(opts: RunOptions) -> RunReport:
             task=name, checkpoint=ckpt, preset=opts.preset, protocol=protocols[name],
             data_root=Path(opts.data_root), out_dir=Path(opts.out) / name, extractor_factory=extractor,
             device=opts.device, seed=opts.seed, layers=layers, progress=opts.progress, run_id=run_id,
+            cache_dir=cache.root,
         )
         t0 = time.perf_counter()
         try:

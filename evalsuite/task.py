@@ -64,6 +64,9 @@ class TaskContext:
     layers: Sequence[str] | None = None
     progress: bool = True
     run_id: str = ""
+    #: the run's cache directory (``--cache-dir``; None = the default cache): tasks keep their own caches
+    #: (detection's proposals) under it
+    cache_dir: Path | None = None
     _trunk: torch.nn.Module | None = field(default=None, repr=False)
     _extractor: FeatureExtractor | None = field(default=None, repr=False)
 

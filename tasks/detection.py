@@ -42,8 +42,10 @@ VOC2007 test; the benchmark's 07+12 schedule is ``--set detection.max_iter=80000
 (not changed automatically). The sets used and their image counts are recorded in params.
 
 Deviations, recorded in every result's params: selective search is OpenCV's re-implementation (fast
-mode) rather than the MATLAB boxes of Detectron's published proposal files; images are normalised with
-the checkpoint's mean/std rather than Caffe2's BGR pixel means; RoIAlign uses ``aligned=True``.
+mode) rather than the MATLAB boxes of Detectron's published proposal files (which ``proposals=file`` with
+``proposal_files={"voc2007:trainval": PKL, "voc2007:test": PKL}`` reads as they are: ``tasks.proposals``);
+images are normalised with the checkpoint's mean/std rather than Caffe2's BGR pixel means; RoIAlign uses
+``aligned=True``.
 
 Bad input: training images whose annotations have no (non-difficult) box are skipped (count recorded);
 boxes reaching outside the image are clipped to it; a box that is empty after clipping raises BadData
@@ -103,6 +105,7 @@ class DetectionTask:
             "proposal_max_side": 500,
             "proposal_limit": 2000,
             "proposal_cache": None,
+            "proposal_files": {},
             "max_iter": 30000,
             "lr": 0.002,
             "steps": [22000],
@@ -165,15 +168,20 @@ class DetectionTask:
             raise UserError(f"checkpoint {ctx.checkpoint.spec} has no res5 weights ({len(missing_res5)} layer4 keys "
                             "missing); the Fast R-CNN C4 head is the trunk's res5")
 
+        # proposals live under the run's cache directory unless the protocol names a cache of its own
+        run_cache = str(ctx.cache_dir / "proposals") if ctx.cache_dir else None
+        p = {**p, "proposal_cache": p["proposal_cache"] or run_cache}
         train_records, skipped, per_set = [], 0, {}
         for name, d in zip(train_names, datasets):
-            recs, sk = build_records(d, p, train=True, limit=p["max_train_images"], progress=ctx.progress)
+            recs, sk = build_records(d, p, train=True, limit=p["max_train_images"], progress=ctx.progress,
+                                     set_name=name)
             train_records += recs
             skipped += sk
             per_set[name] = len(recs)
         if not train_records:
             raise BadData("no training image has a usable box", datasets[0].root)
-        test_records, _ = build_records(test, p, train=False, limit=p["max_test_images"], progress=ctx.progress)
+        test_records, _ = build_records(test, p, train=False, limit=p["max_test_images"], progress=ctx.progress,
+                                        set_name=p["test_set"])
         gts = [ground_truth(test, i) for i in range(len(test_records))]
 
         meta = ctx.checkpoint.metadata or {}
@@ -200,7 +208,8 @@ class DetectionTask:
             "solver": config_dict(train_cfg), "test": config_dict(test_cfg), "model": config_dict(model_cfg),
             "iterations_run": fit.iterations, "resumed_from_iteration": fit.resumed_from,
             "train_curve": fit.summary(), "device": ctx.device,
-            "proposal_method": p["proposals"], "proposal_params": props.method_params(p["proposals"], _pp(p)),
+            "proposal_method": p["proposals"],
+            "proposal_params": props.method_params(p["proposals"], _pp(p, p["test_set"])),
             "proposal_recall": proposal_recall(test_records, gts),
             "metric_definition": f"{p['ap_method']} AP at IoU {p['iou_compare']} {p['iou_thresh']}, "
                                  "difficult ignored, mean over classes with ground truth",
@@ -275,7 +284,9 @@ def _parse_set(s: str) -> tuple[str, str]:
     return kind, split
 
 
-def _pp(p: dict[str, Any]) -> dict[str, Any]:
+def _pp(p: dict[str, Any], set_name: str | None = None) -> dict[str, Any]:
+    if p["proposals"] == "file":
+        return {"file": (p.get("proposal_files") or {}).get(set_name)}
     return {"mode": p["proposal_mode"], "max_side": p["proposal_max_side"], "max_boxes": p["proposal_limit"]}
 
 
@@ -304,10 +315,12 @@ def ground_truth(dataset, i: int) -> deval.GroundTruth:
                              difficult=np.asarray(a["difficult"], bool))
 
 
-def build_records(dataset, p: dict[str, Any], train: bool, limit: int | None = None, progress: bool = False
-                  ) -> tuple[list[ImageRecord], int]:
-    """Image records with ground truth and (cached) proposals; training skips images without boxes."""
-    cache = props.ProposalCache(p["proposal_cache"], p["proposals"], _pp(p), dataset_key=dataset.fingerprint())
+def build_records(dataset, p: dict[str, Any], train: bool, limit: int | None = None, progress: bool = False,
+                  set_name: str | None = None) -> tuple[list[ImageRecord], int]:
+    """Image records with ground truth and (cached) proposals; training skips images without boxes.
+    ``set_name`` (``voc2007:test``) picks the set's file of ``proposal_files`` when ``proposals=file``."""
+    cache = props.ProposalCache(p["proposal_cache"], p["proposals"], _pp(p, set_name),
+                                dataset_key=dataset.fingerprint())
     n = len(dataset) if limit is None else min(len(dataset), int(limit))
     if progress:
         cache.precompute(_Subset(dataset, n), progress=True)

@@ -9,6 +9,15 @@ Methods:
   selective search, fast mode); OpenCV's re-implementation gives a similar but not
   identical set. The image is downscaled so its longer side is at most ``max_side``
   before the search (speed); boxes are mapped back to the original size.
+- ``file``: boxes read from a published proposal file, the format Detectron's ``PROPOSAL_FILES``
+  take (the benchmark's ``selective_search_msra_voc_2007_{trainval,test}.pkl``): a pickle of
+  ``boxes`` (one (N, 4) array per image, x1 y1 x2 y2 in 0-based *inclusive* pixels), ``scores`` and
+  ``indexes`` (or ``ids``) naming the images; VOC ids match as numbers (``000005`` = 5,
+  ``2008_000001`` = 2008000001), as Detectron's json ids do. detectron2's format (``ids``, ``boxes``,
+  ``objectness_logits``, ``bbox_mode`` 0 = XYXY_ABS, boxes already continuous) is read too, its boxes
+  sorted by decreasing logit as detectron2 does. The pickle is read with an allow-list of numpy
+  globals only. Detectron keeps the file's order and its ``top_k``; so does the task's
+  ``proposal_limit``.
 - ``sliding_window``: a deterministic multi-scale, multi-aspect grid of boxes in a fixed
   shuffled order (a prefix covers every scale); cheap, for CI and tests (not a published protocol).
   Sides 0.3, 0.5, 0.75 and 1.0 of the image's shorter side, aspect ratios 1:2, 1:1, 2:1, positions
@@ -42,7 +51,7 @@ import numpy as np
 
 from evalsuite.errors import UserError
 
-METHODS = ("selective_search", "sliding_window")
+METHODS = ("selective_search", "sliding_window", "file")
 
 
 def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = 500,
@@ -140,6 +149,12 @@ def method_params(method: str, params: dict[str, Any] | None = None) -> dict[str
     if method == "selective_search":
         return {"mode": params.get("mode", "fast"), "max_side": params.get("max_side", 500),
                 "max_boxes": params.get("max_boxes", 2000), "impl": "opencv-ximgproc"}
+    if method == "file":
+        if not params.get("file"):
+            raise UserError("proposals=file needs a proposal file for every set (detection.proposal_files)")
+        f = Path(params["file"]).resolve()
+        st = f.stat() if f.exists() else None
+        return {"file": str(f), "size": st.st_size if st else None, "mtime": st.st_mtime_ns if st else None}
     if method == "sliding_window":
         return {"sizes": list(SLIDING_SIZES), "ratios": list(SLIDING_RATIOS), "stride_frac": SLIDING_STRIDE,
                 "positions": "edge to edge"}
@@ -161,6 +176,7 @@ class ProposalCache:
                                         sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root or default_root()) / f"{method}-{key}"
         self.computed = 0  # how many this instance computed (the rest were read)
+        self._published: dict[str, np.ndarray] | None = None  # method "file": the file's boxes by id key
 
     def path(self, image_id: str) -> Path:
         return self.dir / f"{image_id}.npy"
@@ -191,11 +207,23 @@ class ProposalCache:
     def get(self, dataset, i: int) -> np.ndarray:
         """Proposals of image ``i`` of ``dataset`` (computed and cached on a miss)."""
         image_id = dataset.ids[i] if hasattr(dataset, "ids") else str(i)
+        if self.method == "file":
+            return self._from_file(image_id)
         boxes = self.load(image_id)
         if boxes is None:
             boxes = compute(self.method, dataset.load_image(i), self.params)
             self.save(image_id, boxes)
             self.computed += 1
+        return boxes
+
+    def _from_file(self, image_id: str) -> np.ndarray:
+        from evalsuite.errors import BadData
+
+        if self._published is None:
+            self._published = read_proposal_file(self.params["file"])
+        boxes = self._published.get(id_key(image_id))
+        if boxes is None:
+            raise BadData(f"image {image_id} has no entry in the proposal file", self.params["file"])
         return boxes
 
     def precompute(self, dataset, progress: bool = True) -> int:
@@ -209,6 +237,45 @@ class ProposalCache:
         return self.computed - before
 
 
+def id_key(image_id) -> str:
+    """How an image id is matched against a proposal file's: numeric VOC ids as numbers."""
+    s = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+    digits = s.replace("_", "")
+    return str(int(digits)) if digits.isdigit() else s
+
+
+def read_proposal_file(path: str | Path) -> dict[str, np.ndarray]:
+    """A Detectron or detectron2 proposal pickle -> {``id_key``: float32 (N, 4) continuous boxes}."""
+    from evalsuite.data.cifar import safe_unpickle
+    from evalsuite.errors import BadData
+
+    data = safe_unpickle(Path(path), what="proposal file")
+    if not isinstance(data, dict):
+        raise BadData("a proposal file holds a dict of boxes and ids", path)
+    data = {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+    id_field = next((k for k in ("indexes", "ids") if k in data), None)
+    if id_field is None or "boxes" not in data:
+        raise BadData(f"a proposal file needs 'boxes' and 'indexes' or 'ids'; found {sorted(data)}", path)
+    ids, boxes = list(data[id_field]), list(data["boxes"])
+    if len(ids) != len(boxes):
+        raise BadData(f"{len(ids)} {id_field} but {len(boxes)} box arrays", path)
+    detectron2 = "objectness_logits" in data or "bbox_mode" in data
+    if detectron2 and int(data.get("bbox_mode", 0)) != 0:
+        raise BadData(f"bbox_mode {data['bbox_mode']} is not XYXY_ABS (0)", path)
+    out = {}
+    for k, (image_id, b) in enumerate(zip(ids, boxes)):
+        b = np.asarray(b, np.float32).reshape(-1, 4) if np.size(b) else np.zeros((0, 4), np.float32)
+        if not np.isfinite(b).all():
+            raise BadData(f"non-finite boxes for image {image_id}", path)
+        if detectron2:
+            order = np.argsort(-np.asarray(data["objectness_logits"][k]).reshape(-1), kind="stable")
+            b = b[order]
+        else:  # Detectron: 0-based inclusive pixels; continuous coordinates end one pixel later
+            b = b + np.array([0, 0, 1, 1], np.float32)
+        out[id_key(image_id)] = b
+    return out
+
+
 def add_command(sub) -> None:
     p = sub.add_parser("proposals", help="precompute object proposals for detection",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,7 +285,7 @@ def add_command(sub) -> None:
     p.add_argument("--data-root", type=Path, required=True, help="directory holding the datasets")
     p.add_argument("--dataset", default="voc2007", help="dataset kind (default voc2007; voc2012 for 07+12)")
     p.add_argument("--split", action="append", required=True, help="split(s) to process; repeatable")
-    p.add_argument("--method", default="selective_search", choices=list(METHODS))
+    p.add_argument("--method", default="selective_search", choices=[m for m in METHODS if m != "file"])
     p.add_argument("--mode", default="fast", choices=["fast", "quality"], help="selective search mode")
     p.add_argument("--max-side", type=int, default=500, help="downscale longer side to this before searching")
     p.add_argument("--cache-dir", type=Path, help="proposal cache (default $EVALSUITE_CACHE/proposals)")

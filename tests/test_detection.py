@@ -426,6 +426,39 @@ def test_bad_boxes_and_images_without_boxes(synth_voc, tmp_path):
         det.build_records(ds, p, train=True, limit=3)
 
 
+def test_published_proposal_files_feed_training_and_test(synth_voc, tmp_path):
+    """``proposals=file``: Detectron-format pickles per set (0-based inclusive boxes, integer ids) are what
+    the detector trains and tests on; the ground-truth boxes written into them come back exactly."""
+    import pickle
+
+    from evalsuite.data import open_dataset
+    from tasks.fast_rcnn import xml_to_continuous
+
+    files = {}
+    for split in ("trainval", "test"):
+        ds = open_dataset("voc2007", synth_voc / "VOCdevkit" / "VOC2007", split)
+        boxes = [np.asarray(ds.annotations(i)["boxes"], np.float32) - 1 for i in range(len(ds))]  # XML is 1-based
+        files[f"voc2007:{split}"] = str(tmp_path / f"ss_{split}.pkl")
+        (tmp_path / f"ss_{split}.pkl").write_bytes(pickle.dumps(
+            {"boxes": boxes, "scores": [np.ones(len(b)) for b in boxes], "indexes": [int(i) for i in ds.ids]},
+            protocol=2))
+    p = {**det.task.default_protocol("quick"), "proposals": "file", "proposal_files": files,
+         "proposal_cache": str(tmp_path / "cache")}
+    test = open_dataset("voc2007", synth_voc / "VOCdevkit" / "VOC2007", "test")
+    recs, _ = det.build_records(test, p, train=False, set_name="voc2007:test")
+    for i, r in enumerate(recs):
+        np.testing.assert_allclose(r.proposals, xml_to_continuous(np.asarray(test.annotations(i)["boxes"], float)))
+    ctx = make_ctx(synth_voc, tmp_path, ["detection.proposals=file", "detection.max_iter=2",
+                                         "detection.max_test_images=6",
+                                         "detection.proposal_files=" + json.dumps(files)])
+    r = det.task.run(ctx)[0]
+    assert r.params["proposal_method"] == "file"
+    assert r.params["proposal_params"]["file"] == files["voc2007:test"]
+    assert r.params["proposal_recall"]["iou_0.7"] == 1.0  # the test boxes themselves
+    with pytest.raises(UserError, match="proposal_files"):
+        det.task.run(make_ctx(synth_voc, tmp_path / "none", ["detection.proposals=file", "detection.max_iter=1"]))
+
+
 def test_checkpoint_without_res5_is_refused(synth_voc, tmp_path):
     from safetensors.torch import save_file
 
@@ -453,6 +486,14 @@ def test_cli_end_to_end_writes_per_class_ap_and_map(synth_voc, tmp_path, cache_d
     assert [r["metric"] for r in rows].count("mAP") == 1
     assert sum(r["metric"].startswith("AP/") for r in rows) == 20
     assert all(r["params"]["proposal_method"] == "selective_search" for r in rows)
+    # proposals are cached under the run's cache directory: --cache-dir moves them with the features
+    assert len(list((cache_dir / "proposals").rglob("*.npy"))) >= 4
+    run_cache = tmp_path / "run_cache"
+    assert cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "detection", "--protocol", "quick",
+                     "--data-root", str(synth_voc), "--out", str(tmp_path / "runs2"), "--no-progress",
+                     "--cache-dir", str(run_cache), "--set", "detection.max_iter=1",
+                     "--set", "detection.max_test_images=2"]) == 0
+    assert len(list((run_cache / "proposals").rglob("*.npy"))) >= 2
 
 
 EASY_CLASSES = ("aeroplane", "bicycle", "bird")  # red squares, green discs, blue triangles

@@ -150,3 +150,61 @@ def test_cli_finds_voc2012_under_the_data_root(tmp_path, capsys):
             "--method", "sliding_window", "--cache-dir", str(tmp_path / "c"), "--no-progress"]
     assert cli_main(args) == 0
     assert f"{n} images, {n} computed" in capsys.readouterr().out
+
+
+def _write_pickle(path, obj, protocol=2):
+    import pickle
+
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+def test_published_detectron_and_detectron2_proposal_files(tmp_path):
+    """Detectron's files: integer ``indexes`` (VOC id 000005 = 5), boxes in 0-based inclusive pixels, kept in
+    file order; detectron2's: string ``ids``, continuous XYXY_ABS boxes sorted by decreasing objectness."""
+    from evalsuite.errors import BadData
+    from tasks.proposals import read_proposal_file
+
+    b5 = np.array([[0, 0, 9, 19], [4, 5, 6, 7]], np.float32)  # a 10 x 20 box: x 0..9 inclusive
+    v1 = _write_pickle(tmp_path / "ss.pkl", {"boxes": [b5, np.zeros((0, 4), np.float32)], "scores": [np.ones(2), []],
+                                             "indexes": [5, 2008000001]})
+    got = read_proposal_file(v1)
+    np.testing.assert_array_equal(got["5"], [[0, 0, 10, 20], [4, 5, 7, 8]])  # continuous: 10 wide, 20 high
+    assert got["2008000001"].shape == (0, 4)
+
+    class Ids:  # the cache looks images up by the dataset's own ids
+        ids = ["000005", "2008_000001", "000007"]
+
+    cache = ProposalCache(tmp_path / "c", "file", {"file": str(v1)})
+    np.testing.assert_array_equal(cache.get(Ids, 0), got["5"])
+    assert cache.get(Ids, 1).shape == (0, 4)
+    with pytest.raises(BadData, match="000007 has no entry in the proposal file") as e:
+        cache.get(Ids, 2)
+    assert str(v1) in str(e.value)
+    assert not (tmp_path / "c").exists()  # read from the file, never copied into the cache
+
+    logits = np.array([0.1, 2.0, -1.0], np.float32)
+    boxes = np.array([[1, 1, 5, 5], [2, 2, 8, 8], [0, 0, 3, 3]], np.float32)
+    v2 = _write_pickle(tmp_path / "d2.pkl", {"ids": ["000005"], "boxes": [boxes], "objectness_logits": [logits],
+                                             "bbox_mode": 0}, protocol=4)
+    np.testing.assert_array_equal(read_proposal_file(v2)["5"], boxes[[1, 0, 2]])
+
+    bad = {
+        "xywh.pkl": {"ids": ["1"], "boxes": [boxes], "objectness_logits": [logits], "bbox_mode": 1},
+        "noids.pkl": {"boxes": [boxes]},
+        "count.pkl": {"indexes": [1, 2], "boxes": [boxes]},
+        "nan.pkl": {"indexes": [1], "boxes": [np.full((1, 4), np.nan)]},
+    }
+    for name, obj in bad.items():
+        with pytest.raises(BadData) as e:
+            read_proposal_file(_write_pickle(tmp_path / name, obj))
+        assert name in str(e.value)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with pytest.raises(BadData, match="unsafe pickle"):
+        read_proposal_file(_write_pickle(tmp_path / "evil.pkl", {"indexes": [1], "boxes": [Evil()]}))
+    with pytest.raises(BadData, match="proposal file not found"):
+        read_proposal_file(tmp_path / "missing.pkl")

@@ -35,6 +35,7 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("__builtin__", "bytes"), ("builtins", "bytes"),  # protocol-2 pickles of empty arrays call bytes()
 }
 
 
@@ -46,6 +47,8 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED:
             raise UnsafePickle(f"refusing to load global {module}.{name}")
+        if module == "__builtin__":
+            module = "builtins"
         if module.startswith("numpy.core"):
             try:  # numpy >= 2 moved numpy.core to numpy._core
                 return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
@@ -54,20 +57,20 @@ class _SafeUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
-def safe_unpickle(path: Path) -> Any:
-    """Unpickle a CIFAR batch (Python 2 pickles too, with bytes keys) allowing only numpy array globals."""
+def safe_unpickle(path: Path, what: str = "CIFAR batch file") -> Any:
+    """Unpickle ``what`` (Python 2 pickles too, with bytes keys) allowing only numpy array globals."""
     try:
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise BadData("CIFAR batch file not found", path) from None
+        raise BadData(f"{what} not found", path) from None
     except OSError as e:
-        raise BadData(f"unreadable CIFAR batch ({e})", path) from None
+        raise BadData(f"unreadable {what} ({e})", path) from None
     try:
         return _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
     except UnsafePickle as e:
         raise BadData(f"unsafe pickle ({e})", path) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise BadData(f"corrupt CIFAR batch ({type(e).__name__}: {e})", path) from None
+        raise BadData(f"corrupt {what} ({type(e).__name__}: {e})", path) from None
 
 
 def _get(d: dict, key: str, path: Path):
