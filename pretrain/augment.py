@@ -13,6 +13,10 @@ done on the batch by the method (``Method.preprocess``). Presets follow the pape
   (0.05-0.14) at 96/224 of the size, SimCLR colour distortion and blur.
 - ``exemplar`` (Dosovitskiy et al. 2014): heavy crop/scale, rotation, colour and contrast changes.
 - ``basic`` (supervised / clustering): RandomResizedCrop + flip. ``center``: resize + centre crop (eval).
+
+The blur's kernel (10% of the side) and sigma range are the papers' at 224 px and scale with the view
+size: sigma 0.1-2.0 px at 224 is 0.03-0.57 px at 64, the same blur relative to the image. Unscaled, a
+2 px sigma at 64 px (7 at 224) wipes out fine texture, as the CIFAR recipes (which drop blur) avoid.
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ def _tensor() -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
 
 
+def blur_sigma(size: int) -> tuple[float, float]:
+    """The papers' sigma range (0.1-2.0 px at 224 px) scaled to a view of ``size`` px."""
+    return 0.1 * size / 224, 2.0 * size / 224
+
+
 def _blur(size: int, p: float) -> T.Transform:
     k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
-    return T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=p)
+    return T.RandomApply([T.GaussianBlur(k, sigma=blur_sigma(size))], p=p)
 
 
 def simclr_view(size: int, scale=(0.08, 1.0), s: float = 1.0, blur: float = 0.5, solarize: float = 0.0,

@@ -1,0 +1,52 @@
+"""View pipelines: the blur is the papers' relative to the image size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms import v2 as T
+
+from pretrain.augment import blur_sigma, preset
+
+
+def _blurs(pipeline) -> list[T.GaussianBlur]:
+    found = []
+    for op in getattr(pipeline, "transforms", []):
+        if isinstance(op, T.GaussianBlur):
+            found.append(op)
+        found += _blurs(op)
+    return found
+
+
+def test_blur_sigma_is_the_papers_at_224_and_scales_with_the_side():
+    assert blur_sigma(224) == pytest.approx((0.1, 2.0))
+    assert blur_sigma(64) == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol"])
+def test_views_blur_in_proportion_to_their_size(name):
+    for size in (64, 224):
+        blurs = [b for view in preset(name, size).pipelines for b in _blurs(view)]
+        assert blurs, name
+        for b in blurs:
+            assert tuple(b.sigma) == pytest.approx(blur_sigma(size))
+            assert b.kernel_size[0] % 2 == 1 and abs(b.kernel_size[0] - 0.1 * size) <= 2
+
+
+def test_strongest_blur_at_64px_keeps_a_6px_texture():
+    """A sinusoid of period 6 px loses exp(-2 pi^2 sigma^2 / 36) of its amplitude under a Gaussian of sigma px:
+    ~84% survives the scaled maximum (0.57 px), ~11% the unscaled paper value (2 px) at 64 px."""
+    x = torch.arange(64, dtype=torch.float32)
+    img = (0.5 + 0.4 * torch.sin(2 * math.pi * x / 6)).expand(3, 64, 64).clone()
+    k = _blurs(preset("simclr", 64).pipelines[0])[0].kernel_size[0]
+
+    def amplitude(sigma):  # of the sinusoid's frequency, over 8 whole periods away from the borders
+        out = T.GaussianBlur(k, sigma=(sigma, sigma))(img)[0, 32, 8:56]
+        phase = 2 * math.pi * x[8:56] / 6
+        return float(torch.hypot(2 * (out * phase.sin()).mean(), 2 * (out * phase.cos()).mean()))
+
+    hi = blur_sigma(64)[1]
+    assert amplitude(hi) == pytest.approx(0.4 * math.exp(-2 * math.pi**2 * hi**2 / 36), abs=0.02)
+    assert amplitude(hi) > 0.3 > 0.1 > amplitude(2.0)
