@@ -82,6 +82,7 @@ def load() -> float:
 
 def pretrain(method: str, a, root: Path, out: Path) -> dict:
     from evalsuite.checkpoints import read_metadata
+    from pretrain.registry import get_method
     from pretrain.trainer import TrainConfig, Trainer
 
     budget, epochs, per_epoch = a.minutes * 60, a.epochs, None
@@ -92,7 +93,8 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
     cfg = TrainConfig(method=method, arch=a.arch, data_root=str(root), out=str(out), image_size=a.px,
                       batch_size=a.batch_size, epochs=epochs, max_steps_per_epoch=per_epoch, seed=a.seed,
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
-                      progress=a.progress, recipe=a.recipe, time_budget_s=budget)
+                      progress=a.progress, recipe=a.recipe, time_budget_s=budget,
+                      view_gray=a.view_gray if get_method(method).has_colour_views() else None)
     l0, t0 = load(), time.perf_counter()
     trainer = Trainer(cfg)
     trainer.fit()
@@ -105,6 +107,7 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
             "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None,
             "load_before": l0, "load_after": load(), "recipe": meta.get("recipe"),
             "hyperparameters": meta.get("hyperparameters"), "optimizer": meta.get("optimizer"),
+            "view_options": meta.get("view_options"),
             "precision": meta.get("precision"), "image_size": meta.get("image_size")}
 
 
@@ -146,6 +149,8 @@ def main() -> None:
                    help="pretraining / kNN ImageFolder (see the module docstring)")
     p.add_argument("--backgrounds", type=int, default=16, help="backdrop pool size of --pretrain-data studio")
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
+    p.add_argument("--view-gray", type=float, help="grayscale probability of the colour-distortion views "
+                   "(methods that have them; default: the papers' 0.2)")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")

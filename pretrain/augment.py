@@ -14,6 +14,10 @@ done on the batch by the method (``Method.preprocess``). Presets follow the pape
 - ``exemplar`` (Dosovitskiy et al. 2014): heavy crop/scale, rotation, colour and contrast changes.
 - ``basic`` (supervised / clustering): RandomResizedCrop + flip. ``center``: resize + centre crop (eval).
 
+``gray`` (the presets with colour distortion, ``COLOUR_PRESETS``) sets every view's grayscale probability
+(the papers' 0.2): ``evalsuite pretrain --view-gray 1`` removes colour from both views, for data whose
+colours are drawn per instance and so tell images apart without saying anything about their class.
+
 The blur's kernel (10% of the side) and sigma range are the papers' at 224 px and scale with the view
 size: sigma 0.1-2.0 px at 224 is 0.03-0.57 px at 64, the same blur relative to the image. Unscaled, a
 2 px sigma at 64 px (7 at 224) wipes out fine texture, as the CIFAR recipes (which drop blur) avoid.
@@ -79,30 +83,35 @@ class ViewTransform:
 
 
 def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,
-               global_scale=(0.14, 1.0), local_scale=(0.05, 0.14)) -> ViewTransform:
+               global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), gray: float = 0.2) -> ViewTransform:
     """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224)."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
-    views = [simclr_view(size, scale=global_scale) for _ in range(n_global)]
-    views += [simclr_view(local_size, scale=local_scale) for _ in range(n_local)]
+    views = [simclr_view(size, scale=global_scale, gray=gray) for _ in range(n_global)]
+    views += [simclr_view(local_size, scale=local_scale, gray=gray) for _ in range(n_local)]
     return ViewTransform(views, f"multicrop({n_global}x{size}+{n_local}x{local_size})")
 
 
-def preset(name: str, size: int, n_views: int = 2, **kw) -> ViewTransform:
-    """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts)."""
+def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, **kw) -> ViewTransform:
+    """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts);
+    ``gray`` replaces the grayscale probability of the colour-distortion presets."""
     from evalsuite.errors import UserError
 
+    if gray is not None and name not in COLOUR_PRESETS:
+        raise UserError(f"augmentation preset {name!r} has no grayscale step; view gray applies to "
+                        f"{', '.join(COLOUR_PRESETS)}")
+    g = {} if gray is None else {"gray": float(gray)}
     if name == "simclr":
-        one = lambda: simclr_view(size)
+        one = lambda: simclr_view(size, **g)
     elif name == "moco_v1":
-        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur=0.0)
+        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur=0.0, **g)
     elif name == "moco_v2":
-        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
+        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), **g)
     elif name == "byol":
         kinds = [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]
-        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **kinds[i % 2]) for i in range(n_views)]
+        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **kinds[i % 2], **g) for i in range(n_views)]
         return ViewTransform(views, name)
     elif name == "swav":
-        return multi_crop(size, **kw)
+        return multi_crop(size, **g, **kw)
     elif name == "exemplar":
         one = lambda: T.Compose([T.RandomResizedCrop(size, scale=(0.3, 1.0), ratio=(0.7, 1.4), antialias=True),
                                  T.RandomHorizontalFlip(), T.RandomRotation(20),
@@ -117,3 +126,4 @@ def preset(name: str, size: int, n_views: int = 2, **kw) -> ViewTransform:
 
 
 PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", "exemplar", "basic", "center")
+COLOUR_PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav")

@@ -28,7 +28,7 @@ from torch import nn
 from evalsuite.colorspace import to_input_space
 from evalsuite.trunks import ARCHS, build_trunk
 
-from .augment import ViewTransform, preset
+from .augment import COLOUR_PRESETS, ViewTransform, preset
 
 
 @dataclass
@@ -101,6 +101,8 @@ class Method(nn.Module):
         self.trunk = build_trunk(arch)
         self.feat_dim = ARCHS[arch]["channels"][-1]
         self.logs: dict[str, float] = {}
+        #: keyword options of the views (the trainer's ``view_gray``), passed to ``pretrain.augment.preset``
+        self.view_options: dict[str, Any] = {}
 
     # ------------------------------------------------------------ hyper-parameters
     @classmethod
@@ -134,7 +136,12 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------ data
     def views(self, image_size: int) -> ViewTransform:
-        return preset(self.augment, image_size, n_views=self.n_views)
+        return preset(self.augment, image_size, n_views=self.n_views, **self.view_options)
+
+    @classmethod
+    def has_colour_views(cls) -> bool:
+        """Whether ``view_options`` (grayscale probability) apply: the preset views of a colour preset."""
+        return cls.views is Method.views and cls.augment in COLOUR_PRESETS
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] -> network input (ImageNet normalisation, or the method's input space)."""

@@ -58,6 +58,9 @@ def add_command(sub) -> None:
                         "on a few thousand small images (--set still overrides)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="fit the lr schedule to this wall-clock budget and stop when it is spent")
+    p.add_argument("--view-gray", type=float, metavar="P",
+                   help="grayscale probability of every view of the colour-distortion presets (papers: 0.2; "
+                        "1 = colour-free views, for data whose colours are per instance)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyper-parameter; repeatable")
     p.add_argument("--out", type=Path, default=Path("pretrained.safetensors"))
@@ -98,7 +101,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,
-                      recipe=a.recipe, time_budget_s=a.time_budget)
+                      recipe=a.recipe, time_budget_s=a.time_budget, view_gray=a.view_gray)
     if a.slurm:
         from .launch import submit
 

@@ -73,6 +73,8 @@ class TrainConfig:
     #: checkpoint is written as usual (metadata records the budget and the steps actually run)
     time_budget_s: float | None = None
     budget_check: int = 10
+    #: grayscale probability of every view (the papers' 0.2) for the colour-distortion views; None = the preset's
+    view_gray: float | None = None
     #: testing aid: stop (as if killed) after this many global steps, without writing the final checkpoint
     stop_after_steps: int | None = None
 
@@ -151,6 +153,12 @@ class Trainer:
         self.method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
+        if cfg.view_gray is not None:
+            if not self.method.has_colour_views():
+                raise UserError(f"--view-gray: the views of {cfg.method} have no grayscale step")
+            if not 0.0 <= float(cfg.view_gray) <= 1.0:
+                raise UserError(f"--view-gray must be a probability in [0, 1], got {cfg.view_gray}")
+            self.method.view_options = {"gray": float(cfg.view_gray)}
         self.views: ViewTransform = self.method.views(cfg.image_size)
         self.dataset = ViewDataset(self.data, self.views, cfg.seed, cfg.limit_images)
         self.global_batch = cfg.batch_size * self.world
@@ -405,6 +413,7 @@ class Trainer:
             "hyperparameters": self.method.hp,
             "optimizer": self.optim_cfg,
             "augment": self.views.describe(),
+            "view_options": dict(self.method.view_options),
             "recipe": cfg.recipe,
             "time_budget_s": cfg.time_budget_s,
             "planned_steps": self.planned_steps,

@@ -50,3 +50,49 @@ def test_strongest_blur_at_64px_keeps_a_6px_texture():
     hi = blur_sigma(64)[1]
     assert amplitude(hi) == pytest.approx(0.4 * math.exp(-2 * math.pi**2 * hi**2 / 36), abs=0.02)
     assert amplitude(hi) > 0.3 > 0.1 > amplitude(2.0)
+
+
+def _grays(pipeline) -> list[float]:
+    found = []
+    for op in getattr(pipeline, "transforms", []):
+        if isinstance(op, T.RandomGrayscale):
+            found.append(op.p)
+        found += _grays(op)
+    return found
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco_v1", "moco_v2", "byol", "swav"])
+def test_view_gray_sets_every_views_grayscale_probability(name):
+    assert all(p == 0.2 for v in preset(name, 64).pipelines for p in _grays(v))  # the papers' value
+    views = preset(name, 64, gray=1.0)
+    assert all(_grays(v) == [1.0] for v in views.pipelines)
+    torch.manual_seed(0)
+    img = torch.rand(3, 64, 64)
+    img[0] = 1.0  # strongly coloured: red everywhere
+    for out in views(img):  # every view is colour-free: three equal channels
+        assert torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2])
+
+
+def test_view_gray_refused_where_views_have_no_colour_step(tiny_imagefolder, tmp_path):
+    from evalsuite.errors import UserError
+    from pretrain import TrainConfig, Trainer
+    from pretrain.registry import get_method
+
+    with pytest.raises(UserError, match="no grayscale step"):
+        preset("basic", 64, gray=1.0)
+    assert get_method("simclr").has_colour_views() and get_method("swav").has_colour_views()
+    assert not get_method("rotnet").has_colour_views() and not get_method("jigsaw").has_colour_views()
+    cfg = dict(data_root=str(tiny_imagefolder), batch_size=8, image_size=32, epochs=1, max_steps_per_epoch=1,
+               progress=False, view_gray=1.0)
+    with pytest.raises(UserError, match="--view-gray: the views of rotnet have no grayscale step"):
+        Trainer(TrainConfig(method="rotnet", out=str(tmp_path / "r.safetensors"), **cfg))
+    with pytest.raises(UserError, match="probability"):
+        Trainer(TrainConfig(method="simclr", out=str(tmp_path / "x.safetensors"), **{**cfg, "view_gray": 2.0}))
+    from evalsuite.checkpoints import read_metadata
+
+    out = tmp_path / "s.safetensors"
+    Trainer(TrainConfig(method="simclr", out=str(out), hp={"proj_hidden": 32, "proj_dim": 16}, **cfg)).fit()
+    meta = read_metadata(out)
+    assert meta["view_options"] == {"gray": 1.0}
+    assert len(meta["augment"]["views"]) == 2
+    assert all("RandomGrayscale(p=1.0)" in v for v in meta["augment"]["views"])

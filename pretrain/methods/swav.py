@@ -47,7 +47,11 @@ class SwAV(Method):
         self._normalize_prototypes()
 
     def views(self, image_size):
-        return multi_crop(image_size, n_global=2, n_local=self.hp["n_local"])
+        return multi_crop(image_size, n_global=2, n_local=self.hp["n_local"], **self.view_options)
+
+    @classmethod
+    def has_colour_views(cls) -> bool:
+        return True
 
     @torch.no_grad()
     def _normalize_prototypes(self) -> None:
