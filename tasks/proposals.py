@@ -262,15 +262,20 @@ def read_proposal_file(path: str | Path) -> dict[str, np.ndarray]:
     detectron2 = "objectness_logits" in data or "bbox_mode" in data
     if detectron2 and int(data.get("bbox_mode", 0)) != 0:
         raise BadData(f"bbox_mode {data['bbox_mode']} is not XYXY_ABS (0)", path)
+    logits = data.get("objectness_logits")
+    if logits is not None and len(logits) != len(ids):
+        raise BadData(f"{len(ids)} {id_field} but {len(logits)} objectness_logits arrays", path)
     out = {}
     for k, (image_id, b) in enumerate(zip(ids, boxes)):
         b = np.asarray(b, np.float32).reshape(-1, 4) if np.size(b) else np.zeros((0, 4), np.float32)
         if not np.isfinite(b).all():
             raise BadData(f"non-finite boxes for image {image_id}", path)
-        if detectron2:
-            order = np.argsort(-np.asarray(data["objectness_logits"][k]).reshape(-1), kind="stable")
-            b = b[order]
-        else:  # Detectron: 0-based inclusive pixels; continuous coordinates end one pixel later
+        if logits is not None:  # detectron2 sorts by decreasing objectness
+            score = np.asarray(logits[k], np.float32).reshape(-1)
+            if len(score) != len(b):
+                raise BadData(f"image {image_id}: {len(b)} boxes but {len(score)} objectness_logits", path)
+            b = b[np.argsort(-score, kind="stable")]
+        if not detectron2:  # Detectron: 0-based inclusive pixels; continuous coordinates end one pixel later
             b = b + np.array([0, 0, 1, 1], np.float32)
         out[id_key(image_id)] = b
     return out

@@ -188,12 +188,17 @@ def test_published_detectron_and_detectron2_proposal_files(tmp_path):
     v2 = _write_pickle(tmp_path / "d2.pkl", {"ids": ["000005"], "boxes": [boxes], "objectness_logits": [logits],
                                              "bbox_mode": 0}, protocol=4)
     np.testing.assert_array_equal(read_proposal_file(v2)["5"], boxes[[1, 0, 2]])
+    # detectron2 boxes without scores: continuous already, file order kept
+    v2n = _write_pickle(tmp_path / "d2n.pkl", {"ids": ["000005"], "boxes": [boxes], "bbox_mode": 0})
+    np.testing.assert_array_equal(read_proposal_file(v2n)["5"], boxes)
 
     bad = {
         "xywh.pkl": {"ids": ["1"], "boxes": [boxes], "objectness_logits": [logits], "bbox_mode": 1},
         "noids.pkl": {"boxes": [boxes]},
         "count.pkl": {"indexes": [1, 2], "boxes": [boxes]},
         "nan.pkl": {"indexes": [1], "boxes": [np.full((1, 4), np.nan)]},
+        "nlogits.pkl": {"ids": ["1"], "boxes": [boxes], "objectness_logits": [logits, logits]},
+        "logits.pkl": {"ids": ["1"], "boxes": [boxes], "objectness_logits": [logits[:2]]},
     }
     for name, obj in bad.items():
         with pytest.raises(BadData) as e:
