@@ -198,14 +198,23 @@ def build_ppo(agent: str, p: dict, seed: int, device: str = "cpu", trunk=None, t
                   clip_range=float(p["clip_range"]), ent_coef=float(p["ent_coef"]), vf_coef=float(p["vf_coef"]),
                   max_grad_norm=float(p["max_grad_norm"]), seed=seed, device=device, verbose=0)
     if agent == "blind":
-        return PPO("MlpPolicy", venv, policy_kwargs={"net_arch": []}, **common), venv
+        return _quiet(PPO("MlpPolicy", venv, policy_kwargs={"net_arch": []}, **common)), venv
     kwargs = {"features_extractor_class": CompressedFeatures,
               "features_extractor_kwargs": {"frame_stack": int(p["frame_stack"]),
                                             "channels": int(p["compress_channels"]),
                                             "grid": int(p["compress_grid"]), "hidden": int(p["compress_hidden"]),
                                             "features_dim": int(p["features_dim"])},
               "net_arch": []}
-    return PPO("MultiInputPolicy", venv, policy_kwargs=kwargs, **common), venv
+    return _quiet(PPO("MultiInputPolicy", venv, policy_kwargs=kwargs, **common)), venv
+
+
+def _quiet(model):
+    """SB3's default logger (verbose=0) still creates an empty ``$TMPDIR/SB3-<time>`` folder per ``learn``;
+    a logger without outputs or folder keeps the run's footprint to the task's own files."""
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def evaluate(venv, act: Callable[[Any], np.ndarray], n_episodes: int, max_steps: int = 1_000_000) -> list[Episode]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -245,7 +246,11 @@ def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monk
         return TaskContext(task="navigation", checkpoint=ckpt, preset="quick", protocol=dict(protocol),
                            data_root=tmp_path, out_dir=out, extractor_factory=lambda: None, progress=False, seed=0)
 
+    scratch = tmp_path / "tmpdir"  # the system temp dir during the run: PPO must leave nothing there
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     results = navigation.task.run(ctx(tmp_path / "out"))
+    assert list(scratch.iterdir()) == []
     keys = [(r.layer, r.metric) for r in results]
     assert keys == [(layer, m) for layer in ("res3+res4+res5", "random", "blind") for m in navigation.METRICS]
     for r in results:
