@@ -53,6 +53,8 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float | None = None
+    #: LARS trust coefficient (the papers' 0.001; solo-learn's 0.02); None = the method's
+    lars_eta: float | None = None
     warmup_epochs: float | None = None
     min_lr_ratio: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | auto
@@ -77,6 +79,12 @@ class TrainConfig:
     view_gray: float | None = None
     #: testing aid: stop (as if killed) after this many global steps, without writing the final checkpoint
     stop_after_steps: int | None = None
+
+
+#: TrainConfig fields a resumed run may change: where the data and the run live and how fast it goes, not
+#: what it trains (every other field, hyper-parameters and views included, must match the resume state)
+RESUME_MAY_CHANGE = frozenset({"data_root", "data_path", "workers", "device", "save_every", "progress", "resume",
+                               "channels_last", "time_budget_s", "budget_check"})
 
 
 class ViewDataset(Dataset):
@@ -176,7 +184,7 @@ class Trainer:
         if self.method.trains:
             self.optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg["optimizer"],
                                              self.optim_cfg["lr"], self.optim_cfg["weight_decay"],
-                                             self.optim_cfg["momentum"])
+                                             self.optim_cfg["momentum"], eta=self.optim_cfg["lars_eta"])
         self.model = self.method
         if self.world > 1 and self.method.trains:
             import inspect
@@ -217,6 +225,7 @@ class Trainer:
         return {"optimizer": name, "lr": lr, "base_lr_per_256": None if cfg.lr is not None else d.get("lr"),
                 "weight_decay": cfg.weight_decay if cfg.weight_decay is not None else d.get("weight_decay", 0.0),
                 "momentum": cfg.momentum if cfg.momentum is not None else d.get("momentum", 0.9),
+                "lars_eta": cfg.lars_eta if cfg.lars_eta is not None else d.get("lars_eta", 0.001),
                 "warmup_epochs": warm_epochs, "warmup_steps": int(round(warm_epochs * self.steps_per_epoch)),
                 "min_lr_ratio": cfg.min_lr_ratio, "schedule": "warmup+cosine"}
 
@@ -242,10 +251,12 @@ class Trainer:
             raise BadData(f"cannot read the resume state ({type(e).__name__}); delete it to restart",
                           self.state_path) from None
         saved = json.loads(state["config"])
-        for key in ("method", "arch", "batch_size", "world_size", "image_size"):
-            if saved.get(key) != self._config_record().get(key):
-                raise UserError(f"resume state was written with {key}={saved.get(key)!r}, this run has "
-                                f"{self._config_record().get(key)!r}; delete it or change --out", self.state_path)
+        now = json.loads(json.dumps(self._config_record()))
+        changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+        if changed:
+            diff = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+            raise UserError(f"resume state was written with {diff}; rerun with those settings, or delete it or "
+                            "change --out to start afresh", self.state_path)
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])

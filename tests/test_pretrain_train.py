@@ -3,6 +3,7 @@ resume after an interruption gives the same losses; registry, CLI and bad input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -85,6 +86,11 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_imagefolder, tmp_path)
     assert Trainer(cut).fit() is None  # "killed" after step 3, before saving it
     assert not (tmp_path / "cut.safetensors").exists()
     cut.stop_after_steps = None
+    # what the run trains must match the state: a changed lr or view setting is refused (naming each)
+    other = dataclasses.replace(cut, lr=0.5, view_gray=1.0)
+    with pytest.raises(UserError, match=r"lr=None \(now 0.5\), view_gray=None \(now 1.0\)"):
+        Trainer(other).fit()
+    cut.progress, cut.workers = True, 1  # how it runs may change
     resumed = Trainer(cut)
     resumed.fit()
     assert len(resumed.losses) == len(full.losses) == 4
