@@ -43,6 +43,7 @@ def add_command(sub) -> None:
     p.add_argument("--lr", type=float, help="absolute learning rate (default: method lr x batch / 256)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--momentum", type=float)
+    p.add_argument("--lars-eta", type=float, help="LARS trust coefficient (default: the method's, 0.001 in the papers)")
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     p.add_argument("--channels-last", action="store_true")
@@ -97,7 +98,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     cfg = TrainConfig(method=a.method, arch=a.arch, data_root=str(a.data_root), dataset=a.dataset, split=a.split,
                       data_path=str(a.data_path) if a.data_path else None, out=str(a.out), epochs=a.epochs,
                       batch_size=a.batch_size, image_size=a.image_size, optimizer=a.optimizer, lr=a.lr,
-                      weight_decay=a.weight_decay, momentum=a.momentum, warmup_epochs=a.warmup_epochs,
+                      weight_decay=a.weight_decay, momentum=a.momentum, lars_eta=a.lars_eta, warmup_epochs=a.warmup_epochs,
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,

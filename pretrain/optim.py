@@ -48,13 +48,15 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float, momentum: float):
+def build_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float, momentum: float,
+                    eta: float = 0.001):
+    """The named optimiser over the method's parameter groups; ``eta`` is LARS's trust coefficient."""
     for g in groups:
         g.setdefault("weight_decay", weight_decay)
         g["base_lr"] = g.get("lr", lr)
         g["lr"] = g["base_lr"]
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
     clean = [{k: v for k, v in g.items() if k not in ("lars_exclude",)} for g in groups]
     if name == "sgd":
         return torch.optim.SGD(clean, lr=lr, momentum=momentum, weight_decay=weight_decay)

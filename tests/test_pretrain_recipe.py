@@ -83,3 +83,13 @@ def test_time_budget_shrinks_schedule_and_stops(tiny_imagefolder, tmp_path, monk
     meta = read_metadata(out)
     assert meta["steps"] == 6 and meta["schedule_steps"] == 6 and meta["planned_steps"] == 100
     assert meta["time_budget_s"] == 6.0
+
+
+def test_lars_trust_coefficient_reaches_the_optimizer_and_the_metadata(tiny_imagefolder, tmp_path):
+    out = tmp_path / "l.safetensors"
+    tr = Trainer(_cfg(tiny_imagefolder, out, optimizer="lars", lars_eta=0.02))
+    assert {g["eta"] for g in tr.optimizer.param_groups} == {0.02}
+    tr.fit()
+    assert read_metadata(out)["optimizer"]["lars_eta"] == 0.02
+    default = Trainer(_cfg(tiny_imagefolder, tmp_path / "d.safetensors"))  # simclr's paper LARS: eta 0.001
+    assert {g["eta"] for g in default.optimizer.param_groups} == {0.001}
