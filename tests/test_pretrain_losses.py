@@ -136,6 +136,46 @@ def test_swapped_prediction_by_hand():
     assert swapped_prediction_loss(s, q, t).item() == pytest.approx(float(sum(terms) / 4), rel=1e-6)
 
 
+def _sinkhorn_reference(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:
+    """SwAV's Algorithm 1 written out: rows (prototypes) to 1/K, columns (samples) to 1/B, alternately."""
+    q = np.exp(scores.astype(np.float64) / eps).T
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(axis=1, keepdims=True) * k
+        q /= q.sum(axis=0, keepdims=True) * b
+    return (q * b).T
+
+
+def test_swav_queue_fills_from_its_start_step_and_joins_sinkhorn_once_full():
+    from types import SimpleNamespace
+
+    from pretrain.methods.swav import SwAV
+
+    torch.manual_seed(0)
+    m = SwAV("resnet18", hp={"proj_hidden": 16, "proj_dim": 8, "n_prototypes": 5, "queue_length": 6,
+                             "queue_start_steps": 1, "freeze_prototypes_steps": 0})
+    hp = m.hp
+    batches = [[F.normalize(torch.randn(3, 8), dim=1) for _ in range(2)] for _ in range(4)]
+    scores = F.normalize(torch.randn(3, 8), dim=1) @ m.prototypes.weight.detach().t()
+    batch_only = _sinkhorn_reference(scores.numpy(), hp["epsilon"], hp["sinkhorn_iters"])
+    for step, pending in enumerate(batches[:3]):
+        # not full yet (step 0 is before queue_start_steps, steps 1-2 write 3 + 3): codes are the batch's own
+        np.testing.assert_allclose(m.codes(scores, 0).numpy(), batch_only, rtol=1e-4, atol=1e-6)
+        m._pending = pending
+        m.on_after_step(SimpleNamespace(global_step=step))
+    assert int(m.queued) == 6
+    for crop in range(2):  # each global crop has its own queue: the embeddings of steps 1 and 2
+        assert torch.equal(torch.sort(m.queues[crop].items, 0)[0],
+                           torch.sort(torch.cat([batches[1][crop], batches[2][crop]]), 0)[0])
+        stacked = torch.cat([m.queues[crop].items @ m.prototypes.weight.detach().t(), scores])
+        want = _sinkhorn_reference(stacked.numpy(), hp["epsilon"], hp["sinkhorn_iters"])[-3:]
+        got = m.codes(scores, crop).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
+        assert np.abs(got - batch_only).max() > 1e-3  # the queue changed the codes
+
+
 def test_queue_enqueue_dequeue_wraps():
     q = Queue(5, 2)
     first = torch.arange(6.0).view(3, 2)

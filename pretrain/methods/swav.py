@@ -2,7 +2,13 @@
 layer without bias, re-normalised after every step, frozen for the first ``freeze_prototypes_steps``),
 codes from Sinkhorn-Knopp equipartition (eps = 0.05, 3 iterations, over all processes), swapped prediction:
 each global crop's code is predicted by the softmax(z . c / T) of every other crop (T = 0.1), multi-crop
-(2 x 224 + 6 x 96 in the paper). LARS, lr 0.6 x B/256 (4.8 at 4096), wd 1e-6."""
+(2 x 224 + 6 x 96 in the paper). LARS, lr 0.6 x B/256 (4.8 at 4096), wd 1e-6.
+
+Small batches: the paper adds a queue of each global crop's last ``queue_length`` embeddings (3840 at a batch
+of 256, from epoch 15), scored against the current prototypes and stacked under the batch's scores before
+Sinkhorn, so the equipartition is over enough samples; only the batch's rows are used as codes. The queue
+is per process (Sinkhorn's sums still run over all processes), fills from ``queue_start_steps`` and is used
+once full."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from torch import nn
 from ..augment import multi_crop
 from ..base import SHORT_SGD, Batch, Method, mlp
 from ..losses import sinkhorn
+from ..memory import Queue
 
 
 def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -32,10 +39,13 @@ class SwAV(Method):
     name = "swav"
     description = "SwAV: prototypes, Sinkhorn-Knopp codes, swapped prediction, multi-crop"
     defaults = {"proj_hidden": 2048, "proj_dim": 128, "n_prototypes": 3000, "temperature": 0.1,
-                "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 6, "freeze_prototypes_steps": 313}
+                "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 6, "freeze_prototypes_steps": 313,
+                "queue_length": 0, "queue_start_steps": 0}
     optim = {"optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
-    short = {"hp": {"proj_hidden": 512, "n_prototypes": 100, "n_local": 2, "freeze_prototypes_steps": 20},
+    #: short: the paper's small-batch queue (3840 at 256 = 15 batches; here 16 batches of 32) from step 100
+    short = {"hp": {"proj_hidden": 512, "n_prototypes": 100, "n_local": 2, "freeze_prototypes_steps": 20,
+                    "queue_length": 512, "queue_start_steps": 100},
              "optim": SHORT_SGD}
     augment = "swav"
     n_views = 2
@@ -45,6 +55,9 @@ class SwAV(Method):
         self.projector = mlp([self.feat_dim, self.hp["proj_hidden"], self.hp["proj_dim"]])
         self.prototypes = nn.Linear(self.hp["proj_dim"], self.hp["n_prototypes"], bias=False)
         self._normalize_prototypes()
+        length = self.hp["queue_length"]
+        self.queues = nn.ModuleList([Queue(length, self.hp["proj_dim"]) for _ in range(2)]) if length else None
+        self.register_buffer("queued", torch.zeros((), dtype=torch.long))  # embeddings written per queue
 
     def views(self, image_size):
         return multi_crop(image_size, n_global=2, n_local=self.hp["n_local"], **self.view_options)
@@ -58,9 +71,19 @@ class SwAV(Method):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def training_step(self, batch: Batch):
-        scores = [self.prototypes(F.normalize(self.projector(self.embed(v)), dim=1)) for v in batch.views]
-        codes = [sinkhorn(s.detach(), self.hp["epsilon"], self.hp["sinkhorn_iters"]) for s in scores[:2]]
+        z = [F.normalize(self.projector(self.embed(v)), dim=1) for v in batch.views]
+        scores = [self.prototypes(e) for e in z]
+        codes = [self.codes(s.detach(), i) for i, s in enumerate(scores[:2])]
+        self._pending = [e.detach() for e in z[:2]]
         return swapped_prediction_loss(scores, codes, self.hp["temperature"])
+
+    @torch.no_grad()
+    def codes(self, scores: torch.Tensor, crop: int) -> torch.Tensor:
+        """Sinkhorn codes of one global crop's batch, over the batch stacked under its full queue."""
+        n = scores.shape[0]
+        if self.queues is not None and int(self.queued) >= self.hp["queue_length"]:
+            scores = torch.cat([self.prototypes(self.queues[crop].items), scores])
+        return sinkhorn(scores, self.hp["epsilon"], self.hp["sinkhorn_iters"])[-n:]
 
     def on_after_backward(self, trainer) -> None:
         if trainer.global_step < self.hp["freeze_prototypes_steps"]:
@@ -68,3 +91,7 @@ class SwAV(Method):
 
     def on_after_step(self, trainer) -> None:
         self._normalize_prototypes()
+        if self.queues is not None and trainer.global_step >= self.hp["queue_start_steps"]:
+            for queue, e in zip(self.queues, self._pending):
+                queue.enqueue(e, gather=False)
+            self.queued += self._pending[0].shape[0]
