@@ -94,7 +94,8 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
                       batch_size=a.batch_size, epochs=epochs, max_steps_per_epoch=per_epoch, seed=a.seed,
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
-                      view_gray=a.view_gray if get_method(method).has_colour_views() else None)
+                      view_gray=a.view_gray if get_method(method).has_colour_views() else None,
+                      lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta, hp=method_hp(method, a.set))
     l0, t0 = load(), time.perf_counter()
     trainer = Trainer(cfg)
     trainer.fit()
@@ -109,6 +110,22 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
             "hyperparameters": meta.get("hyperparameters"), "optimizer": meta.get("optimizer"),
             "view_options": meta.get("view_options"),
             "precision": meta.get("precision"), "image_size": meta.get("image_size")}
+
+
+def method_hp(method: str, pairs: list[str]) -> dict:
+    """The ``--set KEY=VALUE`` pairs whose KEY is one of ``method``'s hyper-parameters (values as strings: the
+    method casts each to its default's type)."""
+    from pretrain.registry import get_method
+
+    known = get_method(method).defaults
+    hp = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
+        if key in known:
+            hp[key] = value
+    return hp
 
 
 def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
@@ -151,6 +168,12 @@ def main() -> None:
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
     p.add_argument("--view-gray", type=float, help="grayscale probability of the colour-distortion views "
                    "(methods that have them; default: the papers' 0.2)")
+    p.add_argument("--lr", type=float, help="learning rate of every method (default: each recipe's, scaled by batch)")
+    p.add_argument("--optimizer", help="optimizer of every method (default: each recipe's)")
+    p.add_argument("--lars-eta", type=float, help="LARS trust coefficient of every method (default: each recipe's)")
+    p.add_argument("--weight-decay", type=float, help="weight decay of every method (default: each recipe's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyper-parameter, applied to each method that has KEY (repeatable)")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")
