@@ -37,6 +37,33 @@ def test_short_recipe_replaces_small_batch_lars():
     assert moco["queue_size"] < 65536 and moco["momentum_k"] < 0.999
 
 
+def test_swav_short_prototypes_leave_no_direction_that_scores_them_all_alike():
+    """With K prototypes spanning fewer than d dimensions, an embedding orthogonal to all of them scores every
+    prototype 0: its Sinkhorn codes are uniform, its prediction uniform, the loss exactly ln K, and nothing
+    pushes it out (K = 100 < d = 128 ended 10 minutes at loss 4.61 = ln 100). The recipe's prototypes must
+    leave no such direction: their pairwise differences span the whole embedding space."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.losses import sinkhorn
+    from pretrain.methods.swav import SwAV, swapped_prediction_loss
+
+    torch.manual_seed(0)
+    small = SwAV("resnet18", hp={"proj_hidden": 16, "proj_dim": 12, "n_prototypes": 8})
+    c = small.prototypes.weight.detach()
+    basis = torch.linalg.svd(c, full_matrices=True).Vh  # rows 8..11: directions orthogonal to every prototype
+    z = F.normalize(basis[8:].t() @ torch.randn(4, 4), dim=0).t()  # 4 unit embeddings in that complement
+    scores = [small.prototypes(z)] * 2
+    codes = [sinkhorn(s, 0.05, 3) for s in scores]
+    assert swapped_prediction_loss(scores, codes, 0.1).item() == pytest.approx(math.log(8), abs=1e-5)
+
+    hp = SwAV.resolve_hp({}, "short")
+    protos = SwAV("resnet18", hp=hp, recipe="short").prototypes.weight.detach()
+    assert torch.linalg.matrix_rank(protos[1:] - protos[0]) == hp["proj_dim"]
+
+
 def test_override_beats_recipe_and_unknown_recipe_refused():
     cls = get_method("simclr")
     assert cls.resolve_hp({"temperature": "0.3"}, "short")["temperature"] == 0.3

@@ -43,9 +43,11 @@ class SwAV(Method):
                 "queue_length": 0, "queue_start_steps": 0}
     optim = {"optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
-    #: short: the paper's small-batch queue (3840 at 256 = 15 batches; here 16 batches of 32) from step 100
-    short = {"hp": {"proj_hidden": 512, "n_prototypes": 100, "n_local": 2, "freeze_prototypes_steps": 20,
-                    "queue_length": 512, "queue_start_steps": 100},
+    #: short: 100 prototypes in a 64-d space (K must exceed d, as the paper's 3000 > 128 does: with K <= d an
+    #: embedding orthogonal to every prototype scores them all 0 and sits at loss ln K with uniform codes), and
+    #: the paper's small-batch queue (3840 at 256 = 15 batches; here 16 batches of 32) from step 100
+    short = {"hp": {"proj_hidden": 512, "proj_dim": 64, "n_prototypes": 100, "n_local": 2,
+                    "freeze_prototypes_steps": 20, "queue_length": 512, "queue_start_steps": 100},
              "optim": SHORT_SGD}
     augment = "swav"
     n_views = 2
