@@ -95,7 +95,7 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
                       view_gray=a.view_gray if get_method(method).has_colour_views() else None,
-                      lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta, hp=method_hp(method, a.set))
+                      lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta, device=a.device, hp=method_hp(method, a.set))
     l0, t0 = load(), time.perf_counter()
     trainer = Trainer(cfg)
     trainer.fit()
@@ -135,7 +135,7 @@ def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     rep = run(RunOptions(checkpoint=checkpoint, arch=a.arch, tasks=["knn", "voc07_svm"], preset="quick",
                          overrides=overrides, data_root=root, out=work / "runs", cache_dir=work / "cache",
-                         seed=a.seed, precision=a.eval_precision, progress=False))
+                         seed=a.seed, precision=a.eval_precision, progress=False, device=a.device))
     knn, svm = {}, {}
     for r in rep.results:
         if r.task == "knn" and r.metric == "top1":
@@ -179,6 +179,7 @@ def main() -> None:
                    help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="pretraining and evaluation device (cpu, cuda)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", type=Path, help="reuse/keep data here (default: a temporary directory)")
