@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_json
+from evalsuite.errors import UserError
+from pretrain.cli import parse_hp
 
 ISSUE5 = ["simclr", "moco_v2", "byol", "swav", "barlow_twins"]
 ISSUE6 = ["rotnet", "jigsaw", "colorization"]
@@ -95,7 +97,8 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
                       view_gray=a.view_gray if get_method(method).has_colour_views() else None,
-                      lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta, device=a.device, hp=method_hp(method, a.set))
+                      lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta,
+                      device=a.device, hp=method_hp(method, a.hp))
     l0, t0 = load(), time.perf_counter()
     trainer = Trainer(cfg)
     trainer.fit()
@@ -112,20 +115,12 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
             "precision": meta.get("precision"), "image_size": meta.get("image_size")}
 
 
-def method_hp(method: str, pairs: list[str]) -> dict:
-    """The ``--set KEY=VALUE`` pairs whose KEY is one of ``method``'s hyper-parameters (values as strings: the
-    method casts each to its default's type)."""
+def method_hp(method: str, hp: dict[str, str]) -> dict[str, str]:
+    """The ``--set`` values whose KEY is one of ``method``'s hyper-parameters."""
     from pretrain.registry import get_method
 
     known = get_method(method).defaults
-    hp = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
-        if key in known:
-            hp[key] = value
-    return hp
+    return {k: v for k, v in hp.items() if k in known}
 
 
 def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
@@ -187,6 +182,11 @@ def main() -> None:
     p.add_argument("--progress", action="store_true")
     a = p.parse_args()
     a.eval_px = a.eval_px or a.px
+    try:
+        a.hp = parse_hp(a.set)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.set_num_threads(a.threads)
     methods = [m for m in a.methods.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="bench_pq_") as tmp:

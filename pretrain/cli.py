@@ -75,6 +75,17 @@ def add_command(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
+def parse_hp(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as {KEY: VALUE} (strings: the method casts each to its default's type)."""
+    hp = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        hp[k.strip()] = v.strip()
+    return hp
+
+
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .registry import methods
 
@@ -87,18 +98,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         return 0
     if not a.method:
         raise UserError("--method is required (see `evalsuite pretrain --list`)")
-    hp = {}
-    for item in a.overrides:
-        if "=" not in item:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        hp[k.strip()] = v.strip()
+    hp = parse_hp(a.overrides)
     from .trainer import TrainConfig, train
 
     cfg = TrainConfig(method=a.method, arch=a.arch, data_root=str(a.data_root), dataset=a.dataset, split=a.split,
                       data_path=str(a.data_path) if a.data_path else None, out=str(a.out), epochs=a.epochs,
                       batch_size=a.batch_size, image_size=a.image_size, optimizer=a.optimizer, lr=a.lr,
-                      weight_decay=a.weight_decay, momentum=a.momentum, lars_eta=a.lars_eta, warmup_epochs=a.warmup_epochs,
+                      weight_decay=a.weight_decay, momentum=a.momentum, lars_eta=a.lars_eta,
+                      warmup_epochs=a.warmup_epochs,
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,

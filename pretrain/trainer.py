@@ -252,7 +252,7 @@ class Trainer:
                           self.state_path) from None
         saved = json.loads(state["config"])
         now = json.loads(json.dumps(self._config_record()))
-        changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+        changed = [k for k in sorted((set(saved) | set(now)) - RESUME_MAY_CHANGE) if saved.get(k) != now.get(k)]
         if changed:
             diff = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
             raise UserError(f"resume state was written with {diff}; rerun with those settings, or delete it or "
