@@ -1,8 +1,11 @@
 """Content-addressed on-disk feature cache.
 
 One entry per (checkpoint, arch, dataset fingerprint, split, tap, transform,
-pooling, precision). An entry is a directory of fp16 ``.npy`` shards plus a
-``manifest.json`` written last:
+pooling, precision). An entry is a directory of ``.npy`` shards plus a
+``manifest.json`` written last. Shards are float16 (half the disk of float32; features are
+L2-normalised or standardised before use); a shard holding a value beyond float16's range (65504:
+an unnormalised trunk, a checkpoint whose BatchNorm statistics lag its weights) is kept in float32
+instead, and the entry then loads as float32:
 
     <root>/<key[:2]>/<key>/key.json          the key fields, human-readable
     <root>/<key[:2]>/<key>/shard_00000.npy   rows [0, shard_rows)
@@ -52,6 +55,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def storage_array(array: np.ndarray) -> np.ndarray:
+    """``array`` as the cache stores it: float16 when every value fits, float32 otherwise."""
+    half = np.asarray(array, dtype=np.float16)
+    if np.isfinite(half).all() or not np.isfinite(np.asarray(array, dtype=np.float32)).all():
+        return np.ascontiguousarray(half)
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
@@ -147,7 +158,7 @@ class CacheEntry:
         lo, hi = self.shard_range(i)
         if array.shape[0] != hi - lo:
             raise ValueError(f"shard {i} expects {hi - lo} rows, got {array.shape[0]}")
-        return _atomic_save_npy(self.shard_path(i), np.ascontiguousarray(array, dtype=np.float16))
+        return _atomic_save_npy(self.shard_path(i), storage_array(array))
 
     def finalize(self, extra: Mapping[str, Any] | None = None) -> None:
         shards = []
@@ -156,9 +167,10 @@ class CacheEntry:
             data = self.shard_path(i).read_bytes()
             arr = np.load(self.shard_path(i), mmap_mode="r")
             dim = int(arr.shape[1])
-            shards.append({"file": self.shard_path(i).name, "rows": int(arr.shape[0]),
+            shards.append({"file": self.shard_path(i).name, "rows": int(arr.shape[0]), "dtype": str(arr.dtype),
                            "sha256": hashlib.sha256(data).hexdigest()})
-        manifest = {"key": self.key, "rows": self.rows, "dim": dim, "dtype": "float16",
+        dtype = "float16" if all(s["dtype"] == "float16" for s in shards) else "float32"
+        manifest = {"key": self.key, "rows": self.rows, "dim": dim, "dtype": dtype,
                     "shards": shards, **(dict(extra) if extra else {})}
         _atomic_write_bytes(self.manifest_path, json.dumps(manifest, sort_keys=True, default=str).encode())
 
@@ -166,14 +178,16 @@ class CacheEntry:
         return json.loads(self.manifest_path.read_text())
 
     def load(self, verify: bool = True) -> np.ndarray:
-        """All rows as one fp16 array (filled in place: no second copy)."""
+        """All rows as one array, float16 unless a shard needed float32 (filled in place: no second copy)."""
         try:
             m = self.manifest()
         except (OSError, json.JSONDecodeError) as e:
             raise CorruptEntry(f"unreadable manifest ({e})") from None
         if m.get("rows") != self.rows or len(m.get("shards", [])) != self.num_shards:
             raise CorruptEntry("manifest does not match the key")
-        out = np.empty((self.rows, int(m["dim"])), dtype=np.float16)
+        if m.get("dtype", "float16") not in ("float16", "float32"):
+            raise CorruptEntry(f"unknown dtype {m.get('dtype')!r} in the manifest")
+        out = np.empty((self.rows, int(m["dim"])), dtype=m.get("dtype", "float16"))
         for i, s in enumerate(m["shards"]):
             path = self.dir / s["file"]
             try:
@@ -191,6 +205,8 @@ class CacheEntry:
             lo, hi = self.shard_range(i)
             if arr.shape != (hi - lo, out.shape[1]):
                 raise CorruptEntry(f"shard {s['file']} has shape {arr.shape}")
+            if str(arr.dtype) != s.get("dtype", "float16"):
+                raise CorruptEntry(f"shard {s['file']} holds {arr.dtype}, the manifest says {s.get('dtype')}")
             out[lo:hi] = arr
         return out
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .cache import CacheEntry, CorruptEntry, FeatureCache
+from .cache import CacheEntry, CorruptEntry, FeatureCache, storage_array
 from .colorspace import IMAGENET_MEAN, IMAGENET_STD, INPUT_SPACES, to_input_space
 from .data.base import ImageDataset
 from .errors import BadData, BadFeatures, UserError
@@ -184,7 +184,8 @@ class FeatureExtractor:
     def features(
         self, dataset: ImageDataset, taps: Sequence[str], pooling: str = "goyal", transform: Transform | None = None
     ) -> dict[str, np.ndarray]:
-        """fp16 (N, D) features per tap for every sample of ``dataset``, in dataset order."""
+        """(N, D) features per tap for every sample of ``dataset``, in dataset order (float16, or float32 for
+        a tap whose values exceed float16's range)."""
         transform = transform or Transform()
         n = len(dataset)
         if n == 0:
@@ -296,11 +297,7 @@ class FeatureExtractor:
                     "the checkpoint's weights are probably broken",
                     path,
                 )
-            h = y.detach().cpu().numpy().astype(np.float16)
-            if not np.isfinite(h).all():
-                raise BadFeatures(f"{t} features overflow float16 (max |x| = {float(y.abs().max()):.3g})",
-                                  dataset.image_path(int(idx[0])))
-            out[t] = h
+            out[t] = storage_array(y.detach().cpu().numpy())  # fp16 unless out of its range
         return out
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evalsuite.cache import FeatureCache
+from evalsuite.cache import FeatureCache, storage_array
 from evalsuite.data import open_dataset
 from evalsuite.errors import BadData, BadFeatures
 from evalsuite.features import FeatureExtractor, Transform
@@ -122,6 +122,36 @@ def test_nan_weights_raise_bad_features_and_cache_stays_incomplete(tmp_path, tra
     with pytest.raises(BadFeatures, match="NaN"):
         ext.features(train_ds, ["res4"], "avg", TF)
     assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_values_beyond_float16_are_cached_in_float32(tmp_path, train_ds) -> None:
+    """A trunk whose res5 reaches ~1e5 (BatchNorm scales x 3e5, as a few-step checkpoint whose running
+    statistics lag its weights): that tap is cached and returned in float32, exactly as computed; the
+    in-range tap stays float16; a second request reads both from the cache."""
+    trunk = build_trunk("resnet18", seed=0)
+    with torch.no_grad():
+        trunk.layer4[1].bn2.weight.mul_(3e5)
+        trunk.layer4[1].bn2.bias.mul_(3e5)
+    out = _extractor(tmp_path, trunk=CountingTrunk(trunk)).features(train_ds, ["res3", "res5"], "avg", TF)
+    x = torch.stack([TF(train_ds.load_image(i)) for i in range(len(train_ds))])
+    with torch.inference_mode():
+        ref = trunk.eval()(x, ["res5"])["res5"].float().mean((2, 3)).numpy()
+    assert np.abs(ref).max() > 1e5  # beyond float16 (65504)
+    assert out["res5"].dtype == np.float32 and out["res3"].dtype == np.float16
+    np.testing.assert_allclose(out["res5"], ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    again = _extractor(tmp_path, trunk=CountingTrunk(trunk))
+    cached = again.features(train_ds, ["res3", "res5"], "avg", TF)
+    assert again.trunk.seen == 0
+    np.testing.assert_array_equal(cached["res5"], out["res5"])
+    np.testing.assert_array_equal(cached["res3"], out["res3"])
+
+
+def test_storage_array_keeps_float16_where_it_fits() -> None:
+    fits = np.array([[1.5, -65504.0]], np.float32)
+    assert storage_array(fits).dtype == np.float16
+    big = np.array([[1.5, 70000.0]], np.float32)
+    assert storage_array(big).dtype == np.float32 and storage_array(big)[0, 1] == 70000.0
+    assert storage_array(np.array([[np.inf]], np.float32)).dtype == np.float16  # not finite anyway: no promotion
 
 
 def test_empty_and_corrupt_images(tmp_path, tiny_imagefolder) -> None:

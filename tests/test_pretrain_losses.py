@@ -107,6 +107,7 @@ def test_barlow_twins_loss_by_loops():
             assert float(c[i, j]) == pytest.approx(cij, abs=1e-4)
             ref += (1 - cij) ** 2 if i == j else lam * cij**2
     assert barlow_twins_loss(c, lam).item() == pytest.approx(ref, rel=1e-4)
+    assert barlow_twins_loss(c, lam, scale=1 / 32).item() == pytest.approx(ref / 32, rel=1e-4)
     # identical standardised views -> diagonal of ones -> loss is the off-diagonal term only
     c_same = cross_correlation(z1, z1)
     assert torch.allclose(torch.diagonal(c_same), torch.ones(3), atol=1e-4)

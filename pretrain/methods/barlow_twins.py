@@ -1,7 +1,9 @@
 """Barlow Twins (Zbontar et al., ICML 2021): projector 8192-8192-8192 (BN+ReLU), each embedding dimension
 standardised over the batch, cross-correlation C = z1n^T z2n / N driven to the identity:
 L = sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, lambda = 5e-3. LARS, lr 0.2 x B/256 (weights), wd 1.5e-6.
-Under DDP the correlation is summed over processes (the paper's all_reduce), so it is the global batch's."""
+Under DDP the correlation is summed over processes (the paper's all_reduce), so it is the global batch's.
+``scale_loss`` multiplies the loss (solo-learn's knob, 0.1 in its CIFAR recipes; 1 here by default: under LARS
+the update does not depend on the loss scale, under SGD it acts like a smaller learning rate)."""
 
 from __future__ import annotations
 
@@ -36,16 +38,17 @@ class _AllReduce(torch.autograd.Function):
         return D.all_reduce_sum(g)
 
 
-def barlow_twins_loss(c: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
+def barlow_twins_loss(c: torch.Tensor, lambd: float = 5e-3, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` * (sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2)."""
     on = (torch.diagonal(c) - 1).pow(2).sum()
     off = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-    return on + lambd * off
+    return scale * (on + lambd * off)
 
 
 class BarlowTwins(Method):
     name = "barlow_twins"
     description = "Barlow Twins: cross-correlation of the two views' embeddings driven to the identity"
-    defaults = {"proj_dim": 8192, "lambd": 5e-3}
+    defaults = {"proj_dim": 8192, "lambd": 5e-3, "scale_loss": 1.0}
     optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
              "base_batch_size": 256}
     #: short: lambda keeps the paper's balance of the D^2 off-diagonal terms (each ~1/N at random) against the D
@@ -64,4 +67,4 @@ class BarlowTwins(Method):
         z2 = self.projector(self.embed(batch.views[1]))
         world = D.world_size()
         c = cross_correlation(z1, z2, total=z1.shape[0] * world, distributed=world > 1)
-        return barlow_twins_loss(c, self.hp["lambd"])
+        return barlow_twins_loss(c, self.hp["lambd"], self.hp["scale_loss"])
