@@ -97,6 +97,7 @@ def pretrain(method: str, a, root: Path, out: Path) -> dict:
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
                       view_gray=a.view_gray if get_method(method).has_colour_views() else None,
+                      view_jitter=a.view_jitter if get_method(method).has_colour_views() else None,
                       lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta,
                       device=a.device, hp=method_hp(method, a.hp))
     l0, t0 = load(), time.perf_counter()
@@ -163,6 +164,8 @@ def main() -> None:
     p.add_argument("--recipe", default="short", choices=["short", "paper"])
     p.add_argument("--view-gray", type=float, help="grayscale probability of the colour-distortion views "
                    "(methods that have them; default: the papers' 0.2)")
+    p.add_argument("--view-jitter", type=float, help="colour-jitter strength of the colour-distortion views "
+                   "(methods that have them; default: the papers', 1)")
     p.add_argument("--lr", type=float, help="learning rate of every method (default: each recipe's, scaled by batch)")
     p.add_argument("--optimizer", help="optimizer of every method (default: each recipe's)")
     p.add_argument("--lars-eta", type=float, help="LARS trust coefficient of every method (default: each recipe's)")

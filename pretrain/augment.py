@@ -17,6 +17,8 @@ done on the batch by the method (``Method.preprocess``). Presets follow the pape
 ``gray`` (the presets with colour distortion, ``COLOUR_PRESETS``) sets every view's grayscale probability
 (the papers' 0.2): ``evalsuite pretrain --view-gray 1`` removes colour from both views, for data whose
 colours are drawn per instance and so tell images apart without saying anything about their class.
+``jitter`` scales the same presets' colour-jitter amplitudes (brightness, contrast, saturation, hue; hue
+capped at 0.5), as SimCLR's colour strength s does: ``--view-jitter 0.5`` halves them.
 
 The blur's kernel (10% of the side) and sigma range are the papers' at 224 px and scale with the view
 size: sigma 0.1-2.0 px at 224 is 0.03-0.57 px at 64, the same blur relative to the image. Unscaled, a
@@ -47,8 +49,9 @@ def _blur(size: int, p: float) -> T.Transform:
 
 def simclr_view(size: int, scale=(0.08, 1.0), s: float = 1.0, blur: float = 0.5, solarize: float = 0.0,
                 jitter=(0.8, 0.8, 0.8, 0.2), gray: float = 0.2) -> T.Compose:
+    b, c, sat, hue = (j * s for j in jitter)
     ops = [T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(*(j * s for j in jitter))], p=0.8), T.RandomGrayscale(p=gray)]
+           T.RandomApply([T.ColorJitter(b, c, sat, min(hue, 0.5))], p=0.8), T.RandomGrayscale(p=gray)]
     if blur > 0:
         ops.append(_blur(size, blur))
     ops += _tensor()
@@ -83,23 +86,29 @@ class ViewTransform:
 
 
 def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,
-               global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), gray: float = 0.2) -> ViewTransform:
+               global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), gray: float = 0.2,
+               s: float = 1.0) -> ViewTransform:
     """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224)."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
-    views = [simclr_view(size, scale=global_scale, gray=gray) for _ in range(n_global)]
-    views += [simclr_view(local_size, scale=local_scale, gray=gray) for _ in range(n_local)]
+    views = [simclr_view(size, scale=global_scale, gray=gray, s=s) for _ in range(n_global)]
+    views += [simclr_view(local_size, scale=local_scale, gray=gray, s=s) for _ in range(n_local)]
     return ViewTransform(views, f"multicrop({n_global}x{size}+{n_local}x{local_size})")
 
 
-def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, **kw) -> ViewTransform:
+def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, jitter: float | None = None,
+           **kw) -> ViewTransform:
     """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts);
-    ``gray`` replaces the grayscale probability of the colour-distortion presets."""
+    ``gray`` replaces the grayscale probability of the colour-distortion presets, ``jitter`` scales their
+    colour-jitter amplitudes (SimCLR's strength s: 1 = the paper's, 0.5 = half)."""
     from evalsuite.errors import UserError
 
-    if gray is not None and name not in COLOUR_PRESETS:
-        raise UserError(f"augmentation preset {name!r} has no grayscale step; view gray applies to "
-                        f"{', '.join(COLOUR_PRESETS)}")
+    for opt, value in (("gray", gray), ("jitter", jitter)):
+        if value is not None and name not in COLOUR_PRESETS:
+            raise UserError(f"augmentation preset {name!r} has no colour step; view {opt} applies to "
+                            f"{', '.join(COLOUR_PRESETS)}")
     g = {} if gray is None else {"gray": float(gray)}
+    if jitter is not None:
+        g["s"] = float(jitter)
     if name == "simclr":
         one = lambda: simclr_view(size, **g)
     elif name == "moco_v1":

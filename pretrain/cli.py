@@ -62,6 +62,9 @@ def add_command(sub) -> None:
     p.add_argument("--view-gray", type=float, metavar="P",
                    help="grayscale probability of every view of the colour-distortion presets (papers: 0.2; "
                         "1 = colour-free views, for data whose colours are per instance)")
+    p.add_argument("--view-jitter", type=float, metavar="S",
+                   help="scale the colour-distortion views' jitter amplitudes (SimCLR's strength s; 1 = the "
+                        "papers', 0.5 = half)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyper-parameter; repeatable")
     p.add_argument("--out", type=Path, default=Path("pretrained.safetensors"))
@@ -109,7 +112,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,
-                      recipe=a.recipe, time_budget_s=a.time_budget, view_gray=a.view_gray)
+                      recipe=a.recipe, time_budget_s=a.time_budget, view_gray=a.view_gray,
+                      view_jitter=a.view_jitter)
     if a.slurm:
         from .launch import submit
 

@@ -77,6 +77,8 @@ class TrainConfig:
     budget_check: int = 10
     #: grayscale probability of every view (the papers' 0.2) for the colour-distortion views; None = the preset's
     view_gray: float | None = None
+    #: multiplier of the colour-distortion views' jitter amplitudes (SimCLR's strength s); None = the preset's
+    view_jitter: float | None = None
     #: testing aid: stop (as if killed) after this many global steps, without writing the final checkpoint
     stop_after_steps: int | None = None
 
@@ -161,12 +163,7 @@ class Trainer:
         self.method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        if cfg.view_gray is not None:
-            if not self.method.has_colour_views():
-                raise UserError(f"--view-gray: the views of {cfg.method} have no grayscale step")
-            if not 0.0 <= float(cfg.view_gray) <= 1.0:
-                raise UserError(f"--view-gray must be a probability in [0, 1], got {cfg.view_gray}")
-            self.method.view_options = {"gray": float(cfg.view_gray)}
+        self.method.view_options = self._view_options(cfg)
         self.views: ViewTransform = self.method.views(cfg.image_size)
         self.dataset = ViewDataset(self.data, self.views, cfg.seed, cfg.limit_images)
         self.global_batch = cfg.batch_size * self.world
@@ -200,6 +197,20 @@ class Trainer:
         self.state_path = Path(str(cfg.out) + ".state.pt")
 
     # ------------------------------------------------------------ setup
+    def _view_options(self, cfg: TrainConfig) -> dict[str, float]:
+        """``--view-gray`` / ``--view-jitter`` as the method's view options (checked against its views)."""
+        opts: dict[str, float] = {}
+        for flag, key, value, hi in (("--view-gray", "gray", cfg.view_gray, 1.0),
+                                     ("--view-jitter", "jitter", cfg.view_jitter, 2.0)):
+            if value is None:
+                continue
+            if not self.method.has_colour_views():
+                raise UserError(f"{flag}: the views of {cfg.method} have no colour-distortion step")
+            if not 0.0 <= float(value) <= hi:
+                raise UserError(f"{flag} must be in [0, {hi:g}], got {value}")
+            opts[key] = float(value)
+        return opts
+
     def _open_data(self):
         from evalsuite.data import open_dataset
         from evalsuite.task import DATA_LAYOUT

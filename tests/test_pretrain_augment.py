@@ -73,26 +73,59 @@ def test_view_gray_sets_every_views_grayscale_probability(name):
         assert torch.allclose(out[0], out[1]) and torch.allclose(out[1], out[2])
 
 
+def _jitters(pipeline) -> list[T.ColorJitter]:
+    found = []
+    for op in getattr(pipeline, "transforms", []):
+        found += [op] if isinstance(op, T.ColorJitter) else _jitters(op)
+    return found
+
+
+#: the papers' colour-jitter amplitudes (brightness, contrast, saturation, hue) of each preset's views
+PAPER_JITTER = {"simclr": (0.8, 0.8, 0.8, 0.2), "moco_v1": (0.4, 0.4, 0.4, 0.4), "moco_v2": (0.4, 0.4, 0.4, 0.1),
+                "byol": (0.4, 0.4, 0.2, 0.1), "swav": (0.8, 0.8, 0.8, 0.2)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_JITTER))
+@pytest.mark.parametrize("s", [None, 0.5, 2.0])
+def test_view_jitter_scales_every_views_jitter_amplitudes(name, s):
+    found = [j for v in preset(name, 64, jitter=s).pipelines for j in _jitters(v)]
+    assert len(found) == len(preset(name, 64).pipelines)  # one jitter per view
+    b, c, sat, hue = ((s or 1.0) * a for a in PAPER_JITTER[name])
+    hue = min(hue, 0.5)  # torchvision's limit
+    for j in found:
+        assert j.brightness == pytest.approx((1 - b, 1 + b)) if b < 1 else j.brightness[1] == pytest.approx(1 + b)
+        assert j.contrast[1] == pytest.approx(1 + c) and j.saturation[1] == pytest.approx(1 + sat)
+        assert j.hue == pytest.approx((-hue, hue))
+
+
 def test_view_gray_refused_where_views_have_no_colour_step(tiny_imagefolder, tmp_path):
     from evalsuite.errors import UserError
     from pretrain import TrainConfig, Trainer
     from pretrain.registry import get_method
 
-    with pytest.raises(UserError, match="no grayscale step"):
+    with pytest.raises(UserError, match="no colour step; view gray"):
         preset("basic", 64, gray=1.0)
+    with pytest.raises(UserError, match="no colour step; view jitter"):
+        preset("exemplar", 64, jitter=0.5)
     assert get_method("simclr").has_colour_views() and get_method("swav").has_colour_views()
     assert not get_method("rotnet").has_colour_views() and not get_method("jigsaw").has_colour_views()
     cfg = dict(data_root=str(tiny_imagefolder), batch_size=8, image_size=32, epochs=1, max_steps_per_epoch=1,
                progress=False, view_gray=1.0)
-    with pytest.raises(UserError, match="--view-gray: the views of rotnet have no grayscale step"):
+    with pytest.raises(UserError, match="--view-gray: the views of rotnet have no colour-distortion step"):
         Trainer(TrainConfig(method="rotnet", out=str(tmp_path / "r.safetensors"), **cfg))
-    with pytest.raises(UserError, match="probability"):
+    with pytest.raises(UserError, match="--view-jitter: the views of jigsaw have no colour-distortion step"):
+        Trainer(TrainConfig(method="jigsaw", out=str(tmp_path / "j.safetensors"), **{**cfg, "view_gray": None,
+                                                                                    "view_jitter": 0.5}))
+    with pytest.raises(UserError, match=r"--view-gray must be in \[0, 1\], got 2.0"):
         Trainer(TrainConfig(method="simclr", out=str(tmp_path / "x.safetensors"), **{**cfg, "view_gray": 2.0}))
+    with pytest.raises(UserError, match=r"--view-jitter must be in \[0, 2\], got -1"):
+        Trainer(TrainConfig(method="simclr", out=str(tmp_path / "x.safetensors"), **{**cfg, "view_jitter": -1}))
     from evalsuite.checkpoints import read_metadata
 
     out = tmp_path / "s.safetensors"
-    Trainer(TrainConfig(method="simclr", out=str(out), hp={"proj_hidden": 32, "proj_dim": 16}, **cfg)).fit()
+    Trainer(TrainConfig(method="simclr", out=str(out), hp={"proj_hidden": 32, "proj_dim": 16}, view_jitter=0.5,
+                        **cfg)).fit()
     meta = read_metadata(out)
-    assert meta["view_options"] == {"gray": 1.0}
+    assert meta["view_options"] == {"gray": 1.0, "jitter": 0.5}
     assert len(meta["augment"]["views"]) == 2
     assert all("RandomGrayscale(p=1.0)" in v for v in meta["augment"]["views"])
