@@ -87,11 +87,12 @@ class ViewTransform:
 
 def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,
                global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), gray: float = 0.2,
-               s: float = 1.0) -> ViewTransform:
-    """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224)."""
+               jitter: float = 1.0) -> ViewTransform:
+    """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224);
+    ``gray`` and ``jitter`` (colour strength s) as in :func:`preset`."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
-    views = [simclr_view(size, scale=global_scale, gray=gray, s=s) for _ in range(n_global)]
-    views += [simclr_view(local_size, scale=local_scale, gray=gray, s=s) for _ in range(n_local)]
+    views = [simclr_view(size, scale=global_scale, gray=gray, s=jitter) for _ in range(n_global)]
+    views += [simclr_view(local_size, scale=local_scale, gray=gray, s=jitter) for _ in range(n_local)]
     return ViewTransform(views, f"multicrop({n_global}x{size}+{n_local}x{local_size})")
 
 
@@ -107,6 +108,8 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
             raise UserError(f"augmentation preset {name!r} has no colour step; view {opt} applies to "
                             f"{', '.join(COLOUR_PRESETS)}")
     g = {} if gray is None else {"gray": float(gray)}
+    if name == "swav":
+        return multi_crop(size, **g, **({} if jitter is None else {"jitter": float(jitter)}), **kw)
     if jitter is not None:
         g["s"] = float(jitter)
     if name == "simclr":
@@ -119,8 +122,6 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
         kinds = [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]
         views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **kinds[i % 2], **g) for i in range(n_views)]
         return ViewTransform(views, name)
-    elif name == "swav":
-        return multi_crop(size, **g, **kw)
     elif name == "exemplar":
         one = lambda: T.Compose([T.RandomResizedCrop(size, scale=(0.3, 1.0), ratio=(0.7, 1.4), antialias=True),
                                  T.RandomHorizontalFlip(), T.RandomRotation(20),

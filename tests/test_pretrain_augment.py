@@ -98,6 +98,20 @@ def test_view_jitter_scales_every_views_jitter_amplitudes(name, s):
         assert j.hue == pytest.approx((-hue, hue))
 
 
+@pytest.mark.parametrize("method", ["simclr", "moco_v2", "byol", "swav"])
+def test_methods_views_take_the_view_options(method):
+    """What the trainer sets (``view_options``) reaches every view, SwAV's own multi-crop views included."""
+    from pretrain.registry import get_method
+
+    m = get_method(method)("resnet18", recipe="short")
+    m.view_options = {"gray": 1.0, "jitter": 0.5}
+    views = m.views(64)
+    b = 0.5 * PAPER_JITTER[method][0]
+    assert all(_grays(v) == [1.0] for v in views.pipelines)
+    assert all(j.brightness == pytest.approx((1 - b, 1 + b)) for v in views.pipelines for j in _jitters(v))
+    assert len(views.pipelines) == (4 if method == "swav" else 2)  # SwAV short: 2 global + 2 local crops
+
+
 def test_view_gray_refused_where_views_have_no_colour_step(tiny_imagefolder, tmp_path):
     from evalsuite.errors import UserError
     from pretrain import TrainConfig, Trainer
