@@ -14,8 +14,8 @@ BatchNorm modes (``bn``):
 - ``feature``: one statistic per feature dimension (``nn.BatchNorm1d`` on the flat vector);
 - ``none``: no normalisation.
 
-Features are the fp16 (N, D) arrays of the feature cache; each mini-batch is sliced
-and converted to float32 on its own, so no float32 copy of the matrix is ever made.
+Features are the (N, D) arrays of the feature cache (fp16; fp32 beyond fp16's range); each mini-batch is
+sliced and converted to float32 on its own, so no float32 copy of the matrix is ever made.
 Batches are a seeded permutation per epoch (``epoch_order``), so an interrupted run
 resumes from its last per-epoch state file and ends with the same weights as an
 uninterrupted one. Metrics (``topk_accuracy``) are pure functions.
@@ -234,9 +234,9 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 class FeatureStream:
-    """Mini-batches of an fp16 (N, D) matrix as float32 tensors on ``device``.
+    """Mini-batches of an fp16 / fp32 (N, D) matrix as float32 tensors on ``device``.
 
-    On CUDA the fp16 matrix is uploaded once when it fits in a quarter of free memory;
+    On CUDA the matrix is uploaded once when it fits in a quarter of free memory;
     otherwise (and on CPU) each batch is sliced from the host array and converted alone.
     """
 
@@ -324,7 +324,7 @@ def train_linear_probe(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     source: str | Path | None = None,
 ) -> ProbeFit:
-    """Fit a probe on fp16 (N, D) ``features``; resume from ``state_path`` when it matches ``fingerprint``.
+    """Fit a probe on fp16 / fp32 (N, D) ``features``; resume from ``state_path`` when it matches ``fingerprint``.
 
     The state file is rewritten atomically after every epoch (model, optimiser,
     loss history). ``on_epoch_end(epoch, record)`` runs after it is written.
