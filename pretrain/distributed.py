@@ -77,6 +77,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks (no-op in one process)."""
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 @torch.no_grad()
 def batch_shuffle(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MoCo's shuffled BN: gather all keys' inputs, permute them globally (same permutation on every rank:

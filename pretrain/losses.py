@@ -67,9 +67,17 @@ def nce_loss(pos_logit: torch.Tensor, neg_logits: torch.Tensor, log_z: torch.Ten
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: bool = True) -> torch.Tensor:
     """Sinkhorn-Knopp equipartition (SwAV Alg. 1 / SeLA): Q = diag(u) exp(scores/eps) diag(v) with uniform
     prototype marginal 1/K and uniform sample marginal 1/B (over all processes); returns (B, K) codes whose
-    rows sum to 1."""
-    q = (scores.float() / eps).exp().t()  # (K, B)
-    b = torch.tensor(float(q.shape[1]), device=q.device)
+    rows sum to 1, in the scores' dtype.
+
+    The exponent is shifted by its maximum over all processes (a constant factor that the first
+    normalisation cancels) and the iterations run in float64, so small eps (the SwAV authors' advice against
+    collapse) neither overflows (cosine scores / 0.01 reach 100 > float32's exp limit of 88) nor underflows."""
+    logits = scores.double() / eps
+    top = logits.max().reshape(1)
+    if distributed:
+        D.all_reduce_max(top)
+    q = (logits - top).exp().t()  # (K, B)
+    b = torch.tensor(float(q.shape[1]), dtype=q.dtype, device=q.device)
     k = q.shape[0]
     if distributed:
         D.all_reduce_sum(b)
@@ -85,7 +93,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distribute
         q /= k
         q /= q.sum(0, keepdim=True)
         q /= b
-    return (q * b).t()
+    return (q * b).t().to(scores.dtype)
 
 
 def sinkhorn_log(log_p: torch.Tensor, lam: float = 25.0, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Two gloo processes under torchrun: SimCLR's gather-with-gradient gives the gradients of one process on
 the concatenated batch (a gather without the backward all-reduce does not), MoCo's shuffled BN round-trips
-and really mixes samples across processes, and the trainer runs DDP end to end."""
+and really mixes samples across processes, SwAV's Sinkhorn codes equal one process's on all
+samples, and the trainer runs DDP end to end."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.losses import nt_xent
+from pretrain.losses import nt_xent, sinkhorn
 
 WORKER = textwrap.dedent(r"""
     import json, os, sys
@@ -57,7 +58,13 @@ WORKER = textwrap.dedent(r"""
     shuffled, unshuf = D.batch_shuffle(x, torch.Generator().manual_seed(1))
     back = D.batch_unshuffle(shuffled, unshuf)
     mixed = bool((shuffled // 10 != r).any())
-    out = {"good": good.tolist(), "bad": bad.tolist(), "loss": float(lossall), "roundtrip": bool(torch.equal(back, x)),
+    # SwAV's Sinkhorn over both processes' samples: rank 1 holds the larger scores, so a per-process shift of
+    # the exponent (no all-reduced max) would weigh the ranks' samples differently
+    from pretrain.losses import sinkhorn
+    scores = torch.tanh(torch.randn(2 * w, 3, generator=g)) * 0.5 + torch.tensor([[0.0]] * w + [[0.45]] * w)
+    codes = sinkhorn(scores[r * n:(r + 1) * n], eps=0.01, iters=3)
+    out = {"codes": codes.tolist(), "good": good.tolist(), "bad": bad.tolist(),
+           "loss": float(lossall), "roundtrip": bool(torch.equal(back, x)),
            "mixed": mixed}
     with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:
         json.dump(out, f)
@@ -89,3 +96,7 @@ def test_gather_with_grad_and_shuffle_under_torchrun(tmp_path):
         assert abs(r["loss"] - loss.item()) < 1e-5
         assert r["roundtrip"]
     assert any(r["mixed"] for r in res)
+    # Sinkhorn's sums and exponent shift run over both processes: the codes of one process on all samples
+    scores = torch.tanh(torch.randn(4, 3, generator=g)) * 0.5 + torch.tensor([[0.0]] * 2 + [[0.45]] * 2)
+    codes = sinkhorn(scores, eps=0.01, iters=3, distributed=False)
+    assert torch.allclose(torch.tensor(res[0]["codes"] + res[1]["codes"]), codes, atol=1e-5)

@@ -310,3 +310,13 @@ def test_lars_step_and_schedule():
     assert torch.allclose(b.data, torch.tensor([1.0 - 0.1 * 2.0]))
     assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(9, 100, 10) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10) == pytest.approx(0.5) and lr_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_sinkhorn_small_epsilon_stays_finite_and_matches_reference():
+    # cosine scores near 1 at eps = 0.01 put exp(scores / eps) past float32's range (exp(88.7))
+    scores = torch.tensor([[0.95, 0.10, -0.40], [0.20, 0.97, 0.05], [-0.30, 0.15, 0.90], [0.93, 0.60, 0.0]])
+    q = sinkhorn(scores, eps=0.01, iters=3)
+    assert q.dtype == torch.float32 and torch.isfinite(q).all()
+    assert np.allclose(q.numpy(), _sinkhorn_reference(scores.numpy(), 0.01, 3), atol=1e-5)
+    # the paper's eps is unchanged by the shift
+    assert np.allclose(sinkhorn(scores, 0.05, 3).numpy(), _sinkhorn_reference(scores.numpy(), 0.05, 3), atol=1e-5)
