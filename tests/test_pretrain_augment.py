@@ -103,13 +103,13 @@ def test_methods_views_take_the_view_options(method):
     """What the trainer sets (``view_options``) reaches every view, SwAV's own multi-crop views included."""
     from pretrain.registry import get_method
 
-    m = get_method(method)("resnet18", recipe="short")
+    m = get_method(method)("resnet18")  # the paper recipe: SwAV's 2 global + 6 local crops
     m.view_options = {"gray": 1.0, "jitter": 0.5}
     views = m.views(64)
     b = 0.5 * PAPER_JITTER[method][0]
     assert all(_grays(v) == [1.0] for v in views.pipelines)
     assert all(j.brightness == pytest.approx((1 - b, 1 + b)) for v in views.pipelines for j in _jitters(v))
-    assert len(views.pipelines) == (4 if method == "swav" else 2)  # SwAV short: 2 global + 2 local crops
+    assert len(views.pipelines) == (8 if method == "swav" else 2)
 
 
 def test_view_gray_refused_where_views_have_no_colour_step(tiny_imagefolder, tmp_path):

@@ -64,6 +64,24 @@ def test_swav_short_prototypes_leave_no_direction_that_scores_them_all_alike():
     assert torch.linalg.matrix_rank(protos[1:] - protos[0]) == hp["proj_dim"]
 
 
+def test_swav_short_recipe_takes_the_authors_collapse_workarounds():
+    """Sharper codes (eps below the paper's 0.05), a projection head without BN, the two global crops only,
+    no queue; the paper recipe keeps the BN head and the 6 local crops."""
+    from torch import nn
+
+    from pretrain.methods.swav import SwAV
+
+    def bns(m):
+        return sum(isinstance(x, nn.BatchNorm1d) for x in m.projector.modules())
+
+    short = SwAV("resnet18", hp=SwAV.resolve_hp({}, "short"), recipe="short")
+    paper = SwAV("resnet18")
+    assert short.hp["epsilon"] < paper.hp["epsilon"] == 0.05
+    assert (bns(short), bns(paper)) == (0, 1)
+    assert (len(short.views(64).pipelines), len(paper.views(64).pipelines)) == (2, 8)
+    assert short.queues is None
+
+
 def test_override_beats_recipe_and_unknown_recipe_refused():
     cls = get_method("simclr")
     assert cls.resolve_hp({"temperature": "0.3"}, "short")["temperature"] == 0.3
