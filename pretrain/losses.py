@@ -67,7 +67,8 @@ def nce_loss(pos_logit: torch.Tensor, neg_logits: torch.Tensor, log_z: torch.Ten
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distributed: bool = True) -> torch.Tensor:
     """Sinkhorn-Knopp equipartition (SwAV Alg. 1 / SeLA): Q = diag(u) exp(scores/eps) diag(v) with uniform
     prototype marginal 1/K and uniform sample marginal 1/B (over all processes); returns (B, K) codes whose
-    rows sum to 1, in the scores' dtype.
+    rows sum to 1, in float32 (float64 for float64 scores; bf16 scores under autocast still give float32
+    codes).
 
     The exponent is shifted by its maximum over all processes (a constant factor that the first
     normalisation cancels) and the iterations run in float64, so small eps (the SwAV authors' advice against
@@ -93,7 +94,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, distribute
         q /= k
         q /= q.sum(0, keepdim=True)
         q /= b
-    return (q * b).t().to(scores.dtype)
+    return (q * b).t().to(torch.promote_types(scores.dtype, torch.float32))
 
 
 def sinkhorn_log(log_p: torch.Tensor, lam: float = 25.0, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:

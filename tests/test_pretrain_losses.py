@@ -320,3 +320,7 @@ def test_sinkhorn_small_epsilon_stays_finite_and_matches_reference():
     assert np.allclose(q.numpy(), _sinkhorn_reference(scores.numpy(), 0.01, 3), atol=1e-5)
     # the paper's eps is unchanged by the shift
     assert np.allclose(sinkhorn(scores, 0.05, 3).numpy(), _sinkhorn_reference(scores.numpy(), 0.05, 3), atol=1e-5)
+    # bf16 scores (autocast) still give float32 codes: bf16's 3 significant digits would round the targets
+    q16 = sinkhorn(scores.bfloat16(), eps=0.01, iters=3)
+    assert q16.dtype == torch.float32
+    assert np.allclose(q16.numpy(), _sinkhorn_reference(scores.bfloat16().float().numpy(), 0.01, 3), atol=1e-5)
