@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from . import distributed as D
 
 
+def embedding_std(z: torch.Tensor) -> float:
+    """Collapse monitor (SimSiam, Chen & He 2021, sec. 4.1): the std over the batch of the L2-normalised
+    embeddings, averaged over dimensions. About 1/sqrt(d) for embeddings spread over the sphere, 0 when every
+    input maps to one point."""
+    return float(F.normalize(z.detach().float(), dim=1).std(0).mean())
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) for the local rows of a (possibly distributed) batch.
 

@@ -194,6 +194,8 @@ class Trainer:
             self.model = DDP(self.method, find_unused_parameters=self.method.find_unused_parameters, **sync)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.losses: list[float] = []
+        #: the method's logs of the last step (e.g. ``z_std``, the collapse monitor; RotNet's ``acc``)
+        self.last_logs: dict[str, float] = {}
         self.state_path = Path(str(cfg.out) + ".state.pt")
 
     # ------------------------------------------------------------ setup
@@ -362,7 +364,7 @@ class Trainer:
                                              cfg.min_lr_ratio))
             with self.autocast():
                 out = self.model(batch)
-            loss = out[0] if isinstance(out, tuple) else out
+            loss, logs = out if isinstance(out, tuple) else (out, {})
             if not torch.isfinite(loss):
                 raise UserError(f"{cfg.method}: loss became {loss.item()} at step {self.global_step}; "
                                 "lower the learning rate or use fp32")
@@ -372,10 +374,11 @@ class Trainer:
             self.optimizer.step()
             self.method.on_after_step(self)
             self.losses.append(float(loss.detach()))
+            self.last_logs = {k: float(v) for k, v in logs.items()}
             self.global_step += 1
             self.step_in_epoch += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **{k: f"{v:.4g}" for k, v in self.last_logs.items()})
             if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
                 bar.close()
                 return False
@@ -441,6 +444,7 @@ class Trainer:
             "planned_steps": self.planned_steps,
             "schedule_steps": self.total_steps,
             "final_loss": self.losses[-1] if self.losses else None,
+            "final_logs": self.last_logs,
             "train_seconds": round(seconds, 3),
             "versions": {"evalsuite": evalsuite.__version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "python": platform.python_version()},

@@ -324,3 +324,17 @@ def test_sinkhorn_small_epsilon_stays_finite_and_matches_reference():
     q16 = sinkhorn(scores.bfloat16(), eps=0.01, iters=3)
     assert q16.dtype == torch.float32
     assert np.allclose(q16.numpy(), _sinkhorn_reference(scores.bfloat16().float().numpy(), 0.01, 3), atol=1e-5)
+
+
+def test_embedding_std_is_zero_for_a_collapsed_batch_and_one_over_sqrt_d_when_spread():
+    from pretrain.losses import embedding_std
+
+    d = 64
+    one = torch.randn(1, d)
+    assert embedding_std(one.repeat(32, 1) * torch.rand(32, 1).add(0.5)) == pytest.approx(0.0, abs=1e-6)
+    # the std of each coordinate of uniform unit vectors in R^d is 1 / sqrt(d)
+    spread = torch.randn(20000, d, generator=torch.Generator().manual_seed(0))
+    assert embedding_std(spread) == pytest.approx(1 / math.sqrt(d), rel=0.01)
+    # two antipodal points: each coordinate is +-u_i, std (unbiased, n = 2) sqrt(2) |u_i|
+    u = F.normalize(torch.tensor([[3.0, 4.0]]), dim=1)
+    assert embedding_std(torch.cat([u, -u])) == pytest.approx(math.sqrt(2) * (0.6 + 0.8) / 2, rel=1e-6)

@@ -76,6 +76,9 @@ def test_pretext_method_trains_and_checkpoint_loads(method, tiny_imagefolder, tm
     assert meta["method"] == method and meta["input_space"] == INPUT_SPACE.get(method, "rgb")
     assert meta["hyperparameters"] == {**methods()[method].defaults, **SMALL[method]}
     assert math.isfinite(meta["final_loss"]) and meta["steps"] == 1
+    assert set(meta["final_logs"]) == set(logs)  # the method's logs of the last step reach the metadata
+    if method == "rotnet":
+        assert 0.0 <= meta["final_logs"]["acc"] <= 1.0
     taps = ck.build_trunk()(torch.zeros(2, 3, 32, 32))
     assert set(taps) == set(RESNET_TAPS) and all(torch.isfinite(v).all() for v in taps.values())
     init = load_checkpoint("random:resnet18").build_trunk().state_dict()

@@ -46,6 +46,10 @@ def cfg(method: str, root: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+#: methods whose training_step logs ``z_std`` (pretrain.losses.embedding_std)
+MONITORED = {"simclr", "moco_v1", "moco_v2", "byol", "simsiam", "barlow_twins", "swav"}
+
+
 def test_every_issue_method_is_registered():
     assert set(PART1) <= set(methods())
 
@@ -64,6 +68,9 @@ def test_method_trains_and_checkpoint_loads(method, tiny_imagefolder, tmp_path):
     assert set(taps) == set(RESNET_TAPS) and all(torch.isfinite(v).all() for v in taps.values())
     if method != "random":
         assert math.isfinite(meta["final_loss"]) and meta["steps"] == 1
+        # the joint-embedding methods log the collapse monitor; 0 <= std of unit vectors' coordinates <= 1
+        if method in MONITORED:
+            assert set(meta["final_logs"]) == {"z_std"} and 0.0 < meta["final_logs"]["z_std"] <= 1.0
         # the trunk was actually updated
         init = load_checkpoint("random:resnet18").build_trunk().state_dict()
         assert any(not torch.equal(v, init[k]) for k, v in ck.state_dict.items() if v.is_floating_point())
@@ -108,7 +115,7 @@ def test_loss_decreases_on_a_fixed_batch(tiny_imagefolder, tmp_path):
     batch = Batch([tr.to_input(v) for v in views], index, target)
     losses = []
     for _ in range(3):
-        loss = tr.method.training_step(batch)
+        loss, _ = tr.method.training_step(batch)
         tr.optimizer.zero_grad()
         loss.backward()
         tr.optimizer.step()

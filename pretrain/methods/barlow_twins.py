@@ -11,6 +11,7 @@ import torch
 
 from .. import distributed as D
 from ..base import SHORT_SGD, Batch, Method, mlp
+from ..losses import embedding_std
 
 
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5, total: int | None = None,
@@ -67,4 +68,4 @@ class BarlowTwins(Method):
         z2 = self.projector(self.embed(batch.views[1]))
         world = D.world_size()
         c = cross_correlation(z1, z2, total=z1.shape[0] * world, distributed=world > 1)
-        return barlow_twins_loss(c, self.hp["lambd"], self.hp["scale_loss"])
+        return barlow_twins_loss(c, self.hp["lambd"], self.hp["scale_loss"]), {"z_std": embedding_std(z1)}

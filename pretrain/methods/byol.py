@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy
+from ..losses import embedding_std
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -47,10 +48,10 @@ class BYOL(Method):
 
     def training_step(self, batch: Batch):
         v1, v2 = batch.views[0], batch.views[1]
-        p1 = self.predictor(self.projector(self.embed(v1)))
-        p2 = self.predictor(self.projector(self.embed(v2)))
+        y1 = self.projector(self.embed(v1))
+        p1, p2 = self.predictor(y1), self.predictor(self.projector(self.embed(v2)))
         z1, z2 = self._target(v1), self._target(v2)
-        return byol_loss(p1, z2) + byol_loss(p2, z1)
+        return byol_loss(p1, z2) + byol_loss(p2, z1), {"z_std": embedding_std(y1)}
 
     def on_after_step(self, trainer) -> None:
         tau = cosine_momentum(self.hp["tau_base"], trainer.progress)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..base import Batch, Method, ema_update, mlp, momentum_copy
-from ..losses import info_nce
+from ..losses import embedding_std, info_nce
 from ..memory import Queue
 
 
@@ -55,7 +55,7 @@ class MoCoV1(Method):
         k = self.keys(batch.views[1])
         loss = info_nce(q, k, self.queue.items.clone(), self.hp["temperature"])
         self._pending = k
-        return loss
+        return loss, {"z_std": embedding_std(q)}
 
     def on_after_step(self, trainer) -> None:
         m = self.hp["momentum_k"]

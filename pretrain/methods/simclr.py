@@ -6,7 +6,7 @@ other views of the global batch, negatives gathered across processes with gradie
 from __future__ import annotations
 
 from ..base import SHORT_SGD, Batch, Method, mlp
-from ..losses import nt_xent
+from ..losses import embedding_std, nt_xent
 
 
 class SimCLR(Method):
@@ -25,4 +25,4 @@ class SimCLR(Method):
     def training_step(self, batch: Batch):
         z1 = self.projector(self.embed(batch.views[0]))
         z2 = self.projector(self.embed(batch.views[1]))
-        return nt_xent(z1, z2, self.hp["temperature"])
+        return nt_xent(z1, z2, self.hp["temperature"]), {"z_std": embedding_std(z1)}

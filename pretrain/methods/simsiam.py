@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Batch, Method, mlp
+from ..losses import embedding_std
 
 
 def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ class SimSiam(Method):
         z1 = self.projector(self.embed(batch.views[0]))
         z2 = self.projector(self.embed(batch.views[1]))
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        return 0.5 * (simsiam_loss(p1, z2) + simsiam_loss(p2, z1))
+        return 0.5 * (simsiam_loss(p1, z2) + simsiam_loss(p2, z1)), {"z_std": embedding_std(z1)}
 
     def param_groups(self):
         groups = super().param_groups()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..augment import multi_crop
 from ..base import SHORT_SGD, Batch, Method, mlp
-from ..losses import sinkhorn
+from ..losses import embedding_std, sinkhorn
 from ..memory import Queue
 
 
@@ -83,7 +83,7 @@ class SwAV(Method):
         scores = [self.prototypes(e) for e in z]
         codes = [self.codes(s.detach(), i) for i, s in enumerate(scores[:2])]
         self._pending = [e.detach() for e in z[:2]]
-        return swapped_prediction_loss(scores, codes, self.hp["temperature"])
+        return swapped_prediction_loss(scores, codes, self.hp["temperature"]), {"z_std": embedding_std(z[0])}
 
     @torch.no_grad()
     def codes(self, scores: torch.Tensor, crop: int) -> torch.Tensor:
