@@ -116,7 +116,11 @@ class Method(nn.Module):
         for k, v in overrides.items():
             if k not in out:
                 raise UserError(f"method {cls.name!r} has no hyper-parameter {k!r}; known: {', '.join(out) or 'none'}")
-            out[k] = _cast(v, out[k])
+            try:
+                out[k] = _cast(v, out[k])
+            except ValueError:
+                raise UserError(f"method {cls.name!r}: --set {k}={v} is not a {type(out[k]).__name__} "
+                                f"(default {out[k]!r})") from None
         return out
 
     @classmethod
@@ -204,6 +208,8 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 def _cast(value: Any, like: Any) -> Any:
     if isinstance(value, str) and not isinstance(like, str):
         if isinstance(like, bool):
+            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(value)
             return value.lower() in ("1", "true", "yes", "on")
         if isinstance(like, int):
             return int(value)

@@ -249,6 +249,7 @@ class Trainer:
         state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "losses": torch.tensor(self.losses, dtype=torch.float64), "rng": torch.get_rng_state(),
+                 "last_logs": dict(self.last_logs),
                  "config": json.dumps(self._config_record())}
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +276,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.losses = [float(v) for v in state["losses"]]
+        self.last_logs = {k: float(v) for k, v in state.get("last_logs", {}).items()}
         torch.set_rng_state(state["rng"])
         return True
 

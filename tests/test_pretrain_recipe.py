@@ -85,6 +85,13 @@ def test_swav_short_recipe_takes_the_authors_collapse_workarounds():
 def test_override_beats_recipe_and_unknown_recipe_refused():
     cls = get_method("simclr")
     assert cls.resolve_hp({"temperature": "0.3"}, "short")["temperature"] == 0.3
+    swav = get_method("swav")
+    assert swav.resolve_hp({"proj_bn": "false"})["proj_bn"] is False
+    assert swav.resolve_hp({"proj_bn": "1"})["proj_bn"] is True
+    for bad, kind in (("proj_bn=maybe", "bool"), ("n_local=two", "int"), ("epsilon=small", "float")):
+        k, v = bad.split("=")
+        with pytest.raises(UserError, match=rf"--set {k}={v} is not a {kind}"):
+            swav.resolve_hp({k: v})
     with pytest.raises(UserError, match="unknown recipe"):
         cls.resolve_hp({}, "fast")
 

@@ -102,6 +102,9 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_imagefolder, tmp_path)
     resumed.fit()
     assert len(resumed.losses) == len(full.losses) == 4
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+    # the last step's logs travel in the resume state, so a finished run restarted still reports them
+    reread = Trainer(cut)
+    assert reread.load_state() and reread.last_logs == resumed.last_logs and set(reread.last_logs) == {"z_std"}
     a = load_checkpoint(tmp_path / "full.safetensors").state_dict
     b = load_checkpoint(tmp_path / "cut.safetensors").state_dict
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
