@@ -44,12 +44,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()[0]
 
+    import tasks.detection.task as det
     from evalsuite.data import open_dataset
     from evalsuite.data.synthetic import write_voc2007
     from evalsuite.trunks import build_trunk
-    from tasks import detection as det
-    from tasks.fast_rcnn import ModelConfig, TorchvisionFastRCNN
-    from tasks.proposals import ProposalCache
+    from tasks.detection.fast_rcnn import ModelConfig, TorchvisionFastRCNN
+    from tasks.detection.proposals import ProposalCache
 
     out: dict = {"arch": a.arch, "threads": a.threads, "device": a.device, "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,11 +113,11 @@ def main(argv=None) -> int:
 
 def quality_run(root: Path, a, spec: str, index: int = 0) -> dict:
     """``quick`` (sliding-window proposals) on trunk ``spec``, trained vs untrained, on synthetic VOC-like data."""
+    import tasks.detection.task as det
     from evalsuite.checkpoints import load_checkpoint
     from evalsuite.data.synthetic import write_voc2007
     from evalsuite.protocols import apply_overrides, parse_overrides
     from evalsuite.task import TaskContext
-    from tasks import detection as det
 
     if not (root / "data").exists():
         write_voc2007(root / "data", seed=0, scale=a.quality_scale)

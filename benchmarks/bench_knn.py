@@ -1,4 +1,4 @@
-"""kNN search: FAISS exact (tasks.knn_search) vs scikit-learn brute force vs a torch brute-force reference.
+"""kNN search: FAISS exact (tasks.knn.search) vs scikit-learn brute force vs a torch brute-force reference.
 
 One run, same features, side by side: wall time of the search, peak RSS of each method (each runs
 in its own fresh process, so peaks do not mix), agreement of the neighbour ids with FAISS exact,
@@ -75,7 +75,7 @@ def worker(args) -> None:
     from sklearn.neighbors import NearestNeighbors
     from threadpoolctl import threadpool_limits
 
-    from tasks.knn_search import SearchConfig, search
+    from tasks.knn.search import SearchConfig, search
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

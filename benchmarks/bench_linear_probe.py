@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.solvers.linear_probe import ProbeConfig, train_linear_probe
+from tasks.linear.probe import ProbeConfig, train_linear_probe
 
 PLACES205_TRAIN = 2_448_873  # official Places205 train list
 
@@ -101,7 +101,7 @@ def bench_trunk_calls() -> dict:
     from evalsuite.data.synthetic import write_imagefolder
     from evalsuite.features import FeatureExtractor
     from evalsuite.task import TaskContext
-    from tasks.places205_linear import task
+    from tasks.linear.task import task
 
     ckpt = load_checkpoint("random:resnet18", seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,10 +46,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    import tasks.navigation.task as navigation
     from evalsuite.trunks import build_trunk
-    from tasks import navigation
-    from tasks.nav_env import make_vec_env
-    from tasks.nav_features import FrozenEncoder, FrozenFeatureVecEnv
+    from tasks.navigation.env import make_vec_env
+    from tasks.navigation.features import FrozenEncoder, FrozenFeatureVecEnv
 
     taps = ["res3", "res4", "res5"]
     raw = make_vec_env(args.env, args.n_envs, 0, args.size)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-import tasks.surface_normals as sn
+import tasks.surface_normals.task as sn
 from benchmarks.common import peak_rss_mb, write_json
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.data import open_dataset
 from evalsuite.data.synthetic import write_nyuv2
-from tasks.dense_heads import FrozenTrunkDenseModel
+from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel
 
 
 def build(arch: str, freeze_through: str, cfg, p) -> FrozenTrunkDenseModel:

@@ -1,6 +1,6 @@
 """Batched torch SVM sweep vs the anchors' one-LinearSVC-per-problem loop, same features, one run.
 
-Both sides run ``tasks.solvers.svm.cv_sweep`` (classes x costs x (folds + 1) problems: 3-fold CV per
+Both sides run ``tasks.svm.solver.cv_sweep`` (classes x costs x (folds + 1) problems: 3-fold CV per
 class and cost, then a refit on all rows); the only difference is ``SVMConfig.backend``.
 
 - ``--quick`` (default, CI size): 600 train / 600 test images, D in {256, 1024}, 5 classes, 4 costs;
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import peak_rss_mb, write_json
-from tasks.solvers import svm
+from tasks.svm import solver as svm
 
 
 def make_data(n: int, d: int, k: int, seed: int, rank: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, registry
+from .console import HelpFormatter
 from .errors import UserError
 
 EPILOG_RUN = """\
@@ -27,10 +28,6 @@ examples:
   evalsuite run --schedule leaderboard.toml          # resumable; --force recomputes finished jobs
   evalsuite run --checkpoint ckpt.pth --tasks all --launcher slurm --slurm-partition gpu
 """
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +112,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if bool(a.schedule) == bool(a.checkpoint):
         raise UserError("evalsuite run needs exactly one of --checkpoint or --schedule")
     if a.schedule:
-        from leaderboard.schedule import run_schedule
+        from evalsuite.schedule import run_schedule
 
         rep = run_schedule(a.schedule, force=a.force, out=a.out, data_root=a.data_root, cache_dir=a.cache_dir,
                            device=None if a.device == "cpu" else a.device, tasks=None if a.tasks == "all" else a.tasks,
@@ -158,16 +155,12 @@ def _run_launched(opts, a: argparse.Namespace) -> int:
 
 
 def print_results(results, title: str = "results") -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .console import table
 
-    table = Table(title=title)
-    for col in ("task", "dataset", "split", "layer", "metric", "value"):
-        table.add_column(col, justify="right" if col == "value" else "left")
-    for r in results:
-        value = "n/a" if r.value is None else f"{r.value:.4g}"
-        table.add_row(r.task, r.dataset, r.split, r.layer, r.metric, value)
-    Console(width=max(100, os.get_terminal_size(0).columns if sys.stdout.isatty() else 100)).print(table)
+    rows = [(r.task, r.dataset, r.split, r.layer, r.metric, "n/a" if r.value is None else f"{r.value:.4g}")
+            for r in results]
+    print(title)
+    print(table(rows, ("task", "dataset", "split", "layer", "metric", "value"), right=("value",)))
 
 
 def _add_list(sub) -> None:
@@ -196,14 +189,11 @@ def cmd_list(a: argparse.Namespace) -> int:
             print(f"  {name:18s} {getattr(t, 'description', '')}")
     if a.methods or everything:
         print("pretraining methods:")
-        try:
-            from pretrain.registry import methods as pretrain_methods
-
-            found = pretrain_methods()
-        except ImportError:
-            found = {n: None for n in registry.names(registry.METHOD_GROUP)}
-        for name, cls in sorted(found.items()):
-            doc = getattr(cls, "description", "") or ""
+        for name in registry.method_names():
+            try:
+                doc = getattr(registry.get_method(name), "description", "") or ""
+            except UserError as e:
+                doc = f"(unavailable: {e})"
             print(f"  {name:18s} {doc}")
     if a.presets or everything:
         print("protocol presets:")
@@ -323,7 +313,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
 
 def _add_demo(sub) -> None:
-    from .pipeline import DEMO_ARCH, DEMO_METHODS
+    from .demo import DEMO_ARCH, DEMO_METHODS
 
     p = sub.add_parser("demo", help="synthetic data -> pretraining -> every task -> leaderboard, in one plan",
                        formatter_class=HelpFormatter,
@@ -350,22 +340,19 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .pipeline import DemoConfig, build_plan, format_plan, logged_step, run_plan, summary_table, write_outcomes
+    from .demo import DemoConfig, build_plan, format_plan, logged_step, run_plan, summary_table, write_outcomes
     from .runner import resolve_tasks
+    from .task import environment_problem
 
     task_names, all_mode = resolve_tasks([a.tasks])
-    from pretrain.registry import get_method
-
     for m in (m for m in a.methods.split(",") if m and m != "random"):
-        get_method(m)  # an unknown method is bad input: one line, exit 2, before anything runs
-    if all_mode and "navigation" in task_names:
-        try:
-            from tasks.nav_env import require_gl
-
-            require_gl()
-        except (ImportError, UserError) as e:
-            task_names.remove("navigation")
-            print(f"note: navigation left out of the demo: {e}")
+        registry.get_method(m)  # an unknown method is bad input: one line, exit 2, before anything runs
+    if all_mode:
+        for name in list(task_names):
+            why = environment_problem(registry.get_task(name))
+            if why:
+                task_names.remove(name)
+                print(f"note: {name} left out of the demo: {why}")
     cfg = DemoConfig(data_root=a.data_root, out=a.out, methods=[m for m in a.methods.split(",") if m],
                      arch=a.arch, tasks=task_names, preset=a.protocol, epochs=a.epochs, seed=a.seed,
                      data_scale=a.data_scale, overrides=a.overrides)

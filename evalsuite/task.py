@@ -1,9 +1,10 @@
 """The task contract (DESIGN.md) and the context a task runs in.
 
 A task is any object with ``name``, ``description``, ``default_protocol(preset)``
-and ``run(ctx) -> list[Result]``, registered under the ``evalsuite.tasks``
-entry-point group. Feature-based tasks call ``ctx.features(...)``, which goes
-through the cache; fine-tuning tasks take ``ctx.trunk`` instead.
+and ``run(ctx) -> list[Result]`` (optionally ``check_environment()``, which raises
+when this machine lacks something the task needs), found by ``evalsuite.registry``.
+Feature-based tasks call ``ctx.features(...)``, which goes through the cache;
+fine-tuning tasks take ``ctx.trunk`` instead.
 """
 
 from __future__ import annotations
@@ -18,22 +19,10 @@ import numpy as np
 import torch
 
 from .checkpoints import LoadedCheckpoint
-from .data import ImageDataset, open_dataset
+from .data import DATA_LAYOUT, ImageDataset, open_dataset
 from .errors import UserError
 from .features import FeatureExtractor, Transform
 from .results import Result
-
-# Where each format lives under a data root (the synthetic generator writes the same layout).
-DATA_LAYOUT: dict[str, str] = {
-    "imagefolder": "imagefolder",
-    "voc2007": "VOCdevkit/VOC2007",
-    "voc2012": "VOCdevkit/VOC2012",
-    "places205": "places205",
-    "nyuv2": "nyuv2",
-    "cifar10": "cifar-10-batches-py",
-    "cifar100": "cifar-100-python",
-    "digits": "",  # scikit-learn's bundled 8x8 digits: no files under the data root
-}
 
 
 class DataMissing(UserError):
@@ -48,6 +37,19 @@ class Task(Protocol):
     def default_protocol(self, preset: str) -> dict[str, Any]: ...
 
     def run(self, ctx: TaskContext) -> list[Result]: ...
+
+
+def environment_problem(task: Task) -> str:
+    """Why this machine cannot run ``task`` ('' when it can): the task's optional ``check_environment()``
+    raises a UserError or ImportError naming what is missing (navigation's headless GL, say)."""
+    check = getattr(task, "check_environment", None)
+    if check is None:
+        return ""
+    try:
+        check()
+    except (ImportError, UserError) as e:
+        return str(e)
+    return ""
 
 
 @dataclass

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from evalsuite.console import HelpFormatter
+
 EPILOG_BUILD = """\
 examples:
   evalsuite leaderboard build --results runs/ --out site/
@@ -27,16 +29,12 @@ mismatch or a missing row); 2 bad input.
 """
 
 
-class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def add_leaderboard_command(sub) -> None:
     p = sub.add_parser("leaderboard", help="aggregate results into a static HTML leaderboard",
-                       formatter_class=_Fmt, epilog=EPILOG_BUILD)
+                       formatter_class=HelpFormatter, epilog=EPILOG_BUILD)
     lsub = p.add_subparsers(dest="leaderboard_command", metavar="SUBCOMMAND", required=True)
     b = lsub.add_parser("build", help="build the static site (HTML, SVG plots, CSV, Markdown)",
-                        formatter_class=_Fmt, epilog=EPILOG_BUILD,
+                        formatter_class=HelpFormatter, epilog=EPILOG_BUILD,
                         description="Read results.jsonl files, keep one number per (checkpoint, task, dataset, "
                                     "split, layer, metric, variant, protocol) and write a static site.")
     b.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
@@ -63,7 +61,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 def add_compare_command(sub) -> None:
     p = sub.add_parser("compare", help="compare results with published numbers or other results (regressions)",
-                       formatter_class=_Fmt, epilog=EPILOG_COMPARE,
+                       formatter_class=HelpFormatter, epilog=EPILOG_COMPARE,
                        description="Match result rows by (method, arch, pretrain data, task, layer, metric, "
                                    "variant) and protocol, print ours vs reference with the delta, and exit "
                                    "non-zero when a compared row is outside tolerance.")

@@ -20,7 +20,7 @@ examples:
 
 
 def add_command(sub) -> None:
-    from evalsuite.cli import HelpFormatter
+    from evalsuite.console import HelpFormatter
 
     p = sub.add_parser("pretrain", help="pretrain a trunk with a self-supervised method",
                        formatter_class=HelpFormatter, epilog=EPILOG,

@@ -37,12 +37,17 @@ def _builtin() -> dict[str, type[Method]]:
     return found
 
 
-def methods() -> dict[str, type[Method]]:
-    """name -> Method class, built-ins plus entry points plus programmatic registrations."""
+def catalog() -> dict[str, type[Method]]:
+    """The built-in methods (what the ``evalsuite.catalogs`` entry ``methods`` offers the core)."""
     global _cache
     if _cache is None:
         _cache = _builtin()
-    out = dict(_cache)
+    return dict(_cache)
+
+
+def methods() -> dict[str, type[Method]]:
+    """name -> Method class, built-ins plus entry points plus programmatic registrations."""
+    out = catalog()
     for name in core.entry_points(core.METHOD_GROUP):
         out.setdefault(name, None)  # loaded lazily by get_method
     out.update(core.registered(core.METHOD_GROUP))

@@ -214,8 +214,7 @@ class Trainer:
         return opts
 
     def _open_data(self):
-        from evalsuite.data import open_dataset
-        from evalsuite.task import DATA_LAYOUT
+        from evalsuite.data import DATA_LAYOUT, open_dataset
 
         cfg = self.cfg
         root = Path(cfg.data_path) if cfg.data_path else Path(cfg.data_root) / DATA_LAYOUT.get(cfg.dataset,

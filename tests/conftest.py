@@ -1,8 +1,7 @@
-"""Shared fixtures: where ../shared lives, a private feature cache, tiny synthetic data."""
+"""Shared fixtures: the real fixtures in tests/fixtures, a private feature cache, tiny synthetic data."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
-def find_shared() -> Path:
-    """../shared beside the checkout (CI and the main checkout), $EVALSUITE_SHARED, or /work/shared."""
-    candidates = [os.environ.get("EVALSUITE_SHARED"), REPO.parent / "shared", Path("/work/shared")]
-    for c in candidates:
-        if c and (Path(c) / "fixtures").is_dir():
-            return Path(c)
-    raise RuntimeError("shared/ with fixtures not found; set EVALSUITE_SHARED")
-
-
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return find_shared()
+def fixtures_dir() -> Path:
+    """The small real fixtures inside the repository (VOC2007 8 images, NYUv2 sample, split lists).
 
-
-@pytest.fixture(scope="session")
-def fixtures_dir(shared_dir: Path) -> Path:
-    return shared_dir / "fixtures"
+    Provenance and licences: ``tests/fixtures/PROVENANCE.md``. Tests never look outside the repository.
+    """
+    return REPO / "tests" / "fixtures"
 
 
 @pytest.fixture()

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import tasks.detection as det
+import tasks.detection.task as det
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
 from evalsuite.errors import BadData, UserError
 from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
 from evalsuite.trunks import build_trunk
-from tasks.fast_rcnn import (
+from tasks.detection.fast_rcnn import (
     FastRCNN,
     ImageRecord,
     ModelConfig,
@@ -226,8 +226,8 @@ def test_training_overfits_a_tiny_set_and_beats_the_untrained_head():
     assert last["loss_cls"] + last["loss_box"] < 0.7 * (first["loss_cls"] + first["loss_box"])
     trained = be.predict(recs, TestConfig(scale=64, max_size=96, score_thresh=0.0))
 
-    from tasks.detection_eval import Detections, GroundTruth, evaluate_detections, mean_ap
-    from tasks.fast_rcnn import continuous_to_xml
+    from tasks.detection.fast_rcnn import continuous_to_xml
+    from tasks.detection.voc_eval import Detections, GroundTruth, evaluate_detections, mean_ap
 
     gts = [GroundTruth(continuous_to_xml(r.boxes).astype(np.float64), r.labels, np.zeros(1, bool)) for r in recs]
 
@@ -383,7 +383,7 @@ def test_voc07_plus_12_on_the_real_fixture(fixtures_dir, tmp_path):
 
 
 def test_proposal_recall_by_hand():
-    from tasks.detection_eval import GroundTruth
+    from tasks.detection.voc_eval import GroundTruth
 
     box = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
     rec = ImageRecord("a", 60, 60, box, np.zeros(3, np.int64),
@@ -432,7 +432,7 @@ def test_published_proposal_files_feed_training_and_test(synth_voc, tmp_path):
     import pickle
 
     from evalsuite.data import open_dataset
-    from tasks.fast_rcnn import xml_to_continuous
+    from tasks.detection.fast_rcnn import xml_to_continuous
 
     files = {}
     for split in ("trainval", "test"):
@@ -583,7 +583,7 @@ def test_training_on_easy_voc_layout_data_learns_a_detector(tmp_path_factory):
 def test_quick_preset_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path_factory):
     """The ``quick`` preset as the demo runs it (sliding-window proposals) on synthetic VOC-like data:
     training finds the objects (class-agnostic AP far above the untrained head's) and beats the untrained
-    mAP. The 20 shape x texture classes are hard for a random trunk (see tasks.detection), so the mAP margin
+    mAP. The 20 shape x texture classes are hard for a random trunk (see tasks.detection.task), so the mAP margin
     is a few points while the localisation margin is tens of points (a trunk pretrained 3 minutes on the
     classes goes from 0.1 to ~15 mAP here: benchmarks/bench_detection.py --quality-checkpoints).
     Measured (lr 0.01, 2 threads): mAP 0.2 -> 4.0, class-agnostic AP 2.3 -> 22.3; ~35 s unloaded."""

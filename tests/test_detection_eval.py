@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.detection_eval import (
+from tasks.detection.voc_eval import (
     Detections,
     GroundTruth,
     class_agnostic_ap,

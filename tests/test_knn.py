@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.knn as knn
+import tasks.knn.task as knn
 from evalsuite import registry
 from evalsuite.cache import FeatureCache
 from evalsuite.checkpoints import load_checkpoint
@@ -20,7 +20,7 @@ from evalsuite.errors import BadData, BadFeatures, UserError
 from evalsuite.features import FeatureExtractor
 from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
-from tasks.knn_search import Neighbours
+from tasks.knn.search import Neighbours
 
 TAPS = ["res4", "res5"]
 

@@ -12,8 +12,8 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
-from tasks import knn_metrics as M
-from tasks.knn_search import SearchConfig, normalize_, search
+from tasks.knn import metrics as M
+from tasks.knn.search import SearchConfig, normalize_, search
 
 
 def test_weighted_vote_by_hand():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evalsuite.errors import BadFeatures, UserError
-from tasks.knn_search import SearchConfig, check_features, normalize_, recall_at_k_ids, search, sort_rows
+from tasks.knn.search import SearchConfig, check_features, normalize_, recall_at_k_ids, search, sort_rows
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import re
 import statistics
 from html.parser import HTMLParser
 from pathlib import Path
@@ -276,14 +278,22 @@ def test_refuses_to_replace_a_directory_that_is_not_a_site(tmp_path) -> None:
 
 # ---------------------------------------------------------------- references
 
-def test_package_references_are_verbatim_copies(shared_dir) -> None:
-    src = shared_dir / "references"
-    names = reference_files()
-    assert names == sorted(p.name for p in src.glob("*.csv"))
+def test_package_references_match_the_sha256_in_their_provenance() -> None:
+    """Each CSV still has the sha256 recorded when it was copied (the list in references/PROVENANCE.md).
+
+    The list must name exactly the CSVs the package loads, once each: a CSV edited, added or removed
+    without updating PROVENANCE.md fails here. Nothing outside the repository is read.
+    """
     pkg = Path(__file__).resolve().parents[1] / "leaderboard" / "references"
+    listed = re.findall(r"^([0-9a-f]{64})  (\S+\.csv)$", (pkg / "PROVENANCE.md").read_text(), flags=re.M)
+    recorded = {name: digest for digest, name in listed}
+    names = reference_files()
+    assert names == sorted(p.name for p in pkg.glob("*.csv"))
+    assert len(names) == 10
+    assert len(recorded) == len(listed), "a CSV is listed twice in PROVENANCE.md"
+    assert sorted(recorded) == names
     for n in names:
-        assert (pkg / n).read_bytes() == (src / n).read_bytes(), n
-    assert (pkg / "PROVENANCE.md").exists()
+        assert hashlib.sha256((pkg / n).read_bytes()).hexdigest() == recorded[n], n
 
 
 def test_reference_table_columns_and_parsing() -> None:

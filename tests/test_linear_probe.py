@@ -8,7 +8,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from evalsuite.errors import BadData, BadFeatures, UserError
-from tasks.solvers.linear_probe import (
+from tasks.linear.probe import (
     ProbeConfig,
     build_probe,
     cross_entropy,

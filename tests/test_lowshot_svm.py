@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-import tasks.lowshot_svm as ls
+import tasks.svm.lowshot as ls
 from evalsuite import registry
 from evalsuite.cli import main as cli_main
-from tasks.solvers import svm
+from tasks.svm import solver as svm
 from tests.svm_fakes import CLASSES, FakeCtx, FakeVOC
 
 

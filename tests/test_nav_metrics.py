@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from tasks.nav_env import shortest_path_2d
-from tasks.nav_metrics import Episode, mean_std, spl, success_rate, summarize
+from tasks.navigation.env import shortest_path_2d
+from tasks.navigation.metrics import Episode, mean_std, spl, success_rate, summarize
 
 
 def reference_spl(episodes):

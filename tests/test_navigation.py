@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.nav_env as nav_env
+import tasks.navigation.env as nav_env
+import tasks.navigation.task as navigation
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.errors import UserError
 from evalsuite.task import TaskContext
 from evalsuite.trunks import build_trunk, tap_shapes
-from tasks import navigation
-from tasks.nav_features import FrozenEncoder, FrozenFeatureVecEnv
+from tasks.navigation.features import FrozenEncoder, FrozenFeatureVecEnv
 
 TAPS = ["res3", "res4", "res5"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -202,7 +202,7 @@ def test_shortest_path_and_oracle_spl_in_miniworld():
         assert env._shortest == pytest.approx(max(0.0, straight - goal_r), abs=1e-9)  # open room: straight line
         episodes.append(oracle_episode(env))
     assert all(e["success"] for e in episodes)
-    from tasks.nav_metrics import spl
+    from tasks.navigation.metrics import spl
 
     score = spl([e["success"] for e in episodes], [e["shortest_path"] for e in episodes],
                 [e["path_length"] for e in episodes])

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from evalsuite.errors import BadData
-from tasks import normals_codebook as cbl
-from tasks.normals_metrics import (
+from tasks.surface_normals import codebook as cbl
+from tasks.surface_normals.metrics import (
     ErrorAccumulator,
     angular_errors_deg,
     metric_names,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tasks.places205_linear as places
+import tasks.linear.task as places
 from evalsuite import registry
 from evalsuite.cache import FeatureCache
 from evalsuite.checkpoints import load_checkpoint

@@ -10,8 +10,8 @@ from torchvision.ops import box_iou
 
 from evalsuite.cli import main as cli_main
 from evalsuite.data import open_dataset
-from tasks.fast_rcnn import xml_to_continuous
-from tasks.proposals import ProposalCache, selective_search, sliding_window
+from tasks.detection.fast_rcnn import xml_to_continuous
+from tasks.detection.proposals import ProposalCache, selective_search, sliding_window
 
 
 def test_selective_search_on_a_real_voc_image_covers_its_objects(fixtures_dir):
@@ -163,7 +163,7 @@ def test_published_detectron_and_detectron2_proposal_files(tmp_path):
     """Detectron's files: integer ``indexes`` (VOC id 000005 = 5), boxes in 0-based inclusive pixels, kept in
     file order; detectron2's: string ``ids``, continuous XYXY_ABS boxes sorted by decreasing objectness."""
     from evalsuite.errors import BadData
-    from tasks.proposals import read_proposal_file
+    from tasks.detection.proposals import read_proposal_file
 
     b5 = np.array([[0, 0, 9, 19], [4, 5, 6, 7]], np.float32)  # a 10 x 20 box: x 0..9 inclusive
     v1 = _write_pickle(tmp_path / "ss.pkl", {"boxes": [b5, np.zeros((0, 4), np.float32)], "scores": [np.ones(2), []],

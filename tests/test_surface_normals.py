@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-import tasks.surface_normals as sn
+import tasks.surface_normals.task as sn
 from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.data import READERS
 from evalsuite.errors import BadData, UserError
 from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
-from tasks.dense_heads import FrozenTrunkDenseModel, PSPHead
-from tasks.normals_metrics import angular_errors_deg, summarize_errors
+from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel, PSPHead
+from tasks.surface_normals.metrics import angular_errors_deg, summarize_errors
 
 WALL, FLOOR, SIDE = (0.0, 0.0, -1.0), (0.0, -1.0, 0.0), (1.0, 0.0, 0.0)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tasks.surface_normals as sn
+import tasks.surface_normals.task as sn
 from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
@@ -17,7 +17,7 @@ from evalsuite.data.synthetic import write_nyuv2
 from evalsuite.errors import BadData
 from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
-from tasks.normals_metrics import angular_errors_deg, metric_names, summarize_errors
+from tasks.surface_normals.metrics import angular_errors_deg, metric_names, summarize_errors
 
 
 def make_ctx(data_root, out, overrides=()):

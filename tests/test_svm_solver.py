@@ -1,4 +1,4 @@
-"""tasks.solvers.svm: the batched torch solver against scikit-learn's LinearSVC and cyanure; the metrics."""
+"""tasks.svm.solver: the batched torch solver against scikit-learn's LinearSVC and cyanure; the metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
 from evalsuite.errors import BadFeatures, UserError
-from tasks.solvers import svm
-from tasks.solvers.svm import SVMConfig
+from tasks.svm import solver as svm
+from tasks.svm.solver import SVMConfig
 
 
 def make_problem(n, d, seed=0):

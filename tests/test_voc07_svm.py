@@ -10,12 +10,12 @@ import pytest
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-import tasks.voc07_svm as voc
+import tasks.svm.voc07 as voc
 from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
 from evalsuite.errors import BadFeatures
-from tasks.solvers import svm
+from tasks.svm import solver as svm
 from tests.svm_fakes import CLASSES, FakeCtx, FakeVOC
 
 

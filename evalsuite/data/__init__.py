@@ -29,6 +29,19 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
 }
 
 
+# Where each format lives under a data root (the synthetic generator writes the same layout).
+DATA_LAYOUT: dict[str, str] = {
+    "imagefolder": "imagefolder",
+    "voc2007": "VOCdevkit/VOC2007",
+    "voc2012": "VOCdevkit/VOC2012",
+    "places205": "places205",
+    "nyuv2": "nyuv2",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "digits": "",  # scikit-learn's bundled 8x8 digits: no files under the data root
+}
+
+
 def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDataset:
     if kind not in READERS:
         raise UserError(f"unknown dataset kind {kind!r}; known: {', '.join(sorted(READERS))}")
@@ -40,5 +53,5 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
         raise
 
 
-__all__ = ["CIFAR", "ClassificationDataset", "Digits", "ImageDataset", "ImageFolder", "NYUv2", "Places205", "READERS",
-           "VOC2007", "VOC2012", "VOC_CLASSES", "load_rgb", "open_dataset"]
+__all__ = ["CIFAR", "DATA_LAYOUT", "ClassificationDataset", "Digits", "ImageDataset", "ImageFolder", "NYUv2",
+           "Places205", "READERS", "VOC2007", "VOC2012", "VOC_CLASSES", "load_rgb", "open_dataset"]

@@ -6,10 +6,8 @@ Pickle layout (Krizhevsky's download, unpacked)::
                                                                       G plane, B plane of 32x32), b"labels"
     cifar-100-python/train, test, meta                                b"fine_labels", b"coarse_labels"
 
-The batches are read with a *restricted* unpickler that only resolves the handful of globals a
-numpy array needs (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``,
-``_codecs.encode``); anything else (a pickle that would call ``os.system``, say) is refused with
-BadData naming the file, so a downloaded batch cannot run code.
+The batches are read with :func:`evalsuite.data.pickles.safe_unpickle` (numpy arrays only), so a
+downloaded batch cannot run code.
 
 Folder layout: ``ROOT/<split>/<class>/<image>`` (as written by the usual ``cifar2png`` converters) is
 read with the ImageFolder reader when ``ROOT/<split>`` exists.
@@ -18,11 +16,7 @@ read with the ImageFolder reader when ``ROOT/<split>`` exists.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import io
-import pickle
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,47 +24,7 @@ from PIL import Image
 from ..errors import BadData
 from .base import ClassificationDataset
 from .imagefolder import ImageFolder
-
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    ("__builtin__", "bytes"), ("builtins", "bytes"),  # protocol-2 pickles of empty arrays call bytes()
-}
-
-
-class UnsafePickle(pickle.UnpicklingError):
-    """The pickle asks for a global outside the allow-list."""
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED:
-            raise UnsafePickle(f"refusing to load global {module}.{name}")
-        if module == "__builtin__":
-            module = "builtins"
-        if module.startswith("numpy.core"):
-            try:  # numpy >= 2 moved numpy.core to numpy._core
-                return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
-            except ImportError:
-                pass
-        return getattr(importlib.import_module(module), name)
-
-
-def safe_unpickle(path: Path, what: str = "CIFAR batch file") -> Any:
-    """Unpickle ``what`` (Python 2 pickles too, with bytes keys) allowing only numpy array globals."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadData(f"{what} not found", path) from None
-    except OSError as e:
-        raise BadData(f"unreadable {what} ({e})", path) from None
-    try:
-        return _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except UnsafePickle as e:
-        raise BadData(f"unsafe pickle ({e})", path) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise BadData(f"corrupt {what} ({type(e).__name__}: {e})", path) from None
+from .pickles import safe_unpickle
 
 
 def _get(d: dict, key: str, path: Path):
@@ -106,7 +60,7 @@ class CIFAR(ClassificationDataset):
         datas, labels = [], []
         for name in v[split]:
             path = self.root / name
-            b = safe_unpickle(path)
+            b = safe_unpickle(path, "CIFAR batch file")
             x = np.asarray(_get(b, "data", path))
             y = np.asarray(_get(b, v["labels"][label], path))
             if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
@@ -118,7 +72,7 @@ class CIFAR(ClassificationDataset):
         meta_path = self.root / v["meta"]
         names_key = v["names"] if label == "fine" else "coarse_label_names"
         if meta_path.exists():
-            names = _get(safe_unpickle(meta_path), names_key, meta_path)
+            names = _get(safe_unpickle(meta_path, "CIFAR batch file"), names_key, meta_path)
             self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         else:
             self.classes = [str(k) for k in range(int(self._labels.max()) + 1)]

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..console import HelpFormatter
 from ..errors import BadData, UserError
 
 SYNTH_KINDS = ("imagefolder", "voc", "places", "nyuv2", "cifar10")
@@ -26,11 +27,11 @@ examples:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("data", help="generate or check datasets", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("data", help="generate or check datasets", formatter_class=HelpFormatter,
                        epilog=EPILOG)
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     s = dsub.add_parser("synth", help="write synthetic datasets in their real on-disk formats",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+                        formatter_class=HelpFormatter, epilog=EPILOG)
     s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, "all"],
                    help="dataset to write (default all: every kind into the one data root)")
     s.add_argument("--out", type=Path, required=True, help="data root to write into (each kind in its usual sub-path)")
@@ -43,7 +44,7 @@ def add_command(sub) -> None:
                    help="NYUv2 layout: labeled .mat + splits.mat (default) or per-frame files")
     s.set_defaults(func=cmd_synth)
     c = dsub.add_parser("check", help="parse a dataset, decode every file and summarise it (exit 2 on bad data)",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+                        formatter_class=HelpFormatter, epilog=EPILOG)
     c.add_argument("--kind", required=True, choices=CHECK_KINDS)
     c.add_argument("--root", type=Path, default=Path("."),
                    help="the data root (the kind's usual sub-path is looked up) or the dataset folder itself")
@@ -89,7 +90,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def resolve_root(kind: str, root: Path) -> Path:
-    from ..task import DATA_LAYOUT
+    from . import DATA_LAYOUT
 
     sub = DATA_LAYOUT.get(kind, kind)
     if sub and (root / sub).exists():

@@ -20,7 +20,7 @@
     depth/<split>/<id>.npy     optional float32 metres, or <id>.png uint16 millimetres
 
 **Normal encoding of PNGs** is that of the widely used nyuv2-python-toolkit extraction of the
-Ladický et al. (ECCV 2014) ground truth (see ``shared/fixtures/nyuv2_mini/README.md``): channel value
+Ladický et al. (ECCV 2014) ground truth (see ``tests/fixtures/nyuv2_mini/README.md``): channel value
 v decodes as n = v / 255 * 2 - 1, and the file's R, G, B hold (z, y, x), i.e. (x, y, z) in OpenCV's BGR
 order. **Camera frame**: x right, y down, z forward; normals point toward the camera. Without a mask
 file, a pixel is valid when its decoded vector has length within 0.1 of 1 (so (0, 0, 0) and mid-grey

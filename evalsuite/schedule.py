@@ -1,0 +1,289 @@
+"""Benchmark schedules: which checkpoint x task x preset (x seed) runs make up a leaderboard.
+
+The machine-readable model index that regenerates the tables (the role of mmselfsup's model-zoo
+``.yml``), written in TOML (standard library ``tomllib``; JSON is accepted too)::
+
+    # leaderboard.toml
+    out = "runs/leaderboard"          # results directory (relative paths: to this file)
+    data_root = "data/demo"
+
+    [defaults]
+    protocol = "quick"
+    tasks = ["centroid", "knn", "voc07_svm"]
+    seeds = [0]
+
+    [[run]]
+    checkpoint = "random:resnet18"
+
+    [[run]]
+    checkpoint = "ckpts/simclr.safetensors"
+    tasks = ["voc07_svm"]
+    set = ["voc07_svm.costs=[0.1,1,10]"]   # --set overrides
+    layers = ["res4", "res5"]
+    seeds = [0, 1, 2]
+
+:func:`run_schedule` expands it into jobs and runs the pending ones. It resumes: a job
+(checkpoint, task, preset, seed) is *done* when the results file already holds a record of it whose
+params carry every ``set`` override, and done jobs are not recomputed unless ``force``. Each group of
+tasks sharing a checkpoint, preset, seed, overrides and layers is one ``evalsuite run`` (the checkpoint
+is loaded once and the feature cache is shared); the runner appends each task's records as soon as
+the task finishes, so an interrupted schedule loses at most the task in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .protocols import check_preset, parse_overrides
+from .results import RESULTS_FILE, iter_records
+
+RUN_KEYS = {"checkpoint", "arch", "tasks", "protocol", "seeds", "seed", "set", "layers", "name"}
+TOP_KEYS = {"out", "data_root", "cache_dir", "device", "defaults", "run", "runs", "batch_size", "workers",
+            "precision"}
+
+
+@dataclass
+class Job:
+    checkpoint: str
+    task: str
+    protocol: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
+    arch: str | None = None
+    status: str = "pending"  # pending | done (before) | ran | failed | data_missing | planned
+    message: str = ""
+
+    @property
+    def group(self) -> tuple:
+        return (self.checkpoint, self.arch, self.protocol, self.seed, self.overrides, self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "task": self.task, "protocol": self.protocol, "seed": self.seed,
+                "overrides": list(self.overrides), "layers": list(self.layers), "status": self.status,
+                "message": self.message}
+
+
+@dataclass
+class ScheduleReport:
+    path: Path
+    results_file: Path
+    jobs: list[Job] = field(default_factory=list)
+    dry_run: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(j.status == status for j in self.jobs)
+
+    @property
+    def ok(self) -> bool:
+        return not any(j.status in ("failed", "data_missing") for j in self.jobs)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def summary(self) -> str:
+        parts = [f"{len(self.jobs)} job(s)"]
+        for s in ("done", "ran", "planned", "data_missing", "failed"):
+            if self.count(s):
+                parts.append(f"{self.count(s)} {'already done' if s == 'done' else s}")
+        return ", ".join(parts) + f"; results in {self.results_file}"
+
+
+def load_schedule(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("schedule file not found", path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not a valid schedule ({e})", path) from None
+    if not isinstance(data, dict):
+        raise UserError("a schedule is a table with [[run]] entries", path)
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise UserError(f"unknown top-level key(s) {', '.join(sorted(unknown))}", path)
+    runs = data.get("run", data.get("runs"))
+    if not isinstance(runs, list) or not runs:
+        raise UserError("no [[run]] entries", path)
+    return data
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [x for x in v.split(",") if x]
+    return list(v)
+
+
+def expand_jobs(data: dict[str, Any], base: Path, only_tasks: Sequence[str] | None = None,
+                path: Path | None = None) -> list[Job]:
+    """Schedule table -> list of jobs (one per checkpoint x task x seed), in file order."""
+    defaults = data.get("defaults", {}) or {}
+    jobs: list[Job] = []
+    seen = set()
+    for i, run in enumerate(data.get("run", data.get("runs"))):
+        where = f"[[run]] #{i + 1}"
+        if not isinstance(run, dict):
+            raise UserError(f"{where} is not a table", path)
+        unknown = set(run) - RUN_KEYS
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}", path)
+        cfg = {**defaults, **run}
+        ck = cfg.get("checkpoint")
+        if not isinstance(ck, str) or not ck:
+            raise UserError(f"{where}: 'checkpoint' is required", path)
+        if ":" not in ck.split("/")[0]:  # a file path (not random:/torchvision:): relative to the schedule
+            ck = str((base / ck).resolve())
+        tasks = _as_list(cfg.get("tasks"))
+        if not tasks:
+            raise UserError(f"{where}: no tasks (set 'tasks' in the run or in [defaults])", path)
+        if only_tasks:
+            tasks = [t for t in tasks if t in set(only_tasks)]
+        protocol = check_preset(str(cfg.get("protocol", "goyal19")))
+        seeds = _as_list(cfg.get("seeds", [cfg.get("seed", 0)]))
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise UserError(f"{where}: seeds must be integers", path)
+        overrides = tuple(str(x) for x in _as_list(cfg.get("set")))
+        parse_overrides(overrides)  # validate early
+        layers = tuple(str(x) for x in _as_list(cfg.get("layers")))
+        for seed in seeds:
+            for task in tasks:
+                job = Job(ck, task, protocol, int(seed), overrides, layers, cfg.get("arch"))
+                key = (job.group, task)
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(job)
+    return jobs
+
+
+def _get_path(d: Any, parts: list[str]) -> tuple[bool, Any]:
+    for p in parts:
+        if not isinstance(d, dict) or p not in d:
+            return False, None
+        d = d[p]
+    return True, d
+
+
+def _task_names() -> set[str]:
+    from . import registry
+
+    try:
+        return set(registry.task_names())
+    except Exception:  # a broken plugin must not stop the resume check
+        return set()
+
+
+def _is_done(job: Job, records: list[dict], task_names: set[str] | None = None) -> bool:
+    """A record of this (checkpoint, task, preset, seed) exists and its params carry every override."""
+    names = _task_names() if task_names is None and job.overrides else (task_names or set())
+    wanted = []
+    for parts, value in parse_overrides(job.overrides):
+        if len(parts) > 1 and parts[0] == job.task:
+            parts = parts[1:]
+        elif len(parts) > 1 and parts[0] in names:
+            continue  # scoped to another task
+        wanted.append((parts, value))
+    for r in records:
+        if (r.get("checkpoint") == job.checkpoint and r.get("task") == job.task and r.get("protocol") == job.protocol
+                and r.get("seed") == job.seed):
+            params = r.get("params") or {}
+            if all(_get_path(params, parts) == (True, value) for parts, value in wanted):
+                return True
+    return False
+
+
+def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | None = None,
+                 data_root: str | Path | None = None, cache_dir: str | Path | None = None, device: str | None = None,
+                 tasks: Sequence[str] | str | None = None, dry_run: bool = False, progress: bool = True,
+                 echo: Callable[[str], Any] = print, run_fn: Callable[[Any], Any] | None = None) -> ScheduleReport:
+    """Run every pending job of a schedule file; arguments that are not None override the file's values.
+
+    ``run_fn(RunOptions) -> RunReport`` defaults to :func:`evalsuite.runner.run` (tests pass a fake).
+    """
+    path = Path(path)
+    data = load_schedule(path)
+    base = path.resolve().parent
+
+    def pick(arg, key, default=None):
+        if arg is not None:
+            return Path(arg) if key != "device" else arg
+        v = data.get(key, default)
+        if v is None:
+            return None
+        return v if key == "device" else (base / v)
+
+    out_dir = pick(out, "out", "runs")
+    root = pick(data_root, "data_root", "data")
+    cache = pick(cache_dir, "cache_dir")
+    dev = pick(device, "device", "cpu")
+    only = _as_list(tasks) if tasks else None
+    jobs = expand_jobs(data, base, only, path)
+    results_file = Path(out_dir) / RESULTS_FILE
+    records = list(iter_records(results_file)) if results_file.exists() else []
+    report = ScheduleReport(path=path, results_file=results_file, jobs=jobs, dry_run=dry_run)
+    for job in jobs:
+        if not force and _is_done(job, records):
+            job.status = "done"
+    pending = [j for j in jobs if j.status == "pending"]
+    echo(f"schedule {path}: {len(jobs)} job(s), {len(jobs) - len(pending)} already done, {len(pending)} to run"
+         + (" (forced)" if force else ""))
+    groups: dict[tuple, list[Job]] = {}
+    for j in pending:
+        groups.setdefault(j.group, []).append(j)
+    if dry_run:
+        for j in pending:
+            j.status = "planned"
+            echo(f"  would run {j.checkpoint} x {j.task} ({j.protocol}, seed {j.seed}"
+                 + (f", set {' '.join(j.overrides)}" if j.overrides else "") + ")")
+        return report
+    if run_fn is None:
+        from .runner import run as run_fn
+    from .runner import RunOptions
+
+    done_jobs = 0
+    for n, ((ck, arch, protocol, seed, overrides, layers), group) in enumerate(groups.items(), 1):
+        names = [j.task for j in group]
+        echo(f"[{n}/{len(groups)}] {ck}: {', '.join(names)} ({protocol}, seed {seed}) "
+             f"— {done_jobs}/{len(pending)} jobs finished")
+        opts = RunOptions(checkpoint=ck, arch=arch, tasks=[",".join(names)], layers=list(layers) or None,
+                          preset=protocol, overrides=list(overrides), data_root=Path(root), out=Path(out_dir),
+                          device=dev, seed=seed, cache_dir=Path(cache) if cache else None, progress=progress,
+                          batch_size=int(data.get("batch_size", 64)), workers=int(data.get("workers", 0)),
+                          precision=str(data.get("precision", "auto")))
+        try:
+            rep = run_fn(opts)
+        except UserError as e:
+            from .task import DataMissing
+
+            status = "data_missing" if isinstance(e, DataMissing) else "failed"
+            # tasks that finished before the error have their records: mark those that did
+            fresh = list(iter_records(results_file)) if results_file.exists() else []
+            for j in group:
+                if _is_done(j, fresh) and not force:
+                    j.status = "ran"
+                else:
+                    j.status, j.message = status, str(e)
+            echo(f"  {status}: {e}")
+            done_jobs += len(group)
+            continue
+        got = {getattr(r, "task", None) for r in getattr(rep, "results", [])}
+        skipped = dict(getattr(rep, "skipped", []) or [])
+        for j in group:
+            if j.task in skipped:
+                j.status, j.message = "data_missing", skipped[j.task]
+            elif j.task in got:
+                j.status = "ran"
+            else:
+                j.status, j.message = "failed", "the run produced no record for this task"
+        done_jobs += len(group)
+    echo(report.summary())
+    return report

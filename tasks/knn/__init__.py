@@ -1,0 +1,3 @@
+"""Neighbour classifiers on frozen features: weighted kNN (DINO's evaluation) and nearest class mean."""
+
+TASKS = {"knn": "task:task", "centroid": "centroid:task"}

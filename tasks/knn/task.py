@@ -1,0 +1,247 @@
+"""Weighted kNN classification and image retrieval on frozen features, one search per tap.
+
+For each tap: globally average-pooled features from the cache, L2-normalised, the val split's
+k nearest train features by cosine similarity (FAISS, ``tasks.knn.search``), then
+
+- weighted kNN (DINO's ``eval_knn.py``, after Wu et al. 2018 NPID): the k neighbours vote for
+  their class with weight exp(sim / T); top-1 / top-5 for the preset's k (metrics ``top1``,
+  ``top5``) and for every k in ``ks`` (``top1@k10``, ...), all from ONE search with the largest k;
+- plain majority vote for the same ks (``majority_top1@k20``, ...);
+- retrieval: a neighbour is relevant when it shares the query's label (multi-label data such
+  as VOC: at least one positive label): ``retrieval_precision@n``, ``retrieval_recall@n`` and
+  ``retrieval_mAP@D`` (AP over the first D = ``retrieval_depth`` neighbours, normalised by
+  min(R, D); ``retrieval_depth="all"`` ranks the whole bank = the usual AP).
+  ``retrieval_mode="leave_one_out"`` retrieves within the val split, never returning the query itself.
+
+Multi-label datasets (``label_matrix``, e.g. voc2007) report class-mean AP of the vote scores
+(``mAP``, ``mAP@k20``, ...) instead of top-n accuracy.
+
+Presets:
+- ``goyal19``: DINO's protocol (Caron et al. 2021): k=20, T=0.07, cosine on L2-normalised
+  global-average-pooled features, resize 256 / centre crop 224; every tap.
+- ``vissl``: k=200, T=0.1 (the NPID-style k used by VISSL's kNN benchmark).
+- ``quick``: 64 px, k=10, ks 5/10/20, retrieval depth 20: tiny data on a CPU.
+
+Search options (``--set knn.index=ivf|hnsw``) trade exactness for speed on large banks; the
+recall of the approximate neighbours against the exact search is recorded (``index_recall@k``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from evalsuite.errors import BadData, UserError
+from evalsuite.protocols import check_preset
+from evalsuite.results import Result
+from evalsuite.task import TaskContext
+from tasks.knn import metrics as M
+from tasks.knn.search import Neighbours, SearchConfig, check_features, normalize_, search
+
+DEFAULT_LAYERS = ["conv1", "res2", "res3", "res4", "res5"]
+
+
+class KNNTask:
+    name = "knn"
+    description = ("weighted kNN (DINO/NPID) top-1/top-5, majority vote and label-sharing retrieval "
+                   "(mAP, precision@n) on frozen features via FAISS")
+
+    def default_protocol(self, preset: str) -> dict[str, Any]:
+        check_preset(preset)
+        protocol: dict[str, Any] = {
+            "dataset": "imagefolder",
+            "data_path": None,
+            "train_split": "train",
+            "val_split": "val",
+            "layers": list(DEFAULT_LAYERS),
+            "pooling": "avg",
+            "image_size": 224,
+            "resize_mode": "center_crop",
+            "resize": 256,
+            "normalize": True,
+            "metric": "ip",
+            "k": 20,
+            "temperature": 0.07,
+            "ks": [10, 20, 100, 200],
+            "topk": [1, 5],
+            "majority_vote": True,
+            "retrieval": True,
+            "retrieval_mode": "split",
+            "retrieval_ks": [1, 10, 100],
+            "retrieval_depth": 100,
+            "index": "flat",
+            "chunk_size": 1024,
+            "nlist": None,
+            "nprobe": 16,
+            "hnsw_m": 32,
+            "ef_construction": 200,
+            "ef_search": 128,
+            "use_gpu": "auto",
+            "recall_queries": 1000,
+        }
+        if preset == "vissl":
+            protocol.update({"k": 200, "temperature": 0.1})
+        elif preset == "quick":
+            protocol.update({"image_size": 64, "resize": None, "k": 10, "ks": [5, 10, 20],
+                             "retrieval_ks": [1, 10], "retrieval_depth": 20})
+        return protocol
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, ctx: TaskContext) -> list[Result]:
+        p = ctx.protocol
+        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
+        val = ctx.open_dataset(p["dataset"], p["val_split"], p["data_path"])
+        targets = _targets(train, val, p)
+        trunk_taps = list(ctx.extractor.trunk.tap_names)
+        taps = ctx.taps(p["layers"] if all(t in trunk_taps for t in p["layers"]) else trunk_taps)
+        transform = ctx.transform()
+        config = SearchConfig.from_protocol(p, seed=ctx.seed)
+        plan = _plan(p, len(train), len(val))
+        specs = ctx.extractor.pool_specs(taps, p["pooling"], transform)
+        ftr = ctx.features(train, taps, pooling=p["pooling"], transform=transform)
+        fva = ctx.features(val, taps, pooling=p["pooling"], transform=transform)
+        results: list[Result] = []
+        for tap in taps:
+            bank = check_features(ftr.pop(tap), f"{p['train_split']} {tap}", train.root)
+            queries = check_features(fva.pop(tap), f"{p['val_split']} {tap}", val.root)
+            if p["normalize"]:
+                normalize_(bank)
+                normalize_(queries)
+            nb = search(queries, bank, plan["kmax"], config, progress=ctx.progress, desc=f"knn {tap}")
+            values = classification_metrics(nb, targets, p, plan)
+            if plan["retrieval"]:
+                values.update(retrieval_metrics(nb, queries, bank, targets, p, plan, config, ctx.progress))
+            if "recall_vs_exact" in nb.info:
+                values[f"index_recall@{plan['kmax']}"] = 100.0 * nb.info["recall_vs_exact"]
+            params = {
+                "num_train": len(train), "num_val": len(val), "num_classes": targets["num_classes"],
+                "multilabel": targets["multilabel"], "feature_dim": int(bank.shape[1]),
+                "pool_op": specs[tap].op, "transform": transform.to_dict(), "search": nb.info,
+                "search_config": config.to_dict(), "k_searched": plan["kmax"], "ks_reported": plan["ks"],
+                "vote_weight": "exp(cosine / temperature)" if p["normalize"] and p["metric"] == "ip"
+                else "exp(score / temperature)",
+                "tie_break": "neighbours: score then lower bank index; classes: score then lower class index",
+                "device": ctx.device,
+            }
+            for metric, value in values.items():
+                results.append(ctx.result(p["dataset"], p["val_split"], tap, metric, value, params=params,
+                                          dataset_fingerprint=val.fingerprint()))
+        return results
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _targets(train, val, p: dict[str, Any]) -> dict[str, Any]:
+    """Labels of both splits; a clear error for unusable or inconsistent targets."""
+    if hasattr(train, "labels") and getattr(train, "classes", None) is not None:
+        classes = list(train.classes)
+        if classes != list(getattr(val, "classes", [])):
+            raise BadData(f"the {p['train_split']} and {p['val_split']} splits have different class lists", val.root)
+        ytr, yva = np.asarray(train.labels, np.int64), np.asarray(val.labels, np.int64)
+        unseen = sorted(set(np.unique(yva).tolist()) - set(np.unique(ytr).tolist()))
+        if unseen:
+            names = [classes[i] if 0 <= i < len(classes) else str(i) for i in unseen]
+            raise BadData(f"{p['val_split']} has labels never seen in {p['train_split']} (kNN cannot predict "
+                          f"them): {', '.join(map(str, names[:10]))}", val.root)
+        return {"multilabel": False, "num_classes": len(classes), "train": ytr, "val": yva}
+    if hasattr(train, "label_matrix"):
+        ltr, lva = np.asarray(train.label_matrix), np.asarray(val.label_matrix)
+        if ltr.shape[1] != lva.shape[1]:
+            raise BadData(f"the {p['train_split']} and {p['val_split']} splits have different class lists", val.root)
+        ptr, pva = ltr > 0, lva > 0
+        unseen = np.flatnonzero(pva.any(axis=0) & ~ptr.any(axis=0))
+        if len(unseen):
+            classes = list(getattr(train, "classes", range(ltr.shape[1])))
+            raise BadData(f"{p['val_split']} has labels never positive in {p['train_split']}: "
+                          f"{', '.join(str(classes[i]) for i in unseen[:10])}", val.root)
+        return {"multilabel": True, "num_classes": int(ltr.shape[1]), "train_pos": ptr, "val_pos": pva,
+                "val_matrix": lva}
+    raise BadData(f"{p['dataset']} has neither single labels nor a label matrix: kNN needs labels", train.root)
+
+
+def _plan(p: dict[str, Any], n_train: int, n_val: int) -> dict[str, Any]:
+    """The ks to report and the single largest k to search, with a clear error when k exceeds the bank."""
+    ks = sorted({int(k) for k in [p["k"], *p["ks"]]})
+    if min(ks) < 1:
+        raise UserError(f"knn: every k must be >= 1, got {ks}")
+    if max(ks) > n_train:
+        raise UserError(f"knn: k={max(ks)} is larger than the bank ({n_train} {p['train_split']} samples); "
+                        f"lower knn.k / knn.ks")
+    retrieval = bool(p["retrieval"])
+    loo = p["retrieval_mode"] == "leave_one_out"
+    if p["retrieval_mode"] not in ("split", "leave_one_out"):
+        raise UserError(f"knn.retrieval_mode must be split or leave_one_out, got {p['retrieval_mode']!r}")
+    bank_n = n_val - 1 if loo else n_train
+    depth = p["retrieval_depth"]
+    depth = bank_n if depth in ("all", None) else int(depth)
+    rks = sorted({int(k) for k in p["retrieval_ks"]})
+    if retrieval and max([depth, *rks]) > bank_n:
+        raise UserError(f"knn: retrieval depth {max([depth, *rks])} is larger than the retrieval bank ({bank_n} "
+                        f"candidates); lower knn.retrieval_depth / knn.retrieval_ks")
+    depth = max([depth, *rks]) if retrieval else 0
+    kmax = max(ks) if (loo or not retrieval) else max(max(ks), depth)
+    return {"ks": ks, "kmax": kmax, "retrieval": retrieval, "loo": loo, "depth": depth, "retrieval_ks": rks}
+
+
+def classification_metrics(nb: Neighbours, targets: dict[str, Any], p: dict[str, Any],
+                           plan: dict[str, Any]) -> dict[str, float]:
+    """Weighted (and majority) kNN metrics for every k in the plan, from one neighbour list (percent)."""
+    out: dict[str, float] = {}
+    temperature = float(p["temperature"])
+    nc = targets["num_classes"]
+    if targets["multilabel"]:
+        pos = targets["train_pos"]
+        for k in plan["ks"]:
+            head = nb.head(k)
+            m, _ = M.class_mean_ap(M.multilabel_vote(head.scores, pos[head.ids], temperature), targets["val_matrix"])
+            if k == int(p["k"]):
+                out["mAP"] = 100.0 * m
+            out[f"mAP@k{k}"] = 100.0 * m
+            if p["majority_vote"]:
+                m, _ = M.class_mean_ap(M.multilabel_vote(head.scores, pos[head.ids], None), targets["val_matrix"])
+                out[f"majority_mAP@k{k}"] = 100.0 * m
+        return out
+    ytr, yva = targets["train"], targets["val"]
+    tops = [int(t) for t in p["topk"] if int(t) == 1 or int(t) < nc]
+    for k in plan["ks"]:
+        head = nb.head(k)
+        labels = ytr[head.ids]
+        acc = M.topk_accuracy(M.weighted_vote(head.scores, labels, nc, temperature), yva, tops)
+        if k == int(p["k"]):
+            out.update({f"top{t}": 100.0 * acc[t] for t in tops})
+        out.update({f"top{t}@k{k}": 100.0 * acc[t] for t in tops})
+        if p["majority_vote"]:
+            acc = M.topk_accuracy(M.majority_vote(labels, nc), yva, tops)
+            out.update({f"majority_top{t}@k{k}": 100.0 * acc[t] for t in tops})
+    return out
+
+
+def retrieval_metrics(nb: Neighbours, queries: np.ndarray, bank: np.ndarray, targets: dict[str, Any],
+                      p: dict[str, Any], plan: dict[str, Any], config: SearchConfig,
+                      progress: bool) -> dict[str, float]:
+    """Label-sharing retrieval metrics (percent): precision@n, recall@n, mAP over the first D neighbours."""
+    depth, loo = plan["depth"], plan["loo"]
+    if loo:
+        nb = search(queries, queries, depth, config, exclude_self=True, progress=progress, desc="knn retrieval")
+    head = nb.head(depth)
+    if targets["multilabel"]:
+        qpos = targets["val_pos"]
+        bpos = qpos if loo else targets["train_pos"]
+        rel = M.relevance_multi(qpos, bpos, head.ids)
+        nrel = M.num_relevant_multi(qpos, bpos, exclude_self=loo)
+    else:
+        yq = targets["val"]
+        yb = yq if loo else targets["train"]
+        rel = M.relevance_single(yq, yb[head.ids])
+        nrel = M.num_relevant_single(yq, yb, exclude_self=loo)
+    out = {f"retrieval_precision@{n}": 100.0 * v for n, v in M.precision_at_k(rel, plan["retrieval_ks"]).items()}
+    out.update({f"retrieval_recall@{n}": 100.0 * v
+                for n, v in M.recall_at_k(rel, nrel, plan["retrieval_ks"]).items()})
+    out[f"retrieval_mAP@{depth}"] = 100.0 * M.mean_average_precision(rel, nrel)
+    return out
+
+
+task = KNNTask()

@@ -1,0 +1,272 @@
+"""Navigation with a policy trained by RL on frozen features (Goyal et al. 2019 Sec. 6; Sax et al. 2018).
+
+An agent sees first-person RGB frames of a 3D simulator; the frozen trunk turns every
+frame into its res3/res4/res5 maps (one batched pass for all parallel environments per
+step, ``tasks.navigation.features``); only a small policy is trained, with PPO from
+stable-baselines3. Its first layers compress the taps of each frame to 8 x 16 x 16 (the size
+of the mid-level representations of Sax et al.), the last 4 frames are stacked. Scores on
+held-out episodes: success rate, SPL (Anderson et al. 2018, shortest path from the
+simulator's geometry, ``tasks.navigation.metrics``), mean episode return and length, each as
+mean +- std over seeds; in the same result set two baselines: ``random`` (uniform actions)
+and ``blind`` (the same PPO on a constant observation: no visual input).
+
+Simulator: the anchors used Gibson, which is not available here; this task uses MiniWorld
+(first-person, gymnasium) through ``tasks.navigation.env``, where other gymnasium simulators plug in.
+
+Presets:
+- ``goyal19``: the anchors' RL settings -- PPO, lr 1e-4, clip 0.1, gamma 0.99, 4 stacked
+  frames, res3/res4/res5 compressed by a trainable conv to 8x16x16, 5 seeds mean +- std --
+  on MiniWorld OneRoom (10 m room, 180 steps) at 128 px (res3 of a ResNet is then 16x16),
+  8 environments, a budget of 1M frames per seed. The remaining PPO fields (n_steps, batch,
+  epochs, GAE lambda, entropy/value coefficients) are stable-baselines3 defaults scaled to
+  8 environments; they are not given by the anchors.
+- ``vissl``: VISSL has no navigation benchmark; identical to ``goyal19`` (recorded in a note).
+- ``quick``: CPU/CI sized: OneRoomS6Fast (6 m room, 50 steps, 45 degree turns) at 32 px, 8 environments,
+  6144 frames, one seed, lr 3e-4, compression to 8x8x8; about a minute of one CPU core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evalsuite.errors import UserError
+from evalsuite.protocols import check_preset
+from evalsuite.results import Result
+from evalsuite.task import TaskContext
+from tasks.navigation.metrics import Episode, mean_std, summarize
+
+METRICS = ("success_rate", "spl", "mean_return", "mean_length")
+AGENTS = ("ppo", "random", "blind")
+SIMULATOR_NOTE = "MiniWorld instead of the anchors' Gibson simulator (not available here)"
+VISSL_NOTE = "VISSL has no navigation benchmark: the vissl preset is the goyal19 protocol"
+
+
+class NavigationTask:
+    name = "navigation"
+    description = ("PPO policy on frozen res3/res4/res5 features in a first-person 3D simulator (MiniWorld): "
+                   "success rate, SPL, return, length; random and blind baselines")
+
+    def default_protocol(self, preset: str) -> dict[str, Any]:
+        check_preset(preset)
+        protocol: dict[str, Any] = {
+            "env": "miniworld:OneRoom",
+            "env_kwargs": {},
+            "image_size": 128,
+            "n_envs": 8,
+            "layers": ["res3", "res4", "res5"],
+            "frame_stack": 4,
+            "compress_channels": 8,
+            "compress_grid": 16,
+            "compress_hidden": 32,
+            "features_dim": 256,
+            "frames": 1_000_000,
+            "num_seeds": 5,
+            "lr": 1e-4,
+            "clip_range": 0.1,
+            "gamma": 0.99,
+            "gae_lambda": 0.95,
+            "n_steps": 256,
+            "batch_size": 256,
+            "n_epochs": 4,
+            "ent_coef": 0.01,
+            "vf_coef": 0.5,
+            "max_grad_norm": 0.5,
+            "eval_episodes": 100,
+            "eval_deterministic": False,
+            "baselines": ["random", "blind"],
+            "precision": "auto",
+        }
+        if preset == "quick":
+            protocol.update({"env": "miniworld:OneRoomS6Fast", "image_size": 32, "n_envs": 8, "frames": 6144,
+                             "num_seeds": 1, "lr": 3e-4, "n_steps": 64, "batch_size": 128, "n_epochs": 4,
+                             "compress_grid": 8, "compress_hidden": 16, "eval_episodes": 32})
+        return protocol
+
+    def check_environment(self) -> None:
+        """Headless GL must load before the simulator starts (the optional part of the task contract)."""
+        from tasks.navigation.env import require_gl
+
+        require_gl()
+
+    def run(self, ctx: TaskContext) -> list[Result]:
+        p = ctx.protocol
+        from tasks.navigation.env import resolve
+
+        resolve(p["env"])  # unknown environment: fail before anything heavy
+        unknown = [b for b in p["baselines"] if b not in ("random", "blind")]
+        if unknown:
+            raise UserError(f"unknown navigation baseline(s) {', '.join(unknown)}; choose random, blind")
+        taps = ctx.taps(p["layers"])
+        from tasks.navigation.features import check_trunk_taps
+
+        trunk = ctx.trunk
+        check_trunk_taps(trunk, taps)
+        seeds = [ctx.seed + i for i in range(int(p["num_seeds"]))]
+        state_dir = ctx.out_dir / "navigation_state" / _fingerprint(ctx, taps)[:16]
+        jobs = [(agent, s) for agent in ("ppo", *p["baselines"]) for s in seeds]
+        from tqdm import tqdm
+
+        summaries: dict[str, list[dict]] = {a: [] for a in ("ppo", *p["baselines"])}
+        for agent, seed in tqdm(jobs, desc=self.name, disable=not ctx.progress):
+            path = state_dir / f"{agent}-seed{seed}.json"
+            if path.exists():  # resume: a finished (agent, seed) is never rerun
+                summaries[agent].append(json.loads(path.read_text()))
+                continue
+            summary = run_agent(agent, p, seed, ctx.device, trunk=trunk if agent == "ppo" else None, taps=taps,
+                                normalize=_normalize(ctx))
+            _atomic_write(path, summary)
+            summaries[agent].append(summary)
+
+        results = []
+        layer_of = {"ppo": "+".join(taps), "random": "random", "blind": "blind"}
+        for agent, runs in summaries.items():
+            params = {
+                "agent": agent, "seeds": seeds, "taps": taps if agent == "ppo" else [],
+                "simulator": SIMULATOR_NOTE, "device": ctx.device,
+                "per_seed": [{k: r.get(k) for k in (*METRICS, "num_episodes", "spl_episodes", "seed")} for r in runs],
+                "timing": [r.get("timing", {}) for r in runs],
+            }
+            if ctx.preset == "vissl":
+                params["vissl_note"] = VISSL_NOTE
+            note = {"ppo": "", "random": "baseline: uniformly random actions",
+                    "blind": "baseline: PPO on a constant observation (no visual input)"}[agent]
+            for metric in METRICS:
+                mean, std = mean_std([r[metric] for r in runs])
+                results.append(ctx.result(_dataset(p["env"]), "eval", layer_of[agent], metric, mean,
+                                          params={**params, "std": std}, note=note))
+        return results
+
+
+# ----------------------------------------------------------------------------- one agent, one seed
+
+
+def run_agent(agent: str, p: dict, seed: int, device: str = "cpu", trunk=None, taps=None,
+              normalize: dict | None = None) -> dict:
+    """Train (``ppo``/``blind``) and evaluate one agent for one seed; returns the metrics summary."""
+    from tasks.navigation.env import make_vec_env
+
+    t0 = time.perf_counter()
+    timing: dict[str, float] = {}
+    env_kwargs = dict(p.get("env_kwargs") or {})
+    if agent == "random":
+        venv = make_vec_env(p["env"], p["n_envs"], 10_000 + seed, p["image_size"], env_kwargs)
+        rng = np.random.default_rng(seed)
+        n_actions = venv.action_space.n
+        episodes = evaluate(venv, lambda obs: rng.integers(0, n_actions, venv.num_envs), p["eval_episodes"])
+        venv.close()
+    else:
+        model, train_env = build_ppo(agent, p, seed, device, trunk, taps, normalize)
+        t1 = time.perf_counter()
+        model.learn(total_timesteps=int(p["frames"]))
+        timing["train_s"] = time.perf_counter() - t1
+        timing["train_frames_per_s"] = int(p["frames"]) / max(timing["train_s"], 1e-9)
+        if hasattr(train_env, "seconds"):
+            timing.update({f"train_{k}_s": v for k, v in train_env.seconds.items()})
+        train_env.close()
+        eval_env = _wrap(agent, make_vec_env(p["env"], p["n_envs"], 10_000 + seed, p["image_size"], env_kwargs),
+                         p, device, trunk, taps, normalize)
+        det = bool(p["eval_deterministic"])
+        episodes = evaluate(eval_env, lambda obs: model.predict(obs, deterministic=det)[0], p["eval_episodes"])
+        eval_env.close()
+    timing["total_s"] = time.perf_counter() - t0
+    return {"agent": agent, "seed": seed, **summarize(episodes), "timing": timing,
+            "episodes": [e.to_dict() for e in episodes]}
+
+
+def _wrap(agent: str, venv, p: dict, device: str, trunk, taps, normalize):
+    from tasks.navigation.features import BlindVecEnv, FrozenEncoder, FrozenFeatureVecEnv
+
+    if agent == "blind":
+        return BlindVecEnv(venv)
+    encoder = FrozenEncoder(trunk, taps, device=device, precision=p["precision"], **(normalize or {}))
+    return FrozenFeatureVecEnv(venv, encoder, frame_stack=int(p["frame_stack"]))
+
+
+def build_ppo(agent: str, p: dict, seed: int, device: str = "cpu", trunk=None, taps=None, normalize=None):
+    """The stable-baselines3 PPO model (and its training VecEnv) of the protocol."""
+    from stable_baselines3 import PPO
+
+    from tasks.navigation.env import make_vec_env
+    from tasks.navigation.features import CompressedFeatures
+
+    venv = _wrap(agent, make_vec_env(p["env"], p["n_envs"], seed, p["image_size"], p.get("env_kwargs")),
+                 p, device, trunk, taps, normalize)
+    common = dict(learning_rate=float(p["lr"]), n_steps=int(p["n_steps"]), batch_size=int(p["batch_size"]),
+                  n_epochs=int(p["n_epochs"]), gamma=float(p["gamma"]), gae_lambda=float(p["gae_lambda"]),
+                  clip_range=float(p["clip_range"]), ent_coef=float(p["ent_coef"]), vf_coef=float(p["vf_coef"]),
+                  max_grad_norm=float(p["max_grad_norm"]), seed=seed, device=device, verbose=0)
+    if agent == "blind":
+        return _quiet(PPO("MlpPolicy", venv, policy_kwargs={"net_arch": []}, **common)), venv
+    kwargs = {"features_extractor_class": CompressedFeatures,
+              "features_extractor_kwargs": {"frame_stack": int(p["frame_stack"]),
+                                            "channels": int(p["compress_channels"]),
+                                            "grid": int(p["compress_grid"]), "hidden": int(p["compress_hidden"]),
+                                            "features_dim": int(p["features_dim"])},
+              "net_arch": []}
+    return _quiet(PPO("MultiInputPolicy", venv, policy_kwargs=kwargs, **common)), venv
+
+
+def _quiet(model):
+    """SB3's default logger (verbose=0) still creates an empty ``$TMPDIR/SB3-<time>`` folder per ``learn``;
+    a logger without outputs or folder keeps the run's footprint to the task's own files."""
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+def evaluate(venv, act: Callable[[Any], np.ndarray], n_episodes: int, max_steps: int = 1_000_000) -> list[Episode]:
+    """Run ``act`` until ``n_episodes`` episodes finished, spread evenly over the environments.
+
+    Each environment contributes a fixed quota (as SB3's ``evaluate_policy``), so short
+    episodes are not over-represented.
+    """
+    n = venv.num_envs
+    quota = [(n_episodes + i) // n for i in range(n)]
+    done_count = [0] * n
+    episodes: list[Episode] = []
+    obs = venv.reset()
+    for _ in range(max_steps):
+        if done_count == quota:
+            break
+        obs, _rewards, dones, infos = venv.step(act(obs))
+        for i in range(n):
+            if dones[i] and done_count[i] < quota[i] and "nav_episode" in infos[i]:
+                episodes.append(Episode(**infos[i]["nav_episode"]))
+                done_count[i] += 1
+    return episodes
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dataset(env: str) -> str:
+    return env if ":" in env else f"miniworld:{env}"
+
+
+def _normalize(ctx: TaskContext) -> dict:
+    t = ctx.transform()
+    return {"mean": t.mean, "std": t.std, "input_space": t.input_space}
+
+
+def _fingerprint(ctx: TaskContext, taps: list[str]) -> str:
+    payload = {"checkpoint": ctx.checkpoint.sha256, "protocol": ctx.protocol, "taps": taps, "device": ctx.device}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, default=float))
+    os.replace(tmp, path)
+
+
+task = NavigationTask()

@@ -1,1 +1,0 @@
-"""Solvers shared by several tasks (batched SVM, linear probe)."""
