@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,17 +74,25 @@ class Transform:
         return to_input_space(x, self.input_space, self.mean, self.std)
 
     @classmethod
-    def from_protocol(cls, protocol: dict, checkpoint_meta: dict | None = None) -> Transform:
+    def from_protocol(cls, protocol: Any, checkpoint_meta: dict | None = None) -> Transform:
+        """The protocol's ``image_size`` / ``resize_mode`` / ``resize`` with the checkpoint's normalisation."""
         meta = checkpoint_meta or {}
         norm = meta.get("normalize") or {}
         return cls(
-            size=int(protocol.get("image_size", 224)),
-            mode=protocol.get("resize_mode", "square"),
-            resize=protocol.get("resize"),
+            size=int(protocol_get(protocol, "image_size", 224)),
+            mode=protocol_get(protocol, "resize_mode", "square"),
+            resize=protocol_get(protocol, "resize", None),
             mean=tuple(norm.get("mean", IMAGENET_MEAN)),
             std=tuple(norm.get("std", IMAGENET_STD)),
             input_space=meta.get("input_space", "rgb"),
         )
+
+
+def protocol_get(protocol: Any, key: str, default: Any = None) -> Any:
+    """A field of a typed protocol (or of a plain mapping), ``default`` when it has none."""
+    if isinstance(protocol, dict):
+        return protocol.get(key, default)
+    return getattr(protocol, key, default)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -312,7 +321,42 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """x / (||x|| + eps) row-wise in float32, as the Goyal et al. benchmark code does."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + eps)
+def l2_normalize(x: np.ndarray, eps: float = 1e-5, *, clamp: bool = False, dtype=np.float32,
+                 inplace: bool = False) -> np.ndarray:
+    """Row-wise L2 normalisation, the one the tasks share.
+
+    Default: x / (||x|| + eps), the Goyal et al. benchmark's ``normalize_features`` (eps 1e-5).
+    ``clamp=True``: x / max(||x||, eps), torch's ``F.normalize`` as DINO's kNN uses it (eps 1e-12; zero rows
+    stay zero). ``inplace`` reuses ``x`` when it already has ``dtype``.
+    """
+    out = np.asarray(x, dtype=dtype)
+    if not (inplace and out is x):
+        out = out.copy()
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    if clamp:
+        np.maximum(norms, eps, out=norms)
+    else:
+        norms += eps
+    out /= norms
+    return out
+
+
+def check_features(x: np.ndarray, what: str = "features", source: Any = None, chunk_bytes: int = 1 << 26) -> None:
+    """(N, D) with N, D > 0 and every value finite, or one BadFeatures line naming ``what`` and ``source``.
+
+    Checked in row chunks, so a memory-mapped matrix is never copied whole.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 2:
+        raise BadFeatures(f"{what} must be a 2-D (samples, dims) array, got shape {shape}", source)
+    if shape[0] == 0:
+        raise BadFeatures(f"{what} are empty (0 samples)", source)
+    if shape[1] == 0:
+        raise BadFeatures(f"{what} have 0 dimensions", source)
+    rows = max(1, chunk_bytes // max(1, shape[1] * x.itemsize))
+    for lo in range(0, shape[0], rows):
+        finite = np.isfinite(x[lo:lo + rows]).all(axis=1)
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise BadFeatures(f"{what} contain NaN/Inf in {bad}+ row(s), first at row {lo + int(np.argmin(finite))}",
+                              source)

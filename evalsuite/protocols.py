@@ -1,17 +1,21 @@
-"""Protocol presets and ``--set key=value`` overrides.
+"""Typed protocols: presets and ``--set key=value`` overrides.
 
-Every task owns its presets (``Task.default_protocol(preset)`` returns a plain,
-JSON-serialisable dict). This module knows the preset names, parses overrides
-and applies them, so that the fully resolved protocol can be recorded with each
-result.
+Every task's protocol is a frozen dataclass subclassing :class:`TaskProtocol` (nested ones for groups of
+settings, e.g. the SVM solver's); ``Task.default_protocol(preset)`` returns an instance. ``--set`` text is
+cast to the field's declared type or refused in one line (exit 2); an unknown key is refused with the
+closest valid name. The resolved protocol is recorded with every result (:meth:`TaskProtocol.to_dict`).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import difflib
+import functools
 import json
+import types
+import typing
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, Union
 
 from .errors import UserError
 
@@ -28,21 +32,123 @@ def check_preset(name: str) -> str:
     return name
 
 
-def parse_value(text: str) -> Any:
-    """Parse an override value: JSON if it parses (numbers, lists, true/null), else the raw string."""
+@dataclasses.dataclass(frozen=True)
+class TaskProtocol:
+    """Base of every task's protocol (a frozen dataclass; build variants with :meth:`replace`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form recorded with results (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        return _hints(cls)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# ------------------------------------------------------------------------------------------- casting
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _is_protocol(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def describe(tp: Any) -> str:
+    """A type as a user reads it: ``int``, ``float or none``, ``list of str``, ``one of 'a', 'b'``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {describe(args[0])}" if args else "list"
+    if origin is dict or tp is dict:
+        return "JSON object"
+    return getattr(tp, "__name__", str(tp))
+
+
+def cast_value(text: str, tp: Any) -> Any:
+    """Cast ``--set`` text to type ``tp``; ValueError when it is not one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    text = text.strip()
+    if tp is Any:
+        return _json_or_text(text)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return cast_value(text, a)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is Literal:
+        for a in args:
+            if str(a) == text or (isinstance(a, bool) and text.lower() in (_TRUE if a else _FALSE)):
+                return a
+        raise ValueError(text)
+    if tp is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(text)
+        return text.lower() in _TRUE
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    if tp is str:
+        return text
+    if origin in (list, tuple) or tp in (list, tuple):
+        inner = args[0] if args else Any
+        if text.startswith("["):
+            raw = json.loads(text)
+            if not isinstance(raw, list):
+                raise ValueError(text)
+            items = [cast_value(x if isinstance(x, str) else json.dumps(x), inner) for x in raw]
+        else:
+            items = [cast_value(t, inner) for t in text.split(",") if t.strip()]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin is dict or tp is dict:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+    raise ValueError(f"cannot set a field of type {describe(tp)}")
+
+
+def cast_like(text: str, example: Any) -> Any:
+    """Cast text to the type of ``example`` (for settings declared by a default value, e.g. a method's)."""
+    if isinstance(example, bool):
+        return cast_value(text, bool)
+    if isinstance(example, int | float | str):
+        return cast_value(text, type(example))
+    if isinstance(example, list | tuple):
+        return cast_value(text, list[type(example[0])] if example else list)
+    if example is None:
+        return _json_or_text(text)
+    return cast_value(text, type(example))
+
+
+def _json_or_text(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        low = text.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        if low in ("none", "null"):
-            return None
         return text
 
 
-def parse_overrides(items: Iterable[str]) -> list[tuple[list[str], Any]]:
-    """``["svm.backend=sklearn", "epochs=2"]`` -> ``[(["svm", "backend"], "sklearn"), (["epochs"], 2)]``."""
+# ------------------------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[list[str], str]]:
+    """``["svm.backend=sklearn", "k=2"]`` -> ``[(["svm", "backend"], "sklearn"), (["k"], "2")]`` (text kept)."""
     out = []
     for item in items:
         if "=" not in item:
@@ -51,73 +157,74 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[list[str], Any]]:
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise UserError(f"--set has an empty key in {item!r}")
-        out.append((parts, parse_value(value.strip())))
+        out.append((parts, value.strip()))
     return out
 
 
-def _has_path(d: Mapping[str, Any], parts: list[str]) -> bool:
-    cur: Any = d
+def field_paths(protocol: Any, prefix: str = "") -> list[str]:
+    """Every settable field of a protocol, dotted through nested protocols."""
+    out = []
+    for f in dataclasses.fields(protocol):
+        value = getattr(protocol, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(field_paths(value, f"{prefix}{f.name}."))
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _has_path(protocol: Any, parts: list[str]) -> bool:
+    cur = protocol
     for p in parts:
-        if not isinstance(cur, Mapping) or p not in cur:
+        if not dataclasses.is_dataclass(cur) or p not in {f.name for f in dataclasses.fields(cur)}:
             return False
-        cur = cur[p]
-    return True
+        cur = getattr(cur, p)
+    return not dataclasses.is_dataclass(cur)
 
 
-def _set_path(d: dict[str, Any], parts: list[str], value: Any) -> None:
-    cur = d
-    for p in parts[:-1]:
-        cur = cur[p]
-    cur[parts[-1]] = value
+def _set_path(protocol: Any, parts: list[str], text: str, shown: str) -> Any:
+    name = parts[0]
+    if len(parts) > 1:
+        return dataclasses.replace(protocol, **{name: _set_path(getattr(protocol, name), parts[1:], text, shown)})
+    tp = _hints(type(protocol))[name]
+    try:
+        value = cast_value(text, tp)
+    except (ValueError, json.JSONDecodeError):
+        raise UserError(f"--set {shown}={text}: {name} must be {describe(tp)}") from None
+    return dataclasses.replace(protocol, **{name: value})
 
 
-def apply_overrides(
-    protocols: Mapping[str, dict[str, Any]], overrides: list[tuple[list[str], Any]]
-) -> dict[str, dict[str, Any]]:
+def apply_overrides(protocols: Mapping[str, Any], overrides: list[tuple[list[str], str]]) -> dict[str, Any]:
     """Apply overrides to the protocols of several tasks.
 
-    ``task.key=value`` applies to that task only; ``key=value`` applies to every
-    task whose protocol has that key. An override no task knows is an error, so a
-    typo never silently runs the default.
+    ``task.key=value`` applies to that task only; ``key=value`` to every task whose protocol has that key.
+    A key no selected task knows is refused with the closest known name, so a typo never runs the default.
     """
-    out = {name: copy.deepcopy(dict(p)) for name, p in protocols.items()}
-    for parts, value in overrides:
+    out = dict(protocols)
+    for parts, text in overrides:
+        shown = ".".join(parts)
         if parts[0] in out and len(parts) > 1:
-            targets = [parts[0]]
-            path = parts[1:]
+            targets, path = [parts[0]], parts[1:]
         else:
-            targets = [t for t in out if _has_path(out[t], parts)]
-            path = parts
-        hit = False
-        for t in targets:
-            if _has_path(out[t], path):
-                _set_path(out[t], path, value)
-                hit = True
-        if not hit:
-            known = sorted({k for p in out.values() for k in _flat_keys(p)})
-            raise UserError(
-                f"--set {'.'.join(parts)}: no selected task has this protocol field "
-                f"(known fields: {', '.join(known) or 'none'})"
-            )
+            targets, path = list(out), parts
+        hits = [t for t in targets if _has_path(out[t], path)]
+        if not hits:
+            known = sorted({f"{t}.{k}" for t in targets for k in field_paths(out[t])}
+                           | {k for t in targets for k in field_paths(out[t])})
+            close = difflib.get_close_matches(shown, known, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(sorted(known)[:12])}…)"
+            raise UserError(f"--set {shown}: no selected task has this protocol field{hint}")
+        for t in hits:
+            out[t] = _set_path(out[t], path, text, shown)
     return out
 
 
-def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            keys.extend(_flat_keys(v, name + "."))
-        else:
-            keys.append(name)
-    return keys
-
-
-def format_protocol(protocol: Mapping[str, Any]) -> str:
-    """One ``key = value`` line per field, dotted for nested dicts (for ``evalsuite list --presets``)."""
+def format_protocol(protocol: Any) -> str:
+    """One ``key = value`` line per field, dotted for nested protocols (for ``evalsuite list --presets``)."""
+    flat = protocol.to_dict() if isinstance(protocol, TaskProtocol) else dict(protocol)
     lines = []
-    for key in _flat_keys(protocol):
-        cur: Any = protocol
+    for key in field_paths(protocol) if dataclasses.is_dataclass(protocol) else sorted(flat):
+        cur: Any = flat
         for p in key.split("."):
             cur = cur[p]
         lines.append(f"  {key} = {json.dumps(cur)}")

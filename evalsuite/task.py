@@ -21,8 +21,9 @@ import torch
 from .checkpoints import LoadedCheckpoint
 from .data import DATA_LAYOUT, ImageDataset, open_dataset
 from .errors import UserError
-from .features import FeatureExtractor, Transform
+from .features import FeatureExtractor, Transform, protocol_get
 from .results import Result
+from .trunks import arch_info
 
 
 class DataMissing(UserError):
@@ -57,7 +58,7 @@ class TaskContext:
     task: str
     checkpoint: LoadedCheckpoint
     preset: str
-    protocol: dict[str, Any]
+    protocol: Any  # the task's TaskProtocol (a frozen dataclass)
     data_root: Path
     out_dir: Path
     extractor_factory: Any  # callable() -> FeatureExtractor, built lazily
@@ -87,10 +88,14 @@ class TaskContext:
             self._extractor = self.extractor_factory()
         return self._extractor
 
-    def taps(self, default: Sequence[str]) -> list[str]:
-        """The task's default taps, restricted to ``--layers`` when given."""
+    def taps(self, preferred: Sequence[str] | None = None) -> list[str]:
+        """The taps to evaluate, the one rule every task follows: the protocol's list (``None``: every tap of
+        the trunk; a list naming taps this trunk lacks, e.g. ResNet taps on AlexNet: every tap of the trunk),
+        restricted to ``--layers`` when given."""
+        trunk_taps = list(arch_info(self.checkpoint.arch)["taps"])
+        default = list(preferred) if preferred and all(t in trunk_taps for t in preferred) else trunk_taps
         if not self.layers:
-            return list(default)
+            return default
         return [t for t in self.layers if t in default] or list(self.layers)
 
     def transform(self) -> Transform:
@@ -101,7 +106,7 @@ class TaskContext:
         transform: Transform | None = None,
     ) -> dict[str, np.ndarray]:
         return self.extractor.features(
-            dataset, taps, pooling or self.protocol.get("pooling", "goyal"), transform or self.transform()
+            dataset, taps, pooling or protocol_get(self.protocol, "pooling", "goyal"), transform or self.transform()
         )
 
     # ---------------------------------------------------------------- data
@@ -123,7 +128,8 @@ class TaskContext:
         params: dict[str, Any] | None = None, note: str = "", dataset_fingerprint: str = "",
     ) -> Result:
         ck = self.checkpoint
-        merged = {**copy.deepcopy(self.protocol), **(params or {})}
+        resolved = self.protocol.to_dict() if hasattr(self.protocol, "to_dict") else copy.deepcopy(self.protocol)
+        merged = {**resolved, **(params or {})}
         merged.setdefault("feature_precision", self.extractor.precision if self._extractor else None)
         return Result(
             task=self.task, dataset=dataset, split=split, layer=layer, metric=metric,

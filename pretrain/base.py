@@ -110,6 +110,7 @@ class Method(nn.Module):
         """Defaults (updated by the recipe's) updated by overrides, each override cast to the default's type;
         unknown keys refused."""
         from evalsuite.errors import UserError
+        from evalsuite.protocols import cast_like
 
         out = dict(cls.defaults)
         out.update(cls.recipe_overrides(recipe)["hp"])
@@ -117,7 +118,7 @@ class Method(nn.Module):
             if k not in out:
                 raise UserError(f"method {cls.name!r} has no hyper-parameter {k!r}; known: {', '.join(out) or 'none'}")
             try:
-                out[k] = _cast(v, out[k])
+                out[k] = cast_like(v, out[k]) if isinstance(v, str) else v
             except ValueError:
                 raise UserError(f"method {cls.name!r}: --set {k}={v} is not a {type(out[k]).__name__} "
                                 f"(default {out[k]!r})") from None
@@ -203,18 +204,3 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         pt.mul_(momentum).add_(po.detach(), alpha=1 - momentum)
     for bt, bo in zip(target.buffers(), online.buffers()):
         bt.copy_(bo)
-
-
-def _cast(value: Any, like: Any) -> Any:
-    if isinstance(value, str) and not isinstance(like, str):
-        if isinstance(like, bool):
-            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(value)
-            return value.lower() in ("1", "true", "yes", "on")
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-        if isinstance(like, list | tuple):
-            return [type(like[0])(v) if like else v for v in value.split(",")]
-    return value
