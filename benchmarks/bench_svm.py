@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import peak_rss_mb, write_json
+from evalsuite.features import l2_normalize
 from tasks.svm import solver as svm
+from tasks.svm.common import GOYAL19_COSTS, VISSL_COSTS
 
 
 def make_data(n: int, d: int, k: int, seed: int, rank: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +48,7 @@ def make_data(n: int, d: int, k: int, seed: int, rank: int = 64) -> tuple[np.nda
     x = np.maximum(0.0, np.abs(rng.normal(size=d)) * 0.5 + (z * spec) @ (rng.normal(size=(rank, d)) / np.sqrt(rank))
                    + 0.5 * rng.normal(size=(n, d)))
     x *= rng.lognormal(0.0, 0.5, size=d)
-    return svm.l2_normalize(x.astype(np.float32)), y
+    return l2_normalize(x.astype(np.float32), dtype=np.float64), y
 
 
 def _rss_mb() -> float:
@@ -78,7 +80,7 @@ def mean_ap(y: np.ndarray, scores: np.ndarray) -> float:
     return 100.0 * float(np.mean([svm.voc_ap(y[:, j], scores[:, j]) for j in range(y.shape[1])]))
 
 
-def run_size(args, d: int, costs: list[float]) -> dict:
+def run_size(args, d: int, costs: tuple[float, ...]) -> dict:
     x, y = make_data(args.n + args.n_test, d, args.classes, seed=d)
     xtr, ytr, xte, yte = x[:args.n], y[:args.n], x[args.n:], y[args.n:]
     del x
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, val)
     torch.set_num_threads(args.threads)
-    costs = {"goyal19": svm.GOYAL19_COSTS, "vissl": svm.VISSL_COSTS, "small": [1e-3, 0.1, 1.0, 10.0]}[args.costs]
+    costs = {"goyal19": GOYAL19_COSTS, "vissl": VISSL_COSTS, "small": (1e-3, 0.1, 1.0, 10.0)}[args.costs]
     rows = [run_size(args, d, costs) for d in args.d]
     write_json("svm", {"args": vars(args), "rows": rows, "peak_rss_mb": peak_rss_mb(),
                        "target": ">= 20x LinearSVC, |delta mAP| <= 0.2 points, memory < 2x the feature matrix"})

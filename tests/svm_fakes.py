@@ -1,18 +1,25 @@
-"""Stand-ins for a TaskContext and a VOC dataset, shared by the SVM task tests (features handed in directly)."""
+"""A VOC-like dataset with given labels, and a real TaskContext whose datasets and features are handed in
+(everything else -- protocol and ``--set`` overrides, taps, transform, pooling specs, results -- is the real
+thing), shared by the SVM task tests."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
-from evalsuite.results import Result
+from evalsuite.task import TaskContext
+from tests.helpers import make_context
 
 CLASSES = [f"c{j}" for j in range(4)]
 
 
 class FakeVOC:
+    """What the SVM tasks read of a VOC split: its classes, split name, (N, K) label matrix in {1, -1, 0}."""
+
     def __init__(self, split, labels):
         self.split, self.classes, self.root = split, list(CLASSES), Path("/fake")
         self.label_matrix = np.asarray(labels, dtype=np.int8)
@@ -24,29 +31,24 @@ class FakeVOC:
         return "fp"
 
 
-class FakeCtx:
-    """Just what the SVM tasks use of a TaskContext, with features handed in directly."""
+@dataclasses.dataclass
+class HandedDataContext(TaskContext):
+    """A TaskContext that opens the given datasets and serves the given features instead of extracting them."""
 
-    def __init__(self, protocol, train, test, feats, seed=0):
-        self.protocol, self.seed, self.device, self.progress, self.layers = protocol, seed, "cpu", False, None
-        self._data = {protocol["train_split"]: train, protocol["test_split"]: test}
-        self._feats = feats
-        self.extractor = SimpleNamespace(trunk=SimpleNamespace(tap_names=list(feats[protocol["train_split"]])),
-                                         pool_specs=lambda taps, pooling, t: {
-                                             tap: SimpleNamespace(op="none", out_shape=(3,)) for tap in taps})
+    datasets: dict[str, Any] = dataclasses.field(default_factory=dict)  # split -> dataset
+    handed_features: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)  # split -> tap -> x
 
-    def open_dataset(self, kind, split, path=None):
-        return self._data[split]
-
-    def taps(self, default):
-        return list(default)
-
-    def transform(self):
-        return SimpleNamespace(to_dict=lambda: {"size": 224})
+    def open_dataset(self, kind, split, path=None, **options):
+        return self.datasets[split]
 
     def features(self, dataset, taps, pooling=None, transform=None):
-        return {t: self._feats[dataset.split][t] for t in taps}
+        return {t: self.handed_features[dataset.split][t] for t in taps}
 
-    def result(self, dataset, split, layer, metric, value, params=None, note="", dataset_fingerprint=""):
-        return Result(task="t", dataset=dataset, split=split, layer=layer, metric=metric, value=value,
-                      params={**self.protocol, **(params or {})}, note=note)
+
+def handed_context(task: str, out: Path, train: FakeVOC, test: FakeVOC, feats: dict[str, dict[str, np.ndarray]],
+                   overrides: Sequence[str] = ()) -> HandedDataContext:
+    """``tests.helpers.make_context`` for ``task`` (quick preset, random ResNet-18) with ``overrides``, reading
+    ``train`` / ``test`` and ``feats`` (split -> tap -> features; taps must be the trunk's, e.g. res4, res5)."""
+    ctx = make_context(task, out, out / "out", overrides=overrides)
+    real = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(TaskContext) if f.init}
+    return HandedDataContext(**real, datasets={train.split: train, test.split: test}, handed_features=feats)

@@ -10,8 +10,19 @@ import pytest
 import tasks.svm.lowshot as ls
 from evalsuite import registry
 from evalsuite.cli import main as cli_main
+from evalsuite.features import l2_normalize
 from tasks.svm import solver as svm
-from tests.svm_fakes import CLASSES, FakeCtx, FakeVOC
+from tests.svm_fakes import CLASSES, FakeVOC, handed_context
+
+SIGNAL, NOISE = "res5", "res4"  # taps of the context's trunk; the tests hand in their features
+
+
+def run_lowshot(out, ytr, yte, train_feats, test_feats, *overrides):
+    """lowshot_svm at the quick preset on the given labels and features (tap -> matrix) with ``overrides``."""
+    layers = ",".join(train_feats)
+    ctx = handed_context("lowshot_svm", out, FakeVOC("trainval", ytr), FakeVOC("test", yte),
+                         {"trainval": train_feats, "test": test_feats}, [f"lowshot_svm.layers={layers}", *overrides])
+    return ls.task.run(ctx)
 
 
 def voc_like(n, rng, noise=0.8):
@@ -50,22 +61,19 @@ def test_single_label_sampling():
 
 def test_presets():
     g, v, q = (ls.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
-    assert g["k_values"] == [1, 2, 4, 8, 16, 32, 64, 96] == v["k_values"]
-    assert g["num_samples"] == 5 and len(g["costs"]) == 26
+    assert g.k_values == (1, 2, 4, 8, 16, 32, 64, 96) == v.k_values
+    assert g.num_samples == 5 and len(g.costs) == 26
     # cross-validated cost choice is the default everywhere; the anchors' test-set choice is opt-in
-    assert g["cost_selection"] == v["cost_selection"] == q["cost_selection"] == "cv"
-    assert v["costs"][-1] == 1000.0 and q["num_samples"] < 5
+    assert g.cost_selection == v.cost_selection == q.cost_selection == "cv"
+    assert v.costs[-1] == 1000.0 and q.num_samples < 5
 
 
-def test_test_selected_stats_follow_the_benchmark_aggregation():
+def test_test_selected_stats_follow_the_benchmark_aggregation(tmp_path):
     rng = np.random.default_rng(1)
     ytr, ftr = voc_like(300, rng)
     yte, fte = voc_like(150, rng)
-    prot = ls.task.default_protocol("quick")
-    prot.update({"layers": ["f"], "k_values": [2, 100], "num_samples": 3, "costs": [0.01, 1.0],
-                 "cost_selection": "test"})
-    ctx = FakeCtx(prot, FakeVOC("trainval", ytr), FakeVOC("test", yte), {"trainval": {"f": ftr}, "test": {"f": fte}})
-    r2, r100 = ls.task.run(ctx)
+    r2, r100 = run_lowshot(tmp_path, ytr, yte, {SIGNAL: ftr}, {SIGNAL: fte}, "lowshot_svm.k_values=2,100",
+                           "lowshot_svm.num_samples=3", "lowshot_svm.costs=0.01,1.0", "lowshot_svm.cost_selection=test")
     assert [(r.metric, r.params["k"]) for r in (r2, r100)] == [("mAP", 2), ("mAP", 100)]
     assert r100.value is None and "k=100 skipped" in r100.note
     p = r2.params
@@ -75,7 +83,7 @@ def test_test_selected_stats_follow_the_benchmark_aggregation():
     assert p["map_per_cost"][str(p["chosen_cost"])] == max(p["map_per_cost"].values())
     # recompute sample 0 at the chosen cost independently (one LinearSVC-objective solve per class)
     lab = ls.sample_voc_lowshot(ytr, 2, seed=0, sample=0)
-    xtr, xte = svm.l2_normalize(ftr), svm.l2_normalize(fte)
+    xtr, xte = l2_normalize(ftr, dtype=np.float64), l2_normalize(fte, dtype=np.float64)
     aps = []
     for j in range(len(CLASSES)):
         rows = lab[:, j] != 0
@@ -86,15 +94,14 @@ def test_test_selected_stats_follow_the_benchmark_aggregation():
     assert "TEST set" in p["cost_selection_note"]
 
 
-def test_cv_selection_and_noise_is_near_chance():
+def test_cv_selection_and_noise_is_near_chance(tmp_path):
     rng = np.random.default_rng(2)
     ytr, ftr = voc_like(300, rng, noise=0.3)
     yte, fte = voc_like(200, rng, noise=0.3)
-    prot = ls.task.default_protocol("quick")
-    prot.update({"layers": ["f", "noise"], "k_values": [4], "num_samples": 2, "cost_selection": "cv"})
-    feats = {"trainval": {"f": ftr, "noise": rng.normal(size=ftr.shape)},
-             "test": {"f": fte, "noise": rng.normal(size=fte.shape)}}
-    good, noise = ls.task.run(FakeCtx(prot, FakeVOC("trainval", ytr), FakeVOC("test", yte), feats))
+    good, noise = run_lowshot(tmp_path, ytr, yte, {SIGNAL: ftr, NOISE: rng.normal(size=ftr.shape)},
+                              {SIGNAL: fte, NOISE: rng.normal(size=fte.shape)}, "lowshot_svm.k_values=4",
+                              "lowshot_svm.num_samples=2", "lowshot_svm.cost_selection=cv")
+    assert (good.layer, noise.layer) == (SIGNAL, NOISE)
     assert good.params["cost_selection"] == "cv" and good.params["folds_used"] == 3
     assert len(good.params["chosen_cost_per_sample"]) == 2
     assert good.value > 85 and abs(noise.value - 100 * (yte == 1).sum() / (yte != 0).sum()) < 15

@@ -1,4 +1,5 @@
-"""tasks.svm.solver: the batched torch solver against scikit-learn's LinearSVC and cyanure; the metrics."""
+"""tasks.svm.solver: the batched torch solver against scikit-learn's LinearSVC and cyanure; the metrics; the
+SVM feature checks and normalisation (tasks.svm.common)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,24 @@ from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
 from evalsuite.errors import BadFeatures, UserError
+from evalsuite.features import l2_normalize
+from evalsuite.protocols import apply_overrides, parse_overrides
+from tasks.svm import common
 from tasks.svm import solver as svm
-from tasks.svm.solver import SVMConfig
+from tasks.svm.solver import SVMConfig, newton
+from tasks.svm.voc07 import task as voc07_task
+
+
+def benchmark_l2(x):
+    """The benchmark's normalize_features: x / (||x|| + 1e-5) in float64."""
+    return l2_normalize(x, 1e-5, dtype=np.float64)
 
 
 def make_problem(n, d, seed=0):
     rng = np.random.default_rng(seed)
     y = np.where(rng.random(n) < 0.3, 1, -1)
     x = rng.normal(size=(n, d)) + 0.6 * y[:, None] * (np.arange(d) < 3)
-    return svm.l2_normalize(x), y
+    return benchmark_l2(x), y
 
 
 @pytest.mark.parametrize("n,d", [(150, 20), (60, 200)])  # primal path, and the sample-span (Gram) path
@@ -84,7 +94,7 @@ def test_cv_sweep_equals_the_benchmark_loop():
     """Re-run fair_self_supervision_benchmark's train_svm_kfold logic with sklearn and compare."""
     rng = np.random.default_rng(5)
     n, d, k = 90, 12, 3
-    x = svm.l2_normalize(rng.normal(size=(n, d)))
+    x = benchmark_l2(rng.normal(size=(n, d)))
     labels = np.where(x[:, :k] + 0.8 * rng.normal(size=(n, k)) > 0.3, 1, -1).astype(np.int8)
     costs = [1e-4, 0.01, 1.0, 100.0]
     res = svm.cv_sweep(x, labels, costs, 3, SVMConfig())
@@ -182,12 +192,15 @@ def test_stratified_folds_match_sklearn():
 def test_bad_features_and_settings():
     x = np.ones((4, 3))
     with pytest.raises(BadFeatures, match="same feature vector"):
-        svm.check_features(np.zeros((4, 3)))
+        common.check_svm_features(np.zeros((4, 3)), "res5 features")
     x[2, 1] = np.nan
     with pytest.raises(BadFeatures, match="NaN"):
-        svm.check_features(x, "res5 features")
-    with pytest.raises(UserError, match="unknown svm setting"):
-        SVMConfig.from_dict({"bakend": "torch"})
+        common.check_svm_features(x, "res5 features")
+    protocols = {"voc07_svm": voc07_task.default_protocol("quick")}
+    with pytest.raises(UserError, match="did you mean voc07_svm.svm.backend"):
+        apply_overrides(protocols, parse_overrides(["voc07_svm.svm.bakend=torch"]))
+    chosen = apply_overrides(protocols, parse_overrides(["voc07_svm.svm.backend=sklearn"]))["voc07_svm"].svm
+    assert chosen == SVMConfig(backend="sklearn")
     with pytest.raises(UserError, match="only available with svm.backend=sklearn"):
         SVMConfig(loss="hinge")
     with pytest.raises(UserError, match="costs must be positive"):
@@ -196,7 +209,7 @@ def test_bad_features_and_settings():
 
 def test_l2_normalize_is_the_benchmarks():
     x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float16)
-    out = svm.l2_normalize(x)
+    out = common.normalize(x, voc07_task.default_protocol("goyal19"))
     assert out.dtype == np.float64
     np.testing.assert_allclose(out[0], [3 / (5 + 1e-5), 4 / (5 + 1e-5)])
     assert (out[1] == 0).all()
@@ -257,7 +270,7 @@ def test_mixed_easy_and_hard_problems_all_converge(dtype):
     rng = np.random.default_rng(12)
     n, d = 150, 40
     y = np.where(rng.random(n) < 0.3, 1, -1)
-    x = svm.l2_normalize(rng.normal(size=(n, d)) + 1.5 * y[:, None] * (np.arange(d) < 2))
+    x = benchmark_l2(rng.normal(size=(n, d)) + 1.5 * y[:, None] * (np.arange(d) < 2))
     cols, costs = [], []
     for c in (1e-6, 1e-3, 1.0, 100.0, 1000.0):
         cols.append(y)
@@ -294,15 +307,15 @@ def test_chunking_gives_the_same_results(n, d):
         np.testing.assert_allclose(part.weight, whole.weight, rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(part.bias, whole.bias, rtol=1e-7, atol=1e-9)
     # the memory rule: per-problem state bounded by memory_fraction x the float32 feature matrix
-    assert svm._chunk_size(5011, 2049, 2048, SVMConfig()) == 5011 * 2048 * 4 // (14 * 5011 * 4)
-    assert svm._chunk_size(5011, 2049, 2048, SVMConfig(max_problems=10)) == 10
+    assert newton._slot_count(5011, 2049, 2048, SVMConfig()) == 5011 * 2048 * 4 // (14 * 5011 * 4)
+    assert newton._slot_count(5011, 2049, 2048, SVMConfig(max_problems=10)) == 10
 
 
 def test_scores_from_margins_equal_the_decision_values():
     """cv_sweep scores the held-out rows from the solver's margins (z v) without building every weight vector."""
     x, ys, costs = path_problem(90, 20, seed=14)
     for d_extra in (0, 100):  # primal, then span coordinates (D + 1 > N)
-        xx = np.hstack([x, svm.l2_normalize(np.random.default_rng(1).normal(size=(len(x), d_extra)))]) if d_extra else x
+        xx = np.hstack([x, benchmark_l2(np.random.default_rng(1).normal(size=(len(x), d_extra)))]) if d_extra else x
         keep = np.array([0, 5])
         sol, scores, conv = svm.solve_with_scores(xx, ys, costs, SVMConfig(dtype="float64"), keep=keep)
         full = svm.solve(xx, ys, costs, SVMConfig(dtype="float64"))
@@ -318,7 +331,7 @@ def test_trapezoid_row_blocks_equal_the_dense_triangular_factor():
     n = 37
     a = rng.normal(size=(n, 60))
     low = torch.linalg.cholesky(torch.as_tensor(a @ a.T + np.eye(n)))
-    rows = svm._Rows.lower(low, torch.float64, parts=4)
+    rows = newton._Rows.lower(low, torch.float64, parts=4)
     d, u = torch.as_tensor(rng.normal(size=(n, 3))), torch.as_tensor(rng.normal(size=(n, 3)))
     torch.testing.assert_close(rows @ d, low @ d)
     torch.testing.assert_close(rows.T @ u, low.T @ u)
@@ -332,7 +345,7 @@ def test_gram_as_trapezoid_blocks_gathers_any_active_set():
     the lower part of each row block is read, then mirrored); it equals (z z^T)[A][:, A] exactly."""
     rng = np.random.default_rng(4)
     z = torch.as_tensor(rng.normal(size=(29, 11)))
-    gram = svm._Rows.gram_lower(z, parts=5)
+    gram = newton._Rows.gram_lower(z, parts=5)
     full = z @ z.T
     for rows in (torch.arange(29), torch.tensor([0, 3, 4, 17, 28]), torch.tensor([12]), torch.tensor([5, 6, 7, 8])):
         torch.testing.assert_close(gram.sym_gather(rows), full[rows[:, None], rows])
@@ -351,8 +364,8 @@ def test_cg_directions_solve_the_newton_system(precond_rank):
     act = torch.as_tensor((rng.random((n, p)) < 0.6) * rng.choice([1.0, 2.0], size=(n, p)))
     cost = torch.tensor([0.1, 1.0, 30.0], dtype=torch.float64)
     g = torch.as_tensor(rng.normal(size=(r, p)))
-    pre = svm._Precond.build(z, precond_rank) if precond_rank else None
-    s, e, its = svm._pcg(z, pre, act, cost, g, torch.full((p,), 1e-12, dtype=torch.float64), max_cg=200)
+    pre = newton._Precond.build(z, precond_rank) if precond_rank else None
+    s, e, its = newton._pcg(z, pre, act, cost, g, torch.full((p,), 1e-12, dtype=torch.float64), max_cg=200)
     for j in range(p):
         h = torch.eye(r, dtype=torch.float64) + 2 * cost[j] * z.T @ (act[:, j:j + 1] * z)
         torch.testing.assert_close(s[:, j], torch.linalg.solve(h, -g[:, j]), rtol=1e-8, atol=1e-10)
@@ -365,7 +378,7 @@ def test_cv_sweep_keeps_the_chosen_refits_only_and_they_equal_a_direct_solve():
     kept and equal solving that class at that cost on all its rows."""
     rng = np.random.default_rng(9)
     n, d, k = 120, 15, 4
-    x = svm.l2_normalize(rng.normal(size=(n, d)))
+    x = benchmark_l2(rng.normal(size=(n, d)))
     labels = np.where(x[:, :k] + 0.7 * rng.normal(size=(n, k)) > 0.4, 1, -1).astype(np.int8)
     labels[::7, 1] = 0  # rows left out of class 1
     costs = [1e-5, 1e-3, 0.03, 0.3, 1.0, 3.0, 30.0, 300.0]

@@ -26,17 +26,37 @@ so a run is reproducible; counts and pools are the benchmark's.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from evalsuite.errors import BadData, UserError
+from evalsuite.errors import BadData
+from evalsuite.protocols import check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
-from tasks.svm.solver import SVMConfig, check_features, cv_sweep, finite_mean, solve, voc_ap
-from tasks.svm.voc07 import base_protocol, normalize, resolve_taps
+from tasks.svm.common import SHARED_PRESET_CHANGES, SVMTaskProtocol, prepare_features
+from tasks.svm.solver import cv_sweep, finite_mean, solve, voc_ap
 
-K_VALUES = [1, 2, 4, 8, 16, 32, 64, 96]
+K_VALUES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 96)
+
+
+@dataclass(frozen=True)
+class LowShotSVMProtocol(SVMTaskProtocol):
+    k_values: tuple[int, ...] = K_VALUES
+    num_samples: int = 5
+    # "cv" (the default, every preset) chooses the cost without looking at the test set; "test"
+    # (--set lowshot_svm.cost_selection=test) is the anchors' choice, marked in the record
+    cost_selection: Literal["cv", "test"] = "cv"
+    folds: int = 3
+
+
+# on top of the shared preset changes
+_PRESET_CHANGES: dict[str, dict[str, Any]] = {
+    "goyal19": {},
+    "vissl": {"layers": ("res4", "res5")},  # the taps VISSL's low-shot config extracts
+    "quick": {"layers": ("res5",), "k_values": (1, 2), "num_samples": 2},
+}
 
 
 class NotEnoughImages(Exception):
@@ -93,25 +113,15 @@ class LowShotSVMTask:
     name = "lowshot_svm"
     description = "k-shot one-vs-rest linear SVMs per tap (VOC07 / single-label sets), mean/min/max/std over samples"
 
-    def default_protocol(self, preset: str) -> dict[str, Any]:
-        p = base_protocol(preset)
-        # cost_selection: "cv" (the default, every preset) chooses the cost without looking at the test set;
-        # "test" (--set lowshot_svm.cost_selection=test) is the anchors' choice, marked in the record
-        p.update({"k_values": list(K_VALUES), "num_samples": 5, "cost_selection": "cv", "folds": 3,
-                  "layers": ["res5"] if preset != "goyal19" else p["layers"]})
-        if preset == "vissl":
-            p["layers"] = ["res4", "res5"]  # the taps VISSL's low-shot config extracts
-        if preset == "quick":
-            p.update({"k_values": [1, 2], "num_samples": 2})
-        return p
+    def default_protocol(self, preset: str) -> LowShotSVMProtocol:
+        check_preset(preset)
+        return LowShotSVMProtocol(**SHARED_PRESET_CHANGES[preset], **_PRESET_CHANGES[preset])
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        p = ctx.protocol
-        if p["cost_selection"] not in ("test", "cv"):
-            raise UserError(f"cost_selection must be test or cv, got {p['cost_selection']!r}")
-        config = SVMConfig.from_dict(p["svm"])
-        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
-        test = ctx.open_dataset(p["dataset"], p["test_split"], p["data_path"])
+        p: LowShotSVMProtocol = ctx.protocol
+        config = p.svm
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
         classes = list(train.classes)
         if classes != list(getattr(test, "classes", [])):
             raise BadData("the train and test splits have different class lists", test.root)
@@ -121,30 +131,28 @@ class LowShotSVMTask:
         elif hasattr(train, "labels"):
             y_test = one_vs_rest(np.asarray(test.labels), len(classes))
         else:
-            raise BadData(f"{p['dataset']} has neither a label matrix nor single labels", train.root)
+            raise BadData(f"{p.dataset} has neither a label matrix nor single labels", train.root)
         samples = {}  # (k, s) -> (N, K) labels, or the reason it cannot be drawn
-        for k in p["k_values"]:
-            for s in range(int(p["num_samples"])):
+        for k in p.k_values:
+            for s in range(p.num_samples):
                 try:
                     samples[k, s] = (sample_voc_lowshot(train.label_matrix, int(k), ctx.seed, s) if multilabel else
                                      sample_single_label_lowshot(np.asarray(train.labels), len(classes), int(k),
                                                                  ctx.seed, s))
                 except NotEnoughImages as e:
                     samples[k, s] = str(e)
-        taps = resolve_taps(ctx, p["layers"])
+        taps = ctx.taps(p.layers)
         transform = ctx.transform()
-        specs = ctx.extractor.pool_specs(taps, p["pooling"], transform)
-        ftr = ctx.features(train, taps, pooling=p["pooling"], transform=transform)
-        fte = ctx.features(test, taps, pooling=p["pooling"], transform=transform)
-        costs = [float(c) for c in p["costs"]]
+        specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
+        ftr = ctx.features(train, taps, pooling=p.pooling, transform=transform)
+        fte = ctx.features(test, taps, pooling=p.pooling, transform=transform)
+        costs = [float(c) for c in p.costs]
         results = []
         for tap in taps:
-            x_tr, x_te = ftr.pop(tap), fte.pop(tap)
-            check_features(x_tr, f"{tap} features of {p['dataset']} {p['train_split']}")
-            check_features(x_te, f"{tap} features of {p['dataset']} {p['test_split']}")
-            x_tr, x_te = normalize(x_tr, p), normalize(x_te, p)
-            for k in p["k_values"]:
-                base = {"k": int(k), "num_samples": int(p["num_samples"]), "num_train": len(train),
+            x_tr = prepare_features(ftr.pop(tap), p, tap, train)
+            x_te = prepare_features(fte.pop(tap), p, tap, test)
+            for k in p.k_values:
+                base = {"k": int(k), "num_samples": p.num_samples, "num_train": len(train),
                         "num_test": len(test), "feature_dim": int(x_tr.shape[1]), "pool_op": specs[tap].op,
                         "transform": transform.to_dict(), "solver": config.to_dict(), "device": ctx.device,
                         "sampling": ("per class k positives + (K-1)k absent-labelled negatives" if multilabel
@@ -152,16 +160,16 @@ class LowShotSVMTask:
                         "sample_rng": "numpy default_rng([seed, sample, k, class])"}
                 bad = [v for (kk, _), v in samples.items() if kk == k and isinstance(v, str)]
                 if bad:
-                    results.append(ctx.result(p["dataset"], p["test_split"], tap, "mAP", None, params=base,
+                    results.append(ctx.result(p.dataset, p.test_split, tap, "mAP", None, params=base,
                                               note=f"k={k} skipped: {bad[0]}", dataset_fingerprint=test.fingerprint()))
                     continue
-                draws = [samples[k, s] for s in range(int(p["num_samples"]))]
-                if p["cost_selection"] == "test":
+                draws = [samples[k, s] for s in range(p.num_samples)]
+                if p.cost_selection == "test":
                     value, params, note = self._test_selected(x_tr, x_te, y_test, draws, costs, config, ctx, classes)
                 else:
                     value, params, note = self._cv_selected(x_tr, x_te, y_test, draws, costs, int(k), config, ctx,
                                                             classes)
-                results.append(ctx.result(p["dataset"], p["test_split"], tap, "mAP", value,
+                results.append(ctx.result(p.dataset, p.test_split, tap, "mAP", value,
                                           params={**base, **params}, note=note,
                                           dataset_fingerprint=test.fingerprint()))
         return results
@@ -171,7 +179,7 @@ class LowShotSVMTask:
         return [voc_ap(y_test[:, j], scores[:, j]) for j in range(y_test.shape[1])]
 
     def _test_selected(self, x_tr, x_te, y_test, draws, costs, config, ctx, classes):
-        policy = ctx.protocol["undefined_ap"]
+        policy = ctx.protocol.undefined_ap
         nk, nc = y_test.shape[1], len(costs)
         maps = np.full((len(draws), nc), np.nan)
         undefined_all: set[int] = set()
@@ -198,8 +206,8 @@ class LowShotSVMTask:
         return stats["mean"], params, _note(undefined_all, classes, policy, stats["mean"])
 
     def _cv_selected(self, x_tr, x_te, y_test, draws, costs, k, config, ctx, classes):
-        policy = ctx.protocol["undefined_ap"]
-        folds = max(2, min(int(ctx.protocol["folds"]), k))
+        policy = ctx.protocol.undefined_ap
+        folds = max(2, min(ctx.protocol.folds, k))
         maps, chosen, undefined_all = [], [], set()
         for lab in draws:
             rows = np.nonzero((lab != 0).any(axis=1))[0]

@@ -33,7 +33,8 @@ and says so in the note.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -41,67 +42,21 @@ from evalsuite.errors import BadData
 from evalsuite.protocols import check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
-from tasks.svm.solver import (
-    GOYAL19_COSTS,
-    VISSL_COSTS,
-    SVMConfig,
-    check_features,
-    cv_sweep,
-    finite_mean,
-    l2_normalize,
-    voc_ap,
-)
-
-DEFAULT_LAYERS = ["conv1", "res2", "res3", "res4", "res5"]
-DIFFICULT_MODES = ("negative", "ignore")
+from tasks.svm.common import SHARED_PRESET_CHANGES, SVMTaskProtocol, prepare_features
+from tasks.svm.solver import cv_sweep, finite_mean, voc_ap
 
 
-def base_protocol(preset: str) -> dict[str, Any]:
-    """Shared by voc07_svm and lowshot_svm: data, taps, transform, normalisation, solver."""
-    check_preset(preset)
-    p: dict[str, Any] = {
-        "dataset": "voc2007",
-        "data_path": None,
-        "train_split": "trainval",
-        "test_split": "test",
-        "layers": list(DEFAULT_LAYERS),
-        "pooling": "goyal",
-        "image_size": 224,
-        "resize_mode": "square",
-        "resize": None,
-        "normalize": "l2",
-        "normalize_eps": 1e-5,
-        "costs": list(GOYAL19_COSTS),
-        "undefined_ap": "nan",
-        "svm": {"backend": "torch", "pos_weight": 2.0, "neg_weight": 1.0, "intercept_scaling": 1.0,
-                "loss": "squared_hinge", "tol": 1e-6, "dtype": "float32"},
-    }
-    if preset == "vissl":
-        p["costs"] = list(VISSL_COSTS)
-    elif preset == "quick":
-        p.update({"image_size": 64, "costs": [0.01, 0.1, 1.0, 10.0], "undefined_ap": "exclude"})
-    return p
-
-
-def normalize(x: np.ndarray, protocol: dict[str, Any]) -> np.ndarray:
-    if protocol["normalize"] == "l2":
-        return l2_normalize(x, protocol["normalize_eps"])
-    if protocol["normalize"] in (None, "none"):
-        return np.asarray(x, dtype=np.float64)
-    raise BadData(f"unknown normalize {protocol['normalize']!r}; use l2 or none")
-
-
-def resolve_taps(ctx: TaskContext, layers: list[str]) -> list[str]:
-    trunk_taps = list(ctx.extractor.trunk.tap_names)
-    # the preset lists ResNet taps; another trunk (AlexNet: conv1..conv5) uses all of its own
-    return ctx.taps(layers if all(t in trunk_taps for t in layers) else trunk_taps)
+@dataclass(frozen=True)
+class VOC07SVMProtocol(SVMTaskProtocol):
+    folds: int = 3
+    difficult_in_train: Literal["negative", "ignore"] = "negative"  # difficult-only training images
 
 
 def open_voc(ctx: TaskContext, split: str):
     p = ctx.protocol
-    ds = ctx.open_dataset(p["dataset"], split, p["data_path"])
+    ds = ctx.open_dataset(p.dataset, split, p.data_path)
     if not hasattr(ds, "label_matrix"):
-        raise BadData(f"{p['dataset']} is not a multi-label (VOC-style) dataset", ds.root)
+        raise BadData(f"{p.dataset} is not a multi-label (VOC-style) dataset", ds.root)
     return ds
 
 
@@ -109,49 +64,41 @@ class VOC07SVMTask:
     name = "voc07_svm"
     description = "per-tap one-vs-rest linear SVMs on frozen features, 3-fold CV cost choice, VOC07 test mAP"
 
-    def default_protocol(self, preset: str) -> dict[str, Any]:
-        p = base_protocol(preset)
-        p.update({"folds": 3, "difficult_in_train": "negative"})
-        return p
+    def default_protocol(self, preset: str) -> VOC07SVMProtocol:
+        return VOC07SVMProtocol(**SHARED_PRESET_CHANGES[check_preset(preset)])
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        p = ctx.protocol
-        if p["difficult_in_train"] not in DIFFICULT_MODES:
-            raise BadData(f"difficult_in_train must be one of {DIFFICULT_MODES}, got {p['difficult_in_train']!r}")
-        config = SVMConfig.from_dict(p["svm"])
-        train, test = open_voc(ctx, p["train_split"]), open_voc(ctx, p["test_split"])
+        p: VOC07SVMProtocol = ctx.protocol
+        train, test = open_voc(ctx, p.train_split), open_voc(ctx, p.test_split)
         classes = list(train.classes)
         if classes != list(test.classes):
             raise BadData("the train and test splits have different class lists", test.root)
         y_train = np.asarray(train.label_matrix, dtype=np.int8).copy()
         y_test = np.asarray(test.label_matrix, dtype=np.int8)
-        if p["difficult_in_train"] == "negative":
+        if p.difficult_in_train == "negative":
             y_train[y_train == 0] = -1
-        taps = resolve_taps(ctx, p["layers"])
+        taps = ctx.taps(p.layers)
         transform = ctx.transform()
-        specs = ctx.extractor.pool_specs(taps, p["pooling"], transform)
-        ftr = ctx.features(train, taps, pooling=p["pooling"], transform=transform)
-        fte = ctx.features(test, taps, pooling=p["pooling"], transform=transform)
+        specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
+        ftr = ctx.features(train, taps, pooling=p.pooling, transform=transform)
+        fte = ctx.features(test, taps, pooling=p.pooling, transform=transform)
         no_train_pos = [c for j, c in enumerate(classes) if not (y_train[:, j] > 0).any()]
         results = []
         for tap in taps:
-            x_tr, x_te = ftr.pop(tap), fte.pop(tap)
-            check_features(x_tr, f"{tap} features of {p['dataset']} {p['train_split']}")
-            check_features(x_te, f"{tap} features of {p['dataset']} {p['test_split']}")
-            x_tr, x_te = normalize(x_tr, p), normalize(x_te, p)
-            sweep = cv_sweep(x_tr, y_train, p["costs"], int(p["folds"]), config, device=ctx.device,
-                             progress=ctx.progress)
+            x_tr = prepare_features(ftr.pop(tap), p, tap, train)
+            x_te = prepare_features(fte.pop(tap), p, tap, test)
+            sweep = cv_sweep(x_tr, y_train, p.costs, p.folds, p.svm, device=ctx.device, progress=ctx.progress)
             scores = sweep.final.decision(x_te)
             aps = [voc_ap(y_test[:, j], scores[:, j]) for j in range(len(classes))]
             for j, c in enumerate(classes):
                 if c in no_train_pos:
                     aps[j] = float("nan")  # a classifier never shown a positive: its AP means nothing
-            value, undefined = finite_mean(aps, p["undefined_ap"])
-            note = _undefined_note([classes[i] for i in undefined], no_train_pos, p["undefined_ap"], value)
+            value, undefined = finite_mean(aps, p.undefined_ap)
+            note = _undefined_note([classes[i] for i in undefined], no_train_pos, p.undefined_ap, value)
             params = {
                 "num_train": len(train), "num_test": len(test), "classes": classes,
                 "feature_dim": int(x_tr.shape[1]), "pool_op": specs[tap].op, "pool_shape": list(specs[tap].out_shape),
-                "transform": transform.to_dict(), "solver": config.to_dict(),
+                "transform": transform.to_dict(), "solver": p.svm.to_dict(),
                 "cv": "StratifiedKFold(n_splits=folds, shuffle=False) per class; scikit-learn average_precision; "
                       "argmax of the fold mean (first on ties); refit on all train rows",
                 "test_ap": "all-points VOC AP (benchmark get_precision_recall), ignore-labelled images dropped",
@@ -161,10 +108,10 @@ class VOC07SVMTask:
                 "train_positives": {c: int((y_train[:, j] > 0).sum()) for j, c in enumerate(classes)},
                 "train_negatives": {c: int((y_train[:, j] < 0).sum()) for j, c in enumerate(classes)},
                 "test_positives": {c: int((y_test[:, j] > 0).sum()) for j, c in enumerate(classes)},
-                "problems_solved": len(classes) * len(p["costs"]) * (int(p["folds"]) + 1),
+                "problems_solved": len(classes) * len(p.costs) * (p.folds + 1),
                 "problems_not_converged": sweep.not_converged, "device": ctx.device,
             }
-            results.append(ctx.result(p["dataset"], p["test_split"], tap, "mAP",
+            results.append(ctx.result(p.dataset, p.test_split, tap, "mAP",
                                       None if value is None else 100.0 * value, params=params, note=note,
                                       dataset_fingerprint=test.fingerprint()))
         return results
