@@ -116,12 +116,12 @@ def bench_trunk_calls() -> dict:
             return FeatureExtractor(trunk, ckpt.sha256, ckpt.arch, cache=FeatureCache(tmp / "cache"),
                                     batch_size=16, progress=False)
 
-        protocol = {**task.default_protocol("quick"), "dataset": "imagefolder"}
+        protocol = task.default_protocol("quick").replace(dataset="imagefolder")
         runs = []
         for i in range(2):
             calls.clear()
             ctx = TaskContext(task="places205_linear", checkpoint=ckpt, preset="quick",
-                              protocol=dict(protocol), data_root=tmp / "data", out_dir=tmp / f"out{i}",
+                              protocol=protocol, data_root=tmp / "data", out_dir=tmp / f"out{i}",
                               extractor_factory=factory, progress=False)
             t0 = time.perf_counter()
             res = task.run(ctx)

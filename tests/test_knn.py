@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,14 +14,13 @@ import torch
 
 import tasks.knn.task as knn
 from evalsuite import registry
-from evalsuite.cache import FeatureCache
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
 from evalsuite.errors import BadData, BadFeatures, UserError
-from evalsuite.features import FeatureExtractor
 from evalsuite.protocols import apply_overrides, parse_overrides
-from evalsuite.task import TaskContext
+from tasks.knn.centroid import task as centroid
 from tasks.knn.search import Neighbours
+from tests.helpers import make_context
 
 TAPS = ["res4", "res5"]
 
@@ -41,26 +41,45 @@ def ckpt():
 
 
 def make_ctx(data_root: Path, out: Path, ckpt, cache: Path, overrides=(), preset="quick", layers=TAPS):
-    protocol = apply_overrides({"knn": knn.task.default_protocol(preset)}, parse_overrides(list(overrides)))
-
-    def factory():
-        return FeatureExtractor(ckpt.build_trunk(), ckpt.sha256, ckpt.arch, cache=FeatureCache(cache),
-                                precision="fp32", batch_size=16, progress=False)
-
-    return TaskContext(task="knn", checkpoint=ckpt, preset=preset, protocol=protocol["knn"], data_root=data_root,
-                       out_dir=out, extractor_factory=factory, layers=layers, progress=False, seed=0)
+    return make_context("knn", data_root, out, overrides=overrides, preset=preset, checkpoint=ckpt,
+                        cache_dir=cache, layers=layers)
 
 
 def test_presets_follow_the_protocols():
     g, v, q = (knn.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
-    assert (g["k"], g["temperature"]) == (20, 0.07)  # DINO
-    assert (v["k"], v["temperature"]) == (200, 0.1)  # VISSL / NPID-style k
+    assert (g.k, g.temperature) == (20, 0.07)  # DINO
+    assert (v.k, v.temperature) == (200, 0.1)  # VISSL / NPID-style k
     for p in (g, v):
-        assert p["ks"] == [10, 20, 100, 200] and p["retrieval_ks"] == [1, 10, 100]
-        assert (p["pooling"], p["normalize"], p["metric"], p["index"]) == ("avg", True, "ip", "flat")
-        assert (p["resize_mode"], p["resize"], p["image_size"]) == ("center_crop", 256, 224)
-        assert p["layers"] == ["conv1", "res2", "res3", "res4", "res5"]
-    assert q["image_size"] < g["image_size"] and max(q["ks"]) <= 20
+        assert p.ks == (10, 20, 100, 200) and p.retrieval_ks == (1, 10, 100)
+        assert (p.pooling, p.normalize, p.metric, p.index) == ("avg", True, "ip", "flat")
+        assert (p.resize_mode, p.resize, p.image_size) == ("center_crop", 256, 224)
+        assert p.layers == ("conv1", "res2", "res3", "res4", "res5")
+    assert q.image_size < g.image_size and max(q.ks) <= 20
+    # the recorded form keeps JSON lists and nulls
+    assert q.to_dict()["ks"] == [5, 10, 20] and q.to_dict()["resize"] is None and q.to_dict()["use_gpu"] == "auto"
+
+
+def test_overrides_are_cast_to_the_declared_types():
+    p = apply_overrides({"knn": knn.task.default_protocol("quick")},
+                        parse_overrides(["knn.ks=[3,7]", "knn.retrieval_depth=all", "knn.use_gpu=false",
+                                         "knn.temperature=1", "knn.layers=null"]))["knn"]
+    assert (p.ks, p.retrieval_depth, p.use_gpu, p.layers) == ((3, 7), "all", False, None)
+    assert p.temperature == 1.0 and isinstance(p.temperature, float)
+    for bad in ("knn.index=lsh", "knn.retrieval_mode=loo", "knn.k=many"):
+        field = bad.split("=")[0].split(".")[1]
+        with pytest.raises(UserError, match=re.escape(f"--set {bad}: {field} must be")):
+            apply_overrides({"knn": knn.task.default_protocol("quick")}, parse_overrides([bad]))
+
+
+def test_centroid_protocol_records_exactly_the_pinned_params():
+    """tests/regression pins the centroid records' params: the typed protocol must record the same JSON."""
+    pinned = {"dataset": "imagefolder", "data_path": None, "train_split": "train", "test_split": "val",
+              "layers": None, "pooling": "avg", "image_size": 64, "resize_mode": "square"}
+    quick = centroid.default_protocol("quick")
+    assert quick.to_dict() == pinned and list(quick.to_dict()) == list(pinned)
+    for preset in ("goyal19", "vissl"):
+        assert centroid.default_protocol(preset).to_dict() == {**pinned, "image_size": 224}
+    assert quick.layers is None and quick.test_split == "val"
 
 
 def test_reported_numbers_equal_an_independent_recomputation(tiny_imagefolder, tmp_path, ckpt):
@@ -166,7 +185,7 @@ def test_nan_features_are_refused_naming_the_split_and_tap(tiny_imagefolder, tmp
         return out
 
     ctx.features = poisoned
-    with pytest.raises(BadFeatures, match="val res5 features contain NaN/Inf in 1 row.*row 3"):
+    with pytest.raises(BadFeatures, match=r"val res5 features contain NaN/Inf in 1\+? row.*row 3"):
         knn.task.run(ctx)
 
 
@@ -191,7 +210,7 @@ def test_unseen_query_labels_and_class_mismatch_are_clear_errors():
 
 def test_multilabel_metrics_from_neighbours():
     """VOC-style targets: class-mean AP of the vote and retrieval relevance = a shared positive label."""
-    p = {**knn.task.default_protocol("quick"), "k": 2, "ks": [2], "retrieval_ks": [1, 2], "retrieval_depth": 2}
+    p = knn.task.default_protocol("quick").replace(k=2, ks=(2,), retrieval_ks=(1, 2), retrieval_depth=2)
     train_lm = np.array([[1, -1], [-1, 1], [1, 1], [-1, -1]])
     val_lm = np.array([[1, -1], [-1, 1], [0, 1]])  # 0 = difficult: ignored for that class
     targets = knn._targets(SimpleNamespace(root=Path("/d"), label_matrix=train_lm),

@@ -154,21 +154,16 @@ def test_probe_init_is_seeded_gaussian_with_zero_bias():
 def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     x, y = blobs(30, 24, 3, sep=0.5, seed=0)
     cfg = ProbeConfig(epochs=5, batch_size=16, lr=0.05, lr_milestones=(3,), bn="channel", seed=11)
-    full = train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "a.pt", fingerprint="f",
-                              progress=False)
-
-    class Stop(Exception):
-        pass
+    full = train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "a.pt", progress=False)
 
     def stop_at_2(epoch, record):
         if epoch == 2:
-            raise Stop
+            raise KeyboardInterrupt
 
-    with pytest.raises(Stop):
-        train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "b.pt", fingerprint="f",
-                           progress=False, on_epoch_end=stop_at_2)
-    resumed = train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "b.pt", fingerprint="f",
-                                 progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "b.pt", progress=False,
+                           on_epoch_end=stop_at_2)
+    resumed = train_linear_probe(x, y, 3, cfg, channels=6, state_path=tmp_path / "b.pt", progress=False)
     assert resumed.resumed_from_epoch == 2
     assert full.resumed_from_epoch == 0
     for k, v in full.model.state_dict().items():
@@ -177,19 +172,41 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     assert len(resumed.history) == 5
 
 
-def test_state_of_other_settings_is_not_resumed(tmp_path):
+def test_state_of_other_settings_is_refused_naming_them(tmp_path):
     x, y = blobs(20, 8, 2, sep=1.0, seed=0)
     cfg = ProbeConfig(epochs=2, batch_size=8, lr_milestones=(), bn="feature")
-    train_linear_probe(x, y, 2, cfg, state_path=tmp_path / "s.pt", fingerprint="one", progress=False)
-    with pytest.warns(UserWarning, match="other features or settings"):
-        fit = train_linear_probe(x, y, 2, cfg, state_path=tmp_path / "s.pt", fingerprint="two",
-                                 progress=False)
+    state = tmp_path / "s.pt"
+    done = train_linear_probe(x, y, 2, cfg, state_path=state, settings={"tap": "res5"}, progress=False)
+    again = train_linear_probe(x, y, 2, cfg, state_path=state, settings={"tap": "res5"}, progress=False)
+    assert again.resumed_from_epoch == 2 and again.history == done.history  # nothing left to train
+    with pytest.raises(UserError, match=r"linear probe resume state .*: tap='res5' \(now 'res4'\)"):
+        train_linear_probe(x, y, 2, cfg, state_path=state, settings={"tap": "res4"}, progress=False)
+    with pytest.raises(UserError, match=r"config\.lr=0\.01 \(now 0\.02\)"):
+        train_linear_probe(x, y, 2, ProbeConfig(epochs=2, batch_size=8, lr=0.02, lr_milestones=(), bn="feature"),
+                           state_path=state, settings={"tap": "res5"}, progress=False)
+    other = x.copy()
+    other[5] += np.float16(1)
+    with pytest.raises(UserError, match=r"features=") as e:
+        train_linear_probe(other, y, 2, cfg, state_path=state, settings={"tap": "res5"}, progress=False)
+    assert "tap=" not in str(e.value) and "config" not in str(e.value)
+    with pytest.raises(UserError, match=r"features="):
+        train_linear_probe(x, 1 - y, 2, cfg, state_path=state, settings={"tap": "res5"}, progress=False)
+
+
+def test_corrupt_state_is_reported_in_one_line_and_training_starts_over(tmp_path, capsys):
+    x, y = blobs(20, 8, 2, sep=1.0, seed=0)
+    cfg = ProbeConfig(epochs=2, batch_size=8, lr_milestones=(), bn="feature")
+    reference = train_linear_probe(x, y, 2, cfg, progress=False)
+    state = tmp_path / "bad.pt"
+    state.write_bytes(b"not a torch file")
+    capsys.readouterr()
+    fit = train_linear_probe(x, y, 2, cfg, state_path=state, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreadable linear probe resume state" in err[0] and str(state) in err[0]
     assert fit.resumed_from_epoch == 0 and fit.epochs_run == 2
-    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="unreadable"):
-        fit = train_linear_probe(x, y, 2, cfg, state_path=tmp_path / "bad.pt", fingerprint="x",
-                                 progress=False)
-    assert fit.epochs_run == 2
+    assert [h["loss"] for h in fit.history] == [h["loss"] for h in reference.history]
+    # the state written over it is a valid one: the next call resumes from it
+    assert train_linear_probe(x, y, 2, cfg, state_path=state, progress=False).resumed_from_epoch == 2
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -200,7 +217,7 @@ def test_bad_inputs_raise_clear_errors():
     cfg = ProbeConfig(epochs=1, batch_size=4, lr_milestones=(), bn="feature")
     nan = x.copy()
     nan[7, 3] = np.nan
-    with pytest.raises(BadFeatures, match="NaN/Inf .*sample 7"):
+    with pytest.raises(BadFeatures, match="train features contain NaN/Inf .*row 7"):
         train_linear_probe(nan, y, 2, cfg, progress=False)
     with pytest.raises(BadData, match="label 5 at sample 0 is outside the class range 0..1"):
         train_linear_probe(x, np.full(len(y), 5), 2, cfg, progress=False)

@@ -10,13 +10,12 @@ import pytest
 
 import tasks.linear.task as places
 from evalsuite import registry
-from evalsuite.cache import FeatureCache
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
-from evalsuite.errors import BadData
+from evalsuite.errors import BadData, UserError
 from evalsuite.features import FeatureExtractor
-from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
+from tests.helpers import make_context, make_extractor
 
 TAPS = ["conv1", "res5"]
 
@@ -35,37 +34,35 @@ class CountingExtractor:
         return len(self.batches)
 
     def __call__(self) -> FeatureExtractor:
-        trunk = self.ckpt.build_trunk()
+        extractor = make_extractor(self.ckpt, self.cache_dir)
 
         def count(module, args, output):
             x = args[0]
             if not (x.shape[0] == 1 and not x.any()):
                 self.batches.append(int(x.shape[0]))
 
-        trunk.register_forward_hook(count)
-        return FeatureExtractor(trunk, self.ckpt.sha256, self.ckpt.arch, cache=FeatureCache(self.cache_dir),
-                                precision="fp32", batch_size=16, progress=False)
+        extractor.trunk.register_forward_hook(count)
+        return extractor
 
 
 def make_ctx(data_root: Path, out: Path, factory, overrides=(), preset="quick", layers=TAPS) -> TaskContext:
-    protocol = apply_overrides({"places205_linear": places.task.default_protocol(preset)},
-                               parse_overrides(["places205_linear.dataset=imagefolder", *overrides]))
-    return TaskContext(task="places205_linear", checkpoint=factory.ckpt, preset=preset,
-                       protocol=protocol["places205_linear"], data_root=data_root, out_dir=out,
-                       extractor_factory=factory, layers=layers, progress=False, seed=0)
+    return make_context("places205_linear", data_root, out, preset=preset, checkpoint=factory.ckpt,
+                        overrides=["places205_linear.dataset=imagefolder", *overrides], extractor_factory=factory,
+                        layers=layers)
 
 
 def test_presets_follow_the_benchmark():
     g, v, q = (places.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
     for p in (g, v):
-        assert (p["dataset"], p["epochs"], p["batch_size"]) == ("places205", 14, 256)
-        assert p["lr_milestones"] == [4, 8, 12]
-        assert (p["lr"], p["lr_gamma"], p["momentum"], p["nesterov"]) == (0.01, 0.1, 0.9, True)
-        assert (p["bn"], p["init_std"], p["pooling"]) == ("channel", 0.01, "goyal")
-        assert (p["resize_mode"], p["resize"], p["image_size"]) == ("center_crop", 256, 224)
-        assert p["layers"] == ["conv1", "res2", "res3", "res4", "res5"]
-    assert (g["weight_decay"], v["weight_decay"]) == (1e-4, 5e-4)
-    assert q["epochs"] < g["epochs"] and q["image_size"] < g["image_size"]
+        assert (p.dataset, p.epochs, p.batch_size) == ("places205", 14, 256)
+        assert p.lr_milestones == (4, 8, 12)
+        assert (p.lr, p.lr_gamma, p.momentum, p.nesterov) == (0.01, 0.1, 0.9, True)
+        assert (p.bn, p.init_std, p.pooling) == ("channel", 0.01, "goyal")
+        assert (p.resize_mode, p.resize, p.image_size) == ("center_crop", 256, 224)
+        assert p.layers == ("conv1", "res2", "res3", "res4", "res5")
+    assert (g.weight_decay, v.weight_decay) == (1e-4, 5e-4)
+    assert q.epochs < g.epochs and q.image_size < g.image_size
+    assert q.to_dict()["lr_milestones"] == [3] and q.to_dict()["resize"] is None
 
 
 def test_end_to_end_on_imagefolder_never_reruns_the_trunk(tiny_imagefolder, tmp_path):
@@ -124,6 +121,36 @@ def test_interrupted_task_resumes_to_the_same_numbers(tiny_imagefolder, tmp_path
     assert [r.params["train_curve"] for r in resumed] == [r.params["train_curve"] for r in reference]
 
 
+def test_resume_under_other_settings_is_refused_naming_them(tiny_imagefolder, tmp_path, monkeypatch):
+    ckpt = load_checkpoint("random:resnet18", seed=0)
+    real_train = places.train_linear_probe
+
+    def interrupted(*args, **kwargs):
+        def stop(epoch, record):
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(places, "train_linear_probe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c"),
+                                 layers=["res5"]))
+    monkeypatch.setattr(places, "train_linear_probe", real_train)
+    with pytest.raises(UserError, match=r"config\.lr=0\.01 \(now 0\.02\)") as e:
+        places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c"),
+                                 overrides=["places205_linear.lr=0.02"], layers=["res5"]))
+    assert "\n" not in str(e.value) and "config.epochs" not in str(e.value)  # one line, only what differs
+    # another checkpoint evaluated into the same folder has a state of its own: not refused, not resumed
+    other = load_checkpoint("random:resnet18", seed=1)
+    assert other.sha256 != ckpt.sha256
+    results = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(other, tmp_path / "c"),
+                                       layers=["res5"]))
+    assert results[0].params["resumed_from_epoch"] == 0
+    # the same settings resume where the interrupted run stopped
+    resumed = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c"),
+                                       layers=["res5"]))
+    assert resumed[0].params["resumed_from_epoch"] == 1
+
+
 def test_cli_run_with_imagefolder_override(tiny_imagefolder, tmp_path, cache_dir):
     registry.register_task(places.task)
     try:
@@ -170,7 +197,7 @@ def test_split_class_mismatch_is_a_clear_error(tmp_path, capsys):
 def test_missing_places205_data_names_the_override(tmp_path):
     ckpt = load_checkpoint("random:resnet18", seed=0)
     ctx = make_ctx(tmp_path, tmp_path / "out", CountingExtractor(ckpt, tmp_path / "cache"))
-    ctx.protocol["dataset"] = "places205"
+    ctx.protocol = ctx.protocol.replace(dataset="places205")
     from evalsuite.task import DataMissing
 
     with pytest.raises(DataMissing, match="places205_linear.data_path"):

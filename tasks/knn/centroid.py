@@ -9,10 +9,14 @@ dataset the suite reads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 
+from evalsuite.errors import BadData
 from evalsuite.features import l2_normalize
-from evalsuite.protocols import check_preset
+from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 
@@ -27,38 +31,41 @@ def centroid_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     return float((pred == test_y).mean())
 
 
+@dataclass(frozen=True)
+class CentroidProtocol(TaskProtocol):
+    """The ``goyal19`` / ``vissl`` values (``quick``: 64 px). Pinned by tests/regression: keep names and values."""
+
+    dataset: str = "imagefolder"
+    data_path: str | None = None
+    train_split: str = "train"
+    test_split: str = "val"
+    layers: tuple[str, ...] | None = None  # None = every tap of the trunk (conv1..res5, or conv1..conv5 for AlexNet)
+    pooling: Literal["goyal", "avg", "none"] = "avg"
+    image_size: int = 224
+    resize_mode: Literal["square", "center_crop"] = "square"
+
+
 class CentroidTask:
     name = "centroid"
     description = "nearest-class-centroid top-1 on frozen features (sanity task, any ImageFolder-like data)"
 
-    def default_protocol(self, preset: str) -> dict:
+    def default_protocol(self, preset: str) -> CentroidProtocol:
         check_preset(preset)
-        return {
-            "dataset": "imagefolder",
-            "data_path": None,
-            "train_split": "train",
-            "test_split": "val",
-            "layers": None,  # None = every tap of the trunk (conv1..res5, or conv1..conv5 for AlexNet)
-            "pooling": "avg",
-            "image_size": 64 if preset == "quick" else 224,
-            "resize_mode": "square",
-        }
+        return CentroidProtocol(image_size=64) if preset == "quick" else CentroidProtocol()
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        p = ctx.protocol
-        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
-        test = ctx.open_dataset(p["dataset"], p["test_split"], p["data_path"])
+        p: CentroidProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
         if getattr(train, "classes", None) != getattr(test, "classes", None):
-            from evalsuite.errors import BadData
-
             raise BadData("train and test splits have different class folders", test.root)
-        taps = ctx.taps(p["layers"] or list(ctx.extractor.trunk.tap_names))
+        taps = ctx.taps(p.layers)
         ftr = ctx.features(train, taps)
         fte = ctx.features(test, taps)
         out = []
         for tap in taps:
             acc = centroid_accuracy(ftr[tap], train.labels, fte[tap], test.labels)
-            out.append(ctx.result(train.kind, p["test_split"], tap, "top1", 100.0 * acc,
+            out.append(ctx.result(train.kind, p.test_split, tap, "top1", 100.0 * acc,
                                   params={"num_train": len(train), "num_test": len(test),
                                           "feature_dim": int(ftr[tap].shape[1])},
                                   dataset_fingerprint=test.fingerprint()))

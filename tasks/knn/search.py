@@ -28,6 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from evalsuite import console
 from evalsuite.errors import BadFeatures, UserError
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -59,9 +60,10 @@ class SearchConfig:
             raise UserError(f"kNN chunk_size must be >= 1, got {self.chunk_size}")
 
     @classmethod
-    def from_protocol(cls, p: dict[str, Any], seed: int = 0) -> SearchConfig:
-        names = {f for f in cls.__dataclass_fields__ if f != "seed"}
-        return cls(**{k: v for k, v in p.items() if k in names}, seed=seed)
+    def from_protocol(cls, p: Any, seed: int = 0) -> SearchConfig:
+        """The search fields of a kNN protocol (same names), with the run's seed."""
+        names = [f for f in cls.__dataclass_fields__ if f != "seed" and hasattr(p, f)]
+        return cls(**{f: getattr(p, f) for f in names}, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,32 +82,6 @@ class Neighbours:
 
 
 # ---------------------------------------------------------------------------- input checks
-
-
-def check_features(x: Any, what: str, source: Any = None) -> np.ndarray:
-    """(N, D) float32 C-contiguous features, or a BadFeatures error naming ``what``."""
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise BadFeatures(f"{what} features must be a 2-D (N, D) array, got shape {x.shape}", source)
-    if x.shape[0] == 0:
-        raise BadFeatures(f"{what} features are empty (0 samples)", source)
-    if x.shape[1] == 0:
-        raise BadFeatures(f"{what} features have 0 dimensions", source)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise BadFeatures(f"{what} features contain NaN/Inf in {len(rows)} row(s), first at row {int(rows[0])}",
-                          source)
-    return x
-
-
-def normalize_(x: np.ndarray) -> np.ndarray:
-    """L2-normalise float32 rows in place (all-zero rows stay zero), as DINO's ``F.normalize``."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.maximum(norms, 1e-12, out=norms)
-    x /= norms
-    return x
 
 
 def check_search(queries: np.ndarray, bank: np.ndarray, k: int, exclude_self: bool = False) -> None:
@@ -223,12 +199,7 @@ def _search_chunked(searcher, queries, bank, k, metric, chunk, own_ids, exact, p
     scores = np.empty((n_q, k), np.float32)
     ids = np.empty((n_q, k), np.int64)
     recomputed = 0
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_q, desc=desc, unit="query", disable=not progress, leave=False)
-    except ImportError:  # pragma: no cover
-        bar = None
+    bar = console.progress(total=n_q, desc=desc, unit="query", enabled=progress)
     for start in range(0, n_q, chunk):
         q = queries[start:start + chunk]
         s, i = searcher(q, fetch)
@@ -244,10 +215,8 @@ def _search_chunked(searcher, queries, bank, k, metric, chunk, own_ids, exact, p
         if exclude_self:
             s, i = _drop_self(s, i, own_ids[start:start + len(q)], k)
         scores[start:start + len(q)], ids[start:start + len(q)] = s[:, :k], i[:, :k]
-        if bar is not None:
-            bar.update(len(q))
-    if bar is not None:
-        bar.close()
+        bar.update(len(q))
+    bar.close()
     return scores, ids, recomputed
 
 
@@ -265,8 +234,8 @@ def search(queries: np.ndarray, bank: np.ndarray, k: int, config: SearchConfig |
            exclude_self: bool = False, progress: bool = False, desc: str = "knn search") -> Neighbours:
     """The ``k`` nearest bank entries of every query (see the module docstring).
 
-    ``queries``/``bank`` must already be checked float32 (``check_features``) and, for cosine
-    similarity, normalised. ``exclude_self=True`` is leave-one-out retrieval: ``queries`` is the
+    ``queries``/``bank`` must already be checked C-contiguous float32 (``evalsuite.features.check_features``)
+    and, for cosine similarity, L2-normalised. ``exclude_self=True`` is leave-one-out retrieval: ``queries`` is the
     bank itself and each query's own entry is removed (by index, so exact duplicates remain).
     """
     config = config or SearchConfig()

@@ -28,18 +28,64 @@ recall of the approximate neighbours against the exact search is recorded (``ind
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from evalsuite.errors import BadData, UserError
-from evalsuite.protocols import check_preset
+from evalsuite.features import check_features, l2_normalize
+from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.knn import metrics as M
-from tasks.knn.search import Neighbours, SearchConfig, check_features, normalize_, search
+from tasks.knn.search import Neighbours, SearchConfig, search
 
-DEFAULT_LAYERS = ["conv1", "res2", "res3", "res4", "res5"]
+DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
+
+
+@dataclass(frozen=True)
+class KNNProtocol(TaskProtocol):
+    """The ``goyal19`` values (DINO's kNN); the search fields are :class:`tasks.knn.search.SearchConfig`'s."""
+
+    dataset: str = "imagefolder"
+    data_path: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    layers: tuple[str, ...] | None = DEFAULT_LAYERS  # None (or taps this trunk lacks): every tap of the trunk
+    pooling: Literal["goyal", "avg", "none"] = "avg"
+    image_size: int = 224
+    resize_mode: Literal["square", "center_crop"] = "center_crop"
+    resize: int | None = 256
+    normalize: bool = True
+    metric: Literal["ip", "l2"] = "ip"
+    k: int = 20
+    temperature: float = 0.07
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    topk: tuple[int, ...] = (1, 5)
+    majority_vote: bool = True
+    retrieval: bool = True
+    retrieval_mode: Literal["split", "leave_one_out"] = "split"
+    retrieval_ks: tuple[int, ...] = (1, 10, 100)
+    retrieval_depth: int | Literal["all"] | None = 100  # "all" / None: rank the whole bank
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    chunk_size: int = 1024
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    use_gpu: Literal["auto"] | bool = "auto"
+    recall_queries: int = 1000
+
+
+#: each preset as its changes to the goyal19 values
+_PRESET_CHANGES: dict[str, dict[str, Any]] = {
+    "goyal19": {},
+    "vissl": {"k": 200, "temperature": 0.1},
+    "quick": {"image_size": 64, "resize": None, "k": 10, "ks": (5, 10, 20), "retrieval_ks": (1, 10),
+              "retrieval_depth": 20},
+}
 
 
 class KNNTask:
@@ -47,68 +93,30 @@ class KNNTask:
     description = ("weighted kNN (DINO/NPID) top-1/top-5, majority vote and label-sharing retrieval "
                    "(mAP, precision@n) on frozen features via FAISS")
 
-    def default_protocol(self, preset: str) -> dict[str, Any]:
-        check_preset(preset)
-        protocol: dict[str, Any] = {
-            "dataset": "imagefolder",
-            "data_path": None,
-            "train_split": "train",
-            "val_split": "val",
-            "layers": list(DEFAULT_LAYERS),
-            "pooling": "avg",
-            "image_size": 224,
-            "resize_mode": "center_crop",
-            "resize": 256,
-            "normalize": True,
-            "metric": "ip",
-            "k": 20,
-            "temperature": 0.07,
-            "ks": [10, 20, 100, 200],
-            "topk": [1, 5],
-            "majority_vote": True,
-            "retrieval": True,
-            "retrieval_mode": "split",
-            "retrieval_ks": [1, 10, 100],
-            "retrieval_depth": 100,
-            "index": "flat",
-            "chunk_size": 1024,
-            "nlist": None,
-            "nprobe": 16,
-            "hnsw_m": 32,
-            "ef_construction": 200,
-            "ef_search": 128,
-            "use_gpu": "auto",
-            "recall_queries": 1000,
-        }
-        if preset == "vissl":
-            protocol.update({"k": 200, "temperature": 0.1})
-        elif preset == "quick":
-            protocol.update({"image_size": 64, "resize": None, "k": 10, "ks": [5, 10, 20],
-                             "retrieval_ks": [1, 10], "retrieval_depth": 20})
-        return protocol
+    def default_protocol(self, preset: str) -> KNNProtocol:
+        return KNNProtocol(**_PRESET_CHANGES[check_preset(preset)])
 
     # ------------------------------------------------------------------ run
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        p = ctx.protocol
-        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
-        val = ctx.open_dataset(p["dataset"], p["val_split"], p["data_path"])
+        p: KNNProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        val = ctx.open_dataset(p.dataset, p.val_split, p.data_path)
         targets = _targets(train, val, p)
-        trunk_taps = list(ctx.extractor.trunk.tap_names)
-        taps = ctx.taps(p["layers"] if all(t in trunk_taps for t in p["layers"]) else trunk_taps)
+        taps = ctx.taps(p.layers)
         transform = ctx.transform()
         config = SearchConfig.from_protocol(p, seed=ctx.seed)
         plan = _plan(p, len(train), len(val))
-        specs = ctx.extractor.pool_specs(taps, p["pooling"], transform)
-        ftr = ctx.features(train, taps, pooling=p["pooling"], transform=transform)
-        fva = ctx.features(val, taps, pooling=p["pooling"], transform=transform)
+        specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
+        ftr = ctx.features(train, taps, pooling=p.pooling, transform=transform)
+        fva = ctx.features(val, taps, pooling=p.pooling, transform=transform)
         results: list[Result] = []
         for tap in taps:
-            bank = check_features(ftr.pop(tap), f"{p['train_split']} {tap}", train.root)
-            queries = check_features(fva.pop(tap), f"{p['val_split']} {tap}", val.root)
-            if p["normalize"]:
-                normalize_(bank)
-                normalize_(queries)
+            bank = _float32_features(ftr.pop(tap), f"{p.train_split} {tap} features", train.root)
+            queries = _float32_features(fva.pop(tap), f"{p.val_split} {tap} features", val.root)
+            if p.normalize:  # DINO's F.normalize
+                l2_normalize(bank, 1e-12, clamp=True, inplace=True)
+                l2_normalize(queries, 1e-12, clamp=True, inplace=True)
             nb = search(queries, bank, plan["kmax"], config, progress=ctx.progress, desc=f"knn {tap}")
             values = classification_metrics(nb, targets, p, plan)
             if plan["retrieval"]:
@@ -120,13 +128,13 @@ class KNNTask:
                 "multilabel": targets["multilabel"], "feature_dim": int(bank.shape[1]),
                 "pool_op": specs[tap].op, "transform": transform.to_dict(), "search": nb.info,
                 "search_config": config.to_dict(), "k_searched": plan["kmax"], "ks_reported": plan["ks"],
-                "vote_weight": "exp(cosine / temperature)" if p["normalize"] and p["metric"] == "ip"
+                "vote_weight": "exp(cosine / temperature)" if p.normalize and p.metric == "ip"
                 else "exp(score / temperature)",
                 "tie_break": "neighbours: score then lower bank index; classes: score then lower class index",
                 "device": ctx.device,
             }
             for metric, value in values.items():
-                results.append(ctx.result(p["dataset"], p["val_split"], tap, metric, value, params=params,
+                results.append(ctx.result(p.dataset, p.val_split, tap, metric, value, params=params,
                                           dataset_fingerprint=val.fingerprint()))
         return results
 
@@ -134,50 +142,55 @@ class KNNTask:
 # ---------------------------------------------------------------------- helpers
 
 
-def _targets(train, val, p: dict[str, Any]) -> dict[str, Any]:
+def _float32_features(x: np.ndarray, what: str, source: Any) -> np.ndarray:
+    """The C-contiguous float32 matrix FAISS searches, checked (shape, NaN/Inf) by the suite's one check."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check_features(x, what, source)
+    return x
+
+
+def _targets(train, val, p: KNNProtocol) -> dict[str, Any]:
     """Labels of both splits; a clear error for unusable or inconsistent targets."""
     if hasattr(train, "labels") and getattr(train, "classes", None) is not None:
         classes = list(train.classes)
         if classes != list(getattr(val, "classes", [])):
-            raise BadData(f"the {p['train_split']} and {p['val_split']} splits have different class lists", val.root)
+            raise BadData(f"the {p.train_split} and {p.val_split} splits have different class lists", val.root)
         ytr, yva = np.asarray(train.labels, np.int64), np.asarray(val.labels, np.int64)
         unseen = sorted(set(np.unique(yva).tolist()) - set(np.unique(ytr).tolist()))
         if unseen:
             names = [classes[i] if 0 <= i < len(classes) else str(i) for i in unseen]
-            raise BadData(f"{p['val_split']} has labels never seen in {p['train_split']} (kNN cannot predict "
+            raise BadData(f"{p.val_split} has labels never seen in {p.train_split} (kNN cannot predict "
                           f"them): {', '.join(map(str, names[:10]))}", val.root)
         return {"multilabel": False, "num_classes": len(classes), "train": ytr, "val": yva}
     if hasattr(train, "label_matrix"):
         ltr, lva = np.asarray(train.label_matrix), np.asarray(val.label_matrix)
         if ltr.shape[1] != lva.shape[1]:
-            raise BadData(f"the {p['train_split']} and {p['val_split']} splits have different class lists", val.root)
+            raise BadData(f"the {p.train_split} and {p.val_split} splits have different class lists", val.root)
         ptr, pva = ltr > 0, lva > 0
         unseen = np.flatnonzero(pva.any(axis=0) & ~ptr.any(axis=0))
         if len(unseen):
             classes = list(getattr(train, "classes", range(ltr.shape[1])))
-            raise BadData(f"{p['val_split']} has labels never positive in {p['train_split']}: "
+            raise BadData(f"{p.val_split} has labels never positive in {p.train_split}: "
                           f"{', '.join(str(classes[i]) for i in unseen[:10])}", val.root)
         return {"multilabel": True, "num_classes": int(ltr.shape[1]), "train_pos": ptr, "val_pos": pva,
                 "val_matrix": lva}
-    raise BadData(f"{p['dataset']} has neither single labels nor a label matrix: kNN needs labels", train.root)
+    raise BadData(f"{p.dataset} has neither single labels nor a label matrix: kNN needs labels", train.root)
 
 
-def _plan(p: dict[str, Any], n_train: int, n_val: int) -> dict[str, Any]:
+def _plan(p: KNNProtocol, n_train: int, n_val: int) -> dict[str, Any]:
     """The ks to report and the single largest k to search, with a clear error when k exceeds the bank."""
-    ks = sorted({int(k) for k in [p["k"], *p["ks"]]})
+    ks = sorted({int(k) for k in [p.k, *p.ks]})
     if min(ks) < 1:
         raise UserError(f"knn: every k must be >= 1, got {ks}")
     if max(ks) > n_train:
-        raise UserError(f"knn: k={max(ks)} is larger than the bank ({n_train} {p['train_split']} samples); "
+        raise UserError(f"knn: k={max(ks)} is larger than the bank ({n_train} {p.train_split} samples); "
                         f"lower knn.k / knn.ks")
-    retrieval = bool(p["retrieval"])
-    loo = p["retrieval_mode"] == "leave_one_out"
-    if p["retrieval_mode"] not in ("split", "leave_one_out"):
-        raise UserError(f"knn.retrieval_mode must be split or leave_one_out, got {p['retrieval_mode']!r}")
+    retrieval = bool(p.retrieval)
+    loo = p.retrieval_mode == "leave_one_out"
     bank_n = n_val - 1 if loo else n_train
-    depth = p["retrieval_depth"]
+    depth = p.retrieval_depth
     depth = bank_n if depth in ("all", None) else int(depth)
-    rks = sorted({int(k) for k in p["retrieval_ks"]})
+    rks = sorted({int(k) for k in p.retrieval_ks})
     if retrieval and max([depth, *rks]) > bank_n:
         raise UserError(f"knn: retrieval depth {max([depth, *rks])} is larger than the retrieval bank ({bank_n} "
                         f"candidates); lower knn.retrieval_depth / knn.retrieval_ks")
@@ -186,41 +199,41 @@ def _plan(p: dict[str, Any], n_train: int, n_val: int) -> dict[str, Any]:
     return {"ks": ks, "kmax": kmax, "retrieval": retrieval, "loo": loo, "depth": depth, "retrieval_ks": rks}
 
 
-def classification_metrics(nb: Neighbours, targets: dict[str, Any], p: dict[str, Any],
+def classification_metrics(nb: Neighbours, targets: dict[str, Any], p: KNNProtocol,
                            plan: dict[str, Any]) -> dict[str, float]:
     """Weighted (and majority) kNN metrics for every k in the plan, from one neighbour list (percent)."""
     out: dict[str, float] = {}
-    temperature = float(p["temperature"])
+    temperature = float(p.temperature)
     nc = targets["num_classes"]
     if targets["multilabel"]:
         pos = targets["train_pos"]
         for k in plan["ks"]:
             head = nb.head(k)
             m, _ = M.class_mean_ap(M.multilabel_vote(head.scores, pos[head.ids], temperature), targets["val_matrix"])
-            if k == int(p["k"]):
+            if k == int(p.k):
                 out["mAP"] = 100.0 * m
             out[f"mAP@k{k}"] = 100.0 * m
-            if p["majority_vote"]:
+            if p.majority_vote:
                 m, _ = M.class_mean_ap(M.multilabel_vote(head.scores, pos[head.ids], None), targets["val_matrix"])
                 out[f"majority_mAP@k{k}"] = 100.0 * m
         return out
     ytr, yva = targets["train"], targets["val"]
-    tops = [int(t) for t in p["topk"] if int(t) == 1 or int(t) < nc]
+    tops = [int(t) for t in p.topk if int(t) == 1 or int(t) < nc]
     for k in plan["ks"]:
         head = nb.head(k)
         labels = ytr[head.ids]
         acc = M.topk_accuracy(M.weighted_vote(head.scores, labels, nc, temperature), yva, tops)
-        if k == int(p["k"]):
+        if k == int(p.k):
             out.update({f"top{t}": 100.0 * acc[t] for t in tops})
         out.update({f"top{t}@k{k}": 100.0 * acc[t] for t in tops})
-        if p["majority_vote"]:
+        if p.majority_vote:
             acc = M.topk_accuracy(M.majority_vote(labels, nc), yva, tops)
             out.update({f"majority_top{t}@k{k}": 100.0 * acc[t] for t in tops})
     return out
 
 
 def retrieval_metrics(nb: Neighbours, queries: np.ndarray, bank: np.ndarray, targets: dict[str, Any],
-                      p: dict[str, Any], plan: dict[str, Any], config: SearchConfig,
+                      p: KNNProtocol, plan: dict[str, Any], config: SearchConfig,
                       progress: bool) -> dict[str, float]:
     """Label-sharing retrieval metrics (percent): precision@n, recall@n, mAP over the first D neighbours."""
     depth, loo = plan["depth"], plan["loo"]

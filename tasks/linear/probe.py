@@ -17,16 +17,16 @@ BatchNorm modes (``bn``):
 Features are the (N, D) arrays of the feature cache (fp16; fp32 beyond fp16's range); each mini-batch is
 sliced and converted to float32 on its own, so no float32 copy of the matrix is ever made.
 Batches are a seeded permutation per epoch (``epoch_order``), so an interrupted run
-resumes from its last per-epoch state file and ends with the same weights as an
-uninterrupted one. Metrics (``topk_accuracy``) are pure functions.
+resumes from its last per-epoch state (``evalsuite.io.ResumeState``: other settings or other
+features are refused naming them, an unreadable state is reported and ignored) and ends with
+the same weights as an uninterrupted one. Metrics (``topk_accuracy``) are pure functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import os
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from evalsuite.console import progress as progress_bar
 from evalsuite.errors import BadData, BadFeatures, UserError
+from evalsuite.features import check_features
+from evalsuite.io import ResumeState
 
-STATE_FORMAT = 1
 BN_MODES = ("channel", "feature", "none")
 
 
@@ -74,9 +75,10 @@ class ProbeConfig:
             raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
 
     @classmethod
-    def from_protocol(cls, protocol: dict[str, Any], seed: int = 0) -> ProbeConfig:
-        names = {f for f in cls.__dataclass_fields__ if f != "seed"}
-        kwargs = {k: protocol[k] for k in names if k in protocol}
+    def from_protocol(cls, protocol: Any, seed: int = 0) -> ProbeConfig:
+        """The solver fields of a task protocol (same names), with the run's seed."""
+        names = [f for f in cls.__dataclass_fields__ if f != "seed" and hasattr(protocol, f)]
+        kwargs = {f: getattr(protocol, f) for f in names}
         if "lr_milestones" in kwargs:
             kwargs["lr_milestones"] = tuple(float(m) for m in kwargs["lr_milestones"])
         return cls(**kwargs, seed=int(seed))
@@ -167,25 +169,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
 # ---------------------------------------------------------------------------- input checks
 
 
-def check_features(x: np.ndarray, what: str = "features", path: str | Path | None = None,
-                   chunk_bytes: int = 1 << 26) -> None:
-    """(N, D) with N, D > 0 and every value finite; checked in row chunks (no full-size temporary)."""
-    if x.ndim != 2:
-        raise BadFeatures(f"{what} must be a 2-D (samples, dims) array, got shape {tuple(x.shape)}", path)
-    if x.shape[0] == 0:
-        raise BadData(f"{what}: the split is empty (0 samples)", path)
-    if x.shape[1] == 0:
-        raise BadFeatures(f"{what} have 0 dimensions", path)
-    chunk_rows = max(1, chunk_bytes // max(1, x.shape[1] * x.itemsize))
-    for lo in range(0, x.shape[0], chunk_rows):
-        block = x[lo:lo + chunk_rows]
-        if not np.isfinite(block).all():
-            row = lo + int(np.nonzero(~np.isfinite(block).all(axis=1))[0][0])
-            raise BadFeatures(f"{what} contain NaN/Inf (first at sample {row})", path)
-
-
 def check_labels(y: np.ndarray, n: int, num_classes: int, what: str = "labels",
                  path: str | Path | None = None) -> np.ndarray:
+    """One integer class index in 0..num_classes-1 per feature row (an empty split is refused), as int64."""
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n:
         raise BadData(f"{what}: expected {n} labels, got shape {tuple(y.shape)}", path)
@@ -286,27 +272,13 @@ class ProbeFit:
         }
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - our own state file: any failure means "start over"
-        warnings.warn(f"probe state {path} is unreadable ({type(e).__name__}); training from scratch",
-                      stacklevel=3)
-        return None
-    if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-        warnings.warn(f"probe state {path} belongs to other features or settings; training from scratch",
-                      stacklevel=3)
-        return None
-    return state
+def features_fingerprint(features: np.ndarray, labels: np.ndarray, rows: int = 64) -> str:
+    """A cheap fingerprint of a fit's data: shape, dtype, ``rows`` evenly spaced rows and every label
+    (a resume onto other features or labels is refused; hashing a Places205 matrix whole would take minutes)."""
+    h = hashlib.sha256(f"{features.shape}|{features.dtype}".encode())
+    h.update(np.ascontiguousarray(features[np.linspace(0, len(features) - 1, rows).astype(np.int64)]).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def train_linear_probe(
@@ -318,19 +290,21 @@ def train_linear_probe(
     channels: int | None = None,
     device: str | torch.device = "cpu",
     state_path: str | Path | None = None,
-    fingerprint: str = "",
+    settings: Mapping[str, Any] | None = None,
     progress: bool = True,
     desc: str = "linear probe",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     source: str | Path | None = None,
 ) -> ProbeFit:
-    """Fit a probe on fp16 / fp32 (N, D) ``features``; resume from ``state_path`` when it matches ``fingerprint``.
+    """Fit a probe on fp16 / fp32 (N, D) ``features``, resuming from ``state_path`` when one is given.
 
-    The state file is rewritten atomically after every epoch (model, optimiser,
-    loss history). ``on_epoch_end(epoch, record)`` runs after it is written.
+    The state (model, optimiser, loss history) is rewritten atomically after every epoch. Its settings are
+    ``settings`` (the caller's provenance: checkpoint, tap, ...) plus the solver config, the class count and
+    the features' fingerprint; a state with other settings is refused (UserError naming them).
+    ``on_epoch_end(epoch, record)`` runs after the state is written.
     """
+    labels = check_labels(labels, features.shape[0], num_classes, "train labels", source)  # refuses an empty split
     check_features(features, "train features", source)
-    labels = check_labels(labels, features.shape[0], num_classes, "train labels", source)
     dev = torch.device(device)
     n, dim = features.shape
     model = build_probe(dim, num_classes, config, channels).to(dev)
@@ -340,10 +314,13 @@ def train_linear_probe(
     total = total_iterations(n, config)
     num_epochs = math.ceil(total / ipe)
     fit = ProbeFit(model, config, [], ipe, total)
-    path = Path(state_path) if state_path is not None else None
+    resume = None
     start = 0
-    if path is not None:
-        state = _load_state(path, fingerprint)
+    if state_path is not None:
+        resume = ResumeState(state_path, {**(settings or {}), "config": config.to_dict(), "num_classes": num_classes,
+                                          "channels": channels, "features": features_fingerprint(features, labels)},
+                             what="linear probe")
+        state = resume.load()
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -351,8 +328,8 @@ def train_linear_probe(
             start = fit.resumed_from_epoch = int(state["epoch"])
     stream = FeatureStream(features, dev)
     y_all = torch.from_numpy(labels)
-    bar = tqdm(range(start, num_epochs), desc=desc, unit="epoch", disable=not progress, leave=False,
-               initial=start, total=num_epochs)
+    bar = progress_bar(range(start, num_epochs), desc=desc, unit="epoch", enabled=progress, initial=start,
+                       total=num_epochs)
     for epoch in bar:
         model.train()
         loss_sum, seen = torch.zeros((), device=dev, dtype=torch.float64), 0
@@ -377,10 +354,9 @@ def train_linear_probe(
                               f"(lr {config.lr} too high for these features?)", source)
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr_at(epoch * ipe, ipe, config)}
         fit.history.append(record)
-        if path is not None:
-            _atomic_torch_save({"format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
-                                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "history": fit.history}, path)
+        if resume is not None:
+            resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "history": fit.history})
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2g}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
@@ -406,7 +382,7 @@ def predict_logits(model: LinearProbe, features: np.ndarray, batch_size: int = 1
 def evaluate_probe(model: LinearProbe, features: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5),
                    source: str | Path | None = None) -> dict[str, Any]:
     """Top-k accuracies (fractions) and the mean cross-entropy on a labelled split."""
-    check_features(features, "val features", source)
     labels = check_labels(labels, features.shape[0], model.num_classes, "val labels", source)
+    check_features(features, "val features", source)
     logits = predict_logits(model, features)
     return {"topk": topk_accuracy(logits, labels, ks), "loss": cross_entropy(logits, labels)}

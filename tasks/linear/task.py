@@ -25,21 +25,56 @@ Any single-label dataset the suite reads works (``--set places205_linear.dataset
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from evalsuite.errors import BadData
-from evalsuite.protocols import check_preset
+from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.linear.probe import ProbeConfig, evaluate_probe, train_linear_probe
 
-DEFAULT_LAYERS = ["conv1", "res2", "res3", "res4", "res5"]
+DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
 AUGMENTATION_NOTE = ("none: cached features of the evaluation transform "
                      "(anchors use random-resized crops + flips)")
 GOYAL19_SCHEDULE_NOTE = ("benchmark: 140000 iterations x 256, lr x0.1 at 40k/80k/120k "
                          "(= 14.6 Places205 epochs, steps at 2/7, 4/7, 6/7)")
+
+
+@dataclass(frozen=True)
+class Places205LinearProtocol(TaskProtocol):
+    """The ``goyal19`` values; the solver fields are :class:`tasks.linear.probe.ProbeConfig`'s."""
+
+    dataset: str = "places205"
+    data_path: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    layers: tuple[str, ...] | None = DEFAULT_LAYERS  # None (or taps this trunk lacks): every tap of the trunk
+    pooling: Literal["goyal", "avg", "none"] = "goyal"
+    image_size: int = 224
+    resize_mode: Literal["square", "center_crop"] = "center_crop"
+    resize: int | None = 256
+    epochs: float = 14
+    batch_size: int = 256
+    lr: float = 0.01
+    lr_milestones: tuple[float, ...] = (4, 8, 12)
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    bn: Literal["channel", "feature", "none"] = "channel"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    init_std: float = 0.01
+    topk: tuple[int, ...] = (1, 5)
+
+
+#: each preset as its changes to the goyal19 values
+_PRESET_CHANGES: dict[str, dict[str, Any]] = {
+    "goyal19": {},
+    "vissl": {"weight_decay": 5e-4},
+    "quick": {"image_size": 64, "resize": None, "epochs": 4, "lr_milestones": (3,), "batch_size": 16},
+}
 
 
 class Places205LinearTask:
@@ -47,69 +82,39 @@ class Places205LinearTask:
     description = ("per-tap BatchNorm + linear classifier on frozen features, top-1/top-5 "
                    "(Places205, any single-label data)")
 
-    def default_protocol(self, preset: str) -> dict[str, Any]:
-        check_preset(preset)
-        protocol: dict[str, Any] = {
-            "dataset": "places205",
-            "data_path": None,
-            "train_split": "train",
-            "val_split": "val",
-            "layers": list(DEFAULT_LAYERS),
-            "pooling": "goyal",
-            "image_size": 224,
-            "resize_mode": "center_crop",
-            "resize": 256,
-            "epochs": 14,
-            "batch_size": 256,
-            "lr": 0.01,
-            "lr_milestones": [4, 8, 12],
-            "lr_gamma": 0.1,
-            "momentum": 0.9,
-            "nesterov": True,
-            "weight_decay": 1e-4,
-            "bn": "channel",
-            "bn_eps": 1e-5,
-            "bn_momentum": 0.1,
-            "init_std": 0.01,
-            "topk": [1, 5],
-        }
-        if preset == "vissl":
-            protocol["weight_decay"] = 5e-4
-        elif preset == "quick":
-            protocol.update({"image_size": 64, "resize": None, "epochs": 4, "lr_milestones": [3],
-                             "batch_size": 16})
-        return protocol
+    def default_protocol(self, preset: str) -> Places205LinearProtocol:
+        return Places205LinearProtocol(**_PRESET_CHANGES[check_preset(preset)])
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        p = ctx.protocol
-        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
-        val = ctx.open_dataset(p["dataset"], p["val_split"], p["data_path"])
+        p: Places205LinearProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        val = ctx.open_dataset(p.dataset, p.val_split, p.data_path)
         classes = getattr(train, "classes", None)
         if classes is None or not hasattr(train, "labels"):
-            raise BadData(f"{p['dataset']} is not a single-label classification dataset", train.root)
+            raise BadData(f"{p.dataset} is not a single-label classification dataset", train.root)
         if list(classes) != list(getattr(val, "classes", [])):
-            raise BadData(f"the {p['train_split']} and {p['val_split']} splits have different class lists",
-                          val.root)
+            raise BadData(f"the {p.train_split} and {p.val_split} splits have different class lists", val.root)
         num_classes = len(classes)
-        trunk_taps = list(ctx.extractor.trunk.tap_names)
-        # the preset lists ResNet taps; another trunk (AlexNet: conv1..conv5) uses all of its own
-        taps = ctx.taps(p["layers"] if all(t in trunk_taps for t in p["layers"]) else trunk_taps)
+        taps = ctx.taps(p.layers)
         transform = ctx.transform()
-        pooling = p["pooling"]
         config = ProbeConfig.from_protocol(p, seed=ctx.seed)
-        ks = [int(k) for k in p["topk"] if int(k) < num_classes or int(k) == 1]
-        specs = ctx.extractor.pool_specs(taps, pooling, transform)
-        ftr = ctx.features(train, taps, pooling=pooling, transform=transform)
-        fva = ctx.features(val, taps, pooling=pooling, transform=transform)
+        ks = [int(k) for k in p.topk if int(k) < num_classes or int(k) == 1]
+        specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
+        ftr = ctx.features(train, taps, pooling=p.pooling, transform=transform)
+        fva = ctx.features(val, taps, pooling=p.pooling, transform=transform)
         results = []
         for tap in taps:
             x_tr, x_va = ftr.pop(tap), fva.pop(tap)
             channels = int(specs[tap].out_shape[0])
-            fingerprint = _state_fingerprint(ctx, train.fingerprint(), tap, specs[tap].op,
-                                             transform.to_dict(), config, num_classes, x_tr.shape)
-            state = ctx.out_dir / "probe_state" / f"{tap}-{fingerprint[:16]}.pt"
+            # one resume state per checkpoint and tap; it refuses to continue under other settings
+            state = ctx.out_dir / "probe_state" / f"{tap}-{ctx.checkpoint.sha256[:16]}.pt"
+            settings = {
+                "checkpoint": ctx.checkpoint.sha256, "data": train.fingerprint(), "tap": tap,
+                "pool": specs[tap].op, "transform": transform.to_dict(), "precision": ctx.extractor.precision,
+                "device": ctx.device,
+            }
             fit = train_linear_probe(x_tr, train.labels, num_classes, config, channels=channels,
-                                     device=ctx.device, state_path=state, fingerprint=fingerprint,
+                                     device=ctx.device, state_path=state, settings=settings,
                                      progress=ctx.progress, desc=f"{self.name} {tap}", source=train.root)
             ev = evaluate_probe(fit.model, x_va, val.labels, ks, source=val.root)
             params = {
@@ -129,21 +134,10 @@ class Places205LinearTask:
             if ctx.preset in ("goyal19", "vissl"):
                 params["benchmark_schedule"] = GOYAL19_SCHEDULE_NOTE
             for k in ks:
-                results.append(ctx.result(p["dataset"], p["val_split"], tap, f"top{k}", 100.0 * ev["topk"][k],
+                results.append(ctx.result(p.dataset, p.val_split, tap, f"top{k}", 100.0 * ev["topk"][k],
                                           params=params, dataset_fingerprint=val.fingerprint()))
             state.unlink(missing_ok=True)  # finished: nothing left to resume
         return results
-
-
-def _state_fingerprint(ctx: TaskContext, data_fp: str, tap: str, pool_op: str, transform: dict,
-                       config: ProbeConfig, num_classes: int, shape: tuple[int, ...]) -> str:
-    """Identifies one probe fit: resuming is allowed only into exactly the same fit."""
-    payload = {
-        "checkpoint": ctx.checkpoint.sha256, "data": data_fp, "tap": tap, "pool": pool_op,
-        "transform": transform, "precision": ctx.extractor.precision, "config": config.to_dict(),
-        "num_classes": num_classes, "shape": list(shape), "device": ctx.device,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 task = Places205LinearTask()
