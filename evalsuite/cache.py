@@ -23,13 +23,15 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .console import warn
+from .io import atomic_write, is_temporary
 
 CACHE_FORMAT = 1
 DEFAULT_SHARD_ROWS = 512
@@ -49,17 +51,21 @@ def cache_key(fields: Mapping[str, Any]) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` atomically, synced to disk before the rename (a crash leaves whole files only)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def storage_array(array: np.ndarray) -> np.ndarray:
     """``array`` as the cache stores it: float16 when every value fits, float32 otherwise."""
-    half = np.asarray(array, dtype=np.float16)
+    with np.errstate(over="ignore"):  # values beyond float16's range are the float32 case, not a warning
+        half = np.asarray(array, dtype=np.float16)
     if np.isfinite(half).all() or not np.isfinite(np.asarray(array, dtype=np.float32)).all():
         return np.ascontiguousarray(half)
     return np.ascontiguousarray(array, dtype=np.float32)
@@ -121,14 +127,15 @@ class CacheEntry:
             except (OSError, json.JSONDecodeError):
                 stored = None
             if stored != {"fields": self.fields, "rows": self.rows, "shard_rows": self.shard_rows}:
-                warnings.warn(f"stale feature cache entry {self.dir} (different key); rebuilding", stacklevel=2)
+                warn(f"stale feature cache entry {self.dir} (different key); rebuilding")
                 self.clear()
         self.dir.mkdir(parents=True, exist_ok=True)
         if not key_file.is_file():
             payload = {"fields": self.fields, "rows": self.rows, "shard_rows": self.shard_rows}
             _atomic_write_bytes(key_file, json.dumps(payload, sort_keys=True, default=str).encode())
-        for leftover in self.dir.glob(".*.tmp-*"):
-            leftover.unlink(missing_ok=True)
+        for leftover in self.dir.iterdir():
+            if is_temporary(leftover):
+                leftover.unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

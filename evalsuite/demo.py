@@ -10,7 +10,6 @@ the others: the summary lists it and the exit code is 1.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shlex
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .io import atomic_write_json
 from .results import RESULTS_FILE, iter_records
 
 DEMO_METHODS = ("random", "supervised", "rotnet", "jigsaw", "simclr", "moco_v2", "byol", "swav")
@@ -83,7 +83,7 @@ def build_plan(cfg: DemoConfig, task_names: Sequence[str]) -> list[Step]:
                   ["data", "synth", "--kind", "all", "--out", str(cfg.data_root), "--seed", str(cfg.seed),
                    "--size", str(cfg.data_scale)],
                   cost=30 * cfg.data_scale, done=marker.exists,
-                  on_done=lambda: marker.write_text(json.dumps({"seed": cfg.seed, "scale": cfg.data_scale})))]
+                  on_done=lambda: atomic_write_json(marker, {"seed": cfg.seed, "scale": cfg.data_scale}))]
     for m in cfg.methods:
         if m == "random":
             continue
@@ -221,6 +221,4 @@ def format_plan(steps: Sequence[Step]) -> str:
 def write_outcomes(path: Path, outcomes: Sequence[Outcome]) -> None:
     payload = [{"step": o.step.label, "status": o.status, "seconds": round(o.seconds, 2), "error": o.error,
                 "command": ["evalsuite", *o.step.argv]} for o in outcomes]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, payload, indent=2)

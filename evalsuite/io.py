@@ -31,6 +31,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp (and some writers) make the file 0600: give it the mode a plain open() would
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -91,10 +93,14 @@ def replace_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def _default_dir_mode() -> int:
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o777 & ~umask
+    return umask
+
+
+def _default_dir_mode() -> int:
+    return 0o777 & ~_umask()
 
 
 # --------------------------------------------------------------------------------- resumable state

@@ -11,8 +11,9 @@ Layout of the output directory (works offline from ``file://``; no CDN, no netwo
     leaderboard.md            the overview as a Markdown table
     references_used.csv       the published rows shown on the site
 
-The site is rendered into a temporary sibling directory and moved into place with renames,
-so a failed build leaves the previous site (or nothing) — never a half-written one.
+The site is rendered into a temporary sibling directory and swapped into place
+(:func:`evalsuite.io.replace_dir`), so a failed build leaves the previous site (or nothing) — never a
+half-written one; a new output directory gets the umask's permissions, an existing one keeps its own.
 An existing output directory is replaced only if it is empty or a previous leaderboard build.
 """
 
@@ -21,10 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,6 +33,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from evalsuite.errors import UserError
+from evalsuite.io import replace_dir
 
 from .aggregate import best_layer, checkpoint_table, deduplicate, export_columns, layer_sort_key, load_results
 from .references import load_references
@@ -89,22 +88,6 @@ def _check_out(out: Path) -> None:
                             "refusing to replace it", out)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *, mode: str = "latest",
                plots: bool = True, references: bool = True, title: str = "evalsuite leaderboard") -> SiteReport:
     """Aggregate ``results`` (paths, or a DataFrame from :func:`load_results`) and write the site to ``out``."""
@@ -117,16 +100,10 @@ def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *,
     t1 = time.perf_counter()
     agg = deduplicate(raw, mode)
     t2 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with replace_dir(out) as tmp:
         report = _render(agg, tmp, plots=plots, references=references, title=title, mode=mode)
         (tmp / MARKER).write_text("built by evalsuite leaderboard build\n")
         t3 = time.perf_counter()
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.out, report.n_records = out, len(raw)
     report.timings = {"read_s": t1 - t0, "aggregate_s": t2 - t1, "render_s": t3 - t2,
                       "total_s": time.perf_counter() - t0}

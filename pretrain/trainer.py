@@ -7,18 +7,19 @@
   base lr scales linearly with the global batch size (lr * B / base_batch_size) unless ``--lr`` is given.
 - Precision: fp32 or bf16 autocast (CPU or CUDA), optional channels_last.
 - State: ``<out>.state.pt`` (method incl. heads/queues/banks, optimiser, RNG, losses) written atomically at
-  every epoch end and every ``save_every`` steps; a rerun resumes from it. The final trunk goes to ``out``
-  via :func:`evalsuite.checkpoints.save_checkpoint` with the full metadata.
+  every epoch end and every ``save_every`` steps through :class:`evalsuite.io.ResumeState`; a rerun resumes
+  from it (settings that differ are refused, naming each; an unreadable state is reported and training starts
+  over). The final trunk goes to ``out`` via :func:`evalsuite.checkpoints.save_checkpoint` with the full
+  metadata.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from evalsuite.checkpoints import save_checkpoint
+from evalsuite.console import note, progress
 from evalsuite.errors import BadData, UserError
+from evalsuite.io import ResumeState
 
 from . import distributed as D
 from .augment import ViewTransform, center_view
@@ -79,8 +82,6 @@ class TrainConfig:
     view_gray: float | None = None
     #: multiplier of the colour-distortion views' jitter amplitudes (SimCLR's strength s); None = the preset's
     view_jitter: float | None = None
-    #: testing aid: stop (as if killed) after this many global steps, without writing the final checkpoint
-    stop_after_steps: int | None = None
 
 
 #: TrainConfig fields a resumed run may change: where the data and the run live and how fast it goes, not
@@ -141,8 +142,11 @@ class EpochSampler(Sampler):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, on_step: Callable[[Trainer], None] | None = None):
         self.cfg = cfg
+        #: called after every optimisation step, before any state is saved (logging; an exception it raises,
+        #: e.g. KeyboardInterrupt, stops training as a kill would)
+        self.on_step = on_step
         self.rank, self.world = D.init_from_env(cfg.device)
         if cfg.device.startswith("cuda") and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -242,46 +246,38 @@ class Trainer:
                 "min_lr_ratio": cfg.min_lr_ratio, "schedule": "warmup+cosine"}
 
     # ------------------------------------------------------------ state
+    def resume_state(self) -> ResumeState:
+        """The resume file: what the run trains must match it (RESUME_MAY_CHANGE may differ)."""
+        return ResumeState(self.state_path, self._config_record(), what="pretraining",
+                           may_change=RESUME_MAY_CHANGE)
+
     def save_state(self) -> None:
         if self.rank != 0:
             return
-        state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                 "losses": torch.tensor(self.losses, dtype=torch.float64), "rng": torch.get_rng_state(),
-                 "last_logs": dict(self.last_logs),
-                 "config": json.dumps(self._config_record())}
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        self.resume_state().save({
+            "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "losses": torch.tensor(self.losses, dtype=torch.float64), "rng": torch.get_rng_state(),
+            "last_logs": dict(self.last_logs)})
 
     def load_state(self) -> bool:
-        if not (self.cfg.resume and self.state_path.is_file() and self.method.trains):
+        """Restore the saved state; False when there is none (or it is unreadable: training starts over)."""
+        if not (self.cfg.resume and self.method.trains):
             return False
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt state: refuse rather than silently restart
-            raise BadData(f"cannot read the resume state ({type(e).__name__}); delete it to restart",
-                          self.state_path) from None
-        saved = json.loads(state["config"])
-        now = json.loads(json.dumps(self._config_record()))
-        changed = [k for k in sorted((set(saved) | set(now)) - RESUME_MAY_CHANGE) if saved.get(k) != now.get(k)]
-        if changed:
-            diff = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
-            raise UserError(f"resume state was written with {diff}; rerun with those settings, or delete it or "
-                            "change --out to start afresh", self.state_path)
+        state = self.resume_state().load(map_location="cpu")
+        if state is None:
+            return False
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.losses = [float(v) for v in state["losses"]]
-        self.last_logs = {k: float(v) for k, v in state.get("last_logs", {}).items()}
+        self.last_logs = {k: float(v) for k, v in state["last_logs"].items()}
         torch.set_rng_state(state["rng"])
         return True
 
     def _config_record(self) -> dict[str, Any]:
         c = asdict(self.cfg)
-        c.pop("stop_after_steps", None)
         c.pop("progress", None)
         c.update(world_size=self.world, global_batch_size=self.global_batch)
         return c
@@ -323,8 +319,7 @@ class Trainer:
         cfg = self.cfg
         resumed = self.load_state()
         if self.rank == 0 and resumed:
-            print(f"resuming {cfg.method} from epoch {self.epoch} step {self.step_in_epoch} ({self.state_path})",
-                  file=sys.stderr)
+            note(f"resuming {cfg.method} from epoch {self.epoch} step {self.step_in_epoch} ({self.state_path})")
         start = time.time()
         self._fit_t0 = time.perf_counter()
         if self.method.trains:
@@ -332,8 +327,7 @@ class Trainer:
             self.method.on_train_start(self)
             sampler = EpochSampler(self.n_images, cfg.seed, self.rank, self.world)
             while self.epoch < cfg.epochs:
-                if self._run_epoch(sampler) is False:
-                    return None
+                self._run_epoch(sampler)
         else:
             self.epoch = cfg.epochs
         if D.is_dist():
@@ -343,9 +337,7 @@ class Trainer:
             out = save_checkpoint(cfg.out, self.method.trunk_state_dict(), self.metadata(time.time() - start))
         return out
 
-    def _run_epoch(self, sampler: EpochSampler) -> bool:
-        from tqdm import tqdm
-
+    def _run_epoch(self, sampler: EpochSampler) -> None:
         cfg = self.cfg
         if self.step_in_epoch == 0:
             self.method.on_epoch_start(self, self.epoch)
@@ -355,8 +347,17 @@ class Trainer:
                             num_workers=cfg.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         remaining = self.steps_per_epoch - self.step_in_epoch
-        bar = tqdm(total=remaining, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or self.rank != 0, leave=False)
+        with progress(total=remaining, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
+                      enabled=cfg.progress and self.rank == 0) as bar:
+            if self._run_steps(loader, remaining, bar):
+                return
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_state()
+
+    def _run_steps(self, loader: DataLoader, remaining: int, bar) -> bool:
+        """The epoch's remaining steps; True when the time budget ended training (state saved)."""
+        cfg = self.cfg
         it = iter(loader)
         for _ in range(remaining):
             views, index, target = next(it)
@@ -380,22 +381,15 @@ class Trainer:
             self.step_in_epoch += 1
             bar.update(1)
             bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **{k: f"{v:.4g}" for k, v in self.last_logs.items()})
-            if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
-                bar.close()
-                return False
+            if self.on_step is not None:
+                self.on_step(self)
             if cfg.time_budget_s is not None and self._budget_tick():
-                bar.close()
                 self.epoch = cfg.epochs
                 self.save_state()
                 return True
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < self.steps_per_epoch:
                 self.save_state()
-        bar.close()
-        del it
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.save_state()
-        return True
+        return False
 
     def _budget_tick(self) -> bool:
         """Fit the schedule to the wall-clock budget; True when training must stop now. The rate is measured
@@ -453,6 +447,6 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig) -> Path | None:
-    """Train and write the checkpoint; returns its path on rank 0 (None on other ranks or when stopped)."""
-    return Trainer(cfg).fit()
+def train(cfg: TrainConfig, on_step: Callable[[Trainer], None] | None = None) -> Path | None:
+    """Train and write the checkpoint; returns its path on rank 0 (None on other ranks)."""
+    return Trainer(cfg, on_step).fit()

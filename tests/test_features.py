@@ -89,7 +89,7 @@ def test_resume_recomputes_only_missing_shards(tmp_path, train_ds) -> None:
         np.testing.assert_array_equal(full[t], out[t])
 
 
-def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, train_ds) -> None:
+def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, train_ds, capsys) -> None:
     ext = _extractor(tmp_path)
     ref = ext.features(train_ds, ["res5"], "avg", TF)["res5"]
     entry = ext.cache.entry(ext.entry_fields(train_ds, "res5", ext.pool_specs(["res5"], "avg", TF)["res5"], TF), 48)
@@ -98,8 +98,9 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, train_ds) -> None:
     data[-3] ^= 0xFF  # flip bits in the payload: still a loadable .npy, wrong content
     shard.write_bytes(bytes(data))
     again = _extractor(tmp_path)
-    with pytest.warns(UserWarning, match="corrupt"):
-        out = again.features(train_ds, ["res5"], "avg", TF)["res5"]
+    out = again.features(train_ds, ["res5"], "avg", TF)["res5"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("evalsuite: warning: feature cache entry") and "corrupt" in err[0]
     assert again.trunk.seen == 48
     np.testing.assert_array_equal(ref, out)
 
@@ -175,3 +176,14 @@ def test_workers_give_identical_features(tmp_path, train_ds) -> None:
         a = _extractor(tmp_path / "a", workers=0).features(train_ds, ["res5"], "avg", TF)["res5"]
         b = _extractor(tmp_path / "b", workers=2).features(train_ds, ["res5"], "avg", TF)["res5"]
     np.testing.assert_array_equal(a, b)
+
+
+def test_prepare_removes_leftover_temporaries_only(tmp_path) -> None:
+    entry = FeatureCache(tmp_path, shard_rows=8).entry({"tap": "res5"}, rows=16)
+    entry.prepare()
+    entry.write_shard(0, np.ones((8, 4), dtype=np.float32))
+    # what a writer killed mid-shard leaves: evalsuite.io's temporary name beside the target
+    (entry.dir / f".{entry.shard_path(1).name}.abc123.tmp").write_bytes(b"half")
+    entry.prepare()
+    assert sorted(p.name for p in entry.dir.iterdir()) == ["key.json", "shard_00000.npy"]
+    assert entry.missing_shards() == [1]

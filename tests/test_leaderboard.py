@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import re
+import stat
 import statistics
 from html.parser import HTMLParser
 from pathlib import Path
@@ -274,6 +276,24 @@ def test_refuses_to_replace_a_directory_that_is_not_a_site(tmp_path) -> None:
     with pytest.raises(UserError, match="refusing"):
         build_site([runs], out)
     assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+def test_site_folder_keeps_the_umask_or_its_own_permissions(tmp_path) -> None:
+    runs = _two_checkpoints(tmp_path)
+    umask = os.umask(0o027)  # a group-readable umask, so the expected mode differs from mkdtemp's 0700
+    try:
+        build_site([runs], tmp_path / "new", plots=False)
+        existing = tmp_path / "existing"
+        existing.mkdir()
+        existing.chmod(0o755)
+        build_site([runs], existing, plots=False)
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o755
+        build_site([runs], existing, plots=False)  # rebuilding a previous site keeps its mode too
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o755
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o777 & ~0o027 == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "new", "runs"]  # no temporaries left
 
 
 # ---------------------------------------------------------------- references

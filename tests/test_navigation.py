@@ -18,9 +18,9 @@ import tasks.navigation.env as nav_env
 import tasks.navigation.task as navigation
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.errors import UserError
-from evalsuite.task import TaskContext
 from evalsuite.trunks import build_trunk, tap_shapes
 from tasks.navigation.features import FrozenEncoder, FrozenFeatureVecEnv
+from tests.helpers import make_context
 
 TAPS = ["res3", "res4", "res5"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -67,10 +67,12 @@ def test_trunk_without_the_requested_taps_is_a_clear_error():
 def test_presets():
     g, v, q = (navigation.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
     assert g == v  # VISSL has no navigation benchmark
-    assert (g["lr"], g["clip_range"], g["gamma"], g["frame_stack"]) == (1e-4, 0.1, 0.99, 4)
-    assert g["layers"] == TAPS and (g["compress_channels"], g["compress_grid"]) == (8, 16)
-    assert g["num_seeds"] == 5 and g["frames"] >= 1_000_000
-    assert q["frames"] < g["frames"] and q["image_size"] < g["image_size"] and q["num_seeds"] == 1
+    assert (g.lr, g.clip_range, g.gamma, g.frame_stack) == (1e-4, 0.1, 0.99, 4)
+    assert list(g.layers) == TAPS and (g.compress_channels, g.compress_grid) == (8, 16)
+    assert g.num_seeds == 5 and g.frames >= 1_000_000
+    assert q.frames < g.frames and q.image_size < g.image_size and q.num_seeds == 1
+    assert (q.env, q.lr, q.n_envs, q.n_epochs) == ("miniworld:OneRoomS6Fast", 3e-4, 8, 4)
+    assert g.to_dict()["env_kwargs"] == {} and g.to_dict()["baselines"] == ["random", "blind"]
 
 
 # ----------------------------------------------------------------------------- the wrapper
@@ -229,7 +231,7 @@ def test_short_ppo_run_beats_the_random_policy():
     trunk = build_trunk("resnet18", seed=0)
     rand = navigation.run_agent("random", p, seed=0)
     ppo = navigation.run_agent("ppo", p, seed=0, trunk=trunk, taps=TAPS)
-    assert rand["num_episodes"] == ppo["num_episodes"] == p["eval_episodes"]
+    assert rand["num_episodes"] == ppo["num_episodes"] == p.eval_episodes
     # measured: ~0.94 vs ~0.66 success, ~17 vs ~30 steps
     assert ppo["success_rate"] >= rand["success_rate"] + 0.15
     assert ppo["mean_length"] < rand["mean_length"]
@@ -239,12 +241,11 @@ def test_short_ppo_run_beats_the_random_policy():
 @needs_gl
 def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monkeypatch):
     ckpt = load_checkpoint("random:resnet18", seed=0)
-    protocol = navigation.task.default_protocol("quick")
-    protocol.update(frames=256, n_steps=16, batch_size=32, eval_episodes=4, n_envs=2)
+    small = ["frames=256", "n_steps=16", "batch_size=32", "eval_episodes=4", "n_envs=2"]
 
-    def ctx(out):
-        return TaskContext(task="navigation", checkpoint=ckpt, preset="quick", protocol=dict(protocol),
-                           data_root=tmp_path, out_dir=out, extractor_factory=lambda: None, progress=False, seed=0)
+    def ctx(out, *overrides):
+        return make_context("navigation", tmp_path, out, overrides=[*small, *overrides], checkpoint=ckpt,
+                            extractor_factory=lambda: None)
 
     scratch = tmp_path / "tmpdir"  # the system temp dir during the run: PPO must leave nothing there
     scratch.mkdir()
@@ -263,6 +264,10 @@ def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monk
         assert 0.0 <= by[(layer, "spl")] <= by[(layer, "success_rate")] <= 1.0
         assert 1 <= by[(layer, "mean_length")] <= 50
 
+    # one JSON result per (agent, seed), nothing else (no temporary files left behind)
+    saved = sorted(f.name for f in (tmp_path / "out" / "navigation_state").rglob("*") if f.is_file())
+    assert saved == ["blind-seed0.json", "ppo-seed0.json", "random-seed0.json"]
+
     # a rerun into the same output directory finishes from the saved per-seed results, training nothing
     def boom(*a, **k):
         raise AssertionError("retrained")
@@ -271,6 +276,5 @@ def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monk
     again = navigation.task.run(ctx(tmp_path / "out"))
     assert [r.value for r in again] == [r.value for r in results]
 
-    protocol["env"] = "miniworld:Atlantis"
     with pytest.raises(UserError, match="Atlantis"):
-        navigation.task.run(ctx(tmp_path / "bad"))
+        navigation.task.run(ctx(tmp_path / "bad", "env=miniworld:Atlantis"))

@@ -83,16 +83,26 @@ def test_random_baseline_is_the_seeded_init(tiny_imagefolder, tmp_path):
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
+def interrupt_at(step: int):
+    """An ``on_step`` hook that stops training (as Ctrl-C would) once ``step`` steps are done."""
+
+    def hook(trainer: Trainer) -> None:
+        if trainer.global_step >= step:
+            raise KeyboardInterrupt
+
+    return hook
+
+
 def test_resume_after_interrupt_equals_uninterrupted(tiny_imagefolder, tmp_path):
     """MoCo v2 (queue, momentum encoder, RNG-dependent shuffled BN) killed mid-epoch 2 and restarted."""
     method = "moco_v2"
     kw = dict(epochs=2, max_steps_per_epoch=2, save_every=1)
     full = Trainer(cfg(method, tiny_imagefolder, tmp_path / "full.safetensors", **kw))
     full.fit()
-    cut = cfg(method, tiny_imagefolder, tmp_path / "cut.safetensors", stop_after_steps=3, **kw)
-    assert Trainer(cut).fit() is None  # "killed" after step 3, before saving it
+    cut = cfg(method, tiny_imagefolder, tmp_path / "cut.safetensors", **kw)
+    with pytest.raises(KeyboardInterrupt):  # "killed" after step 3, before saving it
+        Trainer(cut, on_step=interrupt_at(3)).fit()
     assert not (tmp_path / "cut.safetensors").exists()
-    cut.stop_after_steps = None
     # what the run trains must match the state: a changed lr or view setting is refused (naming each)
     other = dataclasses.replace(cut, lr=0.5, view_gray=1.0)
     with pytest.raises(UserError, match=r"lr=None \(now 0.5\), view_gray=None \(now 1.0\)"):
@@ -108,6 +118,21 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_imagefolder, tmp_path)
     a = load_checkpoint(tmp_path / "full.safetensors").state_dict
     b = load_checkpoint(tmp_path / "cut.safetensors").state_dict
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_unreadable_resume_state_is_reported_and_training_starts_over(tiny_imagefolder, tmp_path, capsys):
+    clean = Trainer(cfg("simclr", tiny_imagefolder, tmp_path / "clean.safetensors", max_steps_per_epoch=2))
+    clean.fit()
+    out = tmp_path / "x.safetensors"
+    state = Path(str(out) + ".state.pt")
+    state.write_bytes(b"half a torch.save")  # e.g. a disk that filled up under an older writer
+    capsys.readouterr()
+    again = Trainer(cfg("simclr", tiny_imagefolder, out, max_steps_per_epoch=2))
+    assert again.fit() == out
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "unreadable pretraining resume state" in err[0] and str(state) in err[0]
+    assert again.global_step == 2 and again.losses == pytest.approx(clean.losses, rel=1e-5, abs=1e-6)
+    assert again.load_state() and again.global_step == 2  # the restarted run saved a readable state
 
 
 def test_loss_decreases_on_a_fixed_batch(tiny_imagefolder, tmp_path):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+# The synthetic writers build each dataset in a temporary sibling and swap it in whole.
 
 TEXTURES = ("stripes", "checker", "dots", "rings")
 
@@ -82,30 +80,6 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 
 def save_jpeg(arr: np.ndarray, path: Path, quality: int = 90) -> None:
     Image.fromarray(to_uint8(arr)).save(path, format="JPEG", quality=quality)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``target``; on success it replaces ``target`` in one rename,
-    on failure it is removed, so a reader never sees a half-written dataset."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io import replace_dir
 from .nyuv2 import LABELED_MAT, SPLITS_MAT
-from .render import atomic_dir, to_uint8
+from .render import to_uint8
 
 MAX_DEPTH = 10.0
 
@@ -200,7 +201,7 @@ def write_nyuv2(root: str | Path, seed: int = 0, scale: float = 1.0, fmt: str = 
     test_idx, train_idx = np.sort(perm[:nte]), np.sort(perm[nte:])
     frames = [render_room(np.random.default_rng([seed, k]), height, width) for k in range(1, n + 1)]
     target = Path(root) / "nyuv2"
-    with atomic_dir(target) as tmp:
+    with replace_dir(target) as tmp:
         if fmt == "mat":
             import h5py
             import scipy.io as sio

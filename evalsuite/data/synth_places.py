@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import atomic_dir, polygon_mask, rand_color, save_jpeg, smooth_noise, texture, two_tone, write_text
+from ..io import replace_dir
+from .render import polygon_mask, rand_color, save_jpeg, smooth_noise, texture, two_tone, write_text
 
 CATEGORIES = ("b/beach", "c/corridor", "f/forest_path", "s/skyscraper", "f/field", "m/mountain", "s/shelves",
               "d/desert", "s/street", "c/crosswalk")
@@ -133,7 +134,7 @@ def write_places205(root: str | Path, seed: int = 0, scale: float = 1.0, image_s
     target = Path(root) / "places205"
     cats = CATEGORIES[:classes]
     counts = {"train": max(2, round(train_per_class * scale)), "val": max(1, round(val_per_class * scale))}
-    with atomic_dir(target) as tmp:
+    with replace_dir(target) as tmp:
         lists: dict[str, list[str]] = {"train": [], "val": []}
         for c, cat in enumerate(cats):
             d = tmp / "images256" / cat

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import replace_dir
 from .render import (
     TEXTURES,
-    atomic_dir,
     polygon_mask,
     rand_color,
     save_jpeg,
@@ -210,7 +210,7 @@ def write_voc2007(root: str | Path, seed: int = 0, scale: float = 1.0, image_siz
     train, val = sorted(trainval[: ntv // 2]), sorted(trainval[ntv // 2:])
     splits = {"train": train, "val": val, "trainval": sorted(trainval), "test": test}
     labels: dict[str, np.ndarray] = {}
-    with atomic_dir(target) as tmp:
+    with replace_dir(target) as tmp:
         for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
             (tmp / d).mkdir(parents=True)
         for split in ("trainval", "test"):
@@ -246,7 +246,7 @@ def write_object_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20
     splits = splits or {"train": 1.0, "val": 0.5}
     pool = None if backgrounds is None else [_background(np.random.default_rng([seed, 13, b]), size, size)
                                              for b in range(int(backgrounds))]
-    with atomic_dir(out) as tmp:
+    with replace_dir(out) as tmp:
         for s_i, (split, frac) in enumerate(splits.items()):
             for c, cname in enumerate(VOC_CLASSES):
                 d = tmp / split / cname

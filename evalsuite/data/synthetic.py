@@ -92,12 +92,13 @@ def write_cifar10(root: str | Path, seed: int = 0, scale: float = 1.0, train_per
     Places-like scene categories rendered at 32x32. ``scale`` multiplies the images per class."""
     import pickle
 
-    from .render import atomic_dir, to_uint8
+    from ..io import replace_dir
+    from .render import to_uint8
     from .synth_places import CATEGORIES, render_place
 
     target = Path(root) / "cifar-10-batches-py"
     counts = {"train": max(1, round(train_per_class * scale)), "test": max(1, round(test_per_class * scale))}
-    with atomic_dir(target) as tmp:
+    with replace_dir(target) as tmp:
         for split, n in counts.items():
             xs, ys, names = [], [], []
             for k in range(n):

@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
+from evalsuite.console import progress
 from evalsuite.errors import UserError
-from evalsuite.protocols import check_preset
+from evalsuite.io import atomic_write_json
+from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.navigation.metrics import Episode, mean_std, summarize
@@ -49,46 +50,54 @@ SIMULATOR_NOTE = "MiniWorld instead of the anchors' Gibson simulator (not availa
 VISSL_NOTE = "VISSL has no navigation benchmark: the vissl preset is the goyal19 protocol"
 
 
+@dataclass(frozen=True)
+class NavigationProtocol(TaskProtocol):
+    """The goyal19 settings (see the module docstring); presets change a few of them."""
+
+    env: str = "miniworld:OneRoom"
+    env_kwargs: dict = field(default_factory=dict)  # passed to the simulator's constructor
+    image_size: int = 128
+    n_envs: int = 8
+    layers: tuple[str, ...] = ("res3", "res4", "res5")
+    frame_stack: int = 4
+    compress_channels: int = 8
+    compress_grid: int = 16
+    compress_hidden: int = 32
+    features_dim: int = 256
+    frames: int = 1_000_000
+    num_seeds: int = 5
+    lr: float = 1e-4
+    clip_range: float = 0.1
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    n_steps: int = 256
+    batch_size: int = 256
+    n_epochs: int = 4
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    eval_episodes: int = 100
+    eval_deterministic: bool = False
+    baselines: tuple[str, ...] = ("random", "blind")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+_PRESET_CHANGES: dict[str, dict[str, Any]] = {
+    "goyal19": {},
+    "vissl": {},
+    "quick": {"env": "miniworld:OneRoomS6Fast", "image_size": 32, "frames": 6144, "num_seeds": 1, "lr": 3e-4,
+              "n_steps": 64, "batch_size": 128, "compress_grid": 8, "compress_hidden": 16, "eval_episodes": 32},
+}
+
+
 class NavigationTask:
     name = "navigation"
     description = ("PPO policy on frozen res3/res4/res5 features in a first-person 3D simulator (MiniWorld): "
                    "success rate, SPL, return, length; random and blind baselines")
 
-    def default_protocol(self, preset: str) -> dict[str, Any]:
+    def default_protocol(self, preset: str) -> NavigationProtocol:
         check_preset(preset)
-        protocol: dict[str, Any] = {
-            "env": "miniworld:OneRoom",
-            "env_kwargs": {},
-            "image_size": 128,
-            "n_envs": 8,
-            "layers": ["res3", "res4", "res5"],
-            "frame_stack": 4,
-            "compress_channels": 8,
-            "compress_grid": 16,
-            "compress_hidden": 32,
-            "features_dim": 256,
-            "frames": 1_000_000,
-            "num_seeds": 5,
-            "lr": 1e-4,
-            "clip_range": 0.1,
-            "gamma": 0.99,
-            "gae_lambda": 0.95,
-            "n_steps": 256,
-            "batch_size": 256,
-            "n_epochs": 4,
-            "ent_coef": 0.01,
-            "vf_coef": 0.5,
-            "max_grad_norm": 0.5,
-            "eval_episodes": 100,
-            "eval_deterministic": False,
-            "baselines": ["random", "blind"],
-            "precision": "auto",
-        }
-        if preset == "quick":
-            protocol.update({"env": "miniworld:OneRoomS6Fast", "image_size": 32, "n_envs": 8, "frames": 6144,
-                             "num_seeds": 1, "lr": 3e-4, "n_steps": 64, "batch_size": 128, "n_epochs": 4,
-                             "compress_grid": 8, "compress_hidden": 16, "eval_episodes": 32})
-        return protocol
+        return NavigationProtocol(**_PRESET_CHANGES[preset])
 
     def check_environment(self) -> None:
         """Headless GL must load before the simulator starts (the optional part of the task contract)."""
@@ -100,29 +109,27 @@ class NavigationTask:
         p = ctx.protocol
         from tasks.navigation.env import resolve
 
-        resolve(p["env"])  # unknown environment: fail before anything heavy
-        unknown = [b for b in p["baselines"] if b not in ("random", "blind")]
+        resolve(p.env)  # unknown environment: fail before anything heavy
+        unknown = [b for b in p.baselines if b not in ("random", "blind")]
         if unknown:
             raise UserError(f"unknown navigation baseline(s) {', '.join(unknown)}; choose random, blind")
-        taps = ctx.taps(p["layers"])
+        taps = ctx.taps(p.layers)
         from tasks.navigation.features import check_trunk_taps
 
         trunk = ctx.trunk
         check_trunk_taps(trunk, taps)
-        seeds = [ctx.seed + i for i in range(int(p["num_seeds"]))]
+        seeds = [ctx.seed + i for i in range(p.num_seeds)]
         state_dir = ctx.out_dir / "navigation_state" / _fingerprint(ctx, taps)[:16]
-        jobs = [(agent, s) for agent in ("ppo", *p["baselines"]) for s in seeds]
-        from tqdm import tqdm
-
-        summaries: dict[str, list[dict]] = {a: [] for a in ("ppo", *p["baselines"])}
-        for agent, seed in tqdm(jobs, desc=self.name, disable=not ctx.progress):
+        jobs = [(agent, s) for agent in ("ppo", *p.baselines) for s in seeds]
+        summaries: dict[str, list[dict]] = {a: [] for a in ("ppo", *p.baselines)}
+        for agent, seed in progress(jobs, desc=self.name, enabled=ctx.progress, unit="run"):
             path = state_dir / f"{agent}-seed{seed}.json"
             if path.exists():  # resume: a finished (agent, seed) is never rerun
                 summaries[agent].append(json.loads(path.read_text()))
                 continue
             summary = run_agent(agent, p, seed, ctx.device, trunk=trunk if agent == "ppo" else None, taps=taps,
                                 normalize=_normalize(ctx))
-            _atomic_write(path, summary)
+            atomic_write_json(path, summary, default=float)
             summaries[agent].append(summary)
 
         results = []
@@ -140,7 +147,7 @@ class NavigationTask:
                     "blind": "baseline: PPO on a constant observation (no visual input)"}[agent]
             for metric in METRICS:
                 mean, std = mean_std([r[metric] for r in runs])
-                results.append(ctx.result(_dataset(p["env"]), "eval", layer_of[agent], metric, mean,
+                results.append(ctx.result(_dataset(p.env), "eval", layer_of[agent], metric, mean,
                                           params={**params, "std": std}, note=note))
         return results
 
@@ -148,68 +155,66 @@ class NavigationTask:
 # ----------------------------------------------------------------------------- one agent, one seed
 
 
-def run_agent(agent: str, p: dict, seed: int, device: str = "cpu", trunk=None, taps=None,
+def run_agent(agent: str, p: NavigationProtocol, seed: int, device: str = "cpu", trunk=None, taps=None,
               normalize: dict | None = None) -> dict:
     """Train (``ppo``/``blind``) and evaluate one agent for one seed; returns the metrics summary."""
     from tasks.navigation.env import make_vec_env
 
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
-    env_kwargs = dict(p.get("env_kwargs") or {})
+    env_kwargs = dict(p.env_kwargs)
     if agent == "random":
-        venv = make_vec_env(p["env"], p["n_envs"], 10_000 + seed, p["image_size"], env_kwargs)
+        venv = make_vec_env(p.env, p.n_envs, 10_000 + seed, p.image_size, env_kwargs)
         rng = np.random.default_rng(seed)
         n_actions = venv.action_space.n
-        episodes = evaluate(venv, lambda obs: rng.integers(0, n_actions, venv.num_envs), p["eval_episodes"])
+        episodes = evaluate(venv, lambda obs: rng.integers(0, n_actions, venv.num_envs), p.eval_episodes)
         venv.close()
     else:
         model, train_env = build_ppo(agent, p, seed, device, trunk, taps, normalize)
         t1 = time.perf_counter()
-        model.learn(total_timesteps=int(p["frames"]))
+        model.learn(total_timesteps=p.frames)
         timing["train_s"] = time.perf_counter() - t1
-        timing["train_frames_per_s"] = int(p["frames"]) / max(timing["train_s"], 1e-9)
+        timing["train_frames_per_s"] = p.frames / max(timing["train_s"], 1e-9)
         if hasattr(train_env, "seconds"):
             timing.update({f"train_{k}_s": v for k, v in train_env.seconds.items()})
         train_env.close()
-        eval_env = _wrap(agent, make_vec_env(p["env"], p["n_envs"], 10_000 + seed, p["image_size"], env_kwargs),
+        eval_env = _wrap(agent, make_vec_env(p.env, p.n_envs, 10_000 + seed, p.image_size, env_kwargs),
                          p, device, trunk, taps, normalize)
-        det = bool(p["eval_deterministic"])
-        episodes = evaluate(eval_env, lambda obs: model.predict(obs, deterministic=det)[0], p["eval_episodes"])
+        det = p.eval_deterministic
+        episodes = evaluate(eval_env, lambda obs: model.predict(obs, deterministic=det)[0], p.eval_episodes)
         eval_env.close()
     timing["total_s"] = time.perf_counter() - t0
     return {"agent": agent, "seed": seed, **summarize(episodes), "timing": timing,
             "episodes": [e.to_dict() for e in episodes]}
 
 
-def _wrap(agent: str, venv, p: dict, device: str, trunk, taps, normalize):
+def _wrap(agent: str, venv, p: NavigationProtocol, device: str, trunk, taps, normalize):
     from tasks.navigation.features import BlindVecEnv, FrozenEncoder, FrozenFeatureVecEnv
 
     if agent == "blind":
         return BlindVecEnv(venv)
-    encoder = FrozenEncoder(trunk, taps, device=device, precision=p["precision"], **(normalize or {}))
-    return FrozenFeatureVecEnv(venv, encoder, frame_stack=int(p["frame_stack"]))
+    encoder = FrozenEncoder(trunk, taps, device=device, precision=p.precision, **(normalize or {}))
+    return FrozenFeatureVecEnv(venv, encoder, frame_stack=p.frame_stack)
 
 
-def build_ppo(agent: str, p: dict, seed: int, device: str = "cpu", trunk=None, taps=None, normalize=None):
+def build_ppo(agent: str, p: NavigationProtocol, seed: int, device: str = "cpu", trunk=None, taps=None, normalize=None):
     """The stable-baselines3 PPO model (and its training VecEnv) of the protocol."""
     from stable_baselines3 import PPO
 
     from tasks.navigation.env import make_vec_env
     from tasks.navigation.features import CompressedFeatures
 
-    venv = _wrap(agent, make_vec_env(p["env"], p["n_envs"], seed, p["image_size"], p.get("env_kwargs")),
+    venv = _wrap(agent, make_vec_env(p.env, p.n_envs, seed, p.image_size, dict(p.env_kwargs)),
                  p, device, trunk, taps, normalize)
-    common = dict(learning_rate=float(p["lr"]), n_steps=int(p["n_steps"]), batch_size=int(p["batch_size"]),
-                  n_epochs=int(p["n_epochs"]), gamma=float(p["gamma"]), gae_lambda=float(p["gae_lambda"]),
-                  clip_range=float(p["clip_range"]), ent_coef=float(p["ent_coef"]), vf_coef=float(p["vf_coef"]),
-                  max_grad_norm=float(p["max_grad_norm"]), seed=seed, device=device, verbose=0)
+    common = dict(learning_rate=p.lr, n_steps=p.n_steps, batch_size=p.batch_size, n_epochs=p.n_epochs,
+                  gamma=p.gamma, gae_lambda=p.gae_lambda, clip_range=p.clip_range, ent_coef=p.ent_coef,
+                  vf_coef=p.vf_coef, max_grad_norm=p.max_grad_norm, seed=seed, device=device, verbose=0)
     if agent == "blind":
         return _quiet(PPO("MlpPolicy", venv, policy_kwargs={"net_arch": []}, **common)), venv
     kwargs = {"features_extractor_class": CompressedFeatures,
-              "features_extractor_kwargs": {"frame_stack": int(p["frame_stack"]),
-                                            "channels": int(p["compress_channels"]),
-                                            "grid": int(p["compress_grid"]), "hidden": int(p["compress_hidden"]),
-                                            "features_dim": int(p["features_dim"])},
+              "features_extractor_kwargs": {"frame_stack": p.frame_stack, "channels": p.compress_channels,
+                                            "grid": p.compress_grid, "hidden": p.compress_hidden,
+                                            "features_dim": p.features_dim},
               "net_arch": []}
     return _quiet(PPO("MultiInputPolicy", venv, policy_kwargs=kwargs, **common)), venv
 
@@ -258,15 +263,9 @@ def _normalize(ctx: TaskContext) -> dict:
 
 
 def _fingerprint(ctx: TaskContext, taps: list[str]) -> str:
-    payload = {"checkpoint": ctx.checkpoint.sha256, "protocol": ctx.protocol, "taps": taps, "device": ctx.device}
+    payload = {"checkpoint": ctx.checkpoint.sha256, "protocol": ctx.protocol.to_dict(), "taps": taps,
+               "device": ctx.device}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_write(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, default=float))
-    os.replace(tmp, path)
 
 
 task = NavigationTask()
