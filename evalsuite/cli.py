@@ -30,8 +30,29 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Every command's parser: a usage error is one line naming the command, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="evalsuite",
         description="Evaluate frozen visual representations on transfer benchmarks.",
         formatter_class=HelpFormatter,
@@ -39,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"evalsuite {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     _add_run(sub)
     _add_list(sub)
     _add_inspect(sub)
@@ -53,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         except ImportError as e:  # an optional extra is not installed: the command says so when used
             stub = sub.add_parser(name, help=f"(unavailable: {e})")
             stub.set_defaults(func=lambda a, e=e, n=name: _raise(UserError(f"command {n!r} is unavailable: {e}")))
+    for command in sub.choices.values():  # --debug works after the sub-command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -72,8 +95,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool = True) -> No
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed for everything random (random init included)")
-    p.add_argument("--batch-size", type=int, default=64, help="extraction batch size")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="extraction batch size")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="extraction precision; auto = bf16 autocast + channels_last where supported")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE or ~/.cache/evalsuite)")
@@ -89,7 +112,8 @@ def _add_run(sub) -> None:
     p.add_argument("--schedule", type=Path, metavar="FILE",
                    help="run every pending (checkpoint, task, preset, seed) job of a TOML/JSON schedule instead")
     p.add_argument("--force", action="store_true", help="with --schedule: recompute finished jobs too")
-    p.add_argument("--dry-run", action="store_true", help="with --schedule: list the pending jobs and stop")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (or a schedule's pending jobs) and stop")
+    p.add_argument("--verbose", action="store_true", help="print every result record, not each task's best layer")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
     p.add_argument("--protocol", default="goyal19", help="preset: goyal19, vissl or quick")
@@ -126,13 +150,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         preset=a.protocol, overrides=a.overrides, data_root=a.data_root, out=a.out, device=a.device,
         seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
         allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, progress=not a.no_progress,
+        show_plan=True, dry_run=a.dry_run,
     )
     if a.launcher != "none":
         return _run_launched(opts, a)
     report = run(opts)
-    print_results(report.results, title=f"{report.checkpoint.spec} ({report.checkpoint.arch}, {a.protocol})")
-    for name, why in report.skipped:
-        print(f"skipped {name}: {why}")
+    if a.dry_run:
+        return 0
+    if not report.results and report.skipped:
+        looked = "; ".join(f"{name}: {why}" for name, why in report.skipped)
+        raise UserError(f"every requested task was skipped for missing data under {a.data_root} ({looked})")
+    print_results(report.results, title=f"{report.checkpoint.spec} ({report.checkpoint.arch}, {a.protocol})",
+                  verbose=a.verbose)
     print(f"{len(report.results)} result records appended to {report.results_file}")
     return 0
 
@@ -154,13 +183,39 @@ def _run_launched(opts, a: argparse.Namespace) -> int:
     return 0
 
 
-def print_results(results, title: str = "results") -> None:
+def print_results(results, title: str = "results", verbose: bool = False) -> None:
+    """Every record with ``verbose``; otherwise each task's headline metrics at their best layer."""
     from .console import table
 
-    rows = [(r.task, r.dataset, r.split, r.layer, r.metric, "n/a" if r.value is None else f"{r.value:.4g}")
-            for r in results]
+    def shown(v):
+        return "n/a" if v is None else f"{v:.4g}"
+
     print(title)
-    print(table(rows, ("task", "dataset", "split", "layer", "metric", "value"), right=("value",)))
+    if verbose:
+        rows = [(r.task, r.dataset, r.split, r.layer, r.metric, shown(r.value)) for r in results]
+        print(table(rows, ("task", "dataset", "split", "layer", "metric", "value"), right=("value",)))
+        return
+    rows = []
+    for task in dict.fromkeys(r.task for r in results):
+        mine = [r for r in results if r.task == task]
+        headline = getattr(_task_or_none(task), "headline_metrics", None) or (mine[0].metric,)
+        for metric in headline:
+            group = [r for r in mine if r.metric == metric]
+            if not group:
+                continue
+            best = max(group, key=lambda r: float("-inf") if r.value is None else r.value)
+            if metric in getattr(_task_or_none(task), "lower_is_better", ()):
+                best = min(group, key=lambda r: float("inf") if r.value is None else r.value)
+            rows.append((task, best.dataset, metric, best.layer, shown(best.value), len(mine)))
+    print(table(rows, ("task", "dataset", "metric", "best layer", "value", "records"), right=("value", "records")))
+    print("(each task's headline metric at its best layer; --verbose prints every record)")
+
+
+def _task_or_none(name: str):
+    try:
+        return registry.get_task(name)
+    except UserError:
+        return None
 
 
 def _add_list(sub) -> None:
@@ -300,7 +355,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         cache = FeatureCache(a.cache_dir, shard_rows=a.shard_rows)
         ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=cache, device=a.device,
                                precision=a.precision, batch_size=a.batch_size,
-                               workers=a.workers, progress=not a.no_progress)
+                               workers=a.workers, progress=not a.no_progress, source=ck.spec)
         tf = Transform(size=a.image_size, mode=a.resize_mode, input_space=ck.metadata.get("input_space", "rgb"))
         feats = ext.features(ds, layers or list(ext.trunk.tap_names), a.pooling, tf)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from .cache import CacheEntry, CorruptEntry, FeatureCache, storage_array
 from .colorspace import IMAGENET_MEAN, IMAGENET_STD, INPUT_SPACES, to_input_space
+from .console import progress, warn
 from .data.base import ImageDataset
 from .errors import BadData, BadFeatures, UserError
 from .trunks import PoolSpec, check_taps, pool_features, pool_spec, tap_shapes
@@ -157,8 +157,10 @@ class FeatureExtractor:
         batch_size: int = 64,
         workers: int = 0,
         progress: bool = True,
+        source: str = "",
     ):
         self.trunk = trunk
+        self.source = source  # the checkpoint's file or spec, named by errors
         self.checkpoint_id = checkpoint_id
         self.arch = arch
         self.cache = cache or FeatureCache()
@@ -210,9 +212,8 @@ class FeatureExtractor:
                     self.stats["cache_hits"] += 1
                     continue
                 except CorruptEntry as e:
-                    import warnings
 
-                    warnings.warn(f"feature cache entry {entry.dir} is corrupt ({e}); rebuilding", stacklevel=2)
+                    warn(f"feature cache entry {entry.dir} is corrupt ({e}); rebuilding")
                     entry.clear()
             todo[tap] = entry
         if todo:
@@ -264,8 +265,8 @@ class FeatureExtractor:
         current = None
         filled = 0
         total = sum(ref.shard_range(i)[1] - ref.shard_range(i)[0] for i in shards)
-        bar = tqdm(total=total, desc=f"features {dataset.kind}/{dataset.split}", unit="img",
-                   disable=not self.progress, leave=False)
+        bar = progress(total=total, desc=f"features {dataset.kind}/{dataset.split}", unit="img",
+                       enabled=self.progress)
         with torch.inference_mode():
             for x, idx in loader:
                 shard = int(idx[0]) // ref.shard_rows
@@ -300,12 +301,9 @@ class FeatureExtractor:
             y = pool_features(acts[t].float(), specs[t])
             if not torch.isfinite(y).all():
                 bad = int(idx[(~torch.isfinite(y)).any(dim=1).nonzero()[0, 0]])
-                path = dataset.image_path(bad)
                 raise BadFeatures(
-                    f"NaN/Inf in {t} features of checkpoint {self.checkpoint_id[:12]} (sample {bad}); "
-                    "the checkpoint's weights are probably broken",
-                    path,
-                )
+                    f"the checkpoint's {t} features are NaN/Inf (first on {dataset.kind} {dataset.split} sample "
+                    f"{bad}): its weights are probably broken", self.source or f"checkpoint {self.checkpoint_id[:12]}")
             out[t] = storage_array(y.detach().cpu().numpy())  # fp16 unless out of its range
         return out
 

@@ -16,8 +16,10 @@ import torch
 from . import registry
 from .cache import FeatureCache
 from .checkpoints import LoadedCheckpoint, load_checkpoint
+from .console import note, warn
 from .errors import UserError
 from .features import FeatureExtractor
+from .plan import LONG_ON_CPU_S, TaskPlan, describe, estimate_seconds, human_time, measure_throughput
 from .protocols import apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
 from .task import DataMissing, TaskContext
@@ -43,6 +45,8 @@ class RunOptions:
     allow_partial: bool = False
     trust_pickle: bool = False
     progress: bool = True
+    show_plan: bool = False  # print each task's plan and time estimate before starting
+    dry_run: bool = False  # stop after the plan
 
 
 @dataclass
@@ -87,6 +91,9 @@ def run(opts: RunOptions) -> RunReport:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {opts.device} requested but no CUDA device is available")
     task_names, all_mode = resolve_tasks(opts.tasks)
+    if all_mode and not Path(opts.data_root).is_dir():
+        raise UserError("the data root does not exist (a typo? `evalsuite data synth --out DIR` writes a small "
+                        "dataset of every kind)", opts.data_root)
     tasks = {n: registry.get_task(n) for n in task_names}
     protocols = apply_overrides(
         {n: t.default_protocol(opts.preset) for n, t in tasks.items()}, parse_overrides(opts.overrides)
@@ -102,28 +109,37 @@ def run(opts: RunOptions) -> RunReport:
             shared["x"] = FeatureExtractor(
                 ckpt.build_trunk(), ckpt.sha256, ckpt.arch, cache=cache, device=opts.device,
                 precision=opts.precision, batch_size=opts.batch_size, workers=opts.workers,
-                progress=opts.progress,
+                progress=opts.progress, source=ckpt.spec,
             )
         return shared["x"]
 
     run_id = uuid.uuid4().hex[:12]
     report = RunReport(checkpoint=ckpt)
     out_file = Path(opts.out) / RESULTS_FILE
-    for name, task in tasks.items():
+    contexts = {name: TaskContext(
+        task=name, checkpoint=ckpt, preset=opts.preset, protocol=protocols[name], data_root=Path(opts.data_root),
+        out_dir=Path(opts.out) / name, extractor_factory=extractor, device=opts.device, seed=opts.seed,
+        layers=layers, progress=opts.progress, run_id=run_id, cache_dir=cache.root) for name in tasks}
+
+    def skip(name: str, e: DataMissing) -> None:
+        if not all_mode:
+            raise e
+        note(f"skipped {name}: {e}")
+        report.skipped.append((name, str(e)))
+        contexts.pop(name)
+
+    if opts.show_plan or opts.dry_run:
+        for name, e in print_plan(tasks, contexts, ckpt, opts):
+            skip(name, e)
+    if opts.dry_run:
+        return report
+    for name, ctx in list(contexts.items()):
         seed_everything(opts.seed)
-        ctx = TaskContext(
-            task=name, checkpoint=ckpt, preset=opts.preset, protocol=protocols[name],
-            data_root=Path(opts.data_root), out_dir=Path(opts.out) / name, extractor_factory=extractor,
-            device=opts.device, seed=opts.seed, layers=layers, progress=opts.progress, run_id=run_id,
-            cache_dir=cache.root,
-        )
         t0 = time.perf_counter()
         try:
-            results = task.run(ctx)
+            results = tasks[name].run(ctx)
         except DataMissing as e:
-            if not all_mode:
-                raise
-            report.skipped.append((name, str(e)))
+            skip(name, e)
             continue
         wall = time.perf_counter() - t0
         stamp, versions, host = now_iso(), library_versions(), host_name()
@@ -136,6 +152,39 @@ def run(opts: RunOptions) -> RunReport:
         report.results.extend(results)
     report.results_file = out_file
     return report
+
+
+def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckpoint,
+               opts: RunOptions) -> list[tuple[str, DataMissing]]:
+    """Print what each task will do and an estimate of its time on this machine; return the tasks whose data
+    is missing (found while planning, so their notes come before any work)."""
+    plans: dict[str, TaskPlan | None] = {}
+    missing = []
+    for name, ctx in contexts.items():
+        planner = getattr(tasks[name], "plan", None)
+        try:
+            plans[name] = planner(ctx) if planner is not None else None
+        except DataMissing as e:
+            missing.append((name, e))
+    sizes = sorted({s for p in plans.values() if p for s in (p.image_size, p.train_image_size) if s})
+    if sizes:
+        trunk = ckpt.build_trunk()
+        rates = {size: measure_throughput(trunk, size, opts.device) for size in sizes}
+    total = 0.0
+    print(f"plan ({opts.preset} preset, {opts.device}):")
+    for name, p in plans.items():
+        if p is None:
+            print(f"  {name:18s} (no estimate)")
+            continue
+        secs = estimate_seconds(p, rates)
+        total += secs
+        print(f"  {name:18s} {describe(p)}: ~{human_time(secs)}")
+    if plans:
+        print(f"  {'total':18s} ~{human_time(total)} (features already cached are not extracted again)")
+    if total > LONG_ON_CPU_S and opts.device == "cpu":
+        warn(f"this plan takes ~{human_time(total)} on this CPU; --protocol quick or fewer --tasks run in minutes "
+             "(--dry-run prints the plan only)")
+    return missing
 
 
 def _is_main_process() -> bool:

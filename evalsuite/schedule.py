@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .protocols import check_preset, parse_overrides
+from .protocols import cast_like, check_preset, parse_overrides
 from .results import RESULTS_FILE, iter_records
 
 RUN_KEYS = {"checkpoint", "arch", "tasks", "protocol", "seeds", "seed", "set", "layers", "name"}
@@ -165,12 +165,18 @@ def expand_jobs(data: dict[str, Any], base: Path, only_tasks: Sequence[str] | No
     return jobs
 
 
-def _get_path(d: Any, parts: list[str]) -> tuple[bool, Any]:
+def _recorded_as(params: Any, parts: list[str], text: str) -> bool:
+    """The record's resolved protocol has field ``parts`` with the value ``--set`` text ``text`` casts to."""
     for p in parts:
-        if not isinstance(d, dict) or p not in d:
-            return False, None
-        d = d[p]
-    return True, d
+        if not isinstance(params, dict) or p not in params:
+            return False
+        params = params[p]
+    if params is None:
+        return text.strip().lower() in ("none", "null")
+    try:
+        return cast_like(text, params) == params
+    except (ValueError, json.JSONDecodeError):
+        return False
 
 
 def _task_names() -> set[str]:
@@ -186,17 +192,17 @@ def _is_done(job: Job, records: list[dict], task_names: set[str] | None = None) 
     """A record of this (checkpoint, task, preset, seed) exists and its params carry every override."""
     names = _task_names() if task_names is None and job.overrides else (task_names or set())
     wanted = []
-    for parts, value in parse_overrides(job.overrides):
+    for parts, text in parse_overrides(job.overrides):
         if len(parts) > 1 and parts[0] == job.task:
             parts = parts[1:]
         elif len(parts) > 1 and parts[0] in names:
             continue  # scoped to another task
-        wanted.append((parts, value))
+        wanted.append((parts, text))
     for r in records:
         if (r.get("checkpoint") == job.checkpoint and r.get("task") == job.task and r.get("protocol") == job.protocol
                 and r.get("seed") == job.seed):
             params = r.get("params") or {}
-            if all(_get_path(params, parts) == (True, value) for parts, value in wanted):
+            if all(_recorded_as(params, parts, text) for parts, text in wanted):
                 return True
     return False
 

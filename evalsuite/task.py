@@ -1,8 +1,10 @@
 """The task contract (DESIGN.md) and the context a task runs in.
 
-A task is any object with ``name``, ``description``, ``default_protocol(preset)``
-and ``run(ctx) -> list[Result]`` (optionally ``check_environment()``, which raises
-when this machine lacks something the task needs), found by ``evalsuite.registry``.
+A task is any object with ``name``, ``description``, ``default_protocol(preset)`` (a
+frozen :class:`~evalsuite.protocols.TaskProtocol`) and ``run(ctx) -> list[Result]``,
+found by ``evalsuite.registry``. Optional: ``check_environment()`` (raises when this
+machine lacks something the task needs), ``plan(ctx) -> TaskPlan`` (what the run will
+cost, printed before it starts), ``headline_metrics`` (the metrics of the summary).
 Feature-based tasks call ``ctx.features(...)``, which goes through the cache;
 fine-tuning tasks take ``ctx.trunk`` instead.
 """
@@ -22,6 +24,7 @@ from .checkpoints import LoadedCheckpoint
 from .data import DATA_LAYOUT, ImageDataset, open_dataset
 from .errors import UserError
 from .features import FeatureExtractor, Transform, protocol_get
+from .protocols import TaskProtocol
 from .results import Result
 from .trunks import arch_info
 
@@ -35,7 +38,7 @@ class Task(Protocol):
     name: str
     description: str
 
-    def default_protocol(self, preset: str) -> dict[str, Any]: ...
+    def default_protocol(self, preset: str) -> TaskProtocol: ...
 
     def run(self, ctx: TaskContext) -> list[Result]: ...
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
 from evalsuite.errors import UserError
-from evalsuite.protocols import apply_overrides, parse_overrides, parse_value
+from evalsuite.protocols import TaskProtocol, apply_overrides, cast_like, parse_overrides
 from evalsuite.results import Result, append_results, read_results
 
 
@@ -45,14 +47,63 @@ def test_torn_last_line_does_not_glue_and_is_reported(tmp_path) -> None:
         read_results(path)
 
 
-def test_override_parsing_and_scoping() -> None:
-    assert parse_value("1e-3") == 0.001 and parse_value("[1, 2]") == [1, 2]
-    assert parse_value("sklearn") == "sklearn" and parse_value("True") is True
-    protos = {"a": {"svm": {"backend": "torch"}, "k": 20}, "b": {"k": 10}}
-    out = apply_overrides(protos, parse_overrides(["k=5", "a.svm.backend=sklearn"]))
-    assert out == {"a": {"svm": {"backend": "sklearn"}, "k": 5}, "b": {"k": 5}}
-    assert protos["a"]["k"] == 20  # inputs untouched
-    with pytest.raises(UserError, match="no selected task"):
-        apply_overrides(protos, parse_overrides(["svm.backnd=x"]))
+@dataclass(frozen=True)
+class SolverSettings(TaskProtocol):
+    backend: Literal["torch", "sklearn"] = "torch"
+    tol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ProtoA(TaskProtocol):
+    k: int = 20
+    ks: tuple[int, ...] = (10, 20)
+    nlist: int | None = None
+    bias: bool = True
+    env_kwargs: dict = field(default_factory=dict)
+    svm: SolverSettings = field(default_factory=SolverSettings)
+
+
+@dataclass(frozen=True)
+class ProtoB(TaskProtocol):
+    k: int = 10
+
+
+def test_overrides_are_scoped_and_cast_to_the_declared_types() -> None:
+    protos = {"a": ProtoA(), "b": ProtoB()}
+    out = apply_overrides(protos, parse_overrides(["k=5", "a.svm.backend=sklearn", "a.ks=1,2", "a.nlist=none",
+                                                   "a.bias=no", 'a.env_kwargs={"size": 6}', "a.svm.tol=1e-3"]))
+    assert out["a"] == ProtoA(k=5, ks=(1, 2), nlist=None, bias=False, env_kwargs={"size": 6},
+                              svm=SolverSettings(backend="sklearn", tol=0.001))
+    assert out["b"] == ProtoB(k=5) and protos["a"].k == 20  # inputs untouched (frozen)
+    assert apply_overrides(protos, parse_overrides(["a.ks=[3]", "a.nlist=64"]))["a"].ks == (3,)
+    assert out["a"].to_dict()["svm"] == {"backend": "sklearn", "tol": 0.001} and out["a"].to_dict()["ks"] == [1, 2]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("a.k=abc", "--set a.k=abc: k must be int"),
+    ("a.k=1.5", "--set a.k=1.5: k must be int"),
+    ("a.nlist=x", "nlist must be int or none"),
+    ("a.bias=maybe", "bias must be bool"),
+    ("a.svm.backend=cuda", "backend must be one of 'torch', 'sklearn'"),
+    ("a.env_kwargs=[1]", "env_kwargs must be JSON object"),
+    ("svm.backnd=x", "did you mean svm.backend?"),
+    ("a.kk=3", "did you mean a.k?"),
+])
+def test_a_wrong_type_or_unknown_key_is_one_clear_error(item, message) -> None:
+    with pytest.raises(UserError) as e:
+        apply_overrides({"a": ProtoA(), "b": ProtoB()}, parse_overrides([item]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_override_syntax_errors() -> None:
     with pytest.raises(UserError, match="key=value"):
         parse_overrides(["novalue"])
+    with pytest.raises(UserError, match="empty key"):
+        parse_overrides([".=3"])
+
+
+def test_cast_like_follows_the_example_type() -> None:
+    assert cast_like("3", 1) == 3 and cast_like("3", 1.0) == 3.0 and cast_like("yes", False) is True
+    assert cast_like("1,2", [0.5]) == [1.0, 2.0] and cast_like("x", "s") == "x"
+    with pytest.raises(ValueError):
+        cast_like("abc", 1)

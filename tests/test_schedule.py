@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from evalsuite.errors import UserError
-from evalsuite.protocols import apply_overrides, parse_overrides
+from evalsuite.protocols import TaskProtocol, apply_overrides, parse_overrides
 from evalsuite.results import Result, append_results
 from evalsuite.schedule import run_schedule
 
@@ -32,6 +33,11 @@ set = ["x=3"]
 """
 
 
+@dataclass(frozen=True)
+class XProtocol(TaskProtocol):
+    x: int = 1
+
+
 class FakeRunner:
     """Stands in for evalsuite.runner.run: writes one record per task like the real runner does."""
 
@@ -46,7 +52,7 @@ class FakeRunner:
         for task in opts.tasks[0].split(","):
             if self.interrupt_after is not None and self.written >= self.interrupt_after:
                 raise KeyboardInterrupt
-            params = apply_overrides({task: {"x": 1}}, parse_overrides(opts.overrides))[task]
+            params = apply_overrides({task: XProtocol()}, parse_overrides(opts.overrides))[task].to_dict()
             r = Result(task=task, dataset="d", split="test", layer="res5", metric="top1", value=1.0,
                        checkpoint=opts.checkpoint, protocol=opts.preset, seed=opts.seed, params=params)
             opts.out.mkdir(parents=True, exist_ok=True)
