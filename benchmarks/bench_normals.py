@@ -16,6 +16,7 @@ Prints a table and writes benchmarks/out/bench_normals.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -25,20 +26,21 @@ import torch
 import tasks.surface_normals.task as sn
 from benchmarks.common import peak_rss_mb, write_json
 from evalsuite.checkpoints import load_checkpoint
+from evalsuite.console import HelpFormatter
 from evalsuite.data import open_dataset
 from evalsuite.data.synthetic import write_nyuv2
 from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel
 
 
-def build(arch: str, freeze_through: str, cfg, p) -> FrozenTrunkDenseModel:
+def build(arch: str, freeze_through: str, cfg: sn.TrainConfig, p: sn.SurfaceNormalsProtocol) -> FrozenTrunkDenseModel:
     torch.manual_seed(0)
     return FrozenTrunkDenseModel(load_checkpoint(f"random:{arch}", seed=0).build_trunk(), freeze_through,
-                                 cfg.num_outputs, output_stride=int(p["output_stride"]),
-                                 head_channels=int(p["head_channels"]), bins=p["psp_bins"], dropout=float(p["dropout"]))
+                                 cfg.num_outputs, output_stride=p.output_stride, head_channels=p.head_channels,
+                                 bins=p.psp_bins, dropout=p.dropout)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--n-test", type=int, default=16)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    p = {**sn.task.default_protocol("quick"), "image_size": [args.height, args.width], "epochs": args.epochs}
+    p = sn.task.default_protocol("quick").replace(image_size=(args.height, args.width), epochs=args.epochs)
     cfg = sn.TrainConfig.from_protocol(p, seed=0)
     norm = sn._normalisation({})
     rows = []
@@ -73,7 +75,9 @@ def main(argv=None) -> int:
                             model.frozen_features(sn.to_input(data.images[i:i + cfg.batch_size], norm))
                     cache_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                fit = sn.train_dense(model, data, cfg, norm, progress=False, cache_frozen=cached)
+                # the cache is used when the frozen outputs fit in cache_frozen_max_gb: all or nothing here
+                run_cfg = dataclasses.replace(cfg, cache_frozen_max_gb=float("inf") if cached else 0.0)
+                fit = sn.train_dense(model, data, run_cfg, norm, progress=False)
                 total_s = time.perf_counter() - t0
                 train_s = total_s - cache_s
                 timing[cached] = {"steps_per_s": iters / train_s, "train_s": train_s, "cache_fill_s": cache_s,

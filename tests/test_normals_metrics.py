@@ -167,6 +167,35 @@ def test_codebook_recovers_clusters_and_round_trips():
     np.testing.assert_array_equal(cb, cbl.fit_codebook(pts, k=6, seed=0))
 
 
+def spherical_kmeans_numpy(x, init, iters=100):
+    """Lloyd's spherical k-means in float64: assign by largest cosine, centre = renormalised mean."""
+    c = init.copy()
+    for _ in range(iters):
+        a = (x @ c.T).argmax(axis=1)
+        c = unit(np.stack([x[a == j].sum(axis=0) for j in range(len(c))]))
+    return c
+
+
+def test_codebook_is_a_spherical_kmeans_fixed_point_sorted_by_size():
+    rng = np.random.default_rng(3)
+    centres = unit(rng.normal(size=(8, 3)))
+    sizes = [900, 700, 500, 400, 300, 200, 150, 100]
+    pts = unit(np.repeat(centres, sizes, axis=0) + rng.normal(scale=0.15, size=(sum(sizes), 3)))
+    cb = cbl.fit_codebook(pts, k=8, seed=1, iters=50).astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(cb, axis=1), 1.0, atol=1e-6)
+    # every centre is the normalised mean of the unit vectors nearest to it (brute force, float64)
+    a = (pts @ cb.T).argmax(axis=1)
+    means = unit(np.stack([pts[a == j].sum(axis=0) for j in range(8)]))
+    np.testing.assert_allclose(cb, means, atol=1e-5)
+    counts = np.bincount(a, minlength=8)
+    assert (np.diff(counts) <= 0).all() and counts.min() > 0         # largest cluster first, none empty
+    # the same as a plain numpy spherical k-means from the same k-means++ seeds
+    ref = spherical_kmeans_numpy(pts, cbl.kmeans_pp_init(pts, 8, np.random.default_rng(1)))
+    match = (cb @ ref.T).argmax(axis=1)
+    assert sorted(match) == list(range(8))
+    np.testing.assert_allclose(cb, ref[match], atol=1e-5)              # faiss works in float32
+
+
 def test_codebook_decoding_hard_and_soft():
     cb = torch.tensor([[0, 0, -1.0], [0, -1.0, 0], [1.0, 0, 0]])
     logits = torch.full((1, 3, 2, 2), -20.0)

@@ -1,4 +1,5 @@
-"""surface_normals: frozen trunk, PSP head, training beats the mean normal, resume, bad data, CLI."""
+"""surface_normals: frozen trunk, PSP head, training beats the mean normal, resume (and its refusals), bad data,
+CLI."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import torch
 from PIL import Image
 
 import tasks.surface_normals.task as sn
-from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.data import READERS
 from evalsuite.errors import BadData, UserError
-from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
 from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel, PSPHead
 from tasks.surface_normals.metrics import angular_errors_deg, summarize_errors
+from tests.helpers import make_context
 
 WALL, FLOOR, SIDE = (0.0, 0.0, -1.0), (0.0, -1.0, 0.0), (1.0, 0.0, 0.0)
 
@@ -73,18 +73,18 @@ class PlanarScenes:
 
 @pytest.fixture()
 def planar_root(tmp_path, monkeypatch):
-    """A data root whose nyuv2 reader serves PlanarScenes (until the real reader / writer exists)."""
+    """A data root whose nyuv2 reader serves PlanarScenes."""
     (tmp_path / "data" / "nyuv2").mkdir(parents=True)
     monkeypatch.setitem(READERS, "nyuv2", PlanarScenes)
     return tmp_path / "data"
 
 
-def make_ctx(data_root: Path, out: Path, overrides=(), preset="quick", arch="resnet18") -> TaskContext:
-    protocol = apply_overrides({"surface_normals": sn.task.default_protocol(preset)},
-                               parse_overrides(list(overrides)))["surface_normals"]
-    return TaskContext(task="surface_normals", checkpoint=load_checkpoint(f"random:{arch}", seed=0), preset=preset,
-                       protocol=protocol, data_root=data_root, out_dir=out, extractor_factory=None,
-                       progress=False, seed=0)
+def make_ctx(data_root: Path, out: Path, overrides=()) -> TaskContext:
+    return make_context("surface_normals", data_root, out, overrides=overrides)
+
+
+def quick_config(**changes) -> sn.TrainConfig:
+    return sn.TrainConfig.from_protocol(sn.task.default_protocol("quick").replace(**changes))
 
 
 FAST = ["surface_normals.epochs=6", "surface_normals.batch_size=4", "surface_normals.codebook_size=12"]
@@ -93,12 +93,17 @@ FAST = ["surface_normals.epochs=6", "surface_normals.batch_size=4", "surface_nor
 def test_presets():
     g, v, q = (sn.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
     assert g == v
-    assert (g["dataset"], g["train_split"], g["test_split"]) == ("nyuv2", "train", "test")
-    assert (g["freeze_through"], g["output_stride"], g["head"], g["psp_bins"]) == ("res4", 8, "psp", [1, 2, 3, 6])
-    assert (g["target"], g["codebook_size"], g["codebook_decode"]) == ("codebook", 40, "hard")
-    assert (g["lr"], g["momentum"], g["weight_decay"], g["batch_size"], g["lr_power"]) == (0.01, 0.9, 1e-4, 16, 0.9)
-    assert g["image_size"] == [480, 640]
-    assert q["epochs"] < g["epochs"] and q["image_size"][0] < g["image_size"][0]
+    assert (g.dataset, g.train_split, g.test_split) == ("nyuv2", "train", "test")
+    assert (g.freeze_through, g.output_stride, g.head, g.psp_bins) == ("res4", 8, "psp", (1, 2, 3, 6))
+    assert (g.target, g.codebook_size, g.codebook_decode) == ("codebook", 40, "hard")
+    assert (g.lr, g.momentum, g.weight_decay, g.batch_size, g.lr_power) == (0.01, 0.9, 1e-4, 16, 0.9)
+    assert g.image_size == (480, 640)
+    assert (q.image_size, q.head_channels, q.epochs, q.batch_size, q.lr) == ((48, 64), 64, 4, 4, 0.02)
+    assert (q.codebook_samples, q.codebook_iters) == (20_000, 20)
+    assert q.replace(image_size=g.image_size, head_channels=512, epochs=60, batch_size=16, lr=0.01,
+                     codebook_samples=200_000, codebook_iters=50) == g      # quick changes nothing else
+    recorded = g.to_dict()                                                   # the JSON form in every record
+    assert recorded["psp_bins"] == [1, 2, 3, 6] and recorded["image_size"] == [480, 640]
 
 
 def test_psp_head_and_dilated_trunk_shapes():
@@ -123,8 +128,7 @@ def test_trunk_stays_frozen_while_res5_and_head_train():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = PlanarScenes("x", "train", n=4, size=(32, 48))
     data = sn.load_split(ds, (32, 48), 0.1, progress=False)
-    cfg = sn.TrainConfig.from_protocol({**sn.task.default_protocol("quick"), "target": "regression", "epochs": 2,
-                                        "batch_size": 2, "image_size": [32, 48]})
+    cfg = quick_config(target="regression", epochs=2, batch_size=2, image_size=(32, 48))
     model.train()
     bns = [m for m in model.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)                 # BN of the trunk in eval mode
@@ -147,13 +151,13 @@ def test_trunk_stays_frozen_while_res5_and_head_train():
 def test_cached_frozen_features_give_the_same_training():
     ds = PlanarScenes("x", "train", n=4, size=(32, 48))
     data = sn.load_split(ds, (32, 48), 0.1, progress=False)
-    cfg = sn.TrainConfig.from_protocol({**sn.task.default_protocol("quick"), "epochs": 2, "batch_size": 2,
-                                        "codebook_size": 3, "image_size": [32, 48]})
     fits, states = [], []
-    for cache in (True, False):
+    for max_gb in (1.0, 0.0):  # the frozen outputs (4 x 256 x 4 x 6 floats) fit in 1 GB, not in 0
+        cfg = quick_config(epochs=2, batch_size=2, codebook_size=3, image_size=(32, 48), cache_frozen_max_gb=max_gb)
+        torch.manual_seed(0)  # the same head initialisation for both
         model = FrozenTrunkDenseModel(load_checkpoint("random:resnet18", seed=0).build_trunk(), "res4", 3,
                                       head_channels=16)
-        fits.append(sn.train_dense(model, data, cfg, sn._normalisation({}), progress=False, cache_frozen=cache))
+        fits.append(sn.train_dense(model, data, cfg, sn._normalisation({}), progress=False))
         states.append(model.trainable_state())
     assert fits[0].cached and not fits[1].cached
     np.testing.assert_allclose(fits[0].losses, fits[1].losses, rtol=1e-5)
@@ -204,30 +208,82 @@ def test_training_on_planar_scenes_beats_the_mean_normal(planar_root, tmp_path, 
     assert not list((tmp_path / "out" / "normals_state").glob("*.pt"))
 
 
-def test_interrupted_training_resumes_to_the_same_numbers(planar_root, tmp_path, monkeypatch):
-    over = ["surface_normals.epochs=3", "surface_normals.batch_size=8", "surface_normals.codebook_size=6",
-            "surface_normals.head_channels=16"]
-    reference = sn.task.run(make_ctx(planar_root, tmp_path / "ref", over))
-    real = sn.train_dense
+RESUME = ["surface_normals.epochs=3", "surface_normals.batch_size=8", "surface_normals.codebook_size=6",
+          "surface_normals.head_channels=16"]
 
-    class Interrupt(Exception):
-        pass
+
+def run_interrupted(ctx: TaskContext, monkeypatch, after_epoch: int) -> Path:
+    """Run the task, stopped by Ctrl-C after ``after_epoch`` epochs; the one resume state it leaves."""
+    real = sn.train_dense
 
     def interrupted(*args, **kwargs):
         def stop(epoch, record):
-            if epoch == 2:
-                raise Interrupt
+            if epoch == after_epoch:
+                raise KeyboardInterrupt
         return real(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(sn, "train_dense", interrupted)
-    with pytest.raises(Interrupt):
-        sn.task.run(make_ctx(planar_root, tmp_path / "run", over))
-    assert len(list((tmp_path / "run" / "normals_state").glob("res5_onwards-*.pt"))) == 1
-    monkeypatch.setattr(sn, "train_dense", real)
-    resumed = sn.task.run(make_ctx(planar_root, tmp_path / "run", over))
-    assert resumed[0].params["resumed_from_epoch"] == 2
+    with monkeypatch.context() as m:
+        m.setattr(sn, "train_dense", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sn.task.run(ctx)
+    [state] = (Path(ctx.out_dir) / "normals_state").glob("*.pt")
+    return state
+
+
+def test_interrupted_training_resumes_to_the_same_numbers(planar_root, tmp_path, monkeypatch):
+    reference = sn.task.run(make_ctx(planar_root, tmp_path / "ref", RESUME))
+    state = run_interrupted(make_ctx(planar_root, tmp_path / "run", RESUME), monkeypatch, after_epoch=2)
+    assert state.name.startswith("res5_onwards-")
+    resumed = sn.task.run(make_ctx(planar_root, tmp_path / "run", RESUME))
+    assert resumed[0].params["resumed_from_epoch"] == 2 and reference[0].params["resumed_from_epoch"] is None
     assert [r.value for r in resumed] == pytest.approx([r.value for r in reference], abs=1e-6)
     assert resumed[0].params["train_curve"] == reference[0].params["train_curve"]
+    assert resumed[0].params["codebook"] == reference[0].params["codebook"]
+    assert not state.exists()                                        # finished: nothing left to resume
+
+
+class PlantedPickle:
+    """Unpickling this opens (creates) ``marker``: what a malicious resume state would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_the_resume_state_is_never_run(planar_root, tmp_path, monkeypatch, capsys):
+    reference = sn.task.run(make_ctx(planar_root, tmp_path / "ref", RESUME))
+    state = run_interrupted(make_ctx(planar_root, tmp_path / "run", RESUME), monkeypatch, after_epoch=2)
+    marker = tmp_path / "planted-pickle-ran"
+    torch.save({"format": 1, "what": "surface normals training", "settings": "{}",
+                "payload": {"epoch": 2, "model": PlantedPickle(marker)}}, state)
+    capsys.readouterr()
+    results = sn.task.run(make_ctx(planar_root, tmp_path / "run", RESUME))
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ignoring unreadable surface normals training resume state" in err[0], err
+    assert str(state) in err[0] and "starting over" in err[0]
+    assert results[0].params["resumed_from_epoch"] is None                     # started over, and finished
+    assert [r.value for r in results] == pytest.approx([r.value for r in reference], abs=1e-6)
+    assert not state.exists()
+    # the planted file is live: a full unpickling of the same bytes does run it
+    live = tmp_path / "live.pt"
+    torch.save({"payload": PlantedPickle(tmp_path / "live-marker")}, live)
+    torch.load(live, weights_only=False)
+    assert (tmp_path / "live-marker").exists()
+
+
+def test_a_resume_state_with_other_settings_is_refused_in_one_line(planar_root, tmp_path, monkeypatch):
+    state = run_interrupted(make_ctx(planar_root, tmp_path / "run", RESUME), monkeypatch, after_epoch=1)
+    with pytest.raises(UserError) as e:
+        sn.task.run(make_ctx(planar_root, tmp_path / "run", [*RESUME, "surface_normals.epochs=4"]))
+    message = str(e.value)
+    assert "\n" not in message and "resume state was written with other settings" in message
+    assert "protocol.epochs=3 (now 4)" in message and message.count("(now ") == 1, message
+    assert state.exists()                                             # refused, not deleted
+    resumed = sn.task.run(make_ctx(planar_root, tmp_path / "run", RESUME))
+    assert resumed[0].params["resumed_from_epoch"] == 1
 
 
 class BrokenScenes(PlanarScenes):
@@ -267,22 +323,20 @@ def test_bad_ground_truth_is_a_clear_error_naming_the_sample(planar_root, tmp_pa
 
 
 def test_bad_protocol_values(planar_root, tmp_path):
-    with pytest.raises(UserError, match="target must be"):
-        sn.task.run(make_ctx(planar_root, tmp_path / "o", ["surface_normals.target=depth"]))
-    with pytest.raises(UserError, match="freeze_through"):
-        sn.task.run(make_ctx(planar_root, tmp_path / "o", ["surface_normals.freeze_through=res9"]))
+    with pytest.raises(UserError, match="target must be one of 'codebook', 'regression'"):
+        make_ctx(planar_root, tmp_path / "o", ["surface_normals.target=depth"])
+    with pytest.raises(UserError, match="freeze_through must be one of"):
+        make_ctx(planar_root, tmp_path / "o", ["surface_normals.freeze_through=res9"])
+    with pytest.raises(UserError, match=r"image_size must be \[height, width\]"):
+        sn.task.run(make_ctx(planar_root, tmp_path / "o", ["surface_normals.image_size=[48,64,3]"]))
 
 
 def test_cli_run_writes_records(planar_root, tmp_path, cache_dir):
     from evalsuite.cli import main as cli_main
 
-    registry.register_task(sn.task)
-    try:
-        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "surface_normals", "--protocol", "quick",
-                       "--set", "surface_normals.epochs=1", "--set", "surface_normals.codebook_size=6",
-                       "--data-root", str(planar_root), "--out", str(tmp_path / "runs"), "--no-progress"])
-    finally:
-        registry.unregister(registry.TASK_GROUP, "surface_normals")
+    rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "surface_normals", "--protocol", "quick",
+                   "--set", "surface_normals.epochs=1", "--set", "surface_normals.codebook_size=6",
+                   "--data-root", str(planar_root), "--out", str(tmp_path / "runs"), "--no-progress"])
     assert rc == 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     assert {r["metric"] for r in rows} == {"mean_angle_error_deg", "median_angle_error_deg", "rmse_angle_error_deg",

@@ -9,23 +9,17 @@ import pytest
 from PIL import Image
 
 import tasks.surface_normals.task as sn
-from evalsuite import registry
-from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
 from evalsuite.data import open_dataset
 from evalsuite.data.synthetic import write_nyuv2
 from evalsuite.errors import BadData
-from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
 from tasks.surface_normals.metrics import angular_errors_deg, metric_names, summarize_errors
+from tests.helpers import make_context
 
 
-def make_ctx(data_root, out, overrides=()):
-    protocol = apply_overrides({"surface_normals": sn.task.default_protocol("quick")},
-                               parse_overrides(list(overrides)))["surface_normals"]
-    return TaskContext(task="surface_normals", checkpoint=load_checkpoint("random:resnet18", seed=0), preset="quick",
-                       protocol=protocol, data_root=data_root, out_dir=out, extractor_factory=None,
-                       progress=False, seed=0)
+def make_ctx(data_root, out, overrides=()) -> TaskContext:
+    return make_context("surface_normals", data_root, out, overrides=overrides)
 
 
 def mean_normal_baseline(root):
@@ -39,13 +33,9 @@ def mean_normal_baseline(root):
 
 def test_cli_quick_on_synthetic_nyuv2_beats_the_mean_normal(tmp_path, cache_dir):
     nyu = write_nyuv2(tmp_path / "data", seed=0, n_train=12, n_test=4, height=48, width=64)
-    registry.register_task(sn.task)
-    try:
-        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "surface_normals", "--protocol", "quick",
-                       "--set", "surface_normals.epochs=8", "--set", "surface_normals.codebook_size=20",
-                       "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--no-progress"])
-    finally:
-        registry.unregister(registry.TASK_GROUP, "surface_normals")
+    rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "surface_normals", "--protocol", "quick",
+                   "--set", "surface_normals.epochs=8", "--set", "surface_normals.codebook_size=20",
+                   "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--no-progress"])
     assert rc == 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     assert [r["metric"] for r in rows] == metric_names()

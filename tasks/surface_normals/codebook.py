@@ -2,9 +2,10 @@
 
 Following the NYUv2 normals setup of Wang, Fouhey & Gupta (2015) that the Goyal et al. 2019 benchmark
 inherits, each training normal is assigned to the nearest of K cluster centres found by k-means on the
-training normals (here spherical k-means: cosine similarity, centres renormalised), the network predicts
-a distribution over the K clusters per pixel, and the predicted normal is the centre of the most likely
-cluster (``hard``) or the renormalised probability-weighted mean of the centres (``soft``, a soft-argmax).
+training normals (here spherical k-means: cosine similarity, centres renormalised to unit length),
+the network predicts a distribution over the K clusters per pixel, and the predicted normal is the centre of
+the most likely cluster (``hard``) or the renormalised probability-weighted mean of the centres (``soft``, a
+soft-argmax).
 
 All functions are pure (numpy / torch in, numpy / torch out) and deterministic for a given seed.
 """
@@ -17,12 +18,15 @@ import torch
 
 def fit_codebook(normals: np.ndarray, k: int, seed: int = 0, iters: int = 50,
                  max_samples: int | None = 200_000) -> np.ndarray:
-    """Spherical k-means (k-means++ seeding) on unit normals (N, 3) -> centres (k, 3) float32, unit length.
+    """Spherical k-means on unit normals (N, 3) -> centres (k, 3) float32, unit length.
 
-    At most ``max_samples`` normals (drawn uniformly with ``seed``) are clustered. Centres are sorted by
-    cluster size (largest first) so that the codebook is stable across runs. Empty clusters are re-seeded
-    with the point worst served by its centre.
+    At most ``max_samples`` normals (drawn uniformly with ``seed``) are clustered: k-means++ seeding
+    (:func:`kmeans_pp_init`), then ``iters`` Lloyd iterations of ``faiss.Kmeans(spherical=True)`` (an empty
+    cluster takes half of a large one). Centres are sorted by cluster size (largest first) so that the
+    codebook is stable across runs.
     """
+    import faiss
+
     x = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
     if x.shape[0] < k:
         raise ValueError(f"need at least {k} valid normals to fit a {k}-entry codebook, got {x.shape[0]}")
@@ -30,36 +34,31 @@ def fit_codebook(normals: np.ndarray, k: int, seed: int = 0, iters: int = 50,
     if max_samples is not None and x.shape[0] > max_samples:
         x = x[rng.choice(x.shape[0], max_samples, replace=False)]
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    # k-means++ on the angular distance 1 - cos
-    centres = [x[rng.integers(x.shape[0])]]
-    dist = 1.0 - x @ centres[0]
+    init = kmeans_pp_init(x, k, rng)
+    # every sample is clustered (faiss would otherwise subsample to 256 per centre and warn below 39)
+    kmeans = faiss.Kmeans(3, k, niter=iters, seed=seed, spherical=True, max_points_per_centroid=x.shape[0],
+                          min_points_per_centroid=1, verbose=False)
+    kmeans.train(x.astype(np.float32), init_centroids=init.astype(np.float32))
+    centres = kmeans.centroids
+    sizes = np.bincount(assign(x, centres), minlength=k)
+    return centres[np.argsort(-sizes, kind="stable")].astype(np.float32)
+
+
+def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on unit vectors (N, 3) with the angular distance 1 - cos -> (k, 3) rows of ``x``.
+
+    faiss's own initialisation draws k random points, which on a few dominant planes often puts two centres
+    in one cluster and none in another.
+    """
+    centres = [int(rng.integers(x.shape[0]))]
+    dist = 1.0 - x @ x[centres[0]]
     for _ in range(1, k):
         w = np.maximum(dist, 0.0) ** 2
         total = w.sum()
-        i = rng.choice(x.shape[0], p=w / total) if total > 0 else rng.integers(x.shape[0])
-        centres.append(x[i])
+        i = int(rng.choice(x.shape[0], p=w / total)) if total > 0 else int(rng.integers(x.shape[0]))
+        centres.append(i)
         dist = np.minimum(dist, 1.0 - x @ x[i])
-    c = np.stack(centres)
-    for _ in range(iters):
-        sim = x @ c.T
-        a = sim.argmax(axis=1)
-        new = np.zeros_like(c)
-        np.add.at(new, a, x)
-        counts = np.bincount(a, minlength=k)
-        for j in np.flatnonzero(counts == 0):  # re-seed empty clusters
-            worst = int(np.argmin(sim[np.arange(x.shape[0]), a]))
-            new[j] = x[worst]
-            a[worst] = j
-            sim[worst, a[worst]] = 1.0
-        norms = np.linalg.norm(new, axis=1, keepdims=True)
-        new = np.where(norms > 1e-12, new / np.maximum(norms, 1e-12), c)
-        if np.allclose(new, c, atol=1e-10):
-            c = new
-            break
-        c = new
-    sizes = np.bincount((x @ c.T).argmax(axis=1), minlength=k)
-    order = np.argsort(-sizes, kind="stable")
-    return c[order].astype(np.float32)
+    return x[centres]
 
 
 def assign(normals: np.ndarray | torch.Tensor, codebook: np.ndarray | torch.Tensor):

@@ -23,8 +23,7 @@ import numpy as np
 from evalsuite.errors import BadData
 
 THRESHOLDS_DEG = (11.25, 22.5, 30.0)
-#: tolerated |norm - 1| of a ground-truth normal before it is refused (the real NYUv2 PNG encoding
-#: quantises to 8 bits; the fixture's decoded norms span 0.990..1.027)
+#: tolerated |norm - 1| of a ground-truth normal before it is refused (8-bit PNG normals are not exactly unit)
 UNIT_TOLERANCE = 0.1
 #: histogram resolution of the pooled median (the mean, RMSE and threshold percentages are exact)
 MEDIAN_BIN_DEG = 1e-3

@@ -1,56 +1,47 @@
 """Surface normal estimation on NYUv2 from a (partly) frozen trunk (Goyal et al. 2019, "3D understanding").
 
-The benchmark (Goyal, Mahajan, Gupta & Misra, ICCV 2019, Sec. 6 and the talk's slide "Surface Normals -
-NYUv2"): predict per-pixel surface normals on NYUv2 (the official 795 train / 654 test split of the 1449
-labelled frames) with a PSPNet on the ResNet-50 trunk, training "the last few layers only (res5 onwards)",
-"same optimisation for all methods"; report the median angular error and the % of pixels within 11.25 deg
-(our records add mean, RMSE, 22.5 and 30 deg, the standard NYUv2 normals metrics).
+The benchmark (Goyal, Mahajan, Gupta & Misra, ICCV 2019, Sec. 6): predict per-pixel surface normals on
+NYUv2 (the official 795 train / 654 test split) with a PSPNet on the ResNet-50 trunk, training "the last few
+layers only (res5 onwards)", "same optimisation for all methods"; report the median angular error and the %
+of pixels within 11.25 deg (records add mean, RMSE, 22.5 and 30 deg, the standard NYUv2 normals metrics).
 
 What this task does (every value lands in the result's params):
 
-1. Ground truth of each sample is checked (``normals_metrics.validate_ground_truth``: shapes, an
-   all-invalid mask, NaN inside the mask, non-unit normals -> one clear error naming the sample).
+1. Ground truth of each sample is checked (``metrics.validate_ground_truth``): one clear error naming the
+   sample.
 2. Training images are resized to ``image_size`` (H, W); ground-truth normals and mask to the same size
    by nearest neighbour.
-3. Targets: ``target="codebook"`` (default) fits a spherical k-means codebook of ``codebook_size`` (40)
-   normals on the training normals (``normals_codebook``), trains per-pixel softmax cross-entropy on the
-   index of the nearest centre and predicts the centre (``codebook_decode="hard"``) or the soft-argmax
-   (``"soft"``); ``target="regression"`` predicts 3 channels, normalised, with the cosine loss 1 - cos.
-4. Model (``dense_heads``): the trunk with strides of res4/res5 turned into dilation (``output_stride``
-   8 as PSPNet), frozen through ``freeze_through`` (``res4``: res5 and the head are trained; ``res5``: a
-   head on fully frozen features), BatchNorm statistics frozen everywhere in the trunk, a PSP head.
-5. SGD with momentum, poly learning-rate decay per iteration (PSPNet's schedule), a fixed number of epochs.
-   When the frozen stages' outputs fit in ``cache_frozen_max_gb`` they are computed once and reused every
-   epoch (no augmentation, so they are identical); otherwise they are recomputed per batch.
-6. Evaluation: logits (or regressed vectors) are upsampled bilinearly to each test image's ground-truth
-   resolution, decoded, and the angular errors of all valid pixels of the test set are pooled.
+3. Targets: ``target="codebook"`` fits a spherical k-means codebook of ``codebook_size`` normals on the
+   training normals (``codebook``), trains per-pixel softmax cross-entropy on the index of the nearest
+   centre and predicts the centre (``codebook_decode="hard"``) or the soft-argmax (``"soft"``);
+   ``target="regression"`` predicts 3 channels, normalised, with the cosine loss 1 - cos.
+4. Model (``dense_heads``): the trunk dilated to ``output_stride``, frozen through ``freeze_through``,
+   BatchNorm statistics frozen everywhere in the trunk, a PSP head.
+5. SGD with momentum, poly learning-rate decay per iteration, a fixed number of epochs. Frozen stages'
+   outputs are computed once when they fit in ``cache_frozen_max_gb``. Training saves its state every epoch
+   and resumes after an interruption (:class:`evalsuite.io.ResumeState`).
+6. Evaluation: outputs are upsampled bilinearly to each test image's ground-truth resolution, decoded, and
+   the angular errors of all valid pixels of the test set are pooled.
 
-Deviations / choices not fixed by the paper's text (recorded in ``params["protocol_notes"]``): the
-optimisation values (lr 0.01, momentum 0.9, weight decay 1e-4, batch 16, poly 0.9) are PSPNet's
-defaults; the number of epochs is ours; no data augmentation.
-
-Presets: ``goyal19`` (ResNet-50 setting above), ``vissl`` (VISSL ships no NYUv2 normals benchmark:
-identical to goyal19), ``quick`` (48x64 inputs, small head, 4 epochs: CPU and CI).
-Training checkpoints its state every epoch and resumes after an interruption.
+Presets and the choices the paper leaves open: docs/tasks/surface_normals.md.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from evalsuite import console
 from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD, to_input_space
 from evalsuite.errors import BadData, UserError
-from evalsuite.protocols import check_preset
+from evalsuite.io import ResumeState
+from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.surface_normals import codebook as codebook_lib
@@ -66,63 +57,69 @@ PROTOCOL_NOTES = [
 ]
 
 
+@dataclass(frozen=True)
+class SurfaceNormalsProtocol(TaskProtocol):
+    """The ``goyal19`` values (ResNet-50, PSPNet's optimisation)."""
+
+    dataset: str = "nyuv2"
+    data_path: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    freeze_through: Literal["conv1", "res2", "res3", "res4", "res5"] = "res4"
+    output_stride: Literal[8, 16, 32] = 8
+    head: Literal["psp"] = "psp"
+    head_channels: int = 512
+    psp_bins: tuple[int, ...] = (1, 2, 3, 6)
+    dropout: float = 0.1
+    target: Literal["codebook", "regression"] = "codebook"
+    codebook_size: int = 40
+    codebook_decode: Literal["hard", "soft"] = "hard"
+    codebook_samples: int = 200_000
+    codebook_iters: int = 50
+    image_size: tuple[int, int] = (480, 640)  # (height, width)
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 0.01
+    lr_policy: Literal["poly", "constant"] = "poly"
+    lr_power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    eval_batch_size: int = 8
+    cache_frozen_max_gb: float = 2.0
+    unit_tolerance: float = 0.1
+
+
+#: what each preset changes in the ``goyal19`` values (VISSL ships no NYUv2 normals benchmark)
+_PRESET_CHANGES: dict[str, dict[str, Any]] = {
+    "goyal19": {},
+    "vissl": {},
+    "quick": {"image_size": (48, 64), "head_channels": 64, "epochs": 4, "batch_size": 4, "lr": 0.02,
+              "codebook_samples": 20_000, "codebook_iters": 20},
+}
+
+
 class SurfaceNormalsTask:
     name = "surface_normals"
     description = ("NYUv2 surface normals: PSP head (+ res5) trained on a frozen trunk; mean/median/RMSE "
                    "angle and % within 11.25/22.5/30 deg on valid pixels")
 
-    def default_protocol(self, preset: str) -> dict[str, Any]:
-        check_preset(preset)
-        protocol: dict[str, Any] = {
-            "dataset": "nyuv2",
-            "data_path": None,
-            "train_split": "train",
-            "test_split": "test",
-            "freeze_through": "res4",
-            "output_stride": 8,
-            "head": "psp",
-            "head_channels": 512,
-            "psp_bins": [1, 2, 3, 6],
-            "dropout": 0.1,
-            "target": "codebook",
-            "codebook_size": 40,
-            "codebook_decode": "hard",
-            "codebook_samples": 200_000,
-            "codebook_iters": 50,
-            "image_size": [480, 640],
-            "epochs": 60,
-            "batch_size": 16,
-            "lr": 0.01,
-            "lr_policy": "poly",
-            "lr_power": 0.9,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-            "eval_batch_size": 8,
-            "cache_frozen_max_gb": 2.0,
-            "unit_tolerance": 0.1,
-        }
-        if preset == "quick":
-            protocol.update({"image_size": [48, 64], "head_channels": 64, "epochs": 4, "batch_size": 4,
-                             "lr": 0.02, "codebook_samples": 20_000, "codebook_iters": 20})
-        return protocol
+    def default_protocol(self, preset: str) -> SurfaceNormalsProtocol:
+        return SurfaceNormalsProtocol(**_PRESET_CHANGES[check_preset(preset)])
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        p = ctx.protocol
+        p: SurfaceNormalsProtocol = ctx.protocol
         cfg = TrainConfig.from_protocol(p, seed=ctx.seed)
-        train = ctx.open_dataset(p["dataset"], p["train_split"], p["data_path"])
-        test = ctx.open_dataset(p["dataset"], p["test_split"], p["data_path"])
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
         norm = _normalisation(ctx.checkpoint.metadata)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the head's initialisation
-            model = FrozenTrunkDenseModel(ctx.trunk, p["freeze_through"], num_outputs=cfg.num_outputs,
-                                          output_stride=int(p["output_stride"]),
-                                          head_channels=int(p["head_channels"]), bins=p["psp_bins"],
-                                          dropout=float(p["dropout"]))
+            model = FrozenTrunkDenseModel(ctx.trunk, p.freeze_through, num_outputs=cfg.num_outputs,
+                                          output_stride=p.output_stride, head_channels=p.head_channels,
+                                          bins=p.psp_bins, dropout=p.dropout)
         data = load_split(train, cfg.image_size, cfg.unit_tolerance, progress=ctx.progress)
-        fingerprint = _fingerprint(ctx, train.fingerprint(), cfg)
-        state = ctx.out_dir / "normals_state" / f"{model.layer_name}-{fingerprint[:16]}.pt"
-        fit = train_dense(model, data, cfg, norm, device=ctx.device, state_path=state, fingerprint=fingerprint,
-                          progress=ctx.progress)
+        state = resume_state(ctx, model.layer_name, train.fingerprint())
+        fit = train_dense(model, data, cfg, norm, device=ctx.device, state=state, progress=ctx.progress)
         scores = evaluate(model, test, cfg, norm, fit.codebook, device=ctx.device, progress=ctx.progress)
         params = {
             "num_train": len(train), "num_test": len(test), "layer": model.layer_name,
@@ -139,44 +136,55 @@ class SurfaceNormalsTask:
             "median_bin_deg": ErrorAccumulator().bin_deg, "normalisation": norm, "device": ctx.device,
             "protocol_notes": PROTOCOL_NOTES, "augmentation": "none",
         }
-        results = [ctx.result(p["dataset"], p["test_split"], model.layer_name, m, scores[m], params=params,
+        results = [ctx.result(p.dataset, p.test_split, model.layer_name, m, scores[m], params=params,
                               dataset_fingerprint=test.fingerprint()) for m in metric_names()]
-        state.unlink(missing_ok=True)  # finished: nothing to resume
+        state.clear()  # finished: nothing to resume
         return results
 
 
 # ---------------------------------------------------------------- configuration
 
 
+@dataclass(frozen=True)
 class TrainConfig:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    """The protocol's training and evaluation values, checked, plus the run's seed."""
+
+    target: str
+    codebook_size: int
+    codebook_decode: str
+    codebook_samples: int
+    codebook_iters: int
+    image_size: tuple[int, int]
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_policy: str
+    lr_power: float
+    momentum: float
+    weight_decay: float
+    eval_batch_size: int
+    cache_frozen_max_gb: float
+    unit_tolerance: float
+    seed: int = 0
 
     @classmethod
-    def from_protocol(cls, p: dict[str, Any], seed: int = 0) -> TrainConfig:
-        target = p["target"]
-        if target not in ("codebook", "regression"):
-            raise UserError(f"surface_normals.target must be codebook or regression, got {target!r}")
-        if p["codebook_decode"] not in ("hard", "soft"):
-            raise UserError(f"surface_normals.codebook_decode must be hard or soft, got {p['codebook_decode']!r}")
-        size = p["image_size"]
-        if not (isinstance(size, list | tuple) and len(size) == 2 and all(int(s) > 0 for s in size)):
-            raise UserError(f"surface_normals.image_size must be [height, width], got {size!r}")
-        return cls(target=target, codebook_size=int(p["codebook_size"]), codebook_decode=p["codebook_decode"],
-                   codebook_samples=int(p["codebook_samples"]), codebook_iters=int(p["codebook_iters"]),
-                   image_size=(int(size[0]), int(size[1])), epochs=int(p["epochs"]),
-                   batch_size=int(p["batch_size"]), lr=float(p["lr"]), lr_policy=p["lr_policy"],
-                   lr_power=float(p["lr_power"]), momentum=float(p["momentum"]),
-                   weight_decay=float(p["weight_decay"]), eval_batch_size=int(p["eval_batch_size"]),
-                   cache_frozen_max_gb=float(p["cache_frozen_max_gb"]),
-                   unit_tolerance=float(p["unit_tolerance"]), seed=int(seed))
+    def from_protocol(cls, p: SurfaceNormalsProtocol, seed: int = 0) -> TrainConfig:
+        size = tuple(p.image_size)
+        if len(size) != 2 or not all(int(s) > 0 for s in size):
+            raise UserError(f"surface_normals.image_size must be [height, width], got {list(size)}")
+        return cls(target=p.target, codebook_size=p.codebook_size, codebook_decode=p.codebook_decode,
+                   codebook_samples=p.codebook_samples, codebook_iters=p.codebook_iters,
+                   image_size=(int(size[0]), int(size[1])), epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+                   lr_policy=p.lr_policy, lr_power=p.lr_power, momentum=p.momentum, weight_decay=p.weight_decay,
+                   eval_batch_size=p.eval_batch_size, cache_frozen_max_gb=p.cache_frozen_max_gb,
+                   unit_tolerance=p.unit_tolerance, seed=int(seed))
 
     @property
     def num_outputs(self) -> int:
         return self.codebook_size if self.target == "codebook" else 3
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = asdict(self)
         d["image_size"] = list(self.image_size)
         return d
 
@@ -192,11 +200,12 @@ def to_input(images_u8: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
     return to_input_space(images_u8.float() / 255.0, norm["input_space"], tuple(norm["mean"]), tuple(norm["std"]))
 
 
-def _fingerprint(ctx: TaskContext, data_fp: str, cfg: TrainConfig) -> str:
-    """Identifies one fit: a resume is allowed only into exactly the same fit."""
-    payload = {"checkpoint": ctx.checkpoint.sha256, "data": data_fp, "protocol": ctx.protocol,
-               "config": cfg.to_dict(), "device": ctx.device}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def resume_state(ctx: TaskContext, layer: str, data_fingerprint: str) -> ResumeState:
+    """The fit's resume file, one per layer and checkpoint: a resume is allowed only into the same settings."""
+    settings = {"checkpoint": ctx.checkpoint.sha256, "data": data_fingerprint, "protocol": ctx.protocol.to_dict(),
+                "seed": ctx.seed, "device": ctx.device}
+    path = Path(ctx.out_dir) / "normals_state" / f"{layer}-{ctx.checkpoint.sha256[:16]}.pt"
+    return ResumeState(path, settings, what="surface normals training")
 
 
 # ---------------------------------------------------------------- data
@@ -250,7 +259,7 @@ def load_split(ds, size: tuple[int, int], unit_tolerance: float, progress: bool 
     images = torch.empty((n, 3, *size), dtype=torch.uint8)
     normals = torch.empty((n, *size, 3), dtype=torch.float16)
     masks = torch.empty((n, *size), dtype=torch.bool)
-    for i in tqdm(range(n), desc="surface_normals: load train", disable=not progress, leave=False):
+    for i in console.progress(range(n), desc="surface_normals: load train", enabled=progress):
         image, nrm, m = load_sample(ds, i, unit_tolerance)
         images[i] = resize_image(image, size)
         nt, mt = resize_target(nrm, m, size)
@@ -313,18 +322,31 @@ def frozen_cache_bytes(model: FrozenTrunkDenseModel, data: SplitData, norm: dict
     return int(probe.numel() * probe.element_size() * len(data))
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def lr_at(cfg: TrainConfig, it: int, total: int) -> float:
+    return poly_lr(cfg.lr, it, total, cfg.lr_power) if cfg.lr_policy == "poly" else cfg.lr
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    """The generators dropout draws from (the CUDA one too on a GPU)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def train_dense(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig, norm: dict,
-                device: str = "cpu", state_path: Path | None = None, fingerprint: str = "",
-                progress: bool = True, cache_frozen: bool | None = None,
+                device: str = "cpu", state: ResumeState | None = None, progress: bool = True,
                 on_epoch_end: Callable[[int, dict], None] | None = None) -> Fit:
-    """Train the model's trainable part on ``data``; resumable from ``state_path`` (same ``fingerprint``)."""
+    """Train the model's trainable part on ``data``, saving ``state`` after every epoch and resuming from it.
+
+    ``on_epoch_end(epoch, {"loss": ...})`` is called after each epoch's state is saved.
+    """
     model.to(device)
     n = len(data)
     bs = min(cfg.batch_size, n)
@@ -332,25 +354,22 @@ def train_dense(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig,
     total = iters * cfg.epochs
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start_epoch, losses, lrs, cb = 0, [], [], None
-    resumed = None
-    if state_path is not None and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st.get("fingerprint") == fingerprint:
-            model.load_state_dict(st["model"], strict=False)
-            opt.load_state_dict(st["optimizer"])
-            start_epoch, losses, lrs, cb = st["epoch"], st["losses"], st["lrs"], st["codebook"]
-            torch.set_rng_state(st["rng"])
-            resumed = start_epoch
+    start_epoch, losses, lrs, cb, resumed = 0, [], [], None, None
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        start_epoch, losses, lrs = saved["epoch"], list(saved["losses"]), list(saved["lrs"])
+        cb = None if saved["codebook"] is None else saved["codebook"].numpy()
+        _set_rng_state(saved["rng"], device)
+        resumed = start_epoch
     if cfg.target == "codebook" and cb is None:
         cb = fit_train_codebook(data, cfg)
     cb_t = None if cb is None else torch.from_numpy(np.asarray(cb)).to(device)
     if resumed is None:
         torch.manual_seed(cfg.seed)  # dropout in the head
-    if cache_frozen is None:
-        cache_frozen = frozen_cache_bytes(model, data, norm, device) <= cfg.cache_frozen_max_gb * 2**30
     cached = None
-    if cache_frozen:
+    if frozen_cache_bytes(model, data, norm, device) <= cfg.cache_frozen_max_gb * 2**30:
         model.eval()
         chunks = [model.frozen_features(to_input(data.images[i:i + bs], norm).to(device)).cpu()
                   for i in range(0, n, bs)]
@@ -360,13 +379,10 @@ def train_dense(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig,
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         epoch_loss = 0.0
-        bar = tqdm(range(iters), desc=f"surface_normals epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
-        for b in bar:
-            it = epoch * iters + b
-            lr = poly_lr(cfg.lr, it, total, cfg.lr_power) if cfg.lr_policy == "poly" else cfg.lr
+        for b in console.progress(range(iters), desc=f"surface_normals epoch {epoch + 1}/{cfg.epochs}",
+                                  enabled=progress):
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr_at(cfg, epoch * iters + b, total)
             idx = torch.from_numpy(order[b * bs:(b + 1) * bs])
             if cached is not None:
                 feats = cached[idx].to(device)
@@ -385,12 +401,11 @@ def train_dense(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig,
             opt.step()
             epoch_loss += float(loss.detach())
         losses.append(epoch_loss / max(1, iters))
-        lrs.append(round(poly_lr(cfg.lr, epoch * iters, total, cfg.lr_power) if cfg.lr_policy == "poly"
-                         else cfg.lr, 8))
-        if state_path is not None:
-            _save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.trainable_state(),
-                          "optimizer": opt.state_dict(), "losses": losses, "lrs": lrs, "codebook": cb,
-                          "rng": torch.get_rng_state()}, state_path)
+        lrs.append(round(lr_at(cfg, epoch * iters, total), 8))
+        if state is not None:
+            state.save({"epoch": epoch + 1, "model": model.trainable_state(), "optimizer": opt.state_dict(),
+                        "losses": losses, "lrs": lrs, "codebook": None if cb is None else torch.from_numpy(cb),
+                        "rng": _rng_state(device)})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, {"loss": losses[-1]})
     model.eval()
@@ -426,7 +441,7 @@ def evaluate(model: FrozenTrunkDenseModel, ds, cfg: TrainConfig, norm: dict, cod
     if n == 0:
         raise BadData("the test split is empty", getattr(ds, "root", None))
     bs = max(1, cfg.eval_batch_size)
-    for start in tqdm(range(0, n, bs), desc="surface_normals: test", disable=not progress, leave=False):
+    for start in console.progress(range(0, n, bs), desc="surface_normals: test", enabled=progress):
         batch = [load_sample(ds, i, cfg.unit_tolerance) for i in range(start, min(n, start + bs))]
         images = torch.stack([resize_image(im, cfg.image_size) for im, _, _ in batch])
         preds = predict_normals(model, images, [m.shape for _, _, m in batch], cfg, norm, codebook, device)
