@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from evalsuite.data import open_dataset
     from evalsuite.data.synthetic import write_voc2007
     from evalsuite.trunks import build_trunk
-    from tasks.detection.fast_rcnn import ModelConfig, TorchvisionFastRCNN
+    from tasks.detection.fast_rcnn import TorchvisionFastRCNN
     from tasks.detection.proposals import ProposalCache
 
     out: dict = {"arch": a.arch, "threads": a.threads, "device": a.device, "sizes": {}}
@@ -74,26 +74,24 @@ def main(argv=None) -> int:
         print(f"proposals: uncached {uncached:.2f} img/s, cached {cached:.0f} img/s ({cached / uncached:.0f}x)")
 
         for preset in ("quick", "goyal19") if a.iters > 0 else ():
-            p = det.task.default_protocol(preset)
-            p.update(proposal_cache=str(root / "props"), proposals="sliding_window", proposal_limit=a.proposals,
-                     max_iter=a.iters, checkpoint_period=10**9)
+            p = det.task.default_protocol(preset).replace(
+                proposal_cache=str(root / "props"), proposals="sliding_window", proposal_limit=a.proposals,
+                max_iter=a.iters, checkpoint_period=10**9)
             recs, _ = det.build_records(train, p, train=True, limit=n)
-            be = TorchvisionFastRCNN(build_trunk(a.arch, seed=0), 20,
-                                     ModelConfig(pool_size=int(p["pool_size"]), freeze_at=int(p["freeze_at"])),
-                                     device=a.device)
-            be.fit(recs, det.train_config({**p, "max_iter": 1}, 0))  # warm-up
+            be = TorchvisionFastRCNN(build_trunk(a.arch, seed=0), 20, det.model_config(p), device=a.device)
+            be.fit(recs, det.train_config(p.replace(max_iter=1), 0))  # warm-up
             t = time.perf_counter()
             be.fit(recs, det.train_config(p, 0))
             train_its = a.iters / (time.perf_counter() - t)
             t = time.perf_counter()
             be.predict(recs, det.test_config(p))
             test_ips = len(recs) / (time.perf_counter() - t)
-            out["sizes"][preset] = {"scale": p["train_scales"][0], "max_size": p["train_max_size"],
-                                    "ims_per_batch": p["ims_per_batch"], "rois_per_image": p["rois_per_image"],
-                                    "pool_size": p["pool_size"], "freeze_at": p["freeze_at"],
+            out["sizes"][preset] = {"scale": p.train_scales[0], "max_size": p.train_max_size,
+                                    "ims_per_batch": p.ims_per_batch, "rois_per_image": p.rois_per_image,
+                                    "pool_size": p.pool_size, "freeze_at": p.freeze_at,
                                     "test_proposals": a.proposals, "train_it_per_s": round(train_its, 3),
                                     "test_img_per_s": round(test_ips, 3)}
-            print(f"{preset:8s} (short side {p['train_scales'][0]}): train {train_its:.3f} it/s, "
+            print(f"{preset:8s} (short side {p.train_scales[0]}): train {train_its:.3f} it/s, "
                   f"test {test_ips:.3f} img/s")
         if out["sizes"]:
             q, g = out["sizes"]["quick"], out["sizes"]["goyal19"]
@@ -122,7 +120,7 @@ def quality_run(root: Path, a, spec: str, index: int = 0) -> dict:
     if not (root / "data").exists():
         write_voc2007(root / "data", seed=0, scale=a.quality_scale)
     proto = det.task.default_protocol("quick")
-    iters = int(proto["max_iter"] if a.quality_iters is None else a.quality_iters)
+    iters = proto.max_iter if a.quality_iters is None else a.quality_iters
     res = {"preset": "quick", "data_scale": a.quality_scale, "arch": a.arch, "checkpoint": spec,
            "proposals": "sliding_window", "max_iter": iters}
     for name, n in (("untrained", 0), ("trained", iters)):

@@ -1,41 +1,18 @@
-"""Fast R-CNN (Girshick 2015) with a ResNet-C4 trunk on torchvision ops, as in Detectron's
-``ResNet50_fast_rcnn`` used by Goyal et al. (2019).
+"""Fast R-CNN (Girshick 2015) with a ResNet-C4 trunk on torchvision ops, as in Detectron's ``ResNet50_fast_rcnn``
+used by Goyal et al. (2019): boxes and their regression targets, the RoI sampler, the loss, the model (frozen
+BatchNorm, ``freeze_at``), training (resumable) and test-time post-processing. Details: docs/tasks/detection.md.
 
-- Trunk: stem + res2..res4 (stride 16); RoIAlign (14 x 14, ``aligned``) or RoIPool on the res4
-  map; the trunk's own res5 is the RoI head (stride 2 -> 7 x 7), global average pooled; a
-  (K+1)-way classifier (init N(0, 0.01^2)) and class-specific box regression (4(K+1), init
-  N(0, 0.001^2)); ``cls_agnostic_bbox_reg`` (Detectron's option) predicts one box per RoI instead.
-- Frozen BatchNorm everywhere (statistics and affine of the checkpoint; Detectron's
-  AffineChannel); ``freeze_at`` k freezes the stem (k >= 1) and res2..res_k (k >= 2); 4 =
-  the whole conv body (Goyal et al. "FREEZE_AT: 4": only the res5 head and the box layers train).
-- Minibatch sampling (Detectron ``fast_rcnn_roi_data``): ground-truth boxes join the
-  proposals; ``rois_per_image`` RoIs with up to ``fg_fraction`` foreground (IoU >= ``fg_thresh``),
-  the rest background (``bg_lo <= IoU < bg_hi``), sampled without replacement.
-- Box targets: (dx, dy, dw, dh) normalised by the weights (10, 10, 5, 5) (= py-faster-rcnn's
-  target stds 0.1, 0.1, 0.2, 0.2); loss = softmax cross-entropy + smooth-L1 (beta 1) on the
-  true class's deltas of foreground RoIs, summed and divided by the number of sampled RoIs.
-- Test: softmax scores, per-class decoded boxes clipped to the image, per-class NMS 0.3, score
-  threshold (scores must exceed it; 0 as in Goyal et al., Detectron's default is 0.05), at most
-  100 detections per image.
-
-Boxes are continuous 0-based x1, y1, x2, y2 (an XML box [a, b] in 1-based pixels spans [a-1, b]),
-so IoU here equals the devkit's inclusive-pixel IoU.
-
-The ``Backend`` protocol (``fit`` / ``predict`` on plain records) is the boundary a detectron2
-implementation would plug into; ``get_backend`` detects detectron2 but never requires it.
+Boxes are continuous 0-based x1, y1, x2, y2 (an XML box [a, b] in 1-based pixels spans [a-1, b]), so IoU here
+equals the devkit's inclusive-pixel IoU.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +21,10 @@ from torch import nn
 from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD, to_input_space
+from evalsuite.console import progress as progress_bar
 from evalsuite.errors import UserError
+from evalsuite.io import ResumeState
 
 BBOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 DELTA_CLIP = math.log(1000.0 / 16)
@@ -318,9 +298,8 @@ def image_scale(width: int, height: int, scale: int, max_size: int) -> float:
 
 
 def to_input(image, s: float, mean, std, input_space: str, flip: bool = False) -> torch.Tensor:
+    """A PIL image scaled by ``s`` (and flipped), in the trunk's input space."""
     from torchvision.transforms import functional as TF
-
-    from evalsuite.colorspace import to_input_space
 
     w, h = image.size
     image = TF.resize(image, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
@@ -338,7 +317,7 @@ def pad_batch(images: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-# ----------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------- training and test
 
 
 @dataclass
@@ -352,37 +331,8 @@ class FitReport:
                 "windows": len(self.losses)}
 
 
-class Backend(Protocol):
-    """What the detection task needs from a detector implementation."""
-
-    name: str
-
-    def fit(self, records: Sequence[ImageRecord], cfg: TrainConfig, *, state_path: Path | None, fingerprint: str,
-            progress: bool) -> FitReport: ...
-
-    def predict(self, records: Sequence[ImageRecord], cfg: TestConfig, *, progress: bool
-                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per image: boxes (D, 4) continuous original pixels, labels (D,) 0..K-1, scores (D,)."""
-        ...
-
-
-def detectron2_available() -> bool:
-    return importlib.util.find_spec("detectron2") is not None
-
-
-def get_backend(name: str, trunk: nn.Module, num_classes: int, model_cfg: ModelConfig, *, device: str = "cpu",
-                normalize: dict | None = None) -> Backend:
-    if name == "torchvision":
-        return TorchvisionFastRCNN(trunk, num_classes, model_cfg, device=device, normalize=normalize)
-    if name == "detectron2":
-        if not detectron2_available():
-            raise UserError("backend detectron2 requested but detectron2 is not installed; use backend=torchvision")
-        raise UserError("a detectron2 backend is not implemented yet (detectron2 was found); use backend=torchvision")
-    raise UserError(f"unknown detection backend {name!r}; choose torchvision or detectron2")
-
-
 class TorchvisionFastRCNN:
-    """Fast R-CNN on torchvision ops (runs on CPU or CUDA)."""
+    """Fast R-CNN on torchvision ops (CPU or CUDA): ``fit`` and ``predict`` on plain image records."""
 
     name = "torchvision"
 
@@ -391,8 +341,6 @@ class TorchvisionFastRCNN:
         self.model = FastRCNN(trunk, num_classes, model_cfg).to(device)
         self.device = torch.device(device)
         norm = normalize or {}
-        from evalsuite.features import IMAGENET_MEAN, IMAGENET_STD
-
         self.mean = tuple(norm.get("mean", IMAGENET_MEAN))
         self.std = tuple(norm.get("std", IMAGENET_STD))
         self.input_space = norm.get("input_space", "rgb")
@@ -435,28 +383,22 @@ class TorchvisionFastRCNN:
         return fast_rcnn_loss(logits, deltas, torch.cat(labels).to(self.device), torch.cat(targets).to(self.device),
                               cfg.smooth_l1_beta)
 
-    def fit(self, records: Sequence[ImageRecord], cfg: TrainConfig, *, state_path: Path | None = None,
-            fingerprint: str = "", progress: bool = False, stop_after: int | None = None) -> FitReport:
-        """SGD for ``cfg.max_iter`` iterations; state saved atomically every ``checkpoint_period``.
-
-        ``stop_after`` (tests) returns early after that many iterations of this call, as an interrupt would.
-        """
-        from tqdm import tqdm
-
-        groups = self.param_groups(cfg)
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    def fit(self, records: Sequence[ImageRecord], cfg: TrainConfig, *, resume: ResumeState | None = None,
+            progress: bool = False, on_iteration: Callable[[int], None] | None = None) -> FitReport:
+        """SGD for ``cfg.max_iter`` iterations, continuing from ``resume``'s state when it holds one and saving it
+        every ``checkpoint_period`` iterations. ``on_iteration(n)`` is called after each iteration with the
+        number of iterations done (progress, logging; raising from it stops training)."""
+        opt = torch.optim.SGD(self.param_groups(cfg), lr=cfg.lr, momentum=cfg.momentum)
         start, losses = 0, []
-        if state_path is not None and Path(state_path).exists():
-            state = torch.load(state_path, map_location=self.device, weights_only=True)
-            if state.get("fingerprint") == fingerprint:
-                self.model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                start, losses = int(state["iteration"]), list(state["losses"])
+        state = resume.load(map_location=self.device) if resume is not None else None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start, losses = int(state["iteration"]), list(state["losses"])
         self.model.train()
         window: list[tuple[float, float]] = []
-        done = 0
-        for it in tqdm(range(start, cfg.max_iter), desc="detection train", disable=not progress,
-                       initial=start, total=cfg.max_iter):
+        for it in progress_bar(range(start, cfg.max_iter), desc="detection train", enabled=progress,
+                               initial=start, total=cfg.max_iter):
             lr = lr_at(it, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_mult"]
@@ -470,32 +412,17 @@ class TorchvisionFastRCNN:
             loss.backward()
             opt.step()
             window.append((loss_cls.item(), loss_box.item()))
-            done += 1
             last = it + 1 == cfg.max_iter
             if len(window) >= 20 or last:
                 a = np.mean(window, axis=0)
                 losses.append({"iter": it + 1, "loss_cls": round(float(a[0]), 5), "loss_box": round(float(a[1]), 5)})
                 window = []
-            if state_path is not None and ((it + 1) % cfg.checkpoint_period == 0 or last):
-                self._save(state_path, opt, it + 1, losses, fingerprint)
-            if stop_after is not None and done >= stop_after and not last:
-                if state_path is not None:
-                    self._save(state_path, opt, it + 1, losses, fingerprint)
-                return FitReport(it + 1, start, losses)
+            if resume is not None and ((it + 1) % cfg.checkpoint_period == 0 or last):
+                resume.save({"model": self.model.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1,
+                             "losses": losses})
+            if on_iteration is not None:
+                on_iteration(it + 1)
         return FitReport(cfg.max_iter, start, losses)
-
-    def _save(self, path: Path, opt, it: int, losses, fingerprint: str) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"model": self.model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                        "losses": losses, "fingerprint": fingerprint}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     # ------------------------------------------------------------ inference
 
@@ -524,9 +451,8 @@ class TorchvisionFastRCNN:
 
     def predict(self, records: Sequence[ImageRecord], cfg: TestConfig, *, progress: bool = False
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        from tqdm import tqdm
-
-        return [self.detect_one(r, cfg) for r in tqdm(records, desc="detection test", disable=not progress)]
+        """Per image: boxes (D, 4) continuous original pixels, labels (D,) 0..K-1, scores (D,)."""
+        return [self.detect_one(r, cfg) for r in progress_bar(records, desc="detection test", enabled=progress)]
 
 
 def postprocess(scores: torch.Tensor, boxes: torch.Tensor, score_thresh: float, nms: float, max_dets: int

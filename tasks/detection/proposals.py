@@ -1,40 +1,10 @@
-"""Object proposals for Fast R-CNN, cached per image on disk.
+"""Object proposals for Fast R-CNN: ``selective_search`` (OpenCV), ``sliding_window`` (a fixed grid, for CI)
+and ``file`` (Detectron's or detectron2's published proposal pickles), cached one ``.npy`` per image
+(``ProposalCache``), and the ``evalsuite proposals`` command that precomputes them. Methods and formats:
+docs/tasks/detection.md.
 
-Methods:
-
-- ``selective_search``: Uijlings et al.'s selective search through OpenCV's
-  ``cv2.ximgproc.segmentation`` (``opencv-contrib-python-headless``), *fast* mode by
-  default (``quality`` on request). The Goyal et al. (2019) benchmark used the
-  precomputed ``selective_search_msra_voc_2007_*.pkl`` files of Detectron (MATLAB
-  selective search, fast mode); OpenCV's re-implementation gives a similar but not
-  identical set. The image is downscaled so its longer side is at most ``max_side``
-  before the search (speed); boxes are mapped back to the original size.
-- ``file``: boxes read from a published proposal file, the format Detectron's ``PROPOSAL_FILES``
-  take (the benchmark's ``selective_search_msra_voc_2007_{trainval,test}.pkl``): a pickle of
-  ``boxes`` (one (N, 4) array per image, x1 y1 x2 y2 in 0-based *inclusive* pixels), ``scores`` and
-  ``indexes`` (or ``ids``) naming the images; VOC ids match as numbers (``000005`` = 5,
-  ``2008_000001`` = 2008000001), as Detectron's json ids do. detectron2's format (``ids``, ``boxes``,
-  ``objectness_logits``, ``bbox_mode`` 0 = XYXY_ABS, boxes already continuous) is read too, its boxes
-  sorted by decreasing logit as detectron2 does. The pickle is read with an allow-list of numpy
-  globals only. Detectron keeps the file's order and its ``top_k``; so does the task's
-  ``proposal_limit``.
-- ``sliding_window``: a deterministic multi-scale, multi-aspect grid of boxes in a fixed
-  shuffled order (a prefix covers every scale); cheap, for CI and tests (not a published protocol).
-  Sides 0.3, 0.5, 0.75 and 1.0 of the image's shorter side, aspect ratios 1:2, 1:1, 2:1, positions
-  spaced at most half a box apart and spanning the image edge to edge: about 180 boxes on the
-  synthetic VOC-like images (objects of 0.3-0.7 of the shorter side, sqrt-area), recall of their
-  non-difficult boxes at IoU 0.5 0.995 (all) / 0.90 (first 100); the former 0.15-side level
-  (430 of 594 boxes) made a 100-box prefix reach only 0.40.
-
-Boxes are float32 ``(N, 4)`` x1, y1, x2, y2 in *continuous* 0-based image coordinates
-(pixel ``k`` of the XML's 1-based convention spans ``[k-1, k]``).
-
-The cache (``ProposalCache``) holds one ``<image id>.npy`` per image in a directory keyed by
-the method and its parameters; each file is written to a temporary name and renamed, so an
-interrupted run leaves whole files only and the next run resumes where it stopped. A file
-that does not load as finite ``(N, 4)`` boxes is recomputed, never used.
-
-``evalsuite proposals --data-root DIR --split test`` precomputes them (``add_command``).
+Boxes are float32 ``(N, 4)`` x1, y1, x2, y2 in continuous 0-based image coordinates (pixel ``k`` of the XML's
+1-based convention spans ``[k-1, k]``).
 """
 
 from __future__ import annotations
@@ -42,15 +12,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evalsuite.console import HelpFormatter
+from evalsuite.console import progress as progress_bar
 from evalsuite.errors import UserError
+from evalsuite.io import atomic_write
 
 METHODS = ("selective_search", "sliding_window", "file")
 
@@ -166,7 +136,8 @@ class ProposalCache:
     """Per-image proposal files for one (method, parameters, dataset) under ``root``.
 
     ``dataset_key`` identifies the images (the task passes ``dataset.fingerprint()``: ids,
-    sizes and mtimes), so changed images never reuse stale boxes.
+    sizes and mtimes), so changed images never reuse stale boxes. A file that does not load as finite
+    ``(N, 4)`` boxes is recomputed, never used; an interrupted run resumes where it stopped.
     """
 
     def __init__(self, root: str | Path | None, method: str, params: dict[str, Any] | None = None,
@@ -195,15 +166,13 @@ class ProposalCache:
         return boxes.astype(np.float32)
 
     def save(self, image_id: str, boxes: np.ndarray) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{image_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        """Write atomically: an interrupted run leaves whole files only."""
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
                 np.save(f, np.asarray(boxes, dtype=np.float32))
-            os.replace(tmp, self.path(image_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.path(image_id), write)
 
     def get(self, dataset, i: int) -> np.ndarray:
         """Proposals of image ``i`` of ``dataset`` (computed and cached on a miss)."""
@@ -229,11 +198,8 @@ class ProposalCache:
 
     def precompute(self, dataset, progress: bool = True) -> int:
         """Fill the cache for every image of ``dataset``; returns how many were computed (resumable)."""
-        from tqdm import tqdm
-
-        ids = dataset.ids
         before = self.computed
-        for i in tqdm(range(len(ids)), desc=f"proposals {self.method}", disable=not progress):
+        for i in progress_bar(range(len(dataset.ids)), desc=f"proposals {self.method}", enabled=progress):
             self.get(dataset, i)
         return self.computed - before
 

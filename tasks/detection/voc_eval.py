@@ -20,8 +20,6 @@ Recall is divided by the number of non-difficult boxes (``npos``). AP is:
   interpolated AP, mean over t in {0, 0.1, ..., 1} of max precision at recall >= t;
 - ``area`` ("VOC2010+"): the area under the monotone (interpolated) precision/recall curve.
 
-``coco_style_ap`` averages the ``area`` AP over IoU thresholds 0.50:0.05:0.95 (an extra,
-labelled metric; not the COCO toolkit, whose matching and 101-point sampling differ).
 ``class_agnostic_ap`` (extra, labelled diagnostic of localisation alone): every class's detections
 merged, greedy NMS across classes at ``nms`` per image, then evaluated as one class against all boxes.
 A class with no non-difficult ground truth has AP ``nan`` and is left out of the mean.
@@ -35,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 AP_METHODS = ("voc07", "area")
-COCO_IOUS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())
 
 
 @dataclass
@@ -170,12 +167,6 @@ def mean_ap(per_class: Sequence[ClassEval]) -> float:
     """Mean AP over classes that have ground truth (nan when none has)."""
     aps = [c.ap for c in per_class if c.npos > 0]
     return float(np.mean(aps)) if aps else float("nan")
-
-
-def coco_style_ap(dets: Detections, gts: Sequence[GroundTruth], num_classes: int,
-                  ious: Sequence[float] = COCO_IOUS) -> float:
-    """mAP (area under PR) averaged over IoU thresholds 0.50:0.05:0.95."""
-    return float(np.mean([mean_ap(evaluate_detections(dets, gts, num_classes, t, "area")) for t in ious]))
 
 
 def class_agnostic_ap(dets: Detections, gts: Sequence[GroundTruth], nms: float = 0.3, iou_thresh: float = 0.5,
