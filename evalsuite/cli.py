@@ -99,7 +99,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="extraction precision; auto = bf16 autocast + channels_last where supported")
-    p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE or ~/.cache/evalsuite)")
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE, else $XDG_CACHE_HOME/evalsuite/features, i.e. "
+                        "~/.cache/evalsuite/features)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -131,7 +131,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     else:
         ok = False
     if precision == "bf16" and not ok:
-        raise UserError(f"bfloat16 is not supported on this {device.type} device; use --set precision=fp32")
+        raise UserError(f"bfloat16 is not supported on this {device.type} device; use --precision fp32")
     return torch.bfloat16 if ok else None
 
 

@@ -113,7 +113,10 @@ def check_dataset(kind: str, root: Path, split: str, skip_corrupt: bool = False)
         ds.load_image(i)
     if kind == "voc2007":
         s["objects"] = ds.check_annotations()
-        s["difficult"] = int(sum(ds.annotations(i)["difficult"].sum() for i in range(len(ds))))
+        s["difficult_objects"] = int(sum(ds.annotations(i)["difficult"].sum() for i in range(len(ds))))
+        # image-class pairs whose every object is difficult (label 0): voc07_svm's default trains them as
+        # negatives (difficult_in_train=negative) and leaves them out of the test AP
+        s["difficult_only_labels"] = int((ds.label_matrix == 0).sum())
     elif kind == "nyuv2":
         s["valid_fraction"] = round(float(np.mean([ds.valid_mask(i).mean() for i in range(len(ds))])), 4)
         ds.normals(0)
