@@ -44,14 +44,9 @@ class SwAV(Method):
                 "queue_length": 0, "queue_start_steps": 0, "proj_bn": True}
     optim = {"optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 0,
              "base_batch_size": 256}
-    #: short: 100 prototypes in a 64-d space (K must exceed d, as the paper's 3000 > 128 does: with K <= d an
-    #: embedding orthogonal to every prototype scores them all 0 and sits at loss ln K with uniform codes), and
-    #: three of the SwAV authors' documented workarounds for a run that collapses at the start (their README,
-    #: "loss stuck at ln(nmb_prototypes)"): a lower epsilon (0.01: sharper codes), no BN in the projection
-    #: head, fewer crops (the two global crops only). Measured on the studio set (3-minute runs, kNN top-1,
-    #: random init 9.1): the paper's eps 0.05 stays at ln K (10.0), eps 0.03 gives 13.2, eps 0.01 15.8; with
-    #: the BN 12.9; with 2 local crops 13.0; with the small-batch queue (16 batches from step 100) 10.0, so it
-    #: is off: the authors warn that a queue started too early or too long stops training
+    #: short: 100 prototypes in 64 dims (K must exceed d, or an embedding orthogonal to every prototype sits
+    #: at loss ln K) and the authors' workarounds for an early collapse (lower epsilon, no projector BN, the
+    #: two global crops only, no queue); the measurements behind it: docs/pretraining.md, "SwAV's short recipe"
     short = {"hp": {"proj_hidden": 512, "proj_dim": 64, "n_prototypes": 100, "n_local": 0, "epsilon": 0.01,
                     "proj_bn": False, "freeze_prototypes_steps": 20, "queue_length": 0},
              "optim": SHORT_SGD}
