@@ -16,6 +16,10 @@ record per value of (``k`` in the low-shot SVM and kNN tasks, ``shots``): ``k=<v
 :func:`best_layer` picks, per (checkpoint, protocol, task, dataset, split, metric, variant),
 the layer with the best value (the highest, or the lowest for error metrics), the view of the
 Goyal et al. 2019 per-layer tables.
+
+Each row also carries ``checkpoint_name`` (the record's, or for older records the checkpoint's file
+name without its suffixes) and, from ``checkpoint_load``, ``partial`` (loaded with ``--allow-partial``)
+and ``missing`` (how many trunk keys were left at random init).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from evalsuite.errors import BadData, UserError
-from evalsuite.results import Result, find_result_files, iter_records
+from evalsuite.results import Result, find_result_files, iter_numbered_records
 
 KEY = ["ckpt", "task", "dataset", "split", "layer", "metric", "variant", "protocol"]
 GROUP_BEST = ["ckpt", "protocol", "task", "dataset", "split", "metric", "variant"]
@@ -38,8 +42,12 @@ LOWER_IS_BETTER_TOKENS = ("error", "err", "loss", "median_angle", "mean_angle", 
 LAYER_ORDER = ["input", "pixels", "conv1", "conv2", "conv3", "conv4", "conv5", "res2", "res3", "res4", "res5",
                "res5_onwards", "final", "pool", "fc6", "fc7", "fc8", "h", "g(h)", "finetune_all"]
 STR_FIELDS = ["task", "dataset", "split", "layer", "metric", "checkpoint_id", "checkpoint", "checkpoint_format",
-              "method", "arch", "pretrain_data", "protocol", "note", "dataset_fingerprint", "host", "created",
-              "run_id"]
+              "checkpoint_name", "method", "arch", "pretrain_data", "protocol", "note", "dataset_fingerprint", "host",
+              "created", "run_id"]
+DICT_FIELDS = ("params", "checkpoint_meta", "versions", "checkpoint_load")
+UNKNOWN = ("", "unknown")  # metadata a foreign checkpoint does not carry
+# evalsuite.checkpoints.NAME_SUFFIXES (not imported: that module loads torch)
+NAME_SUFFIXES = (".tar", ".pth", ".pt", ".pyth", ".ckpt", ".safetensors", ".torch", ".pkl", ".bin")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -68,8 +76,8 @@ def variant_of_params(params: dict) -> str:
     return ""
 
 
-def _check_record(rec: dict, path: Path, index: int) -> dict:
-    where = f"record {index}"
+def _check_record(rec: dict, path: Path, lineno: int) -> dict:
+    where = f"line {lineno}"
     for name in REQUIRED_STR:
         if not isinstance(rec.get(name), str) or not rec[name]:
             raise BadData(f"{where}: field {name!r} must be a non-empty string", path)
@@ -78,7 +86,7 @@ def _check_record(rec: dict, path: Path, index: int) -> dict:
         raise BadData(f"{where}: value must be a number or null, got {v!r}", path)
     if isinstance(v, float) and not math.isfinite(v):
         raise BadData(f"{where}: value is not finite", path)
-    for name in ("params", "checkpoint_meta", "versions"):
+    for name in DICT_FIELDS:
         if rec.get(name) is None:
             rec[name] = {}
         elif not isinstance(rec[name], dict):
@@ -89,30 +97,37 @@ def _check_record(rec: dict, path: Path, index: int) -> dict:
     return rec
 
 
-def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
+def _record_defaults() -> dict:
+    return Result(task="", dataset="", split="", layer="", metric="", value=None).__dict__
+
+
+def load_results(paths: Iterable[str | Path], skipped: dict[str, list[int]] | None = None) -> pd.DataFrame:
     """Read every ``results.jsonl`` under ``paths`` (files or directories) into one DataFrame.
 
     A file that is not valid JSONL, or a record with a missing/invalid field, raises a
-    :class:`~evalsuite.errors.UserError` naming the file (the CLI turns it into exit code 2).
+    :class:`~evalsuite.errors.UserError` naming the file and line (the CLI turns it into exit code 2).
+    With a ``skipped`` dict, unreadable lines (e.g. cut off by a crash) are skipped instead and their
+    numbers listed there per file; records with invalid fields are still refused.
     """
     files = find_result_files(list(paths))
     rows = []
-    defaults = Result(task="", dataset="", split="", layer="", metric="", value=None).__dict__
+    defaults = _record_defaults()
     for f in files:
+        lines: list[int] | None = None if skipped is None else []
         try:
-            for i, rec in enumerate(iter_records(f), 1):
+            for lineno, rec in iter_numbered_records(f, lines):
                 rec = {**defaults, **rec}
-                rows.append(_check_record(rec, f, i))
+                rows.append(_check_record(rec, f, lineno))
                 rows[-1]["source_file"] = str(f)
-        except UnicodeDecodeError:
-            raise BadData("not a UTF-8 text file (is this a results.jsonl?)", f) from None
         except OSError as e:
             raise UserError(f"cannot read results file ({e.strerror})", f) from None
+        if lines:
+            skipped[str(f)] = lines
     return frame_from_records(rows)
 
 
 def frame_from_records(rows: list[dict]) -> pd.DataFrame:
-    cols = list(Result(task="", dataset="", split="", layer="", metric="", value=None).__dict__) + ["source_file"]
+    cols = list(_record_defaults()) + ["source_file"]
     df = pd.DataFrame(rows, columns=cols)
     df["order"] = range(len(df))
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
@@ -120,8 +135,34 @@ def frame_from_records(rows: list[dict]) -> pd.DataFrame:
     df["variant"] = [variant_of_params(p) for p in df["params"]]
     df["ckpt"] = [cid or (f"spec:{c}" if c else f"method:{m}")
                   for cid, c, m in zip(df["checkpoint_id"], df["checkpoint"], df["method"])]
+    df["checkpoint_name"] = [n or name_from_spec(c) for n, c in zip(df["checkpoint_name"], df["checkpoint"])]
+    df["partial"] = [load.get("partial") is True for load in df["checkpoint_load"]]
+    df["missing"] = [missing_count(load) for load in df["checkpoint_load"]]
     df["seed"] = df["seed"].astype(object).where(df["seed"].notna(), None)
     return df
+
+
+def name_from_spec(spec: str) -> str:
+    """A checkpoint's name for records without one, as ``evalsuite.checkpoints.checkpoint_name`` gives it:
+    the file name without the usual suffixes (``moco_v2_800ep.pth.tar`` -> ``moco_v2_800ep``), else the spec."""
+    name = Path(str(spec)).name
+    while (suffix := Path(name).suffix.lower()) in NAME_SUFFIXES and len(name) > len(suffix):
+        name = name[: -len(suffix)]
+    return name
+
+
+def missing_count(load: dict) -> int:
+    """How many trunk keys a (partial) load left at random init, from a record's ``checkpoint_load``."""
+    n = load.get("missing")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    keys = load.get("missing_keys")
+    return len(keys) if isinstance(keys, list) else 0
+
+
+def partial_note(missing: int) -> str:
+    """The flag shown for a result of a partially loaded checkpoint."""
+    return f"partial load: {missing} missing key{'' if missing == 1 else 's'}"
 
 
 def deduplicate(df: pd.DataFrame, mode: str = "latest") -> pd.DataFrame:
@@ -169,28 +210,49 @@ def best_layer(agg: pd.DataFrame) -> pd.DataFrame:
 
 
 def checkpoint_label(row) -> str:
-    """A readable name for a checkpoint: method / arch / pretraining data."""
-    parts = [row.get("method") or "unknown method", row.get("arch") or "?"]
-    if row.get("pretrain_data"):
+    """A readable name for a checkpoint: method / arch / pretraining data; the checkpoint's name stands in
+    for an unknown method (a foreign checkpoint), and unknown pretraining data is left out."""
+    method = row.get("method") or ""
+    head = (row.get("checkpoint_name") or "unnamed") if method in UNKNOWN else method
+    parts = [head, row.get("arch") or "?"]
+    if row.get("pretrain_data") not in UNKNOWN:
         parts.append(row["pretrain_data"])
     return " / ".join(parts)
 
 
+def _distinct_labels(t: pd.DataFrame) -> list[str]:
+    """Labels that tell checkpoints apart: a shared label gets the checkpoint's name, then its short sha256."""
+    labels = [checkpoint_label(r) for r in t.to_dict("records")]
+    for extra in (t["checkpoint_name"], t["checkpoint_id"].str[:8]):
+        seen = pd.Series(labels).duplicated(keep=False)
+        labels = [f"{lab} ({x})" if dup and x and x not in lab else lab
+                  for lab, dup, x in zip(labels, seen, extra)]
+    return labels
+
+
 def checkpoint_table(agg: pd.DataFrame) -> pd.DataFrame:
-    """One row per checkpoint (latest record's metadata)."""
+    """One row per checkpoint (latest record's metadata).
+
+    ``partial``/``missing``/``checkpoint_load`` come from the latest partially loaded row when the
+    checkpoint has one (a result on the leaderboard came from a partial load), else the latest row.
+    """
+    meta = ["method", "arch", "pretrain_data", "checkpoint", "checkpoint_format", "checkpoint_meta", "checkpoint_id",
+            "checkpoint_name"]
     if agg.empty:
-        return pd.DataFrame(columns=["ckpt", "label", "method", "arch", "pretrain_data", "checkpoint",
-                                     "checkpoint_format", "checkpoint_meta", "n_numbers"])
+        return pd.DataFrame(columns=["ckpt", "label", *meta, "checkpoint_load", "partial", "missing", "n_numbers"])
     d = agg.sort_values(["created", "order"], kind="stable")
     last = d.groupby("ckpt", sort=False).tail(1).set_index("ckpt")
-    t = last[["method", "arch", "pretrain_data", "checkpoint", "checkpoint_format", "checkpoint_meta",
-              "checkpoint_id"]].copy()
+    t = last[meta].copy()
+    # the partial rows again after all rows: the last row per checkpoint is its latest partial one, if any
+    load = pd.concat([d, d[d["partial"]]]).groupby("ckpt", sort=False).tail(1).set_index("ckpt")
+    for c in ("checkpoint_load", "partial", "missing"):
+        t[c] = load[c]
     t["n_numbers"] = agg.groupby("ckpt").size()
-    t["label"] = [checkpoint_label(r) for r in t.to_dict("records")]
+    t["label"] = _distinct_labels(t)
     return t.reset_index().sort_values(["label", "ckpt"]).reset_index(drop=True)
 
 
 def export_columns() -> list[str]:
-    return ["method", "arch", "pretrain_data", "checkpoint", "checkpoint_id", "task", "dataset", "split", "layer",
-            "metric", "variant", "protocol", "value", "std", "n_seeds", "n_runs", "params_conflict",
-            "lower_is_better", "note", "created", "params_json", "source_file"]
+    return ["method", "arch", "pretrain_data", "checkpoint_name", "checkpoint", "checkpoint_id", "partial", "missing",
+            "task", "dataset", "split", "layer", "metric", "variant", "protocol", "value", "std", "n_seeds", "n_runs",
+            "params_conflict", "lower_is_better", "note", "created", "params_json", "source_file"]

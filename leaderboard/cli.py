@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from evalsuite.console import HelpFormatter
+from evalsuite.console import HelpFormatter, warn
+from evalsuite.errors import UserError
+from evalsuite.results import UnreadableLine, skipped_lines_message
+
+SKIP_HELP = ("skip unreadable lines of results.jsonl (e.g. cut off by a crash), counted and reported in one line "
+             "per file; without it such a line is an error")
 
 EPILOG_BUILD = """\
 examples:
   evalsuite leaderboard build --results runs/ --out site/
   evalsuite leaderboard build --results runs/a runs/b/results.jsonl --out site/ --duplicates mean
   xdg-open site/index.html     # works offline from file://
+  # a run crashed mid-write: leave out its cut-off line (reported on stderr)
+  evalsuite leaderboard build --results runs/ --out site/ --skip-bad-lines
 """
 
 EPILOG_COMPARE = """\
@@ -25,7 +34,7 @@ examples:
   evalsuite compare --results runs/new --against tests/regression/quick --tolerance 0.01 --strict \\
                     --report compare.json
 exit codes: 0 all compared rows within tolerance; 1 a row outside tolerance (with --strict also a protocol
-mismatch or a missing row); 2 bad input.
+mismatch, a result of a partially loaded checkpoint, a missing row, or nothing compared at all); 2 bad input.
 """
 
 
@@ -45,18 +54,46 @@ def add_leaderboard_command(sub) -> None:
     b.add_argument("--no-plots", action="store_true", help="skip the per-layer SVG plots")
     b.add_argument("--no-references", action="store_true", help="do not show published reference numbers")
     b.add_argument("--title", default="evalsuite leaderboard", help="page title")
+    b.add_argument("--skip-bad-lines", action="store_true", help=SKIP_HELP)
     b.set_defaults(func=cmd_build)
 
 
 def cmd_build(a: argparse.Namespace) -> int:
     from .site import build_site
 
-    rep = build_site(a.results, a.out, mode=a.duplicates, plots=not a.no_plots, references=not a.no_references,
-                     title=a.title)
+    with _bad_line_hint():
+        rep = build_site(a.results, a.out, mode=a.duplicates, plots=not a.no_plots,
+                         references=not a.no_references, title=a.title, skip_bad_lines=a.skip_bad_lines)
+    _report_skipped(rep.skipped)
     print(f"{rep.n_records} records -> {rep.n_rows} numbers, {rep.n_checkpoints} checkpoint(s), "
           f"{len(rep.tasks)} task(s); {len(rep.pages)} pages in {rep.timings['total_s']:.1f}s")
     print(f"open {(rep.out / 'index.html').resolve().as_uri()}")
     return 0
+
+
+@contextmanager
+def _bad_line_hint() -> Iterator[None]:
+    """Adds the way out to the one-line error about an unreadable results line."""
+    try:
+        yield
+    except UnreadableLine as e:
+        raise UserError(f"{e.message}; --skip-bad-lines skips unreadable lines", e.path) from None
+
+
+def _load(paths: list[Path], skip_bad_lines: bool):
+    """load_results, reporting skipped lines (with ``skip_bad_lines``) or hinting at the flag."""
+    from .aggregate import load_results
+
+    skipped: dict[str, list[int]] = {}
+    with _bad_line_hint():
+        df = load_results(paths, skipped=skipped if skip_bad_lines else None)
+    _report_skipped(skipped)
+    return df
+
+
+def _report_skipped(skipped: dict[str, list[int]]) -> None:
+    for path, lines in skipped.items():
+        warn(skipped_lines_message(path, lines))
 
 
 def add_compare_command(sub) -> None:
@@ -86,6 +123,7 @@ def add_compare_command(sub) -> None:
     p.add_argument("--all-missing", action="store_true",
                    help="against references: list every published row without a result (default: only those of "
                         "the methods/archs/data in the results)")
+    p.add_argument("--skip-bad-lines", action="store_true", help=SKIP_HELP)
     p.add_argument("--report", type=Path, help="write the machine-readable JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.set_defaults(func=cmd_compare)
@@ -94,9 +132,7 @@ def add_compare_command(sub) -> None:
 def cmd_compare(a: argparse.Namespace) -> int:
     import json
 
-    from evalsuite.errors import UserError
-
-    from .aggregate import deduplicate, load_results
+    from .aggregate import deduplicate
     from .compare import Tolerance, compare_to_references, compare_to_results
 
     tol = Tolerance.parse(a.tolerance, relative=a.rel_tolerance)
@@ -106,7 +142,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         if not sep or not ours or not theirs:
             raise UserError(f"--accept-protocol expects OURS=THEIRS, got {item!r}")
         accept.append((ours.strip(), theirs.strip()))
-    ours = deduplicate(load_results(a.results), a.duplicates)
+    ours = deduplicate(_load(a.results, a.skip_bad_lines), a.duplicates)
     if ours.empty:
         raise UserError("no result records found", a.results[0])
     if a.against == ["references"]:
@@ -115,7 +151,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     else:
         if "references" in a.against:
             raise UserError("--against takes either 'references' or result paths, not both")
-        other = deduplicate(load_results(a.against), a.duplicates)
+        other = deduplicate(_load(a.against, a.skip_bad_lines), a.duplicates)
         rep = compare_to_results(ours, other, tol, ignore_params=a.ignore_param, ignore=a.ignore_field,
                                  strict=a.strict, label=" ".join(map(str, a.against)))
     if a.report:

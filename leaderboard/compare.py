@@ -13,8 +13,11 @@ silently compared:
 
 Statuses: ``ok`` (|ours - reference| <= tolerance), ``regression`` (outside tolerance),
 ``no_value`` (ours is an explained NaN), ``protocol_mismatch``; reference rows with no compared
-result are listed as ``missing``. Exit code: 1 when any compared row is a regression or
-``no_value`` (with ``strict``: also any mismatch or missing row), else 0.
+result are listed as ``missing``. A result of a checkpoint loaded with ``--allow-partial`` carries
+the flag ``partial load: N missing keys``; with ``strict`` it is a protocol mismatch (not comparable).
+When no pair at all was compared the report says so, and why (``nothing_compared``); it never passes.
+Exit code: 1 when any compared row is a regression or ``no_value`` (with ``strict``: also any
+mismatch or missing row, or nothing compared), else 0.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from typing import Any
 import pandas as pd
 
 from evalsuite.errors import UserError
+from evalsuite.io import atomic_write_json
 
-from .references import load_references
+from .aggregate import partial_note
+from .references import load_references, source_key
 
 REF_KEY = ["method", "arch", "pretrain_data", "task", "layer", "metric", "variant"]
 RESULTS_KEY = ["method", "arch", "pretrain_data", "checkpoint_name", "task", "dataset", "split", "layer", "metric",
@@ -82,15 +87,20 @@ class CompareReport:
     missing: list[dict[str, Any]] = field(default_factory=list)
     unmatched: list[dict[str, Any]] = field(default_factory=list)  # our rows with nothing to compare to
     strict: bool = False
+    why_nothing_compared: str = ""  # set when no pair was compared
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows)
 
     @property
+    def n_compared(self) -> int:
+        return self.count("ok") + self.count("regression") + self.count("no_value")
+
+    @property
     def failed(self) -> bool:
         bad = self.count("regression") + self.count("no_value")
         if self.strict:
-            bad += self.count("protocol_mismatch") + len(self.missing)
+            bad += self.count("protocol_mismatch") + len(self.missing) + (self.n_compared == 0)
         return bad > 0
 
     @property
@@ -98,45 +108,33 @@ class CompareReport:
         return 1 if self.failed else 0
 
     def summary(self) -> dict[str, Any]:
-        return {"compared": self.count("ok") + self.count("regression") + self.count("no_value"),
+        nothing = self.n_compared == 0
+        return {"compared": self.n_compared,
                 "ok": self.count("ok"), "regression": self.count("regression"), "no_value": self.count("no_value"),
                 "protocol_mismatch": self.count("protocol_mismatch"), "missing": len(self.missing),
-                "unmatched_results": len(self.unmatched), "strict": self.strict, "passed": not self.failed}
+                "unmatched_results": len(self.unmatched), "strict": self.strict,
+                "nothing_compared": nothing, "why_nothing_compared": self.why_nothing_compared if nothing else "",
+                "passed": not self.failed and not nothing}
 
     def to_dict(self) -> dict[str, Any]:
         return {"against": self.against, "tolerance": self.tolerance.to_dict(), "summary": self.summary(),
                 "rows": self.rows, "missing": self.missing, "unmatched_results": self.unmatched}
 
     def write_json(self, path: str | Path) -> Path:
-        import os
-        import tempfile
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=_jsonable)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=2, sort_keys=True, default=_jsonable)
 
     def format_text(self, max_missing: int = 40) -> str:
         out = []
         head = ["status", "method", "arch", "task", "layer", "metric", "variant", "ours", "reference", "delta",
-                "tol", "protocol (ours | ref)"]
+                "tol", "protocol (ours | ref)", "flags"]
         table = []
         order = {"regression": 0, "no_value": 1, "ok": 2, "protocol_mismatch": 3}
         for r in sorted(self.rows, key=lambda r: (order.get(r["status"], 9), r["task"], r["method"], r["layer"])):
             table.append([r["status"], r["method"], r["arch"], r["task"], r["layer"], r["metric"], r["variant"],
                           _fmt(r["ours"]), _fmt(r["reference"]), _fmt(r["delta"], sign=True), _fmt(r["tolerance"]),
-                          f"{r['our_protocol']} | {_short(r['ref_protocol'])}"])
+                          f"{r['our_protocol']} | {_short(r['ref_protocol'])}", "; ".join(r["flags"])])
         if table:
             out.append(_text_table(head, table))
-        else:
-            out.append("no result matched a reference row")
         if self.missing:
             out.append(f"\n{len(self.missing)} reference row(s) without a compared result:")
             for m in self.missing[:max_missing]:
@@ -145,10 +143,15 @@ class CompareReport:
             if len(self.missing) > max_missing:
                 out.append(f"  ... and {len(self.missing) - max_missing} more (see the JSON report)")
         s = self.summary()
+        if s["nothing_compared"]:
+            out.append(f"\nnothing compared: {s['why_nothing_compared']}")
+        verdict = "FAIL" if self.failed else "PASS"
+        if s["nothing_compared"]:
+            verdict = "FAIL (nothing compared)" if self.failed else "nothing compared"
         out.append(f"\ncompared {s['compared']}: {s['ok']} within tolerance, {s['regression']} outside, "
                    f"{s['no_value']} without a value; {s['protocol_mismatch']} protocol mismatch(es) not compared; "
-                   f"{s['missing']} missing -> {'PASS' if s['passed'] else 'FAIL'}")
-        return "\n".join(out)
+                   f"{s['missing']} missing -> {verdict}")
+        return "\n".join(out).lstrip("\n")
 
 
 def _jsonable(o: Any) -> Any:
@@ -184,12 +187,16 @@ def _none_if_nan(v: Any) -> Any:
 
 
 def _pair_row(key_fields: list[str], o: Mapping, r: Mapping, ref_value: float, tol: Tolerance, compatible: bool,
-              extra: dict[str, Any]) -> dict[str, Any]:
+              extra: dict[str, Any], strict: bool = False) -> dict[str, Any]:
+    """One matched pair; a result of a partially loaded checkpoint is flagged, and not comparable if ``strict``."""
     ours = _none_if_nan(o["value"])
     row = {k: o[k] for k in key_fields}
+    partial = bool(o.get("partial", False))
     row.update(ours=ours, reference=ref_value, delta=None, tolerance=tol.allowed(o["metric"], ref_value),
-               checkpoint=o.get("checkpoint", ""), our_protocol=o["protocol"], **extra)
-    if not compatible:
+               checkpoint=o.get("checkpoint", ""), our_protocol=o["protocol"],
+               flags=[partial_note(int(o.get("missing", 0)))] if partial else [], **extra)
+    row["mismatch"] = "protocol" if not compatible else "partial load" if partial and strict else ""
+    if row["mismatch"]:
         row["status"] = "protocol_mismatch"
     elif ours is None:
         row["status"] = "no_value"
@@ -199,6 +206,40 @@ def _pair_row(key_fields: list[str], o: Mapping, r: Mapping, ref_value: float, t
         row["status"] = "ok" if within else "regression"
     row["within"] = row["status"] == "ok"
     return row
+
+
+def _few(values: Iterable[Any], n: int = 8) -> str:
+    vals = sorted({str(v) if v != "" else "(empty)" for v in values})
+    more = f" … (+{len(vals) - n} more)" if len(vals) > n else ""
+    return ", ".join(vals[:n]) + more
+
+
+def _why_no_match(ours: list[dict], theirs: list[dict], key: list[str], what: str) -> str:
+    """Name the first key field (in order) on which no result agrees with any row of ``theirs``."""
+    a_row = f"{'an' if what[0] in 'aeiou' else 'a'} {what} row"
+    for i, name in enumerate(key):
+        our_keys = {tuple(o[k] for k in key[: i + 1]) for o in ours}
+        their_keys = {tuple(r[k] for k in key[: i + 1]) for r in theirs}
+        if our_keys & their_keys:
+            continue
+        shared = {k[:i] for k in our_keys} & {k[:i] for k in their_keys}  # agree on the fields before
+        same = f" with the same {', '.join(key[:i])}" if i else ""
+        return (f"no result matched {a_row} by {', '.join(key)}: no {what} row has our {name}{same} "
+                f"(ours: {_few(k[i] for k in our_keys if k[:i] in shared)}; "
+                f"{what}: {_few(k[i] for k in their_keys if k[:i] in shared) or 'none'})")
+    return f"no result matched {a_row} by {', '.join(key)}"
+
+
+def _why_not_comparable(rows: list[dict], hint: str) -> str:
+    other = [r for r in rows if r["mismatch"] == "protocol"]
+    partial = sum(r["mismatch"] == "partial load" for r in rows)
+    parts = []
+    if other:
+        parts.append(f"{len(other)} with another protocol (ours: {_few(r['our_protocol'] for r in other)}; "
+                     f"theirs: {_few(source_key(r['ref_protocol']) for r in other)}); {hint}")
+    if partial:
+        parts.append(f"{partial} from partially loaded checkpoints (not comparable under --strict)")
+    return f"none of the {len(rows)} matched row(s) is comparable: " + "; ".join(parts)
 
 
 def compare_to_references(agg: pd.DataFrame, tolerance: Tolerance, references: pd.DataFrame | None = None,
@@ -229,9 +270,9 @@ def compare_to_references(agg: pd.DataFrame, tolerance: Tolerance, references: p
             compatible = o["protocol"] == r["source_key"] or (o["protocol"], r["source_key"]) in accept
             row = _pair_row(REF_KEY, o, r, float(r["value_num"]), tolerance, compatible,
                             {"ref_protocol": r["protocol"], "ref_source": r["source_paper"], "ref_file": r["file"],
-                             "ref_ambiguous": bool(r["ambiguous"]), "ref_task": r["ref_task"]})
+                             "ref_ambiguous": bool(r["ambiguous"]), "ref_task": r["ref_task"]}, strict)
             report.rows.append(row)
-            compared |= compatible
+            compared |= row["status"] != "protocol_mismatch"
             matched_ours.add(id(o))
         if not compared:
             in_scope = tuple(r[k] for k in ("method", "arch", "pretrain_data") if k not in ignore) in scope
@@ -240,6 +281,10 @@ def compare_to_references(agg: pd.DataFrame, tolerance: Tolerance, references: p
                                        "ref_protocol": r["protocol"], "ref_file": r["file"],
                                        "has_mismatched_result": bool(partners)})
     report.unmatched = [{k: o[k] for k in REF_KEY + ["protocol"]} for o in o_records if id(o) not in matched_ours]
+    if report.n_compared == 0:
+        report.why_nothing_compared = _why_not_comparable(
+            report.rows, "--accept-protocol OURS=THEIRS accepts a protocol as the same") if report.rows \
+            else _why_no_match(o_records, refs.to_dict("records"), key, "reference")
     return report
 
 
@@ -260,6 +305,7 @@ def compare_to_results(agg: pd.DataFrame, other: pd.DataFrame, tolerance: Tolera
 
     def prep(df: pd.DataFrame) -> list[dict]:
         d = df.copy()
+        # matched by the checkpoint's file name, which records of every version carry (not the display name)
         d["checkpoint_name"] = d["checkpoint"].map(_checkpoint_name)
         d["proto_sig"] = [json.dumps({k: v for k, v in p.items() if k not in skip}, sort_keys=True, default=str)
                           for p in d["params"]]
@@ -280,22 +326,26 @@ def compare_to_results(agg: pd.DataFrame, other: pd.DataFrame, tolerance: Tolera
             compatible = o["protocol"] == r["protocol"] and o["proto_sig"] == r["proto_sig"]
             if ref_value is None:  # the expectation itself is an explained NaN: ours must be one too
                 row = _pair_row(RESULTS_KEY, o, r, float("nan"), tolerance, compatible,
-                                {"ref_protocol": r["protocol"]})
+                                {"ref_protocol": r["protocol"]}, strict)
                 row["reference"] = None
-                if compatible:
+                if row["status"] != "protocol_mismatch":
                     row["status"] = "ok" if _none_if_nan(o["value"]) is None else "regression"
                     row["within"] = row["status"] == "ok"
             else:
                 row = _pair_row(RESULTS_KEY, o, r, ref_value, tolerance, compatible,
-                                {"ref_protocol": r["protocol"]})
+                                {"ref_protocol": r["protocol"]}, strict)
             if not compatible:
                 row["param_diff"] = _param_diff(o["params"], r["params"], skip)
             report.rows.append(row)
-            compared |= compatible
+            compared |= row["status"] != "protocol_mismatch"
         if not compared:
             report.missing.append({**{k: r[k] for k in RESULTS_KEY}, "reference": ref_value,
                                    "ref_protocol": r["protocol"], "has_mismatched_result": bool(partners)})
     report.unmatched = [{k: o[k] for k in RESULTS_KEY + ["protocol"]} for o in ours if id(o) not in matched]
+    if report.n_compared == 0:
+        report.why_nothing_compared = _why_not_comparable(
+            report.rows, "differing hyper-parameters are listed as param_diff in --json") \
+            if report.rows else _why_no_match(ours, theirs, key, "expected")
     return report
 
 

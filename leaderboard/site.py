@@ -35,7 +35,15 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from evalsuite.errors import UserError
 from evalsuite.io import replace_dir
 
-from .aggregate import best_layer, checkpoint_table, deduplicate, export_columns, layer_sort_key, load_results
+from .aggregate import (
+    best_layer,
+    checkpoint_table,
+    deduplicate,
+    export_columns,
+    layer_sort_key,
+    load_results,
+    partial_note,
+)
 from .references import load_references
 
 MARKER = ".evalsuite-leaderboard"
@@ -51,6 +59,7 @@ class SiteReport:
     tasks: list[str]
     pages: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, list[int]] = field(default_factory=dict)  # unreadable lines skipped, per file
 
 
 def slug(name: str) -> str:
@@ -89,14 +98,20 @@ def _check_out(out: Path) -> None:
 
 
 def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *, mode: str = "latest",
-               plots: bool = True, references: bool = True, title: str = "evalsuite leaderboard") -> SiteReport:
-    """Aggregate ``results`` (paths, or a DataFrame from :func:`load_results`) and write the site to ``out``."""
+               plots: bool = True, references: bool = True, title: str = "evalsuite leaderboard",
+               skip_bad_lines: bool = False) -> SiteReport:
+    """Aggregate ``results`` (paths, or a DataFrame from :func:`load_results`) and write the site to ``out``.
+
+    With ``skip_bad_lines``, unreadable lines of the results files are skipped (listed in ``report.skipped``).
+    """
     import time
 
     t0 = time.perf_counter()
     out = Path(out)
     _check_out(out)
-    raw = results if isinstance(results, pd.DataFrame) else load_results(results)
+    skipped: dict[str, list[int]] = {}
+    raw = results if isinstance(results, pd.DataFrame) else \
+        load_results(results, skipped=skipped if skip_bad_lines else None)
     t1 = time.perf_counter()
     agg = deduplicate(raw, mode)
     t2 = time.perf_counter()
@@ -104,7 +119,7 @@ def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *,
         report = _render(agg, tmp, plots=plots, references=references, title=title, mode=mode)
         (tmp / MARKER).write_text("built by evalsuite leaderboard build\n")
         t3 = time.perf_counter()
-    report.out, report.n_records = out, len(raw)
+    report.out, report.n_records, report.skipped = out, len(raw), skipped
     report.timings = {"read_s": t1 - t0, "aggregate_s": t2 - t1, "render_s": t3 - t2,
                       "total_s": time.perf_counter() - t0}
     return report
@@ -149,7 +164,7 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
     for name in ("style.css", "sort.js"):
         (root / "static" / name).write_bytes((static / name).read_bytes())
     ckpts = checkpoint_table(agg)
-    ck_info = {r["ckpt"]: {**r, "slug": slug(r["ckpt"])} for r in ckpts.to_dict("records")}
+    ck_info = {r["ckpt"]: _checkpoint_view(r) for r in ckpts.to_dict("records")}
     tasks = sorted(set(agg["task"])) if not agg.empty else []
     task_slug = {t: slug(t) for t in tasks}
     refs = load_references() if references else None
@@ -254,6 +269,12 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
         pd.concat(used_refs).drop_duplicates().drop(columns=["value_num"]).to_csv(root / "references_used.csv",
                                                                                     index=False)
     return SiteReport(out=root, n_records=0, n_rows=len(agg), n_checkpoints=len(ck_info), tasks=tasks, pages=pages)
+
+
+def _checkpoint_view(row: dict) -> dict:
+    keys = row["checkpoint_load"].get("missing_keys")
+    return {**row, "slug": slug(row["ckpt"]), "partial_note": partial_note(row["missing"]),
+            "missing_keys": [str(k) for k in keys] if isinstance(keys, list) else []}
 
 
 def _lower(metric: str) -> bool:

@@ -18,9 +18,9 @@ GOYAL_SUP = {"conv1": 24.49, "res2": 47.75, "res3": 60.54, "res4": 80.36, "res5"
 
 
 def rec(value, layer="res5", *, task="voc07_svm", metric="mAP", protocol="goyal19", method="supervised",
-        params=None, created="2024-01-01T00:00:00Z", checkpoint="/ckpts/sup.pth") -> Result:
+        params=None, created="2024-01-01T00:00:00Z", checkpoint="/ckpts/sup.pth", arch="resnet50") -> Result:
     return Result(task=task, dataset="voc2007", split="test", layer=layer, metric=metric, value=value,
-                  checkpoint_id="c" * 64, checkpoint=checkpoint, method=method, arch="resnet50",
+                  checkpoint_id="c" * 64, checkpoint=checkpoint, method=method, arch=arch,
                   pretrain_data="imagenet1k", protocol=protocol, params=params or {"costs": [1, 10]},
                   created=created)
 
@@ -155,3 +155,101 @@ def test_cli_exit_codes_and_json_report(tmp_path, capsys) -> None:
     assert len(err) == 1 and str(bad_file) in err[0]
     assert main(["compare", "--results", str(within), "--against", "references", "--tolerance", "x"]) == 2
     assert main(["compare", "--results", str(within), "--against", "references", "--accept-protocol", "x"]) == 2
+
+
+# ---------------------------------------------------------------- partial loads, nothing compared, bad lines
+
+def lines_with(records, **fields) -> str:
+    """JSONL of ``records`` with extra record fields (as newer writers add them; older records lack them)."""
+    return "".join(json.dumps({**json.loads(r.to_json()), **fields}) + "\n" for r in records)
+
+
+PARTIAL = {"weights": "state_dict[backbone.]", "partial": True, "missing": 3,
+           "missing_keys": ["layer4.1.bn2.weight", "layer4.1.bn2.bias", "layer4.1.conv2.weight"]}
+
+
+def test_partial_load_is_flagged_and_not_comparable_under_strict(tmp_path, capsys) -> None:
+    d = tmp_path / "partial"
+    d.mkdir()
+    (d / "results.jsonl").write_text(lines_with([rec(v + 0.1, lay) for lay, v in GOYAL_SUP.items()],
+                                                checkpoint_load=PARTIAL))
+    rep = compare_to_references(agg_of(d), Tolerance())
+    goyal = [r for r in rep.rows if r["ref_protocol"].startswith("goyal19")]
+    assert len(goyal) == 5 and {r["status"] for r in goyal} == {"ok"}
+    assert all(r["flags"] == ["partial load: 3 missing keys"] for r in goyal)
+    strict = compare_to_references(agg_of(d), Tolerance(), strict=True)
+    assert {r["status"] for r in strict.rows} == {"protocol_mismatch"} and strict.exit_code == 1
+    assert {r["mismatch"] for r in strict.rows if r["ref_protocol"].startswith("goyal19")} == {"partial load"}
+    assert "5 from partially loaded checkpoints" in strict.summary()["why_nothing_compared"]
+    assert main(["compare", "--results", str(d), "--against", "references"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("partial load: 3 missing keys") >= 5
+    assert main(["compare", "--results", str(d), "--against", "references", "--strict"]) == 1
+    # against results too: a partial load is flagged, and a protocol mismatch under --strict
+    full = write(tmp_path / "full", [rec(v + 0.1, lay) for lay, v in GOYAL_SUP.items()])
+    assert compare_to_results(agg_of(d), agg_of(full), Tolerance(), strict=False).exit_code == 0
+    strict = compare_to_results(agg_of(d), agg_of(full), Tolerance(), strict=True)
+    assert strict.summary()["protocol_mismatch"] == 5 and strict.exit_code == 1
+    # a complete load (and an old record without checkpoint_load) carries no flag
+    (full / "results.jsonl").write_text(lines_with([rec(GOYAL_SUP["res5"])], checkpoint_load={
+        "weights": "state_dict", "partial": False, "missing": 0, "missing_keys": []}))
+    assert all(r["flags"] == [] for r in compare_to_references(agg_of(full), Tolerance(), strict=True).rows)
+
+
+def test_nothing_compared_is_said_with_the_reason_and_fails_under_strict(tmp_path, capsys) -> None:
+    from leaderboard.references import load_references
+
+    # a first run: a random ResNet-18; the references have random init only for other archs
+    d = write(tmp_path / "r", [rec(20.0 + i, lay, method="random", arch="resnet18", task="centroid",
+                                   metric="top1") for i, lay in enumerate(GOYAL_SUP)])
+    refs = load_references()
+    archs = sorted(set(refs.loc[(refs["method"] == "random") & refs["value_num"].notna(), "arch"]))
+    assert archs and "resnet18" not in archs
+    rep = compare_to_references(agg_of(d), Tolerance())
+    assert rep.summary()["compared"] == 0 and rep.summary()["nothing_compared"] and not rep.summary()["passed"]
+    assert rep.exit_code == 0 and compare_to_references(agg_of(d), Tolerance(), strict=True).exit_code == 1
+    assert main(["compare", "--results", str(d), "--against", "references"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" not in out and "nothing compared" in out
+    why = next(line for line in out.splitlines() if "nothing compared" in line)
+    assert "arch" in why and "resnet18" in why and all(a in why for a in archs), why
+    assert main(["compare", "--results", str(d), "--against", "references", "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "PASS" not in out and "FAIL" in out and "nothing compared" in out
+    # against results: nothing shares the task
+    other = write(tmp_path / "other", [rec(50.0, "res5", method="random", arch="resnet18", task="places205_linear",
+                                           metric="top1")])
+    assert main(["compare", "--results", str(d), "--against", str(other)]) == 0
+    why = next(line for line in capsys.readouterr().out.splitlines() if "nothing compared" in line)
+    assert "task" in why and "centroid" in why and "places205_linear" in why, why
+    assert main(["compare", "--results", str(d), "--against", str(other), "--strict"]) == 1
+    # matched rows that are all protocol mismatches: nothing compared either, and said so
+    q = write(tmp_path / "quick", [rec(GOYAL_SUP[lay], lay, protocol="quick") for lay in GOYAL_SUP])
+    rep = compare_to_references(agg_of(q), Tolerance())
+    why = rep.summary()["why_nothing_compared"]
+    assert rep.summary()["nothing_compared"] and len(rep.rows) >= 5 and "goyal19" in why
+    assert f"{len(rep.rows)} with another protocol (ours: quick; theirs: " in why, why
+    assert "partial" not in why
+
+
+def test_compare_skip_bad_lines_counts_and_reports_them(tmp_path, capsys) -> None:
+    good = [rec(v, lay) for lay, v in GOYAL_SUP.items()]
+    d = tmp_path / "crashed"
+    d.mkdir()
+    f = d / "results.jsonl"
+    body = [r.to_json() for r in good]
+    body.insert(2, '{"task": "voc07_svm", "lay')  # cut off by a crash, later appended after
+    body.insert(5, "NOT-UTF8")
+    text = "\n".join(body) + "\n" + good[0].to_json()[:30]  # torn last line
+    f.write_bytes(text.encode().replace(b"NOT-UTF8", b'{"task": "\xff\xfe"}'))
+    assert main(["compare", "--results", str(d), "--against", "references"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(f) in err[0] and "line 3" in err[0] and "--skip-bad-lines" in err[0]
+    assert main(["compare", "--results", str(d), "--against", "references", "--skip-bad-lines", "--report",
+                 str(tmp_path / "rep.json")]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines() == [f"evalsuite: warning: skipped 3 unreadable lines in {f} (first at line 3)"]
+    assert json.loads((tmp_path / "rep.json").read_text())["summary"]["ok"] == 5
+    # the --against side is read the same way
+    assert main(["compare", "--results", str(d), "--against", str(d), "--skip-bad-lines", "--strict"]) == 0
+    assert capsys.readouterr().err.count("skipped 3 unreadable lines") == 2

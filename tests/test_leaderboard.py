@@ -19,17 +19,23 @@ from evalsuite.errors import UserError
 from evalsuite.results import Result, append_results
 from leaderboard.aggregate import best_layer, deduplicate, load_results, lower_is_better
 from leaderboard.references import load_references, reference_files, variant_of
-from leaderboard.site import MARKER, build_site
+from leaderboard.site import MARKER, build_site, slug
 
 LAYERS = ["conv1", "res2", "res3", "res4", "res5"]
 
 
 def rec(value, *, task="voc07_svm", layer="res5", metric="mAP", ck="a", method="supervised", protocol="goyal19",
         created="2024-01-01T00:00:00Z", params=None, seed=0, dataset="voc2007", split="test", **kw) -> Result:
-    return Result(task=task, dataset=dataset, split=split, layer=layer, metric=metric, value=value,
-                  checkpoint_id=ck * 64, checkpoint=f"/ckpts/{method}.pth", method=method, arch="resnet50",
-                  pretrain_data="imagenet1k", protocol=protocol, params=params if params is not None else {"cost": 1},
-                  seed=seed, created=created, **kw)
+    checkpoint = {"checkpoint_id": ck * 64, "checkpoint": f"/ckpts/{method}.pth", "arch": "resnet50",
+                  "pretrain_data": "imagenet1k"}
+    return Result(task=task, dataset=dataset, split=split, layer=layer, metric=metric, value=value, method=method,
+                  protocol=protocol, params=params if params is not None else {"cost": 1}, seed=seed,
+                  created=created, **{**checkpoint, **kw})
+
+
+def lines_with(records, **fields) -> str:
+    """JSONL of ``records`` with extra record fields (as newer writers add them; older records lack them)."""
+    return "".join(json.dumps({**json.loads(r.to_json()), **fields}) + "\n" for r in records)
 
 
 def write(directory: Path, records: list[Result]) -> Path:
@@ -83,6 +89,35 @@ def parse(path: Path) -> Tables:
     p = Tables()
     p.feed(path.read_text(encoding="utf-8"))
     return p
+
+
+class Inline(HTMLParser):
+    """Every <a> and <span>: its attributes and its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[dict[str, str]] = []
+        self._open: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("a", "span"):
+            e = {"tag": tag, **{k: v or "" for k, v in attrs}, "text": ""}
+            self.found.append(e)
+            self._open.append(e)
+
+    def handle_endtag(self, tag):
+        if tag in ("a", "span") and self._open:
+            self._open.pop()
+
+    def handle_data(self, data):
+        for e in self._open:
+            e["text"] += data
+
+
+def inline(path: Path, cls: str | None = None) -> list[dict[str, str]]:
+    p = Inline()
+    p.feed(path.read_text(encoding="utf-8"))
+    return [e for e in p.found if cls is None or cls in e.get("class", "").split()]
 
 
 # ---------------------------------------------------------------- aggregation
@@ -329,3 +364,104 @@ def test_reference_table_columns_and_parsing() -> None:
     assert goyal.loc["res5", "value"] == "87.95" and goyal.loc["res5", "source_key"] == "goyal19"
     assert refs.loc[refs["task"] == "nyuv2_surface_normals", "suite_task"].eq("surface_normals").all()
     assert json.loads(json.dumps(list(refs.columns)))  # plain column names
+
+
+# ---------------------------------------------------------------- checkpoint names, partial loads, bad lines
+
+def test_partial_load_is_marked_with_its_missing_key_count(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    full = {"weights": "state_dict", "partial": False, "missing": 0, "missing_keys": []}
+    part = {"weights": "state_dict[backbone.]", "partial": True, "missing": 2,
+            "missing_keys": ["layer4.1.bn2.weight", "layer4.1.bn2.bias"]}
+    text = lines_with([rec(80.0 + i, layer=lay) for i, lay in enumerate(LAYERS)], checkpoint_load=full)
+    text += lines_with([rec(60.0 + i, layer=lay, ck="b", method="jigsaw") for i, lay in enumerate(LAYERS)],
+                       checkpoint_load=part)
+    text += lines_with([rec(50.0, ck="c", method="rotnet")])  # an old record without checkpoint_load
+    (runs / "results.jsonl").write_text(text)
+    site = tmp_path / "site"
+    build_site([runs], site)
+    rows = {r[0]: r for r in parse(site / "index.html").tables["overview-table"][1:]}
+    assert set(rows) == {"supervised / resnet50 / imagenet1k", "jigsaw / resnet50 / imagenet1k partial",
+                         "rotnet / resnet50 / imagenet1k"}
+    jigsaw_page = site / "checkpoints" / f"{slug('b' * 64)}.html"
+    task_page = next((site / "tasks").glob("voc07-svm-*.html"))
+    for page in (site / "index.html", task_page, jigsaw_page):
+        marks = inline(page, "partial")
+        assert marks, page
+        assert all(m["text"].strip() == "partial" and "2 missing keys" in m["title"] for m in marks), marks
+    assert not inline(site / "checkpoints" / f"{slug('a' * 64)}.html", "partial")
+    assert not inline(site / "checkpoints" / f"{slug('c' * 64)}.html", "partial")
+    # the checkpoint page names the keys left at random init
+    assert "layer4.1.bn2.bias" in jigsaw_page.read_text() and "layer4.1.bn2.weight" in jigsaw_page.read_text()
+
+
+def test_foreign_checkpoints_are_told_apart_with_path_and_sha256_on_hover(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    foreign = {"method": "unknown", "arch": "resnet18", "pretrain_data": "unknown"}
+    paths = {"a": "/models/run1/moco_800ep.pth.tar", "b": "/models/run2/checkpoint.pth",
+             "c": "/models/run3/checkpoint.pth", "d": "/models/run4/checkpoint.pth",
+             "e": "/ckpts/sup_90ep.pth", "f": "/ckpts/sup_300ep.pth"}
+    # an old record: no checkpoint_name, so the file name without its suffixes
+    text = lines_with([rec(10.0, ck="a", checkpoint=paths["a"], **foreign)])
+    text += lines_with([rec(11.0, ck="b", checkpoint=paths["b"], **foreign)], checkpoint_name="byol-long")
+    # same name twice: the short sha256 tells them apart
+    text += lines_with([rec(12.0, ck="c", checkpoint=paths["c"], **foreign)], checkpoint_name="checkpoint")
+    text += lines_with([rec(13.0, ck="d", checkpoint=paths["d"], **foreign)], checkpoint_name="checkpoint")
+    # known method/arch/data twice: the names tell them apart
+    text += lines_with([rec(14.0, ck="e", checkpoint=paths["e"])], checkpoint_name="sup_90ep")
+    text += lines_with([rec(15.0, ck="f", checkpoint=paths["f"])], checkpoint_name="sup_300ep")
+    (runs / "results.jsonl").write_text(text)
+    site = tmp_path / "site"
+    build_site([runs], site)
+    expected = {"a": "moco_800ep / resnet18", "b": "byol-long / resnet18",
+                "c": "checkpoint / resnet18 (" + "c" * 8 + ")", "d": "checkpoint / resnet18 (" + "d" * 8 + ")",
+                "e": "supervised / resnet50 / imagenet1k (sup_90ep)",
+                "f": "supervised / resnet50 / imagenet1k (sup_300ep)"}
+    rows = parse(site / "index.html").tables["overview-table"][1:]
+    assert sorted(r[0] for r in rows) == sorted(expected.values())
+    links = {e["text"]: e for e in inline(site / "index.html") if e.get("href", "").startswith("checkpoints/")}
+    for ck, label in expected.items():
+        assert links[label]["href"] == f"checkpoints/{slug(ck * 64)}.html"
+        assert links[label]["title"] == f"{paths[ck]}\nsha256 {ck * 64}"
+        page = site / "checkpoints" / f"{slug(ck * 64)}.html"
+        meta = {r[0]: r[1] for r in parse(page).tables["table0"]}
+        assert meta["checkpoint"] == paths[ck] and meta["id (sha256)"] == ck * 64
+        assert meta["name"] == label.split(" / ")[0] if ck in "abcd" else label.split("(")[1].rstrip(")")
+    task_links = [e for e in inline(next((site / "tasks").glob("voc07-svm-*.html")))
+                  if e.get("href", "").startswith("../checkpoints/")]
+    assert {e["title"] for e in task_links} == {f"{paths[ck]}\nsha256 {ck * 64}" for ck in expected}
+
+
+def test_build_skip_bad_lines_counts_and_reports_them(tmp_path, capsys) -> None:
+    runs = _two_checkpoints(tmp_path)
+    f = runs / "results.jsonl"
+    lines = f.read_text().splitlines()
+    assert len(lines) == 11
+    lines.insert(6, '{"task": "voc07_svm", "layer": "res')  # line 7: cut off by a crash
+    lines.insert(9, "[1, 2]")  # line 10: JSON, but not a record
+    f.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "site"
+    assert main(["leaderboard", "build", "--results", str(runs), "--out", str(out), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(f) in err[0] and "line 7" in err[0] and "--skip-bad-lines" in err[0]
+    assert not out.exists()
+    assert main(["leaderboard", "build", "--results", str(runs), "--out", str(out), "--no-plots",
+                 "--skip-bad-lines"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines() == [f"evalsuite: warning: skipped 2 unreadable lines in {f} (first at line 7)"]
+    assert cap.out.startswith("11 records -> 11 numbers")
+    import pandas as pd
+
+    assert len(pd.read_csv(out / "leaderboard.csv")) == 11
+
+
+@pytest.mark.parametrize("spec", ["/models/moco_v2_800ep.pth.tar", "/m/ckpt_ep0.5.pth", "swav.PTH", "w.safetensors",
+                                  "random:resnet18", "torchvision:resnet50", "notes.txt", ".pth"])
+def test_old_records_get_the_name_new_records_carry(spec) -> None:
+    """The leaderboard's name for a record without checkpoint_name is the one `evalsuite run` now records."""
+    from evalsuite.checkpoints import checkpoint_name
+    from leaderboard.aggregate import name_from_spec
+
+    assert name_from_spec(spec) == checkpoint_name(spec)
