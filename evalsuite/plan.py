@@ -21,6 +21,8 @@ class TaskPlan:
     train_iterations: int = 0
     images_per_iteration: int = 0
     train_image_size: int | None = None
+    # split -> images the training iterations draw from (their cost is in train_iterations, not extraction)
+    train_images: dict[str, int] = field(default_factory=dict)
     note: str = ""
 
     @property
@@ -28,18 +30,23 @@ class TaskPlan:
         return sum(self.images.values())
 
 
-def measure_throughput(trunk, size: int, device: str = "cpu", batch: int = 4) -> float:
-    """Images per second of one forward pass of ``trunk`` at ``size`` px (after one warm-up batch)."""
+def measure_throughput(trunk, size: int, device: str = "cpu", batch: int = 4, repeats: int = 3) -> float:
+    """Images per second of a forward pass of ``trunk`` at ``size`` px: the median of ``repeats`` timed batches
+    after one warm-up batch (a busy machine makes single timings jumpy)."""
+    import statistics
+
     import torch
 
     x = torch.randn(batch, 3, size, size, device=device)
     trunk = trunk.to(device).eval()
+    times = []
     with torch.inference_mode():
         trunk(x)
-        t0 = time.perf_counter()
-        trunk(x)
-        secs = time.perf_counter() - t0
-    return batch / max(secs, 1e-6)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            trunk(x)
+            times.append(time.perf_counter() - t0)
+    return batch / max(statistics.median(times), 1e-6)
 
 
 def estimate_seconds(plan: TaskPlan, images_per_s: dict[int, float]) -> float:
@@ -65,7 +72,11 @@ def describe(plan: TaskPlan) -> str:
         splits = ", ".join(f"{k} {v}" for k, v in plan.images.items())
         parts.append(f"{plan.total_images} images at {plan.image_size} px ({splits})")
     if plan.train_iterations:
-        parts.append(f"{plan.train_iterations} training iterations x {plan.images_per_iteration} images")
+        size = plan.train_image_size or plan.image_size
+        text = f"{plan.train_iterations} training iterations x {plan.images_per_iteration} images at {size} px"
+        if plan.train_images:
+            text += " from " + ", ".join(f"{k} {v}" for k, v in plan.train_images.items())
+        parts.append(text)
     if plan.note:
         parts.append(plan.note)
     return "; ".join(parts) or "no trunk work"

@@ -16,6 +16,7 @@ import numpy as np
 
 from evalsuite.errors import BadData
 from evalsuite.features import l2_normalize
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -48,6 +49,7 @@ class CentroidProtocol(TaskProtocol):
 class CentroidTask:
     name = "centroid"
     description = "nearest-class-centroid top-1 on frozen features (sanity task, any ImageFolder-like data)"
+    headline_metrics = ("top1",)
 
     def default_protocol(self, preset: str) -> CentroidProtocol:
         check_preset(preset)
@@ -70,6 +72,13 @@ class CentroidTask:
                                           "feature_dim": int(ftr[tap].shape[1])},
                                   dataset_fingerprint=test.fingerprint()))
         return out
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """Features of both splits at the protocol's size."""
+        p: CentroidProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
+        return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size)
 
 
 task = CentroidTask()

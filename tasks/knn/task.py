@@ -35,6 +35,7 @@ import numpy as np
 
 from evalsuite.errors import BadData, UserError
 from evalsuite.features import check_features, l2_normalize
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -92,6 +93,8 @@ class KNNTask:
     name = "knn"
     description = ("weighted kNN (DINO/NPID) top-1/top-5, majority vote and label-sharing retrieval "
                    "(mAP, precision@n) on frozen features via FAISS")
+    # weighted kNN at the protocol's k: top-1 on single-label data, class-mean AP on multi-label data
+    headline_metrics = ("top1", "mAP")
 
     def default_protocol(self, preset: str) -> KNNProtocol:
         return KNNProtocol(**_PRESET_CHANGES[check_preset(preset)])
@@ -137,6 +140,13 @@ class KNNTask:
                 results.append(ctx.result(p.dataset, p.val_split, tap, metric, value, params=params,
                                           dataset_fingerprint=val.fingerprint()))
         return results
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """Features of both splits at the protocol's size; the search runs on the cached features."""
+        p: KNNProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        val = ctx.open_dataset(p.dataset, p.val_split, p.data_path)
+        return TaskPlan(images={p.train_split: len(train), p.val_split: len(val)}, image_size=p.image_size)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ import numpy as np
 from evalsuite.console import progress
 from evalsuite.errors import UserError
 from evalsuite.io import atomic_write_json
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -94,6 +96,7 @@ class NavigationTask:
     name = "navigation"
     description = ("PPO policy on frozen res3/res4/res5 features in a first-person 3D simulator (MiniWorld): "
                    "success rate, SPL, return, length; random and blind baselines")
+    headline_metrics = ("success_rate", "spl")
 
     def default_protocol(self, preset: str) -> NavigationProtocol:
         check_preset(preset)
@@ -150,6 +153,16 @@ class NavigationTask:
                 results.append(ctx.result(_dataset(p.env), "eval", layer_of[agent], metric, mean,
                                           params={**params, "std": std}, note=note))
         return results
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """The frames the frozen trunk encodes while PPO trains: stable-baselines3 collects whole rollouts of
+        n_steps x n_envs frames until ``frames`` is reached, one batched forward pass of n_envs frames per step."""
+        p: NavigationProtocol = ctx.protocol
+        rollout = p.n_steps * p.n_envs
+        steps = math.ceil(p.frames / rollout) * p.n_steps  # per seed
+        return TaskPlan(images={"ppo training frames": p.num_seeds * steps * p.n_envs}, image_size=p.image_size,
+                        note=f"{p.num_seeds} seed(s) x {steps} forward passes of {p.n_envs} frames; simulation, "
+                             f"PPO updates, baselines and {p.eval_episodes} evaluation episodes per seed not timed")
 
 
 # ----------------------------------------------------------------------------- one agent, one seed
