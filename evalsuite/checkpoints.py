@@ -14,30 +14,40 @@ timm           timm checkpoints (``state_dict`` / ``model`` / ``state_dict_ema``
 random         ``random:<arch>``: seeded random init, no file
 =============  ==============================================================
 
-Pickled files are read with ``torch.load(weights_only=True)``; a pickle that
-needs to run code is refused unless the user passes ``--trust-pickle``.
+Which weights are evaluated never depends on the order of the file's keys: among the entries holding a trunk
+(``state_dict`` and ``state_dict_ema``, ``teacher`` and ``student``, ...) the most complete wins, then the
+preferred name (:data:`PREFERENCES`: EMA weights as timm's ``load_state_dict(use_ema=True)``, DINO's teacher),
+then the name itself; ``--weights KEY`` picks another. The architecture the keys show (blocks per stage, block
+type) must agree with ``--arch`` and with the metadata.
+
+Pickled files are read with ``torch.load(weights_only=True)`` plus the harmless types of
+:data:`SAFE_GLOBALS`; a pickle that needs anything else is refused, naming what, unless the user passes
+``--trust-pickle``.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .console import warn
 from .errors import BadCheckpoint, UserError, require_file
-from .trunks import ARCHS, build_trunk, trunk_state_keys
+from .io import atomic_write
+from .trunks import ARCHS, build_trunk, describe_layout, infer_arch, is_trunk_key, trunk_state_shapes
 
 FORMATS: dict[str, str] = {
     "evalsuite": "safetensors trunk weights + JSON metadata (written by `evalsuite pretrain`)",
@@ -47,17 +57,34 @@ FORMATS: dict[str, str] = {
     "lightning": "solo-learn / PyTorch Lightning: state_dict with backbone. prefix",
     "dino": "DINO-style teacher/student dicts (teacher used)",
     "byol": "BYOL-style online_network. / online_encoder. prefix",
-    "timm": "timm training checkpoint: state_dict / state_dict_ema / model",
+    "timm": "timm training checkpoint: state_dict / state_dict_ema / model (EMA used)",
     "random": "random:<arch> — seeded random initialisation, no file",
     "torchvision-hub": "torchvision:<arch> — torchvision weights already in the local torch hub cache",
 }
 
 META_KEY = "evalsuite"
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
-# Preferred sub-dicts / prefixes when several candidates match equally well.
-PREFERENCES = ("teacher", "encoder_q", "online", "backbone", "trunk", "model", "student", "encoder_k", "target")
+# Preferred entries / prefixes when several hold equally complete trunks, best first: EMA weights (timm's
+# state_dict_ema / model_ema), DINO's teacher, MoCo's query encoder, BYOL's online network, ...
+PREFERENCES = ("state_dict_ema", "model_ema", "teacher", "encoder_q", "online", "backbone", "trunk", "model",
+               "student", "encoder_k", "target")
 # nn.Sequential(*list(resnet.children())[:-1]) numbering used by several BYOL/SimCLR codes.
 RESNET_CHILD_INDEX = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+# Suffixes stripped from a file name to name the checkpoint (moco_v2_800ep.pth.tar -> moco_v2_800ep).
+NAME_SUFFIXES = (".tar", ".pth", ".pt", ".pyth", ".ckpt", ".safetensors", ".torch", ".pkl", ".bin")
+MISSING_KEYS_RECORDED = 50
+
+# The types besides torch's defaults that published checkpoints pickle next to their weights, allowed in
+# weights_only loading. Each is a plain data container: unpickling only fills its attributes, no code of the
+# file runs. Needed by: DINO's full checkpoints (main_dino.py saves 'args') and timm's training checkpoints
+# (CheckpointSaver saves 'args'). MoCo (epoch/arch/state_dict/optimizer), SwAV (+ apex 'amp' state) and VISSL
+# (classy_state_dict, loss state) pickle only dicts, lists, numbers, strings and tensors: torch's defaults.
+# Deliberately absent: omegaconf containers (solo-learn / Lightning 'hyper_parameters'), whose rebuilding
+# runs omegaconf code; such files need --trust-pickle.
+SAFE_GLOBALS: dict[Any, str] = {
+    argparse.Namespace: "DINO full checkpoints and timm training checkpoints: the parsed command line ('args')",
+}
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass
@@ -79,13 +106,18 @@ class KeyReport:
 class LoadedCheckpoint:
     spec: str
     path: Path | None
-    sha256: str
+    sha256: str  # the evaluated weights' id (keys the feature cache): see _weights_id
     format: str
     arch: str
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
     report: KeyReport
     seed: int | None = None
+    name: str = ""  # --name, else the file name without its suffixes, else the spec
+    weights: str = ""  # the file's entry that was evaluated ("state_dict_ema", "teacher", ...; "" = top level)
+    alternatives: list[str] = field(default_factory=list)  # the file's other entries holding a trunk
+    partial: bool = False  # loaded with --allow-partial and trunk keys were missing
+    file_sha256: str = ""
 
     @property
     def id(self) -> str:
@@ -98,6 +130,27 @@ class LoadedCheckpoint:
     @property
     def pretrain_data(self) -> str:
         return str(self.metadata.get("pretrain_data", "unknown"))
+
+    @property
+    def load_info(self) -> dict[str, Any]:
+        """What every result record says about the loading (``Result.checkpoint_load``)."""
+        return {"weights": self.weights, "partial": self.partial, "missing": len(self.report.missing),
+                "missing_keys": self.report.missing[:MISSING_KEYS_RECORDED]}
+
+    def weights_note(self) -> str:
+        """Why these weights and how to pick the others: "EMA; --weights state_dict for the raw weights"."""
+        others = self.alternatives
+        if not others:
+            return ""
+        if _is_ema(self.weights) and (raw := [a for a in others if not _is_ema(a)]):
+            return f"EMA; --weights {raw[0]} for the raw weights"
+        if self.weights == "teacher" and "student" in others:
+            return "DINO teacher; --weights student for the student"
+        if ema := [a for a in others if _is_ema(a)]:
+            return f"--weights {ema[0]} for the EMA weights"
+        if "teacher" in others:
+            return "--weights teacher for the DINO teacher"
+        return "also in this file: " + ", ".join(f"--weights {a}" for a in others)
 
     def build_trunk(self) -> nn.Module:
         trunk = build_trunk(self.arch, seed=self.seed if self.format == "random" else 0)
@@ -118,6 +171,28 @@ class LoadedCheckpoint:
         }
 
 
+@dataclass
+class _Source:
+    """One place in the file that may hold the trunk: an entry (a nested dict) and a key prefix inside it."""
+
+    path: tuple[str, ...]
+    prefix: str  # ends with "#seq#" for nn.Sequential child numbering
+    tensors: dict[str, torch.Tensor]  # the entry's tensors, by the file's keys
+    names: dict[str, str]  # torchvision-style name -> the file's key, for every key under the prefix
+    count: int  # required trunk keys (of any architecture) found
+
+    @property
+    def entry(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def raw_prefix(self) -> str:
+        return self.prefix.removesuffix("#seq#")
+
+    def describe(self) -> str:
+        return (self.entry or "<root>") + (f"[{self.raw_prefix}]" if self.raw_prefix else "")
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -127,62 +202,131 @@ def load_checkpoint(
     allow_partial: bool = False,
     trust_pickle: bool = False,
     seed: int = 0,
+    weights: str | None = None,
+    name: str | None = None,
 ) -> LoadedCheckpoint:
     """Load any supported checkpoint and convert it to torchvision trunk names.
 
-    Raises :class:`BadCheckpoint` (exit code 2 at the CLI) for anything the user
-    can fix: missing/truncated file, unsafe pickle, wrong architecture, missing keys.
+    ``weights`` names the file's entry to evaluate (``state_dict``, ``student``, ...) instead of the default
+    choice; ``name`` is the checkpoint's name in the records. Raises :class:`BadCheckpoint` (exit code 2 at
+    the CLI) for anything the user can fix: missing/truncated file, unsafe pickle, wrong architecture, missing
+    or unexpected trunk keys, unknown ``weights``.
     """
     spec_s = str(spec)
+    if spec_s.startswith(("random:", "torchvision:")) and weights is not None:
+        raise UserError(f"--weights chooses an entry of a checkpoint file; {spec_s} has none")
     if spec_s.startswith("random:"):
-        return _random_checkpoint(spec_s[len("random:") :] or arch or "resnet50", seed)
-    if spec_s.startswith("torchvision:"):
-        return _torchvision_hub(spec_s[len("torchvision:") :], allow_partial)
-    path = require_file(spec_s, "checkpoint file")
+        ck = _random_checkpoint(spec_s[len("random:") :] or arch or "resnet50", seed)
+    elif spec_s.startswith("torchvision:"):
+        ck = _torchvision_hub(spec_s[len("torchvision:") :], allow_partial)
+    else:
+        ck = _load_file(require_file(spec_s, "checkpoint file"), arch, allow_partial, trust_pickle, weights)
+        ck.spec = spec_s
+    ck.name = name or ck.name or ck.spec
+    return ck
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """The file's name without the usual suffixes: moco_v2_800ep.pth.tar -> moco_v2_800ep."""
+    name = Path(path).name
+    while (suffix := Path(name).suffix.lower()) in NAME_SUFFIXES and len(name) > len(suffix):
+        name = name[: -len(suffix)]
+    return name
+
+
+def _load_file(path: Path, arch: str | None, allow_partial: bool, trust_pickle: bool,
+               weights: str | None) -> LoadedCheckpoint:
     if path.stat().st_size == 0:
         raise BadCheckpoint("checkpoint file is empty", path)
-    sha = file_sha256(path)
+    file_sha = file_sha256(path)
     obj, meta, fmt_hint = _read_file(path, trust_pickle)
-    meta = dict(meta)
-    arch = arch or meta.get("arch")
-    candidates = list(_tensor_dicts(obj))
+    candidates = dict(_tensor_dicts(obj))
     if not candidates:
         raise BadCheckpoint("no tensors found: this is not a model checkpoint", path)
+    sources = [s for s in (_best_source(p, t) for p, t in candidates.items()) if s is not None]
+    trunks = sorted((s for s in sources if infer_arch(s.names) is not None), key=lambda s: s.entry)
+    pool = trunks
+    if weights is not None:
+        pool = [s for s in trunks if s.entry == weights or s.entry.startswith(weights + ".")]
+        if not pool:
+            available = ", ".join(s.entry or "<root>" for s in trunks) or "none"
+            raise BadCheckpoint(f"--weights {weights!r}: no trunk weights under that entry; entries with trunk "
+                                f"weights: {available}", path)
+    if not (pool or sources):
+        raise BadCheckpoint("no trunk weights found in this file (no key looks like a ResNet or AlexNet "
+                            "layer)", path)
+    source = min(pool or sources, key=_source_rank)
+    arch = _resolve_arch(arch, meta.get("arch"), source, path)
+    state, report = _convert(path, source, arch, allow_partial)
+    alternatives = [s.entry for s in trunks if s.entry != source.entry]
+    return LoadedCheckpoint(
+        spec=str(path), path=path, sha256=_weights_id(file_sha, source.entry, alternatives),
+        format=fmt_hint or _format_name(source.describe(), obj), arch=arch, state_dict=state,
+        metadata={**meta, "arch": meta.get("arch", arch)}, report=report, name=checkpoint_name(path),
+        weights=source.entry, alternatives=alternatives, partial=bool(report.missing), file_sha256=file_sha,
+    )
+
+
+def _weights_id(file_sha: str, entry: str, alternatives: list[str]) -> str:
+    """The file's sha256; for a file holding several trunks (EMA and raw, teacher and student) the hash of it
+    and the evaluated entry, so that their records and cached features never mix."""
+    if not alternatives:
+        return file_sha
+    return hashlib.sha256(f"{file_sha}|weights={entry}".encode()).hexdigest()
+
+
+def _resolve_arch(arch: str | None, meta_arch: str | None, source: _Source, path: Path) -> str:
+    """--arch, the metadata's arch and the architecture the keys show must agree; the first one given wins."""
+    keys_arch = infer_arch(source.names)
+    looks = f"the keys look like {keys_arch}{_layout(source)}" if keys_arch else ""
+    if arch and meta_arch and arch != meta_arch:
+        raise BadCheckpoint(f"--arch {arch} contradicts the checkpoint's metadata (arch {meta_arch})", path)
+    if arch and keys_arch and arch != keys_arch:
+        raise BadCheckpoint(f"--arch {arch} does not fit this file: {looks}; pass --arch {keys_arch} or leave "
+                            "--arch out", path)
+    if meta_arch and keys_arch and meta_arch != keys_arch:
+        raise BadCheckpoint(f"the metadata says arch {meta_arch} but {looks}", path)
+    arch = arch or meta_arch or keys_arch
     if arch is None:
-        arch = _infer_arch(candidates)
-        if arch is None:
-            raise BadCheckpoint("cannot infer the architecture from the keys; pass --arch", path)
+        raise BadCheckpoint(f"cannot infer the architecture from the keys{_layout(source)}; "
+                            "pass --arch", path)
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
-    expected = trunk_state_keys(arch)
-    best = _best_mapping(candidates, expected)
-    if best is None:
-        guess = _infer_arch(candidates)
-        hint = f" (the keys look like {guess})" if guess and guess != arch else ""
-        raise BadCheckpoint(f"no {arch} trunk weights found in this file{hint}", path)
-    source, mapped, unexpected = best
-    report = _report(source, mapped, unexpected, expected, arch)
-    if report.shape_mismatch:
-        guess = _infer_arch(candidates)
-        hint = f"; the keys look like {guess}" if guess and guess != arch else ""
-        raise BadCheckpoint(
-            f"wrong architecture: {len(report.shape_mismatch)} tensor shapes do not fit {arch} "
-            f"(first: {report.shape_mismatch[0]}){hint}",
-            path,
-        )
-    if report.missing and not allow_partial:
-        raise BadCheckpoint(
-            f"{len(report.missing)} {arch} trunk keys are missing (first: {report.missing[0]}); "
-            "pass --allow-partial to evaluate with those left at random init",
-            path,
-        )
-    bad = [k for k, v in mapped.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    return arch
+
+
+def _layout(source: _Source) -> str:
+    """ " (blocks 3-4-6-3, bottleneck)" when the keys hold ResNet stages, else ""."""
+    return f" ({describe_layout(source.names)})" if any(n.startswith("layer") for n in source.names) else ""
+
+
+def _convert(path: Path, source: _Source, arch: str, allow_partial: bool) -> tuple[dict, KeyReport]:
+    """The trunk's tensors under their torchvision names and the key report, refusing what does not fit."""
+    reference = trunk_state_shapes(arch)
+    state = {n: source.tensors[key] for n, key in source.names.items() if n in reference}
+    if not state:
+        raise BadCheckpoint(f"no {arch} trunk weights found in this file", path)
+    extra = sorted(n for n in source.names if n not in reference and is_trunk_key(arch, n))
+    if extra:
+        raise BadCheckpoint(f"{len(extra)} unexpected {arch} trunk keys (first: {extra[0]}): the file's trunk"
+                            f"{_layout(source)} is not a {arch}; pass the right --arch", path)
+    mismatch = [f"{n}: {tuple(v.shape)} vs {reference[n]}" for n, v in sorted(state.items())
+                if tuple(v.shape) != reference[n]]
+    if mismatch:
+        raise BadCheckpoint(f"wrong architecture: {len(mismatch)} tensor shapes do not fit {arch} "
+                            f"(first: {mismatch[0]})", path)
+    missing = sorted(k for k in reference.keys() - state.keys() if not k.endswith(OPTIONAL_SUFFIXES))
+    if missing and not allow_partial:
+        raise BadCheckpoint(f"{len(missing)} {arch} trunk keys are missing (first: {missing[0]}); "
+                            "pass --allow-partial to evaluate with those left at random init", path)
+    if missing:
+        warn(f"--allow-partial: {len(missing)} {arch} trunk keys missing from {path.name}, left at random init "
+             f"(first: {', '.join(missing[:3])})")
+    bad = sorted(n for n, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
-        raise BadCheckpoint(f"NaN/Inf values in {len(bad)} trunk tensors (first: {sorted(bad)[0]})", path)
-    fmt = fmt_hint or _format_name(source, obj)
-    meta.setdefault("arch", arch)
-    state = {k: v for k, v in mapped.items() if k in expected}
-    return LoadedCheckpoint(spec_s, path, sha, fmt, arch, state, meta, report)
+        raise BadCheckpoint(f"NaN/Inf values in {len(bad)} trunk tensors (first: {bad[0]})", path)
+    unexpected = sorted(key for n, key in source.names.items() if n not in reference)
+    return state, KeyReport(source.describe(), sorted(state), missing, unexpected)
 
 
 def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
@@ -192,22 +336,14 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], me
     for key in ("method", "arch"):
         if key not in metadata:
             raise ValueError(f"checkpoint metadata needs {key!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": META_KEY, META_KEY: json.dumps(dict(metadata), default=str)})
-    os.replace(tmp, path)
-    return path
+    header = {"format": META_KEY, META_KEY: json.dumps(dict(metadata), default=str)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Metadata of one of our checkpoints, without loading the weights."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get(META_KEY, "{}"))
+    return _parse_metadata(read_metadata_raw(Path(path)), Path(path))
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -226,7 +362,8 @@ def _read_file(path: Path, trust_pickle: bool) -> tuple[Any, dict, str | None]:
         head = f.read(16)
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
         return _read_safetensors(path)
-    return _read_pickle(path, trust_pickle), {}, None
+    obj = _read_pickle(path, trust_pickle)
+    return (obj.state_dict() if isinstance(obj, nn.Module) else obj), {}, None
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -246,12 +383,21 @@ def _read_safetensors(path: Path) -> tuple[Any, dict, str | None]:
     except (SafetensorError, OSError, ValueError) as e:
         raise BadCheckpoint(f"truncated or corrupt safetensors file ({_first_line(e)})", path) from None
     if meta_raw.get("format") == META_KEY:
-        try:
-            meta = json.loads(meta_raw.get(META_KEY, "{}"))
-        except json.JSONDecodeError:
-            raise BadCheckpoint("metadata header is not valid JSON", path) from None
-        return tensors, meta, "evalsuite"
+        return tensors, _parse_metadata(meta_raw, path), "evalsuite"
     return tensors, {}, "timm" if "timm" in json.dumps(meta_raw) else None
+
+
+def _parse_metadata(meta_raw: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The JSON object under the header's ``evalsuite`` key; anything else is a broken file, said in one line."""
+    try:
+        meta = json.loads(meta_raw.get(META_KEY, "{}"))
+    except json.JSONDecodeError as e:
+        raise BadCheckpoint(f"the {META_KEY} metadata in the safetensors header is not valid JSON ({e})",
+                            path) from None
+    if not isinstance(meta, dict):
+        raise BadCheckpoint(f"the {META_KEY} metadata in the safetensors header is not a JSON object (found a "
+                            f"JSON {type(meta).__name__})", path)
+    return meta
 
 
 def read_metadata_raw(path: Path) -> dict[str, str]:
@@ -265,23 +411,75 @@ def _read_pickle(path: Path, trust_pickle: bool) -> Any:
     if not (zipfile.is_zipfile(path) or _legacy_pickle(path)):
         raise BadCheckpoint("not a PyTorch checkpoint (neither a zip archive nor a pickle) or truncated", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            # torch's multi-line note on a pickle protocol it may not read: the refusal below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust_pickle:
-            raise BadCheckpoint(
-                "the pickle contains code or objects that weights_only loading refuses "
-                f"({_first_line(e)[:120]}); re-run with --trust-pickle only if you trust this file",
-                path,
-            ) from None
+            raise BadCheckpoint(_refusal(path, e), path) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise BadCheckpoint(f"truncated or corrupt checkpoint ({_first_line(e)[:120]})", path) from None
-    warnings.warn(
-        f"--trust-pickle: loading {path} with weights_only=False executes code inside the file", stacklevel=2
-    )
+        raise BadCheckpoint(f"truncated or corrupt checkpoint ({_first_line(e)})", path) from None
+    warn(f"--trust-pickle: loading {path} with weights_only=False executes code inside the file")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # the file's own code may raise anything
-        raise BadCheckpoint(f"cannot unpickle ({type(e).__name__}: {_first_line(e)[:120]})", path) from None
+        raise BadCheckpoint(f"cannot unpickle ({type(e).__name__}: {_first_line(e)})", path) from None
+
+
+def _refusal(path: Path, e: pickle.UnpicklingError) -> str:
+    """Why weights_only loading refused the file, naming what it refused."""
+    refused = _refused_globals(path, e)
+    if any(g.startswith("torch.nn.modules.") for g in refused):
+        return ("a whole pickled nn.Module (torch.save(model)); load it with --trust-pickle only if you trust "
+                "it, or save model.state_dict()")
+    if refused:
+        more = f" (and {len(refused) - 1} more: {', '.join(refused[1:4])}{', ...' if len(refused) > 4 else ''})"
+        what = f"refusing global {refused[0]}" + (more if len(refused) > 1 else "")
+    else:
+        what = f"refusing the pickle ({_first_line(e)})"
+    return (f"{what}: weights_only loading admits tensors and plain data only; re-run with --trust-pickle only "
+            "if you trust this file")
+
+
+def _refused_globals(path: Path, e: Exception) -> list[str]:
+    """Every global the pickle needs beyond the allowed ones (read, never imported), else the one in ``e``."""
+    if zipfile.is_zipfile(path):
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            if found:
+                return sorted(found)
+        except Exception:  # an unreadable archive: fall back to torch's message
+            pass
+    named = re.findall(r"GLOBAL ([\w.]+)", ANSI_ESCAPE.sub("", str(e)))[:1]
+    return named or _scan_pickle_globals(path)
+
+
+def _scan_pickle_globals(path: Path) -> list[str]:
+    """The globals a plain (non-zip) pickle file names beyond torch's and :data:`SAFE_GLOBALS`, read opcode by
+    opcode with pickletools (nothing is imported or run): for pickles torch stops reading before any global."""
+    safe = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
+    found: list[str] = []
+    strings: list[str] = []  # string arguments pushed so far (STACK_GLOBAL takes the last two)
+    memo: dict[int, str] = {}
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET") and arg in memo:
+                    strings.append(memo[arg])
+                elif op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # past the pickle (legacy files append raw storage bytes) or a broken file
+        pass
+    plain = ("torch.", "collections.", "_codecs.", "builtins.")
+    return sorted({g for g in found if not g.startswith(plain) and g not in safe})
 
 
 def _legacy_pickle(path: Path) -> bool:
@@ -290,22 +488,25 @@ def _legacy_pickle(path: Path) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    text = ANSI_ESCAPE.sub("", str(e)).strip().splitlines()
+    return text[0].strip() if text else type(e).__name__
 
 
-# ---------------------------------------------------------------- key mapping
+# ---------------------------------------------------------------- finding the trunk
 
 
 def _tensor_dicts(obj: Any, path: tuple[str, ...] = (), depth: int = 0):
-    """Yield (path, dict) for every nested mapping that holds tensors."""
+    """Yield (path, dict) for every nested mapping that holds tensors (a pickled module counts as its
+    state dict)."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
     if not isinstance(obj, Mapping) or depth > 5:
         return
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if tensors:
         yield path, tensors
     for k, v in obj.items():
-        if isinstance(v, Mapping):
+        if isinstance(v, (Mapping, nn.Module)):
             yield from _tensor_dicts(v, path + (str(k),), depth + 1)
 
 
@@ -323,44 +524,31 @@ def _candidate_names(key: str) -> list[tuple[str, str]]:
     return out + renamed
 
 
-def _best_mapping(candidates, expected: set[str]):
-    best = None
-    best_score: tuple = ()
-    for path, tensors in candidates:
-        counts: Counter[str] = Counter()
-        for key in tensors:
-            for prefix, name in _candidate_names(key):
-                if name in expected:
-                    counts[prefix] += 1
-        for prefix, n in counts.items():
-            where = ".".join(path) + ("[" + prefix + "]" if prefix else "")
-            score = (n, _preference(where), -len(prefix))
-            if not best_score or score > best_score:
-                best_score = score
-                best = (path, prefix)
-    if best is None:
+def _best_source(path: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> _Source | None:
+    """The prefix inside one entry under which the most trunk keys (of any architecture) sit."""
+    known = _all_trunk_names()
+    counts: dict[str, int] = {}
+    for key in tensors:
+        for prefix, name in _candidate_names(key):
+            if name in known and not name.endswith(OPTIONAL_SUFFIXES):
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
         return None
-    path, prefix = best
-    tensors = dict(candidates)[path]
-    seq = prefix.endswith("#seq#")
-    raw_prefix = prefix[: -len("#seq#")] if seq else prefix
-    mapped: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in tensors.items():
-        if not key.startswith(raw_prefix):
-            continue
-        name = key[len(raw_prefix) :]
-        if seq:
+    where = ".".join(path)
+    prefix = min(counts, key=lambda p: (-counts[p], -_preference(f"{where}[{p}]"), len(p), p))
+    raw, seq = prefix.removesuffix("#seq#"), prefix.endswith("#seq#")
+    names = {}
+    for key in tensors:
+        if key.startswith(raw):
+            name = key[len(raw) :]
             head, _, tail = name.partition(".")
-            name = f"{RESNET_CHILD_INDEX[head]}.{tail}" if head in RESNET_CHILD_INDEX and tail else name
-        if name in expected:
-            mapped[name] = value
-        else:
-            unexpected.append(key)
-    source = ".".join(path) or "<root>"
-    if raw_prefix:
-        source += f"[{raw_prefix}]"
-    return source, mapped, unexpected
+            names[f"{RESNET_CHILD_INDEX[head]}.{tail}" if seq and head in RESNET_CHILD_INDEX and tail else name] = key
+    return _Source(path, prefix, tensors, names, counts[prefix])
+
+
+def _source_rank(s: _Source) -> tuple:
+    """Most complete first, then the preferred name, then the shallower entry, then the name: never key order."""
+    return (-s.count, -_preference(f"{s.entry}[{s.prefix}]"), len(s.path), s.entry, s.prefix)
 
 
 def _preference(where: str) -> int:
@@ -370,34 +558,13 @@ def _preference(where: str) -> int:
     return 0
 
 
-def _report(source: str, mapped: dict, unexpected: list[str], expected: set[str], arch: str) -> KeyReport:
-    reference = build_trunk(arch, seed=0).state_dict()
-    missing = sorted(k for k in expected - mapped.keys() if not k.endswith(OPTIONAL_SUFFIXES))
-    mismatch = [
-        f"{k}: {tuple(v.shape)} vs {tuple(reference[k].shape)}"
-        for k, v in sorted(mapped.items())
-        if tuple(v.shape) != tuple(reference[k].shape)
-    ]
-    return KeyReport(source, sorted(mapped), missing, sorted(unexpected), mismatch)
+def _is_ema(entry: str) -> bool:
+    return re.search(r"(^|[._])ema($|[._])", entry) is not None
 
 
-def _infer_arch(candidates) -> str | None:
-    """Guess the architecture from torchvision-like names anywhere in the file."""
-    names: set[str] = set()
-    for _, tensors in candidates:
-        for key in tensors:
-            for _, name in _candidate_names(key):
-                names.add(name)
-    if "features.0.weight" in names and "features.10.weight" in names:
-        return "alexnet"
-    blocks = {int(m.group(1)) for n in names if (m := re.match(r"layer3\.(\d+)\.conv1\.weight$", n))}
-    if not blocks:
-        return None
-    n3 = max(blocks) + 1
-    bottleneck = "layer1.0.conv3.weight" in names
-    if bottleneck:
-        return {6: "resnet50", 23: "resnet101"}.get(n3)
-    return {2: "resnet18", 6: "resnet34"}.get(n3)
+@cache
+def _all_trunk_names() -> frozenset[str]:
+    return frozenset(n for arch in ARCHS for n in trunk_state_shapes(arch))
 
 
 def _format_name(source: str, obj: Any) -> str:
@@ -443,7 +610,7 @@ def _torchvision_hub(arch: str, allow_partial: bool) -> LoadedCheckpoint:
             hub,
         )
     ckpt = load_checkpoint(hub, arch=arch, allow_partial=allow_partial)
-    ckpt.spec = f"torchvision:{arch}"
+    ckpt.spec = ckpt.name = f"torchvision:{arch}"
     ckpt.format = "torchvision-hub"
     ckpt.metadata.update({"method": "supervised", "pretrain_data": "imagenet1k", "weights": str(weights)})
     return ckpt

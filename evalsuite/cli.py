@@ -90,6 +90,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--allow-partial", action="store_true", help="evaluate even if trunk keys are missing")
     p.add_argument("--trust-pickle", action="store_true",
                    help="DANGEROUS: allow pickles that run code (weights_only=False)")
+    p.add_argument("--weights", metavar="KEY",
+                   help="the file's entry to evaluate, e.g. state_dict (default: EMA weights, DINO's teacher; "
+                        "`evalsuite inspect` shows the choice)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the checkpoint's name in result records (default: the file name without suffixes)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -99,8 +104,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="extraction precision; auto = bf16 autocast + channels_last where supported")
-    p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE, else $XDG_CACHE_HOME/evalsuite/features, i.e. "
-                        "~/.cache/evalsuite/features)")
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE, else "
+                   "$XDG_CACHE_HOME/evalsuite/features, i.e. ~/.cache/evalsuite/features)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -150,8 +155,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         checkpoint=a.checkpoint, arch=a.arch, tasks=[a.tasks], layers=[a.layers] if a.layers else None,
         preset=a.protocol, overrides=a.overrides, data_root=a.data_root, out=a.out, device=a.device,
         seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
-        allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, progress=not a.no_progress,
-        show_plan=True, dry_run=a.dry_run,
+        allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, weights=a.weights, name=a.name,
+        progress=not a.no_progress, show_plan=True, dry_run=a.dry_run,
     )
     if a.launcher != "none":
         return _run_launched(opts, a)
@@ -185,7 +190,8 @@ def _run_launched(opts, a: argparse.Namespace) -> int:
 
 
 def print_results(results, title: str = "results", verbose: bool = False) -> None:
-    """Every record with ``verbose``; otherwise each task's headline metrics at their best layer."""
+    """Every record with ``verbose``; otherwise each task's headline metrics at their best layer (baselines, whose
+    note starts with "baseline", left out)."""
     from .console import table
 
     def shown(v):
@@ -201,7 +207,7 @@ def print_results(results, title: str = "results", verbose: bool = False) -> Non
         mine = [r for r in results if r.task == task]
         headline = getattr(_task_or_none(task), "headline_metrics", None) or (mine[0].metric,)
         for metric in headline:
-            group = [r for r in mine if r.metric == metric]
+            group = [r for r in mine if r.metric == metric and not r.note.startswith("baseline")]
             if not group:
                 continue
             best = max(group, key=lambda r: float("-inf") if r.value is None else r.value)
@@ -281,6 +287,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--arch", help="architecture (inferred when omitted)")
     p.add_argument("--allow-partial", action="store_true", help="report instead of refusing on missing keys")
     p.add_argument("--trust-pickle", action="store_true", help="DANGEROUS: allow pickles that run code")
+    p.add_argument("--weights", metavar="KEY", help="the file's entry to inspect, e.g. state_dict")
     p.add_argument("--keys", action="store_true", help="list every missing and unexpected key")
     p.set_defaults(func=cmd_inspect)
 
@@ -290,13 +297,18 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     from .checkpoints import load_checkpoint
 
-    ck = load_checkpoint(a.checkpoint, arch=a.arch, allow_partial=a.allow_partial, trust_pickle=a.trust_pickle)
+    ck = load_checkpoint(a.checkpoint, arch=a.arch, allow_partial=a.allow_partial, trust_pickle=a.trust_pickle,
+                         weights=a.weights)
     r = ck.report
+    note = ck.weights_note()
     print(f"checkpoint: {ck.spec}")
-    print(f"sha256:     {ck.sha256}")
+    print(f"name:       {ck.name}")
+    print(f"sha256:     {ck.file_sha256 or ck.sha256}")
+    if ck.file_sha256 and ck.sha256 != ck.file_sha256:
+        print(f"id:         {ck.sha256} (the file's hash and the evaluated entry)")
     print(f"format:     {ck.format}")
     print(f"arch:       {ck.arch}")
-    print(f"weights at: {r.source}")
+    print(f"weights at: {r.source}" + (f" ({note})" if note else ""))
     print(f"keys:       {r.summary()}")
     if ck.metadata:
         print("metadata:   " + json.dumps(ck.metadata, sort_keys=True, default=str))
@@ -350,7 +362,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     try:
         ck = load_checkpoint(a.checkpoint, arch=a.arch, allow_partial=a.allow_partial,
-                             trust_pickle=a.trust_pickle, seed=a.seed)
+                             trust_pickle=a.trust_pickle, seed=a.seed, weights=a.weights, name=a.name)
         layers = validate_layers(ck.arch, [a.layers] if a.layers else None)
         ds = open_dataset(a.dataset, a.root, a.split)
         cache = FeatureCache(a.cache_dir, shard_rows=a.shard_rows)

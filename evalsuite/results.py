@@ -15,14 +15,14 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import BadData, UserError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
@@ -45,6 +45,11 @@ class Result:
     arch: str = ""
     pretrain_data: str = ""
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+    #: ``--name``, else the file name without its suffixes (``moco_v2_800ep``), else the spec (``random:resnet18``)
+    checkpoint_name: str = ""
+    #: which weights were evaluated and whether any were missing: ``weights`` (the file's entry, "" for a plain
+    #: state dict), ``partial``, ``missing`` (count), ``missing_keys`` (the first 50)
+    checkpoint_load: dict[str, Any] = field(default_factory=dict)
     protocol: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
@@ -135,19 +140,62 @@ def append_results(path: str | Path, results: Sequence[Result]) -> Path:
     return path
 
 
-def iter_records(path: str | Path) -> Iterable[dict[str, Any]]:
+class UnreadableLine(BadData):
+    """A line of a results file that is not a result record (not UTF-8, not JSON, not a record object)."""
+
+    def __init__(self, message: str, path: str | Path, lineno: int):
+        super().__init__(message, path)
+        self.lineno = lineno
+
+
+def iter_numbered_records(path: str | Path, skipped: list[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each record of a JSONL results file; blank lines are passed over.
+
+    An unreadable line (e.g. one cut off by a crash) raises :class:`UnreadableLine` naming the file and
+    line; when a ``skipped`` list is given, its number is appended there instead and reading goes on.
+    """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"line {lineno} is not valid JSON ({e.msg})", path) from None
-            if not isinstance(rec, dict) or "metric" not in rec or "task" not in rec:
-                raise UserError(f"line {lineno} is not a result record", path)
-            yield rec
+                rec = _parse_line(raw)
+            except ValueError as e:
+                if skipped is None:
+                    raise UnreadableLine(f"line {lineno} {e}", path, lineno) from None
+                skipped.append(lineno)
+                continue
+            if rec is not None:
+                yield lineno, rec
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """The record on one line, None for a blank line; ValueError saying what is wrong otherwise."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text (is this a results.jsonl?)") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON (column {e.colno}: {e.msg.removesuffix(' at')})") from None
+    if not isinstance(rec, dict) or "metric" not in rec or "task" not in rec:
+        raise ValueError("is not a result record")
+    return rec
+
+
+def iter_records(path: str | Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL results file (see :func:`iter_numbered_records` for ``skipped``)."""
+    for _, rec in iter_numbered_records(path, skipped):
+        yield rec
+
+
+def skipped_lines_message(path: str | Path, linenos: Sequence[int]) -> str:
+    """One line saying how many unreadable lines of ``path`` were skipped, and where the first was."""
+    n = len(linenos)
+    where = f"first at line {min(linenos)}" if n > 1 else f"at line {linenos[0]}"
+    return f"skipped {n} unreadable line{'s' if n > 1 else ''} in {path} ({where})"
 
 
 def find_result_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -166,11 +214,12 @@ def find_result_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def read_results(paths: str | Path | Iterable[str | Path]):
+def read_results(paths: str | Path | Iterable[str | Path], skipped: dict[str, list[int]] | None = None):
     """Read result records into a pandas DataFrame, one row per record.
 
     Nested fields (``params``, ``checkpoint_meta``, ``versions``) stay as dicts;
-    ``params_json`` holds a canonical JSON string of ``params`` for grouping.
+    ``params_json`` holds a canonical JSON string of ``params`` for grouping. With a ``skipped``
+    dict, unreadable lines are skipped and listed there per file (see :func:`iter_numbered_records`).
     """
     import pandas as pd
 
@@ -178,9 +227,12 @@ def read_results(paths: str | Path | Iterable[str | Path]):
         paths = [paths]
     rows = []
     for f in find_result_files(paths):
-        for rec in iter_records(f):
+        lines: list[int] | None = None if skipped is None else []
+        for rec in iter_records(f, lines):
             rec["source_file"] = str(f)
             rows.append(rec)
+        if lines:
+            skipped[str(f)] = lines
     columns = [f.name for f in dataclasses.fields(Result)] + ["source_file"]
     df = pd.DataFrame(rows, columns=columns if not rows else None)
     if rows:

@@ -22,7 +22,7 @@ from .features import FeatureExtractor
 from .plan import LONG_ON_CPU_S, TaskPlan, describe, estimate_seconds, human_time, measure_throughput
 from .protocols import apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
-from .task import DataMissing, TaskContext
+from .task import DataMissing, TaskContext, environment_problem
 from .trunks import arch_info
 
 
@@ -44,6 +44,8 @@ class RunOptions:
     precision: str = "auto"
     allow_partial: bool = False
     trust_pickle: bool = False
+    weights: str | None = None  # the checkpoint file's entry to evaluate (--weights), None = the default choice
+    name: str | None = None  # the checkpoint's name in the records (--name), None = from the file name
     progress: bool = True
     show_plan: bool = False  # print each task's plan and time estimate before starting
     dry_run: bool = False  # stop after the plan
@@ -99,7 +101,7 @@ def run(opts: RunOptions) -> RunReport:
         {n: t.default_protocol(opts.preset) for n, t in tasks.items()}, parse_overrides(opts.overrides)
     )
     ckpt = load_checkpoint(opts.checkpoint, arch=opts.arch, allow_partial=opts.allow_partial,
-                           trust_pickle=opts.trust_pickle, seed=opts.seed)
+                           trust_pickle=opts.trust_pickle, seed=opts.seed, weights=opts.weights, name=opts.name)
     layers = validate_layers(ckpt.arch, opts.layers)
     cache = FeatureCache(opts.cache_dir)
     shared: dict[str, FeatureExtractor] = {}
@@ -128,6 +130,13 @@ def run(opts: RunOptions) -> RunReport:
         report.skipped.append((name, str(e)))
         contexts.pop(name)
 
+    if all_mode:
+        for name in list(contexts):
+            why = environment_problem(tasks[name])
+            if why:
+                note(f"skipped {name}: this machine cannot run it ({why})")
+                report.skipped.append((name, why))
+                contexts.pop(name)
     if opts.show_plan or opts.dry_run:
         for name, e in print_plan(tasks, contexts, ckpt, opts):
             skip(name, e)

@@ -138,6 +138,7 @@ class TaskContext:
             task=self.task, dataset=dataset, split=split, layer=layer, metric=metric,
             value=None if value is None else float(value),
             checkpoint_id=ck.sha256, checkpoint=ck.spec, checkpoint_format=ck.format, method=ck.method,
-            arch=ck.arch, pretrain_data=ck.pretrain_data, checkpoint_meta=ck.metadata, protocol=self.preset,
+            arch=ck.arch, pretrain_data=ck.pretrain_data, checkpoint_meta=ck.metadata,
+            checkpoint_name=ck.name or ck.spec, checkpoint_load=ck.load_info, protocol=self.preset,
             params=merged, seed=self.seed, note=note, dataset_fingerprint=dataset_fingerprint, run_id=self.run_id,
         )

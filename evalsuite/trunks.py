@@ -17,8 +17,10 @@ Pooling (``pool_features``):
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +33,16 @@ from .errors import UserError
 RESNET_TAPS = ("conv1", "res2", "res3", "res4", "res5")
 ALEXNET_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
+# ResNets: "blocks" = residual blocks in layer1..layer4, "block" = torchvision's BasicBlock or Bottleneck.
 ARCHS: dict[str, dict] = {
-    "resnet18": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512)},
-    "resnet34": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512)},
-    "resnet50": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048)},
-    "resnet101": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048)},
+    "resnet18": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512),
+                 "blocks": (2, 2, 2, 2), "block": "basic"},
+    "resnet34": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512),
+                 "blocks": (3, 4, 6, 3), "block": "basic"},
+    "resnet50": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048),
+                 "blocks": (3, 4, 6, 3), "block": "bottleneck"},
+    "resnet101": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048),
+                  "blocks": (3, 4, 23, 3), "block": "bottleneck"},
     "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
 }
 
@@ -137,7 +144,58 @@ def _construct(info: dict, arch: str) -> nn.Module:
 
 
 def trunk_state_keys(arch: str) -> set[str]:
-    return set(build_trunk(arch, seed=0).state_dict().keys())
+    return set(trunk_state_shapes(arch))
+
+
+@functools.cache
+def trunk_state_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the trunk and its shape (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        trunk = _construct(arch_info(arch), arch)
+    return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+
+
+def is_trunk_key(arch: str, name: str) -> bool:
+    """Whether a torchvision-named key belongs to this architecture family's trunk (not its classifier)."""
+    if arch_info(arch)["family"] == "alexnet":
+        return name.startswith("features.")
+    return re.match(r"(conv1|bn1|layer[1-4])\.", name) is not None
+
+
+def resnet_layout(names: Iterable[str]) -> tuple[tuple[int | None, ...], str]:
+    """Blocks per stage (None: stage absent) and the block type ("basic" / "bottleneck") of ResNet keys."""
+    counts: list[int | None] = [None] * 4
+    bottleneck = False
+    for name in names:
+        m = re.match(r"layer([1-4])\.(\d+)\.(\w+)", name)
+        if m:
+            stage, block = int(m.group(1)) - 1, int(m.group(2))
+            counts[stage] = max(counts[stage] or 0, block + 1)
+            bottleneck = bottleneck or m.group(3) in ("conv3", "bn3")
+    return tuple(counts), "bottleneck" if bottleneck else "basic"
+
+
+def describe_layout(names: Iterable[str]) -> str:
+    """ "blocks 3-4-6-3, bottleneck": the ResNet layout of the keys, for messages."""
+    counts, block = resnet_layout(names)
+    return f"blocks {'-'.join('?' if c is None else str(c) for c in counts)}, {block}"
+
+
+def infer_arch(names: Iterable[str]) -> str | None:
+    """The architecture whose trunk these torchvision-named keys show, or None.
+
+    ResNets are told apart by their blocks per stage and block type; a stage missing altogether (a partial
+    file) is ignored as long as the stages present fit exactly one architecture.
+    """
+    names = set(names)
+    if "features.0.weight" in names and "features.10.weight" in names:
+        return "alexnet"
+    counts, block = resnet_layout(names)
+    if all(c is None for c in counts):
+        return None
+    fits = [arch for arch, info in ARCHS.items() if info["family"] == "resnet" and info["block"] == block
+            and all(c is None or c == n for c, n in zip(counts, info["blocks"]))]
+    return fits[0] if len(fits) == 1 else None
 
 
 @dataclass(frozen=True)

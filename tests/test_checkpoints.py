@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,9 @@ def test_own_format_roundtrip_with_metadata(tmp_path: Path) -> None:
     for k, v in trunk.state_dict().items():
         assert torch.equal(ck.state_dict[k], v)
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() makes it: others may load it
 
 
 def test_plain_safetensors_without_metadata(tmp_path: Path, tv_resnet18) -> None:
@@ -181,12 +185,13 @@ def test_pickle_with_code_is_refused(tmp_path: Path, tv_resnet18) -> None:
         load_checkpoint(legacy)
 
 
-def test_trust_pickle_loads_with_warning(tmp_path: Path, tv_resnet18) -> None:
+def test_trust_pickle_loads_with_warning(tmp_path: Path, tv_resnet18, capsys) -> None:
     path = tmp_path / "obj.pth"
     torch.save({"state_dict": tv_resnet18, "args": _Args(3)}, path)
-    with pytest.warns(UserWarning, match="executes code"):
-        ck = load_checkpoint(path, trust_pickle=True)
+    ck = load_checkpoint(path, trust_pickle=True)
+    err = capsys.readouterr().err.splitlines()
     assert ck.arch == "resnet18"
+    assert len(err) == 1 and err[0].startswith("evalsuite: warning: --trust-pickle:") and "executes code" in err[0]
 
 
 class _Args:  # a harmless custom class, as many training scripts pickle their argparse namespace

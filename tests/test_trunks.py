@@ -8,7 +8,16 @@ import torch.nn.functional as F
 import torchvision
 
 from evalsuite.errors import UserError
-from evalsuite.trunks import build_trunk, goyal_grid, pool_features, pool_spec, tap_shapes
+from evalsuite.trunks import (
+    build_trunk,
+    describe_layout,
+    goyal_grid,
+    infer_arch,
+    pool_features,
+    pool_spec,
+    resnet_layout,
+    tap_shapes,
+)
 
 
 def test_resnet50_goyal_dims_match_the_benchmark() -> None:
@@ -105,3 +114,20 @@ def test_train_mode_bn_would_change_features_but_extraction_uses_eval(tmp_path, 
     assert torch.allclose(torch.from_numpy(feats[:8]).float(), eval_out, atol=2e-3, rtol=1e-2)
     for k, v in trunk.state_dict().items():
         assert torch.equal(v, before[k]), f"extraction changed {k}"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "alexnet"])
+def test_infer_arch_from_torchvision_keys(arch: str) -> None:
+    names = getattr(torchvision.models, arch)(weights=None).state_dict().keys()
+    assert infer_arch(names) == arch
+
+
+def test_infer_arch_reads_block_counts_and_block_type() -> None:
+    r50 = set(torchvision.models.resnet50(weights=None).state_dict())
+    assert resnet_layout(r50) == ((3, 4, 6, 3), "bottleneck")
+    assert describe_layout(torchvision.models.resnet34(weights=None).state_dict()) == "blocks 3-4-6-3, basic"
+    assert infer_arch(n for n in r50 if not n.startswith("layer4.")) == "resnet50"  # partial: stages present fit
+    assert infer_arch(n for n in r50 if not n.startswith("layer3.")) is None  # resnet50 or resnet101
+    odd = r50 | {"layer3.6.conv1.weight"}  # 7 res4 blocks: no supported architecture
+    assert infer_arch(odd) is None
+    assert infer_arch(["fc.weight", "conv1.weight"]) is None
