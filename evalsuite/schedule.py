@@ -17,6 +17,7 @@ The machine-readable model index that regenerates the tables (the role of mmself
 
     [[run]]
     checkpoint = "ckpts/simclr.safetensors"
+    name = "simclr_200ep"             # the name in records (--name); also arch, weights (--arch, --weights)
     tasks = ["voc07_svm"]
     set = ["voc07_svm.costs=[0.1,1,10]"]   # --set overrides
     layers = ["res4", "res5"]
@@ -57,12 +58,15 @@ class Job:
     overrides: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
     arch: str | None = None
+    weights: str | None = None  # which weights of the file (--weights)
+    name: str | None = None  # the checkpoint's name in records (--name)
     status: str = "pending"  # pending | done (before) | ran | failed | data_missing | planned
     message: str = ""
 
     @property
     def group(self) -> tuple:
-        return (self.checkpoint, self.arch, self.protocol, self.seed, self.overrides, self.layers)
+        return (self.checkpoint, self.arch, self.weights, self.name, self.protocol, self.seed, self.overrides,
+                self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "task": self.task, "protocol": self.protocol, "seed": self.seed,
@@ -157,7 +161,8 @@ def expand_jobs(data: dict[str, Any], base: Path, only_tasks: Sequence[str] | No
         layers = tuple(str(x) for x in _as_list(cfg.get("layers")))
         for seed in seeds:
             for task in tasks:
-                job = Job(ck, task, protocol, int(seed), overrides, layers, cfg.get("arch"))
+                job = Job(ck, task, protocol, int(seed), overrides, layers, cfg.get("arch"), cfg.get("weights"),
+                          cfg.get("name"))
                 key = (job.group, task)
                 if key not in seen:
                     seen.add(key)
@@ -256,11 +261,12 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
     from .runner import RunOptions
 
     done_jobs = 0
-    for n, ((ck, arch, protocol, seed, overrides, layers), group) in enumerate(groups.items(), 1):
+    for n, ((ck, arch, weights, name, protocol, seed, overrides, layers), group) in enumerate(groups.items(), 1):
         names = [j.task for j in group]
         echo(f"[{n}/{len(groups)}] {ck}: {', '.join(names)} ({protocol}, seed {seed}) "
              f"— {done_jobs}/{len(pending)} jobs finished")
-        opts = RunOptions(checkpoint=ck, arch=arch, tasks=[",".join(names)], layers=list(layers) or None,
+        opts = RunOptions(checkpoint=ck, arch=arch, weights=weights, name=name, tasks=[",".join(names)],
+                          layers=list(layers) or None,
                           preset=protocol, overrides=list(overrides), data_root=Path(root), out=Path(out_dir),
                           device=dev, seed=seed, cache_dir=Path(cache) if cache else None, progress=progress,
                           batch_size=int(data.get("batch_size", 64)), workers=int(data.get("workers", 0)),
