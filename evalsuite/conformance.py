@@ -57,6 +57,23 @@ def task_conformance(task: Any) -> dict[str, tuple[str, str, str]]:
     return dict(table)
 
 
+def deviations(task: Any, protocol: Any) -> list[str]:
+    """Fields of ``protocol`` that make its numbers differ from the published ones: our preset's known
+    deviations (status ``deviation``) and fields set away from a value the reference shares (status ``same``)."""
+    table = task_conformance(task)
+    reference = task.default_protocol("goyal19")
+    out = []
+    for path in field_paths(protocol):
+        status = table.get(path, ("", "", MISSING))[2]
+        try:
+            changed = _value(protocol, path) != _value(reference, path)
+        except AttributeError:
+            changed = False
+        if status.startswith("deviation") or (status == "same" and changed):
+            out.append(path)
+    return out
+
+
 def rows(task_names: list[str] | None = None, preset: str = "goyal19") -> list[Row]:
     """One row per field of each task's ``preset`` protocol (fields without an entry are marked missing)."""
     check_preset(preset)

@@ -1,8 +1,10 @@
 """Batched feature extraction over any dataset, all taps in one forward pass, through the cache.
 
-CPU fast path: channels_last + bfloat16 autocast where the CPU supports it
-(``precision="auto"``); ``precision="fp32"`` gives the reference numbers. The
-precision is part of the cache key, so the two never mix.
+Precision: ``"fp32"`` computes and caches float32 features, as the references do
+(the default of the goyal19 and vissl presets, :data:`PRESET_PRECISION`);
+``"auto"`` (the quick preset's) is the fast path, channels_last + bfloat16 autocast
+where the device supports it, cached as float16 (float32 for a tap beyond float16's
+range). The precision is part of the cache key, so the two never mix.
 
 Multi-process (``torchrun``): when a process group is initialised, rank r
 extracts shards r, r+W, ...; rank 0 writes the manifests after a barrier.
@@ -12,6 +14,7 @@ Batches never cross shard boundaries, so the result equals one process exactly.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,15 +32,30 @@ from .errors import BadData, BadFeatures, UserError
 from .trunks import PoolSpec, check_taps, pool_features, pool_spec, tap_shapes
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# The precision a run extracts in when --precision is not given: the references (fair_ssb, VISSL, DINO)
+# extract in fp32, and bf16 moves published-protocol numbers by more than 0.1 point
+# (benchmarks/fidelity/features.py); the quick preset keeps the fast path.
+PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "quick": "auto"}
+
+
+RESIZE_MODES = ("square", "center_crop", "scale_square")
+INTERPOLATIONS = ("bilinear", "bicubic", "cv2_bilinear")
 
 
 @dataclass(frozen=True)
 class Transform:
     """Evaluation transform; recorded in results and part of the cache key.
 
-    ``mode="square"`` resizes to ``size`` x ``size`` (Goyal et al.'s VOC07 SVM
-    protocol); ``mode="center_crop"`` resizes the shorter side to ``resize`` and
-    takes the central ``size`` crop (the usual kNN / linear-probe protocol).
+    ``mode``: ``"square"`` resizes to ``size`` x ``size``; ``"center_crop"`` resizes the shorter
+    side to ``resize`` and takes the central ``size`` crop (DINO's kNN, the linear probes);
+    ``"scale_square"`` resizes the shorter side to ``resize``, then the whole image to ``size`` x
+    ``size`` (the VOC07 SVM: fair_ssb's ``[scale, global_resize]``, VISSL's Resize(256) + Resize([224, 224])).
+    ``resize`` None: ``size`` x 256/224.
+
+    ``interpolation``: ``"bilinear"`` / ``"bicubic"`` are PIL's filters as torchvision's Resize applies them
+    to PIL images (DINO's ``interpolation=3`` is bicubic); ``"cv2_bilinear"`` is OpenCV's ``INTER_LINEAR`` on
+    float pixels, without antialiasing, as fair_ssb's ``cv2.resize`` (self_supervision_benchmark/data/
+    data_transformation.py ``scale`` / ``global_resize``).
     """
 
     size: int = 224
@@ -49,8 +67,10 @@ class Transform:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        if self.mode not in ("square", "center_crop"):
-            raise UserError(f"unknown transform mode {self.mode!r}; use square or center_crop")
+        if self.mode not in RESIZE_MODES:
+            raise UserError(f"unknown transform mode {self.mode!r}; use {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {self.interpolation!r}; use {', '.join(INTERPOLATIONS)}")
         if self.input_space not in INPUT_SPACES:
             raise UserError(f"unknown input space {self.input_space!r}; known: {', '.join(INPUT_SPACES)}")
 
@@ -59,23 +79,23 @@ class Transform:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    @property
+    def shorter_side(self) -> int:
+        return self.resize or int(round(self.size * 256 / 224))
+
     def __call__(self, image) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        interp = InterpolationMode(self.interpolation)
-        if self.mode == "square":
-            image = TF.resize(image, [self.size, self.size], interpolation=interp, antialias=True)
+        if self.interpolation == "cv2_bilinear":
+            x = _cv2_bilinear_resize(image, self)
         else:
-            image = TF.resize(image, self.resize or int(round(self.size * 256 / 224)), interpolation=interp,
-                              antialias=True)
-            image = TF.center_crop(image, [self.size, self.size])
-        x = TF.to_tensor(image)
+            x = TF.to_tensor(_pil_resize(image, self))
         return to_input_space(x, self.input_space, self.mean, self.std)
 
     @classmethod
     def from_protocol(cls, protocol: Any, checkpoint_meta: dict | None = None) -> Transform:
-        """The protocol's ``image_size`` / ``resize_mode`` / ``resize`` with the checkpoint's normalisation."""
+        """The protocol's ``image_size`` / ``resize_mode`` / ``resize`` / ``interpolation`` with the checkpoint's
+        normalisation."""
         meta = checkpoint_meta or {}
         norm = meta.get("normalize") or {}
         return cls(
@@ -85,13 +105,54 @@ class Transform:
             mean=tuple(norm.get("mean", IMAGENET_MEAN)),
             std=tuple(norm.get("std", IMAGENET_STD)),
             input_space=meta.get("input_space", "rgb"),
+            interpolation=protocol_get(protocol, "interpolation", "bilinear"),
         )
 
 
+def _pil_resize(image, tf: Transform):
+    """torchvision's Resize / CenterCrop on a PIL image (PIL's filters)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    interp = InterpolationMode(tf.interpolation)
+    if tf.mode == "square":
+        return TF.resize(image, [tf.size, tf.size], interpolation=interp, antialias=True)
+    image = TF.resize(image, tf.shorter_side, interpolation=interp, antialias=True)
+    if tf.mode == "center_crop":
+        return TF.center_crop(image, [tf.size, tf.size])
+    return TF.resize(image, [tf.size, tf.size], interpolation=interp, antialias=True)
+
+
+def _cv2_bilinear_resize(image, tf: Transform) -> torch.Tensor:
+    """fair_ssb's resizing on float pixels: cv2.resize INTER_LINEAR (half-pixel centres, no antialiasing) is
+    torch's bilinear interpolation with align_corners=False and antialias=False. Returns (3, H, W) in [0, 1]."""
+    import torch.nn.functional as F
+    from torchvision.transforms import functional as TF
+
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+
+    def resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if (h, w) == tuple(x.shape[-2:]):
+            return x
+        return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+
+    if tf.mode != "square":
+        # data_transformation.scale: the shorter side to `resize`, the longer one floor(long / short * resize)
+        h, w = x.shape[-2:]
+        side = tf.shorter_side
+        if w < h:
+            x = resize(x, int(math.floor(h / w * side)), side)
+        else:
+            x = resize(x, side, int(math.floor(w / h * side)))
+    if tf.mode == "center_crop":
+        x = TF.center_crop(x, [tf.size, tf.size])
+    else:
+        x = resize(x, tf.size, tf.size)
+    return x[0] / 255.0
+
+
 def protocol_get(protocol: Any, key: str, default: Any = None) -> Any:
-    """A field of a typed protocol (or of a plain mapping), ``default`` when it has none."""
-    if isinstance(protocol, dict):
-        return protocol.get(key, default)
+    """A field that not every task's protocol has (``pooling``, ``resize``...), ``default`` when it has none."""
     return getattr(protocol, key, default)
 
 
@@ -116,6 +177,11 @@ def _collate(batch):
         if err is not None:
             raise BadData(err[0], err[1] or f"sample {i}")
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def preset_precision(preset: str, precision: str | None = None) -> str:
+    """``precision`` when one is given, else the preset's (:data:`PRESET_PRECISION`)."""
+    return precision or PRESET_PRECISION.get(preset, "auto")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -167,6 +233,8 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.precision = "bf16" if self.autocast_dtype is not None else "fp32"
+        # float32 features are kept as computed; the fast path halves the cache with float16
+        self.storage = "float16" if self.autocast_dtype is not None else "float32"
         self.batch_size = batch_size
         self.workers = workers
         self.progress = progress
@@ -190,13 +258,14 @@ class FeatureExtractor:
             "transform": transform.to_dict(),
             "pooling": {"method": spec.method, "op": spec.op, "shape": list(spec.out_shape)},
             "precision": self.precision,
+            "storage": self.storage,
         }
 
     def features(
         self, dataset: ImageDataset, taps: Sequence[str], pooling: str = "goyal", transform: Transform | None = None
     ) -> dict[str, np.ndarray]:
-        """(N, D) features per tap for every sample of ``dataset``, in dataset order (float16, or float32 for
-        a tap whose values exceed float16's range)."""
+        """(N, D) features per tap for every sample of ``dataset``, in dataset order: float32 at fp32 precision;
+        at bf16 float16, or float32 for a tap whose values exceed float16's range."""
         transform = transform or Transform()
         n = len(dataset)
         if n == 0:
@@ -304,7 +373,8 @@ class FeatureExtractor:
                 raise BadFeatures(
                     f"the checkpoint's {t} features are NaN/Inf (first on {dataset.kind} {dataset.split} sample "
                     f"{bad}): its weights are probably broken", self.source or f"checkpoint {self.checkpoint_id[:12]}")
-            out[t] = storage_array(y.detach().cpu().numpy())  # fp16 unless out of its range
+            y = y.detach().cpu().numpy()
+            out[t] = np.ascontiguousarray(y, dtype=np.float32) if self.storage == "float32" else storage_array(y)
         return out
 
 

@@ -50,6 +50,8 @@ class Result:
     #: which weights were evaluated and whether any were missing: ``weights`` (the file's entry, "" for a plain
     #: state dict), ``partial``, ``missing`` (count), ``missing_keys`` (the first 50)
     checkpoint_load: dict[str, Any] = field(default_factory=dict)
+    #: protocol fields where this number's protocol differs from the published one (docs/protocols.md)
+    deviations: list[str] = field(default_factory=list)
     protocol: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None

@@ -75,6 +75,7 @@ class TaskContext:
     cache_dir: Path | None = None
     _trunk: torch.nn.Module | None = field(default=None, repr=False)
     _extractor: FeatureExtractor | None = field(default=None, repr=False)
+    _deviations: list[str] | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- trunk & features
 
@@ -131,8 +132,7 @@ class TaskContext:
         params: dict[str, Any] | None = None, note: str = "", dataset_fingerprint: str = "",
     ) -> Result:
         ck = self.checkpoint
-        resolved = self.protocol.to_dict() if hasattr(self.protocol, "to_dict") else copy.deepcopy(self.protocol)
-        merged = {**resolved, **(params or {})}
+        merged = {**self.protocol.to_dict(), **(params or {})}
         merged.setdefault("feature_precision", self.extractor.precision if self._extractor else None)
         return Result(
             task=self.task, dataset=dataset, split=split, layer=layer, metric=metric,
@@ -141,4 +141,14 @@ class TaskContext:
             arch=ck.arch, pretrain_data=ck.pretrain_data, checkpoint_meta=ck.metadata,
             checkpoint_name=ck.name or ck.spec, checkpoint_load=ck.load_info, protocol=self.preset,
             params=merged, seed=self.seed, note=note, dataset_fingerprint=dataset_fingerprint, run_id=self.run_id,
+            deviations=self.deviations(),
         )
+
+    def deviations(self) -> list[str]:
+        """Fields where this run's protocol differs from the published reference (see evalsuite.conformance)."""
+        if self._deviations is None:
+            from . import registry
+            from .conformance import deviations
+
+            self._deviations = deviations(registry.get_task(self.task), self.protocol)
+        return list(self._deviations)

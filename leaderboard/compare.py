@@ -14,7 +14,9 @@ silently compared:
 Statuses: ``ok`` (|ours - reference| <= tolerance), ``regression`` (outside tolerance),
 ``no_value`` (ours is an explained NaN), ``protocol_mismatch``; reference rows with no compared
 result are listed as ``missing``. A result of a checkpoint loaded with ``--allow-partial`` carries
-the flag ``partial load: N missing keys``; with ``strict`` it is a protocol mismatch (not comparable).
+the flag ``partial load: N missing keys``, and a result whose protocol deviates from the published one in an
+element the conformance table marks (``deviations``, docs/protocols.md) is flagged against references; with
+``strict`` either is a protocol mismatch (not comparable).
 When no pair at all was compared the report says so, and why (``nothing_compared``); it never passes.
 Exit code: 1 when any compared row is a regression or ``no_value`` (with ``strict``: also any
 mismatch or missing row, or nothing compared), else 0.
@@ -188,14 +190,19 @@ def _none_if_nan(v: Any) -> Any:
 
 def _pair_row(key_fields: list[str], o: Mapping, r: Mapping, ref_value: float, tol: Tolerance, compatible: bool,
               extra: dict[str, Any], strict: bool = False) -> dict[str, Any]:
-    """One matched pair; a result of a partially loaded checkpoint is flagged, and not comparable if ``strict``."""
+    """One matched pair. Flagged: a result of a partially loaded checkpoint and, against a published number, one
+    whose protocol deviates from the published one (``deviations``); with ``strict`` neither is comparable."""
     ours = _none_if_nan(o["value"])
     row = {k: o[k] for k in key_fields}
     partial = bool(o.get("partial", False))
     row.update(ours=ours, reference=ref_value, delta=None, tolerance=tol.allowed(o["metric"], ref_value),
                checkpoint=o.get("checkpoint", ""), our_protocol=o["protocol"],
                flags=[partial_note(int(o.get("missing", 0)))] if partial else [], **extra)
-    row["mismatch"] = "protocol" if not compatible else "partial load" if partial and strict else ""
+    deviates = list(o.get("deviations") or []) if "ref_source" in extra else []
+    if deviates:
+        row["flags"].append(f"deviates from the published protocol in {', '.join(deviates)} (docs/protocols.md)")
+    row["mismatch"] = ("protocol" if not compatible else "partial load" if partial and strict
+                       else "protocol deviation" if deviates and strict else "")
     if row["mismatch"]:
         row["status"] = "protocol_mismatch"
     elif ours is None:
@@ -233,12 +240,15 @@ def _why_no_match(ours: list[dict], theirs: list[dict], key: list[str], what: st
 def _why_not_comparable(rows: list[dict], hint: str) -> str:
     other = [r for r in rows if r["mismatch"] == "protocol"]
     partial = sum(r["mismatch"] == "partial load" for r in rows)
+    deviating = sum(r["mismatch"] == "protocol deviation" for r in rows)
     parts = []
     if other:
         parts.append(f"{len(other)} with another protocol (ours: {_few(r['our_protocol'] for r in other)}; "
                      f"theirs: {_few(source_key(r['ref_protocol']) for r in other)}); {hint}")
     if partial:
         parts.append(f"{partial} from partially loaded checkpoints (not comparable under --strict)")
+    if deviating:
+        parts.append(f"{deviating} whose protocol deviates from the published one (not comparable under --strict)")
     return f"none of the {len(rows)} matched row(s) is comparable: " + "; ".join(parts)
 
 

@@ -253,3 +253,19 @@ def test_compare_skip_bad_lines_counts_and_reports_them(tmp_path, capsys) -> Non
     # the --against side is read the same way
     assert main(["compare", "--results", str(d), "--against", str(d), "--skip-bad-lines", "--strict"]) == 0
     assert capsys.readouterr().err.count("skipped 3 unreadable lines") == 2
+
+
+def test_a_protocol_deviating_from_the_published_one_is_flagged_and_refused_under_strict(tmp_path) -> None:
+    d = write(tmp_path / "dev", [])
+    (d / "results.jsonl").write_text(lines_with([rec(v + 0.1, lay) for lay, v in GOYAL_SUP.items()],
+                                                deviations=["image_size", "costs"]))
+    goyal = [r for r in compare_to_references(agg_of(d), Tolerance()).rows if r["ref_protocol"].startswith("goyal19")]
+    assert len(goyal) == 5 and {r["status"] for r in goyal} == {"ok"}
+    assert all(r["flags"] == ["deviates from the published protocol in image_size, costs (docs/protocols.md)"]
+               for r in goyal)
+    strict = compare_to_references(agg_of(d), Tolerance(), strict=True)
+    assert {r["mismatch"] for r in strict.rows if r["ref_protocol"].startswith("goyal19")} == {"protocol deviation"}
+    assert strict.exit_code == 1 and "deviates from the published one" in strict.summary()["why_nothing_compared"]
+    # results compared with results are not judged against the published protocol
+    other = write(tmp_path / "other", [rec(v, lay) for lay, v in GOYAL_SUP.items()])
+    assert all(r["flags"] == [] for r in compare_to_results(agg_of(d), agg_of(other), Tolerance()).rows)
