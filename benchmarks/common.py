@@ -28,8 +28,8 @@ def peak_rss_mb() -> float:
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
+    from evalsuite.io import atomic_write_json
+
+    path = atomic_write_json(OUT_DIR / f"{name}.json", {"machine": machine(), **payload}, indent=2, default=str)
     print(f"wrote {path}")
     return path
