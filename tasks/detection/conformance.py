@@ -1,0 +1,61 @@
+"""The detection goyal19 preset beside the published protocol: fair_ssb's Fast R-CNN yaml, run under Detectron's
+defaults (``detectron/core/config.py``) for everything the yaml leaves out. Rendered into docs/protocols.md."""
+
+YAML = ("fair_ssb:configs/benchmark_tasks/object_detection_frozen/voc07/"
+        "fast_rcnn_R-50-C4_with_ss_proposals_trainval.yaml")
+DETECTRON = "Detectron:detectron/core/config.py"
+OURS = "ours: a setting of this implementation, no effect on the number"
+
+CONFORMANCE: dict[str, tuple[str, str, str]] = {
+    "train_sets": ("('voc_2007_trainval',)", YAML, "same"),
+    "test_set": ("('voc_2007_test',)", YAML, "same"),
+    "data_path": ("", "", OURS),
+    "data_paths": ("", "", OURS),
+    "train_use_difficult": ("difficult objects ignored", DETECTRON, "same"),
+    "freeze_at": ("FREEZE_AT: 4", YAML, "same"),
+    "pooler": ("FAST_RCNN.ROI_XFORM_METHOD RoIPoolF", DETECTRON,
+               "deviation: RoIAlign instead of RoI pooling (effect not measured yet)"),
+    "pool_size": ("FAST_RCNN.ROI_XFORM_RESOLUTION 14", DETECTRON, "same"),
+    "cls_agnostic_bbox_reg": ("MODEL.CLS_AGNOSTIC_BBOX_REG False", DETECTRON, "same"),
+    "proposals": ("selective search, the published proposal files", YAML,
+                  "deviation: OpenCV selective search computed here unless proposals=file (effect not measured "
+                  "yet; the published files reproduce the paper)"),
+    "proposal_mode": ("MSRA selective-search files", YAML, "deviation: OpenCV fast mode"),
+    "proposal_max_side": ("full-resolution images", YAML, "deviation: search on images downscaled to 500 px"),
+    "proposal_limit": ("TRAIN: all boxes (proposal_limit -1); TEST.PROPOSAL_LIMIT 2000", DETECTRON,
+                       "deviation: training also capped at 2000"),
+    "proposal_cache": ("", "", OURS),
+    "proposal_files": ("PROPOSAL_FILES", YAML, "same"),
+    "max_iter": ("MAX_ITER: 30000", YAML, "same"),
+    "lr": ("BASE_LR: 0.002", YAML, "same"),
+    "steps": ("STEP_SIZE: 22000", YAML, "same"),
+    "gamma": ("SOLVER.GAMMA 0.1", DETECTRON, "same"),
+    "momentum": ("SOLVER.MOMENTUM 0.9", DETECTRON, "same"),
+    "weight_decay": ("SOLVER.WEIGHT_DECAY 0.0005", DETECTRON, "deviation: 1e-4 (effect not measured yet)"),
+    "bias_double_lr": ("SOLVER.BIAS_DOUBLE_LR True", DETECTRON, "same"),
+    "bias_weight_decay": ("SOLVER.BIAS_WEIGHT_DECAY False", DETECTRON, "same"),
+    "warmup_iters": ("SOLVER.WARM_UP_ITERS 500", DETECTRON, "same"),
+    "warmup_factor": ("SOLVER.WARM_UP_FACTOR 1/3 (linear)", DETECTRON, "same"),
+    "ims_per_batch": ("TRAIN.IMS_PER_BATCH 2 x NUM_GPUS 2", YAML, "same"),
+    "rois_per_image": ("TRAIN.BATCH_SIZE_PER_IM 64", DETECTRON, "same"),
+    "fg_fraction": ("TRAIN.FG_FRACTION 0.25", DETECTRON, "same"),
+    "fg_thresh": ("TRAIN.FG_THRESH 0.5", DETECTRON, "same"),
+    "bg_thresh_hi": ("TRAIN.BG_THRESH_HI 0.5", DETECTRON, "same"),
+    "bg_thresh_lo": ("TRAIN.BG_THRESH_LO 0.0", DETECTRON, "same"),
+    "train_scales": ("TRAIN.SCALES (600,)", DETECTRON, "same"),
+    "train_max_size": ("TRAIN.MAX_SIZE 1000", DETECTRON, "same"),
+    "flip": ("TRAIN.USE_FLIPPED True", DETECTRON, "same"),
+    "smooth_l1_beta": ("smooth L1, beta 1", DETECTRON, "same"),
+    "checkpoint_period": ("", "", OURS),
+    "test_scale": ("TEST.SCALE 600", DETECTRON, "same"),
+    "test_max_size": ("TEST.MAX_SIZE 1000", DETECTRON, "same"),
+    "nms": ("TEST.NMS 0.3", DETECTRON, "same"),
+    "score_thresh": ("TEST.SCORE_THRESH 0.05", DETECTRON, "deviation: 0 (effect not measured yet)"),
+    "max_dets": ("TEST.DETECTIONS_PER_IM 100", DETECTRON, "same"),
+    "iou_thresh": ("0.5", "py-faster-rcnn:lib/datasets/voc_eval.py", "same"),
+    "ap_method": ("VOC07 11-point AP (use_07_metric)", "py-faster-rcnn:lib/datasets/voc_eval.py", "same"),
+    "iou_compare": ("ovmax > ovthresh", "py-faster-rcnn:lib/datasets/voc_eval.py", "same"),
+    "extra_metrics": ("", "", "ours: extra records beside mAP, the mAP is unchanged"),
+    "max_train_images": ("every image", YAML, "same"),
+    "max_test_images": ("every image", YAML, "same"),
+}
