@@ -1,14 +1,16 @@
 """Surface-normal training and evaluation speed at the ``quick`` preset, side by side in one run.
 
-Measured on ray-cast synthetic NYUv2 scenes (``write_nyuv2``) with a random trunk:
-- training steps/s with the frozen stages' outputs computed once and reused every epoch ("cached")
-  versus recomputed for every batch ("recomputed"), for the goyal19 split (res5 + head trained,
-  ``freeze_through=res4``) and for a head on a fully frozen trunk (``freeze_through=res5``);
+Measured on ray-cast synthetic NYUv2 scenes (``write_nyuv2``) with a random trunk, at the quick preset's
+multi-scale sizes (the reference's shorter sides relative to a 480-pixel frame, applied to ``--height``):
+- training steps/s with the frozen stages' outputs computed once per image and scale and reused
+  ("cached") versus recomputed for every batch ("recomputed"), for the goyal19 split (res5 + head
+  trained, ``freeze_through=res4``) and for a head on a fully frozen trunk (``freeze_through=res5``);
   the one-off cost of filling the cache is reported separately and included in the end-to-end time;
 - evaluation images/s (forward, upsampling to the ground-truth resolution, decoding, pooled metrics).
 
     python -m benchmarks.bench_normals [--arch resnet18] [--n-train 32] [--n-test 16]
                                        [--height 48] [--width 64] [--epochs 3] [--threads 1]
+                                       (iterations: epochs x the quick preset's iters_per_epoch)
 
 Prints a table and writes benchmarks/out/bench_normals.json.
 """
@@ -36,7 +38,7 @@ def build(arch: str, freeze_through: str, cfg: sn.TrainConfig, p: sn.SurfaceNorm
     torch.manual_seed(0)
     return FrozenTrunkDenseModel(load_checkpoint(f"random:{arch}", seed=0).build_trunk(), freeze_through,
                                  cfg.num_outputs, output_stride=p.output_stride, head_channels=p.head_channels,
-                                 bins=p.psp_bins, dropout=p.dropout)
+                                 bins=p.psp_bins, dropout=p.dropout, bn_momentum=p.bn_momentum)
 
 
 def main(argv=None) -> int:
@@ -51,7 +53,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    p = sn.task.default_protocol("quick").replace(image_size=(args.height, args.width), epochs=args.epochs)
+    p = sn.task.default_protocol("quick")
+    p = p.replace(train_short_sides=tuple(round(s * args.height / 48) for s in p.train_short_sides),
+                  test_short_side=round(p.test_short_side * args.height / 48),
+                  max_long_side=round(p.max_long_side * args.height / 48), epochs=args.epochs)
     cfg = sn.TrainConfig.from_protocol(p, seed=0)
     norm = sn._normalisation({})
     rows = []
@@ -60,9 +65,9 @@ def main(argv=None) -> int:
                            width=args.width)
         train, test = open_dataset("nyuv2", root, "train"), open_dataset("nyuv2", root, "test")
         t0 = time.perf_counter()
-        data = sn.load_split(train, cfg.image_size, cfg.unit_tolerance, progress=False)
+        data = sn.load_split(train, cfg.unit_tolerance, progress=False)
         load_s = time.perf_counter() - t0
-        iters = (len(data) // min(cfg.batch_size, len(data))) * cfg.epochs
+        iters = cfg.total_iterations
         for freeze in ("res4", "res5"):
             timing = {}
             for cached in (True, False):
@@ -70,9 +75,8 @@ def main(argv=None) -> int:
                 cache_s = 0.0
                 if cached:  # time the one-off cache fill on its own
                     t0 = time.perf_counter()
-                    with torch.no_grad():
-                        for i in range(0, len(data), cfg.batch_size):
-                            model.frozen_features(sn.to_input(data.images[i:i + cfg.batch_size], norm))
+                    sn.frozen_cache(model.eval(), data, dataclasses.replace(cfg, cache_frozen_max_gb=float("inf")),
+                                    norm, "cpu")
                     cache_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 # the cache is used when the frozen outputs fit in cache_frozen_max_gb: all or nothing here

@@ -196,6 +196,42 @@ def test_codebook_is_a_spherical_kmeans_fixed_point_sorted_by_size():
     np.testing.assert_allclose(cb, ref[match], atol=1e-5)              # faiss works in float32
 
 
+def reference_soft_decode(logits: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """normals_evaluation_utils.py NormalsConverter.convert_discrete_to_continuous on softmax probabilities
+    (float64): probs @ codebook, divided by (row norm + float64 eps)."""
+    z = logits - logits.max(axis=0, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=0, keepdims=True)                 # (K, H, W)
+    k, h, w = probs.shape
+    m = probs.reshape(k, -1).T @ codebook
+    m = m / (np.linalg.norm(m, axis=1) + np.finfo(np.float64).eps)[:, None]
+    return m.reshape(h, w, 3)
+
+
+def test_soft_decoding_is_the_reference_conversion():
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(40, 3)) * rng.uniform(0.5, 1.5, size=(40, 1))   # entries used as stored
+    logits = rng.normal(scale=3.0, size=(40, 6, 7))
+    got = cbl.decode(torch.from_numpy(logits)[None], torch.from_numpy(codebook), "soft")[0].permute(1, 2, 0)
+    np.testing.assert_allclose(got.numpy(), reference_soft_decode(logits, codebook), atol=1e-12)
+    hard = cbl.decode(torch.from_numpy(logits)[None], torch.from_numpy(codebook), "hard")[0].permute(1, 2, 0)
+    assert angular_errors_deg(hard.numpy(), reference_soft_decode(logits, codebook)).mean() > 5   # not the same
+    assert cbl.decode(torch.from_numpy(logits)[None], torch.from_numpy(codebook)).equal(
+        cbl.decode(torch.from_numpy(logits)[None], torch.from_numpy(codebook), "soft"))      # soft by default
+
+
+def test_assignment_is_euclidean_as_the_reference_labels():
+    """make_SN_labels.py: sklearn pairwise_distances_argmin_min against the codebook as stored (not unit)."""
+    from sklearn.metrics import pairwise_distances_argmin_min
+
+    rng = np.random.default_rng(1)
+    codebook = unit(rng.normal(size=(40, 3))) * rng.uniform(0.3, 1.7, size=(40, 1))
+    normals = unit(rng.normal(size=(5000, 3)))
+    expected, _ = pairwise_distances_argmin_min(normals, codebook)
+    np.testing.assert_array_equal(cbl.assign(normals, codebook), expected)
+    np.testing.assert_array_equal(cbl.assign(torch.from_numpy(normals), torch.from_numpy(codebook)).numpy(), expected)
+    assert (cbl.assign(normals, unit(codebook)) != expected).any()           # the cosine would differ
+
+
 def test_codebook_decoding_hard_and_soft():
     cb = torch.tensor([[0, 0, -1.0], [0, -1.0, 0], [1.0, 0, 0]])
     logits = torch.full((1, 3, 2, 2), -20.0)

@@ -1,19 +1,28 @@
 """A codebook of surface-normal clusters: normals estimation as per-pixel classification.
 
-Following the NYUv2 normals setup of Wang, Fouhey & Gupta (2015) that the Goyal et al. 2019 benchmark
-inherits, each training normal is assigned to the nearest of K cluster centres found by k-means on the
-training normals (here spherical k-means: cosine similarity, centres renormalised to unit length),
-the network predicts a distribution over the K clusters per pixel, and the predicted normal is the centre of
-the most likely cluster (``hard``) or the renormalised probability-weighted mean of the centres (``soft``, a
-soft-argmax).
+Following the NYUv2 normals setup of Wang, Fouhey & Gupta (2015) that Goyal et al. 2019 run through
+imisra/semantic-segmentation-pytorch (README_normals.md), each training normal is assigned to the nearest of K
+codebook entries (Euclidean distance, as ``make_SN_labels.py`` does with ``pairwise_distances_argmin_min``), the
+network predicts a distribution over the K entries per pixel, and the predicted normal is the probability-weighted
+sum of the entries, renormalised (``soft``: ``normals_evaluation_utils.py convert_discrete_to_continuous``) or the
+most likely entry (``hard``, ours).
+
+The codebook is the published one (Wang et al.'s ``vocab40.mat``, read by :func:`load_codebook_file`) when the
+user has it, else our spherical k-means on the training normals (:func:`fit_codebook`).
 
 All functions are pure (numpy / torch in, numpy / torch out) and deterministic for a given seed.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from evalsuite.errors import UserError
 
 
 def fit_codebook(normals: np.ndarray, k: int, seed: int = 0, iters: int = 50,
@@ -62,11 +71,15 @@ def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
 
 
 def assign(normals: np.ndarray | torch.Tensor, codebook: np.ndarray | torch.Tensor):
-    """Index of the nearest centre (largest cosine) for each normal (..., 3) -> (...) int64."""
+    """Index of the nearest entry (Euclidean) for each normal (..., 3) -> (...) int64.
+
+    argmin |n - c|^2 = argmax (n.c - |c|^2 / 2): the largest cosine when the entries have unit length.
+    """
     if isinstance(normals, torch.Tensor):
         cb = torch.as_tensor(codebook, dtype=normals.dtype, device=normals.device)
-        return (normals @ cb.T).argmax(dim=-1)
-    return (np.asarray(normals, dtype=np.float64) @ np.asarray(codebook, dtype=np.float64).T).argmax(axis=-1)
+        return (normals @ cb.T - 0.5 * (cb * cb).sum(dim=1)).argmax(dim=-1)
+    cb = np.asarray(codebook, dtype=np.float64)
+    return (np.asarray(normals, dtype=np.float64) @ cb.T - 0.5 * (cb * cb).sum(axis=1)).argmax(axis=-1)
 
 
 def cluster_radius_deg(normals: np.ndarray, codebook: np.ndarray) -> np.ndarray:
@@ -81,14 +94,14 @@ def cluster_radius_deg(normals: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return radius
 
 
-def decode(logits: torch.Tensor, codebook: torch.Tensor, mode: str = "hard") -> torch.Tensor:
+def decode(logits: torch.Tensor, codebook: torch.Tensor, mode: str = "soft") -> torch.Tensor:
     """Per-pixel logits (B, K, H, W) -> unit normals (B, 3, H, W).
 
-    ``hard``: the centre of the arg-max cluster. ``soft``: softmax-weighted mean of the centres,
-    renormalised (falls back to the arg-max centre where the mean is ~0).
+    ``soft`` (the reference's ``convert_discrete_to_continuous``): softmax probabilities times the codebook,
+    divided by its length (the arg-max entry where that sum is ~0). ``hard``: the arg-max entry, renormalised.
     """
     cb = codebook.to(device=logits.device, dtype=logits.dtype)
-    hard = cb[logits.argmax(dim=1)].permute(0, 3, 1, 2)
+    hard = F.normalize(cb, dim=1)[logits.argmax(dim=1)].permute(0, 3, 1, 2)
     if mode == "hard":
         return hard.contiguous()
     if mode != "soft":
@@ -96,3 +109,47 @@ def decode(logits: torch.Tensor, codebook: torch.Tensor, mode: str = "hard") -> 
     mean = torch.einsum("bkhw,kc->bchw", logits.softmax(dim=1), cb)
     n = mean.norm(dim=1, keepdim=True)
     return torch.where(n > 1e-6, mean / n.clamp_min(1e-6), hard)
+
+
+def load_codebook_file(path: str | Path) -> np.ndarray:
+    """A codebook (K, 3) float64 from a file, as stored (entries are not renormalised).
+
+    ``.mat``: the reference's ``vocab40.mat`` layout, ``loadmat(f)['vocabs'][0][0]['normals'][0][0]``
+    (a cell holding a struct with field ``normals``; ``normals_evaluation_utils.py``), or a file whose only
+    K x 3 variable is the codebook. ``.npy``: a K x 3 array. Anything else: text, K rows of 3 numbers.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"surface_normals.codebook_file: no such file {p}")
+    try:
+        if p.suffix == ".mat":
+            cb = _codebook_from_mat(p)
+        elif p.suffix == ".npy":
+            cb = np.load(p, allow_pickle=False)
+        else:
+            cb = np.loadtxt(p, ndmin=2)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise UserError(f"surface_normals.codebook_file {p}: unreadable ({e})") from None
+    cb = np.asarray(cb, dtype=np.float64)
+    if cb.ndim != 2 or cb.shape[1] != 3 or cb.shape[0] < 2:
+        raise UserError(f"surface_normals.codebook_file {p}: expected K x 3 normals, got shape {cb.shape}")
+    if not np.isfinite(cb).all() or (np.linalg.norm(cb, axis=1) < 1e-6).any():
+        raise UserError(f"surface_normals.codebook_file {p}: entries must be finite, non-zero vectors")
+    return cb
+
+
+def _codebook_from_mat(p: Path) -> np.ndarray:
+    import scipy.io
+
+    data = scipy.io.loadmat(p)
+    if "vocabs" in data:
+        return data["vocabs"][0][0]["normals"][0][0]
+    arrays = [k for k, v in data.items() if not k.startswith("__") and isinstance(v, np.ndarray)
+              and v.dtype.kind in "fiu" and v.ndim == 2 and v.shape[1] == 3]
+    if len(arrays) != 1:
+        raise KeyError(f"no 'vocabs' cell and {len(arrays)} K x 3 variables (of {sorted(data)})")
+    return data[arrays[0]]
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,15 +1,18 @@
 """Dense prediction on a partly frozen ResNet trunk: dilation, the PSPNet head, and the frozen/trainable split.
 
-- :func:`set_output_stride` turns the last ResNet stages' strides into dilations (PSPNet / DeepLab,
-  Zhao et al. 2017): output stride 8 dilates res4 by 2 and res5 by 4, output stride 16 dilates res5 by 2.
+As in imisra/semantic-segmentation-pytorch (models/models.py, the code of Goyal et al. 2019's normals):
+
+- :func:`set_output_stride` turns the last ResNet stages' strides into dilations (``ResnetDilated``):
+  output stride 8 dilates res4 by 2 and res5 by 4, output stride 16 dilates res5 by 2.
   The weights are unchanged; only the sampling grid of the 3x3 convolutions changes.
-- :class:`PSPHead`: the pyramid pooling module (average pooling to 1x1, 2x2, 3x3, 6x6 bins, a 1x1
+- :class:`PSPHead`: the pyramid pooling module (``PPM``: average pooling to 1x1, 2x2, 3x3, 6x6 bins, a 1x1
   conv-BN-ReLU reducing each to C/4 channels, upsampled and concatenated with the input), then a 3x3
-  conv-BN-ReLU, dropout 0.1 and a 1x1 classifier, as in PSPNet.
-- :class:`FrozenTrunkDenseModel`: runs the trunk's stages up to and including ``freeze_through`` without
-  gradients and with BatchNorm in eval mode (:meth:`frozen_features`), then the remaining stages
-  (trainable weights, BatchNorm statistics frozen as well: the batches of a dense task are too small to
-  estimate them) and the head (:meth:`forward_from`).
+  conv-BN-ReLU, dropout 0.1 and a 1x1 classifier, initialised as ``ModelBuilder.weights_init``.
+- :class:`FrozenTrunkDenseModel`: the stages up to and including ``freeze_through`` run without gradients
+  and with BatchNorm in eval mode (:meth:`frozen_features`); the later stages and the head train, their
+  BatchNorm too (batch statistics; ``ResnetDilated.train`` puts only the frozen stages' BN in eval mode).
+- :class:`AveragedBatchNorm2d`: the running statistics of the trained BatchNorm layers are those of the
+  reference's synchronised BatchNorm (lib/nn/modules/batchnorm.py): a bias-corrected moving average.
 """
 
 from __future__ import annotations
@@ -68,17 +71,83 @@ class PSPHead(nn.Module):
         self.bottleneck = _conv_bn_relu(in_channels + reduced * len(self.bins), channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_outputs, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not self.classifier:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        for m in self.modules():  # ModelBuilder.weights_init (models/models.py); biases keep torch's default
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.constant_(m.bias, 1e-4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         pyramid = [x] + [F.interpolate(s(x), size=(h, w), mode="bilinear", align_corners=False)
                          for s in self.stages]
         return self.classifier(self.dropout(self.bottleneck(torch.cat(pyramid, dim=1))))
+
+
+class AveragedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose running statistics follow the reference's synchronised BatchNorm.
+
+    ``_SynchronizedBatchNorm._compute_mean_std``: sums ``S <- f S + batch``, ``W <- f W + 1`` with
+    ``f = 1 - momentum`` and ``running = S / W``, the sums starting at mean 0 / variance 1 with weight 1
+    (set when the layer is built, so pretrained statistics are replaced from the first training step); the
+    variance averaged is the unbiased one. Normalisation and evaluation are torch's.
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.001, eps: float = 1e-5):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.register_buffer("sum_mean", torch.zeros(num_features))
+        self.register_buffer("sum_var", torch.ones(num_features))
+        self.register_buffer("sum_weight", torch.ones(1))
+
+    @classmethod
+    def replacing(cls, bn: nn.BatchNorm2d, momentum: float) -> AveragedBatchNorm2d:
+        new = cls(bn.num_features, momentum=momentum, eps=bn.eps).to(bn.weight.device)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, name).copy_(getattr(bn, name))
+        new.weight.requires_grad_(bn.weight.requires_grad)
+        new.bias.requires_grad_(bn.bias.requires_grad)
+        new.train(bn.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        with torch.no_grad():
+            f = 1.0 - self.momentum
+            dims = [0, *range(2, x.dim())]
+            self.sum_mean.mul_(f).add_(x.mean(dim=dims).to(self.sum_mean.dtype))
+            self.sum_var.mul_(f).add_(x.var(dim=dims, unbiased=True).to(self.sum_var.dtype))
+            self.sum_weight.mul_(f).add_(1.0)
+            self.running_mean.copy_(self.sum_mean / self.sum_weight)
+            self.running_var.copy_(self.sum_var / self.sum_weight)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def use_averaged_batchnorm(module: nn.Module, momentum: float) -> nn.Module:
+    """Replace every BatchNorm2d inside ``module`` by an :class:`AveragedBatchNorm2d` (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, AveragedBatchNorm2d):
+            setattr(module, name, AveragedBatchNorm2d.replacing(child, momentum))
+        else:
+            use_averaged_batchnorm(child, momentum)
+    return module
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The reference's ``group_weight`` (train_generic.py): decay on conv / linear weights only, none on biases
+    and BatchNorm parameters; frozen parameters are left out."""
+    decay, no_decay = [], []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if m.weight.requires_grad:
+                decay.append(m.weight)
+                if m.bias is not None:
+                    no_decay.append(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad:
+            no_decay += [m.weight, m.bias]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def stage_channels(trunk: nn.Module, stage: str) -> int:
@@ -93,7 +162,8 @@ class FrozenTrunkDenseModel(nn.Module):
     """Trunk frozen through ``freeze_through``; stages after it and a PSP head are trained."""
 
     def __init__(self, trunk: nn.Module, freeze_through: str, num_outputs: int, output_stride: int = 8,
-                 head_channels: int = 512, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+                 head_channels: int = 512, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
+                 bn_momentum: float = 0.001):
         super().__init__()
         if getattr(trunk, "tap_names", None) != RESNET_STAGES:
             raise UserError(f"surface normals need a ResNet trunk (stages {', '.join(RESNET_STAGES)}); "
@@ -107,11 +177,13 @@ class FrozenTrunkDenseModel(nn.Module):
         self.frozen_stages, self.trainable_stages = RESNET_STAGES[:cut], RESNET_STAGES[cut:]
         for p in self.trunk.parameters():
             p.requires_grad_(False)
-        for stage in self.trainable_stages:
+        for stage in self.trainable_stages:  # conv1 is always frozen, so these are whole ResNet layers
             for attr in STAGE_MODULES[stage]:
                 for p in getattr(self.trunk, attr).parameters():
                     p.requires_grad_(True)
-        self.head = PSPHead(stage_channels(trunk, RESNET_STAGES[-1]), num_outputs, head_channels, bins, dropout)
+                use_averaged_batchnorm(getattr(self.trunk, attr), bn_momentum)
+        head = PSPHead(stage_channels(trunk, RESNET_STAGES[-1]), num_outputs, head_channels, bins, dropout)
+        self.head = use_averaged_batchnorm(head, bn_momentum)
         self.train(False)
 
     @property
@@ -121,9 +193,11 @@ class FrozenTrunkDenseModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self.trunk.modules():  # BatchNorm statistics of the trunk never change
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for stage in self.frozen_stages:  # the frozen stages' BatchNorm statistics never change
+            for attr in STAGE_MODULES[stage]:
+                for m in getattr(self.trunk, attr).modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
         return self
 
     def trainable_prefixes(self) -> list[str]:
