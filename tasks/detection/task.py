@@ -13,6 +13,7 @@ import numpy as np
 
 from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -202,6 +203,29 @@ class DetectionTask:
                                       dataset_fingerprint=fp))
         resume.clear()
         return results
+
+    # ------------------------------------------------------------------ plan
+
+    headline_metrics = ("mAP",)
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """The test images at the test scale; max_iter iterations of ims_per_batch images at the (largest) train
+        scale, drawn from the training sets (as many images as run() reads: max_*_images applied per set)."""
+        p: DetectionProtocol = ctx.protocol
+
+        def count(name: str, limit: int | None) -> int:
+            kind, split = _parse_set(name)
+            n = len(ctx.open_dataset(kind, split, dataset_path(p, kind)))
+            return n if limit is None else min(n, int(limit))
+
+        train = {name: count(name, p.max_train_images) for name in expand_train_sets(p.train_sets)}
+        test = {p.test_set: count(p.test_set, p.max_test_images)}
+        note = "" if p.proposals == "file" else (
+            f"{p.proposals} proposals for {sum(train.values()) + sum(test.values())} images first "
+            "(cached, not timed)")
+        return TaskPlan(images=test, image_size=p.test_scale, train_iterations=p.max_iter,
+                        images_per_iteration=p.ims_per_batch, train_image_size=max(p.train_scales),
+                        train_images=train, note=note)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from evalsuite.errors import BadData
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -85,6 +86,8 @@ class Places205LinearTask:
     def default_protocol(self, preset: str) -> Places205LinearProtocol:
         return Places205LinearProtocol(**_PRESET_CHANGES[check_preset(preset)])
 
+    headline_metrics = ("top1",)
+
     def run(self, ctx: TaskContext) -> list[Result]:
         p: Places205LinearProtocol = ctx.protocol
         train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
@@ -138,6 +141,14 @@ class Places205LinearTask:
                                           params=params, dataset_fingerprint=val.fingerprint()))
             state.unlink(missing_ok=True)  # finished: nothing left to resume
         return results
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """Features of both splits at the protocol's size; the probe trains on the cached features."""
+        p: Places205LinearProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        val = ctx.open_dataset(p.dataset, p.val_split, p.data_path)
+        return TaskPlan(images={p.train_split: len(train), p.val_split: len(val)}, image_size=p.image_size,
+                        note=f"probe: {p.epochs:g} epochs x batch {p.batch_size} per tap on cached features")
 
 
 task = Places205LinearTask()

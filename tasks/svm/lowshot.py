@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from evalsuite.errors import BadData
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -112,6 +113,7 @@ def aggregate(values: list[float]) -> dict[str, float]:
 class LowShotSVMTask:
     name = "lowshot_svm"
     description = "k-shot one-vs-rest linear SVMs per tap (VOC07 / single-label sets), mean/min/max/std over samples"
+    headline_metrics = ("mAP",)  # one record per k: the summary shows the best (k, tap)
 
     def default_protocol(self, preset: str) -> LowShotSVMProtocol:
         check_preset(preset)
@@ -223,6 +225,14 @@ class LowShotSVMTask:
                   "std": stats["std"], "min": stats["min"], "max": stats["max"],
                   "per_sample_map": [round(100.0 * v, 4) for v in maps]}
         return stats["mean"], params, _note(undefined_all, classes, policy, stats["mean"])
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """Features of both splits at the protocol's size; every k-shot sample reuses the cached features."""
+        p: LowShotSVMProtocol = ctx.protocol
+        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
+        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
+        return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size,
+                        note=f"SVMs on cached features: {len(p.k_values)} k x {p.num_samples} samples per tap")
 
 
 def _note(undefined: set[int], classes: list[str], policy: str, value) -> str:

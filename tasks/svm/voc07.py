@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 
 from evalsuite.errors import BadData
+from evalsuite.plan import TaskPlan
 from evalsuite.protocols import check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
@@ -63,6 +64,7 @@ def open_voc(ctx: TaskContext, split: str):
 class VOC07SVMTask:
     name = "voc07_svm"
     description = "per-tap one-vs-rest linear SVMs on frozen features, 3-fold CV cost choice, VOC07 test mAP"
+    headline_metrics = ("mAP",)
 
     def default_protocol(self, preset: str) -> VOC07SVMProtocol:
         return VOC07SVMProtocol(**SHARED_PRESET_CHANGES[check_preset(preset)])
@@ -115,6 +117,13 @@ class VOC07SVMTask:
                                       None if value is None else 100.0 * value, params=params, note=note,
                                       dataset_fingerprint=test.fingerprint()))
         return results
+
+    def plan(self, ctx: TaskContext) -> TaskPlan:
+        """Features of both splits at the protocol's size; the SVMs train on the cached features."""
+        p: VOC07SVMProtocol = ctx.protocol
+        train, test = open_voc(ctx, p.train_split), open_voc(ctx, p.test_split)
+        return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size,
+                        note=f"SVMs on cached features: {len(p.costs)} costs x {p.folds + 1} fits per class and tap")
 
 
 def _undefined_note(undefined: list[str], no_train_pos: list[str], policy: str, value) -> str:
