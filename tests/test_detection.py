@@ -240,6 +240,24 @@ def test_training_overfits_a_tiny_set_and_beats_the_untrained_head():
     assert m_ap(trained) > m_ap(untrained) + 0.3
 
 
+def test_clip_grad_norm_rescales_the_gradient_the_step_uses():
+    recs, lr, wd = tiny_records(2), 0.01, 1e-4
+    grads, reports = {}, {}
+    for cap in (None, 0.5):
+        be = backend()
+        w0 = be.model.cls_score.weight.detach().clone()
+        reports[cap] = be.fit(recs, tiny_train_cfg(max_iter=1, lr=lr, weight_decay=wd, clip_grad_norm=cap))
+        grads[cap] = [p.grad for p in be.model.parameters() if p.requires_grad]
+        # first SGD step (no warm-up, momentum buffer = gradient + weight decay): w1 = w0 - lr (g + wd w0)
+        g = be.model.cls_score.weight.grad
+        torch.testing.assert_close(be.model.cls_score.weight.detach(), w0 - lr * (g + wd * w0))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads[None]]))
+    assert norm > 0.5
+    for raw, capped in zip(grads[None], grads[0.5]):
+        torch.testing.assert_close(capped, raw * (0.5 / norm))
+    assert (reports[None].clipped, reports[0.5].clipped) == (0, 1)
+
+
 def interrupt_after(n: int):
     """An ``on_iteration`` hook that stops training after ``n`` iterations, as Ctrl-C would."""
 
@@ -295,6 +313,8 @@ def test_presets_follow_the_benchmark():
     assert (g.nms, g.max_dets, g.ap_method, g.iou_thresh) == (0.3, 100, "voc07", 0.5)
     assert (g.proposals, g.train_sets, g.test_set) == ("selective_search", ("voc2007:trainval",), "voc2007:test")
     assert v == g.replace(freeze_at=0) and v.freeze_at == 0
+    # Detectron's solver: linear warm-up from lr/3 over 500 iterations, no gradient clipping
+    assert (g.warmup_iters, g.warmup_factor, g.clip_grad_norm) == (500, pytest.approx(1 / 3), None)
     assert q.max_iter < 1000 and q.test_scale <= 128
     # test-time score threshold 0 (Goyal et al.), in every preset; Detectron's 0.05 only when asked for
     assert g.score_thresh == v.score_thresh == q.score_thresh == 0.0
@@ -340,6 +360,24 @@ def test_task_on_synthetic_voc_records_every_class_and_the_protocol(synth_voc, t
     with_gt = [x.value for x in per_class if x.value is not None]
     assert r.value == pytest.approx(np.mean(with_gt))
     assert not list((tmp_path / "detection_state").glob("*.pt"))  # finished: nothing left to resume
+
+
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_quick_preset_trains_a_random_resnet18_and_resnet50(synth_voc, tmp_path, arch):
+    """A random ResNet's frozen BatchNorm holds the initial statistics (mean 0, variance 1), so its activations
+    grow with depth: a random ResNet-50's pooled res5 features are ~30x a random ResNet-18's, its first gradients
+    15-50x. Without a cap on the gradient norm the quick lr diverged (loss NaN) at iteration 12 here; with it the
+    ResNet-50 trains and the cap never acts on the ResNet-18 (docs/tasks/detection.md)."""
+    torch.manual_seed(0)
+    n = 30
+    ctx = make_ctx(synth_voc, tmp_path, [f"detection.max_iter={n}", "detection.max_test_images=2",
+                                         "detection.proposals=sliding_window"], checkpoint=f"random:{arch}")
+    r = det.task.run(ctx)[0]
+    curve = r.params["train_curve"]
+    first, last = (curve[k]["loss_cls"] + curve[k]["loss_box"] for k in ("first", "last"))
+    assert r.params["iterations_run"] == n and r.params["solver"]["clip_grad_norm"] == 35.0
+    assert np.isfinite([first, last]).all() and last < first, curve
+    assert (curve["clipped_iterations"] > 0) == (arch == "resnet50"), curve
 
 
 def test_task_resume_policy(synth_voc, tmp_path, monkeypatch, capsys):

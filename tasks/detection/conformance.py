@@ -46,6 +46,7 @@ CONFORMANCE: dict[str, tuple[str, str, str]] = {
     "train_max_size": ("TRAIN.MAX_SIZE 1000", DETECTRON, "same"),
     "flip": ("TRAIN.USE_FLIPPED True", DETECTRON, "same"),
     "smooth_l1_beta": ("smooth L1, beta 1", DETECTRON, "same"),
+    "clip_grad_norm": ("no gradient clipping", DETECTRON, "same"),
     "checkpoint_period": ("", "", OURS),
     "test_scale": ("TEST.SCALE 600", DETECTRON, "same"),
     "test_max_size": ("TEST.MAX_SIZE 1000", DETECTRON, "same"),

@@ -265,6 +265,7 @@ class TrainConfig:
     max_size: int = 1000
     flip: bool = True
     smooth_l1_beta: float = 1.0
+    clip_grad_norm: float | None = None  # cap on the total gradient norm of each step (None: no cap, as Detectron)
     checkpoint_period: int = 500
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -325,10 +326,11 @@ class FitReport:
     iterations: int
     resumed_from: int
     losses: list[dict[str, float]]  # averaged per log window
+    clipped: int = 0  # iterations whose gradient norm was above clip_grad_norm
 
     def summary(self) -> dict[str, Any]:
         return {"first": self.losses[0] if self.losses else None, "last": self.losses[-1] if self.losses else None,
-                "windows": len(self.losses)}
+                "windows": len(self.losses), "clipped_iterations": self.clipped}
 
 
 class TorchvisionFastRCNN:
@@ -389,12 +391,13 @@ class TorchvisionFastRCNN:
         every ``checkpoint_period`` iterations. ``on_iteration(n)`` is called after each iteration with the
         number of iterations done (progress, logging; raising from it stops training)."""
         opt = torch.optim.SGD(self.param_groups(cfg), lr=cfg.lr, momentum=cfg.momentum)
-        start, losses = 0, []
+        params = [p for g in opt.param_groups for p in g["params"]]
+        start, losses, clipped = 0, [], 0
         state = resume.load(map_location=self.device) if resume is not None else None
         if state is not None:
             self.model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            start, losses = int(state["iteration"]), list(state["losses"])
+            start, losses, clipped = int(state["iteration"]), list(state["losses"]), int(state.get("clipped", 0))
         self.model.train()
         window: list[tuple[float, float]] = []
         for it in progress_bar(range(start, cfg.max_iter), desc="detection train", enabled=progress,
@@ -407,9 +410,12 @@ class TorchvisionFastRCNN:
             loss_cls, loss_box = self.train_step(batch, cfg, gen)
             loss = loss_cls + loss_box
             if not torch.isfinite(loss):
-                raise UserError(f"detection training diverged at iteration {it} (loss {loss.item()}); lower the lr")
+                raise UserError(f"detection training diverged at iteration {it} (loss {loss.item()}); lower the lr "
+                                "or cap the gradient norm (detection.clip_grad_norm)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad_norm is not None:
+                clipped += int(nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm) > cfg.clip_grad_norm)
             opt.step()
             window.append((loss_cls.item(), loss_box.item()))
             last = it + 1 == cfg.max_iter
@@ -419,10 +425,10 @@ class TorchvisionFastRCNN:
                 window = []
             if resume is not None and ((it + 1) % cfg.checkpoint_period == 0 or last):
                 resume.save({"model": self.model.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1,
-                             "losses": losses})
+                             "losses": losses, "clipped": clipped})
             if on_iteration is not None:
                 on_iteration(it + 1)
-        return FitReport(cfg.max_iter, start, losses)
+        return FitReport(cfg.max_iter, start, losses, clipped)
 
     # ------------------------------------------------------------ inference
 

@@ -79,6 +79,7 @@ class DetectionProtocol(TaskProtocol):
     train_max_size: int = 1000
     flip: bool = True
     smooth_l1_beta: float = 1.0
+    clip_grad_norm: float | None = None  # cap on each step's total gradient norm; Detectron has none
     checkpoint_period: int = 500
     # test and metric
     test_scale: int = 600
@@ -100,7 +101,8 @@ _PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "vissl": {"freeze_at": 0},
     "quick": {"proposal_limit": 200, "pool_size": 4, "max_iter": 300, "lr": 0.01, "steps": (240,),
               "warmup_iters": 20, "ims_per_batch": 2, "rois_per_image": 32, "train_scales": (128,),
-              "train_max_size": 192, "test_scale": 128, "test_max_size": 192, "checkpoint_period": 100},
+              "train_max_size": 192, "test_scale": 128, "test_max_size": 192, "checkpoint_period": 100,
+              "clip_grad_norm": 35.0},
 }
 
 # Fields a saved training state may differ in: they do not change the trained model (a run that failed
@@ -370,7 +372,7 @@ def train_config(p: DetectionProtocol, seed: int) -> TrainConfig:
         weight_decay=p.weight_decay, bias_double_lr=p.bias_double_lr, bias_weight_decay=p.bias_weight_decay,
         warmup_iters=p.warmup_iters, warmup_factor=p.warmup_factor, ims_per_batch=p.ims_per_batch,
         scales=tuple(p.train_scales), max_size=p.train_max_size, flip=p.flip, smooth_l1_beta=p.smooth_l1_beta,
-        checkpoint_period=p.checkpoint_period, seed=seed,
+        clip_grad_norm=p.clip_grad_norm, checkpoint_period=p.checkpoint_period, seed=seed,
         sampler=SamplerConfig(rois_per_image=p.rois_per_image, fg_fraction=p.fg_fraction, fg_thresh=p.fg_thresh,
                               bg_thresh_hi=p.bg_thresh_hi, bg_thresh_lo=p.bg_thresh_lo),
     )
