@@ -13,6 +13,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Every command's ``--help``: examples kept as written, defaults shown."""
 
 
+def add_command(sub, name: str, *, help: str, description: str | None = None,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """A (sub)command parser added to ``sub`` (what ``add_subparsers`` returns) with the suite's help style."""
+    return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=HelpFormatter)
+
+
 def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | None = None, enabled: bool = True,
              unit: str = "it", initial: int = 0, leave: bool = False):
     """A tqdm bar (disabled when ``enabled`` is false); usable as an iterator or with ``update``."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from evalsuite.console import HelpFormatter, warn
+from evalsuite.console import add_command, warn
 from evalsuite.errors import UserError
 from evalsuite.results import UnreadableLine, skipped_lines_message
 
@@ -39,13 +39,11 @@ mismatch, a result of a partially loaded checkpoint, a missing row, or nothing c
 
 
 def add_leaderboard_command(sub) -> None:
-    p = sub.add_parser("leaderboard", help="aggregate results into a static HTML leaderboard",
-                       formatter_class=HelpFormatter, epilog=EPILOG_BUILD)
+    p = add_command(sub, "leaderboard", help="aggregate results into a static HTML leaderboard", epilog=EPILOG_BUILD)
     lsub = p.add_subparsers(dest="leaderboard_command", metavar="SUBCOMMAND", required=True)
-    b = lsub.add_parser("build", help="build the static site (HTML, SVG plots, CSV, Markdown)",
-                        formatter_class=HelpFormatter, epilog=EPILOG_BUILD,
-                        description="Read results.jsonl files, keep one number per (checkpoint, task, dataset, "
-                                    "split, layer, metric, variant, protocol) and write a static site.")
+    b = add_command(lsub, "build", help="build the static site (HTML, SVG plots, CSV, Markdown)", epilog=EPILOG_BUILD,
+                    description="Read results.jsonl files, keep one number per (checkpoint, task, dataset, split, "
+                                "layer, metric, variant, protocol) and write a static site.")
     b.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
                    help="results.jsonl files or directories searched for them")
     b.add_argument("--out", type=Path, default=Path("site"), help="output directory (replaced atomically)")
@@ -97,11 +95,11 @@ def _report_skipped(skipped: dict[str, list[int]]) -> None:
 
 
 def add_compare_command(sub) -> None:
-    p = sub.add_parser("compare", help="compare results with published numbers or other results (regressions)",
-                       formatter_class=HelpFormatter, epilog=EPILOG_COMPARE,
-                       description="Match result rows by (method, arch, pretrain data, task, layer, metric, "
-                                   "variant) and protocol, print ours vs reference with the delta, and exit "
-                                   "non-zero when a compared row is outside tolerance.")
+    p = add_command(sub, "compare", help="compare results with published numbers or other results (regressions)",
+                    epilog=EPILOG_COMPARE,
+                    description="Match result rows by (method, arch, pretrain data, task, layer, metric, variant) "
+                                "and protocol, print ours vs reference with the delta, and exit non-zero when a "
+                                "compared row is outside tolerance.")
     p.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
                    help="our results.jsonl files or directories")
     p.add_argument("--against", nargs="+", required=True, metavar="references|PATH",

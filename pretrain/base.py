@@ -57,6 +57,17 @@ def mlp(dims: list[int], bn: bool = True, last_bn: bool = False, last_affine: bo
     return nn.Sequential(*layers)
 
 
+def optim_config(optimizer: str, *, lr: float, weight_decay: float, momentum: float = 0.9,
+                 warmup_epochs: float = 0, base_batch_size: int = 256) -> dict[str, Any]:
+    """A method's optimizer defaults (``Method.optim``): the optimizer, its lr at ``base_batch_size`` (scaled
+    linearly with the batch), weight decay, momentum (Adam's beta1) and warm-up epochs."""
+    return {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+            "warmup_epochs": warmup_epochs, "base_batch_size": base_batch_size}
+
+
+#: DeepCluster's optimizer (Caron et al. 2018), which the other pseudo-label methods (SeLA, NAT) reuse
+CLUSTERING_OPTIM = optim_config("sgd", lr=0.05, weight_decay=1e-5)
+
 RECIPES = ("paper", "short")
 #: optimizer changes every method gets under the ``short`` recipe: a warm-up of a fraction of an epoch (the
 #: papers' 10 warm-up epochs would use up a short run at a tiny lr) and a base batch size of 64 for the lr
@@ -74,8 +85,7 @@ class Method(nn.Module):
     #: method hyper-parameters and their defaults (all recorded in the checkpoint metadata)
     defaults: ClassVar[dict[str, Any]] = {}
     #: optimizer defaults (the trainer's --optimizer/--lr/... override them)
-    optim: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9,
-                                       "warmup_epochs": 0, "base_batch_size": 256}
+    optim: ClassVar[dict[str, Any]] = optim_config("sgd", lr=0.03, weight_decay=1e-4)
     #: the ``short`` recipe (``--recipe short``): overrides of ``defaults`` ("hp") and ``optim`` ("optim") for a
     #: run of minutes on a few thousand small images (no multi-epoch warm-up, queues/prototypes sized to the
     #: data, faster-moving target networks, narrower heads); ``paper`` (the default) uses the published values
@@ -187,6 +197,14 @@ class Method(nn.Module):
                 continue
             (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class SingleViewMethod(Method):
+    """A method trained on one ``basic`` view per image (random resized crop + flip): the supervised baseline,
+    the clustering methods and the pretext tasks that build their own inputs from that view."""
+
+    augment = "basic"
+    n_views = 1
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

@@ -20,13 +20,12 @@ examples:
 
 
 def add_command(sub) -> None:
-    from evalsuite.console import HelpFormatter
+    from evalsuite.console import add_command
 
-    p = sub.add_parser("pretrain", help="pretrain a trunk with a self-supervised method",
-                       formatter_class=HelpFormatter, epilog=EPILOG,
-                       description="Train a trunk with one method (`--list` shows them) and write a safetensors "
-                                   "checkpoint with every hyper-parameter in its metadata; rerunning the same "
-                                   "command resumes from OUT.state.pt.")
+    p = add_command(sub, "pretrain", help="pretrain a trunk with a self-supervised method", epilog=EPILOG,
+                    description="Train a trunk with one method (`--list` shows them) and write a safetensors "
+                                "checkpoint with every hyper-parameter in its metadata; rerunning the same command "
+                                "resumes from OUT.state.pt.")
     p.add_argument("--list", action="store_true", help="list the available methods and exit")
     p.add_argument("--method", help="method name (see --list)")
     p.add_argument("--arch", default="resnet18", help="trunk architecture")

@@ -18,6 +18,12 @@ def embedding_std(z: torch.Tensor) -> float:
     return float(F.normalize(z.detach().float(), dim=1).std(0).mean())
 
 
+def classification_step(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """A pretext classifier's loss and log: cross-entropy on float32 logits, and the batch accuracy."""
+    acc = (logits.argmax(1) == labels).float().mean()
+    return F.cross_entropy(logits.float(), labels), {"acc": float(acc)}
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) for the local rows of a (possibly distributed) batch.
 

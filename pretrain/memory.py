@@ -13,6 +13,10 @@ from torch import nn
 
 from . import distributed as D
 
+#: the embedding size and temperature of instance discrimination against a memory bank (Wu et al. 2018),
+#: kept by the memory-bank methods (NPID, PIRL, CMC)
+BANK_DEFAULTS = {"dim": 128, "temperature": 0.07}
+
 
 class Queue(nn.Module):
     def __init__(self, size: int, dim: int, seed: int = 0):

@@ -1,15 +1,21 @@
 """The one way tests build a task context: a real TaskContext over a real (seeded random) checkpoint, with
-the task's preset and ``--set`` overrides applied exactly as ``evalsuite run`` applies them."""
+the task's preset and ``--set`` overrides applied exactly as ``evalsuite run`` applies them. Also: the check
+that opening a broken dataset raises BadData, and ``evalsuite run`` with one task registered."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from evalsuite import registry
 from evalsuite.cache import FeatureCache
 from evalsuite.checkpoints import LoadedCheckpoint, load_checkpoint
+from evalsuite.data import open_dataset
+from evalsuite.errors import BadData
 from evalsuite.features import FeatureExtractor
 from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
@@ -37,3 +43,29 @@ def make_context(task: str, data_root: Path, out: Path, *, overrides: Sequence[s
     return TaskContext(task=task, checkpoint=ckpt, preset=preset, protocol=protocol, data_root=Path(data_root),
                        out_dir=Path(out), extractor_factory=factory, device=device, seed=seed, layers=layers,
                        progress=False, cache_dir=cache)
+
+
+def open_dataset_error(kind: str, root: Path, split: str, match: str | None = None, **options: Any) -> BadData:
+    """The BadData that ``open_dataset(kind, root, split, **options)`` must raise (its message matching
+    ``match``), returned so the test can check the file it names."""
+    with pytest.raises(BadData, match=match) as e:
+        open_dataset(kind, root, split, **options)
+    return e.value
+
+
+def run_cli_with_task(task: Any, args: Sequence[str]) -> int:
+    """The exit code of ``evalsuite run --checkpoint random:resnet18 --tasks <task> --protocol quick ARGS
+    --no-progress`` with ``task`` (a Task object) registered for this call only."""
+    from evalsuite.cli import main as cli_main
+
+    registry.register_task(task)
+    try:
+        return cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", task.name, "--protocol", "quick",
+                         *args, "--no-progress"])
+    finally:
+        registry.unregister(registry.TASK_GROUP, task.name)
+
+
+def read_records(out: Path) -> list[dict[str, Any]]:
+    """The records of ``out/results.jsonl``, one per line."""
+    return [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]

@@ -16,6 +16,7 @@ from evalsuite.data.nyuv2 import decode_normal_png, encode_normal_png, read_nyu_
 from evalsuite.data.render_nyu import intrinsics
 from evalsuite.data.synthetic import write_nyuv2
 from evalsuite.errors import BadData
+from tests.helpers import open_dataset_error
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +161,10 @@ def test_mat_without_expected_keys(tmp_path: Path, nyu_fixture: Path):
     with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:
         f.create_dataset("rgb", data=np.zeros((2, 3, 4, 4), np.uint8))
     shutil.copy(nyu_fixture / "splits.mat", root / "splits.mat")
-    with pytest.raises(BadData, match="lacks images, depths") as e:
-        open_dataset("nyuv2", root, "train")
-    assert e.value.path == str(root / "nyu_depth_v2_labeled.mat")
-    (root / "nyu_depth_v2_labeled.mat").write_bytes(b"not hdf5 at all")
-    with pytest.raises(BadData, match="HDF5") as e:
-        open_dataset("nyuv2", root, "train")
-    assert e.value.path.endswith("nyu_depth_v2_labeled.mat")
+    mat = root / "nyu_depth_v2_labeled.mat"
+    assert open_dataset_error("nyuv2", root, "train", match="lacks images, depths").path == str(mat)
+    mat.write_bytes(b"not hdf5 at all")
+    assert open_dataset_error("nyuv2", root, "train", match="HDF5").path.endswith("nyu_depth_v2_labeled.mat")
 
 
 def test_splits_mat_without_keys_and_missing(tmp_path: Path, synth_mat: Path):
@@ -175,25 +173,19 @@ def test_splits_mat_without_keys_and_missing(tmp_path: Path, synth_mat: Path):
     root = tmp_path / "nyuv2"
     shutil.copytree(synth_mat, root)
     sio.savemat(root / "splits.mat", {"foo": np.arange(3)})
-    with pytest.raises(BadData, match="trainNdxs") as e:
-        open_dataset("nyuv2", root, "test")
-    assert e.value.path == str(root / "splits.mat")
+    assert open_dataset_error("nyuv2", root, "test", match="trainNdxs").path == str(root / "splits.mat")
     (root / "splits.mat").unlink()
-    with pytest.raises(BadData, match="not found"):
-        open_dataset("nyuv2", root, "test")
+    open_dataset_error("nyuv2", root, "test", match="not found")
 
 
 def test_dir_layout_bad_inputs(tmp_path: Path, synth_dir: Path):
-    with pytest.raises(BadData, match="not found"):
-        open_dataset("nyuv2", tmp_path / "nowhere", "train")
+    open_dataset_error("nyuv2", tmp_path / "nowhere", "train", match="not found")
     root = tmp_path / "nyuv2"
     shutil.copytree(synth_dir, root)
     empty = root / "image" / "test"
     for p in empty.iterdir():
         p.unlink()
-    with pytest.raises(BadData, match="no images") as e:
-        open_dataset("nyuv2", root, "test")
-    assert e.value.path == str(empty)
+    assert open_dataset_error("nyuv2", root, "test", match="no images").path == str(empty)
     first = sorted((root / "normal" / "train").iterdir())[0]
     first.unlink()
     with pytest.raises(BadData, match="no normal map") as e:
@@ -232,6 +224,4 @@ def test_official_mat_with_toolkit_normal_pngs(tmp_path: Path):
         ds.normals(0)
     assert e.value.path.endswith("normal/train/00001.png")
     sio.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [4]], np.uint16), "testNdxs": np.array([[2]])})
-    with pytest.raises(BadData, match="out of range") as e:
-        open_dataset("nyuv2", root, "train")
-    assert e.value.path.endswith("splits.mat")
+    assert open_dataset_error("nyuv2", root, "train", match="out of range").path.endswith("splits.mat")

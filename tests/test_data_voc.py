@@ -14,6 +14,7 @@ from evalsuite.data import VOC_CLASSES, open_dataset
 from evalsuite.data.synthetic import write_voc2007
 from evalsuite.data.voc import read_id_list
 from evalsuite.errors import BadData
+from tests.helpers import open_dataset_error
 
 STANDARD_ORDER = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -162,15 +163,11 @@ def test_difficult_only_is_ignore_or_negative(tmp_path: Path, voc_fixture: Path)
 
 
 def test_missing_split_file(tmp_path: Path, voc_fixture: Path):
-    with pytest.raises(BadData) as e:
-        open_dataset("voc2007", voc_fixture, "val")
-    assert e.value.path.endswith("ImageSets/Main/val.txt")
+    assert open_dataset_error("voc2007", voc_fixture, "val").path.endswith("ImageSets/Main/val.txt")
     root = tmp_path / "VOC2007"
     shutil.copytree(voc_fixture, root)
     (root / "ImageSets" / "Main" / "dog_test.txt").unlink()
-    with pytest.raises(BadData, match="not found") as e:
-        open_dataset("voc2007", root, "test")
-    assert e.value.path.endswith("dog_test.txt")
+    assert open_dataset_error("voc2007", root, "test", match="not found").path.endswith("dog_test.txt")
 
 
 def test_unknown_class_names_the_xml(tmp_path: Path, voc_fixture: Path):
@@ -278,7 +275,5 @@ def test_voc2012_devkit_variants_and_refused_test_split(tmp_path: Path, synth_vo
     assert a["boxes"][0, 0] == float(xmin) + 0.5 and not a["difficult"][0]
     assert len(a["labels"]) == len(xml_objects(synth_voc / "Annotations" / f"{x.stem[5:]}.xml"))
     assert sorted(open_dataset("voc2012", dst, "train").ids + open_dataset("voc2012", dst, "val").ids) == ds.ids
-    with pytest.raises(BadData, match="never released"):
-        open_dataset("voc2012", dst, "test")
-    with pytest.raises(BadData, match="expected VOCdevkit/VOC2012"):
-        open_dataset("voc2012", tmp_path / "nowhere", "trainval")
+    open_dataset_error("voc2012", dst, "test", match="never released")
+    open_dataset_error("voc2012", tmp_path / "nowhere", "trainval", match="expected VOCdevkit/VOC2012")

@@ -38,9 +38,20 @@ def class_recipe(c: int) -> tuple[str, str, str]:
     return BODIES[b], TEXTURES[t], PARTS[(b + t) % 4]
 
 
-def _rot(points, cx, cy, angle):
+def rotate_points(points, cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
+    """Local (x, y) points turned by ``angle`` radians about 0 and moved to the centre (cx, cy)."""
     ca, sa = math.cos(angle), math.sin(angle)
     return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
+
+
+def star_points(r: float, inner: float) -> list[tuple[float, float]]:
+    """The 10 corners of a five-pointed star centred at 0, tip up: outer radius ``r``, inner ``r * inner``."""
+    pts = []
+    for k in range(10):
+        rr = r if k % 2 == 0 else r * inner
+        a = k * math.pi / 5
+        pts.append((rr * math.sin(a), -rr * math.cos(a)))
+    return pts
 
 
 def _body(body: str, r: float) -> tuple[list, list]:
@@ -52,12 +63,7 @@ def _body(body: str, r: float) -> tuple[list, list]:
     if body == "triangle":
         return [[(0, -r), (r * 0.95, r * 0.7), (-r * 0.95, r * 0.7)]], []
     if body == "star":
-        pts = []
-        for k in range(10):
-            rr = r if k % 2 == 0 else r * 0.5
-            a = k * math.pi / 5
-            pts.append((rr * math.sin(a), -rr * math.cos(a)))
-        return [pts], []
+        return [star_points(r, 0.5)], []
     if body == "cross":
         w = r * 0.38
         return [[(-r, -w), (r, -w), (r, w), (-r, w)], [(-w, -r), (w, -r), (w, r), (-w, r)]], []
@@ -80,10 +86,10 @@ def _parts(parts: str, r: float) -> tuple[list, list]:
 
 
 def _mask(h, w, polys, circles, cx, cy, angle, off):
-    P = [_rot(p, cx, cy, angle) for p in polys]
+    P = [rotate_points(p, cx, cy, angle) for p in polys]
     E = []
     for x, y, rad in circles:
-        (ex, ey), = _rot([(x, y)], cx, cy, angle)
+        (ex, ey), = rotate_points([(x, y)], cx, cy, angle)
         E.append((ex - rad, ey - rad, ex + rad, ey + rad))
     return polygon_mask(h, w, P, E, off=off)
 

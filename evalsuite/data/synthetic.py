@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .synth_voc import rotate_points, star_points
+
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar", "star", "diamond")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill) -> None:
     def rot(points):
-        ca, sa = math.cos(angle), math.sin(angle)
-        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
+        return rotate_points(points, cx, cy, angle)
 
     if shape == "disc":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -36,12 +37,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon(rot([(-r, -w), (r, -w), (r, w), (-r, w)]), fill=fill)
         draw.polygon(rot([(-w, -r), (w, -r), (w, r), (-w, r)]), fill=fill)
     elif shape == "star":
-        pts = []
-        for k in range(10):
-            rr = r if k % 2 == 0 else r * 0.45
-            a = k * math.pi / 5
-            pts.append((rr * math.sin(a), -rr * math.cos(a)))
-        draw.polygon(rot(pts), fill=fill)
+        draw.polygon(rot(star_points(r, 0.45)), fill=fill)
     else:
         raise ValueError(shape)
 

@@ -39,14 +39,19 @@ VOC_SPLITS = ("train", "val", "trainval", "test")
 VOC2012_SPLITS = ("train", "val", "trainval")
 
 
+def _read_text(path: Path, what: str) -> str:
+    """The text of a devkit list file; a missing or unreadable one raises BadData naming ``what`` and the path."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise BadData(f"{what} not found", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadData(f"unreadable {what} ({e})", path) from None
+
+
 def read_id_list(path: Path) -> list[str]:
     """The ids of an ``ImageSets/Main/<split>.txt`` file (one id per line, blank lines ignored)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BadData("split file not found", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadData(f"unreadable split file ({e})", path) from None
+    text = _read_text(path, "split file")
     ids = [ln.split()[0] for ln in text.splitlines() if ln.strip()]
     if not ids:
         raise BadData("split file lists no image ids", path)
@@ -57,12 +62,7 @@ def read_id_list(path: Path) -> list[str]:
 
 def read_class_labels(path: Path) -> dict[str, int]:
     """``<class>_<split>.txt``: id -> label in {1, -1, 0}."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BadData("per-class label file not found", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadData(f"unreadable per-class label file ({e})", path) from None
+    text = _read_text(path, "per-class label file")
     out: dict[str, int] = {}
     for n, ln in enumerate(text.splitlines(), 1):
         parts = ln.split()

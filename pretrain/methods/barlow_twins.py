@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed as D
-from ..base import SHORT_SGD, Batch, Method, mlp
+from ..base import SHORT_SGD, Batch, Method, mlp, optim_config
 from ..losses import embedding_std
 
 
@@ -50,8 +50,7 @@ class BarlowTwins(Method):
     name = "barlow_twins"
     description = "Barlow Twins: cross-correlation of the two views' embeddings driven to the identity"
     defaults = {"proj_dim": 8192, "lambd": 5e-3, "scale_loss": 1.0}
-    optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
-             "base_batch_size": 256}
+    optim = optim_config("lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10)
     #: short: lambda keeps the paper's balance of the D^2 off-diagonal terms (each ~1/N at random) against the D
     #: diagonal ones, lambda * D / N = 5e-3 * 8192 / 2048, at D = 1024 and a batch of N = 32: 6.25e-4 (with 5e-3
     #: the off-diagonal term is 8x heavier and 3 CPU minutes leave kNN at random init, 8.5 vs 13.2 with 6e-4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 from ..pretext import ConvDiscriminator, ImageDecoder, discriminator_loss, frozen_call, normalized_from_unit
 
 
@@ -24,14 +24,11 @@ def bigan_losses(d_enc: torch.Tensor, d_gen: torch.Tensor, d_enc_frozen: torch.T
     return discriminator_loss(d_enc, d_gen), discriminator_loss(d_gen_frozen, d_enc_frozen)
 
 
-class BiGAN(Method):
+class BiGAN(SingleViewMethod):
     name = "bigan"
     description = "BiGAN: encoder + generator + joint discriminator on (x, z) pairs"
     defaults = {"z_dim": 200, "gen_width": 256, "gen_stages": 4, "disc_width": 64, "disc_hidden": 512}
-    optim = {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "momentum": 0.5, "warmup_epochs": 0,
-             "base_batch_size": 128}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("adam", lr=2e-4, weight_decay=0.0, momentum=0.5, base_batch_size=128)
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

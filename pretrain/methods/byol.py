@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy
+from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy, optim_config
 from ..losses import embedding_std
 
 
@@ -29,8 +29,7 @@ class BYOL(Method):
     name = "byol"
     description = "BYOL: online/target networks, predictor, EMA target, normalised MSE, no negatives"
     defaults = {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096, "tau_base": 0.996}
-    optim = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9, "warmup_epochs": 10,
-             "base_batch_size": 256}
+    optim = optim_config("lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10)
     short = {"hp": {"proj_hidden": 1024, "pred_hidden": 1024, "tau_base": 0.99}, "optim": SHORT_SGD}
     augment = "byol"
 

@@ -13,8 +13,8 @@ from torch import nn
 from evalsuite.colorspace import to_input_space
 from evalsuite.trunks import build_trunk
 
-from ..base import Batch, Method
-from ..memory import MemoryBank
+from ..base import Batch, SingleViewMethod, optim_config
+from ..memory import BANK_DEFAULTS, MemoryBank
 from .pirl import contrast_with_bank
 
 
@@ -31,14 +31,11 @@ def set_in_channels(trunk: nn.Module, in_ch: int) -> None:
     setattr(trunk.get_submodule(parent) if parent else trunk, leaf, new)
 
 
-class CMC(Method):
+class CMC(SingleViewMethod):
     name = "cmc"
     description = "CMC: L and ab views, one encoder each, contrastive loss across views with memory banks"
-    defaults = {"dim": 128, "temperature": 0.07, "nce_k": 4096, "bank_momentum": 0.5}
-    optim = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    defaults = {**BANK_DEFAULTS, "nce_k": 4096, "bank_momentum": 0.5}
+    optim = optim_config("sgd", lr=0.03, weight_decay=1e-4)
     input_space = "gray"
 
     def __init__(self, arch, hp=None, **kw):

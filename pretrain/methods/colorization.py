@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from evalsuite.colorspace import rgb_to_lab, to_input_space
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 from ..pretext import (
     DenseHead,
     ab_gamut,
@@ -49,16 +49,13 @@ def colorization_loss(logits: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, 
     return multinomial_ce(logits, idx, w, pix)
 
 
-class Colorization(Method):
+class Colorization(SingleViewMethod):
     name = "colorization"
     description = "Colorization: L in, per-pixel distribution over quantised ab bins out, class rebalancing"
     defaults = {"soft_k": 5, "sigma": 5.0, "rebalance_lambda": 0.5, "prior": "data", "prior_images": 512,
                 "head_hidden": 256}
-    optim = {"optimizer": "adam", "lr": 3e-4, "weight_decay": 1e-3, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 40}
+    optim = optim_config("adam", lr=3e-4, weight_decay=1e-3, base_batch_size=40)
     short = {"hp": {"prior_images": 256}, "optim": {"lr": 1e-3, "base_batch_size": 64}}
-    augment = "basic"
-    n_views = 1
     input_space = "gray"
 
     def __init__(self, arch, hp=None, **kw):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 
 DOWNSAMPLE_MODES = ("bilinear", "bicubic", "area", "nearest")
 
@@ -43,14 +43,11 @@ def counting_loss(c_down: torch.Tensor, c_tiles_sum: torch.Tensor, c_other_down:
     return (pos + F.relu(margin - neg)).mean()
 
 
-class Counting(Method):
+class Counting(SingleViewMethod):
     name = "counting"
     description = "Counting: tile counts sum to the downsampled image's counts, contrastive margin vs another image"
     defaults = {"dim": 1000, "margin": 10.0, "random_downsample": True}
-    optim = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("sgd", lr=0.01, weight_decay=5e-4)
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 
 
 def patch_grid(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
@@ -48,14 +48,11 @@ def cpc_loss(context: torch.Tensor, codes: torch.Tensor, predictors: nn.ModuleLi
     return torch.stack(losses).mean()
 
 
-class CPC(Method):
+class CPC(SingleViewMethod):
     name = "cpc"
     description = "CPC: patch grid, autoregressive (masked-conv) context, InfoNCE over future patches"
     defaults = {"dim": 256, "pred_steps": 3, "context_layers": 2}
-    optim = {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("adam", lr=2e-4, weight_decay=0.0)
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

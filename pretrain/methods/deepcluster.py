@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
-from ..base import Batch, Method
+from ..base import CLUSTERING_OPTIM, Batch, SingleViewMethod
 
 
 def pca_whiten(x: np.ndarray, dim: int, eps: float = 1e-5) -> np.ndarray:
@@ -68,14 +68,11 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
     return assign
 
 
-class DeepCluster(Method):
+class DeepCluster(SingleViewMethod):
     name = "deepcluster"
     description = "DeepCluster: per-epoch PCA + k-means (FAISS) pseudo-labels, empty-cluster fix, head re-init"
     defaults = {"n_clusters": 10000, "pca_dim": 256, "kmeans_iters": 20}
-    optim = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-5, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = CLUSTERING_OPTIM
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

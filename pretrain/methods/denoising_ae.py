@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 from ..pretext import ImageDecoder, masked_mse
 
 CORRUPTIONS = ("masking", "gaussian", "salt_pepper")
@@ -32,14 +32,11 @@ def corrupt(x: torch.Tensor, kind: str = "masking", level: float = 0.25,
     raise ValueError(f"unknown corruption {kind!r}; choose one of {', '.join(CORRUPTIONS)}")
 
 
-class DenoisingAE(Method):
+class DenoisingAE(SingleViewMethod):
     name = "denoising_ae"
     description = "Denoising autoencoder: corrupt the input, reconstruct the clean image (MSE)"
     defaults = {"corruption": "masking", "level": 0.25, "decoder_width": 256, "decoder_stages": 4}
-    optim = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("adam", lr=1e-3, weight_decay=0.0)
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

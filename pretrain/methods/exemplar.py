@@ -7,15 +7,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, Method, optim_config
 
 
 class Exemplar(Method):
     name = "exemplar"
     description = "Exemplar CNN: each image its own class under heavy augmentation"
     defaults = {}
-    optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("sgd", lr=0.1, weight_decay=1e-4)
     augment = "exemplar"
     n_views = 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 from ..pretext import ConvDiscriminator, ImageDecoder, discriminator_loss, frozen_call, masked_mse
 
 
@@ -50,15 +50,12 @@ def context_encoder_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     return loss
 
 
-class Inpainting(Method):
+class Inpainting(SingleViewMethod):
     name = "inpainting"
     description = "Context encoder: masked centre / random region, L2 reconstruction (+ adversarial)"
     defaults = {"mask": "center", "mask_frac": 0.5, "coverage": 0.25, "rec_weight": 0.999, "adv_weight": 0.001,
                 "decoder_width": 256, "decoder_stages": 4, "disc_width": 64}
-    optim = {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 64}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("adam", lr=2e-4, weight_decay=0.0, base_batch_size=64)
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

@@ -14,10 +14,10 @@ the 9 tile codes concatenated in the shuffled order, fc -> N-way permutation cla
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, Method, optim_config
+from ..losses import classification_step
 from ..pretext import (
     PretextView,
     crop_jittered,
@@ -48,18 +48,13 @@ def jigsaw_puzzle(img: torch.Tensor, perms: torch.Tensor, grid: int = 3, tile_fr
     return tiles[perms[label]], torch.tensor(label), corners
 
 
-def jigsaw_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
-
-
 class Jigsaw(Method):
     name = "jigsaw"
     description = "Jigsaw: 3x3 shuffled tiles (gaps, jitter, per-tile normalisation), maximal-Hamming " \
                   "permutation set, shared trunk per tile, permutation classification"
     defaults = {"n_permutations": 1000, "grid": 3, "tile_frac": 64 / 75, "channel_jitter": 2 / 64,
                 "gray_prob": 0.3, "tile_dim": 512, "hidden": 1024, "perm_seed": 0, "crop_scale_min": 0.3}
-    optim = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("sgd", lr=0.01, weight_decay=5e-4)
     short = {"hp": {"n_permutations": 100, "tile_dim": 256, "hidden": 512}, "optim": {"lr": 0.05}}
     augment = "jigsaw"
     n_views = 2
@@ -91,9 +86,7 @@ class Jigsaw(Method):
         tiles, labels = batch.views[0], batch.views[1]  # (B, 9, 3, t, t), (B,)
         b, n = tiles.shape[:2]
         codes = self.tile_fc(self.embed(tiles.flatten(0, 1))).view(b, -1)
-        logits = self.classifier(codes)
-        acc = (logits.argmax(1) == labels).float().mean()
-        return jigsaw_loss(logits, labels), {"acc": float(acc)}
+        return classification_step(self.classifier(codes), labels)
 
     def metadata(self):
         return {**super().metadata(), "pretext": {"n_permutations": int(self.perms.shape[0]),

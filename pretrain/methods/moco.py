@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
-from ..base import Batch, Method, ema_update, mlp, momentum_copy
+from ..base import Batch, Method, ema_update, mlp, momentum_copy, optim_config
 from ..losses import embedding_std, info_nce
 from ..memory import Queue
 
@@ -24,8 +24,7 @@ class MoCoV1(Method):
     description = "MoCo v1: momentum key encoder, queue of negatives, shuffled BN, linear head, T=0.07"
     defaults = {"queue_size": 65536, "momentum_k": 0.999, "temperature": 0.07, "dim": 128, "bn_splits": 2,
                 "mlp_hidden": 0}
-    optim = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("sgd", lr=0.03, weight_decay=1e-4)
     short = {"hp": {"queue_size": 1024, "momentum_k": 0.99}, "optim": {"lr": 0.06, "weight_decay": 5e-4}}
     augment = "moco_v1"
 

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .. import distributed as D
-from ..base import Batch, Method
+from ..base import CLUSTERING_OPTIM, Batch, SingleViewMethod
 
 
 def nat_loss(f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,14 +29,11 @@ def reassign(f: torch.Tensor, assigned: torch.Tensor, targets: torch.Tensor) -> 
     return new
 
 
-class NAT(Method):
+class NAT(SingleViewMethod):
     name = "nat"
     description = "Noise As Targets: fixed random targets on the sphere, Hungarian batch re-assignment"
     defaults = {"dim": 128, "reassign_every": 3}
-    optim = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-5, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = CLUSTERING_OPTIM
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
-from ..base import Batch, Method
+from ..base import Batch, Method, optim_config
 from ..losses import nce_loss
-from ..memory import MemoryBank
+from ..memory import BANK_DEFAULTS, MemoryBank
 
 
 def proximal_term(f: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,8 @@ def proximal_term(f: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
 class NPID(Method):
     name = "npid"
     description = "NPID / instance discrimination: memory bank, NCE over sampled negatives, proximal term"
-    defaults = {"dim": 128, "temperature": 0.07, "nce_k": 4096, "bank_momentum": 0.5, "proximal": 30.0}
-    optim = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    defaults = {**BANK_DEFAULTS, "nce_k": 4096, "bank_momentum": 0.5, "proximal": 30.0}
+    optim = optim_config("sgd", lr=0.03, weight_decay=5e-4)
     augment = "moco_v1"
     n_views = 1
 

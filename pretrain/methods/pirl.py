@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import ViewTransform, basic_view
-from ..base import Batch, Method
-from ..memory import MemoryBank
+from ..base import Batch, Method, optim_config
+from ..memory import BANK_DEFAULTS, MemoryBank
 
 
 def jigsaw_tiles(x: torch.Tensor, grid: int = 3, tile_frac: float = 0.85,
@@ -56,10 +56,8 @@ class _JigsawView:
 class PIRL(Method):
     name = "pirl"
     description = "PIRL: jigsaw view vs original, memory bank of negatives, NCE loss over both heads"
-    defaults = {"dim": 128, "temperature": 0.07, "n_negatives": 32000, "bank_momentum": 0.5, "lambda_": 0.5,
-                "grid": 3}
-    optim = {"optimizer": "sgd", "lr": 0.12, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    defaults = {**BANK_DEFAULTS, "n_negatives": 32000, "bank_momentum": 0.5, "lambda_": 0.5, "grid": 3}
+    optim = optim_config("sgd", lr=0.12, weight_decay=1e-4)
     augment = "basic"
 
     def __init__(self, arch, hp=None, **kw):

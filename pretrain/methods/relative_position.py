@@ -15,10 +15,10 @@ Labels (row-major around the centre, :data:`OFFSETS`): 0 = up-left, 1 = up, 2 = 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, Method, optim_config
+from ..losses import classification_step
 from ..pretext import PretextView, color_drop, color_project, normalize_tiles
 
 #: (dy, dx) in units of patch + gap, for labels 0..7
@@ -64,18 +64,13 @@ def position_label(centre: tuple[int, int], neighbour: tuple[int, int]) -> int:
     return OFFSETS.index((sy, sx))
 
 
-def relative_position_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
-
-
 class RelativePosition(Method):
     name = "relative_position"
     description = "Context prediction (Doersch et al.): centre + 1 of 8 neighbours, gaps, jitter, " \
                   "colour dropping, 8-way position classification"
     defaults = {"gap_frac": 0.5, "jitter_frac": 7 / 96, "colour": "drop", "hidden": 4096,
                 "crop_scale_min": 0.3}
-    optim = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("sgd", lr=0.01, weight_decay=5e-4)
     augment = "relative_position"
     n_views = 2
 
@@ -112,6 +107,4 @@ class RelativePosition(Method):
         pair, labels = batch.views[0], batch.views[1]  # (B, 2, C, p, p), (B,)
         b = pair.shape[0]
         codes = self.pair_fc(self.embed(pair.flatten(0, 1))).view(b, -1)
-        logits = self.classifier(codes)
-        acc = (logits.argmax(1) == labels).float().mean()
-        return relative_position_loss(logits, labels), {"acc": float(acc)}
+        return classification_step(self.classifier(codes), labels)

@@ -6,10 +6,10 @@ Head: a linear classifier on the pooled last tap (the trunk is the standard eval
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
+from ..losses import classification_step
 
 
 def rotate_batch(x: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,19 +22,12 @@ def rotate_batch(x: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tenso
     return rots, labels
 
 
-def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
-
-
-class RotNet(Method):
+class RotNet(SingleViewMethod):
     name = "rotnet"
     description = "RotNet: 4-way rotation classification of every image (0/90/180/270)"
     defaults = {"n_rotations": 4}
-    optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 128}
+    optim = optim_config("sgd", lr=0.1, weight_decay=5e-4, base_batch_size=128)
     short = {"optim": {"lr": 0.05}}
-    augment = "basic"
-    n_views = 1
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)
@@ -50,7 +43,4 @@ class RotNet(Method):
         if k == 2:  # 0 and 180 degrees only
             keep = (labels == 0) | (labels == 2)
             x, labels = x[keep], labels[keep] // 2
-        logits = self.fc(self.embed(x))
-        loss = rotation_loss(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
-        return loss, {"acc": float(acc)}
+        return classification_step(self.fc(self.embed(x)), labels)

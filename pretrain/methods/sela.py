@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
-from ..base import Batch, Method
+from ..base import CLUSTERING_OPTIM, Batch, SingleViewMethod
 from ..losses import sinkhorn_log
 
 
@@ -20,14 +20,11 @@ def self_label(log_p: torch.Tensor, lam: float = 25.0, iters: int = 100) -> torc
     return sinkhorn_log(log_p, lam=lam, iters=iters).argmax(1)
 
 
-class SeLA(Method):
+class SeLA(SingleViewMethod):
     name = "sela"
     description = "SeLA: self-labelling by optimal transport (Sinkhorn) equipartition, several heads"
     defaults = {"n_clusters": 3000, "n_heads": 1, "lam": 25.0, "sinkhorn_iters": 100, "update_every": 1}
-    optim = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-5, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = CLUSTERING_OPTIM
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 
 
 def image_patches(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -40,14 +40,11 @@ def selfie_loss(queries: torch.Tensor, candidates: torch.Tensor, scale: float = 
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-class Selfie(Method):
+class Selfie(SingleViewMethod):
     name = "selfie"
     description = "Selfie: masked patches, attention pooling of visible ones, pick the right patch among distractors"
     defaults = {"grid": 4, "n_masked": 4, "dim": 256, "heads": 4, "layers": 3}
-    optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("sgd", lr=0.1, weight_decay=1e-4)
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)

@@ -5,7 +5,7 @@ other views of the global batch, negatives gathered across processes with gradie
 
 from __future__ import annotations
 
-from ..base import SHORT_SGD, Batch, Method, mlp
+from ..base import SHORT_SGD, Batch, Method, mlp, optim_config
 from ..losses import embedding_std, nt_xent
 
 
@@ -13,8 +13,7 @@ class SimCLR(Method):
     name = "simclr"
     description = "SimCLR: NT-Xent over two views, projection MLP, negatives gathered with gradient"
     defaults = {"temperature": 0.5, "proj_hidden": 2048, "proj_dim": 128}
-    optim = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
-             "base_batch_size": 256}
+    optim = optim_config("lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10)
     short = {"hp": {"temperature": 0.2, "proj_hidden": 512}, "optim": SHORT_SGD}
     augment = "simclr"
 

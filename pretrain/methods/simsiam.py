@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import Batch, Method, mlp
+from ..base import Batch, Method, mlp, optim_config
 from ..losses import embedding_std
 
 
@@ -20,8 +20,7 @@ class SimSiam(Method):
     name = "simsiam"
     description = "SimSiam: stop-gradient, predictor, no EMA, symmetric negative cosine"
     defaults = {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True}
-    optim = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("sgd", lr=0.05, weight_decay=1e-4)
     augment = "simclr"
 
     def __init__(self, arch, hp=None, **kw):

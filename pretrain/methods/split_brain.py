@@ -22,7 +22,7 @@ from torch import nn
 
 from evalsuite.trunks import ARCHS
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 from ..pretext import DenseHead, ab_gamut, lab_of, multinomial_ce, tap_maps
 from .colorization import ab_targets
 
@@ -55,14 +55,11 @@ def split_brain_loss(logits_ab: torch.Tensor, ab_idx: torch.Tensor, ab_w: torch.
     return multinomial_ce(logits_ab, ab_idx, ab_w, pix) + F.cross_entropy(logits_l.float(), l_idx)
 
 
-class SplitBrain(Method):
+class SplitBrain(SingleViewMethod):
     name = "split_brain"
     description = "Split-brain autoencoder: L->ab and ab->L halves (block-diagonal trunk), concatenated features"
     defaults = {"l_bins": 50, "soft_k": 5, "sigma": 5.0, "head_hidden": 256}
-    optim = {"optimizer": "adam", "lr": 3e-4, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 40}
-    augment = "basic"
-    n_views = 1
+    optim = optim_config("adam", lr=3e-4, weight_decay=1e-4, base_batch_size=40)
     input_space = "lab"
 
     def __init__(self, arch, hp=None, **kw):

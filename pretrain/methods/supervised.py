@@ -6,18 +6,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import Batch, Method
+from ..base import Batch, SingleViewMethod, optim_config
 
 
-class Supervised(Method):
+class Supervised(SingleViewMethod):
     name = "supervised"
     description = "supervised baseline: cross-entropy on the dataset labels"
     defaults = {"label_smoothing": 0.0}
-    optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("sgd", lr=0.1, weight_decay=1e-4)
     short = {"optim": {"lr": 0.05}}
-    augment = "basic"
-    n_views = 1
     uses_labels = True
 
     def __init__(self, arch, hp=None, **kw):

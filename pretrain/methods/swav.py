@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import multi_crop
-from ..base import SHORT_SGD, Batch, Method, mlp
+from ..base import SHORT_SGD, Batch, Method, mlp, optim_config
 from ..losses import embedding_std, sinkhorn
 from ..memory import Queue
 
@@ -42,8 +42,7 @@ class SwAV(Method):
     defaults = {"proj_hidden": 2048, "proj_dim": 128, "n_prototypes": 3000, "temperature": 0.1,
                 "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 6, "freeze_prototypes_steps": 313,
                 "queue_length": 0, "queue_start_steps": 0, "proj_bn": True}
-    optim = {"optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9, "warmup_epochs": 0,
-             "base_batch_size": 256}
+    optim = optim_config("lars", lr=0.6, weight_decay=1e-6)
     #: short: 100 prototypes in 64 dims (K must exceed d, or an embedding orthogonal to every prototype sits
     #: at loss ln K) and the authors' workarounds for an early collapse (lower epsilon, no projector BN, the
     #: two global crops only, no queue); the measurements behind it: docs/pretraining.md, "SwAV's short recipe"
