@@ -5,9 +5,10 @@ Measured side by side in one run:
   (Places205's res5 Goyal features: 8192 dims, 205 classes, batch 256; N scaled to the machine),
   with the peak-RSS growth during training next to the fp16 and float32 sizes of the matrix
   (a float32 copy of the whole matrix would show up as growth of about the float32 size);
-- the places205_linear task run twice on a tiny ImageFolder with a trunk that counts its forward
-  calls: the first run extracts (calls = extraction batches, none during training), the second
-  reads the cache (0 calls).
+- the places205_linear task run on a tiny ImageFolder with a trunk that counts its forward calls:
+  centre-crop training views, then K = 2 augmented training views, each run twice: a first run extracts
+  (every image once per view, none during training; the augmented run reads the val features the
+  centre-crop run cached), the second reads the cache (0 calls).
 
     python -m benchmarks.bench_linear_probe [--n 20480] [--epochs 2] [--threads 2]
 
@@ -116,9 +117,10 @@ def bench_trunk_calls() -> dict:
             return FeatureExtractor(trunk, ckpt.sha256, ckpt.arch, cache=FeatureCache(tmp / "cache"),
                                     batch_size=16, progress=False)
 
-        protocol = task.default_protocol("quick").replace(dataset="imagefolder")
+        center = task.default_protocol("quick").replace(dataset="imagefolder")
+        augmented = center.replace(train_views="augmented", augmented_views=2)
         runs = []
-        for i in range(2):
+        for i, protocol in enumerate((center, center, augmented, augmented)):
             calls.clear()
             ctx = TaskContext(task="places205_linear", checkpoint=ckpt, preset="quick",
                               protocol=protocol, data_root=tmp / "data", out_dir=tmp / f"out{i}",
@@ -127,10 +129,11 @@ def bench_trunk_calls() -> dict:
             res = task.run(ctx)
             runs.append({"wall_s": round(time.perf_counter() - t0, 3), "trunk_forward_calls": len(calls),
                          "images_through_trunk": int(sum(calls)), "results": len(res)})
-    n_images = 8 * 12 + 8 * 6
-    return {"images_per_pass": n_images, "first_run": runs[0], "second_run_cached": runs[1],
-            "training_reran_trunk": (runs[0]["images_through_trunk"] != n_images
-                                     or runs[1]["trunk_forward_calls"] != 0)}
+    n_train, n_val = 8 * 12, 8 * 6
+    expected = [n_train + n_val, 0, 2 * n_train, 0]  # each view once; val cached by the centre-crop run
+    return {"images_per_pass": n_train + n_val, "first_run": runs[0], "second_run_cached": runs[1],
+            "augmented_2_views_first_run": runs[2], "augmented_2_views_second_run_cached": runs[3],
+            "training_reran_trunk": [r["images_through_trunk"] for r in runs] != expected}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,6 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"({t['first_run']['images_through_trunk']} images = one pass over {t['images_per_pass']}), "
           f"second run {t['second_run_cached']['trunk_forward_calls']}; "
           f"wall {t['first_run']['wall_s']} s -> {t['second_run_cached']['wall_s']} s")
+    a1, a2 = t["augmented_2_views_first_run"], t["augmented_2_views_second_run_cached"]
+    print(f"augmented training views (K=2): first run {a1['images_through_trunk']} images through the trunk "
+          f"(2 views of the train split), second run {a2['trunk_forward_calls']} calls; "
+          f"wall {a1['wall_s']} s -> {a2['wall_s']} s")
     if t["training_reran_trunk"]:
         raise SystemExit("FAIL: training ran the trunk")
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,8 @@ def main(argv=None) -> dict:
 
     p = navigation.task.default_protocol("quick")
     n_steps = max(8, min(64, args.frames // args.n_envs))
-    p = p.replace(env=args.env, image_size=args.size, n_envs=args.n_envs, frames=args.frames, n_steps=n_steps,
-                  batch_size=min(p.batch_size, n_steps * args.n_envs))
+    p = p.replace(env=args.env, image_size=args.size, n_envs=args.n_envs, frames=args.frames,
+                  ppo=p.ppo.replace(n_steps=n_steps, batch_size=min(p.ppo.batch_size, n_steps * args.n_envs)))
     model, venv = navigation.build_ppo("ppo", p, seed=0, device=args.device,
                                        trunk=build_trunk(args.arch, seed=0), taps=taps)
     update_s = [0.0]

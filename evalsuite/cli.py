@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__, registry
 from .console import HelpFormatter
 from .errors import UserError
+from .protocols import INTERPOLATIONS, POOLINGS, RESIZE_MODES
 
 EPILOG_RUN = """\
 examples:
@@ -102,8 +103,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for everything random (random init included)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="extraction batch size")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="extraction precision; auto = bf16 autocast + channels_last where supported")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="extraction precision (default: the preset's, fp32 for goyal19 and vissl as the references, "
+                        "auto for quick; `extract`: auto); auto = bf16 autocast + channels_last where supported")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE, else "
                    "$XDG_CACHE_HOME/evalsuite/features, i.e. ~/.cache/evalsuite/features)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -340,9 +342,12 @@ def _add_extract(sub) -> None:
     p.add_argument("--root", type=Path, required=True, help="dataset root directory")
     p.add_argument("--split", required=True, help="split name")
     p.add_argument("--layers", help="comma-separated taps (default: all)")
-    p.add_argument("--pooling", default="goyal", choices=["goyal", "avg", "none"], help="per-tap pooling")
+    p.add_argument("--pooling", default="goyal", choices=POOLINGS, help="per-tap pooling")
     p.add_argument("--image-size", type=int, default=224, help="input resolution")
-    p.add_argument("--resize-mode", default="square", choices=["square", "center_crop"], help="resize mode")
+    p.add_argument("--resize-mode", default="square", choices=RESIZE_MODES, help="resize mode")
+    p.add_argument("--resize", type=positive_int, help="shorter side before the crop / square resize "
+                   "(default: image size x 256/224)")
+    p.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS, help="resize interpolation")
     p.add_argument("--shard-rows", type=int, default=512, help="rows per cache shard (unit of resume)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_extract)
@@ -367,9 +372,10 @@ def cmd_extract(a: argparse.Namespace) -> int:
         ds = open_dataset(a.dataset, a.root, a.split)
         cache = FeatureCache(a.cache_dir, shard_rows=a.shard_rows)
         ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=cache, device=a.device,
-                               precision=a.precision, batch_size=a.batch_size,
+                               precision=a.precision or "auto", batch_size=a.batch_size,
                                workers=a.workers, progress=not a.no_progress, source=ck.spec)
-        tf = Transform(size=a.image_size, mode=a.resize_mode, input_space=ck.metadata.get("input_space", "rgb"))
+        tf = Transform.from_protocol(argparse.Namespace(image_size=a.image_size, resize_mode=a.resize_mode,
+                                                        resize=a.resize, interpolation=a.interpolation), ck.metadata)
         feats = ext.features(ds, layers or list(ext.trunk.tap_names), a.pooling, tf)
         if int(os.environ.get("RANK", "0")) == 0:
             for tap, x in feats.items():

@@ -107,7 +107,7 @@ def render(all_rows: list[Row]) -> str:
     ]
     for task in dict.fromkeys(r.task for r in all_rows):
         mine = [r for r in all_rows if r.task == task]
-        same = sum(r.status == "same" for r in mine)
+        same = sum(r.status.startswith("same") for r in mine)
         lines += ["", f"## {task}", "", f"{same} of {len(mine)} fields as in the reference.", "",
                   "| field | reference | source | ours (goyal19) | status |", "|---|---|---|---|---|"]
         lines += [f"| `{r.field}` | {_cell(r.reference)} | {_cell(r.source)} | `{_cell(r.ours)}` | {_cell(r.status)} |"

@@ -1,10 +1,10 @@
 """Batched feature extraction over any dataset, all taps in one forward pass, through the cache.
 
-Precision: ``"fp32"`` computes and caches float32 features, as the references do
-(the default of the goyal19 and vissl presets, :data:`PRESET_PRECISION`);
-``"auto"`` (the quick preset's) is the fast path, channels_last + bfloat16 autocast
-where the device supports it, cached as float16 (float32 for a tap beyond float16's
-range). The precision is part of the cache key, so the two never mix.
+Precision: ``"fp32"`` computes in float32 as the references do (the default of the
+goyal19 and vissl presets, :data:`PRESET_PRECISION`); ``"auto"`` (the quick preset's)
+is the fast path, channels_last + bfloat16 autocast where the device supports it.
+Features are cached as float16 (float32 for a tap beyond float16's range). The
+precision is part of the cache key, so the two never mix.
 
 Multi-process (``torchrun``): when a process group is initialised, rank r
 extracts shards r, r+W, ...; rank 0 writes the manifests after a barrier.
@@ -29,6 +29,7 @@ from .colorspace import IMAGENET_MEAN, IMAGENET_STD, INPUT_SPACES, to_input_spac
 from .console import progress, warn
 from .data.base import ImageDataset
 from .errors import BadData, BadFeatures, UserError
+from .protocols import INTERPOLATIONS, RESIZE_MODES
 from .trunks import PoolSpec, check_taps, pool_features, pool_spec, tap_shapes
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -38,8 +39,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "quick": "auto"}
 
 
-RESIZE_MODES = ("square", "center_crop", "scale_square")
-INTERPOLATIONS = ("bilinear", "bicubic", "cv2_bilinear")
 
 
 @dataclass(frozen=True)
@@ -233,8 +232,6 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.precision = "bf16" if self.autocast_dtype is not None else "fp32"
-        # float32 features are kept as computed; the fast path halves the cache with float16
-        self.storage = "float16" if self.autocast_dtype is not None else "float32"
         self.batch_size = batch_size
         self.workers = workers
         self.progress = progress
@@ -258,14 +255,13 @@ class FeatureExtractor:
             "transform": transform.to_dict(),
             "pooling": {"method": spec.method, "op": spec.op, "shape": list(spec.out_shape)},
             "precision": self.precision,
-            "storage": self.storage,
         }
 
     def features(
         self, dataset: ImageDataset, taps: Sequence[str], pooling: str = "goyal", transform: Transform | None = None
     ) -> dict[str, np.ndarray]:
-        """(N, D) features per tap for every sample of ``dataset``, in dataset order: float32 at fp32 precision;
-        at bf16 float16, or float32 for a tap whose values exceed float16's range."""
+        """(N, D) features per tap for every sample of ``dataset``, in dataset order (float16, or float32 for
+        a tap whose values exceed float16's range)."""
         transform = transform or Transform()
         n = len(dataset)
         if n == 0:
@@ -373,8 +369,7 @@ class FeatureExtractor:
                 raise BadFeatures(
                     f"the checkpoint's {t} features are NaN/Inf (first on {dataset.kind} {dataset.split} sample "
                     f"{bad}): its weights are probably broken", self.source or f"checkpoint {self.checkpoint_id[:12]}")
-            y = y.detach().cpu().numpy()
-            out[t] = np.ascontiguousarray(y, dtype=np.float32) if self.storage == "float32" else storage_array(y)
+            out[t] = storage_array(y.detach().cpu().numpy())  # fp16 unless out of its range
         return out
 
 

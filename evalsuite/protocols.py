@@ -48,6 +48,31 @@ class TaskProtocol:
         return _hints(cls)
 
 
+# the vocabularies of the evaluation transform and per-tap pooling (evalsuite.features, evalsuite.trunks)
+Pooling = Literal["goyal", "vissl", "avg", "none"]
+ResizeMode = Literal["square", "center_crop", "scale_square"]
+Interpolation = Literal["bilinear", "bicubic", "cv2_bilinear"]
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+RESIZE_MODES: tuple[str, ...] = typing.get_args(ResizeMode)
+INTERPOLATIONS: tuple[str, ...] = typing.get_args(Interpolation)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTaskProtocol(TaskProtocol):
+    """The fields of every task that reads a dataset through frozen taps: where the data is, which taps, and the
+    evaluation transform (:meth:`evalsuite.features.Transform.from_protocol`). Tasks set their own defaults."""
+
+    dataset: str = "imagefolder"
+    data_path: str | None = None  # relative to --data-root; None: the dataset kind's usual folder
+    train_split: str = "train"
+    layers: tuple[str, ...] | None = None  # None (or taps this trunk lacks): every tap of the trunk
+    pooling: Pooling = "goyal"
+    image_size: int = 224
+    resize_mode: ResizeMode = "square"
+    resize: int | None = None  # the shorter side before the crop / square resize; None: image_size x 256/224
+    interpolation: Interpolation = "bilinear"
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

@@ -18,7 +18,7 @@ from .cache import FeatureCache
 from .checkpoints import LoadedCheckpoint, load_checkpoint
 from .console import note, warn
 from .errors import UserError
-from .features import FeatureExtractor
+from .features import FeatureExtractor, preset_precision
 from .plan import LONG_ON_CPU_S, TaskPlan, describe, estimate_seconds, human_time, measure_throughput
 from .protocols import apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
@@ -41,7 +41,7 @@ class RunOptions:
     batch_size: int = 64
     workers: int = 0
     cache_dir: Path | None = None
-    precision: str = "auto"
+    precision: str | None = None  # None: the preset's (fp32 for goyal19 / vissl, auto for quick)
     allow_partial: bool = False
     trust_pickle: bool = False
     weights: str | None = None  # the checkpoint file's entry to evaluate (--weights), None = the default choice
@@ -110,8 +110,8 @@ def run(opts: RunOptions) -> RunReport:
         if "x" not in shared:
             shared["x"] = FeatureExtractor(
                 ckpt.build_trunk(), ckpt.sha256, ckpt.arch, cache=cache, device=opts.device,
-                precision=opts.precision, batch_size=opts.batch_size, workers=opts.workers,
-                progress=opts.progress, source=ckpt.spec,
+                precision=preset_precision(opts.preset, opts.precision), batch_size=opts.batch_size,
+                workers=opts.workers, progress=opts.progress, source=ckpt.spec,
             )
         return shared["x"]
 

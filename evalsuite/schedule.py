@@ -270,7 +270,7 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
                           preset=protocol, overrides=list(overrides), data_root=Path(root), out=Path(out_dir),
                           device=dev, seed=seed, cache_dir=Path(cache) if cache else None, progress=progress,
                           batch_size=int(data.get("batch_size", 64)), workers=int(data.get("workers", 0)),
-                          precision=str(data.get("precision", "auto")))
+                          precision=data.get("precision"))
         try:
             rep = run_fn(opts)
         except UserError as e:

@@ -26,7 +26,7 @@ from .errors import UserError
 from .features import FeatureExtractor, Transform, protocol_get
 from .protocols import TaskProtocol
 from .results import Result
-from .trunks import arch_info
+from .trunks import arch_info, published_comparability
 
 
 class DataMissing(UserError):
@@ -125,6 +125,11 @@ class TaskContext:
     def open_dataset(self, kind: str, split: str, path: str | None = None, **options) -> ImageDataset:
         return open_dataset(kind, self.dataset_root(kind, path), split, **options)
 
+    def open_splits(self, *splits: str) -> list[ImageDataset]:
+        """The named splits of the protocol's ``dataset`` (at its ``data_path``)."""
+        p = self.protocol
+        return [self.open_dataset(p.dataset, s, protocol_get(p, "data_path")) for s in splits]
+
     # ---------------------------------------------------------------- results
 
     def result(
@@ -132,7 +137,7 @@ class TaskContext:
         params: dict[str, Any] | None = None, note: str = "", dataset_fingerprint: str = "",
     ) -> Result:
         ck = self.checkpoint
-        merged = {**self.protocol.to_dict(), **(params or {})}
+        merged = {**self.protocol.to_dict(), **(params or {}), **published_comparability(ck.arch)}
         merged.setdefault("feature_precision", self.extractor.precision if self._extractor else None)
         return Result(
             task=self.task, dataset=dataset, split=split, layer=layer, metric=metric,
@@ -145,10 +150,12 @@ class TaskContext:
         )
 
     def deviations(self) -> list[str]:
-        """Fields where this run's protocol differs from the published reference (see evalsuite.conformance)."""
+        """Fields where this run's protocol differs from the published reference (see evalsuite.conformance),
+        and ``arch`` when the trunk is not the benchmark's (AlexNet)."""
         if self._deviations is None:
             from . import registry
             from .conformance import deviations
 
-            self._deviations = deviations(registry.get_task(self.task), self.protocol)
+            not_comparable = ["arch"] if published_comparability(self.checkpoint.arch) else []
+            self._deviations = deviations(registry.get_task(self.task), self.protocol) + not_comparable
         return list(self._deviations)

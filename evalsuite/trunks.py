@@ -7,12 +7,18 @@ activations in one pass and stops after the deepest one.
 
 Pooling (``pool_features``):
 - ``goyal``: average pooling to ~9k dims per tap. For ResNet-50 at 224x224 this is
-  the published table (conv1 9216, res2 9216, res3 8192, res4 9216, res5 8192; the
-  kernel/stride/padding of VISSL's ``LINEAR_EVAL_FEAT_POOL_OPS_MAP``). Other
-  arch/resolution pairs use adaptive average pooling to the grid whose
-  C x g x g is closest to 9216.
+  the published table (conv1 9216, res2 9216, res3 8192, res4 9216, res5 8192) with
+  fair_self_supervision_benchmark's Caffe2 AveragePool, whose average leaves the
+  padding out (only conv1 is padded). Other arch/resolution pairs use adaptive
+  average pooling to the grid whose C x g x g is closest to 9216.
+- ``vissl``: the same kernels as VISSL's ``LINEAR_EVAL_FEAT_POOL_OPS_MAP`` runs them,
+  ``nn.AvgPool2d`` counting the padding in the average.
 - ``avg``: global average pooling (C dims), the usual kNN/linear representation.
 - ``none``: the flattened map.
+
+torchvision's AlexNet is not the benchmark's CaffeNet (other channels, padding, no LRN
+or groups, 224 not 227 px), so AlexNet numbers are recorded as not comparable with the
+published tables (:func:`published_comparability`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torchvision
 from torch import nn
 
 from .errors import UserError
+from .protocols import POOLINGS
 
 RESNET_TAPS = ("conv1", "res2", "res3", "res4", "res5")
 ALEXNET_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -46,7 +53,9 @@ ARCHS: dict[str, dict] = {
     "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
 }
 
-# (kernel, stride, padding) of the published ResNet-50 / 224px pooling (VISSL / Goyal et al.).
+# (kernel, stride, padding) of the published ResNet-50 / 224px pooling: fair_self_supervision_benchmark
+# self_supervision_benchmark/modeling/supervised/resnet_supervised_finetune_linear.py (res_conv1_bn_resize,
+# res2_2_branch2c_bn_s8k16_resize, ...) and VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP.
 GOYAL_RESNET50_224 = {
     "conv1": (10, 10, 4),  # 64 x 112 x 112 -> 64 x 12 x 12 = 9216
     "res2": (16, 8, 0),  # 256 x 56 x 56 -> 256 x 6 x 6 = 9216
@@ -55,13 +64,30 @@ GOYAL_RESNET50_224 = {
     "res5": (6, 1, 0),  # 2048 x 7 x 7 -> 2048 x 2 x 2 = 8192
 }
 GOYAL_TARGET_DIM = 9216
-POOLINGS = ("goyal", "avg", "none")
+# Whether a padded window's average counts the padding: fair_ssb runs Caffe2's AveragePool on cuDNN
+# (caffe2/operators/pool_op_cudnn.cc: CUDNN_POOLING_AVERAGE_COUNT_EXCLUDE_PADDING); VISSL builds
+# nn.AvgPool2d (vissl/models/trunks/feature_extractor.py), whose count_include_pad defaults to True.
+COUNT_INCLUDE_PAD = {"goyal": False, "vissl": True}
+
+# Why a trunk's numbers cannot be set beside the published tables (an architecture missing here can).
+NOT_COMPARABLE = {
+    "alexnet": ("torchvision's AlexNet is not the benchmark's CaffeNet (96-256-384-384-256 channels, LRN, grouped "
+                "convs, 227 px; fair_self_supervision_benchmark caffenet_bvlc_supervised_finetune_linear.py) and "
+                "its taps are not pooled with conv1_s4k19 .. conv5_s1k8"),
+}
 
 
 def arch_info(arch: str) -> dict:
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
     return ARCHS[arch]
+
+
+def published_comparability(arch: str) -> dict:
+    """The params that mark every record of ``arch`` as not comparable with the published tables, and why
+    (empty for an architecture that is)."""
+    why = NOT_COMPARABLE.get(arch)
+    return {} if why is None else {"comparable_to_published": False, "not_comparable_reason": why}
 
 
 class ResNetTrunk(nn.Module):
@@ -204,7 +230,7 @@ class PoolSpec:
 
     tap: str
     method: str
-    op: str  # "avg_pool(k,s,p)", "adaptive_avg(g)", "global_avg", "flatten"
+    op: str  # "avg_pool(k,s,p)" (padded: "...,p=4,pad=excluded|counted"), "adaptive_avg(g)", "global_avg", "flatten"
     out_shape: tuple[int, ...]
 
     @property
@@ -224,7 +250,8 @@ def pool_spec(arch: str, tap: str, channels: int, spatial: int, method: str) -> 
     if published and spatial == expected_spatial[tap]:
         k, s, p = published
         g = (spatial + 2 * p - k) // s + 1
-        return PoolSpec(tap, method, f"avg_pool(k={k},s={s},p={p})", (channels, g, g))
+        pad = f",pad={'counted' if COUNT_INCLUDE_PAD[method] else 'excluded'}" if p else ""
+        return PoolSpec(tap, method, f"avg_pool(k={k},s={s},p={p}{pad})", (channels, g, g))
     g = goyal_grid(channels, spatial)
     return PoolSpec(tap, method, f"adaptive_avg({g})", (channels, g, g))
 
@@ -241,10 +268,10 @@ def pool_features(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
         y = x.mean(dim=(2, 3))
     elif spec.op == "flatten":
         y = x
-    elif spec.op.startswith("avg_pool"):
-        k, s, p = (int(v.split("=")[1]) for v in spec.op[len("avg_pool(") : -1].split(","))
-        # count_include_pad=True as Caffe2/VISSL's AvgPool2d default.
-        y = F.avg_pool2d(x, kernel_size=k, stride=s, padding=p)
+    elif spec.op.startswith("avg_pool("):
+        args = dict(a.split("=") for a in spec.op[len("avg_pool(") : -1].split(","))
+        y = F.avg_pool2d(x, kernel_size=int(args["k"]), stride=int(args["s"]), padding=int(args["p"]),
+                         count_include_pad=args.get("pad") == "counted")
     else:
         g = spec.out_shape[-1]
         y = F.adaptive_avg_pool2d(x, g)

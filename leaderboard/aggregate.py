@@ -138,6 +138,9 @@ def frame_from_records(rows: list[dict]) -> pd.DataFrame:
     df["checkpoint_name"] = [n or name_from_spec(c) for n, c in zip(df["checkpoint_name"], df["checkpoint"])]
     df["partial"] = [load.get("partial") is True for load in df["checkpoint_load"]]
     df["missing"] = [missing_count(load) for load in df["checkpoint_load"]]
+    # a trunk that is not the benchmark's (evalsuite.trunks.published_comparability): why, else ""
+    df["not_comparable"] = [str(p.get("not_comparable_reason", "")) if isinstance(p, dict) else ""
+                            for p in df["params"]]
     df["seed"] = df["seed"].astype(object).where(df["seed"].notna(), None)
     return df
 
@@ -239,7 +242,8 @@ def checkpoint_table(agg: pd.DataFrame) -> pd.DataFrame:
     meta = ["method", "arch", "pretrain_data", "checkpoint", "checkpoint_format", "checkpoint_meta", "checkpoint_id",
             "checkpoint_name"]
     if agg.empty:
-        return pd.DataFrame(columns=["ckpt", "label", *meta, "checkpoint_load", "partial", "missing", "n_numbers"])
+        return pd.DataFrame(columns=["ckpt", "label", *meta, "checkpoint_load", "partial", "missing", "not_comparable",
+                                     "n_numbers"])
     d = agg.sort_values(["created", "order"], kind="stable")
     last = d.groupby("ckpt", sort=False).tail(1).set_index("ckpt")
     t = last[meta].copy()
@@ -247,6 +251,7 @@ def checkpoint_table(agg: pd.DataFrame) -> pd.DataFrame:
     load = pd.concat([d, d[d["partial"]]]).groupby("ckpt", sort=False).tail(1).set_index("ckpt")
     for c in ("checkpoint_load", "partial", "missing"):
         t[c] = load[c]
+    t["not_comparable"] = last["not_comparable"]
     t["n_numbers"] = agg.groupby("ckpt").size()
     t["label"] = _distinct_labels(t)
     return t.reset_index().sort_values(["label", "ckpt"]).reset_index(drop=True)

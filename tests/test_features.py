@@ -1,4 +1,4 @@
-"""Feature extraction through the cache: hits, resume, corruption, precision, bad features."""
+"""Feature extraction through the cache: hits, resume, corruption, precision, bad features; the transforms."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from evalsuite.cache import FeatureCache, storage_array
 from evalsuite.data import open_dataset
-from evalsuite.errors import BadData, BadFeatures
-from evalsuite.features import FeatureExtractor, Transform
+from evalsuite.errors import BadData, BadFeatures, UserError
+from evalsuite.features import FeatureExtractor, Transform, preset_precision
+from evalsuite.runner import RunOptions, run
 from evalsuite.trunks import build_trunk
 
 TF = Transform(size=32)
@@ -187,3 +189,111 @@ def test_prepare_removes_leftover_temporaries_only(tmp_path) -> None:
     entry.prepare()
     assert sorted(p.name for p in entry.dir.iterdir()) == ["key.json", "shard_00000.npy"]
     assert entry.missing_shards() == [1]
+
+
+# ---------------------------------------------------------------------- transforms
+
+
+def _image(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255
+
+
+RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # no normalisation: the transform's pixels in [0, 1]
+
+
+def test_scale_square_resizes_the_shorter_side_then_the_whole_image() -> None:
+    """VISSL's VOC07 SVM transform, Resize(256) then Resize([224, 224]), here 24 then 16: by hand with PIL."""
+    img = _image(60, 40)
+    got = Transform(size=16, mode="scale_square", resize=24, **RAW)(img).numpy()
+    ref = img.resize((36, 24), Image.BILINEAR).resize((16, 16), Image.BILINEAR)  # 60 x 40 -> 36 x 24 -> 16 x 16
+    np.testing.assert_allclose(got, _pixels(ref), atol=1e-6)
+    one_step = Transform(size=16, mode="square", **RAW)(img).numpy()
+    assert np.abs(got - one_step).max() > 0.02  # one PIL step is not the two
+
+
+def test_cv2_bilinear_averages_2x2_blocks_on_a_2x_reduction() -> None:
+    """OpenCV's INTER_LINEAR samples at half-pixel centres without antialiasing: halving a 4x4 image gives each
+    2x2 block's mean (by hand); PIL's bilinear filter spreads wider."""
+    grey = np.array([[0, 40, 80, 120], [160, 200, 240, 20], [60, 100, 140, 180], [220, 10, 30, 50]], np.uint8)
+    img = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+    blocks = np.array([[(0 + 40 + 160 + 200) / 4, (80 + 120 + 240 + 20) / 4],
+                       [(60 + 100 + 220 + 10) / 4, (140 + 180 + 30 + 50) / 4]]) / 255
+    for mode in ("square", "scale_square"):  # scale_square: the shorter side is already 4
+        got = Transform(size=2, mode=mode, resize=4, interpolation="cv2_bilinear", **RAW)(img).numpy()
+        np.testing.assert_allclose(got, np.broadcast_to(blocks, (3, 2, 2)), atol=1e-6)
+    pil = Transform(size=2, mode="square", **RAW)(img).numpy()
+    assert np.abs(pil - blocks).max() > 0.02
+
+
+def test_cv2_bilinear_matches_opencv() -> None:
+    """fair_ssb's scale (shorter side, longer floor(long / short * size)) then global_resize, on float pixels."""
+    cv2 = pytest.importorskip("cv2")
+    img = _image(53, 37, seed=1)
+    got = Transform(size=24, mode="scale_square", resize=32, interpolation="cv2_bilinear", **RAW)(img).numpy()
+    f = np.asarray(img, dtype=np.float32)
+    f = cv2.resize(f, (int(np.floor(53 / 37 * 32)), 32))  # (width, height)
+    ref = cv2.resize(f, (24, 24)).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_knn_interpolation_comes_from_the_protocol() -> None:
+    """goyal19 knn = DINO's eval_knn.py transform: Resize(256, interpolation=3) (bicubic), CenterCrop(224)."""
+    from torchvision import transforms as T
+
+    import tasks.knn.task as knn
+
+    img = _image(300, 260, seed=2)
+    tf = Transform.from_protocol(knn.task.default_protocol("goyal19"))
+    assert (tf.mode, tf.resize, tf.size, tf.interpolation) == ("center_crop", 256, 224, "bicubic")
+    dino = T.Compose([T.Resize(256, interpolation=3), T.CenterCrop(224), T.ToTensor(),
+                      T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    np.testing.assert_allclose(tf(img).numpy(), dino(img).numpy(), atol=1e-5)
+    assert Transform.from_protocol(knn.task.default_protocol("vissl")).interpolation == "bilinear"
+    with pytest.raises(UserError, match="interpolation"):
+        Transform(interpolation="lanczos")
+
+
+# ---------------------------------------------------------------------- conv1 pooling and precision in the key
+
+
+def test_conv1_pooling_of_goyal_and_vissl_are_cached_apart(tmp_path, train_ds) -> None:
+    """ResNet-50 conv1 at 224 px: padding left out (goyal) or counted (vissl) differ at the border windows only,
+    and each pooling has its own cache entry (the op is in the key)."""
+    trunk = CountingTrunk(build_trunk("resnet50", seed=0))
+    ext = FeatureExtractor(trunk, "r50", "resnet50", cache=FeatureCache(tmp_path), precision="fp32", batch_size=16,
+                           progress=False)
+    tf = Transform(size=224)
+    g = ext.features(train_ds, ["conv1"], "goyal", tf)["conv1"].reshape(-1, 64, 12, 12)
+    v = ext.features(train_ds, ["conv1"], "vissl", tf)["conv1"].reshape(-1, 64, 12, 12)
+    assert trunk.seen == 2 * 48 and len(list(tmp_path.rglob("manifest.json"))) == 2
+    # border windows hold 6 of 10 rows/columns inside the map: 36 of 100 cells at a corner, 60 on an edge
+    np.testing.assert_allclose(v[:, :, 0, 0], g[:, :, 0, 0] * 36 / 100, rtol=2e-3, atol=1e-6)  # float16 cache
+    np.testing.assert_allclose(v[:, :, 0, 5], g[:, :, 0, 5] * 60 / 100, rtol=2e-3, atol=1e-6)
+    np.testing.assert_array_equal(v[:, :, 1:-1, 1:-1], g[:, :, 1:-1, 1:-1])
+    specs = {m: ext.pool_specs(["conv1"], m, tf)["conv1"] for m in ("goyal", "vissl")}
+    fields = {m: ext.entry_fields(train_ds, "conv1", specs[m], tf)["pooling"]["op"] for m in specs}
+    assert fields == {"goyal": "avg_pool(k=10,s=10,p=4,pad=excluded)", "vissl": "avg_pool(k=10,s=10,p=4,pad=counted)"}
+
+
+def test_presets_choose_the_extraction_precision() -> None:
+    """The references extract in fp32: goyal19 and vissl default to it, quick keeps the fast path, and an
+    explicit --precision wins."""
+    assert RunOptions(checkpoint="x").precision is None
+    assert preset_precision("goyal19") == preset_precision("vissl") == "fp32"
+    assert preset_precision("quick") == "auto" and preset_precision("goyal19", "bf16") == "bf16"
+
+
+def test_run_records_the_presets_precision(tmp_path, tiny_imagefolder) -> None:
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bfloat16 support: auto is fp32 too")
+    got = {}
+    for preset in ("goyal19", "quick"):
+        report = run(RunOptions(checkpoint="random:resnet18", tasks=["centroid"], preset=preset, layers=["res5"],
+                                overrides=["centroid.image_size=32"], data_root=tiny_imagefolder,
+                                out=tmp_path / preset, cache_dir=tmp_path / "cache", progress=False))
+        got[preset] = {r.params["feature_precision"] for r in report.results}
+    assert got == {"goyal19": {"fp32"}, "quick": {"bf16"}}

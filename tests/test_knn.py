@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,14 +12,12 @@ import pytest
 import torch
 
 import tasks.knn.task as knn
-from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
-from evalsuite.cli import main as cli_main
 from evalsuite.errors import BadData, BadFeatures, UserError
 from evalsuite.protocols import apply_overrides, parse_overrides
 from tasks.knn.centroid import task as centroid
 from tasks.knn.search import Neighbours
-from tests.helpers import make_context
+from tests.helpers import make_context, read_records, run_cli_with_task
 
 TAPS = ["res4", "res5"]
 
@@ -54,6 +51,8 @@ def test_presets_follow_the_protocols():
         assert (p.pooling, p.normalize, p.metric, p.index) == ("avg", True, "ip", "flat")
         assert (p.resize_mode, p.resize, p.image_size) == ("center_crop", 256, 224)
         assert p.layers == ("conv1", "res2", "res3", "res4", "res5")
+    # DINO: Resize(256, interpolation=3) = bicubic; VISSL's kNN configs: Resize(256), torchvision's bilinear
+    assert (g.interpolation, v.interpolation, q.interpolation) == ("bicubic", "bilinear", "bilinear")
     assert q.image_size < g.image_size and max(q.ks) <= 20
     # the recorded form keeps JSON lists and nulls
     assert q.to_dict()["ks"] == [5, 10, 20] and q.to_dict()["resize"] is None and q.to_dict()["use_gpu"] == "auto"
@@ -73,13 +72,53 @@ def test_overrides_are_cast_to_the_declared_types():
 
 def test_centroid_protocol_records_exactly_the_pinned_params():
     """tests/regression pins the centroid records' params: the typed protocol must record the same JSON."""
-    pinned = {"dataset": "imagefolder", "data_path": None, "train_split": "train", "test_split": "val",
-              "layers": None, "pooling": "avg", "image_size": 64, "resize_mode": "square"}
+    pinned = {"dataset": "imagefolder", "data_path": None, "train_split": "train", "layers": None, "pooling": "avg",
+              "image_size": 64, "resize_mode": "square", "resize": None, "interpolation": "bilinear",
+              "test_split": "val"}
     quick = centroid.default_protocol("quick")
     assert quick.to_dict() == pinned and list(quick.to_dict()) == list(pinned)
     for preset in ("goyal19", "vissl"):
         assert centroid.default_protocol(preset).to_dict() == {**pinned, "image_size": 224}
     assert quick.layers is None and quick.test_split == "val"
+
+
+def test_conformance_covers_every_goyal19_field():
+    from evalsuite.conformance import task_conformance
+    from evalsuite.protocols import field_paths
+
+    for task in (knn.task, centroid):
+        table = task_conformance(task)
+        assert set(field_paths(task.default_protocol("goyal19"))) == set(table), task.name
+        for _ref, source, status in table.values():
+            assert status == "same" or status.startswith(("deviation: ", "ours: ")), status
+            assert status.startswith("ours: ") or source.startswith("facebookresearch/dino:")
+    assert all(s.startswith("ours: ") for _, _, s in task_conformance(centroid).values())
+    assert task_conformance(knn.task)["interpolation"][2] == "same"
+
+
+def test_alexnet_records_say_they_are_not_comparable(tiny_imagefolder, tmp_path):
+    """torchvision's AlexNet is not the benchmark's CaffeNet: every knn and centroid record says so."""
+    alex = load_checkpoint("random:alexnet", seed=0)
+    ctx = make_context("knn", tiny_imagefolder, tmp_path / "out", preset="quick", checkpoint=alex,
+                       cache_dir=tmp_path / "cache", layers=["conv5"], overrides=["knn.retrieval=false"])
+    records = knn.task.run(ctx)
+    ctx = make_context("centroid", tiny_imagefolder, tmp_path / "out", preset="quick", checkpoint=alex,
+                       cache_dir=tmp_path / "cache", layers=["conv5"])
+    records += centroid.run(ctx)
+    assert records and all(r.params["comparable_to_published"] is False for r in records)
+    assert all("CaffeNet" in r.params["not_comparable_reason"] for r in records)
+    # compare flags (and --strict refuses) a record whose deviations are not empty
+    assert all("arch" in r.deviations for r in records)
+    # the leaderboard marks the checkpoint wherever its label is shown, with the reason on hover
+    from evalsuite.results import append_results
+    from leaderboard.site import build_site
+
+    append_results(tmp_path / "runs" / "results.jsonl", records)
+    build_site([tmp_path / "runs"], tmp_path / "site")
+    pages = [tmp_path / "site" / "index.html", *(tmp_path / "site" / "checkpoints").glob("*.html")]
+    for page in pages:
+        text = page.read_text()
+        assert 'class="not-comparable"' in text and "CaffeNet" in text, page
 
 
 def test_reported_numbers_equal_an_independent_recomputation(tiny_imagefolder, tmp_path, ckpt):
@@ -95,6 +134,7 @@ def test_reported_numbers_equal_an_independent_recomputation(tiny_imagefolder, t
     assert (r0.params["num_train"], r0.params["num_val"], r0.params["num_classes"]) == (48, 24, 8)
     assert r0.params["k_searched"] == 20 and r0.params["search"]["backend"] == "faiss-cpu"
     assert (r0.params["k"], r0.params["temperature"]) == (10, 0.07)
+    assert "comparable_to_published" not in r0.params  # a ResNet is comparable
 
     # recompute res5 from the cached features with plain numpy: cosine, sort, exp(sim/T) vote
     train = ctx.open_dataset("imagefolder", "train")
@@ -236,15 +276,10 @@ def test_multilabel_metrics_from_neighbours():
 
 
 def test_cli_run_writes_result_records(tiny_imagefolder, tmp_path, cache_dir):
-    registry.register_task(knn.task)
-    try:
-        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "knn", "--protocol", "quick",
-                       "--layers", "res5", "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "runs"),
-                       "--no-progress"])
-    finally:
-        registry.unregister(registry.TASK_GROUP, "knn")
+    rc = run_cli_with_task(knn.task, ["--layers", "res5", "--data-root", str(tiny_imagefolder),
+                                      "--out", str(tmp_path / "runs")])
     assert rc == 0
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    rows = read_records(tmp_path / "runs")
     metrics = {r["metric"] for r in rows}
     assert {"top1", "top5", "majority_top1@k20", "retrieval_mAP@20", "retrieval_precision@10"} <= metrics
     assert all(r["task"] == "knn" and r["layer"] == "res5" and r["protocol"] == "quick" for r in rows)
@@ -253,13 +288,8 @@ def test_cli_run_writes_result_records(tiny_imagefolder, tmp_path, cache_dir):
 
 
 def test_cli_k_too_large_exits_2(tiny_imagefolder, tmp_path, cache_dir, capsys):
-    registry.register_task(knn.task)
-    try:
-        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "knn", "--protocol", "quick",
-                       "--set", "knn.k=100", "--layers", "res5", "--data-root", str(tiny_imagefolder),
-                       "--out", str(tmp_path / "runs"), "--no-progress"])
-    finally:
-        registry.unregister(registry.TASK_GROUP, "knn")
+    rc = run_cli_with_task(knn.task, ["--set", "knn.k=100", "--layers", "res5", "--data-root", str(tiny_imagefolder),
+                                      "--out", str(tmp_path / "runs")])
     assert rc == 2
     assert "k=100 is larger than the bank" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "results.jsonl").exists()

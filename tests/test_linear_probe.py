@@ -9,17 +9,20 @@ from sklearn.linear_model import LogisticRegression
 
 from evalsuite.errors import BadData, BadFeatures, UserError
 from tasks.linear.probe import (
+    LinearProbe,
     ProbeConfig,
     build_probe,
     cross_entropy,
     epoch_batches,
     evaluate_probe,
     lr_at,
+    param_groups,
     predict_logits,
     topk_accuracy,
     total_iterations,
     train_linear_probe,
 )
+from tasks.linear.task import task as places_task
 
 
 def blobs(n_per_class: int, dim: int, classes: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +149,100 @@ def test_probe_init_is_seeded_gaussian_with_zero_bias():
     assert torch.equal(a.fc.weight, b.fc.weight)
     assert float(a.fc.weight.detach().std()) == pytest.approx(0.01, rel=0.02)
     assert float(a.fc.bias.detach().abs().max()) == 0.0
+
+
+def test_vissl_head_is_affine_batchnorm_with_pytorch_default_linear_init():
+    # VISSL eval_mlp: nn.BatchNorm2d(in_channels) (affine, scale 1 / shift 0) + nn.Linear with its default init,
+    # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight, the same bound for the bias
+    cfg = ProbeConfig.from_protocol(places_task.default_protocol("vissl"), seed=4)
+    dim, classes, channels = 4096, 64, 64
+    model = build_probe(dim, classes, cfg, channels=channels)
+    bn = model.bn
+    assert [tuple(p.shape) for p in bn.parameters()] == [(channels,), (channels,)]
+    assert torch.equal(bn.weight.detach(), torch.ones(channels))
+    assert torch.equal(bn.bias.detach(), torch.zeros(channels))
+    assert (bn.eps, bn.momentum) == (1e-5, 0.1)
+    bound = 1 / np.sqrt(dim)
+    w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
+    assert w.shape == (classes, dim) and b.shape == (classes,)
+    assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
+    assert w.std() == pytest.approx(bound / np.sqrt(3), rel=0.01)  # uniform(-a, a) has std a / sqrt(3)
+    assert abs(w.mean()) < 1e-4 and np.abs(b).min() > 0 and b.std() > bound / 4
+    assert torch.equal(build_probe(dim, classes, cfg, channels=channels).fc.weight, model.fc.weight)  # seeded
+    # goyal19 (fair_ssb): BN without scale/shift, N(0, 0.01^2) weights, zero bias
+    g = build_probe(dim, classes, ProbeConfig.from_protocol(places_task.default_protocol("goyal19")), channels=channels)
+    assert list(g.bn.parameters()) == []
+    assert float(g.fc.weight.detach().std()) == pytest.approx(0.01, rel=0.02)
+    assert float(g.fc.bias.detach().abs().max()) == 0.0
+
+
+def test_batchnorm_scale_and_shift_are_learnt_but_never_decayed():
+    model = LinearProbe(12, 3, channels=4, bn="channel", affine=True)
+    groups = param_groups(model, 5e-4)
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 5e-4), (2, 0.0)]
+    assert groups[0]["params"][0] is model.fc.weight and groups[1]["params"][0] is model.bn.weight
+    # behaviour: all-zero features normalise to 0, so the BN scale gets no gradient; only weight decay could
+    # move it. A huge decay leaves it at exactly 1 while the shift (which the loss reaches) is learnt.
+    y = np.arange(24) % 3
+    cfg = ProbeConfig(epochs=3, batch_size=8, lr=0.1, lr_milestones=(), weight_decay=0.5, bn="channel",
+                      bn_affine=True, init="pytorch_default")
+    fit = train_linear_probe(np.zeros((24, 12), np.float16), y, 3, cfg, channels=4, progress=False)
+    assert torch.equal(fit.model.bn.weight.detach(), torch.ones(4))
+    assert float(fit.model.bn.bias.detach().abs().max()) > 0
+
+
+def test_each_epoch_trains_on_view_e_mod_k(monkeypatch):
+    # K = 3 views of 32 rows told apart by an offset; the probe must see view e mod 3 in epoch e, and only the
+    # view in use is loaded (a view function runs when training reaches its epochs)
+    base, y = blobs(8, 6, 4, sep=1.0, seed=0)
+    views = [(base.astype(np.float32) + 10 * v).astype(np.float16) for v in range(3)]
+    loads = []
+
+    def loader(v):
+        def load():
+            loads.append(v)
+            return views[v]
+        return load
+
+    seen: list[torch.Tensor] = []
+    real_forward = LinearProbe.forward
+
+    def spy(self, x):
+        if self.training:
+            seen.append(x.detach().clone())
+        return real_forward(self, x)
+
+    monkeypatch.setattr(LinearProbe, "forward", spy)
+    cfg = ProbeConfig(epochs=5, batch_size=8, lr_milestones=(), bn="feature", seed=2)
+    fit = train_linear_probe([loader(v) for v in range(3)], y, 4, cfg, progress=False)
+    assert loads == [0, 1, 2, 0, 1]
+    assert fit.views == 3 and [h["view"] for h in fit.history] == [0, 1, 2, 0, 1]
+    batches = [(e, idx) for e in range(5) for idx in epoch_batches(32, 8, 2, e)]
+    assert len(seen) == len(batches) == 20
+    for (epoch, idx), x in zip(batches, seen):
+        np.testing.assert_array_equal(x.numpy(), views[epoch % 3][idx].astype(np.float32))
+    with pytest.raises(BadFeatures, match=r"train features \(view 1\) have shape \(32, 5\)"):
+        train_linear_probe([views[0], views[1][:, :5]], y, 4, cfg, progress=False)
+
+
+def test_views_resume_to_the_same_weights(tmp_path):
+    base, y = blobs(10, 6, 3, sep=0.5, seed=1)
+    views = [(base.astype(np.float32) * (1 + 0.1 * v)).astype(np.float16) for v in range(3)]
+    cfg = ProbeConfig(epochs=4, batch_size=8, lr=0.05, lr_milestones=(3,), bn="feature", seed=1)
+    full = train_linear_probe(views, y, 3, cfg, progress=False)
+
+    def stop(epoch, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_linear_probe(views, y, 3, cfg, state_path=tmp_path / "s.pt", progress=False, on_epoch_end=stop)
+    with pytest.raises(UserError, match=r"views=3 \(now 2\)"):
+        train_linear_probe(views[:2], y, 3, cfg, state_path=tmp_path / "s.pt", progress=False)
+    resumed = train_linear_probe(views, y, 3, cfg, state_path=tmp_path / "s.pt", progress=False)
+    assert resumed.resumed_from_epoch == 2
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
 # ---------------------------------------------------------------------------- resume

@@ -67,11 +67,11 @@ def test_trunk_without_the_requested_taps_is_a_clear_error():
 def test_presets():
     g, v, q = (navigation.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
     assert g == v  # VISSL has no navigation benchmark
-    assert (g.lr, g.clip_range, g.gamma, g.frame_stack) == (1e-4, 0.1, 0.99, 4)
+    assert (g.ppo.learning_rate, g.ppo.clip_range, g.ppo.gamma, g.frame_stack) == (1e-4, 0.1, 0.99, 4)
     assert list(g.layers) == TAPS and (g.compress_channels, g.compress_grid) == (8, 16)
     assert g.num_seeds == 5 and g.frames >= 1_000_000
     assert q.frames < g.frames and q.image_size < g.image_size and q.num_seeds == 1
-    assert (q.env, q.lr, q.n_envs, q.n_epochs) == ("miniworld:OneRoomS6Fast", 3e-4, 8, 4)
+    assert (q.env, q.ppo.learning_rate, q.n_envs, q.ppo.n_epochs) == ("miniworld:OneRoomS6Fast", 3e-4, 8, 4)
     assert g.to_dict()["env_kwargs"] == {} and g.to_dict()["baselines"] == ["random", "blind"]
 
 
@@ -241,7 +241,7 @@ def test_short_ppo_run_beats_the_random_policy():
 @needs_gl
 def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monkeypatch):
     ckpt = load_checkpoint("random:resnet18", seed=0)
-    small = ["frames=256", "n_steps=16", "batch_size=32", "eval_episodes=4", "n_envs=2"]
+    small = ["frames=256", "ppo.n_steps=16", "ppo.batch_size=32", "eval_episodes=4", "n_envs=2"]
 
     def ctx(out, *overrides):
         return make_context("navigation", tmp_path, out, overrides=[*small, *overrides], checkpoint=ckpt,
@@ -257,7 +257,7 @@ def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monk
     for r in results:
         assert r.dataset == "miniworld:OneRoomS6Fast" and r.split == "eval"
         assert r.params["std"] == 0.0 and len(r.params["per_seed"]) == 1 and r.params["seeds"] == [0]
-        assert r.params["lr"] == 3e-4 and r.params["frames"] == 256
+        assert r.params["ppo"]["learning_rate"] == 3e-4 and r.params["frames"] == 256
         assert r.params["agent"] in ("ppo", "random", "blind")
     by = {(r.layer, r.metric): r.value for r in results}
     for layer in ("res3+res4+res5", "random", "blind"):

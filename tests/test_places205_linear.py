@@ -1,20 +1,28 @@
-"""places205_linear end to end: presets, cached features (trunk never re-run), resume, CLI, bad data."""
+"""places205_linear end to end: presets, augmented training views against the reference code, cached features
+(trunk never re-run), resume, CLI, bad data, the conformance table."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import tasks.linear.task as places
 from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.cli import main as cli_main
+from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD
 from evalsuite.errors import BadData, UserError
-from evalsuite.features import FeatureExtractor
+from evalsuite.features import FeatureExtractor, Transform
+from evalsuite.protocols import field_paths
 from evalsuite.task import TaskContext
+from tasks.linear.augment import PCA_EIGVAL, PCA_EIGVEC, AugmentedTransform, goyal19_view
+from tasks.linear.conformance import CONFORMANCE
 from tests.helpers import make_context, make_extractor
 
 TAPS = ["conv1", "res5"]
@@ -57,12 +65,120 @@ def test_presets_follow_the_benchmark():
         assert (p.dataset, p.epochs, p.batch_size) == ("places205", 14, 256)
         assert p.lr_milestones == (4, 8, 12)
         assert (p.lr, p.lr_gamma, p.momentum, p.nesterov) == (0.01, 0.1, 0.9, True)
-        assert (p.bn, p.init_std, p.pooling) == ("channel", 0.01, "goyal")
+        assert (p.bn, p.bn_eps, p.bn_momentum) == ("channel", 1e-5, 0.1)
         assert (p.resize_mode, p.resize, p.image_size) == ("center_crop", 256, 224)
         assert p.layers == ("conv1", "res2", "res3", "res4", "res5")
-    assert (g.weight_decay, v.weight_decay) == (1e-4, 5e-4)
-    assert q.epochs < g.epochs and q.image_size < g.image_size
+        # both references train on a fresh random view of every image each epoch
+        assert (p.train_views, p.augmented_views) == ("augmented", 14)
+    # fair_ssb resnet50_*_finetune_linear.yaml: BN_NO_SCALE_SHIFT, FC GaussianFill std 0.01, WEIGHT_DECAY 1e-4,
+    # random_sized_crop + horizontal_flip + colour jitter + lighting
+    assert (g.bn_affine, g.init, g.init_std, g.weight_decay, g.train_augmentation) == (
+        False, "gaussian", 0.01, 1e-4, "goyal19")
+    # VISSL eval_mlp: affine BatchNorm2d, nn.Linear's default init; its places205 yaml: weight_decay 5e-4,
+    # RandomResizedCrop + RandomHorizontalFlip
+    assert (v.bn_affine, v.init, v.weight_decay, v.train_augmentation) == (True, "pytorch_default", 5e-4, "vissl")
+    # fair_ssb: cv2.resize and Caffe2's AveragePool (padding left out); VISSL: PIL and nn.AvgPool2d (counted)
+    assert (g.interpolation, g.pooling, v.interpolation, v.pooling) == ("cv2_bilinear", "goyal", "bilinear", "vissl")
+    assert q.epochs < g.epochs and q.image_size < g.image_size and q.train_views == "center"
     assert q.to_dict()["lr_milestones"] == [3] and q.to_dict()["resize"] is None
+
+
+# ---------------------------------------------------------------------------- training views
+
+
+def fair_ssb_view(rgb: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """fair_ssb's training pipeline, written out from its code (data_input.py: transform_train_image,
+    preprocess_image; data_transformation.py: random_sized_crop, horizontal_flip, color_jitter, lighting,
+    color_normalization) on cv2's BGR float32 image with np.random's global generator. Returns RGB CHW."""
+    cv2 = pytest.importorskip("cv2")
+    np.random.seed(seed)
+    img = rgb[:, :, ::-1].astype(np.float32)
+    for _ in range(10):  # random_sized_crop(img, size, 0.08, 1.0)
+        height, width = img.shape[:2]
+        target_area = np.random.uniform(0.08, 1.0) * height * width
+        aspect_ratio = np.random.uniform(3.0 / 4.0, 4.0 / 3.0)
+        w = int(round(math.sqrt(float(target_area) * aspect_ratio)))
+        h = int(round(math.sqrt(float(target_area) / aspect_ratio)))
+        if np.random.uniform() < 0.5:
+            w, h = h, w
+        if h <= height and w <= width:
+            y0 = 0 if height == h else np.random.randint(0, height - h)
+            x0 = 0 if width == w else np.random.randint(0, width - w)
+            img = cv2.resize(img[y0:y0 + h, x0:x0 + w], (size, size))
+            break
+    else:  # center_crop(size, scale(size, img))
+        height, width = img.shape[:2]
+        nw, nh = (size, int(math.floor(height / width * size))) if width < height else \
+            (int(math.floor(width / height * size)), size)
+        img = cv2.resize(img, (nw, nh))
+        y0, x0 = int(math.ceil((nh - size) / 2)), int(math.ceil((nw - size) / 2))
+        img = img[y0:y0 + size, x0:x0 + size]
+    if np.random.uniform() < 0.5:
+        img = cv2.flip(img, 1)
+    img = img.transpose(2, 0, 1) / 255.0
+
+    def gray(im):
+        return 0.299 * im[2] + 0.587 * im[1] + 0.114 * im[0]
+
+    for op in np.random.permutation(np.arange(3)):  # color_jitter(0.4, 0.4, 0.4): brightness, contrast, saturation
+        other = [np.zeros(img.shape), np.full(img.shape, gray(img).mean()), np.repeat(gray(img)[None], 3, 0)][op]
+        alpha = 1.0 + np.random.uniform(-0.4, 0.4)
+        img = img * alpha + other * (1 - alpha)
+    alpha = np.random.normal(0, 0.1, size=(1, 3))  # lighting(alphastd=0.1)
+    rgb_shift = np.sum(PCA_EIGVEC * np.repeat(alpha, 3, axis=0) * np.repeat(PCA_EIGVAL[None], 3, axis=0), axis=1)
+    img = img + rgb_shift[::-1, None, None]  # BGR channel i gets rgb[2 - i]
+    mean, std = np.array(IMAGENET_MEAN[::-1]), np.array(IMAGENET_STD[::-1])
+    return ((img - mean[:, None, None]) / std[:, None, None])[::-1]
+
+
+class LegacyDraws:
+    """np.random.RandomState behind the Generator method names goyal19_view draws with."""
+
+    def __init__(self, seed: int):
+        self.rs = np.random.RandomState(seed)
+        self.uniform, self.permutation, self.normal = self.rs.uniform, self.rs.permutation, self.rs.normal
+
+    def integers(self, low, high):
+        return self.rs.randint(low, high)
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (200, 150), (400, 10)])  # (400, 10): every try fails -> centre crop
+def test_goyal19_views_match_the_fair_ssb_pipeline(shape):
+    rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for seed in range(6):
+        ours = goyal19_view(Image.fromarray(rgb), 48, LegacyDraws(seed))
+        ours = ((ours - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
+        np.testing.assert_allclose(ours.numpy(), fair_ssb_view(rgb, 48, seed), atol=5e-4)
+
+
+def test_vissl_views_are_torchvision_random_resized_crop_and_flip():
+    from torchvision import transforms as T
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    vissl_yaml = T.Compose([T.RandomResizedCrop(64), T.RandomHorizontalFlip(), T.ToTensor(),
+                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for view in range(8):
+        aug = AugmentedTransform.of(Transform(size=64), "vissl", seed=3, view=view)
+        torch.manual_seed(int(aug.rng(image).integers(2**63)))
+        expected = vissl_yaml(image)
+        before = torch.random.get_rng_state()
+        got = aug(image)
+        assert torch.equal(torch.random.get_rng_state(), before)  # the global generator is left alone
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_views_are_seeded_by_run_seed_view_and_pixels():
+    rgb = np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    base = Transform(size=56, mode="center_crop", resize=64)
+    view = AugmentedTransform.of(base, "goyal19", seed=0, view=1)
+    a = view(Image.fromarray(rgb))
+    assert torch.equal(a, view(Image.fromarray(rgb.copy())))  # the same pixels: the same view
+    for other in (AugmentedTransform.of(base, "goyal19", seed=0, view=2), AugmentedTransform.of(base, "goyal19", 1, 1)):
+        assert not torch.allclose(a, other(Image.fromarray(rgb)))
+    # cache keys: the base transform's fields plus recipe, seed and view
+    assert view.to_dict() == {**base.to_dict(), "recipe": "goyal19", "seed": 0, "view": 1}
+    with pytest.raises(UserError, match="unknown train augmentation"):
+        AugmentedTransform.of(base, "simclr", 0, 0)
 
 
 def test_end_to_end_on_imagefolder_never_reruns_the_trunk(tiny_imagefolder, tmp_path):
@@ -149,6 +265,64 @@ def test_resume_under_other_settings_is_refused_naming_them(tiny_imagefolder, tm
     resumed = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c"),
                                        layers=["res5"]))
     assert resumed[0].params["resumed_from_epoch"] == 1
+
+
+def test_augmented_training_reads_a_new_cached_view_each_epoch(tiny_imagefolder, tmp_path, monkeypatch):
+    ckpt = load_checkpoint("random:resnet18", seed=0)
+    factory = CountingExtractor(ckpt, tmp_path / "cache")
+    received = []
+    real_train = places.train_linear_probe
+
+    def spy(features, *args, **kwargs):
+        fit = real_train(features, *args, **kwargs)
+        received.append(([f() for f in features], fit))
+        return fit
+
+    monkeypatch.setattr(places, "train_linear_probe", spy)
+    aug = ["places205_linear.train_views=augmented", "places205_linear.augmented_views=3"]
+    ctx = make_ctx(tiny_imagefolder, tmp_path / "out", factory, overrides=aug, layers=["res5"])
+    results = places.task.run(ctx)
+    # 48 train images x 3 views + 24 val images at batch 16, all before training
+    assert sorted(factory.batches) == [8] + [16] * 10
+    [(views, fit)] = received
+    center = ctx.features(ctx.open_dataset("imagefolder", "train"), ["res5"], transform=ctx.transform())["res5"]
+    assert len(views) == 3 and all(v.shape == center.shape == (48, 2048) for v in views)
+    for i, a in enumerate(views):  # every image's row differs between views and from its centre crop
+        assert not np.isclose(a, center).all(axis=1).any()
+        for b in views[i + 1:]:
+            assert not np.isclose(a, b).all(axis=1).any()
+    # 4 epochs over 3 views: epoch e read view e mod 3
+    assert fit.views == 3 and [h["view"] for h in fit.history] == [0, 1, 2, 0]
+    p = results[0].params
+    assert (p["train_views"], p["augmented_views"], p["views_extracted"], p["views_read"]) == ("augmented", 3, 3, 3)
+    assert p["train_augmentation"] == "goyal19" and p["augmentation"].startswith("goyal19: fair_ssb random_sized_crop")
+    assert p["train_transform"]["recipe"] == "goyal19" and p["transform"]["mode"] == "center_crop"
+    # every view came from the cache: a second run never runs the trunk and gives the same numbers
+    again = CountingExtractor(ckpt, tmp_path / "cache")
+    rerun = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "out2", again, overrides=aug, layers=["res5"]))
+    assert again.calls == 0 and [r.value for r in rerun] == [r.value for r in results]
+    # views no epoch reads are not extracted: 4 epochs need at most 4
+    more = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "out3", CountingExtractor(ckpt, tmp_path / "cache"),
+                                    overrides=[aug[0], "places205_linear.augmented_views=14"], layers=["res5"]))
+    assert more[0].params["views_extracted"] == 4
+
+
+def test_plan_counts_every_training_view(tiny_imagefolder, tmp_path):
+    ckpt = load_checkpoint("random:resnet18", seed=0)
+    aug = ["places205_linear.train_views=augmented", "places205_linear.augmented_views=2"]
+    plan = places.task.plan(make_ctx(tiny_imagefolder, tmp_path, CountingExtractor(ckpt, tmp_path), overrides=aug))
+    assert plan.images == {"train": 2 * 48, "val": 24}
+    with pytest.raises(UserError, match="augmented_views must be >= 1"):
+        places.task.run(make_ctx(tiny_imagefolder, tmp_path, CountingExtractor(ckpt, tmp_path),
+                                 overrides=[aug[0], "places205_linear.augmented_views=0"]))
+
+
+def test_conformance_covers_every_goyal19_field():
+    fields = field_paths(places.task.default_protocol("goyal19"))
+    assert sorted(CONFORMANCE) == sorted(fields)
+    for name, (reference, source, status) in CONFORMANCE.items():
+        assert reference and source.startswith("facebookresearch/fair_self_supervision_benchmark:"), name
+        assert status == "same" or status.startswith(("deviation: ", "ours: ")), name
 
 
 def test_cli_run_with_imagefolder_override(tiny_imagefolder, tmp_path, cache_dir):

@@ -99,7 +99,9 @@ def test_feature_task_plans_count_both_splits_at_the_protocol_size(name, kind, s
     assert plan.images == dict(zip(splits, expected)) and plan.image_size == 64  # quick: 64 px
     assert plan.train_iterations == 0 and plan.total_images == sum(expected)
     big = registry.get_task(name).plan(make_context(name, root, tmp_path, preset="goyal19"))
-    assert big.image_size == 224 and big.images == dict(zip(splits, expected))
+    # goyal19's linear probe extracts 14 augmented views of every training image (one per epoch)
+    views = 14 if name == "places205_linear" else 1
+    assert big.image_size == 224 and big.images == {splits[0]: views * expected[0], splits[1]: expected[1]}
 
 
 def test_linear_plan_names_the_probe_epochs(roots, tmp_path) -> None:
@@ -161,7 +163,7 @@ def test_navigation_plan_counts_the_frames_ppo_really_collects(tmp_path) -> None
         def step(self, action):
             return np.zeros(2, np.float32), 0.0, False, False, {}
 
-    settings = {"n_envs": 3, "n_steps": 4, "frames": 25, "num_seeds": 2}
+    settings = {"n_envs": 3, "ppo.n_steps": 4, "frames": 25, "num_seeds": 2}
     ctx = make_context("navigation", tmp_path / "no-data", tmp_path / "out",
                        overrides=[f"navigation.{k}={v}" for k, v in settings.items()])
     plan = registry.get_task("navigation").plan(ctx)  # needs no data root

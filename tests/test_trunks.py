@@ -9,12 +9,14 @@ import torchvision
 
 from evalsuite.errors import UserError
 from evalsuite.trunks import (
+    PoolSpec,
     build_trunk,
     describe_layout,
     goyal_grid,
     infer_arch,
     pool_features,
     pool_spec,
+    published_comparability,
     resnet_layout,
     tap_shapes,
 )
@@ -34,11 +36,43 @@ def test_goyal_pooling_equals_avgpool_by_hand() -> None:
     # res2: kernel 16, stride 8 -> 6x6 windows; check one window's mean by hand
     y = pool_features(x, spec).view(2, 256, 6, 6)
     assert torch.allclose(y[1, 3, 2, 4], x[1, 3, 16:32, 32:48].mean(), atol=1e-6)
-    conv1 = pool_spec("resnet50", "conv1", 64, 112, "goyal")
-    xc = torch.randn(1, 64, 112, 112)
-    yc = pool_features(xc, conv1).view(1, 64, 12, 12)
-    # padding 4 with count_include_pad: the first window covers rows/cols 0..5 plus 4 zero pads -> sum/100
-    assert torch.allclose(yc[0, 5, 0, 0], xc[0, 5, :6, :6].sum() / 100, atol=1e-6)
+    assert spec.op == "avg_pool(k=16,s=8,p=0)" == pool_spec("resnet50", "res2", 256, 56, "vissl").op
+
+
+def test_padded_average_by_hand() -> None:
+    """A 4x4 map, kernel 3, stride 1, padding 1: fair_ssb's Caffe2 AveragePool divides by the cells inside the
+    map, VISSL's nn.AvgPool2d by 9."""
+    x = torch.arange(16.0).view(1, 1, 4, 4)  # rows 0-3, 4-7, 8-11, 12-15
+    excluded = pool_features(x, PoolSpec("t", "goyal", "avg_pool(k=3,s=1,p=1,pad=excluded)", (1, 4, 4)))
+    counted = pool_features(x, PoolSpec("t", "vissl", "avg_pool(k=3,s=1,p=1,pad=counted)", (1, 4, 4)))
+    excluded, counted = excluded.view(4, 4), counted.view(4, 4)
+    # corner (0,0): 0+1+4+5 = 10 over 4 cells; edge (0,1): 0+1+2+4+5+6 = 18 over 6; inner (1,1): 45 over 9;
+    # corner (3,3): 10+11+14+15 = 50 over 4
+    assert excluded[0, 0] == 10 / 4 and excluded[0, 1] == 18 / 6 and excluded[1, 1] == 45 / 9
+    assert excluded[3, 3] == 50 / 4
+    assert torch.allclose(counted[0, 0], torch.tensor(10 / 9)) and counted[0, 1] == 18 / 9
+    assert counted[1, 1] == 45 / 9 and torch.allclose(counted[3, 3], torch.tensor(50 / 9))
+
+
+def test_conv1_padding_goyal19_leaves_out_vissl_counts() -> None:
+    """ResNet-50 conv1 (kernel 10, stride 10, padding 4 on 112x112): the first window covers rows/cols 0..5 of
+    the map and 4 rows/cols of padding."""
+    goyal = pool_spec("resnet50", "conv1", 64, 112, "goyal")
+    vissl = pool_spec("resnet50", "conv1", 64, 112, "vissl")
+    assert goyal.op == "avg_pool(k=10,s=10,p=4,pad=excluded)" and vissl.op == "avg_pool(k=10,s=10,p=4,pad=counted)"
+    assert goyal.out_shape == vissl.out_shape == (64, 12, 12)
+    xc = torch.rand(1, 64, 112, 112)
+    yg, yv = pool_features(xc, goyal).view(1, 64, 12, 12), pool_features(xc, vissl).view(1, 64, 12, 12)
+    assert torch.allclose(yg[0, 5, 0, 0], xc[0, 5, :6, :6].sum() / 36, atol=1e-6)
+    assert torch.allclose(yv[0, 5, 0, 0], xc[0, 5, :6, :6].sum() / 100, atol=1e-6)
+    assert torch.allclose(yg[0, 5, 0, 1], xc[0, 5, :6, 6:16].sum() / 60, atol=1e-6)
+    assert torch.allclose(yg[0, 5, 3, 3], yv[0, 5, 3, 3])  # an inner window has no padding
+
+
+def test_alexnet_records_are_marked_not_comparable() -> None:
+    flags = published_comparability("alexnet")
+    assert flags["comparable_to_published"] is False and "CaffeNet" in flags["not_comparable_reason"]
+    assert published_comparability("resnet50") == {} == published_comparability("resnet18")
 
 
 def test_generic_pooling_targets_9k() -> None:

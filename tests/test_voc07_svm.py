@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
@@ -11,13 +10,11 @@ from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
 import tasks.svm.voc07 as voc
-from evalsuite import registry
 from evalsuite.checkpoints import load_checkpoint
-from evalsuite.cli import main as cli_main
 from evalsuite.errors import BadFeatures
 from evalsuite.features import l2_normalize
 from tasks.svm import solver as svm
-from tests.helpers import make_context, make_extractor
+from tests.helpers import make_context, make_extractor, read_records, run_cli_with_task
 from tests.svm_fakes import CLASSES, FakeVOC, handed_context
 
 GOOD, NOISE = "res5", "res4"  # taps of the context's trunk; the tests hand in their features
@@ -47,11 +44,14 @@ def test_presets_follow_the_benchmark():
     assert len(g.costs) == 26 and g.costs[:10] == (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
     assert g.costs[10:] == tuple(0.5**n for n in range(4, 20))
     assert v.costs == (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
-    for p in (g, v):
-        assert (p.folds, p.difficult_in_train, p.normalize, p.resize_mode, p.image_size) == (
-            3, "negative", "l2", "square", 224)
+    for p in (g, v):  # shorter side 256, then 224 x 224 (fair_ssb's scale + global_resize; VISSL's two Resizes)
+        assert (p.folds, p.difficult_in_train, p.normalize, p.resize_mode, p.resize, p.image_size) == (
+            3, "negative", "l2", "scale_square", 256, 224)
         assert p.svm.pos_weight == 2.0 and p.svm.neg_weight == 1.0 and p.svm.loss == "squared_hinge"
         assert p.layers == ("conv1", "res2", "res3", "res4", "res5") and p.undefined_ap == "nan"
+    # fair_ssb: cv2.resize, Caffe2 AveragePool without padding; VISSL: PIL resize, nn.AvgPool2d with padding
+    assert (g.interpolation, g.pooling, v.interpolation, v.pooling) == ("cv2_bilinear", "goyal", "bilinear", "vissl")
+    assert (q.resize_mode, q.interpolation) == ("square", "bilinear")
     assert q.image_size < 224 and len(q.costs) < 26
 
 
@@ -147,27 +147,29 @@ def test_end_to_end_on_synthetic_voc_matches_the_benchmark_loop(synthetic_voc, t
 
 
 def test_cli_run_on_synthetic_voc(synthetic_voc, tmp_path, cache_dir):
-    registry.register_task(voc.task)
-    try:
-        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "voc07_svm", "--protocol", "quick",
-                       "--set", "voc07_svm.image_size=32", "--set", "voc07_svm.svm.backend=sklearn",
-                       "--layers", "conv1", "--data-root", str(synthetic_voc), "--out", str(tmp_path / "runs"),
-                       "--no-progress"])
-    finally:
-        registry.unregister(registry.TASK_GROUP, "voc07_svm")
+    rc = run_cli_with_task(voc.task, ["--set", "voc07_svm.image_size=32", "--set", "voc07_svm.svm.backend=sklearn",
+                                      "--layers", "conv1", "--data-root", str(synthetic_voc),
+                                      "--out", str(tmp_path / "runs")])
     assert rc == 0
-    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    rows = read_records(tmp_path / "runs")
     assert [(r["task"], r["layer"], r["metric"]) for r in rows] == [("voc07_svm", "conv1", "mAP")]
     p = rows[0]["params"]
     assert p["solver"]["backend"] == "sklearn" and len(p["chosen_cost"]) == 20 and 0 <= rows[0]["value"] <= 100
 
 
 def test_cli_missing_voc_exits_2(tmp_path, cache_dir, capsys):
-    registry.register_task(voc.task)
-    try:
-        rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "voc07_svm", "--protocol", "quick",
-                       "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs"), "--no-progress"])
-    finally:
-        registry.unregister(registry.TASK_GROUP, "voc07_svm")
+    rc = run_cli_with_task(voc.task, ["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")])
     assert rc == 2
     assert "voc2007 data not found" in capsys.readouterr().err
+
+
+def test_conformance_has_a_row_for_every_goyal19_field():
+    from evalsuite.conformance import task_conformance
+    from evalsuite.protocols import field_paths
+
+    table = task_conformance(voc.task)
+    assert set(table) == set(field_paths(voc.task.default_protocol("goyal19")))
+    for _ref, source, status in table.values():
+        assert status.split(":")[0].split(" ")[0] in ("same", "deviation", "ours")
+        assert status.startswith("ours") or source.startswith("facebookresearch/fair_self_supervision_benchmark:")
+    assert table["svm.backend"][2].startswith("deviation") and table["svm.sklearn_max_iter"][0].startswith("2000 ")

@@ -18,7 +18,6 @@ Writes benchmarks/out/fidelity_normals.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 
 import tasks.surface_normals.task as sn
+from benchmarks.fidelity import arg_parser, run_cli
 from evalsuite.checkpoints import load_checkpoint
 from evalsuite.data import open_dataset
 from evalsuite.data.nyuv2 import decode_normal_png, unit_mask
@@ -141,9 +141,7 @@ def _print(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import write_json
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--n-test", type=int)
@@ -153,15 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters-per-epoch", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--arch")
-    ap.add_argument("--device")
-    ap.add_argument("--threads", type=int, help="torch threads")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = measure(args)
-    _print(result)
-    write_json("fidelity_normals", result)
-    return 0
+    return run_cli(ap, argv, measure, _print, "fidelity_normals")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ dataset the suite reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from evalsuite.errors import BadData
 from evalsuite.features import l2_normalize
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import TaskProtocol, check_preset
+from evalsuite.protocols import FeatureTaskProtocol, Pooling, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
+from tasks.knn.conformance import CENTROID_CONFORMANCE
 
 
 def centroid_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
@@ -33,23 +33,18 @@ def centroid_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
 
 
 @dataclass(frozen=True)
-class CentroidProtocol(TaskProtocol):
+class CentroidProtocol(FeatureTaskProtocol):
     """The ``goyal19`` / ``vissl`` values (``quick``: 64 px). Pinned by tests/regression: keep names and values."""
 
-    dataset: str = "imagefolder"
-    data_path: str | None = None
-    train_split: str = "train"
     test_split: str = "val"
-    layers: tuple[str, ...] | None = None  # None = every tap of the trunk (conv1..res5, or conv1..conv5 for AlexNet)
-    pooling: Literal["goyal", "avg", "none"] = "avg"
-    image_size: int = 224
-    resize_mode: Literal["square", "center_crop"] = "square"
+    pooling: Pooling = "avg"
 
 
 class CentroidTask:
     name = "centroid"
     description = "nearest-class-centroid top-1 on frozen features (sanity task, any ImageFolder-like data)"
     headline_metrics = ("top1",)
+    conformance = CENTROID_CONFORMANCE  # knn's package: its CONFORMANCE is knn's
 
     def default_protocol(self, preset: str) -> CentroidProtocol:
         check_preset(preset)
@@ -57,8 +52,7 @@ class CentroidTask:
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: CentroidProtocol = ctx.protocol
-        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
-        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
+        train, test = ctx.open_splits(p.train_split, p.test_split)
         if getattr(train, "classes", None) != getattr(test, "classes", None):
             raise BadData("train and test splits have different class folders", test.root)
         taps = ctx.taps(p.layers)
@@ -76,8 +70,7 @@ class CentroidTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size."""
         p: CentroidProtocol = ctx.protocol
-        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
-        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
+        train, test = ctx.open_splits(p.train_split, p.test_split)
         return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size)
 
 

@@ -17,10 +17,13 @@ Multi-label datasets (``label_matrix``, e.g. voc2007) report class-mean AP of th
 (``mAP``, ``mAP@k20``, ...) instead of top-n accuracy.
 
 Presets:
-- ``goyal19``: DINO's protocol (Caron et al. 2021): k=20, T=0.07, cosine on L2-normalised
-  global-average-pooled features, resize 256 / centre crop 224; every tap.
-- ``vissl``: k=200, T=0.1 (the NPID-style k used by VISSL's kNN benchmark).
+- ``goyal19``: DINO's protocol (Caron et al. 2021, ``eval_knn.py``): k=20, T=0.07, cosine on
+  L2-normalised global-average-pooled features, bicubic resize 256 / centre crop 224; every tap.
+- ``vissl``: k=200, T=0.1, bilinear resize 256 / centre crop 224 (VISSL's
+  ``configs/config/benchmark/nearest_neighbor/eval_resnet_8gpu_in1k_kNN.yaml``).
 - ``quick``: 64 px, k=10, ks 5/10/20, retrieval depth 20: tiny data on a CPU.
+
+The fidelity of each field to the reference is in :mod:`tasks.knn.conformance`.
 
 Search options (``--set knn.index=ivf|hnsw``) trade exactness for speed on large banks; the
 recall of the approximate neighbours against the exact search is recorded (``index_recall@k``).
@@ -36,28 +39,26 @@ import numpy as np
 from evalsuite.errors import BadData, UserError
 from evalsuite.features import check_features, l2_normalize
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import TaskProtocol, check_preset
+from evalsuite.protocols import FeatureTaskProtocol, Interpolation, Pooling, ResizeMode, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.knn import metrics as M
+from tasks.knn.conformance import CONFORMANCE
 from tasks.knn.search import Neighbours, SearchConfig, search
 
 DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
 
 
 @dataclass(frozen=True)
-class KNNProtocol(TaskProtocol):
+class KNNProtocol(FeatureTaskProtocol):
     """The ``goyal19`` values (DINO's kNN); the search fields are :class:`tasks.knn.search.SearchConfig`'s."""
 
-    dataset: str = "imagefolder"
-    data_path: str | None = None
-    train_split: str = "train"
     val_split: str = "val"
-    layers: tuple[str, ...] | None = DEFAULT_LAYERS  # None (or taps this trunk lacks): every tap of the trunk
-    pooling: Literal["goyal", "avg", "none"] = "avg"
-    image_size: int = 224
-    resize_mode: Literal["square", "center_crop"] = "center_crop"
+    layers: tuple[str, ...] | None = DEFAULT_LAYERS
+    pooling: Pooling = "avg"
+    resize_mode: ResizeMode = "center_crop"
     resize: int | None = 256
+    interpolation: Interpolation = "bicubic"  # DINO: Resize(256, interpolation=3)
     normalize: bool = True
     metric: Literal["ip", "l2"] = "ip"
     k: int = 20
@@ -83,9 +84,9 @@ class KNNProtocol(TaskProtocol):
 #: each preset as its changes to the goyal19 values
 _PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "goyal19": {},
-    "vissl": {"k": 200, "temperature": 0.1},
-    "quick": {"image_size": 64, "resize": None, "k": 10, "ks": (5, 10, 20), "retrieval_ks": (1, 10),
-              "retrieval_depth": 20},
+    "vissl": {"k": 200, "temperature": 0.1, "interpolation": "bilinear"},
+    "quick": {"image_size": 64, "resize": None, "interpolation": "bilinear", "k": 10, "ks": (5, 10, 20),
+              "retrieval_ks": (1, 10), "retrieval_depth": 20},
 }
 
 
@@ -95,6 +96,7 @@ class KNNTask:
                    "(mAP, precision@n) on frozen features via FAISS")
     # weighted kNN at the protocol's k: top-1 on single-label data, class-mean AP on multi-label data
     headline_metrics = ("top1", "mAP")
+    conformance = CONFORMANCE
 
     def default_protocol(self, preset: str) -> KNNProtocol:
         return KNNProtocol(**_PRESET_CHANGES[check_preset(preset)])
@@ -103,8 +105,7 @@ class KNNTask:
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: KNNProtocol = ctx.protocol
-        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
-        val = ctx.open_dataset(p.dataset, p.val_split, p.data_path)
+        train, val = ctx.open_splits(p.train_split, p.val_split)
         targets = _targets(train, val, p)
         taps = ctx.taps(p.layers)
         transform = ctx.transform()
@@ -144,8 +145,7 @@ class KNNTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size; the search runs on the cached features."""
         p: KNNProtocol = ctx.protocol
-        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
-        val = ctx.open_dataset(p.dataset, p.val_split, p.data_path)
+        train, val = ctx.open_splits(p.train_split, p.val_split)
         return TaskPlan(images={p.train_split: len(train), p.val_split: len(val)}, image_size=p.image_size)
 
 

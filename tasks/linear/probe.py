@@ -1,11 +1,13 @@
-"""Linear probe on frozen, cached features: BatchNorm (affine off) + Linear, trained with SGD.
+"""Linear probe on frozen, cached features: BatchNorm + Linear, trained with SGD.
 
 The head of the Goyal et al. 2019 linear benchmark (fair_self_supervision_benchmark's
 ``*_finetune_linear`` models, VISSL's ``eval_mlp``): the pooled tap activation goes
-through a BatchNorm without scale/shift, then one fully connected layer initialised
-from N(0, 0.01^2) with zero bias, trained with softmax cross-entropy by SGD with
-Nesterov momentum 0.9, weight decay on weight and bias, and a step learning-rate
-schedule (x ``lr_gamma`` at each milestone).
+through a BatchNorm, then one fully connected layer, trained with softmax cross-entropy by
+SGD with Nesterov momentum 0.9, weight decay on the linear weight and bias (never on
+BatchNorm's scale/shift), and a step learning-rate schedule (x ``lr_gamma`` at each milestone).
+fair_ssb: BatchNorm without scale/shift, weights ~ N(0, 0.01^2), zero bias (``bn_affine=False``,
+``init="gaussian"``); VISSL's ``eval_mlp``: ``nn.BatchNorm2d`` with scale/shift and PyTorch's
+default ``nn.Linear`` init (``bn_affine=True``, ``init="pytorch_default"``).
 
 BatchNorm modes (``bn``):
 - ``channel`` (the benchmark's): statistics per channel of the pooled C x g x g map,
@@ -15,7 +17,8 @@ BatchNorm modes (``bn``):
 - ``none``: no normalisation.
 
 Features are the (N, D) arrays of the feature cache (fp16; fp32 beyond fp16's range); each mini-batch is
-sliced and converted to float32 on its own, so no float32 copy of the matrix is ever made.
+sliced and converted to float32 on its own, so no float32 copy of the matrix is ever made. Training may read
+K matrices of the same rows (K augmented views of every image, :class:`EpochViews`): epoch e reads view e mod K.
 Batches are a seeded permutation per epoch (``epoch_order``), so an interrupted run
 resumes from its last per-epoch state (``evalsuite.io.ResumeState``: other settings or other
 features are refused naming them, an unreadable state is reported and ignored) and ends with
@@ -29,7 +32,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,11 +45,12 @@ from evalsuite.features import check_features
 from evalsuite.io import ResumeState
 
 BN_MODES = ("channel", "feature", "none")
+INITS = ("gaussian", "pytorch_default")
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """Every hyper-parameter of one probe fit (all recorded with the result)."""
+class ProbeHyperParameters:
+    """The probe's training fields, shared by :class:`ProbeConfig` and the task protocol (goyal19 values)."""
 
     epochs: float = 14
     batch_size: int = 256
@@ -56,15 +60,25 @@ class ProbeConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    bn: str = "channel"
+    bn: Literal["channel", "feature", "none"] = "channel"
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
+    bn_affine: bool = False
+    init: Literal["gaussian", "pytorch_default"] = "gaussian"
     init_std: float = 0.01
+
+
+@dataclass(frozen=True)
+class ProbeConfig(ProbeHyperParameters):
+    """Every hyper-parameter of one probe fit (all recorded with the result)."""
+
     seed: int = 0
 
     def __post_init__(self):
         if self.bn not in BN_MODES:
             raise UserError(f"unknown probe bn mode {self.bn!r}; choose one of {', '.join(BN_MODES)}")
+        if self.init not in INITS:
+            raise UserError(f"unknown probe init {self.init!r}; choose one of {', '.join(INITS)}")
         if not self.epochs > 0:
             raise UserError(f"probe epochs must be positive, got {self.epochs}")
         if int(self.batch_size) < 1:
@@ -77,7 +91,7 @@ class ProbeConfig:
     @classmethod
     def from_protocol(cls, protocol: Any, seed: int = 0) -> ProbeConfig:
         """The solver fields of a task protocol (same names), with the run's seed."""
-        names = [f for f in cls.__dataclass_fields__ if f != "seed" and hasattr(protocol, f)]
+        names = [f for f in ProbeHyperParameters.__dataclass_fields__ if hasattr(protocol, f)]
         kwargs = {f: getattr(protocol, f) for f in names}
         if "lr_milestones" in kwargs:
             kwargs["lr_milestones"] = tuple(float(m) for m in kwargs["lr_milestones"])
@@ -93,10 +107,11 @@ class ProbeConfig:
 
 
 class LinearProbe(nn.Module):
-    """BatchNorm (affine off) on the flat features, then ``nn.Linear(dim, num_classes)``."""
+    """BatchNorm (with a learnt scale/shift only when ``affine``) on the flat features, then
+    ``nn.Linear(dim, num_classes)``."""
 
     def __init__(self, dim: int, num_classes: int, channels: int | None = None, bn: str = "channel",
-                 eps: float = 1e-5, momentum: float = 0.1):
+                 eps: float = 1e-5, momentum: float = 0.1, affine: bool = False):
         super().__init__()
         if bn not in BN_MODES:
             raise UserError(f"unknown probe bn mode {bn!r}; choose one of {', '.join(BN_MODES)}")
@@ -106,10 +121,10 @@ class LinearProbe(nn.Module):
             if dim % channels:
                 raise BadFeatures(f"feature dim {dim} is not a multiple of the tap's {channels} channels")
             self.channels = channels
-            self.bn: nn.Module | None = nn.BatchNorm1d(channels, eps=eps, momentum=momentum, affine=False)
+            self.bn: nn.Module | None = nn.BatchNorm1d(channels, eps=eps, momentum=momentum, affine=affine)
         elif bn == "feature":
             self.channels = dim
-            self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=False)
+            self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=affine)
         else:
             self.channels = dim
             self.bn = None
@@ -128,13 +143,30 @@ class LinearProbe(nn.Module):
 
 
 def build_probe(dim: int, num_classes: int, config: ProbeConfig, channels: int | None = None) -> LinearProbe:
-    """A probe with the benchmark's initialisation (weights ~ N(0, init_std^2), bias 0), seeded."""
-    model = LinearProbe(dim, num_classes, channels, config.bn, config.bn_eps, config.bn_momentum)
-    gen = torch.Generator().manual_seed(int(config.seed))
-    with torch.no_grad():
-        model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=gen) * config.init_std)
-        model.fc.bias.zero_()
+    """A probe initialised as ``config.init`` says, seeded by ``config.seed``: ``gaussian`` (fair_ssb's
+    ``GaussianFill(std=init_std)`` weights, zero bias) or ``pytorch_default`` (``nn.Linear.reset_parameters``:
+    weight and bias ~ U(-1/sqrt(dim), 1/sqrt(dim)), which VISSL's ``eval_mlp`` keeps)."""
+    model = LinearProbe(dim, num_classes, channels, config.bn, config.bn_eps, config.bn_momentum, config.bn_affine)
+    if config.init == "gaussian":
+        gen = torch.Generator().manual_seed(int(config.seed))
+        with torch.no_grad():
+            model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=gen) * config.init_std)
+            model.fc.bias.zero_()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(config.seed))
+            model.fc.reset_parameters()
     return model
+
+
+def param_groups(model: LinearProbe, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the linear weight and bias, none on BatchNorm's scale/shift (fair_ssb
+    ``WEIGHT_DECAY_BN: 0.0``; VISSL ``regularize_bn: False``, ``regularize_bias: True``)."""
+    groups = [{"params": list(model.fc.parameters()), "weight_decay": weight_decay}]
+    bn = list(model.bn.parameters()) if model.bn is not None else []
+    if bn:
+        groups.append({"params": bn, "weight_decay": 0.0})
+    return groups
 
 
 # ---------------------------------------------------------------------------- schedule and order
@@ -147,6 +179,11 @@ def iterations_per_epoch(n: int, batch_size: int) -> int:
 
 def total_iterations(n: int, config: ProbeConfig) -> int:
     return max(1, int(round(config.epochs * iterations_per_epoch(n, config.batch_size))))
+
+
+def num_epochs(n: int, config: ProbeConfig) -> int:
+    """Epochs the fit runs (the last one may stop early): ceil(total iterations / iterations per epoch)."""
+    return math.ceil(total_iterations(n, config) / iterations_per_epoch(n, config.batch_size))
 
 
 def lr_at(iteration: int, iters_per_epoch: int, config: ProbeConfig) -> float:
@@ -248,6 +285,44 @@ class FeatureStream:
         return torch.from_numpy(self.x[lo:hi]).to(self.device).float()
 
 
+class EpochViews:
+    """K training matrices of the same rows and labels (K augmented views of every image); epoch e reads view
+    e mod K. A view is an (N, D) array or a function returning one, called when the view is first read; only
+    the view in use is held."""
+
+    def __init__(self, views: np.ndarray | Sequence[np.ndarray | Callable[[], np.ndarray]], source=None):
+        self.sources = [views] if isinstance(views, np.ndarray) else list(views)
+        if not self.sources:
+            raise BadFeatures("no training features (0 views)", source)
+        self.source = source
+        self.shape: tuple[int, ...] | None = None
+        self._view, self._x, self._checked = -1, None, False
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def view_of(self, epoch: int) -> int:
+        return epoch % len(self.sources)
+
+    def load(self, view: int) -> np.ndarray:
+        """View ``view`` as given (not yet checked)."""
+        if view != self._view:
+            x = self.sources[view]
+            self._view, self._x, self._checked = view, x() if callable(x) else x, False
+        return self._x
+
+    def get(self, view: int) -> np.ndarray:
+        """View ``view``, checked: finite, 2-D, and the shape of every other view."""
+        x = self.load(view)
+        if not self._checked:
+            what = "train features" if len(self.sources) == 1 else f"train features (view {view})"
+            check_features(x, what, self.source)
+            if self.shape is not None and tuple(x.shape) != self.shape:
+                raise BadFeatures(f"{what} have shape {tuple(x.shape)}, view 0 has {self.shape}", self.source)
+            self.shape, self._checked = tuple(x.shape), True
+        return x
+
+
 @dataclass
 class ProbeFit:
     model: LinearProbe
@@ -256,6 +331,7 @@ class ProbeFit:
     iters_per_epoch: int = 0
     total_iterations: int = 0
     resumed_from_epoch: int = 0
+    views: int = 1  # training matrices read in turn (augmented views); 1: the same features every epoch
 
     @property
     def epochs_run(self) -> int:
@@ -282,7 +358,7 @@ def features_fingerprint(features: np.ndarray, labels: np.ndarray, rows: int = 6
 
 
 def train_linear_probe(
-    features: np.ndarray,
+    features: np.ndarray | Sequence[np.ndarray | Callable[[], np.ndarray]],
     labels: np.ndarray,
     num_classes: int,
     config: ProbeConfig,
@@ -296,29 +372,32 @@ def train_linear_probe(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     source: str | Path | None = None,
 ) -> ProbeFit:
-    """Fit a probe on fp16 / fp32 (N, D) ``features``, resuming from ``state_path`` when one is given.
+    """Fit a probe on fp16 / fp32 (N, D) ``features`` (or on K such views in turn, see :class:`EpochViews`),
+    resuming from ``state_path`` when one is given.
 
     The state (model, optimiser, loss history) is rewritten atomically after every epoch. Its settings are
-    ``settings`` (the caller's provenance: checkpoint, tap, ...) plus the solver config, the class count and
-    the features' fingerprint; a state with other settings is refused (UserError naming them).
+    ``settings`` (the caller's provenance: checkpoint, tap, ...) plus the solver config, the class count, the
+    number of views and the fingerprint of view 0; a state with other settings is refused (UserError naming them).
     ``on_epoch_end(epoch, record)`` runs after the state is written.
     """
-    labels = check_labels(labels, features.shape[0], num_classes, "train labels", source)  # refuses an empty split
-    check_features(features, "train features", source)
+    views = EpochViews(features, source)
+    labels = check_labels(labels, views.load(0).shape[0], num_classes, "train labels", source)  # refuses 0 rows
+    first = views.get(0)
     dev = torch.device(device)
-    n, dim = features.shape
+    n, dim = first.shape
     model = build_probe(dim, num_classes, config, channels).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
     ipe = iterations_per_epoch(n, config.batch_size)
     total = total_iterations(n, config)
-    num_epochs = math.ceil(total / ipe)
-    fit = ProbeFit(model, config, [], ipe, total)
+    epochs = num_epochs(n, config)
+    fit = ProbeFit(model, config, [], ipe, total, views=len(views))
     resume = None
     start = 0
     if state_path is not None:
         resume = ResumeState(state_path, {**(settings or {}), "config": config.to_dict(), "num_classes": num_classes,
-                                          "channels": channels, "features": features_fingerprint(features, labels)},
+                                          "channels": channels, "views": len(views),
+                                          "features": features_fingerprint(first, labels)},
                              what="linear probe")
         state = resume.load()
         if state is not None:
@@ -326,11 +405,14 @@ def train_linear_probe(
             opt.load_state_dict(state["optimizer"])
             fit.history = list(state["history"])
             start = fit.resumed_from_epoch = int(state["epoch"])
-    stream = FeatureStream(features, dev)
+    stream, stream_view = None, -1
     y_all = torch.from_numpy(labels)
-    bar = progress_bar(range(start, num_epochs), desc=desc, unit="epoch", enabled=progress, initial=start,
-                       total=num_epochs)
+    bar = progress_bar(range(start, epochs), desc=desc, unit="epoch", enabled=progress, initial=start,
+                       total=epochs)
     for epoch in bar:
+        if views.view_of(epoch) != stream_view:
+            stream_view = views.view_of(epoch)
+            stream = FeatureStream(views.get(stream_view), dev)
         model.train()
         loss_sum, seen = torch.zeros((), device=dev, dtype=torch.float64), 0
         for b, idx in enumerate(epoch_batches(n, config.batch_size, config.seed, epoch)):
@@ -353,6 +435,8 @@ def train_linear_probe(
             raise BadFeatures(f"{desc}: training loss became {mean_loss} in epoch {epoch + 1} "
                               f"(lr {config.lr} too high for these features?)", source)
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr_at(epoch * ipe, ipe, config)}
+        if len(views) > 1:
+            record["view"] = stream_view
         fit.history.append(record)
         if resume is not None:
             resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),

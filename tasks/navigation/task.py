@@ -27,6 +27,7 @@ Presets:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -53,6 +54,22 @@ VISSL_NOTE = "VISSL has no navigation benchmark: the vissl preset is the goyal19
 
 
 @dataclass(frozen=True)
+class PPOConfig(TaskProtocol):
+    """stable-baselines3 PPO's arguments, under its own names (passed to ``PPO(...)`` as they are)."""
+
+    learning_rate: float = 1e-4
+    n_steps: int = 256  # per environment and rollout
+    batch_size: int = 256
+    n_epochs: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.1
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+
+
+@dataclass(frozen=True)
 class NavigationProtocol(TaskProtocol):
     """The goyal19 settings (see the module docstring); presets change a few of them."""
 
@@ -68,16 +85,7 @@ class NavigationProtocol(TaskProtocol):
     features_dim: int = 256
     frames: int = 1_000_000
     num_seeds: int = 5
-    lr: float = 1e-4
-    clip_range: float = 0.1
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    n_steps: int = 256
-    batch_size: int = 256
-    n_epochs: int = 4
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval_episodes: int = 100
     eval_deterministic: bool = False
     baselines: tuple[str, ...] = ("random", "blind")
@@ -87,8 +95,9 @@ class NavigationProtocol(TaskProtocol):
 _PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "goyal19": {},
     "vissl": {},
-    "quick": {"env": "miniworld:OneRoomS6Fast", "image_size": 32, "frames": 6144, "num_seeds": 1, "lr": 3e-4,
-              "n_steps": 64, "batch_size": 128, "compress_grid": 8, "compress_hidden": 16, "eval_episodes": 32},
+    "quick": {"env": "miniworld:OneRoomS6Fast", "image_size": 32, "frames": 6144, "num_seeds": 1,
+              "ppo": PPOConfig(learning_rate=3e-4, n_steps=64, batch_size=128), "compress_grid": 8,
+              "compress_hidden": 16, "eval_episodes": 32},
 }
 
 
@@ -158,8 +167,8 @@ class NavigationTask:
         """The frames the frozen trunk encodes while PPO trains: stable-baselines3 collects whole rollouts of
         n_steps x n_envs frames until ``frames`` is reached, one batched forward pass of n_envs frames per step."""
         p: NavigationProtocol = ctx.protocol
-        rollout = p.n_steps * p.n_envs
-        steps = math.ceil(p.frames / rollout) * p.n_steps  # per seed
+        rollout = p.ppo.n_steps * p.n_envs
+        steps = math.ceil(p.frames / rollout) * p.ppo.n_steps  # per seed
         return TaskPlan(images={"ppo training frames": p.num_seeds * steps * p.n_envs}, image_size=p.image_size,
                         note=f"{p.num_seeds} seed(s) x {steps} forward passes of {p.n_envs} frames; simulation, "
                              f"PPO updates, baselines and {p.eval_episodes} evaluation episodes per seed not timed")
@@ -219,9 +228,7 @@ def build_ppo(agent: str, p: NavigationProtocol, seed: int, device: str = "cpu",
 
     venv = _wrap(agent, make_vec_env(p.env, p.n_envs, seed, p.image_size, dict(p.env_kwargs)),
                  p, device, trunk, taps, normalize)
-    common = dict(learning_rate=p.lr, n_steps=p.n_steps, batch_size=p.batch_size, n_epochs=p.n_epochs,
-                  gamma=p.gamma, gae_lambda=p.gae_lambda, clip_range=p.clip_range, ent_coef=p.ent_coef,
-                  vf_coef=p.vf_coef, max_grad_norm=p.max_grad_norm, seed=seed, device=device, verbose=0)
+    common = dict(**dataclasses.asdict(p.ppo), seed=seed, device=device, verbose=0)
     if agent == "blind":
         return _quiet(PPO("MlpPolicy", venv, policy_kwargs={"net_arch": []}, **common)), venv
     kwargs = {"features_extractor_class": CompressedFeatures,

@@ -128,8 +128,7 @@ class SurfaceNormalsTask:
     def run(self, ctx: TaskContext) -> list[Result]:
         p: SurfaceNormalsProtocol = ctx.protocol
         cfg = TrainConfig.from_protocol(p, seed=ctx.seed)
-        train = ctx.open_dataset(p.dataset, p.train_split, p.data_path)
-        test = ctx.open_dataset(p.dataset, p.test_split, p.data_path)
+        train, test = ctx.open_splits(p.train_split, p.test_split)
         norm = _normalisation(ctx.checkpoint.metadata)
         codebook, codebook_source = initial_codebook(cfg)
         with torch.random.fork_rng(devices=[]):
@@ -180,8 +179,7 @@ class SurfaceNormalsTask:
         the pixels of a 480x640 NYUv2 frame at the test / mean training scale."""
         p: SurfaceNormalsProtocol = ctx.protocol
         cfg = TrainConfig.from_protocol(p)
-        n_train = len(ctx.open_dataset(p.dataset, p.train_split, p.data_path))
-        n_test = len(ctx.open_dataset(p.dataset, p.test_split, p.data_path))
+        n_train, n_test = map(len, ctx.open_splits(p.train_split, p.test_split))
         bs = max(1, min(cfg.batch_size, n_train))
         h, w = scaled_size(480, 640, cfg.test_short_side, cfg.max_long_side)
         side = round(math.sqrt(h * w))

@@ -10,7 +10,7 @@ import numpy as np
 
 from evalsuite.errors import BadData, BadFeatures
 from evalsuite.features import check_features, l2_normalize
-from evalsuite.protocols import TaskProtocol
+from evalsuite.protocols import FeatureTaskProtocol, Interpolation, ResizeMode
 from tasks.svm.solver import SVMConfig
 
 DEFAULT_LAYERS: tuple[str, ...] = ("conv1", "res2", "res3", "res4", "res5")
@@ -23,18 +23,17 @@ VISSL_COSTS: tuple[float, ...] = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50
 
 
 @dataclass(frozen=True)
-class SVMTaskProtocol(TaskProtocol):
+class SVMTaskProtocol(FeatureTaskProtocol):
     """The fields both SVM tasks have: data, taps, transform, normalisation, cost grid, solver (goyal19 values)."""
 
     dataset: str = "voc2007"
-    data_path: str | None = None
     train_split: str = "trainval"
     test_split: str = "test"
-    layers: tuple[str, ...] = DEFAULT_LAYERS
-    pooling: str = "goyal"
-    image_size: int = 224
-    resize_mode: Literal["square", "center_crop"] = "square"
-    resize: int | None = None
+    layers: tuple[str, ...] | None = DEFAULT_LAYERS
+    # fair_ssb data_input.py: scale (shorter side 256), then global_resize (224 x 224), both cv2.resize INTER_LINEAR
+    resize_mode: ResizeMode = "scale_square"
+    resize: int | None = 256
+    interpolation: Interpolation = "cv2_bilinear"
     normalize: Literal["l2", "none"] | None = "l2"
     normalize_eps: float = 1e-5
     costs: tuple[float, ...] = GOYAL19_COSTS
@@ -45,8 +44,10 @@ class SVMTaskProtocol(TaskProtocol):
 # what each preset changes in the fields above
 SHARED_PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "goyal19": {},
-    "vissl": {"costs": VISSL_COSTS},
-    "quick": {"image_size": 64, "costs": (0.01, 0.1, 1.0, 10.0), "undefined_ap": "exclude"},
+    # VISSL's PIL Resize(256) + Resize([224, 224]) and its nn.AvgPool2d (padding counted)
+    "vissl": {"costs": VISSL_COSTS, "interpolation": "bilinear", "pooling": "vissl"},
+    "quick": {"image_size": 64, "resize_mode": "square", "resize": None, "interpolation": "bilinear",
+              "costs": (0.01, 0.1, 1.0, 10.0), "undefined_ap": "exclude"},
 }
 
 

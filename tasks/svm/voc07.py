@@ -23,8 +23,9 @@ trains with its ignore label (-1 in its encoding) as a *negative*; test drops th
 Cost grids: goyal19 = the scripts' ``--costs_list 1e-7,...,100`` plus ``0.5**4 .. 0.5**19`` (26);
 vissl = ``[0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000]``; quick = 4 costs on 64 px images.
 
-The solver is ours (``tasks.svm.solver``, batched Newton-CG in torch, same objective);
-``--set voc07_svm.svm.backend=sklearn`` runs the anchors' LinearSVC instead. Recorded per result:
+The solver is ours (``tasks.svm.solver``, batched Newton-CG in torch, same objective, solved to the optimum);
+``--set voc07_svm.svm.backend=sklearn`` is the bit-compatible path: the anchors' LinearSVC call, stopped at
+max_iter=2000 like theirs (random_state pinned to 0 where theirs is unseeded). Recorded per result:
 every setting, the chosen cost and mean CV AP per class, per-class test AP, solver convergence.
 A class without test (or training) positives has an undefined AP: with ``undefined_ap=nan`` the
 mAP is not reported (value null, note names the classes); ``exclude`` averages the defined ones
@@ -44,6 +45,7 @@ from evalsuite.protocols import check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.svm.common import SHARED_PRESET_CHANGES, SVMTaskProtocol, prepare_features
+from tasks.svm.conformance import VOC07_CONFORMANCE
 from tasks.svm.solver import cv_sweep, finite_mean, voc_ap
 
 
@@ -65,6 +67,7 @@ class VOC07SVMTask:
     name = "voc07_svm"
     description = "per-tap one-vs-rest linear SVMs on frozen features, 3-fold CV cost choice, VOC07 test mAP"
     headline_metrics = ("mAP",)
+    conformance = VOC07_CONFORMANCE
 
     def default_protocol(self, preset: str) -> VOC07SVMProtocol:
         return VOC07SVMProtocol(**SHARED_PRESET_CHANGES[check_preset(preset)])

@@ -24,19 +24,23 @@ def _problem_rows(y: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
 def _solve_per_problem(x, y, costs, config: SVMConfig, name: str, fit_one) -> SVMSolution:
     """Solve each problem on its own with a reference solver ``fit_one(x_rows, y_pm1, cost) -> (w, b, ok, iters)``.
 
-    A problem with a single class (the reference solvers refuse it) is the same objective, solved by ours.
+    Problems with a single class (the reference solvers refuse them) are the same objective, solved by ours
+    in one batch.
     """
     x64 = np.asarray(x, dtype=np.float64)
     p_total, d = y.shape[1], x.shape[1]
     weight, bias = np.zeros((p_total, d)), np.zeros(p_total)
     converged, iterations = np.ones(p_total, dtype=bool), np.zeros(p_total, dtype=np.int64)
+    one_class = []
     for p in range(p_total):
         rows, yp = _problem_rows(y, p)
         if len(np.unique(yp)) < 2:
-            one = solve_torch(x64, y[:, p:p + 1], costs[p:p + 1], config, "cpu", False).solution
-            weight[p], bias[p] = one.weight[0], one.bias[0]
+            one_class.append(p)
             continue
         weight[p], bias[p], converged[p], iterations[p] = fit_one(x64[rows], yp, float(costs[p]))
+    if one_class:
+        ours = solve_torch(x64, y[:, one_class], costs[one_class], config, "cpu", False).solution
+        weight[one_class], bias[one_class] = ours.weight, ours.bias
     return SVMSolution(weight, bias, converged, iterations, name)
 
 
@@ -45,8 +49,11 @@ def solve_sklearn(x, y, costs, config: SVMConfig) -> SVMSolution:
     from sklearn.svm import LinearSVC
 
     def fit_one(xp, yp, cost):
+        # fair_ssb tools/svm/train_svm_kfold.py's call (verbose=1 there only prints); random_state pinned: the
+        # reference leaves it None (numpy's global RNG orders liblinear's coordinate descent), which only
+        # matters for a problem stopped at max_iter
         clf = LinearSVC(C=cost, class_weight={1: config.pos_weight, -1: config.neg_weight},
-                        intercept_scaling=config.intercept_scaling, penalty="l2", loss=config.loss,
+                        intercept_scaling=config.intercept_scaling, verbose=0, penalty="l2", loss=config.loss,
                         tol=config.sklearn_tol, dual=True, max_iter=config.sklearn_max_iter, random_state=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
