@@ -268,7 +268,10 @@ def cmd_list(a: argparse.Namespace) -> int:
             t = registry.get_task(name)
             for preset in PRESETS:
                 print(f"\n[{name} / {preset}]")
-                print(format_protocol(t.default_protocol(preset)))
+                try:
+                    print(format_protocol(t.default_protocol(preset)))
+                except UserError as e:
+                    print(f"(refused: {e})")
     if a.formats or everything:
         print("checkpoint formats:")
         for name, text in FORMATS.items():

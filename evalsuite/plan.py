@@ -29,6 +29,11 @@ class TaskPlan:
     def total_images(self) -> int:
         return sum(self.images.values())
 
+    @classmethod
+    def of_splits(cls, protocol, datasets, note: str = "") -> TaskPlan:
+        """Every image of each dataset through the trunk once, at the protocol's ``image_size``."""
+        return cls(images={ds.split: len(ds) for ds in datasets}, image_size=protocol.image_size, note=note)
+
 
 def measure_throughput(trunk, size: int, device: str = "cpu", batch: int = 4, repeats: int = 3) -> float:
     """Images per second of a forward pass of ``trunk`` at ``size`` px: the median of ``repeats`` timed batches

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,20 @@ def resolve_tasks(requested: Sequence[str]) -> tuple[list[str], bool]:
     return names, False
 
 
+def preset_protocols(tasks: dict[str, Any], preset: str, all_mode: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each task's protocol for ``preset``, and the tasks that refuse the preset with why (a task may have no
+    faithful version of a preset, e.g. detection's ``vissl``); a task asked for by name passes its refusal on."""
+    protocols, refused = {}, {}
+    for name, task in tasks.items():
+        try:
+            protocols[name] = task.default_protocol(preset)
+        except UserError as e:
+            if not all_mode:
+                raise
+            refused[name] = str(e)
+    return protocols, refused
+
+
 def validate_layers(arch: str, layers: Sequence[str] | None) -> list[str] | None:
     if not layers:
         return None
@@ -97,9 +112,10 @@ def run(opts: RunOptions) -> RunReport:
         raise UserError("the data root does not exist (a typo? `evalsuite data synth --out DIR` writes a small "
                         "dataset of every kind)", opts.data_root)
     tasks = {n: registry.get_task(n) for n in task_names}
-    protocols = apply_overrides(
-        {n: t.default_protocol(opts.preset) for n, t in tasks.items()}, parse_overrides(opts.overrides)
-    )
+    defaults, refused = preset_protocols(tasks, opts.preset, all_mode)
+    tasks = {n: t for n, t in tasks.items() if n in defaults}
+    overrides = [(parts, text) for parts, text in parse_overrides(opts.overrides) if parts[0] not in refused]
+    protocols = apply_overrides(defaults, overrides)
     ckpt = load_checkpoint(opts.checkpoint, arch=opts.arch, allow_partial=opts.allow_partial,
                            trust_pickle=opts.trust_pickle, seed=opts.seed, weights=opts.weights, name=opts.name)
     layers = validate_layers(ckpt.arch, opts.layers)
@@ -117,6 +133,9 @@ def run(opts: RunOptions) -> RunReport:
 
     run_id = uuid.uuid4().hex[:12]
     report = RunReport(checkpoint=ckpt)
+    for name, why in refused.items():
+        note(f"skipped {name}: {why}")
+        report.skipped.append((name, why))
     out_file = Path(opts.out) / RESULTS_FILE
     contexts = {name: TaskContext(
         task=name, checkpoint=ckpt, preset=opts.preset, protocol=protocols[name], data_root=Path(opts.data_root),

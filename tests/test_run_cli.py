@@ -40,6 +40,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_imagefolder, 
     assert "centroid" in out and "knn" in out and not (tmp_path / "o").exists()
 
 
+def test_a_task_that_refuses_the_preset_is_skipped_in_all_mode_and_fails_when_named(tmp_path, tiny_imagefolder,
+                                                                                      capsys) -> None:
+    """detection has no faithful vissl preset (VISSL's is a detectron2 Faster R-CNN): --tasks all skips it with
+    the reason and runs the rest (a --set aimed at it is dropped with it); --tasks detection fails in one line."""
+    rc, out, err = _run(["run", "--checkpoint", "random:resnet18", "--tasks", "all", "--protocol", "vissl",
+                         "--set", "detection.lr=0.1", "--data-root", str(tiny_imagefolder),
+                         "--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    skipped = [x for x in err if "skipped detection" in x]
+    assert rc == 0 and len(skipped) == 1 and "detectron2" in skipped[0]
+    assert "centroid" in out and "knn" in out
+    rc, _, err = _run(["run", "--checkpoint", "random:resnet18", "--tasks", "detection", "--protocol", "vissl",
+                       "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and len(err) == 1 and "detectron2" in err[0] and not (tmp_path / "o").exists()
+
+
 def test_a_data_root_that_does_not_exist_fails_before_any_work(tmp_path, capsys) -> None:
     wrong = tmp_path / "datasets_typo"
     rc, out, err = _run(["run", "--checkpoint", "random:resnet18", "--tasks", "all", "--protocol", "quick",

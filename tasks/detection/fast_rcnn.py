@@ -77,17 +77,19 @@ def continuous_to_xml(boxes: np.ndarray) -> np.ndarray:
     return b
 
 
-def prepare_proposals(boxes: np.ndarray, width: int, height: int, limit: int | None, min_size: float = 1.0
+def prepare_proposals(boxes: np.ndarray, width: int, height: int, limit: int | None, min_size: float = 2.0
                       ) -> np.ndarray:
-    """Clip to the image, drop boxes smaller than ``min_size`` and exact duplicates, keep the first ``limit``."""
+    """Detectron's proposal filtering (``json_dataset._add_proposals_from_file``): clip to the image, drop
+    duplicates (coordinates rounded, first kept), keep boxes whose sides exceed ``min_size`` pixels, then the
+    first ``limit`` (None or <= 0: all)."""
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
     b[:, 0::2] = b[:, 0::2].clip(0, width)
     b[:, 1::2] = b[:, 1::2].clip(0, height)
-    b = b[((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)]
     if len(b):
-        _, first = np.unique(b, axis=0, return_index=True)
+        _, first = np.unique(np.round(b), axis=0, return_index=True)
         b = b[np.sort(first)]
-    return b[:limit] if limit else b
+    b = b[((b[:, 2] - b[:, 0]) > min_size) & ((b[:, 3] - b[:, 1]) > min_size)]
+    return b[:limit] if limit is not None and limit > 0 else b
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -95,11 +97,13 @@ def prepare_proposals(boxes: np.ndarray, width: int, height: int, limit: int | N
 
 @dataclass
 class SamplerConfig:
-    rois_per_image: int = 64
-    fg_fraction: float = 0.25
-    fg_thresh: float = 0.5
-    bg_thresh_hi: float = 0.5
-    bg_thresh_lo: float = 0.0
+    """Detectron's ``fast_rcnn_roi_data`` settings (values: the task's protocol)."""
+
+    rois_per_image: int
+    fg_fraction: float
+    fg_thresh: float
+    bg_thresh_hi: float
+    bg_thresh_lo: float
 
 
 def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, cfg: SamplerConfig,
@@ -169,22 +173,24 @@ def check_c4_trunk(trunk: nn.Module) -> None:
 
 @dataclass
 class ModelConfig:
-    pooler: str = "roi_align"  # or roi_pool
-    pool_size: int = 14
-    sampling_ratio: int = 0
-    freeze_at: int = 4
+    """The model's protocol settings (values: the task's protocol) and Detectron's fixed ones."""
+
+    pooler: str  # roi_pool (Detectron's RoIPoolF) or roi_align
+    pool_size: int
+    freeze_at: int
+    cls_agnostic_bbox_reg: bool  # Detectron MODEL.CLS_AGNOSTIC_BBOX_REG: one box per RoI for every class
+    sampling_ratio: int = 0  # FAST_RCNN.ROI_XFORM_SAMPLING_RATIO (RoIAlign only)
     cls_init_std: float = 0.01
     box_init_std: float = 0.001
-    cls_agnostic_bbox_reg: bool = False  # Detectron MODEL.CLS_AGNOSTIC_BBOX_REG: one box per RoI for every class
 
 
 class FastRCNN(nn.Module):
     stride = 16
 
-    def __init__(self, trunk: nn.Module, num_classes: int, cfg: ModelConfig | None = None):
+    def __init__(self, trunk: nn.Module, num_classes: int, cfg: ModelConfig):
         super().__init__()
         check_c4_trunk(trunk)
-        self.cfg = cfg or ModelConfig()
+        self.cfg = cfg
         if not 0 <= self.cfg.freeze_at <= 4:
             raise UserError(f"freeze_at must be 0..4 (stem, res2, res3, res4), got {self.cfg.freeze_at}")
         if self.cfg.pooler not in ("roi_align", "roi_pool"):
@@ -218,14 +224,28 @@ class FastRCNN(nn.Module):
                 x = stage(x)
         return x
 
-    def head(self, feat: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rois`` (R, 5): batch index, x1, y1, x2, y2 in input pixels -> class logits, box deltas."""
+    def rois(self, boxes: torch.Tensor, s: float, index: int = 0) -> torch.Tensor:
+        """(R, 5) RoIs (batch ``index``, box) of continuous ``boxes`` already scaled by the image scale ``s``, in the
+        pooler's convention: RoIPool takes Detectron's 0-based inclusive pixel boxes times ``s`` (x2, y2 are one
+        pixel less: detectron/roi_data/fast_rcnn.py, ``rois = boxes * im_scale``); RoIAlign (aligned) takes
+        continuous boxes."""
+        b = boxes.reshape(-1, 4)
+        if self.cfg.pooler == "roi_pool":
+            b = torch.cat([b[:, :2], b[:, 2:] - s], 1)
+        return torch.cat([b.new_full((len(b), 1), float(index)), b], 1)
+
+    def pool(self, feat: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """RoI features of the res4 map (stride 16): torchvision's roi_pool is Caffe2's RoIPoolF (Detectron's
+        FAST_RCNN.ROI_XFORM_METHOD default) at spatial scale 1/16."""
         size, scale = self.cfg.pool_size, 1.0 / self.stride
         if self.cfg.pooler == "roi_align":
-            x = roi_align(feat, rois, (size, size), scale, self.cfg.sampling_ratio, aligned=True)
-        else:
-            x = roi_pool(feat, rois, (size, size), scale)
-        x = self.res5(x).mean(dim=(2, 3))
+            return roi_align(feat, rois, (size, size), scale, self.cfg.sampling_ratio, aligned=True)
+        return roi_pool(feat, rois, (size, size), scale)
+
+    def head(self, feat: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rois`` from :meth:`rois` -> class logits, box deltas (res5 at stride 2, then the 7x7 average, as
+        Detectron's ``add_ResNet_roi_conv5_head``)."""
+        x = self.res5(self.pool(feat, rois)).mean(dim=(2, 3))
         return self.cls_score(x), self.bbox_pred(x)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,35 +270,39 @@ class ImageRecord:
 
 @dataclass
 class TrainConfig:
-    max_iter: int = 30000
-    lr: float = 0.002
-    steps: Sequence[int] = (22000,)
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    bias_double_lr: bool = True
-    bias_weight_decay: bool = False
-    warmup_iters: int = 500
-    warmup_factor: float = 1.0 / 3
-    ims_per_batch: int = 2
-    scales: Sequence[int] = (600,)
-    max_size: int = 1000
-    flip: bool = True
-    smooth_l1_beta: float = 1.0
-    clip_grad_norm: float | None = None  # cap on the total gradient norm of each step (None: no cap, as Detectron)
-    checkpoint_period: int = 500
+    """The solver (values: the task's protocol, ``tasks.detection.task.train_config``)."""
+
+    max_iter: int
+    lr: float
+    steps: Sequence[int]
+    gamma: float
+    momentum: float
+    weight_decay: float
+    bias_double_lr: bool
+    bias_weight_decay: bool
+    warmup_iters: int
+    warmup_factor: float
+    ims_per_batch: int
+    scales: Sequence[int]
+    max_size: int
+    flip: bool
+    smooth_l1_beta: float
+    clip_grad_norm: float | None  # cap on the total gradient norm of each step (None: no cap, as Detectron)
+    checkpoint_period: int
+    sampler: SamplerConfig
     seed: int = 0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
 @dataclass
 class TestConfig:
+    """Test-time settings (values: the task's protocol, ``tasks.detection.task.test_config``)."""
+
     __test__ = False  # not a pytest class
-    scale: int = 600
-    max_size: int = 1000
-    nms: float = 0.3
-    score_thresh: float = 0.0  # Goyal et al.; Detectron's TEST.SCORE_THRESH default is 0.05
-    max_dets: int = 100
+    scale: int
+    max_size: int
+    nms: float
+    score_thresh: float  # a class score must exceed it (Detectron's TEST.SCORE_THRESH)
+    max_dets: int
     roi_chunk: int = 512
 
 
@@ -377,7 +401,7 @@ class TorchvisionFastRCNN:
             if flip:
                 gt, props = hflip_boxes(gt, rec.width), hflip_boxes(props, rec.width)
             r, lab, tgt = sample_rois(props * s, gt * s, torch.from_numpy(rec.labels).long(), cfg.sampler, gen)
-            rois.append(torch.cat([torch.full((len(r), 1), float(b)), r], 1))
+            rois.append(self.model.rois(r, s, b))
             labels.append(lab)
             targets.append(tgt)
         x = pad_batch(images).to(self.device)
@@ -444,8 +468,7 @@ class TorchvisionFastRCNN:
         props = torch.from_numpy(rec.proposals).float().to(self.device)
         logits, deltas = [], []
         for k in range(0, len(props), cfg.roi_chunk):
-            p = props[k: k + cfg.roi_chunk] * s
-            lo, de = self.model.head(feat, torch.cat([p.new_zeros(len(p), 1), p], 1))
+            lo, de = self.model.head(feat, self.model.rois(props[k: k + cfg.roi_chunk] * s, s))
             logits.append(lo)
             deltas.append(de)
         scores = torch.softmax(torch.cat(logits), 1).cpu()

@@ -25,9 +25,10 @@ from evalsuite.io import atomic_write
 METHODS = ("selective_search", "sliding_window", "file")
 
 
-def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = 500,
-                     max_boxes: int | None = 2000, threads: int = 1) -> np.ndarray:
-    """Selective search boxes of an RGB ``uint8 (H, W, 3)`` image (continuous 0-based x1, y1, x2, y2)."""
+def selective_search(image: np.ndarray, mode: str = "fast", max_side: int | None = None,
+                     max_boxes: int | None = None, threads: int = 1) -> np.ndarray:
+    """Selective search boxes of an RGB ``uint8 (H, W, 3)`` image (continuous 0-based x1, y1, x2, y2), in OpenCV's
+    order; ``max_side`` downscales the image first (None: full resolution), ``max_boxes`` keeps the first ones."""
     import cv2
 
     try:
@@ -101,7 +102,7 @@ def compute(method: str, image, params: dict[str, Any]) -> np.ndarray:
     """Proposals of one PIL image with ``method``."""
     if method == "selective_search":
         return selective_search(np.asarray(image.convert("RGB")), mode=params.get("mode", "fast"),
-                                max_side=params.get("max_side", 500), max_boxes=params.get("max_boxes", 2000))
+                                max_side=params.get("max_side"))
     if method == "sliding_window":
         w, h = image.size
         return sliding_window(w, h)
@@ -115,11 +116,11 @@ def default_root() -> Path:
 
 
 def method_params(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The parameters that identify a proposal set (defaults filled in)."""
+    """The parameters that identify a proposal set (defaults filled in). Every box of an image is kept: the task
+    applies its training and test limits when it reads them."""
     params = dict(params or {})
     if method == "selective_search":
-        return {"mode": params.get("mode", "fast"), "max_side": params.get("max_side", 500),
-                "max_boxes": params.get("max_boxes", 2000), "impl": "opencv-ximgproc"}
+        return {"mode": params.get("mode", "fast"), "max_side": params.get("max_side"), "impl": "opencv-ximgproc"}
     if method == "file":
         if not params.get("file"):
             raise UserError("proposals=file needs a proposal file for every set (detection.proposal_files)")
@@ -259,7 +260,8 @@ def add_command(sub) -> None:
     p.add_argument("--split", action="append", required=True, help="split(s) to process; repeatable")
     p.add_argument("--method", default="selective_search", choices=[m for m in METHODS if m != "file"])
     p.add_argument("--mode", default="fast", choices=["fast", "quality"], help="selective search mode")
-    p.add_argument("--max-side", type=int, default=500, help="downscale longer side to this before searching")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="downscale the longer side to this before searching (default: full resolution, as goyal19)")
     p.add_argument("--cache-dir", type=Path, help="proposal cache (default $EVALSUITE_CACHE/proposals)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_proposals)

@@ -17,28 +17,23 @@ from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
+from tasks.detection import fast_rcnn as frcnn
 from tasks.detection import proposals as props
 from tasks.detection import voc_eval as deval
-from tasks.detection.fast_rcnn import (
-    ImageRecord,
-    ModelConfig,
-    SamplerConfig,
-    TestConfig,
-    TorchvisionFastRCNN,
-    TrainConfig,
-    config_dict,
-    continuous_to_xml,
-    prepare_proposals,
-    xml_to_continuous,
-)
 
+VISSL_REFUSAL = (
+    "detection has no vissl preset: VISSL's VOC07 detection is a detectron2 Faster R-CNN C4 (SyncBN, every layer "
+    "trained; vissl:configs/config/benchmark/object_detection/voc07/rn50_transfer_voc07_detectron2_e2e.yaml), "
+    "which this task (Fast R-CNN on external proposals) does not implement; use --protocol goyal19, with --set "
+    "detection.freeze_at=0 to fine-tune every layer")
 SELECTIVE_SEARCH_NOTE = ("OpenCV ximgproc selective search (fast mode), not Detectron's published MATLAB "
                          "selective_search_msra_voc_2007_*.pkl boxes")
 
 
 @dataclass(frozen=True)
 class DetectionProtocol(TaskProtocol):
-    """The ``goyal19`` protocol: Detectron's Fast R-CNN R-C4 benchmark config of Goyal et al. (2019)."""
+    """The ``goyal19`` protocol: fair_ssb's Fast R-CNN R-C4 config of Goyal et al. (2019) under Detectron's
+    defaults (``detectron/core/config.py``); each field's reference in ``conformance.py``."""
 
     # data
     train_sets: tuple[str, ...] = ("voc2007:trainval",)  # kind:split, or an alias such as voc07+12
@@ -48,14 +43,16 @@ class DetectionProtocol(TaskProtocol):
     train_use_difficult: bool = False
     # model
     freeze_at: int = 4  # 0 trains everything, k >= 1 freezes the stem and res2..res_k
-    pooler: Literal["roi_align", "roi_pool"] = "roi_align"
+    pooler: Literal["roi_pool", "roi_align"] = "roi_pool"  # Detectron's FAST_RCNN.ROI_XFORM_METHOD RoIPoolF
     pool_size: int = 14
     cls_agnostic_bbox_reg: bool = False
     # proposals
     proposals: Literal["selective_search", "sliding_window", "file"] = "selective_search"
     proposal_mode: Literal["fast", "quality"] = "fast"
-    proposal_max_side: int | None = 500
-    proposal_limit: int = 2000
+    proposal_max_side: int | None = None  # selective search on the image downscaled to this longer side
+    proposal_limit: int = 2000  # test images: the first 2000 (Detectron's TEST.PROPOSAL_LIMIT)
+    train_proposal_limit: int | None = None  # training images: every box (Detectron's get_roidb proposal_limit -1)
+    proposal_min_size: float = 2.0  # boxes whose sides are at most this are dropped (get_roidb min_proposal_size)
     proposal_cache: str | None = None  # default: <run cache>/proposals
     proposal_files: dict = field(default_factory=dict)  # kind:split -> Detectron/detectron2 pickle
     # solver
@@ -64,7 +61,7 @@ class DetectionProtocol(TaskProtocol):
     steps: tuple[int, ...] = (22000,)
     gamma: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0005
     bias_double_lr: bool = True
     bias_weight_decay: bool = False
     warmup_iters: int = 500
@@ -85,7 +82,7 @@ class DetectionProtocol(TaskProtocol):
     test_scale: int = 600
     test_max_size: int = 1000
     nms: float = 0.3
-    score_thresh: float = 0.0  # the benchmark keeps every score; Detectron's own default is 0.05
+    score_thresh: float = 0.05  # Detectron's TEST.SCORE_THRESH: a class score must exceed it
     max_dets: int = 100
     iou_thresh: float = 0.5
     ap_method: Literal["voc07", "area"] = "voc07"
@@ -96,20 +93,22 @@ class DetectionProtocol(TaskProtocol):
     max_test_images: int | None = None
 
 
+# quick keeps RoIAlign (RoIPool's rounding to whole res4 cells is coarse on 128 px images) and every score (its
+# short-trained heads score most objects under 0.05): both measured in benchmarks/fidelity/detection.py.
 _PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "goyal19": {},
-    "vissl": {"freeze_at": 0},
-    "quick": {"proposal_limit": 200, "pool_size": 4, "max_iter": 300, "lr": 0.01, "steps": (240,),
+    "quick": {"proposal_limit": 200, "train_proposal_limit": 200, "pool_size": 4, "pooler": "roi_align",
+              "max_iter": 300, "lr": 0.01, "steps": (240,),
               "warmup_iters": 20, "ims_per_batch": 2, "rois_per_image": 32, "train_scales": (128,),
               "train_max_size": 192, "test_scale": 128, "test_max_size": 192, "checkpoint_period": 100,
-              "clip_grad_norm": 35.0},
+              "clip_grad_norm": 35.0, "score_thresh": 0.0},
 }
 
 # Fields a saved training state may differ in: they do not change the trained model (a run that failed
 # while testing resumes with its training done).
 _RESUME_MAY_CHANGE = frozenset(f"protocol.{k}" for k in (
-    "test_set", "max_test_images", "test_scale", "test_max_size", "nms", "score_thresh", "max_dets", "iou_thresh",
-    "ap_method", "iou_compare", "extra_metrics", "proposal_cache", "checkpoint_period"))
+    "test_set", "proposal_limit", "max_test_images", "test_scale", "test_max_size", "nms", "score_thresh", "max_dets",
+    "iou_thresh", "ap_method", "iou_compare", "extra_metrics", "proposal_cache", "checkpoint_period"))
 
 
 class DetectionTask:
@@ -117,7 +116,9 @@ class DetectionTask:
     description = "Fast R-CNN (ResNet-C4, res5 head) on VOC07 trainval, VOC07 test 11-point mAP@0.5"
 
     def default_protocol(self, preset: str) -> DetectionProtocol:
-        return DetectionProtocol(**_PRESET_CHANGES[check_preset(preset)])
+        if check_preset(preset) == "vissl":
+            raise UserError(VISSL_REFUSAL)
+        return DetectionProtocol(**_PRESET_CHANGES[preset])
 
     # ------------------------------------------------------------------ run
 
@@ -142,14 +143,14 @@ class DetectionTask:
         # proposals live under the run's cache directory unless the protocol names a cache of its own
         run_cache = str(ctx.cache_dir / "proposals") if ctx.cache_dir else None
         p = p.replace(proposal_cache=p.proposal_cache or run_cache)
-        train_records, skipped, per_set = [], 0, {}
+        train_records, counts, per_set = [], {"skipped": 0, "background_only": 0}, {}
         for name, d in zip(train_names, datasets):
-            recs, sk = build_records(d, p, train=True, limit=p.max_train_images, progress=ctx.progress,
-                                     set_name=name)
+            recs, c = build_records(d, p, train=True, limit=p.max_train_images, progress=ctx.progress,
+                                    set_name=name)
             train_records += recs
-            skipped += sk
+            counts = {k: counts[k] + c[k] for k in counts}
             per_set[name] = len(recs)
-        if not train_records:
+        if not any(len(r.boxes) for r in train_records):
             raise BadData("no training image has a usable box", datasets[0].root)
         test_records, _ = build_records(test, p, train=False, limit=p.max_test_images, progress=ctx.progress,
                                         set_name=p.test_set)
@@ -158,7 +159,7 @@ class DetectionTask:
         meta = ctx.checkpoint.metadata or {}
         normalize = {**(meta.get("normalize") or {}), "input_space": meta.get("input_space", "rgb")}
         model_cfg, train_cfg, test_cfg = model_config(p), train_config(p, ctx.seed), test_config(p)
-        detector = TorchvisionFastRCNN(ctx.trunk, len(classes), model_cfg, device=ctx.device, normalize=normalize)
+        detector = frcnn.TorchvisionFastRCNN(ctx.trunk, len(classes), model_cfg, device=ctx.device, normalize=normalize)
         resume = resume_state(ctx, {n: d.fingerprint() for n, d in zip(train_names, datasets)}, len(train_records))
         fit = detector.fit(train_records, train_cfg, resume=resume, progress=ctx.progress)
         preds = detector.predict(test_records, test_cfg, progress=ctx.progress)
@@ -169,13 +170,18 @@ class DetectionTask:
         params = {
             "arch": ctx.checkpoint.arch, "num_classes": len(classes), "num_train_images": len(train_records),
             "train_sets_used": train_names, "num_train_images_per_set": per_set,
-            "train_images_without_boxes_skipped": skipped, "num_test_images": len(test_records),
+            "train_images_skipped": counts["skipped"], "train_images_background_only": counts["background_only"],
+            "num_test_images": len(test_records),
             "num_detections": int(len(dets.score)), "backend": detector.name,
-            "solver": config_dict(train_cfg), "test": config_dict(test_cfg), "model": config_dict(model_cfg),
+            "solver": frcnn.config_dict(train_cfg), "test": frcnn.config_dict(test_cfg),
+            "model": frcnn.config_dict(model_cfg),
             "iterations_run": fit.iterations, "resumed_from_iteration": fit.resumed_from,
             "train_curve": fit.summary(), "device": ctx.device,
             "proposal_method": p.proposals,
             "proposal_params": props.method_params(p.proposals, _pp(p, p.test_set)),
+            "proposal_selection": {"train_limit": p.train_proposal_limit, "test_limit": p.proposal_limit,
+                                   "min_size": p.proposal_min_size,
+                                   "order": "clip, drop duplicates, drop small boxes, first limit"},
             "proposal_recall": proposal_recall(test_records, gts),
             "metric_definition": f"{p.ap_method} AP at IoU {p.iou_compare} {p.iou_thresh}, "
                                  "difficult ignored, mean over classes with ground truth",
@@ -263,10 +269,10 @@ def _parse_set(s: str) -> tuple[str, str]:
 
 
 def _pp(p: DetectionProtocol, set_name: str | None = None) -> dict[str, Any]:
-    """The proposal parameters of one set."""
+    """The parameters of one set's proposals (every box: the limits apply when records are built)."""
     if p.proposals == "file":
         return {"file": p.proposal_files.get(set_name)}
-    return {"mode": p.proposal_mode, "max_side": p.proposal_max_side, "max_boxes": p.proposal_limit}
+    return {"mode": p.proposal_mode, "max_side": p.proposal_max_side}
 
 
 def layer_name(freeze_at: int) -> str:
@@ -278,7 +284,7 @@ def gt_boxes(dataset, i: int) -> tuple[dict[str, Any], np.ndarray]:
     """Annotations of image ``i`` and its boxes in continuous coordinates, clipped to the image."""
     a = dataset.annotations(i)
     src = dataset.annotation_path(i) if hasattr(dataset, "annotation_path") else dataset.root
-    b = xml_to_continuous(a["boxes"])
+    b = frcnn.xml_to_continuous(a["boxes"])
     if len(b) and (np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1])):
         raise BadData("a box has xmax < xmin or ymax < ymin", src)
     b[:, 0::2] = b[:, 0::2].clip(0, a["width"])
@@ -295,25 +301,45 @@ def ground_truth(dataset, i: int) -> deval.GroundTruth:
 
 
 def build_records(dataset, p: DetectionProtocol, train: bool, limit: int | None = None, progress: bool = False,
-                  set_name: str | None = None) -> tuple[list[ImageRecord], int]:
-    """Image records with ground truth and (cached) proposals; training skips images without boxes.
-    ``set_name`` (``voc2007:test``) picks the set's file of ``proposal_files`` when ``proposals=file``."""
+                  set_name: str | None = None) -> tuple[list[frcnn.ImageRecord], dict[str, int]]:
+    """Image records with ground truth and (cached) proposals, and how many training images were skipped (no
+    usable RoI) or kept as background only (no non-difficult box). ``set_name`` (``voc2007:test``) picks the
+    set's file of ``proposal_files`` when ``proposals=file``."""
     cache = props.ProposalCache(p.proposal_cache, p.proposals, _pp(p, set_name), dataset_key=dataset.fingerprint())
     n = len(dataset) if limit is None else min(len(dataset), int(limit))
     if progress:
         cache.precompute(_Subset(dataset, n), progress=True)
-    records, skipped = [], 0
+    records, counts = [], {"skipped": 0, "background_only": 0}
+    cap = p.train_proposal_limit if train else p.proposal_limit
     for i in range(n):
         a, boxes = gt_boxes(dataset, i)
         keep = np.ones(len(boxes), bool) if (not train or p.train_use_difficult) else ~a["difficult"]
-        if train and not keep.any():
-            skipped += 1
+        proposals = frcnn.prepare_proposals(cache.get(dataset, i), a["width"], a["height"], cap,
+                                            p.proposal_min_size)
+        if train and not has_training_rois(boxes[keep], proposals, p):
+            counts["skipped"] += 1
             continue
-        proposals = prepare_proposals(cache.get(dataset, i), a["width"], a["height"], p.proposal_limit)
-        records.append(ImageRecord(image_id=dataset.ids[i], width=int(a["width"]), height=int(a["height"]),
-                                   boxes=boxes[keep], labels=np.asarray(a["labels"])[keep], proposals=proposals,
-                                   load=_loader(dataset, i)))
-    return records, skipped
+        counts["background_only"] += int(train and not keep.any())
+        records.append(frcnn.ImageRecord(image_id=dataset.ids[i], width=int(a["width"]), height=int(a["height"]),
+                                         boxes=boxes[keep], labels=np.asarray(a["labels"])[keep],
+                                         proposals=proposals, load=_loader(dataset, i)))
+    return records, counts
+
+
+def has_training_rois(gt: np.ndarray, proposals: np.ndarray, p: DetectionProtocol) -> bool:
+    """Detectron's ``filter_for_training`` (detectron/datasets/roidb.py): an image trains when one of its RoIs (its
+    ground-truth boxes and proposals) is foreground or background; an image without boxes trains as background."""
+    import torch
+    from torchvision.ops import box_iou
+
+    rois = np.concatenate([gt, proposals]).astype(np.float32)
+    if not len(gt):
+        overlap = np.zeros(len(rois))
+    else:
+        overlap = box_iou(torch.from_numpy(rois), torch.from_numpy(gt.astype(np.float32))).max(1).values.numpy()
+    fg = overlap >= p.fg_thresh
+    bg = (overlap < p.bg_thresh_hi) & (overlap >= p.bg_thresh_lo)
+    return bool((fg | bg).any())
 
 
 class _Subset:
@@ -332,7 +358,7 @@ def _loader(dataset, i: int):
     return lambda: dataset.load_image(i)
 
 
-def proposal_recall(records: list[ImageRecord], gts: list[deval.GroundTruth], thresholds=(0.5, 0.7)
+def proposal_recall(records: list[frcnn.ImageRecord], gts: list[deval.GroundTruth], thresholds=(0.5, 0.7)
                     ) -> dict[str, float | int]:
     """Fraction of the non-difficult ground-truth boxes that some proposal covers at IoU >= t (test set),
     and the mean number of proposals per image: what the detector can find at best."""
@@ -357,30 +383,30 @@ def proposal_recall(records: list[ImageRecord], gts: list[deval.GroundTruth], th
 
 def detections_from(preds) -> deval.Detections:
     parts = [deval.Detections(np.full(len(s), i, np.int64), np.asarray(lab, np.int64), np.asarray(s, np.float32),
-                              continuous_to_xml(b)) for i, (b, lab, s) in enumerate(preds)]
+                              frcnn.continuous_to_xml(b)) for i, (b, lab, s) in enumerate(preds)]
     return deval.Detections.concat(parts)
 
 
-def model_config(p: DetectionProtocol) -> ModelConfig:
-    return ModelConfig(pooler=p.pooler, pool_size=p.pool_size, freeze_at=p.freeze_at,
-                       cls_agnostic_bbox_reg=p.cls_agnostic_bbox_reg)
+def model_config(p: DetectionProtocol) -> frcnn.ModelConfig:
+    return frcnn.ModelConfig(pooler=p.pooler, pool_size=p.pool_size, freeze_at=p.freeze_at,
+                             cls_agnostic_bbox_reg=p.cls_agnostic_bbox_reg)
 
 
-def train_config(p: DetectionProtocol, seed: int) -> TrainConfig:
-    return TrainConfig(
+def train_config(p: DetectionProtocol, seed: int) -> frcnn.TrainConfig:
+    return frcnn.TrainConfig(
         max_iter=p.max_iter, lr=p.lr, steps=tuple(p.steps), gamma=p.gamma, momentum=p.momentum,
         weight_decay=p.weight_decay, bias_double_lr=p.bias_double_lr, bias_weight_decay=p.bias_weight_decay,
         warmup_iters=p.warmup_iters, warmup_factor=p.warmup_factor, ims_per_batch=p.ims_per_batch,
         scales=tuple(p.train_scales), max_size=p.train_max_size, flip=p.flip, smooth_l1_beta=p.smooth_l1_beta,
         clip_grad_norm=p.clip_grad_norm, checkpoint_period=p.checkpoint_period, seed=seed,
-        sampler=SamplerConfig(rois_per_image=p.rois_per_image, fg_fraction=p.fg_fraction, fg_thresh=p.fg_thresh,
-                              bg_thresh_hi=p.bg_thresh_hi, bg_thresh_lo=p.bg_thresh_lo),
+        sampler=frcnn.SamplerConfig(rois_per_image=p.rois_per_image, fg_fraction=p.fg_fraction,
+                                    fg_thresh=p.fg_thresh, bg_thresh_hi=p.bg_thresh_hi, bg_thresh_lo=p.bg_thresh_lo),
     )
 
 
-def test_config(p: DetectionProtocol) -> TestConfig:
-    return TestConfig(scale=p.test_scale, max_size=p.test_max_size, nms=p.nms, score_thresh=p.score_thresh,
-                      max_dets=p.max_dets)
+def test_config(p: DetectionProtocol) -> frcnn.TestConfig:
+    return frcnn.TestConfig(scale=p.test_scale, max_size=p.test_max_size, nms=p.nms, score_thresh=p.score_thresh,
+                            max_dets=p.max_dets)
 
 
 test_config.__test__ = False  # not a pytest test

@@ -70,8 +70,7 @@ class CentroidTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size."""
         p: CentroidProtocol = ctx.protocol
-        train, test = ctx.open_splits(p.train_split, p.test_split)
-        return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size)
+        return TaskPlan.of_splits(p, ctx.open_splits(p.train_split, p.test_split))
 
 
 task = CentroidTask()

@@ -145,8 +145,7 @@ class KNNTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size; the search runs on the cached features."""
         p: KNNProtocol = ctx.protocol
-        train, val = ctx.open_splits(p.train_split, p.val_split)
-        return TaskPlan(images={p.train_split: len(train), p.val_split: len(val)}, image_size=p.image_size)
+        return TaskPlan.of_splits(p, ctx.open_splits(p.train_split, p.val_split))
 
 
 # ---------------------------------------------------------------------- helpers

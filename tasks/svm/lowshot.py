@@ -234,9 +234,9 @@ class LowShotSVMTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size; every k-shot sample reuses the cached features."""
         p: LowShotSVMProtocol = ctx.protocol
-        train, test = ctx.open_splits(p.train_split, p.test_split)
-        return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size,
-                        note=f"SVMs on cached features: {len(p.k_values)} k x {p.num_samples} samples per tap")
+        return TaskPlan.of_splits(p, ctx.open_splits(p.train_split, p.test_split),
+                                  note=f"SVMs on cached features: {len(p.k_values)} k x {p.num_samples} samples "
+                                       "per tap")
 
 
 def _note(undefined: set[int], classes: list[str], policy: str, value) -> str:

@@ -124,9 +124,9 @@ class VOC07SVMTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size; the SVMs train on the cached features."""
         p: VOC07SVMProtocol = ctx.protocol
-        train, test = open_voc(ctx, p.train_split), open_voc(ctx, p.test_split)
-        return TaskPlan(images={p.train_split: len(train), p.test_split: len(test)}, image_size=p.image_size,
-                        note=f"SVMs on cached features: {len(p.costs)} costs x {p.folds + 1} fits per class and tap")
+        return TaskPlan.of_splits(p, [open_voc(ctx, p.train_split), open_voc(ctx, p.test_split)],
+                                  note=f"SVMs on cached features: {len(p.costs)} costs x {p.folds + 1} fits per "
+                                       "class and tap")
 
 
 def _undefined_note(undefined: list[str], no_train_pos: list[str], policy: str, value) -> str:
