@@ -10,9 +10,15 @@ moco           MoCo / PIRL style ``state_dict`` with ``module.encoder_q.``
 lightning      solo-learn / PyTorch Lightning ``state_dict`` with ``backbone.``
 dino           DINO-style ``teacher`` / ``student`` dicts (teacher is used)
 byol           BYOL-style ``online_network.`` / ``online_encoder.`` prefixes
-timm           timm checkpoints (``state_dict`` / ``model`` / ``state_dict_ema``)
-random         ``random:<arch>``: seeded random init, no file
+timm           timm checkpoints (``state_dict`` / ``model`` / ``state_dict_ema``), timm ViT safetensors
+mae            MAE ViT: ``model`` with ``decoder_*`` / ``mask_token`` (ignored)
+moco_v3        MoCo v3 ViT: ``state_dict`` with ``module.base_encoder.`` (head dropped)
+dinov2         DINOv2 torch-hub ViT state dicts (``register_tokens``, ``ls1.gamma``, ``mask_token``)
+random         ``random:<arch>`` / ``timm:<name>``: seeded random init, no file
 =============  ==============================================================
+
+ViT checkpoints are converted to timm's key names (:func:`evalsuite.vit.to_timm_layout`) and their architecture
+is read from the tensor shapes (:func:`evalsuite.vit.infer_arch`).
 
 Which weights are evaluated never depends on the order of the file's keys: among the entries holding a trunk
 (``state_dict`` and ``state_dict_ema``, ``teacher`` and ``student``, ...) the most complete wins, then the
@@ -44,10 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import vit
 from .console import warn
 from .errors import BadCheckpoint, UserError, require_file
 from .io import atomic_write
-from .trunks import ARCHS, build_trunk, describe_layout, infer_arch, is_trunk_key, trunk_state_shapes
+from .trunks import ARCHS, arch_info, build_trunk, describe_layout, infer_arch, is_trunk_key, trunk_state_shapes
 
 FORMATS: dict[str, str] = {
     "evalsuite": "safetensors trunk weights + JSON metadata (written by `evalsuite pretrain`)",
@@ -57,17 +64,20 @@ FORMATS: dict[str, str] = {
     "lightning": "solo-learn / PyTorch Lightning: state_dict with backbone. prefix",
     "dino": "DINO-style teacher/student dicts (teacher used)",
     "byol": "BYOL-style online_network. / online_encoder. prefix",
-    "timm": "timm training checkpoint: state_dict / state_dict_ema / model (EMA used)",
-    "random": "random:<arch> — seeded random initialisation, no file",
+    "timm": "timm training checkpoint: state_dict / state_dict_ema / model (EMA used); timm ViT weights",
+    "mae": "MAE ViT: model dict, decoder_* and mask_token ignored",
+    "moco_v3": "MoCo v3 ViT: state_dict with module.base_encoder. prefix",
+    "dinov2": "DINOv2 torch-hub ViT state dict: register_tokens, ls1.gamma LayerScale, mask_token ignored",
+    "random": "random:<arch> or timm:<name> (a timm ViT) — seeded random initialisation, no file",
     "torchvision-hub": "torchvision:<arch> — torchvision weights already in the local torch hub cache",
 }
 
 META_KEY = "evalsuite"
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 # Preferred entries / prefixes when several hold equally complete trunks, best first: EMA weights (timm's
-# state_dict_ema / model_ema), DINO's teacher, MoCo's query encoder, BYOL's online network, ...
-PREFERENCES = ("state_dict_ema", "model_ema", "teacher", "encoder_q", "online", "backbone", "trunk", "model",
-               "student", "encoder_k", "target")
+# state_dict_ema / model_ema), DINO's teacher, MoCo's query encoder (v3: base encoder), BYOL's online network, ...
+PREFERENCES = ("state_dict_ema", "model_ema", "teacher", "encoder_q", "base_encoder", "online", "backbone", "trunk",
+               "model", "student", "encoder_k", "target")
 # nn.Sequential(*list(resnet.children())[:-1]) numbering used by several BYOL/SimCLR codes.
 RESNET_CHILD_INDEX = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 # Suffixes stripped from a file name to name the checkpoint (moco_v2_800ep.pth.tar -> moco_v2_800ep).
@@ -213,10 +223,12 @@ def load_checkpoint(
     or unexpected trunk keys, unknown ``weights``.
     """
     spec_s = str(spec)
-    if spec_s.startswith(("random:", "torchvision:")) and weights is not None:
+    if spec_s.startswith(("random:", "torchvision:", "timm:")) and weights is not None:
         raise UserError(f"--weights chooses an entry of a checkpoint file; {spec_s} has none")
     if spec_s.startswith("random:"):
         ck = _random_checkpoint(spec_s[len("random:") :] or arch or "resnet50", seed)
+    elif spec_s.startswith("timm:"):
+        ck = _timm_random(spec_s[len("timm:") :], seed)
     elif spec_s.startswith("torchvision:"):
         ck = _torchvision_hub(spec_s[len("torchvision:") :], allow_partial)
     else:
@@ -244,7 +256,7 @@ def _load_file(path: Path, arch: str | None, allow_partial: bool, trust_pickle: 
     if not candidates:
         raise BadCheckpoint("no tensors found: this is not a model checkpoint", path)
     sources = [s for s in (_best_source(p, t) for p, t in candidates.items()) if s is not None]
-    trunks = sorted((s for s in sources if infer_arch(s.names) is not None), key=lambda s: s.entry)
+    trunks = sorted((s for s in sources if _keys_arch(s) is not None), key=lambda s: s.entry)
     pool = trunks
     if weights is not None:
         pool = [s for s in trunks if s.entry == weights or s.entry.startswith(weights + ".")]
@@ -253,7 +265,7 @@ def _load_file(path: Path, arch: str | None, allow_partial: bool, trust_pickle: 
             raise BadCheckpoint(f"--weights {weights!r}: no trunk weights under that entry; entries with trunk "
                                 f"weights: {available}", path)
     if not (pool or sources):
-        raise BadCheckpoint("no trunk weights found in this file (no key looks like a ResNet or AlexNet "
+        raise BadCheckpoint("no trunk weights found in this file (no key looks like a ResNet, AlexNet or ViT "
                             "layer)", path)
     source = min(pool or sources, key=_source_rank)
     arch = _resolve_arch(arch, meta.get("arch"), source, path)
@@ -261,7 +273,7 @@ def _load_file(path: Path, arch: str | None, allow_partial: bool, trust_pickle: 
     alternatives = [s.entry for s in trunks if s.entry != source.entry]
     return LoadedCheckpoint(
         spec=str(path), path=path, sha256=_weights_id(file_sha, source.entry, alternatives),
-        format=fmt_hint or _format_name(source.describe(), obj), arch=arch, state_dict=state,
+        format=fmt_hint or _vit_format(source) or _format_name(source.describe(), obj), arch=arch, state_dict=state,
         metadata={**meta, "arch": meta.get("arch", arch)}, report=report, name=checkpoint_name(path),
         weights=source.entry, alternatives=alternatives, partial=bool(report.missing), file_sha256=file_sha,
     )
@@ -276,15 +288,17 @@ def _weights_id(file_sha: str, entry: str, alternatives: list[str]) -> str:
 
 
 def _resolve_arch(arch: str | None, meta_arch: str | None, source: _Source, path: Path) -> str:
-    """--arch, the metadata's arch and the architecture the keys show must agree; the first one given wins."""
-    keys_arch = infer_arch(source.names)
+    """--arch, the metadata's arch and the architecture the keys show must agree; the first one given wins.
+    Archs with the same weights' shapes agree (MoCo v3's 12-head ViT-S and vit_small_patch16)."""
+    keys_arch = _keys_arch(source)
+    arch = _canonical_arch(arch) if arch else arch
     looks = f"the keys look like {keys_arch}{_layout(source)}" if keys_arch else ""
     if arch and meta_arch and arch != meta_arch:
         raise BadCheckpoint(f"--arch {arch} contradicts the checkpoint's metadata (arch {meta_arch})", path)
-    if arch and keys_arch and arch != keys_arch:
+    if arch and keys_arch and not _same_weights(arch, keys_arch):
         raise BadCheckpoint(f"--arch {arch} does not fit this file: {looks}; pass --arch {keys_arch} or leave "
                             "--arch out", path)
-    if meta_arch and keys_arch and meta_arch != keys_arch:
+    if meta_arch and keys_arch and not _same_weights(meta_arch, keys_arch):
         raise BadCheckpoint(f"the metadata says arch {meta_arch} but {looks}", path)
     arch = arch or meta_arch or keys_arch
     if arch is None:
@@ -292,6 +306,35 @@ def _resolve_arch(arch: str | None, meta_arch: str | None, source: _Source, path
                             "pass --arch", path)
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    return arch
+
+
+def _keys_arch(source: _Source) -> str | None:
+    """The architecture the source's keys (ResNet, AlexNet) or tensor shapes (ViT) show, or None."""
+    arch = infer_arch(source.names)
+    if arch is None:
+        arch = vit.infer_arch({n: tuple(v.shape) for n, v in _named_tensors(source).items()})
+        if arch and "base_encoder" in source.raw_prefix:
+            arch = vit.MOCO_V3_ARCHS.get(arch, arch)
+    return arch
+
+
+def _named_tensors(source: _Source) -> dict[str, torch.Tensor]:
+    """The source's tensors by trunk name; ViT layouts converted to timm's names."""
+    named = {n: source.tensors[key] for n, key in source.names.items()}
+    return vit.to_timm_layout(named) if "cls_token" in named else named
+
+
+def _same_weights(a: str, b: str) -> bool:
+    """Whether two archs take the same weights (equal names, equal state-dict shapes)."""
+    return a == b or (a in ARCHS and b in ARCHS and trunk_state_shapes(a) == trunk_state_shapes(b))
+
+
+def _canonical_arch(arch: str) -> str:
+    """``timm:<name>`` -> our name for that model when we have one (registering it); other names unchanged."""
+    if arch.startswith("timm:"):
+        arch_info(arch)
+        return vit.timm_arch(arch[len("timm:") :])[0]
     return arch
 
 
@@ -303,10 +346,11 @@ def _layout(source: _Source) -> str:
 def _convert(path: Path, source: _Source, arch: str, allow_partial: bool) -> tuple[dict, KeyReport]:
     """The trunk's tensors under their torchvision names and the key report, refusing what does not fit."""
     reference = trunk_state_shapes(arch)
-    state = {n: source.tensors[key] for n, key in source.names.items() if n in reference}
+    named = _named_tensors(source)
+    state = {n: v for n, v in named.items() if n in reference}
     if not state:
         raise BadCheckpoint(f"no {arch} trunk weights found in this file", path)
-    extra = sorted(n for n in source.names if n not in reference and is_trunk_key(arch, n))
+    extra = sorted(n for n in named if n not in reference and is_trunk_key(arch, n))
     if extra:
         raise BadCheckpoint(f"{len(extra)} unexpected {arch} trunk keys (first: {extra[0]}): the file's trunk"
                             f"{_layout(source)} is not a {arch}; pass the right --arch", path)
@@ -325,7 +369,7 @@ def _convert(path: Path, source: _Source, arch: str, allow_partial: bool) -> tup
     bad = sorted(n for n, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
         raise BadCheckpoint(f"NaN/Inf values in {len(bad)} trunk tensors (first: {bad[0]})", path)
-    unexpected = sorted(key for n, key in source.names.items() if n not in reference)
+    unexpected = sorted(source.names.get(n, n) for n in named if n not in reference)
     return state, KeyReport(source.describe(), sorted(state), missing, unexpected)
 
 
@@ -530,7 +574,7 @@ def _best_source(path: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> _So
     counts: dict[str, int] = {}
     for key in tensors:
         for prefix, name in _candidate_names(key):
-            if name in known and not name.endswith(OPTIONAL_SUFFIXES):
+            if (name in known or vit.is_vit_key(name)) and not name.endswith(OPTIONAL_SUFFIXES):
                 counts[prefix] = counts.get(prefix, 0) + 1
     if not counts:
         return None
@@ -564,7 +608,23 @@ def _is_ema(entry: str) -> bool:
 
 @cache
 def _all_trunk_names() -> frozenset[str]:
-    return frozenset(n for arch in ARCHS for n in trunk_state_shapes(arch))
+    """The convolutional archs' key names (ViT keys are matched by :func:`evalsuite.vit.is_vit_key`)."""
+    return frozenset(n for arch, info in ARCHS.items() if info["family"] != "vit" for n in trunk_state_shapes(arch))
+
+
+def _vit_format(source: _Source) -> str | None:
+    """The ViT layouts told apart by their keys (None: not a ViT, or one the generic rules name)."""
+    if "cls_token" not in source.names:
+        return None
+    if "base_encoder" in source.raw_prefix:
+        return "moco_v3"
+    if any(k.startswith("decoder_") for k in source.tensors):
+        return "mae"
+    if "register_tokens" in source.names or "mask_token" in source.names:
+        return "dinov2"
+    if source.path[:1] in (("teacher",), ("student",)):
+        return "dino"
+    return "timm"
 
 
 def _format_name(source: str, obj: Any) -> str:
@@ -587,12 +647,24 @@ def _format_name(source: str, obj: Any) -> str:
 
 
 def _random_checkpoint(arch: str, seed: int) -> LoadedCheckpoint:
+    arch = _canonical_arch(arch)
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r} in random:{arch}; supported: {', '.join(ARCHS)}")
     ident = hashlib.sha256(f"random:{arch}:seed={seed}".encode()).hexdigest()
     meta = {"method": "random", "arch": arch, "pretrain_data": "none", "init_seed": seed}
     report = KeyReport("random init")
     return LoadedCheckpoint(f"random:{arch}", None, ident, "random", arch, {}, meta, report, seed=seed)
+
+
+def _timm_random(name: str, seed: int) -> LoadedCheckpoint:
+    """``timm:<name>``: the timm ViT, randomly initialised, with timm's mean/std for it (nothing downloaded)."""
+    ck = _random_checkpoint(f"timm:{name}", seed)
+    ck.spec = f"timm:{name}"
+    ck.metadata["timm_model"] = name
+    norm = vit.timm_normalize(name)
+    if norm:
+        ck.metadata["normalize"] = norm
+    return ck
 
 
 def _torchvision_hub(arch: str, allow_partial: bool) -> LoadedCheckpoint:

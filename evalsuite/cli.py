@@ -167,7 +167,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 0
     if not report.results and report.skipped:
         looked = "; ".join(f"{name}: {why}" for name, why in report.skipped)
-        raise UserError(f"every requested task was skipped for missing data under {a.data_root} ({looked})")
+        raise UserError(f"every requested task was skipped (data root {a.data_root}; {looked})")
     print_results(report.results, title=f"{report.checkpoint.spec} ({report.checkpoint.arch}, {a.protocol})",
                   verbose=a.verbose)
     print(f"{len(report.results)} result records appended to {report.results_file}")
@@ -279,7 +279,9 @@ def cmd_list(a: argparse.Namespace) -> int:
     if a.archs or everything:
         print("architectures:")
         for name, info in ARCHS.items():
-            print(f"  {name:10s} taps: {', '.join(info['taps'])}")
+            taps = list(info["taps"])
+            shown = ", ".join(taps) if len(taps) <= 8 else f"{', '.join(taps[:2])}, … {', '.join(taps[-3:])}"
+            print(f"  {name:22s} taps: {shown}")
     return 0
 
 

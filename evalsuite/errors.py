@@ -32,6 +32,15 @@ class BadFeatures(UserError):
     """Extracted features are unusable (NaN/Inf, wrong shape)."""
 
 
+class TaskSkipped(UserError):
+    """A task that cannot run here (its data is missing, it has no head for this architecture): ``--tasks all``
+    skips it with a note; a task asked for by name fails with the line."""
+
+
+class NotApplicable(TaskSkipped):
+    """The task does not apply to this checkpoint (e.g. a dense task on a ViT before its ViT head exists)."""
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
     """Return ``path`` as a Path if it is an existing regular file, else raise a UserError."""
     p = Path(path)

@@ -324,7 +324,7 @@ class FeatureExtractor:
         )
         taps = list(entries)
         trunk = self.trunk.to(self.device).eval()
-        if self.device.type in ("cpu", "cuda"):
+        if self._channels_last():
             trunk = trunk.to(memory_format=torch.channels_last)
         buffers: dict[str, list[np.ndarray]] = {t: [] for t in taps}
         current = None
@@ -352,8 +352,14 @@ class FeatureExtractor:
                 bar.update(len(idx))
         bar.close()
 
+    def _channels_last(self) -> bool:
+        """channels_last helps convolutional trunks on CPU/CUDA; ViTs (tokens) opt out."""
+        return self.device.type in ("cpu", "cuda") and getattr(self.trunk, "supports_channels_last", True)
+
     def _forward(self, trunk, x, taps, specs, dataset, idx) -> dict[str, np.ndarray]:
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device, non_blocking=True)
+        if self._channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
         ctx = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None

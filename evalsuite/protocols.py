@@ -49,7 +49,7 @@ class TaskProtocol:
 
 
 # the vocabularies of the evaluation transform and per-tap pooling (evalsuite.features, evalsuite.trunks)
-Pooling = Literal["goyal", "vissl", "avg", "none"]
+Pooling = Literal["goyal", "vissl", "avg", "none", "cls", "mean", "cls+mean", "gem"]  # the last four: ViTs only
 ResizeMode = Literal["square", "center_crop", "scale_square"]
 Interpolation = Literal["bilinear", "bicubic", "cv2_bilinear"]
 POOLINGS: tuple[str, ...] = typing.get_args(Pooling)

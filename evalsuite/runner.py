@@ -18,12 +18,12 @@ from . import registry
 from .cache import FeatureCache
 from .checkpoints import LoadedCheckpoint, load_checkpoint
 from .console import note, warn
-from .errors import UserError
+from .errors import TaskSkipped, UserError
 from .features import FeatureExtractor, preset_precision
 from .plan import LONG_ON_CPU_S, TaskPlan, describe, estimate_seconds, human_time, measure_throughput
 from .protocols import apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
-from .task import DataMissing, TaskContext, environment_problem
+from .task import TaskContext, environment_problem
 from .trunks import arch_info
 
 
@@ -142,7 +142,7 @@ def run(opts: RunOptions) -> RunReport:
         out_dir=Path(opts.out) / name, extractor_factory=extractor, device=opts.device, seed=opts.seed,
         layers=layers, progress=opts.progress, run_id=run_id, cache_dir=cache.root) for name in tasks}
 
-    def skip(name: str, e: DataMissing) -> None:
+    def skip(name: str, e: TaskSkipped) -> None:
         if not all_mode:
             raise e
         note(f"skipped {name}: {e}")
@@ -166,7 +166,7 @@ def run(opts: RunOptions) -> RunReport:
         t0 = time.perf_counter()
         try:
             results = tasks[name].run(ctx)
-        except DataMissing as e:
+        except TaskSkipped as e:
             skip(name, e)
             continue
         wall = time.perf_counter() - t0
@@ -183,7 +183,7 @@ def run(opts: RunOptions) -> RunReport:
 
 
 def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckpoint,
-               opts: RunOptions) -> list[tuple[str, DataMissing]]:
+               opts: RunOptions) -> list[tuple[str, TaskSkipped]]:
     """Print what each task will do and an estimate of its time on this machine; return the tasks whose data
     is missing (found while planning, so their notes come before any work)."""
     plans: dict[str, TaskPlan | None] = {}
@@ -192,7 +192,7 @@ def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckp
         planner = getattr(tasks[name], "plan", None)
         try:
             plans[name] = planner(ctx) if planner is not None else None
-        except DataMissing as e:
+        except TaskSkipped as e:
             missing.append((name, e))
     sizes = sorted({s for p in plans.values() if p for s in (p.image_size, p.train_image_size) if s})
     if sizes:

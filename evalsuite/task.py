@@ -22,14 +22,14 @@ import torch
 
 from .checkpoints import LoadedCheckpoint
 from .data import DATA_LAYOUT, ImageDataset, open_dataset
-from .errors import UserError
+from .errors import TaskSkipped, UserError
 from .features import FeatureExtractor, Transform, protocol_get
 from .protocols import TaskProtocol
 from .results import Result
 from .trunks import arch_info, published_comparability
 
 
-class DataMissing(UserError):
+class DataMissing(TaskSkipped):
     """The task's dataset is not under the data root (``--tasks all`` skips such tasks with a note)."""
 
 
@@ -93,11 +93,14 @@ class TaskContext:
         return self._extractor
 
     def taps(self, preferred: Sequence[str] | None = None) -> list[str]:
-        """The taps to evaluate, the one rule every task follows: the protocol's list (``None``: every tap of
-        the trunk; a list naming taps this trunk lacks, e.g. ResNet taps on AlexNet: every tap of the trunk),
-        restricted to ``--layers`` when given."""
-        trunk_taps = list(arch_info(self.checkpoint.arch)["taps"])
-        default = list(preferred) if preferred and all(t in trunk_taps for t in preferred) else trunk_taps
+        """The taps to evaluate, the one rule every task follows: the protocol's list (``None``: the trunk's
+        default taps; a list naming taps this trunk lacks, e.g. ResNet taps on AlexNet or a ViT: the trunk's
+        default taps, every tap for convolutional trunks, the last block and ``last4`` for ViTs), restricted to
+        ``--layers`` when given (any of the trunk's taps)."""
+        info = arch_info(self.checkpoint.arch)
+        trunk_taps = list(info["taps"])
+        fallback = list(info.get("default_taps", trunk_taps))
+        default = list(preferred) if preferred and all(t in trunk_taps for t in preferred) else fallback
         if not self.layers:
             return default
         return [t for t in self.layers if t in default] or list(self.layers)

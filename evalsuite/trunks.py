@@ -16,6 +16,8 @@ Pooling (``pool_features``):
 - ``avg``: global average pooling (C dims), the usual kNN/linear representation.
 - ``none``: the flattened map.
 
+Vision Transformers (family ``vit``: taps, token pooling, ``timm:<name>``) live in :mod:`evalsuite.vit`.
+
 torchvision's AlexNet is not the benchmark's CaffeNet (other channels, padding, no LRN
 or groups, 224 not 227 px), so AlexNet numbers are recorded as not comparable with the
 published tables (:func:`published_comparability`).
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from . import vit
 from .errors import UserError
 from .protocols import POOLINGS
 
@@ -52,6 +55,8 @@ ARCHS: dict[str, dict] = {
                   "blocks": (3, 4, 23, 3), "block": "bottleneck"},
     "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
 }
+# Vision Transformers (evalsuite.vit); ``timm:<name>`` archs are added on first use (arch_info).
+ARCHS.update(vit.VIT_ARCHS)
 
 # (kernel, stride, padding) of the published ResNet-50 / 224px pooling: fair_self_supervision_benchmark
 # self_supervision_benchmark/modeling/supervised/resnet_supervised_finetune_linear.py (res_conv1_bn_resize,
@@ -78,6 +83,10 @@ NOT_COMPARABLE = {
 
 
 def arch_info(arch: str) -> dict:
+    if arch.startswith("timm:") and arch not in ARCHS:
+        name, info = vit.timm_arch(arch[len("timm:"):])
+        ARCHS.setdefault(name, info)
+        return ARCHS[name]
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
     return ARCHS[arch]
@@ -166,6 +175,8 @@ def build_trunk(arch: str, seed: int | None = None) -> nn.Module:
 
 
 def _construct(info: dict, arch: str) -> nn.Module:
+    if info["family"] == "vit":
+        return vit.build_vit(arch, info)
     return ResNetTrunk(arch) if info["family"] == "resnet" else AlexNetTrunk(arch)
 
 
@@ -185,6 +196,8 @@ def is_trunk_key(arch: str, name: str) -> bool:
     """Whether a torchvision-named key belongs to this architecture family's trunk (not its classifier)."""
     if arch_info(arch)["family"] == "alexnet":
         return name.startswith("features.")
+    if arch_info(arch)["family"] == "vit":
+        return vit.is_vit_key(name)
     return re.match(r"(conv1|bn1|layer[1-4])\.", name) is not None
 
 
@@ -230,7 +243,8 @@ class PoolSpec:
 
     tap: str
     method: str
-    op: str  # "avg_pool(k,s,p)" (padded: "...,p=4,pad=excluded|counted"), "adaptive_avg(g)", "global_avg", "flatten"
+    op: str  # "avg_pool(k,s,p)" (padded: "...,p=4,pad=excluded|counted"), "adaptive_avg(g)", "global_avg", "flatten";
+    # ViT token ops: "cls(skip=1)", "patch_mean(skip=1)", ... (evalsuite.vit.pool_op)
     out_shape: tuple[int, ...]
 
     @property
@@ -241,6 +255,11 @@ class PoolSpec:
 def pool_spec(arch: str, tap: str, channels: int, spatial: int, method: str) -> PoolSpec:
     if method not in POOLINGS:
         raise UserError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
+    info = arch_info(arch)
+    if info["family"] == "vit":
+        return PoolSpec(tap, method, *vit.pool_op(info, tap, channels, spatial, method))
+    if method in vit.TOKEN_METHODS:
+        raise UserError(f"pooling {method!r} applies to ViT trunks; {arch} takes goyal, vissl, avg or none")
     if method == "avg":
         return PoolSpec(tap, method, "global_avg", (channels,))
     if method == "none":
@@ -263,7 +282,9 @@ def goyal_grid(channels: int, spatial: int, target: int = GOYAL_TARGET_DIM) -> i
 
 
 def pool_features(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
-    """Pool a (N, C, H, W) activation to (N, D) according to ``spec``."""
+    """Pool a (N, C, H, W) activation (ViTs: (N, tokens, C)) to (N, D) according to ``spec``."""
+    if vit.is_token_op(spec.op):
+        return vit.pool_tokens(x, spec.op)
     if spec.op == "global_avg":
         y = x.mean(dim=(2, 3))
     elif spec.op == "flatten":
@@ -285,6 +306,8 @@ def _conv_out(size: int, k: int, s: int, p: int) -> int:
 def tap_shapes(arch: str, image_size: int, taps: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of each tap for a square input, computed from the architecture (no forward pass)."""
     info = arch_info(arch)
+    if info["family"] == "vit":
+        return vit.tap_shapes(info, image_size, taps)
     sizes = []
     if info["family"] == "resnet":
         s = _conv_out(image_size, 7, 2, 3)  # conv1

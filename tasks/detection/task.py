@@ -17,6 +17,7 @@ from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
+from evalsuite.vit import require_convolutional
 from tasks.detection import fast_rcnn as frcnn
 from tasks.detection import proposals as props
 from tasks.detection import voc_eval as deval
@@ -123,6 +124,7 @@ class DetectionTask:
     # ------------------------------------------------------------------ run
 
     def run(self, ctx: TaskContext) -> list[Result]:
+        require_convolutional(ctx.checkpoint.arch, "detection")
         p: DetectionProtocol = ctx.protocol
         train_names = expand_train_sets(p.train_sets)
         train_sets = [_parse_set(s) for s in train_names]
@@ -219,6 +221,7 @@ class DetectionTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """The test images at the test scale; max_iter iterations of ims_per_batch images at the (largest) train
         scale, drawn from the training sets (as many images as run() reads: max_*_images applied per set)."""
+        require_convolutional(ctx.checkpoint.arch, "detection")
         p: DetectionProtocol = ctx.protocol
 
         def count(name: str, limit: int | None) -> int:

@@ -45,6 +45,7 @@ from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
+from evalsuite.vit import require_convolutional
 from tasks.navigation.metrics import Episode, mean_std, summarize
 
 METRICS = ("success_rate", "spl", "mean_return", "mean_length")
@@ -118,6 +119,7 @@ class NavigationTask:
         require_gl()
 
     def run(self, ctx: TaskContext) -> list[Result]:
+        require_convolutional(ctx.checkpoint.arch, "navigation")
         p = ctx.protocol
         from tasks.navigation.env import resolve
 
@@ -166,6 +168,7 @@ class NavigationTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """The frames the frozen trunk encodes while PPO trains: stable-baselines3 collects whole rollouts of
         n_steps x n_envs frames until ``frames`` is reached, one batched forward pass of n_envs frames per step."""
+        require_convolutional(ctx.checkpoint.arch, "navigation")
         p: NavigationProtocol = ctx.protocol
         rollout = p.ppo.n_steps * p.n_envs
         steps = math.ceil(p.frames / rollout) * p.ppo.n_steps  # per seed

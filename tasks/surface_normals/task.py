@@ -49,6 +49,7 @@ from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
+from evalsuite.vit import require_convolutional
 from tasks.surface_normals import codebook as codebook_lib
 from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel, weight_decay_groups
 from tasks.surface_normals.metrics import ErrorAccumulator, angular_errors_deg, metric_names, validate_ground_truth
@@ -126,6 +127,7 @@ class SurfaceNormalsTask:
         return SurfaceNormalsProtocol(**_PRESET_CHANGES[check_preset(preset)])
 
     def run(self, ctx: TaskContext) -> list[Result]:
+        require_convolutional(ctx.checkpoint.arch, "surface_normals")
         p: SurfaceNormalsProtocol = ctx.protocol
         cfg = TrainConfig.from_protocol(p, seed=ctx.seed)
         train, test = ctx.open_splits(p.train_split, p.test_split)
@@ -177,6 +179,7 @@ class SurfaceNormalsTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """The test images and train_dense's iterations (iters_per_epoch x epochs), timed at the square size with
         the pixels of a 480x640 NYUv2 frame at the test / mean training scale."""
+        require_convolutional(ctx.checkpoint.arch, "surface_normals")
         p: SurfaceNormalsProtocol = ctx.protocol
         cfg = TrainConfig.from_protocol(p)
         n_train, n_test = map(len, ctx.open_splits(p.train_split, p.test_split))
