@@ -11,6 +11,9 @@ done on the batch by the method (``Method.preprocess``). Presets follow the pape
   solarize p=0.2; jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2, crop(0.08-1), flip.
 - ``swav`` multi-crop (Caron et al. 2020): 2 global crops (0.14-1) at the full size + N local crops
   (0.05-0.14) at 96/224 of the size, SimCLR colour distortion and blur.
+- ``dino`` multi-crop (Caron et al. 2021, :func:`dino_crops`): 2 global crops (0.4-1), the first always
+  blurred, the second blurred p=0.1 and solarized p=0.2, + N local crops (0.05-0.4, blur p=0.5) at 96/224 of
+  the size; jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2, flip.
 - ``exemplar`` (Dosovitskiy et al. 2014): heavy crop/scale, rotation, colour and contrast changes.
 - ``basic`` (supervised / clustering): RandomResizedCrop + flip. ``center``: resize + centre crop (eval).
 
@@ -94,6 +97,18 @@ def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int |
     views = [simclr_view(size, scale=global_scale, gray=gray, s=jitter) for _ in range(n_global)]
     views += [simclr_view(local_size, scale=local_scale, gray=gray, s=jitter) for _ in range(n_local)]
     return ViewTransform(views, f"multicrop({n_global}x{size}+{n_local}x{local_size})")
+
+
+def dino_crops(size: int, n_local: int = 8, local_size: int | None = None, global_scale=(0.4, 1.0),
+               local_scale=(0.05, 0.4), gray: float = 0.2, jitter: float = 1.0) -> ViewTransform:
+    """DINO's multi-crop (dino main_dino.py, DataAugmentationDINO): two global crops at ``size``, ``n_local``
+    local crops at ``local_size`` (default 96/224 of the size); ``gray`` and ``jitter`` as in :func:`preset`."""
+    local_size = local_size or max(8, int(round(size * 96 / 224)))
+    common = dict(jitter=(0.4, 0.4, 0.2, 0.1), gray=gray, s=jitter)
+    views = [simclr_view(size, scale=global_scale, blur=1.0, **common),
+             simclr_view(size, scale=global_scale, blur=0.1, solarize=0.2, **common)]
+    views += [simclr_view(local_size, scale=local_scale, blur=0.5, **common) for _ in range(n_local)]
+    return ViewTransform(views, f"dino(2x{size}+{n_local}x{local_size})")
 
 
 def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, jitter: float | None = None,

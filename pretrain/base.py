@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from evalsuite.colorspace import to_input_space
-from evalsuite.trunks import ARCHS, build_trunk
+from evalsuite.trunks import arch_info, build_trunk
+from evalsuite.vit import ViTTaps
 
 from .augment import COLOUR_PRESETS, ViewTransform, preset
 
@@ -40,6 +41,26 @@ class Batch:
     index: torch.Tensor
     target: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def embedding_dim(arch: str) -> int:
+    """Width of :func:`trunk_embedding` for ``arch``: the last tap's channels, a ViT's embedding width."""
+    info = arch_info(arch)
+    return info["embed_dim"] if info["family"] == "vit" else info["channels"][-1]
+
+
+def trunk_embedding(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The trunk's global representation in float32: the global average of the last tap for convolutional
+    trunks; for a ViT the last block's normed CLS token (DINO's and timm's ``token`` pooling), or the patch
+    mean for timm models pooled by ``avg``."""
+    if isinstance(trunk, ViTTaps):
+        tap = f"block{len(trunk.blocks) - 1}"
+        tokens = trunk(x, [tap])[tap].float()
+        if arch_info(trunk.arch)["global_pool"] == "avg":
+            return tokens[:, trunk.num_prefix_tokens:].mean(dim=1)
+        return tokens[:, 0]
+    last = trunk.tap_names[-1]
+    return trunk(x, [last])[last].float().mean(dim=(2, 3))
 
 
 def mlp(dims: list[int], bn: bool = True, last_bn: bool = False, last_affine: bool = True) -> nn.Sequential:
@@ -109,7 +130,7 @@ class Method(nn.Module):
         self.hp = self.resolve_hp(hp or {}, recipe)
         self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
         self.trunk = build_trunk(arch)
-        self.feat_dim = ARCHS[arch]["channels"][-1]
+        self.feat_dim = embedding_dim(arch)
         self.logs: dict[str, float] = {}
         #: keyword options of the views (the trainer's ``view_gray``), passed to ``pretrain.augment.preset``
         self.view_options: dict[str, Any] = {}
@@ -164,9 +185,8 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------ model pieces
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Global-average-pooled last tap of the trunk: (B, feat_dim)."""
-        last = self.trunk.tap_names[-1]
-        return self.trunk(x, [last])[last].float().mean(dim=(2, 3))
+        """The trunk's global representation (:func:`trunk_embedding`): (B, feat_dim)."""
+        return trunk_embedding(self.trunk, x)
 
     def forward(self, batch: Batch):  # DDP calls forward
         return self.training_step(batch)

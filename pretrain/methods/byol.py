@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy, optim_config
+from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy, optim_config, trunk_embedding
 from ..losses import embedding_std
 
 
@@ -41,9 +41,8 @@ class BYOL(Method):
         self.target_projector = momentum_copy(self.projector)
 
     def _target(self, x: torch.Tensor) -> torch.Tensor:
-        last = self.target_trunk.tap_names[-1]
         with torch.no_grad():
-            return self.target_projector(self.target_trunk(x, [last])[last].float().mean(dim=(2, 3)))
+            return self.target_projector(trunk_embedding(self.target_trunk, x))
 
     def training_step(self, batch: Batch):
         v1, v2 = batch.views[0], batch.views[1]

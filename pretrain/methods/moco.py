@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
-from ..base import Batch, Method, ema_update, mlp, momentum_copy, optim_config
+from ..base import Batch, Method, ema_update, mlp, momentum_copy, optim_config, trunk_embedding
 from ..losses import embedding_std, info_nce
 from ..memory import Queue
 
@@ -38,8 +38,7 @@ class MoCoV1(Method):
         self.queue = Queue(self.hp["queue_size"], self.hp["dim"], seed=self.seed + 1)
 
     def key_embed(self, x: torch.Tensor) -> torch.Tensor:
-        last = self.trunk_k.tap_names[-1]
-        return F.normalize(self.head_k(self.trunk_k(x, [last])[last].float().mean(dim=(2, 3))), dim=1)
+        return F.normalize(self.head_k(trunk_embedding(self.trunk_k, x)), dim=1)
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,173 @@
+"""DINO (Caron et al., ICCV 2021): self-distillation with no labels, for ViT and convolutional trunks.
+
+Student = trunk + :class:`DINOHead` (3-layer MLP 2048 wide with GELU, an L2-normalised 256-d bottleneck and
+a weight-normed last layer to K = 65536 outputs whose norm is fixed); teacher = the same network, an EMA of
+the student (momentum 0.996 -> 1 by a cosine schedule), fed only the two global crops. Loss: cross-entropy
+between the teacher's centred, sharpened softmax((t - c) / T_t) of each global crop and the student's
+log-softmax(s / 0.1) of every other crop; the centre c is an EMA (0.9) of the teacher's batch mean over all
+processes, T_t goes linearly from 0.04 to its final value over the warm-up epochs (0.04 and none by
+default; the 300-epoch ViT-S run: 0.07 after 30). Multi-crop: 2 x 224 (0.4-1) + 8 x 96 (0.05-0.4).
+AdamW, lr 5e-4 x B/256, 10 warm-up epochs, weight decay 0.04 -> 0.4 (cosine), every parameter's gradient
+clipped to norm 3, the last layer frozen in the first epoch, stochastic depth 0.1 in a ViT student.
+Reference: facebookresearch/dino main_dino.py (DINOLoss, train_one_epoch), vision_transformer.py (DINOHead),
+utils.py (clip_gradients, cancel_gradients_last_layer, cosine_scheduler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evalsuite.vit import ViTTaps
+
+from .. import distributed as D
+from ..augment import dino_crops
+from ..base import Batch, Method, ema_update, momentum_copy, optim_config, trunk_embedding
+from ..losses import embedding_std
+from .byol import cosine_momentum
+from .swav import swapped_prediction_loss
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU) -> L2-normalised bottleneck -> weight-normed linear layer without bias (dino
+    vision_transformer.py DINOHead); with ``norm_last_layer`` the last layer's norm g stays 1."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 n_layers: int = 3, norm_last_layer: bool = True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # weight norm written out (W = g v / |v| per output row), as nn.utils.weight_norm with g filled with 1
+        self.last_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.kaiming_uniform_(self.last_v, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.last_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, self.last_g * F.normalize(self.last_v, dim=1))
+
+
+def teacher_probs(teacher: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Centring and sharpening: softmax((t - c) / T_t), no gradient."""
+    return F.softmax((teacher.detach().float() - center) / temperature, dim=-1)
+
+
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+              teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """Mean over the teacher's global crops i and the student's crops v != i of
+    -sum_k softmax((t_i - c) / T_t)[k] log softmax(s_v / T_s)[k] (dino main_dino.py DINOLoss.forward)."""
+    return swapped_prediction_loss(student, [teacher_probs(t, center, teacher_temp) for t in teacher], student_temp)
+
+
+def teacher_temperature(epoch: int, warmup_temp: float, final_temp: float, warmup_epochs: int) -> float:
+    """T_t of an epoch: np.linspace(warmup_temp, final_temp, warmup_epochs) during the warm-up, then final."""
+    if epoch >= warmup_epochs:
+        return final_temp
+    return warmup_temp + (final_temp - warmup_temp) * epoch / max(1, warmup_epochs - 1)
+
+
+def multi_crop_forward(fn, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``fn`` on each run of consecutive same-sized crops in one batch (dino utils.py MultiCropWrapper), so
+    the global crops share one forward pass (and BN statistics) and the local ones another."""
+    outs: list[torch.Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        outs += list(fn(torch.cat(views[start:end])).chunk(end - start))
+        start = end
+    return outs
+
+
+class DINO(Method):
+    name = "dino"
+    description = "DINO: self-distillation, EMA teacher, centred and sharpened targets, multi-crop"
+    defaults = {"out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "norm_last_layer": True,
+                "n_local": 8, "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
+                "warmup_teacher_temp_epochs": 0, "center_momentum": 0.9, "momentum_teacher": 0.996,
+                "weight_decay_end": 0.4, "clip_grad": 3.0, "freeze_last_layer": 1, "drop_path_rate": 0.1}
+    optim = optim_config("adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10)
+    #: short: a smaller head, 4 local crops, a faster teacher and the output layer trained from the start
+    short = {"hp": {"out_dim": 4096, "hidden_dim": 1024, "n_local": 4, "momentum_teacher": 0.99,
+                    "freeze_last_layer": 0, "drop_path_rate": 0.0}}
+    augment = "dino"
+
+    def __init__(self, arch, hp=None, **kw):
+        super().__init__(arch, hp, **kw)
+        hp = self.hp
+        self.head = DINOHead(self.feat_dim, hp["out_dim"], hp["hidden_dim"], hp["bottleneck_dim"],
+                             norm_last_layer=bool(hp["norm_last_layer"]))
+        self.teacher_trunk = momentum_copy(self.trunk)  # built before stochastic depth: the teacher has none
+        self.teacher_head = momentum_copy(self.head)
+        if hp["drop_path_rate"] > 0 and isinstance(self.trunk, ViTTaps):
+            from timm.layers import DropPath
+
+            depth = len(self.trunk.blocks)
+            for i, block in enumerate(self.trunk.blocks):  # linearly increasing rates, as timm / DINO's ViT
+                block.drop_path1 = DropPath(hp["drop_path_rate"] * i / max(1, depth - 1))
+                block.drop_path2 = DropPath(hp["drop_path_rate"] * i / max(1, depth - 1))
+        self.register_buffer("center", torch.zeros(1, hp["out_dim"]))
+        self.current_epoch = 0
+
+    def views(self, image_size):
+        return dino_crops(image_size, n_local=self.hp["n_local"], **self.view_options)
+
+    @classmethod
+    def has_colour_views(cls) -> bool:
+        return True
+
+    def training_step(self, batch: Batch):
+        hp = self.hp
+        embeddings = multi_crop_forward(self.embed, batch.views)
+        student = [self.head(e) for e in embeddings]
+        with torch.no_grad():
+            teacher = multi_crop_forward(lambda x: self.teacher_head(trunk_embedding(self.teacher_trunk, x)),
+                                         batch.views[:2])
+        temp = teacher_temperature(self.current_epoch, hp["warmup_teacher_temp"], hp["teacher_temp"],
+                                   hp["warmup_teacher_temp_epochs"])
+        loss = dino_loss(student, teacher, self.center, temp, hp["student_temp"])
+        self.update_center(torch.cat(teacher))
+        return loss, {"z_std": embedding_std(embeddings[0])}
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor) -> None:
+        """c <- m c + (1 - m) mean of the teacher outputs over every process's batch."""
+        n = torch.tensor(float(teacher.shape[0]), device=teacher.device)
+        batch_center = D.all_reduce_sum(teacher.float().sum(0, keepdim=True)) / D.all_reduce_sum(n)
+        self.center.mul_(self.hp["center_momentum"]).add_(batch_center, alpha=1 - self.hp["center_momentum"])
+
+    def on_train_start(self, trainer) -> None:
+        self.current_epoch = trainer.epoch
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        self.current_epoch = epoch
+
+    def on_after_backward(self, trainer) -> None:
+        if self.hp["clip_grad"] > 0:  # each parameter's gradient on its own (dino utils.py clip_gradients)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(torch.clamp(self.hp["clip_grad"] / (p.grad.norm() + 1e-6), max=1.0))
+        if trainer.epoch < self.hp["freeze_last_layer"]:
+            self.head.last_v.grad = self.head.last_g.grad = None
+        # weight decay of the decayed group: cosine from the optimizer's value to weight_decay_end
+        start, end = trainer.optim_cfg["weight_decay"], self.hp["weight_decay_end"]
+        wd = end + (start - end) * (1 + math.cos(math.pi * trainer.progress)) / 2
+        trainer.optimizer.param_groups[0]["weight_decay"] = wd
+
+    def on_after_step(self, trainer) -> None:
+        m = cosine_momentum(self.hp["momentum_teacher"], trainer.progress)
+        ema_update(self.teacher_trunk, self.trunk, m)
+        ema_update(self.teacher_head, self.head, m)
