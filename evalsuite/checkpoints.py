@@ -14,6 +14,8 @@ timm           timm checkpoints (``state_dict`` / ``model`` / ``state_dict_ema``
 mae            MAE ViT: ``model`` with ``decoder_*`` / ``mask_token`` (ignored)
 moco_v3        MoCo v3 ViT: ``state_dict`` with ``module.base_encoder.`` (head dropped)
 dinov2         DINOv2 torch-hub ViT state dicts (``register_tokens``, ``ls1.gamma``, ``mask_token``)
+ibot           iBOT ``teacher`` / ``student`` dicts like DINO's (teacher used; ``ibot_loss``, ``masked_embed``)
+clip           OpenAI CLIP / open_clip image tower (``visual.class_embedding``, ``ln_pre``, ``transformer.resblocks``)
 random         ``random:<arch>`` / ``timm:<name>``: seeded random init, no file
 =============  ==============================================================
 
@@ -68,6 +70,9 @@ FORMATS: dict[str, str] = {
     "mae": "MAE ViT: model dict, decoder_* and mask_token ignored",
     "moco_v3": "MoCo v3 ViT: state_dict with module.base_encoder. prefix",
     "dinov2": "DINOv2 torch-hub ViT state dict: register_tokens, ls1.gamma LayerScale, mask_token ignored",
+    "ibot": "iBOT teacher/student dicts like DINO's (teacher used; masked_embed ignored)",
+    "clip": "OpenAI CLIP / open_clip image tower under visual. (text tower and proj ignored); QuickGELU unless "
+            "--arch vit_*_clip",
     "random": "random:<arch> or timm:<name> (a timm ViT) — seeded random initialisation, no file",
     "torchvision-hub": "torchvision:<arch> — torchvision weights already in the local torch hub cache",
 }
@@ -271,10 +276,12 @@ def _load_file(path: Path, arch: str | None, allow_partial: bool, trust_pickle: 
     arch = _resolve_arch(arch, meta.get("arch"), source, path)
     state, report = _convert(path, source, arch, allow_partial)
     alternatives = [s.entry for s in trunks if s.entry != source.entry]
+    fmt = fmt_hint or _vit_format(source, set(candidates)) or _format_name(source.describe(), obj)
     return LoadedCheckpoint(
         spec=str(path), path=path, sha256=_weights_id(file_sha, source.entry, alternatives),
-        format=fmt_hint or _vit_format(source) or _format_name(source.describe(), obj), arch=arch, state_dict=state,
-        metadata={**meta, "arch": meta.get("arch", arch)}, report=report, name=checkpoint_name(path),
+        format=fmt, arch=arch, state_dict=state,
+        metadata={**_format_metadata(fmt, source), **meta, "arch": meta.get("arch", arch)}, report=report,
+        name=checkpoint_name(path),
         weights=source.entry, alternatives=alternatives, partial=bool(report.missing), file_sha256=file_sha,
     )
 
@@ -322,7 +329,7 @@ def _keys_arch(source: _Source) -> str | None:
 def _named_tensors(source: _Source) -> dict[str, torch.Tensor]:
     """The source's tensors by trunk name; ViT layouts converted to timm's names."""
     named = {n: source.tensors[key] for n, key in source.names.items()}
-    return vit.to_timm_layout(named) if "cls_token" in named else named
+    return vit.to_timm_layout(named) if vit.is_vit_layout(named) else named
 
 
 def _same_weights(a: str, b: str) -> bool:
@@ -612,10 +619,15 @@ def _all_trunk_names() -> frozenset[str]:
     return frozenset(n for arch, info in ARCHS.items() if info["family"] != "vit" for n in trunk_state_shapes(arch))
 
 
-def _vit_format(source: _Source) -> str | None:
-    """The ViT layouts told apart by their keys (None: not a ViT, or one the generic rules name)."""
+def _vit_format(source: _Source, entries: set[tuple[str, ...]]) -> str | None:
+    """The ViT layouts told apart by their keys and the file's entries (None: not a ViT, or one the generic rules
+    name). iBOT saves DINO's teacher / student plus ``ibot_loss``; its student backbone has ``masked_embed``."""
+    if "class_embedding" in source.names:
+        return "clip"
     if "cls_token" not in source.names:
         return None
+    if ("ibot_loss",) in entries or "masked_embed" in source.names:
+        return "ibot"
     if "base_encoder" in source.raw_prefix:
         return "moco_v3"
     if any(k.startswith("decoder_") for k in source.tensors):
@@ -625,6 +637,20 @@ def _vit_format(source: _Source) -> str | None:
     if source.path[:1] in (("teacher",), ("student",)):
         return "dino"
     return "timm"
+
+
+def _format_metadata(fmt: str, source: _Source) -> dict[str, Any]:
+    """What a layout implies beyond the weights: CLIP's mean/std and bicubic resizing (its preprocessing) and the
+    image-text projection left out of the trunk. The file's own metadata overrides these."""
+    if fmt != "clip":
+        return {}
+    meta: dict[str, Any] = {"normalize": {"mean": list(vit.CLIP_MEAN), "std": list(vit.CLIP_STD)},
+                            "interpolation": "bicubic"}
+    if "proj" in source.names:
+        proj = source.tensors[source.names["proj"]]
+        meta["image_projection"] = (f"{source.names['proj']} {tuple(proj.shape)} left out: the trunk's features are "
+                                    "ln_post's output, before the image-text projection")
+    return meta
 
 
 def _format_name(source: str, obj: Any) -> str:

@@ -7,6 +7,9 @@ Architectures (registered into :data:`evalsuite.trunks.ARCHS`, family ``"vit"``)
   shapes as ``vit_small_patch16``: picked for MoCo v3 files, or by ``--arch``).
 - ``vit_{...}_patch14`` and ``vit_{...}_patch14_reg4``: DINOv2's ViTs without / with 4 register tokens (timm
   ``vit_*_patch14[_reg4]_dinov2``: LayerScale, position embeddings for 518 px, a 37 x 37 grid).
+- ``vit_{...}_patch{32,16,14}_clip_quickgelu`` and ``vit_{...}_patch{32,16,14}_clip``: CLIP image towers (timm
+  ``vit_*_clip[_quickgelu]_224``: a LayerNorm before the blocks, no patch-embedding bias, 224 px). OpenAI's models
+  use QuickGELU, open_clip's LAION / DataComp models GELU; the weights do not tell them apart (same shapes).
 - ``timm:<name>``: any timm ``VisionTransformer`` model, random init (nothing is downloaded).
 
 Every trunk is built with ``dynamic_img_size=True``: position embeddings are resampled (bicubic, timm's
@@ -50,6 +53,11 @@ SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "la
 # the timm model each variant is built from (its config; the size's dim / depth / heads override it)
 VARIANTS = {"patch16": "vit_{size}_patch16_224", "patch14": "vit_small_patch14_dinov2",
             "patch14_reg4": "vit_small_patch14_reg4_dinov2"}
+# CLIP image towers: variant -> (timm model whose config is used, patch); QuickGELU first: OpenAI's, the default
+CLIP_VARIANTS = {f"patch{p}_clip{act}": (f"vit_{size}_patch{p}_clip{act}_224", p)
+                 for act in ("_quickgelu", "") for p, size in ((32, "base"), (16, "base"), (14, "large"))}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOKEN_METHODS = ("cls", "mean", "cls+mean", "gem")
 GEM_P = 3.0
 GEM_EPS = 1e-6
@@ -76,6 +84,10 @@ def _named_archs() -> dict[str, dict]:
             archs[f"vit_{size}_{variant}"] = _info(name, overrides, dim, depth, patch, img,
                                                    prefix=5 if variant.endswith("reg4") else 1)
     archs["vit_small_patch16_h12"] = _info("vit_small_patch16_224", {"num_heads": 12}, 384, 12, 16, 224, 1)
+    for variant, (timm_name, patch) in CLIP_VARIANTS.items():
+        for size, (dim, depth, heads) in SIZES.items():
+            overrides = {"embed_dim": dim, "depth": depth, "num_heads": heads}
+            archs[f"vit_{size}_{variant}"] = _info(timm_name, overrides, dim, depth, patch, 224, prefix=1)
     return archs
 
 
@@ -228,20 +240,54 @@ def pool_tokens(x: torch.Tensor, op: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------- checkpoint layouts
 
-_KEY = re.compile(r"(cls_token|pos_embed|reg_token|register_tokens|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
+_KEY = re.compile(r"(cls_token|pos_embed|reg_token|register_tokens|patch_embed\.proj\.(weight|bias)"
+                  r"|(norm|norm_pre)\.(weight|bias)"
                   r"|blocks\.\d+\.((norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
                   r"|ls[12]\.gamma))")
+# OpenAI CLIP / open_clip image towers (under ``visual.``); ``proj`` (image-text projection) is not a trunk key
+_CLIP_KEY = re.compile(r"class_embedding|positional_embedding|conv1\.weight|(ln_pre|ln_post)\.(weight|bias)"
+                       r"|transformer\.resblocks\.\d+\.((ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)"
+                       r"|attn\.in_proj_(weight|bias))")
+# CLIP name part -> timm's, applied in order (timm's _convert_openai_clip)
+_CLIP_RENAMES = (("conv1.", "patch_embed.proj."), ("transformer.resblocks.", "blocks."), ("ln_pre.", "norm_pre."),
+                 ("ln_post.", "norm."), ("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_", "attn.qkv."),
+                 ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."))
 
 
 def is_vit_key(name: str) -> bool:
-    """Whether a (prefix-free) key names a ViT trunk tensor, in timm's or DINOv2's naming."""
-    return _KEY.fullmatch(name) is not None
+    """Whether a (prefix-free) key names a ViT trunk tensor, in timm's, DINOv2's or CLIP's naming."""
+    return _KEY.fullmatch(name) is not None or _CLIP_KEY.fullmatch(name) is not None
+
+
+def is_vit_layout(named: Mapping[str, torch.Tensor]) -> bool:
+    """Whether prefix-free tensors hold a ViT (timm / DINOv2 ``cls_token``, CLIP ``class_embedding``)."""
+    return "cls_token" in named or "class_embedding" in named
+
+
+def from_clip(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP image tower's tensors (``visual.`` prefix removed) under timm's ``vit_*_clip`` names: the class
+    embedding becomes ``cls_token`` (1, 1, D), the position embedding gets its batch axis; ``proj`` keeps its name
+    (it is no trunk key: the trunk's output is ``ln_post``'s, before the image-text projection)."""
+    out = {}
+    for key, value in named.items():
+        if key == "class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "positional_embedding":
+            out["pos_embed"] = value.unsqueeze(0)
+        else:
+            for old, new in _CLIP_RENAMES:
+                key = key.replace(old, new)
+            out[key] = value
+    return out
 
 
 def to_timm_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ViT tensors under timm's names: DINOv2 hub state dicts (``register_tokens``, CLS position in
-    ``pos_embed``) become timm's ``vit_*_reg4_dinov2`` layout (``reg_token``; the CLS position embedding folded
-    into ``cls_token``, as timm's ``_convert_dinov2``); ``mask_token`` (DINOv2, MAE) is left out."""
+    """ViT tensors under timm's names: CLIP image towers (:func:`from_clip`); DINOv2 hub state dicts
+    (``register_tokens``, CLS position in ``pos_embed``) become timm's ``vit_*_reg4_dinov2`` layout (``reg_token``;
+    the CLS position embedding folded into ``cls_token``, as timm's ``_convert_dinov2``); ``mask_token`` (DINOv2,
+    MAE) is left out."""
+    if "class_embedding" in named:
+        return from_clip(named)
     out = {k: v for k, v in named.items() if k != "mask_token"}
     if "register_tokens" in out:
         out["reg_token"] = out.pop("register_tokens")
@@ -268,9 +314,10 @@ def infer_arch(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-def _signature(keys) -> tuple[bool, bool]:
-    """Register tokens, LayerScale: what tells the variants of one size and patch apart."""
-    return "reg_token" in keys, "blocks.0.ls1.gamma" in keys
+def _signature(keys) -> tuple[bool, bool, bool]:
+    """Register tokens, LayerScale, a norm before the blocks (CLIP): what tells the variants of one size and patch
+    apart."""
+    return "reg_token" in keys, "blocks.0.ls1.gamma" in keys, "norm_pre.weight" in keys
 
 
 def require_convolutional(arch: str, task: str) -> None:

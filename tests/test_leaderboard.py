@@ -344,7 +344,7 @@ def test_package_references_match_the_sha256_in_their_provenance() -> None:
     recorded = {name: digest for digest, name in listed}
     names = reference_files()
     assert names == sorted(p.name for p in pkg.glob("*.csv"))
-    assert len(names) == 10
+    assert len(names) == 11
     assert len(recorded) == len(listed), "a CSV is listed twice in PROVENANCE.md"
     assert sorted(recorded) == names
     for n in names:
@@ -353,7 +353,7 @@ def test_package_references_match_the_sha256_in_their_provenance() -> None:
 
 def test_reference_table_columns_and_parsing() -> None:
     refs = load_references()
-    assert len(refs) == 803
+    assert len(refs) == 849  # 803 from the shared extraction + 46 ViT rows (vit_imagenet.csv)
     assert variant_of("mmselfsup: VOC07 low-shot SVM, k=16, config=x, best layer=feature5") == "k=16"
     assert variant_of("mmselfsup: VOC07 linear SVM on full trainval, k=all, config=x") == ""
     low = refs[refs["file"] == "lowshot.csv"]
