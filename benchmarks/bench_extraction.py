@@ -1,6 +1,7 @@
 """Feature extraction: fast path vs naive fp32, cache re-read, peak memory.
 
     python -m benchmarks.bench_extraction [--images 512] [--memory-images 10000]
+    python -m benchmarks.bench_extraction --sections vit --vit-batches 3   # ViT-S/16 beside ResNet-50 only
 
 1. Throughput of ResNet-50 at 224x224, all five taps with Goyal pooling, on the
    same decoded images: a naive fp32 NCHW batch-64 loop vs the suite's path
@@ -10,11 +11,16 @@
    and data) is served from the cache: time vs the first extraction.
 3. Peak RSS of extracting all five taps for --memory-images images (in a
    subprocess) vs the size of the fp16 features it returns.
+4. ViT-S/16 beside ResNet-50: img/s at 224x224 through the extractor's own forward
+   pass (each trunk's default taps, goyal pooling: the CLS token on a ViT) with
+   precision fp32 vs auto (bfloat16 autocast where the device has it; channels_last
+   for the ResNet only), each pair alternated over rounds on the same images.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +34,9 @@ from evalsuite.cache import FeatureCache
 from evalsuite.data import open_dataset
 from evalsuite.data.synthetic import write_imagefolder
 from evalsuite.features import FeatureExtractor, Transform
-from evalsuite.trunks import RESNET_TAPS, build_trunk, pool_features, pool_spec, tap_shapes
+from evalsuite.trunks import RESNET_TAPS, arch_info, build_trunk, pool_features, pool_spec, tap_shapes
+
+VIT_VS_RESNET = ("resnet50", "vit_small_patch16")
 
 
 def naive_forward(trunk, x: torch.Tensor, specs) -> dict[str, torch.Tensor]:
@@ -64,6 +72,44 @@ def throughput(images: torch.Tensor, batch: int, rounds: int) -> dict:
     cos = {t: float(torch.nn.functional.cosine_similarity(ref[t], fast[t], dim=1).min()) for t in ref}
     return {"images_per_s": ips, "speedup": ips["bf16_channels_last"] / ips["naive_fp32_nchw"],
             "min_cosine_vs_fp32": cos, "images": len(images), "rounds": rounds, "batch": batch}
+
+
+def vit_vs_resnet(images: torch.Tensor, batch: int, batches: int, rounds: int) -> dict:
+    """img/s of each arch x precision through FeatureExtractor._forward (what a task's extraction runs per
+    batch, without data loading or cache writes), on the first ``batch * batches`` images."""
+    images = images[: batch * batches]
+    runs = {}
+    for arch in VIT_VS_RESNET:
+        trunk = build_trunk(arch, seed=0).eval()
+        taps = list(arch_info(arch).get("default_taps", arch_info(arch)["taps"]))
+        for precision in ("fp32", "auto"):
+            ext = FeatureExtractor(trunk, "bench", arch, precision=precision, batch_size=batch, progress=False)
+            specs = ext.pool_specs(taps, "goyal", Transform(size=224))
+            tr = trunk.to(memory_format=torch.channels_last) if ext._channels_last() else trunk
+            runs[(arch, precision)] = (ext, tr, taps, specs)
+    idx = torch.arange(batch)
+
+    def once(key) -> float:
+        ext, tr, taps, specs = runs[key]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(images), batch):
+                ext._forward(tr, images[i : i + batch], taps, specs, None, idx)
+        return time.perf_counter() - t0
+
+    for key in runs:  # warm-up (oneDNN primitive creation)
+        ext, tr, taps, specs = runs[key]
+        with torch.inference_mode():
+            ext._forward(tr, images[:batch], taps, specs, None, idx)
+    seconds = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):  # alternate so machine-load changes hit every run alike
+        for key in runs:
+            seconds[key] += once(key)
+    rows = [{"arch": arch, "precision": precision, "resolved": runs[(arch, precision)][0].precision,
+             "taps": runs[(arch, precision)][2], "images_per_s": len(images) * rounds / seconds[(arch, precision)]}
+            for arch, precision in runs]
+    return {"rows": rows, "batch": batch, "images": len(images), "rounds": rounds, "size": 224,
+            "load_average": os.getloadavg()[0]}
 
 
 def cache_reuse(root: Path, cache_root: Path) -> dict:
@@ -121,36 +167,58 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cache-images", type=int, default=256)
     ap.add_argument("--memory-images", type=int, default=10000)
+    ap.add_argument("--vit-batch", type=int, default=32, help="batch size of the ViT-S/16 vs ResNet-50 runs")
+    ap.add_argument("--vit-batches", type=int, default=4, help="batches per ViT-S/16 vs ResNet-50 run and round")
+    ap.add_argument("--sections", default="throughput,cache,memory,vit",
+                    help="comma-separated: throughput, cache, memory, vit")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
         memory_child(*a.memory_child)
         return
+    sections = set(a.sections.split(","))
+    unknown = sections - {"throughput", "cache", "memory", "vit"}
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}")
     torch.manual_seed(0)
+    out: dict = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        root = write_imagefolder(tmp / "imagefolder", seed=0, per_class=max(1, a.images // 8), size=160,
+        per_class = max(1, a.images // 8)
+        vit_per_class = -(-a.vit_batch * a.vit_batches // 8) if "vit" in sections else 0
+        root = write_imagefolder(tmp / "imagefolder", seed=0, per_class=max(per_class, vit_per_class), size=160,
                                  splits={"train": 1.0})
         ds = open_dataset("imagefolder", root, "train")
         tf = Transform(size=224)
         images = torch.stack([tf(ds.load_image(i)) for i in range(len(ds))])
-        tp = throughput(images, 64, a.rounds)
-        ips = tp["images_per_s"]
-        print(f"[throughput] ResNet-50 224px, 5 taps: naive fp32 NCHW {ips['naive_fp32_nchw']:.1f} img/s,"
-              f" bf16+channels_last {ips['bf16_channels_last']:.1f} img/s -> {tp['speedup']:.2f}x"
-              f" (min cosine vs fp32 {min(tp['min_cosine_vs_fp32'].values()):.4f})")
-        cache_root = tmp / "imagefolder_c" / "imagefolder"
-        write_imagefolder(cache_root, seed=1, per_class=max(1, a.cache_images // 8), size=160, splits={"train": 1.0})
-        cr = cache_reuse(cache_root, tmp / "cache")
-        print(f"[cache] first extraction {cr['first_extraction_s']:.2f} s, second task reads the cache in "
-              f"{cr['cached_read_s']:.3f} s -> {cr['speedup']:.1f}x")
-        mem = memory(a.memory_images, tmp)
-        print(f"[memory] {mem['images']} images, all 5 taps: peak RSS {mem['peak_rss_mb']:.0f} MiB = baseline "
-              f"{mem['baseline_rss_mb']:.0f} + {mem['peak_minus_baseline_mb']:.0f} MiB; fp16 features "
-              f"{mem['fp16_features_mb']:.0f} MiB; overhead beyond the features "
-              f"{mem['overhead_beyond_features_mb']:.0f} MiB")
-    write_json("extraction", {"throughput": tp, "cache": cr, "memory": mem, "args": vars(a)})
-
+        if "vit" in sections:
+            out["vit_vs_resnet"] = vv = vit_vs_resnet(images, a.vit_batch, a.vit_batches, a.rounds)
+            print(f"[vit vs resnet] 224px, batch {vv['batch']}, {vv['images']} images x {vv['rounds']} rounds "
+                  f"(load average {vv['load_average']:.1f})")
+            print(f"  {'arch':18s} {'precision':9s} {'ran as':6s} {'img/s':>7s}  taps")
+            for r in vv["rows"]:
+                print(f"  {r['arch']:18s} {r['precision']:9s} {r['resolved']:6s} {r['images_per_s']:7.1f}  "
+                      f"{','.join(r['taps'])}")
+        if "throughput" in sections:
+            out["throughput"] = tp = throughput(images[: 8 * per_class], 64, a.rounds)
+            ips = tp["images_per_s"]
+            print(f"[throughput] ResNet-50 224px, 5 taps: naive fp32 NCHW {ips['naive_fp32_nchw']:.1f} img/s,"
+                  f" bf16+channels_last {ips['bf16_channels_last']:.1f} img/s -> {tp['speedup']:.2f}x"
+                  f" (min cosine vs fp32 {min(tp['min_cosine_vs_fp32'].values()):.4f})")
+        if "cache" in sections:
+            cache_root = tmp / "imagefolder_c" / "imagefolder"
+            write_imagefolder(cache_root, seed=1, per_class=max(1, a.cache_images // 8), size=160,
+                              splits={"train": 1.0})
+            out["cache"] = cr = cache_reuse(cache_root, tmp / "cache")
+            print(f"[cache] first extraction {cr['first_extraction_s']:.2f} s, second task reads the cache in "
+                  f"{cr['cached_read_s']:.3f} s -> {cr['speedup']:.1f}x")
+        if "memory" in sections:
+            out["memory"] = mem = memory(a.memory_images, tmp)
+            print(f"[memory] {mem['images']} images, all 5 taps: peak RSS {mem['peak_rss_mb']:.0f} MiB = baseline "
+                  f"{mem['baseline_rss_mb']:.0f} + {mem['peak_minus_baseline_mb']:.0f} MiB; fp16 features "
+                  f"{mem['fp16_features_mb']:.0f} MiB; overhead beyond the features "
+                  f"{mem['overhead_beyond_features_mb']:.0f} MiB")
+    write_json("extraction", {**out, "args": vars(a)})
 
 if __name__ == "__main__":
     main()

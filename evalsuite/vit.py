@@ -35,11 +35,14 @@ Pooling per tap (the op is recorded with every feature; ``skip`` = CLS + registe
 - ``goyal`` / ``vissl`` (the ResNets' ~9k-dim spatial pooling): the CLS token, as VISSL's ViT configs
   (``lastCLS`` / ``concatCLS4``) and DINO read ViT features; no published protocol pools ViT grids to 9k dims.
 - ``none``: the patch-token grid flattened as (D, h, w).
+
+:func:`patch_grid` gives the same grid as a (N, D, h, w) map (navigation compresses it like a ResNet tap).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -236,6 +239,18 @@ def pool_tokens(x: torch.Tensor, op: str) -> torch.Tensor:
         p = float(args["p"])
         return patches.clamp(min=GEM_EPS).pow(p).mean(dim=1).pow(1.0 / p)
     return patches.transpose(1, 2).reshape(x.shape[0], -1)  # patch_grid: (C, h, w) flattened
+
+
+def patch_grid(tokens: torch.Tensor, prefix_tokens: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, T, C) tokens -> (N, C, h, w): the patch tokens (CLS and register tokens, the first ``prefix_tokens``,
+    left out) as a map in the patch grid's row-major order, for heads that want convolutional maps. ``size`` is
+    (h, w); without it the grid must be square."""
+    patches = tokens[:, prefix_tokens:]
+    n = patches.shape[1]
+    h, w = size if size is not None else (math.isqrt(n), math.isqrt(n))
+    if h * w != n:
+        raise ValueError(f"{n} patch tokens do not form a {h} x {w} grid (give the grid's size)")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
 # ---------------------------------------------------------------- checkpoint layouts

@@ -64,6 +64,53 @@ def test_trunk_without_the_requested_taps_is_a_clear_error():
         FrozenEncoder(build_trunk("alexnet", seed=0), TAPS)
 
 
+def test_vit_taps_become_patch_grids_for_the_compression(tmp_path):
+    """A ViT's taps reach the policy as (C, h, w) patch-token maps: CLS left out, the grid of a 40 px frame padded
+    to 3 x 3 patches of 16, last4 with 4 x D channels; equal to timm's own blocks reshaped here."""
+    import timm
+    from gymnasium import spaces
+
+    from tasks.navigation.features import CompressedFeatures
+
+    trunk = build_trunk("vit_tiny_patch16", seed=0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                            dynamic_img_pad=True).eval()
+    ref.load_state_dict(trunk.state_dict())
+    frames = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    enc = FrozenEncoder(trunk, ["block11", "last4"], precision="fp32")
+    out = enc(frames)
+    assert {t: v.shape for t, v in out.items()} == {"block11": (3, 192, 3, 3), "last4": (3, 768, 3, 3)}
+    assert enc.shapes(40) == {"block11": (192, 3, 3), "last4": (768, 3, 3)}
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        t = ref.norm_pre(ref._pos_embed(ref.patch_embed(x)))
+        blocks = []
+        for blk in ref.blocks:
+            t = blk(t)
+            blocks.append(ref.norm(t))
+
+    def grid(tokens):  # token 1 + 3 * row + col is patch (row, col)
+        return np.stack([[[tokens[n, 1 + 3 * r + c].numpy() for c in range(3)] for r in range(3)]
+                         for n in range(len(tokens))]).transpose(0, 3, 1, 2)
+
+    np.testing.assert_allclose(out["block11"], grid(blocks[11]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["last4"], np.concatenate([grid(b) for b in blocks[8:]], axis=1),
+                               rtol=1e-4, atol=1e-4)
+
+    space = spaces.Dict({k: spaces.Box(-np.inf, np.inf, (2 * c, h, w), np.float32)
+                         for k, (c, h, w) in enc.shapes(40).items()})
+    head = CompressedFeatures(space, frame_stack=2, channels=8, grid=8, hidden=16)
+    obs = {k: torch.from_numpy(np.concatenate([v[:2], v[:2]], axis=1)) for k, v in out.items()}
+    assert head.compress(obs).shape == (2, 2, 8, 8, 8)
+
+    ctx = make_context("navigation", tmp_path, tmp_path / "out", checkpoint="random:vit_tiny_patch16")
+    assert ctx.taps(ctx.protocol.layers) == ["block11", "last4"]  # a ViT's default taps
+    assert navigation.task.plan(ctx).images  # planned, not refused
+
+
 def test_presets():
     g, v, q = (navigation.task.default_protocol(p) for p in ("goyal19", "vissl", "quick"))
     assert g == v  # VISSL has no navigation benchmark

@@ -15,7 +15,6 @@ import tasks.knn.task as knn
 from evalsuite.checkpoints import load_checkpoint, save_checkpoint
 from evalsuite.errors import NotApplicable, UserError
 from evalsuite.trunks import ARCHS, arch_info, build_trunk, pool_features, pool_spec, tap_shapes
-from tasks.navigation.task import task as navigation
 from tasks.surface_normals.task import task as surface_normals
 from tests.helpers import make_context
 
@@ -312,7 +311,7 @@ def test_dino_knn_on_a_vit_equals_an_independent_implementation(tiny_imagefolder
 def test_dense_tasks_refuse_vits_in_one_line(tmp_path):
     from tasks.detection.task import task as detection
 
-    for task, name in ((surface_normals, "surface_normals"), (navigation, "navigation"), (detection, "detection")):
+    for task, name in ((surface_normals, "surface_normals"), (detection, "detection")):
         ctx = make_context(name, tmp_path, tmp_path / name, checkpoint="random:vit_tiny_patch16")
         with pytest.raises(NotApplicable, match="needs a convolutional trunk; its ViT head is not implemented"):
             task.run(ctx)

@@ -4,7 +4,8 @@
 step it sends all N frames (plus the terminal frames of environments that just finished,
 which PPO needs to bootstrap truncated episodes) through the frozen trunk in ONE batched
 forward pass -- BatchNorm in eval mode, no autograd, channels_last, bfloat16 autocast on
-GPUs -- and returns, per tap, the last ``frame_stack`` feature maps stacked along channels.
+GPUs -- and returns, per tap, the last ``frame_stack`` feature maps stacked along channels (a ViT tap's
+map is its patch-token grid).
 
 :class:`CompressedFeatures` is the trainable part that sees those maps (Sax et al. 2018,
 "Mid-level visual representations improve generalization and sample efficiency for
@@ -31,6 +32,7 @@ from torch import nn
 
 from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD, to_input_space
 from evalsuite.errors import UserError
+from evalsuite.vit import ViTTaps, patch_grid
 
 
 def check_trunk_taps(trunk: nn.Module, taps: Sequence[str]) -> None:
@@ -58,7 +60,11 @@ def resolve_nav_precision(precision: str, device: torch.device) -> torch.dtype |
 
 
 class FrozenEncoder:
-    """uint8 (N, H, W, 3) frames -> {tap: float32 (N, C, h, w)} with a frozen trunk."""
+    """uint8 (N, H, W, 3) frames -> {tap: float32 (N, C, h, w)} with a frozen trunk.
+
+    A ViT's taps are tokens: their patch tokens become the (C, h, w) map of the patch grid (CLS and register
+    tokens left out, :func:`evalsuite.vit.patch_grid`), so the compression treats them like a ResNet's maps.
+    """
 
     def __init__(self, trunk: nn.Module, taps: Sequence[str], device: str = "cpu", precision: str = "auto",
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, input_space: str = "rgb"):
@@ -69,7 +75,8 @@ class FrozenEncoder:
         self.trunk = trunk.to(self.device).eval()  # BatchNorm uses its running statistics
         for p in self.trunk.parameters():
             p.requires_grad_(False)
-        self.channels_last = self.device.type == "cuda"
+        self.vit = isinstance(trunk, ViTTaps)
+        self.channels_last = self.device.type == "cuda" and getattr(trunk, "supports_channels_last", True)
         if self.channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
         self.mean, self.std, self.input_space = tuple(mean), tuple(std), input_space
@@ -85,6 +92,10 @@ class FrozenEncoder:
         self.trunk.eval()
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.trunk(x, self.taps)
+        if self.vit:
+            p = self.trunk.patch_embed.patch_size
+            size = (-(-x.shape[2] // p[0]), -(-x.shape[3] // p[1]))  # a partial patch is padded (dynamic_img_pad)
+            out = {t: patch_grid(out[t], self.trunk.num_prefix_tokens, size) for t in self.taps}
         self.calls += 1
         self.frames += len(frames)
         return {t: out[t].float().contiguous().cpu().numpy() for t in self.taps}

@@ -1,10 +1,11 @@
 """Navigation with a policy trained by RL on frozen features (Goyal et al. 2019 Sec. 6; Sax et al. 2018).
 
 An agent sees first-person RGB frames of a 3D simulator; the frozen trunk turns every
-frame into its res3/res4/res5 maps (one batched pass for all parallel environments per
-step, ``tasks.navigation.features``); only a small policy is trained, with PPO from
-stable-baselines3. Its first layers compress the taps of each frame to 8 x 16 x 16 (the size
-of the mid-level representations of Sax et al.), the last 4 frames are stacked. Scores on
+frame into its res3/res4/res5 maps (a ViT: its last block and ``last4``, each patch-token grid as a
+map; one batched pass for all parallel environments per step, ``tasks.navigation.features``); only a
+small policy is trained, with PPO from stable-baselines3. Its first layers compress the taps of each
+frame to 8 x 16 x 16 (the size of the mid-level representations of Sax et al.), the last 4 frames are
+stacked. Scores on
 held-out episodes: success rate, SPL (Anderson et al. 2018, shortest path from the
 simulator's geometry, ``tasks.navigation.metrics``), mean episode return and length, each as
 mean +- std over seeds; in the same result set two baselines: ``random`` (uniform actions)
@@ -45,7 +46,6 @@ from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
-from evalsuite.vit import require_convolutional
 from tasks.navigation.metrics import Episode, mean_std, summarize
 
 METRICS = ("success_rate", "spl", "mean_return", "mean_length")
@@ -119,7 +119,6 @@ class NavigationTask:
         require_gl()
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        require_convolutional(ctx.checkpoint.arch, "navigation")
         p = ctx.protocol
         from tasks.navigation.env import resolve
 
@@ -168,7 +167,6 @@ class NavigationTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """The frames the frozen trunk encodes while PPO trains: stable-baselines3 collects whole rollouts of
         n_steps x n_envs frames until ``frames`` is reached, one batched forward pass of n_envs frames per step."""
-        require_convolutional(ctx.checkpoint.arch, "navigation")
         p: NavigationProtocol = ctx.protocol
         rollout = p.ppo.n_steps * p.n_envs
         steps = math.ceil(p.frames / rollout) * p.ppo.n_steps  # per seed
