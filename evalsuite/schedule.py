@@ -60,7 +60,7 @@ class Job:
     arch: str | None = None
     weights: str | None = None  # which weights of the file (--weights)
     name: str | None = None  # the checkpoint's name in records (--name)
-    status: str = "pending"  # pending | done (before) | ran | failed | data_missing | planned
+    status: str = "pending"  # pending | done (before) | ran | failed | data_missing | not_applicable | planned
     message: str = ""
 
     @property
@@ -86,7 +86,7 @@ class ScheduleReport:
 
     @property
     def ok(self) -> bool:
-        return not any(j.status in ("failed", "data_missing") for j in self.jobs)
+        return not any(j.status in ("failed", "data_missing", "not_applicable") for j in self.jobs)
 
     @property
     def exit_code(self) -> int:
@@ -94,7 +94,7 @@ class ScheduleReport:
 
     def summary(self) -> str:
         parts = [f"{len(self.jobs)} job(s)"]
-        for s in ("done", "ran", "planned", "data_missing", "failed"):
+        for s in ("done", "ran", "planned", "data_missing", "not_applicable", "failed"):
             if self.count(s):
                 parts.append(f"{self.count(s)} {'already done' if s == 'done' else s}")
         return ", ".join(parts) + f"; results in {self.results_file}"
@@ -274,9 +274,11 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
         try:
             rep = run_fn(opts)
         except UserError as e:
+            from .errors import NotApplicable
             from .task import DataMissing
 
-            status = "data_missing" if isinstance(e, DataMissing) else "failed"
+            status = ("data_missing" if isinstance(e, DataMissing) else "not_applicable" if isinstance(e, NotApplicable)
+                      else "failed")
             # tasks that finished before the error have their records: mark those that did
             fresh = list(iter_records(results_file)) if results_file.exists() else []
             for j in group:

@@ -42,12 +42,11 @@ def sampler(**changes):
     return dataclasses.replace(det.train_config(GOYAL19, 0).sampler, **changes)
 
 
-def test_cfg(**changes):
+def quick_test_config(**changes):
     """The quick preset's test settings at 64 px with ``changes``."""
     return dataclasses.replace(det.test_config(QUICK.replace(test_scale=64, test_max_size=96)), **changes)
 
 
-test_cfg.__test__ = False  # not a pytest test
 
 # ----------------------------------------------------------------------------- boxes
 
@@ -243,11 +242,11 @@ def test_frozen_stages_get_no_gradient_and_do_not_change(freeze_at):
 def test_training_overfits_a_tiny_set_and_beats_the_untrained_head():
     recs = tiny_records(4)
     be = backend(freeze_at=0)
-    untrained = be.predict(recs, test_cfg(score_thresh=0.0))
+    untrained = be.predict(recs, quick_test_config(score_thresh=0.0))
     rep = be.fit(recs, tiny_train_cfg(max_iter=60, lr=0.02))
     first, last = rep.losses[0], rep.losses[-1]
     assert last["loss_cls"] + last["loss_box"] < 0.7 * (first["loss_cls"] + first["loss_box"])
-    trained = be.predict(recs, test_cfg(score_thresh=0.0))
+    trained = be.predict(recs, quick_test_config(score_thresh=0.0))
 
     from tasks.detection.fast_rcnn import continuous_to_xml
     from tasks.detection.voc_eval import Detections, GroundTruth, evaluate_detections, mean_ap
@@ -313,7 +312,7 @@ def test_empty_proposals_train_on_ground_truth_and_detect_nothing():
         r.proposals = np.zeros((0, 4), np.float32)
     be = backend()
     be.fit(recs, tiny_train_cfg(max_iter=2))
-    b, lab, s = be.predict(recs[:1], test_cfg())[0]
+    b, lab, s = be.predict(recs[:1], quick_test_config())[0]
     assert b.shape == (0, 4) and len(lab) == len(s) == 0
 
 

@@ -151,3 +151,14 @@ def test_real_runner_end_to_end_and_resume(tmp_path, tiny_imagefolder, cache_dir
     assert {r["task"] for r in recs} == {"centroid"} and len(recs) == 5  # one per ResNet-18 tap
     rep = run_schedule(sched, data_root=tiny_imagefolder, cache_dir=cache_dir, progress=False, echo=lambda s: None)
     assert rep.count("done") == 1 and len(_lines(tmp_path)) == 5
+
+
+def test_a_task_that_does_not_apply_to_the_checkpoint_is_marked_not_applicable(tmp_path) -> None:
+    from evalsuite.errors import NotApplicable
+
+    def refuse(opts):
+        raise NotApplicable("surface_normals needs a convolutional trunk; its ViT head is not implemented yet")
+
+    rep = run_schedule(_write(tmp_path), run_fn=refuse, echo=lambda s: None)
+    assert {j.status for j in rep.jobs} == {"not_applicable"} and not rep.ok and rep.exit_code == 1
+    assert "not_applicable" in rep.summary() and "convolutional trunk" in rep.jobs[0].message
