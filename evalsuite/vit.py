@@ -6,7 +6,9 @@ Architectures (registered into :data:`evalsuite.trunks.ARCHS`, family ``"vit"``)
   224 px grid 14 x 14, no LayerScale); ``vit_small_patch16_h12`` is MoCo v3's ViT-S (12 heads, same weights'
   shapes as ``vit_small_patch16``: picked for MoCo v3 files, or by ``--arch``).
 - ``vit_{...}_patch14`` and ``vit_{...}_patch14_reg4``: DINOv2's ViTs without / with 4 register tokens (timm
-  ``vit_*_patch14[_reg4]_dinov2``: LayerScale, position embeddings for 518 px, a 37 x 37 grid).
+  ``vit_*_patch14[_reg4]_dinov2``: LayerScale, position embeddings for 518 px, a 37 x 37 grid);
+  ``vit_giant_patch14[_reg4]``: DINOv2's ViT-g (1536 dims, 40 blocks, SwiGLU MLPs: the hub's ``mlp.w12`` /
+  ``mlp.w3`` are timm's packed ``mlp.fc1`` / ``mlp.fc2``).
 - ``vit_{...}_patch{32,16,14}_clip_quickgelu`` and ``vit_{...}_patch{32,16,14}_clip``: CLIP image towers (timm
   ``vit_*_clip[_quickgelu]_224``: a LayerNorm before the blocks, no patch-embedding bias, 224 px). OpenAI's models
   use QuickGELU, open_clip's LAION / DataComp models GELU; the weights do not tell them apart (same shapes).
@@ -56,6 +58,8 @@ SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "la
 # the timm model each variant is built from (its config; the size's dim / depth / heads override it)
 VARIANTS = {"patch16": "vit_{size}_patch16_224", "patch14": "vit_small_patch14_dinov2",
             "patch14_reg4": "vit_small_patch14_reg4_dinov2"}
+# DINOv2's ViT-g/14: timm's own configs (SwiGLU MLP, 24 heads of 64 dims)
+GIANT = {"patch14": "vit_giant_patch14_dinov2", "patch14_reg4": "vit_giant_patch14_reg4_dinov2"}
 # CLIP image towers: variant -> (timm model whose config is used, patch); QuickGELU first: OpenAI's, the default
 CLIP_VARIANTS = {f"patch{p}_clip{act}": (f"vit_{size}_patch{p}_clip{act}_224", p)
                  for act in ("_quickgelu", "") for p, size in ((32, "base"), (16, "base"), (14, "large"))}
@@ -86,6 +90,8 @@ def _named_archs() -> dict[str, dict]:
             patch, img = (16, 224) if variant == "patch16" else (14, 518)
             archs[f"vit_{size}_{variant}"] = _info(name, overrides, dim, depth, patch, img,
                                                    prefix=5 if variant.endswith("reg4") else 1)
+    for variant, name in GIANT.items():
+        archs[f"vit_giant_{variant}"] = _info(name, {}, 1536, 40, 14, 518, prefix=5 if variant.endswith("reg4") else 1)
     archs["vit_small_patch16_h12"] = _info("vit_small_patch16_224", {"num_heads": 12}, 384, 12, 16, 224, 1)
     for variant, (timm_name, patch) in CLIP_VARIANTS.items():
         for size, (dim, depth, heads) in SIZES.items():
@@ -257,8 +263,11 @@ def patch_grid(tokens: torch.Tensor, prefix_tokens: int, size: tuple[int, int] |
 
 _KEY = re.compile(r"(cls_token|pos_embed|reg_token|register_tokens|patch_embed\.proj\.(weight|bias)"
                   r"|(norm|norm_pre)\.(weight|bias)"
-                  r"|blocks\.\d+\.((norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+                  r"|blocks\.\d+\.((norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
                   r"|ls[12]\.gamma))")
+# DINOv2's SwiGLU MLP (dinov2/layers/swiglu_ffn.py) -> timm's packed GluMlp (timm's _convert_dinov2)
+_SWIGLU = re.compile(r"(blocks\.\d+\.mlp)\.(w12|w3)\.")
+_SWIGLU_NAMES = {"w12": "fc1", "w3": "fc2"}
 # OpenAI CLIP / open_clip image towers (under ``visual.``); ``proj`` (image-text projection) is not a trunk key
 _CLIP_KEY = re.compile(r"class_embedding|positional_embedding|conv1\.weight|(ln_pre|ln_post)\.(weight|bias)"
                        r"|transformer\.resblocks\.\d+\.((ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)"
@@ -299,11 +308,11 @@ def from_clip(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_timm_layout(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ViT tensors under timm's names: CLIP image towers (:func:`from_clip`); DINOv2 hub state dicts
     (``register_tokens``, CLS position in ``pos_embed``) become timm's ``vit_*_reg4_dinov2`` layout (``reg_token``;
-    the CLS position embedding folded into ``cls_token``, as timm's ``_convert_dinov2``); ``mask_token`` (DINOv2,
-    MAE) is left out."""
+    the CLS position embedding folded into ``cls_token``, as timm's ``_convert_dinov2``), the SwiGLU MLPs' ``w12`` /
+    ``w3`` become ``fc1`` / ``fc2``; ``mask_token`` (DINOv2, MAE) is left out."""
     if "class_embedding" in named:
         return from_clip(named)
-    out = {k: v for k, v in named.items() if k != "mask_token"}
+    out = {_SWIGLU.sub(lambda m: f"{m[1]}.{_SWIGLU_NAMES[m[2]]}.", k): v for k, v in named.items() if k != "mask_token"}
     if "register_tokens" in out:
         out["reg_token"] = out.pop("register_tokens")
         pos = out.pop("pos_embed")

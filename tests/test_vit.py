@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 import tasks.knn.task as knn
 from evalsuite.checkpoints import load_checkpoint, save_checkpoint
 from evalsuite.errors import NotApplicable, UserError
-from evalsuite.trunks import ARCHS, arch_info, build_trunk, pool_features, pool_spec, tap_shapes
+from evalsuite.trunks import ARCHS, arch_info, build_trunk, pool_features, pool_spec, tap_shapes, trunk_state_shapes
 from tasks.surface_normals.task import task as surface_normals
 from tests.helpers import make_context
 
@@ -241,6 +241,34 @@ def test_dinov2_hub_state_dict_with_registers(tmp_path):
     plain = load_checkpoint(tmp_path / "dinov2_vitt14.pth")
     assert (plain.format, plain.arch) == ("dinov2", "vit_tiny_patch14")
     assert_same_features(plain, build_trunk("vit_tiny_patch14", seed=15))
+
+
+def test_dinov2_giant_swiglu_keys():
+    # dinov2/layers/swiglu_ffn.py: x1, x2 = w12(x).chunk(2); w3(silu(x1) * x2); the hub names them mlp.w12 / mlp.w3
+    from timm.layers import SwiGLUPacked
+
+    from evalsuite.vit import infer_arch, to_timm_layout
+
+    model = timm_model("vit_small_patch14_dinov2", embed_dim=192, num_heads=3, depth=2, mlp_ratio=2 * 512 / 192,
+                       mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+    torch.manual_seed(0)
+    w12, b12, w3, b3 = torch.randn(1024, 192) * 0.05, torch.randn(1024) * 0.05, torch.randn(192, 512) * 0.05, \
+        torch.randn(192) * 0.05
+    hub = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    for i in range(2):
+        hub.update({f"blocks.{i}.mlp.w12.weight": w12, f"blocks.{i}.mlp.w12.bias": b12,
+                    f"blocks.{i}.mlp.w3.weight": w3, f"blocks.{i}.mlp.w3.bias": b3})
+    model.load_state_dict(to_timm_layout(hub))  # strict: every key renamed, none left over
+    x = torch.randn(3, 5, 192)
+    x1, x2 = (x @ w12.T + b12).chunk(2, dim=-1)
+    torch.testing.assert_close(model.blocks[0].mlp(x), (torch.nn.functional.silu(x1) * x2) @ w3.T + b3)
+    # the released ViT-g/14 (with and without registers) is recognised from its hub shapes
+    for arch in ("vit_giant_patch14", "vit_giant_patch14_reg4"):
+        hub_shapes = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v
+                      for k, v in trunk_state_shapes(arch).items()}
+        assert "blocks.39.mlp.w12.weight" in hub_shapes and hub_shapes["blocks.39.mlp.w12.weight"] == (8192, 1536)
+        meta = {k: torch.empty(v, device="meta") for k, v in hub_shapes.items()}
+        assert infer_arch({k: tuple(v.shape) for k, v in to_timm_layout(meta).items()}) == arch
 
 
 def test_timm_safetensors_and_our_format(tmp_path):
