@@ -7,7 +7,7 @@ evalsuite      our own: safetensors of trunk weights + JSON metadata header
 torchvision    a plain ``state_dict`` (``conv1.weight`` ... ``fc.*``), also timm's ResNets
 vissl          ``classy_state_dict.base_model.model.trunk`` with ``_feature_blocks.``
 moco           MoCo / PIRL style ``state_dict`` with ``module.encoder_q.``
-lightning      solo-learn / PyTorch Lightning ``state_dict`` with ``backbone.``
+lightning      solo-learn / PyTorch Lightning ``state_dict`` with ``backbone.`` (older solo-learn: ``encoder.``)
 dino           DINO-style ``teacher`` / ``student`` dicts (teacher is used)
 byol           BYOL-style ``online_network.`` / ``online_encoder.`` prefixes
 timm           timm checkpoints (``state_dict`` / ``model`` / ``state_dict_ema``), timm ViT safetensors
@@ -18,6 +18,10 @@ ibot           iBOT ``teacher`` / ``student`` dicts like DINO's (teacher used; `
 clip           OpenAI CLIP / open_clip image tower (``visual.class_embedding``, ``ln_pre``, ``transformer.resblocks``)
 random         ``random:<arch>`` / ``timm:<name>``: seeded random init, no file
 =============  ==============================================================
+
+solo-learn's run arguments (the checkpoint's ``hyper_parameters``, else the ``args.json`` its Checkpointer writes
+beside the ``.ckpt``) name the method, the backbone and the dataset; a ResNet trained on CIFAR-10/100 is the
+``<resnet>_cifar`` arch, as solo-learn builds it for those datasets (:func:`_solo_learn_metadata`).
 
 ViT checkpoints are converted to timm's key names (:func:`evalsuite.vit.to_timm_layout`) and their architecture
 is read from the tensor shapes (:func:`evalsuite.vit.infer_arch`).
@@ -63,7 +67,8 @@ FORMATS: dict[str, str] = {
     "torchvision": "plain state_dict with torchvision key names (also timm ResNets)",
     "vissl": "VISSL: classy_state_dict.base_model.model.trunk, _feature_blocks. prefix",
     "moco": "MoCo / PIRL: state_dict with module.encoder_q. prefix",
-    "lightning": "solo-learn / PyTorch Lightning: state_dict with backbone. prefix",
+    "lightning": "solo-learn / PyTorch Lightning: state_dict with backbone. (older: encoder.) prefix; solo-learn's "
+                 "hyper_parameters or args.json name method, backbone and dataset (CIFAR: <resnet>_cifar)",
     "dino": "DINO-style teacher/student dicts (teacher used)",
     "byol": "BYOL-style online_network. / online_encoder. prefix",
     "timm": "timm training checkpoint: state_dict / state_dict_ema / model (EMA used); timm ViT weights",
@@ -88,6 +93,10 @@ RESNET_CHILD_INDEX = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6
 # Suffixes stripped from a file name to name the checkpoint (moco_v2_800ep.pth.tar -> moco_v2_800ep).
 NAME_SUFFIXES = (".tar", ".pth", ".pt", ".pyth", ".ckpt", ".safetensors", ".torch", ".pkl", ".bin")
 MISSING_KEYS_RECORDED = 50
+# solo-learn builds its ResNets with the CIFAR stem for these datasets (solo/methods/base.py: cfg.data.dataset in
+# ["cifar10", "cifar100"]); its ResNets are torchvision's (solo/backbones/resnet/resnet.py).
+SOLO_LEARN_CIFAR = ("cifar10", "cifar100")
+SOLO_LEARN_RESNETS = ("resnet18", "resnet34", "resnet50")
 
 # The types besides torch's defaults that published checkpoints pickle next to their weights, allowed in
 # weights_only loading. Each is a plain data container: unpickling only fills its attributes, no code of the
@@ -273,14 +282,15 @@ def _load_file(path: Path, arch: str | None, allow_partial: bool, trust_pickle: 
         raise BadCheckpoint("no trunk weights found in this file (no key looks like a ResNet, AlexNet or ViT "
                             "layer)", path)
     source = min(pool or sources, key=_source_rank)
+    fmt = fmt_hint or _vit_format(source, set(candidates)) or _format_name(source.describe(), obj)
+    meta = {**_format_metadata(fmt, source, obj, path), **meta}
     arch = _resolve_arch(arch, meta.get("arch"), source, path)
     state, report = _convert(path, source, arch, allow_partial)
     alternatives = [s.entry for s in trunks if s.entry != source.entry]
-    fmt = fmt_hint or _vit_format(source, set(candidates)) or _format_name(source.describe(), obj)
     return LoadedCheckpoint(
         spec=str(path), path=path, sha256=_weights_id(file_sha, source.entry, alternatives),
         format=fmt, arch=arch, state_dict=state,
-        metadata={**_format_metadata(fmt, source), **meta, "arch": meta.get("arch", arch)}, report=report,
+        metadata={**meta, "arch": meta.get("arch", arch)}, report=report,
         name=checkpoint_name(path),
         weights=source.entry, alternatives=alternatives, partial=bool(report.missing), file_sha256=file_sha,
     )
@@ -317,8 +327,9 @@ def _resolve_arch(arch: str | None, meta_arch: str | None, source: _Source, path
 
 
 def _keys_arch(source: _Source) -> str | None:
-    """The architecture the source's keys (ResNet, AlexNet) or tensor shapes (ViT) show, or None."""
-    arch = infer_arch(source.names)
+    """The architecture the source's keys (ResNet, AlexNet; conv1's shape tells the stem) or tensor shapes (ViT)
+    show, or None."""
+    arch = infer_arch(source.names, {n: tuple(source.tensors[k].shape) for n, k in source.names.items()})
     if arch is None:
         arch = vit.infer_arch({n: tuple(v.shape) for n, v in _named_tensors(source).items()})
         if arch and "base_encoder" in source.raw_prefix:
@@ -639,9 +650,12 @@ def _vit_format(source: _Source, entries: set[tuple[str, ...]]) -> str | None:
     return "timm"
 
 
-def _format_metadata(fmt: str, source: _Source) -> dict[str, Any]:
+def _format_metadata(fmt: str, source: _Source, obj: Any, path: Path) -> dict[str, Any]:
     """What a layout implies beyond the weights: CLIP's mean/std and bicubic resizing (its preprocessing) and the
-    image-text projection left out of the trunk. The file's own metadata overrides these."""
+    image-text projection left out of the trunk; solo-learn's method, dataset and arch. The file's own metadata
+    overrides these."""
+    if fmt == "lightning":
+        return _solo_learn_metadata(obj, path)
     if fmt != "clip":
         return {}
     meta: dict[str, Any] = {"normalize": {"mean": list(vit.CLIP_MEAN), "std": list(vit.CLIP_STD)},
@@ -662,11 +676,56 @@ def _format_name(source: str, obj: Any) -> str:
         return "dino"
     if "online" in source:
         return "byol"
-    if "backbone." in source:
+    if "backbone." in source or (isinstance(obj, Mapping) and "pytorch-lightning_version" in obj):
         return "lightning"
     if isinstance(obj, Mapping) and any(k in obj for k in ("state_dict_ema", "model")) or "timm" in source:
         return "timm"
     return "torchvision"
+
+
+def _solo_learn_metadata(obj: Any, path: Path) -> dict[str, Any]:
+    """Method, pretraining data and arch from solo-learn's run arguments: the checkpoint's ``hyper_parameters``,
+    else ``args.json`` beside it (solo/utils/checkpointer.py ``save_args``; main_knn.py reads it from the same
+    folder). Three generations of names: ``backbone: {name}`` + ``data: {dataset}`` (omegaconf, since 2022-09),
+    flat ``backbone`` + ``dataset`` (argparse), ``encoder`` + ``dataset`` (before 2021-12). {} without them."""
+    found = _solo_learn_args(obj, path)
+    if found is None:
+        return {}
+    args, where = found
+    backbone = args.get("backbone", args.get("encoder"))
+    name = str(backbone.get("name", "")) if isinstance(backbone, Mapping) else str(backbone or "")
+    data = args.get("data")
+    dataset = str(data.get("dataset", "")) if isinstance(data, Mapping) else str(args.get("dataset", ""))
+    meta: dict[str, Any] = {"solo_learn": {"args": where, "backbone": name, "dataset": dataset}}
+    if args["method"]:
+        meta["method"] = str(args["method"])
+    if dataset:
+        meta["pretrain_data"] = dataset
+    if name in SOLO_LEARN_RESNETS:
+        meta["arch"] = f"{name}_cifar" if dataset in SOLO_LEARN_CIFAR else name
+    return meta
+
+
+def _solo_learn_args(obj: Any, path: Path) -> tuple[Mapping, str] | None:
+    """solo-learn's arguments and where they were found, or None when neither place holds them."""
+    hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+    hp = vars(hp) if isinstance(hp, argparse.Namespace) else hp
+    if _is_solo_learn_args(hp):
+        return hp, "hyper_parameters"
+    args_json = path.parent / "args.json"
+    if not args_json.is_file():
+        return None
+    try:
+        args = json.loads(args_json.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warn(f"ignoring {args_json}: not readable JSON ({_first_line(e)})")
+        return None
+    return (args, args_json.name) if _is_solo_learn_args(args) else None
+
+
+def _is_solo_learn_args(args: Any) -> bool:
+    """Every solo-learn generation names the method and the backbone (``encoder`` before 2021-12)."""
+    return isinstance(args, Mapping) and "method" in args and ("backbone" in args or "encoder" in args)
 
 
 # ---------------------------------------------------------------- special specs

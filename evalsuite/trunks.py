@@ -16,6 +16,10 @@ Pooling (``pool_features``):
 - ``avg``: global average pooling (C dims), the usual kNN/linear representation.
 - ``none``: the flattened map.
 
+Small-image ResNets (``resnet18_cifar``, ``resnet34_cifar``, ``resnet50_cifar``) are torchvision's with
+solo-learn's CIFAR stem (:data:`CIFAR_CONV1`, no max-pool); their taps keep the ResNet names, and ``goyal`` pools
+them adaptively like every other arch/resolution pair.
+
 Vision Transformers (family ``vit``: taps, token pooling, ``timm:<name>``) live in :mod:`evalsuite.vit`.
 
 torchvision's AlexNet is not the benchmark's CaffeNet (other channels, padding, no LRN
@@ -28,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +47,8 @@ from .protocols import POOLINGS
 RESNET_TAPS = ("conv1", "res2", "res3", "res4", "res5")
 ALEXNET_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
-# ResNets: "blocks" = residual blocks in layer1..layer4, "block" = torchvision's BasicBlock or Bottleneck.
+# ResNets: "blocks" = residual blocks in layer1..layer4, "block" = torchvision's BasicBlock or Bottleneck;
+# "stem": "cifar" = the small-image stem (CIFAR_CONV1, no max-pool) on torchvision's "base" ResNet.
 ARCHS: dict[str, dict] = {
     "resnet18": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512),
                  "blocks": (2, 2, 2, 2), "block": "basic"},
@@ -53,8 +58,18 @@ ARCHS: dict[str, dict] = {
                  "blocks": (3, 4, 6, 3), "block": "bottleneck"},
     "resnet101": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048),
                   "blocks": (3, 4, 23, 3), "block": "bottleneck"},
+    "resnet18_cifar": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512),
+                       "blocks": (2, 2, 2, 2), "block": "basic", "stem": "cifar", "base": "resnet18"},
+    "resnet34_cifar": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 64, 128, 256, 512),
+                       "blocks": (3, 4, 6, 3), "block": "basic", "stem": "cifar", "base": "resnet34"},
+    "resnet50_cifar": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048),
+                       "blocks": (3, 4, 6, 3), "block": "bottleneck", "stem": "cifar", "base": "resnet50"},
     "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
 }
+# solo-learn's CIFAR conv1 (kernel, stride, padding), bias-free, with the max-pool replaced by nn.Identity:
+# solo/methods/base.py and main_linear.py, nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False).
+# The padding of 2 makes a 32 px input a 34 x 34 conv1 map.
+CIFAR_CONV1 = (3, 1, 2)
 # Vision Transformers (evalsuite.vit); ``timm:<name>`` archs are added on first use (arch_info).
 ARCHS.update(vit.VIT_ARCHS)
 
@@ -100,11 +115,17 @@ def published_comparability(arch: str) -> dict:
 
 
 class ResNetTrunk(nn.Module):
-    """torchvision ResNet without avgpool/fc; taps conv1 (after ReLU, before max-pool) and res2..res5."""
+    """torchvision ResNet without avgpool/fc; taps conv1 (after ReLU, before max-pool) and res2..res5.
+    A CIFAR-stem arch swaps conv1 and the max-pool as solo-learn does (fresh nn.Conv2d, default init)."""
 
     def __init__(self, arch: str):
         super().__init__()
-        net = getattr(torchvision.models, arch)(weights=None)
+        info = arch_info(arch)
+        net = getattr(torchvision.models, info.get("base", arch))(weights=None)
+        if info.get("stem") == "cifar":
+            k, s, p = CIFAR_CONV1
+            net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=k, stride=s, padding=p, bias=False)
+            net.maxpool = nn.Identity()
         self.arch = arch
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -220,11 +241,13 @@ def describe_layout(names: Iterable[str]) -> str:
     return f"blocks {'-'.join('?' if c is None else str(c) for c in counts)}, {block}"
 
 
-def infer_arch(names: Iterable[str]) -> str | None:
+def infer_arch(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str | None:
     """The architecture whose trunk these torchvision-named keys show, or None.
 
     ResNets are told apart by their blocks per stage and block type; a stage missing altogether (a partial
-    file) is ignored as long as the stages present fit exactly one architecture.
+    file) is ignored as long as the stages present fit exactly one architecture. ``shapes`` (name -> tensor
+    shape) tells the stems apart: a 3x3 ``conv1.weight`` is the CIFAR stem, anything else (or no conv1) the
+    ImageNet one.
     """
     names = set(names)
     if "features.0.weight" in names and "features.10.weight" in names:
@@ -232,7 +255,10 @@ def infer_arch(names: Iterable[str]) -> str | None:
     counts, block = resnet_layout(names)
     if all(c is None for c in counts):
         return None
+    kernel = tuple((shapes or {}).get("conv1.weight", ()))[-2:]
+    stem = "cifar" if kernel == (CIFAR_CONV1[0], CIFAR_CONV1[0]) else "imagenet"
     fits = [arch for arch, info in ARCHS.items() if info["family"] == "resnet" and info["block"] == block
+            and info.get("stem", "imagenet") == stem
             and all(c is None or c == n for c, n in zip(counts, info["blocks"]))]
     return fits[0] if len(fits) == 1 else None
 
@@ -309,7 +335,13 @@ def tap_shapes(arch: str, image_size: int, taps: Sequence[str] | None = None) ->
     if info["family"] == "vit":
         return vit.tap_shapes(info, image_size, taps)
     sizes = []
-    if info["family"] == "resnet":
+    if info.get("stem") == "cifar":
+        s = _conv_out(image_size, *CIFAR_CONV1)  # conv1
+        sizes.extend([s, s])  # no max-pool: res2 keeps conv1's resolution
+        for _ in range(3):  # res3..res5 halve it (3x3 stride-2 conv, padding 1)
+            s = _conv_out(s, 3, 2, 1)
+            sizes.append(s)
+    elif info["family"] == "resnet":
         s = _conv_out(image_size, 7, 2, 3)  # conv1
         sizes.append(s)
         s = _conv_out(s, 3, 2, 1)  # max-pool
