@@ -5,7 +5,8 @@ multi-scale sizes (the reference's shorter sides relative to a 480-pixel frame, 
 - training steps/s with the frozen stages' outputs computed once per image and scale and reused
   ("cached") versus recomputed for every batch ("recomputed"), for the goyal19 split (res5 + head
   trained, ``freeze_through=res4``) and for a head on a fully frozen trunk (``freeze_through=res5``);
-  the one-off cost of filling the cache is reported separately and included in the end-to-end time;
+  the one-off cost of filling the cache is reported separately and included in the end-to-end time; a ViT
+  (``--arch vit_tiny_patch16``) has one row, probe3d's DPT head on its frozen blocks;
 - evaluation images/s (forward, upsampling to the ground-truth resolution, decoding, pooled metrics).
 
     python -m benchmarks.bench_normals [--arch resnet18] [--n-train 32] [--n-test 16]
@@ -31,14 +32,13 @@ from evalsuite.checkpoints import load_checkpoint
 from evalsuite.console import HelpFormatter
 from evalsuite.data import open_dataset
 from evalsuite.data.synthetic import write_nyuv2
-from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel
 
 
-def build(arch: str, freeze_through: str, cfg: sn.TrainConfig, p: sn.SurfaceNormalsProtocol) -> FrozenTrunkDenseModel:
+def build(arch: str, freeze_through: str | None, cfg: sn.TrainConfig, p: sn.SurfaceNormalsProtocol) -> sn.DenseModel:
+    """A ResNet frozen through ``freeze_through``, or a ViT (None: its whole trunk is frozen) with its head."""
     torch.manual_seed(0)
-    return FrozenTrunkDenseModel(load_checkpoint(f"random:{arch}", seed=0).build_trunk(), freeze_through,
-                                 cfg.num_outputs, output_stride=p.output_stride, head_channels=p.head_channels,
-                                 bins=p.psp_bins, dropout=p.dropout, bn_momentum=p.bn_momentum)
+    q = p if freeze_through is None else p.replace(freeze_through=freeze_through)
+    return sn.build_model(load_checkpoint(f"random:{arch}", seed=0).build_trunk(), q, cfg.num_outputs)
 
 
 def main(argv=None) -> int:
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     p = p.replace(train_short_sides=tuple(round(s * args.height / 48) for s in p.train_short_sides),
                   test_short_side=round(p.test_short_side * args.height / 48),
                   max_long_side=round(p.max_long_side * args.height / 48), epochs=args.epochs)
-    cfg = sn.TrainConfig.from_protocol(p, seed=0)
+    patch = sn.vit_patch(args.arch)
+    cfg = sn.TrainConfig.from_protocol(p, seed=0, patch=patch)
     norm = sn._normalisation({})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         data = sn.load_split(train, cfg.unit_tolerance, progress=False)
         load_s = time.perf_counter() - t0
         iters = cfg.total_iterations
-        for freeze in ("res4", "res5"):
+        for freeze in (None,) if patch else ("res4", "res5"):
             timing = {}
             for cached in (True, False):
                 model = build(args.arch, freeze, cfg, p)

@@ -32,7 +32,7 @@ DEMO_VIT_ARCH = "vit_tiny_patch16"
 VIT_METHODS = {"mae": ("--recipe", "short")}
 # Tasks without a ViT head yet (they raise NotApplicable, evalsuite.vit.require_convolutional): a ViT checkpoint
 # has no step for them, as ``run --tasks all`` skips them.
-NO_VIT_HEAD = ("detection", "surface_normals")
+NO_VIT_HEAD = ("detection",)
 # Demo-only settings on top of the quick preset (printed with the plan, recorded in every result):
 # sliding-window proposals instead of selective search, 50 training iterations and 40 test images keep detection
 # to ~18 s per checkpoint on 2 cores (quick: ~45 s), and 1024 PPO frames with 8 evaluation episodes keep navigation

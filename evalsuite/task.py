@@ -149,12 +149,14 @@ class TaskContext:
             arch=ck.arch, pretrain_data=ck.pretrain_data, checkpoint_meta=ck.metadata,
             checkpoint_name=ck.name or ck.spec, checkpoint_load=ck.load_info, protocol=self.preset,
             params=merged, seed=self.seed, note=note, dataset_fingerprint=dataset_fingerprint, run_id=self.run_id,
-            deviations=self.deviations(),
+            deviations=self.deviations() + (["arch"] if merged.get("comparable_to_published") is False
+                                            and "arch" not in self.deviations() else []),
         )
 
     def deviations(self) -> list[str]:
         """Fields where this run's protocol differs from the published reference (see evalsuite.conformance),
-        and ``arch`` when the trunk is not the benchmark's (AlexNet)."""
+        and ``arch`` when the trunk is not the benchmark's (AlexNet). :meth:`result` also adds ``arch`` to a record
+        whose params say ``comparable_to_published: False`` (a ViT given a head the published protocol has not)."""
         if self._deviations is None:
             from . import registry
             from .conformance import deviations

@@ -158,7 +158,7 @@ def test_default_plan_has_a_vit_pretrained_with_mae_and_no_steps_for_tasks_witho
     assert pretrain[pretrain.index("--out") + 1] == vit
     evaluated = {argv[argv.index("--tasks") + 1] for argv in steps.values()
                  if argv[0] == "run" and argv[argv.index("--checkpoint") + 1] == vit}
-    assert evaluated == {"knn", "navigation"}
+    assert evaluated == {"knn", "navigation", "surface_normals"}
     assert steps["pretrain simclr"][steps["pretrain simclr"].index("--arch") + 1] == "resnet18"
     assert "evaluate simclr on detection" in steps
     for name in NO_VIT_HEAD:  # the tasks left out really refuse a ViT (the runner's skip under --tasks all)

@@ -15,7 +15,6 @@ import tasks.knn.task as knn
 from evalsuite.checkpoints import load_checkpoint, save_checkpoint
 from evalsuite.errors import NotApplicable, UserError
 from evalsuite.trunks import ARCHS, arch_info, build_trunk, pool_features, pool_spec, tap_shapes, trunk_state_shapes
-from tasks.surface_normals.task import task as surface_normals
 from tests.helpers import make_context
 
 
@@ -339,7 +338,7 @@ def test_dino_knn_on_a_vit_equals_an_independent_implementation(tiny_imagefolder
 def test_dense_tasks_refuse_vits_in_one_line(tmp_path):
     from tasks.detection.task import task as detection
 
-    for task, name in ((surface_normals, "surface_normals"), (detection, "detection")):
+    for task, name in ((detection, "detection"),):
         ctx = make_context(name, tmp_path, tmp_path / name, checkpoint="random:vit_tiny_patch16")
         with pytest.raises(NotApplicable, match="needs a convolutional trunk; its ViT head is not implemented"):
             task.run(ctx)
@@ -361,7 +360,7 @@ def test_run_all_on_a_vit_evaluates_the_default_taps_and_skips_dense_tasks(tiny_
     assert {r["layer"] for r in records} == {"block11", "last4"} and {r["arch"] for r in records} == {
         "vit_tiny_patch16"}
     capsys.readouterr()
-    rc = main(["run", "--checkpoint", "timm:vit_tiny_patch16_224", "--tasks", "surface_normals", "--protocol",
+    rc = main(["run", "--checkpoint", "timm:vit_tiny_patch16_224", "--tasks", "detection", "--protocol",
                "quick", "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "o2")])
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert rc == 2 and len(err) == 1 and "needs a convolutional trunk" in err[0]

@@ -26,6 +26,10 @@ code the paper used, imisra/semantic-segmentation-pytorch (file names below are 
    output is upsampled bilinearly to the ground truth's resolution, decoded, and the angular errors of all
    valid pixels of the test set are pooled.
 
+A ViT trunk gets probe3d's DPT head on four of its frozen blocks (``vit_dense``) in place of step 3's model,
+trained and scored by steps 1, 2, 4 and 5 unchanged, its inputs padded to a multiple of the patch; its records are
+marked not comparable with the published (ResNet-50) numbers.
+
 Every value lands in the result's params; what differs from the reference: docs/tasks/surface_normals.md.
 """
 from __future__ import annotations
@@ -49,10 +53,14 @@ from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
-from evalsuite.vit import require_convolutional
+from evalsuite.trunks import arch_info
+from evalsuite.vit import ViTTaps
 from tasks.surface_normals import codebook as codebook_lib
 from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel, weight_decay_groups
 from tasks.surface_normals.metrics import ErrorAccumulator, angular_errors_deg, metric_names, validate_ground_truth
+from tasks.surface_normals.vit_dense import FrozenViTDenseModel
+
+DenseModel = FrozenTrunkDenseModel | FrozenViTDenseModel
 
 PROTOCOL_NOTES = [
     "reference: imisra/semantic-segmentation-pytorch, the NYUv2 normals code of Goyal et al. 2019 "
@@ -63,6 +71,24 @@ PROTOCOL_NOTES = [
     "the final model is scored (the reference's scripts/test_models.sh scores the checkpoints of epochs 5..145)",
     "padding cells of the label map are ignored (the reference labels them codebook entry 0)",
 ]
+#: what a ViT's records add: the head follows probe3d, the rest of the protocol is goyal19's (docs: ViT backbones)
+VIT_NOTES = [
+    "ViT head: mbanani/probe3d's DPT (evals/models/probes.py, configs/probe/snorm_dpt.yaml) on blocks "
+    "N//4-1, N//2-1, N//4*3-1, N-1 (evals/models/dino.py multilayers); trunk frozen",
+    "not probe3d's training: goyal19's data (795 frames, multi-scale), targets, loss, SGD and poly schedule "
+    "(probe3d: GeoNet frames at 480x480 with augmentation, 4 outputs with the uncertainty-aware angular loss, "
+    "AdamW 5e-4 with warm-up and cosine decay, 10 epochs of batch 8)",
+    "block outputs with the final norm applied, as the feature taps (probe3d: before it; SGD at lr 0.02 diverges "
+    "on unnormalised ones)",
+    "patch tokens only for every ViT (probe3d appends the CLS token to each patch for DINO and DINOv2)",
+    "inputs zero-padded at the bottom and right to a multiple of the patch (probe3d pads around the centre)",
+    "scored as goyal19: pooled over all valid test pixels at shorter side test_short_side (probe3d: averaged "
+    "per image on a 480x480 centre crop)",
+]
+#: ResNet protocol fields that a ViT's model does not read
+VIT_UNUSED_FIELDS = ["freeze_through", "output_stride", "head", "psp_bins", "dropout", "bn_momentum", "size_multiple"]
+VIT_NOT_COMPARABLE = ("goyal19's NYUv2 normals (Goyal et al. 2019, Table 7) are a ResNet-50 dilated to stride 8 "
+                      "with res5 and a PSP head trained; a ViT gets probe3d's DPT head on its frozen blocks")
 
 
 @dataclass(frozen=True)
@@ -117,8 +143,8 @@ _PRESET_CHANGES: dict[str, dict[str, Any]] = {
 
 class SurfaceNormalsTask:
     name = "surface_normals"
-    description = ("NYUv2 surface normals: PSP head (+ res5) trained on a frozen trunk; mean/median/RMSE "
-                   "angle and % within 11.25/22.5/30 deg on valid pixels")
+    description = ("NYUv2 surface normals: PSP head (+ res5) trained on a frozen ResNet, probe3d's DPT head on a "
+                   "frozen ViT; mean/median/RMSE angle and % within 11.25/22.5/30 deg on valid pixels")
     # the paper's median error and % within 11.25 deg, and % within 30 deg
     headline_metrics = ("median_angle_error_deg", "pct_within_11.25deg", "pct_within_30deg")
     lower_is_better = ("mean_angle_error_deg", "median_angle_error_deg", "rmse_angle_error_deg")
@@ -127,17 +153,14 @@ class SurfaceNormalsTask:
         return SurfaceNormalsProtocol(**_PRESET_CHANGES[check_preset(preset)])
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        require_convolutional(ctx.checkpoint.arch, "surface_normals")
         p: SurfaceNormalsProtocol = ctx.protocol
-        cfg = TrainConfig.from_protocol(p, seed=ctx.seed)
+        cfg = TrainConfig.from_protocol(p, seed=ctx.seed, patch=vit_patch(ctx.checkpoint.arch))
         train, test = ctx.open_splits(p.train_split, p.test_split)
         norm = _normalisation(ctx.checkpoint.metadata)
         codebook, codebook_source = initial_codebook(cfg)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the head's initialisation
-            model = FrozenTrunkDenseModel(ctx.trunk, p.freeze_through, num_outputs=cfg.num_outputs,
-                                          output_stride=p.output_stride, head_channels=p.head_channels,
-                                          bins=p.psp_bins, dropout=p.dropout, bn_momentum=p.bn_momentum)
+            model = build_model(ctx.trunk, p, cfg.num_outputs)
         data = load_split(train, cfg.unit_tolerance, progress=ctx.progress)
         if codebook is not None:  # a file codebook in another camera frame lies far from the training normals
             angle = quantisation_deg(data, codebook, cfg)
@@ -171,6 +194,10 @@ class SurfaceNormalsTask:
             "protocol_notes": PROTOCOL_NOTES,
             "augmentation": f"multi-scale: shorter side one of {list(cfg.train_short_sides)} per batch; no flip",
         }
+        if isinstance(model, FrozenViTDenseModel):
+            params.update({"vit_head": model.description(), "unused_fields": VIT_UNUSED_FIELDS,
+                           "protocol_notes": PROTOCOL_NOTES + VIT_NOTES,
+                           "comparable_to_published": False, "not_comparable_reason": VIT_NOT_COMPARABLE})
         results = [ctx.result(p.dataset, p.test_split, model.layer_name, m, scores[m], params=params,
                               dataset_fingerprint=test.fingerprint()) for m in metric_names()]
         state.clear()  # finished: nothing to resume
@@ -179,17 +206,19 @@ class SurfaceNormalsTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """The test images and train_dense's iterations (iters_per_epoch x epochs), timed at the square size with
         the pixels of a 480x640 NYUv2 frame at the test / mean training scale."""
-        require_convolutional(ctx.checkpoint.arch, "surface_normals")
         p: SurfaceNormalsProtocol = ctx.protocol
-        cfg = TrainConfig.from_protocol(p)
+        patch = vit_patch(ctx.checkpoint.arch)
+        cfg = TrainConfig.from_protocol(p, patch=patch)
         n_train, n_test = map(len, ctx.open_splits(p.train_split, p.test_split))
         bs = max(1, min(cfg.batch_size, n_train))
         h, w = scaled_size(480, 640, cfg.test_short_side, cfg.max_long_side)
         side = round(math.sqrt(h * w))
         train_side = round(side * sum(cfg.train_short_sides) / len(cfg.train_short_sides) / cfg.test_short_side)
+        model = (f"DPT head on a frozen ViT (patch {patch})" if patch else
+                 f"trunk dilated to output stride {p.output_stride}")
         return TaskPlan(images={p.test_split: n_test}, image_size=side, train_iterations=cfg.total_iterations,
                         images_per_iteration=bs, train_image_size=train_side, train_images={p.train_split: n_train},
-                        note=f"test at {h}x{w}, trunk dilated to output stride {p.output_stride}")
+                        note=f"test at {h}x{w}, {model}")
 
 
 # ---------------------------------------------------------------- configuration
@@ -226,7 +255,9 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_protocol(cls, p: SurfaceNormalsProtocol, seed: int = 0) -> TrainConfig:
+    def from_protocol(cls, p: SurfaceNormalsProtocol, seed: int = 0, patch: int | None = None) -> TrainConfig:
+        """``patch``: a ViT's patch size; its inputs are padded to multiples of it (a ResNet's to
+        ``size_multiple`` and the output stride)."""
         sides = tuple(int(s) for s in p.train_short_sides)
         if not sides or min(sides) <= 0 or p.test_short_side <= 0 or p.max_long_side <= 0 or p.size_multiple <= 0:
             raise UserError("surface_normals.train_short_sides, test_short_side, max_long_side and size_multiple "
@@ -237,7 +268,8 @@ class TrainConfig:
         return cls(target=p.target, codebook_size=p.codebook_size, codebook_decode=p.codebook_decode,
                    codebook_file=p.codebook_file, codebook_samples=p.codebook_samples,
                    codebook_iters=p.codebook_iters, train_short_sides=sides, test_short_side=p.test_short_side,
-                   max_long_side=p.max_long_side, pad_multiple=math.lcm(p.size_multiple, p.output_stride),
+                   max_long_side=p.max_long_side,
+                   pad_multiple=patch if patch else math.lcm(p.size_multiple, p.output_stride),
                    epochs=p.epochs, iters_per_epoch=p.iters_per_epoch, batch_size=p.batch_size, lr=p.lr,
                    lr_policy=p.lr_policy, lr_power=p.lr_power, momentum=p.momentum, weight_decay=p.weight_decay,
                    eval_batch_size=p.eval_batch_size, cache_frozen_max_gb=p.cache_frozen_max_gb,
@@ -255,6 +287,21 @@ class TrainConfig:
         d = asdict(self)
         d["train_short_sides"] = list(self.train_short_sides)
         return d
+
+
+def vit_patch(arch: str) -> int | None:
+    """The patch size of a ViT arch, None for a convolutional one."""
+    info = arch_info(arch)
+    return int(info["patch"]) if info["family"] == "vit" else None
+
+
+def build_model(trunk: torch.nn.Module, p: SurfaceNormalsProtocol, num_outputs: int) -> DenseModel:
+    """The dense model for the trunk: probe3d's DPT on a frozen ViT, or the reference's dilated ResNet + PSP."""
+    if isinstance(trunk, ViTTaps):
+        return FrozenViTDenseModel(trunk, num_outputs, head_channels=p.head_channels)
+    return FrozenTrunkDenseModel(trunk, p.freeze_through, num_outputs=num_outputs, output_stride=p.output_stride,
+                                 head_channels=p.head_channels, bins=p.psp_bins, dropout=p.dropout,
+                                 bn_momentum=p.bn_momentum)
 
 
 def _normalisation(meta: dict) -> dict[str, Any]:
@@ -533,7 +580,7 @@ def quantisation_deg(data: SplitData, codebook: np.ndarray, cfg: TrainConfig) ->
     return round(float(angular_errors_deg(cb[codebook_lib.assign(x, cb)], x).mean()), 4)
 
 
-def frozen_cache(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig, norm: dict,
+def frozen_cache(model: DenseModel, data: SplitData, cfg: TrainConfig, norm: dict,
                  device: str) -> list[torch.Tensor] | None:
     """The frozen stages' outputs of every training image at every training scale (CPU), or None when they
     would take more than ``cache_frozen_max_gb``."""
@@ -562,7 +609,7 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train_dense(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig, norm: dict,
+def train_dense(model: DenseModel, data: SplitData, cfg: TrainConfig, norm: dict,
                 device: str = "cpu", state: ResumeState | None = None, progress: bool = True,
                 on_epoch_end: Callable[[int, dict], None] | None = None,
                 codebook: np.ndarray | None = None) -> Fit:
@@ -639,7 +686,7 @@ def train_dense(model: FrozenTrunkDenseModel, data: SplitData, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def predict_decodings(model: FrozenTrunkDenseModel, images_u8: torch.Tensor, out_hw: list[tuple[int, int]],
+def predict_decodings(model: DenseModel, images_u8: torch.Tensor, out_hw: list[tuple[int, int]],
                       cfg: TrainConfig, norm: dict, codebook: np.ndarray | None, decodes: tuple[str, ...],
                       device: str = "cpu") -> dict[str, list[np.ndarray]]:
     """``{decode: [unit normals (H, W, 3) per image at its ground-truth resolution out_hw[i]]}`` from one forward
@@ -656,14 +703,14 @@ def predict_decodings(model: FrozenTrunkDenseModel, images_u8: torch.Tensor, out
     return preds
 
 
-def predict_normals(model: FrozenTrunkDenseModel, images_u8: torch.Tensor, out_hw: list[tuple[int, int]],
+def predict_normals(model: DenseModel, images_u8: torch.Tensor, out_hw: list[tuple[int, int]],
                     cfg: TrainConfig, norm: dict, codebook: np.ndarray | None, device: str = "cpu") -> list[np.ndarray]:
     """Unit normals (H, W, 3) per image at its ground-truth resolution, decoded as the protocol says."""
     decode = cfg.codebook_decode
     return predict_decodings(model, images_u8, out_hw, cfg, norm, codebook, (decode,), device)[decode]
 
 
-def evaluate(model: FrozenTrunkDenseModel, ds, cfg: TrainConfig, norm: dict, codebook: np.ndarray | None,
+def evaluate(model: DenseModel, ds, cfg: TrainConfig, norm: dict, codebook: np.ndarray | None,
              device: str = "cpu", progress: bool = True, decodes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Pooled metrics over every valid pixel of ``ds`` (predictions upsampled to the ground truth), with
     ``valid_pixels``. ``decodes``: score several codebook decodings of the same outputs, ``{decode: metrics}``."""
