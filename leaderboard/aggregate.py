@@ -36,7 +36,7 @@ from evalsuite.results import Result, find_result_files, iter_numbered_records
 
 KEY = ["ckpt", "task", "dataset", "split", "layer", "metric", "variant", "protocol"]
 GROUP_BEST = ["ckpt", "protocol", "task", "dataset", "split", "metric", "variant"]
-VARIANT_PARAMS = ("k", "shots")
+VARIANT_PARAMS = ("k", "shots", "labels")
 REQUIRED_STR = ("task", "layer", "metric")
 LOWER_IS_BETTER_TOKENS = ("error", "err", "loss", "median_angle", "mean_angle", "rmse", "distance")
 LAYER_ORDER = ["input", "pixels", "conv1", "conv2", "conv3", "conv4", "conv5", "res2", "res3", "res4", "res5",

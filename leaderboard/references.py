@@ -6,7 +6,8 @@ seed_file, quote``. This module loads them and adds the columns the comparison n
 
 * ``source_key``: the protocol's source key (text before the first ``:``, e.g. ``goyal19``,
   ``mmselfsup``, ``swav20``), compared with our records' preset name;
-* ``variant``: ``k=<k>`` for the low-shot rows (parsed from ``, k=<k>,``), empty otherwise
+* ``variant``: ``k=<k>`` for the low-shot rows (parsed from ``, k=<k>,``), ``labels=<p>%`` for the
+  semi-supervised rows (``, labels=<p>%,`` or ``with <p>% of labels``), empty otherwise
   (the full-data ``k=all`` row is the plain task);
 * ``suite_task``: the suite's task name for the reference task (``lowshot`` -> ``lowshot_svm``,
   ``voc_detection`` -> ``detection``, ``nyuv2_surface_normals`` -> ``surface_normals``);
@@ -28,10 +29,12 @@ REF_TO_SUITE_TASK = {
     "lowshot": "lowshot_svm",
     "voc_detection": "detection",
     "nyuv2_surface_normals": "surface_normals",
+    "imagenet_semisupervised": "semi_supervised",
 }
 SUITE_TO_REF_TASK = {v: k for k, v in REF_TO_SUITE_TASK.items()}
 
 _K_RE = re.compile(r", k=(all|\d+),")
+_LABELS_RE = re.compile(r", labels=(\d+(?:\.\d+)?)%,|with (\d+(?:\.\d+)?)% of labels")
 
 
 def source_key(protocol: str) -> str:
@@ -40,10 +43,12 @@ def source_key(protocol: str) -> str:
 
 
 def variant_of(protocol: str) -> str:
+    """The row's variant: ``k=<k>`` (low-shot) or ``labels=<p>%`` (semi-supervised fraction), else empty."""
     m = _K_RE.search(str(protocol))
-    if not m or m.group(1) == "all":
-        return ""
-    return f"k={m.group(1)}"
+    if m and m.group(1) != "all":
+        return f"k={m.group(1)}"
+    m = _LABELS_RE.search(str(protocol))
+    return f"labels={m.group(1) or m.group(2)}%" if m else ""
 
 
 def reference_files() -> list[str]:

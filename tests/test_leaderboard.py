@@ -344,7 +344,7 @@ def test_package_references_match_the_sha256_in_their_provenance() -> None:
     recorded = {name: digest for digest, name in listed}
     names = reference_files()
     assert names == sorted(p.name for p in pkg.glob("*.csv"))
-    assert len(names) == 11
+    assert len(names) == 12
     assert len(recorded) == len(listed), "a CSV is listed twice in PROVENANCE.md"
     assert sorted(recorded) == names
     for n in names:
@@ -353,9 +353,12 @@ def test_package_references_match_the_sha256_in_their_provenance() -> None:
 
 def test_reference_table_columns_and_parsing() -> None:
     refs = load_references()
-    assert len(refs) == 849  # 803 from the shared extraction + 46 ViT rows (vit_imagenet.csv)
+    assert len(refs) == 919  # 803 from the shared extraction + 46 ViT rows (vit_imagenet.csv) + 70 semi-supervised
     assert variant_of("mmselfsup: VOC07 low-shot SVM, k=16, config=x, best layer=feature5") == "k=16"
     assert variant_of("mmselfsup: VOC07 linear SVM on full trainval, k=all, config=x") == ""
+    assert variant_of("simclrv2_20: fine-tuned, labels=10%, top-1") == "labels=10%"
+    semi = refs[(refs["suite_task"] == "semi_supervised") & (refs["file"] != "other.csv")]
+    assert {"labels=1%", "labels=10%"} <= set(semi["variant"]) and "" not in set(semi["variant"])
     low = refs[refs["file"] == "lowshot.csv"]
     assert set(low["suite_task"]) == {"voc07_svm", "lowshot_svm"}
     assert set(low.loc[low["suite_task"] == "lowshot_svm", "variant"]) == {f"k={k}" for k in (1, 2, 4, 8, 16, 32,
