@@ -22,11 +22,20 @@ The issues' acceptance: each method's kNN top-1 (best tap) and best-layer VOC mA
 random-init rows; Jigsaw's per-layer mAP peaks at an intermediate tap. The machine load average is recorded
 before and after each method (the CPU is shared), so the minutes can be read against it.
 
+Real photographs (``--data-folder PATH``): an ImageFolder with ``train/`` and ``test/`` (or ``val/``), or a
+``.tar.gz`` of one (unpacked into the work directory), e.g. shared/realdata/cifar10_dev.tar.gz (5,000 train /
+1,000 test CIFAR-10 images). Each method pretrains on its ``train`` split; it and the random-init trunk are
+evaluated at ``quick`` on the same folder, each image resized to ``--eval-px`` square (32 px CIFAR images stay
+as they are): ``knn`` (top-1 on the test split against the train bank) and ``places205_linear`` (the linear
+probe on the train split's centre views, top-1 on the test split). No VOC.
+
     python -m benchmarks.bench_pretrain_quality                       # small: 2 methods, 0.5 min each
     python -m benchmarks.bench_pretrain_quality --minutes 3 --per-class 250 \\
         --methods supervised,simclr,moco_v2,byol,swav,barlow_twins,rotnet,jigsaw,colorization
+    python -m benchmarks.bench_pretrain_quality --data-folder shared/realdata/cifar10_dev.tar.gz --recipe cifar \\
+        --methods simclr,moco_v2,byol,swav,barlow_twins,simsiam,dino --minutes 10
 
-Prints a table and writes benchmarks/out/bench_pretrain_quality.json.
+Prints a table and writes benchmarks/out/bench_pretrain_quality.json (``_folder.json`` with ``--data-folder``).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -78,27 +88,53 @@ def make_data(root: Path, seed: int, per_class: int, voc_scale: float, kind: str
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def real_folder(path: Path, work: Path) -> dict:
+    """The ImageFolder at ``path`` (a ``.tar.gz`` of one is unpacked under ``work`` first): its root, the split
+    evaluated (``test``, else ``val``) and the image counts."""
+    from evalsuite.data import open_dataset
+
+    if path.is_file():
+        dest = work / "folder"
+        if not dest.exists():
+            with tarfile.open(path) as tar:
+                tar.extractall(dest, filter="data")
+        tops = [d for d in dest.iterdir() if d.is_dir()]
+        path = tops[0] if len(tops) == 1 and not (dest / "train").exists() else dest
+    test = next((s for s in ("test", "val") if (path / s).is_dir()), None)
+    if not (path / "train").is_dir() or test is None:
+        print(f"{path}: needs train/ and test/ (or val/) class folders", file=sys.stderr)
+        raise SystemExit(2)
+    train, held = open_dataset("imagefolder", path, "train"), open_dataset("imagefolder", path, test)
+    return {"root": str(path), "pretrain_data": f"imagefolder:{path}", "test_split": test,
+            "n_train": len(train), "n_test": len(held), "classes": len(train.classes)}
+
+
 def load() -> float:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
-def pretrain(method: str, a, root: Path, out: Path) -> dict:
+def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None) -> dict:
+    """Train ``method`` on the synthetic ImageFolder under ``root``, or on ``folder``'s train split."""
     from evalsuite.checkpoints import read_metadata
     from pretrain.registry import get_method
     from pretrain.trainer import TrainConfig, Trainer
 
     budget, epochs, per_epoch = a.minutes * 60, a.epochs, None
+    n_train = folder["n_train"] if folder else N_CLASSES[a.pretrain_data] * a.per_class
     if a.steps:  # fixed step count instead of a wall budget: the cosine schedule spans exactly these steps
-        spe = max(1, N_CLASSES[a.pretrain_data] * a.per_class // a.batch_size)
+        spe = max(1, n_train // a.batch_size)
         budget, epochs = None, -(-a.steps // spe)
         per_epoch = -(-a.steps // epochs)
     cfg = TrainConfig(method=method, arch=a.arch, data_root=str(root), out=str(out), image_size=a.px,
+                      data_path=folder["root"] if folder else None,
                       batch_size=a.batch_size, epochs=epochs, max_steps_per_epoch=per_epoch, seed=a.seed,
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
                       view_gray=a.view_gray if get_method(method).has_colour_views() else None,
                       view_jitter=a.view_jitter if get_method(method).has_colour_views() else None,
+                      view_blur=a.view_blur if get_method(method).has_colour_views() else None,
                       lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta,
+                      warmup_epochs=a.warmup_epochs,
                       device=a.device, hp=method_hp(method, a.hp))
     l0, t0 = load(), time.perf_counter()
     trainer = Trainer(cfg)
@@ -145,31 +181,95 @@ def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
             "eval_seconds": round(time.perf_counter() - t0, 1), "eval_overrides": overrides}
 
 
-def main() -> None:
+def evaluate_folder(checkpoint: str, a, folder: dict, work: Path) -> dict:
+    """kNN and linear-probe top-1 (best tap) of ``checkpoint`` on the real folder's test split, at ``quick`` with
+    every image resized to ``--eval-px`` square."""
+    from evalsuite.runner import RunOptions, run
+
+    root, split = Path(folder["root"]), folder["test_split"]
+    overrides = [f"knn.data_path={root.name}", f"knn.val_split={split}", f"knn.image_size={a.eval_px}",
+                 "knn.resize_mode=square", "places205_linear.dataset=imagefolder",
+                 f"places205_linear.data_path={root.name}", f"places205_linear.val_split={split}",
+                 f"places205_linear.image_size={a.eval_px}", "places205_linear.resize_mode=square"]
+    t0 = time.perf_counter()
+    rep = run(RunOptions(checkpoint=checkpoint, arch=a.arch, tasks=["knn", "places205_linear"], preset="quick",
+                         overrides=overrides, data_root=root.parent, out=work / "runs", cache_dir=work / "cache",
+                         seed=a.seed, precision=a.eval_precision, progress=False, device=a.device))
+    top1 = {"knn": {}, "places205_linear": {}}
+    for r in rep.results:
+        if r.metric == "top1" and r.task in top1 and r.value is not None:
+            top1[r.task][r.layer] = round(r.value, 2)
+    out = {"eval_seconds": round(time.perf_counter() - t0, 1), "eval_overrides": overrides}
+    for task, key in (("knn", "knn"), ("places205_linear", "linear")):
+        per = top1[task]
+        best = max(per, key=per.get) if per else None
+        out.update({f"{key}_top1": per.get(best), f"{key}_best_layer": best, f"{key}_top1_per_layer": per})
+    return out
+
+
+def main_folder(a, methods: list[str], work: Path) -> list[dict]:
+    """The real-folder mode: random init, then each method, through kNN and the linear probe."""
+    folder = real_folder(a.data_folder, work)
+    rows = []
+    base = {"method": f"random:{a.arch}", "minutes": 0.0, "steps": 0, "load_before": load()}
+    base.update(evaluate_folder(f"random:{a.arch}", a, folder, work))
+    rows.append(base)
+    _print_folder_row(base)
+    for m in methods:
+        ck = work / f"{m}.safetensors"
+        try:
+            row = {"method": m, **pretrain(m, a, work, ck, folder)}
+            row.update(evaluate_folder(str(ck), a, folder, work))
+        except Exception as e:  # one broken method must not cost the others' measurements
+            print(f"{m}: FAILED {type(e).__name__}: {e}", flush=True)
+            rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
+            continue
+        for key in ("knn", "linear"):
+            mine, rand = row[f"{key}_top1"], base[f"{key}_top1"]
+            row[f"d_{key}"] = None if mine is None or rand is None else round(mine - rand, 2)
+        rows.append(row)
+        _print_folder_row(row)
+        _write(a, folder, rows, "bench_pretrain_quality_folder")
+    _print_folder_table(rows)
+    _write(a, folder, rows, "bench_pretrain_quality_folder")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="simclr,rotnet",
                    help=f"comma list (issue 5: {','.join(ISSUE5)}; issue 6: {','.join(ISSUE6)})")
     p.add_argument("--minutes", type=float, default=0.5, help="wall budget per method")
     p.add_argument("--steps", type=int, help="fixed step count per method instead of --minutes")
     p.add_argument("--epochs", type=int, default=10**6, help="cap on epochs under --minutes")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--px", type=int, default=64, help="pretraining crop size (64 = the quick preset's eval size)")
+    p.add_argument("--arch", help="trunk (default: the recipe's, else resnet18)")
+    p.add_argument("--px", type=int, help="pretraining crop size (default: the recipe's, else 64 = the quick "
+                   "preset's eval size)")
     p.add_argument("--eval-px", type=int, help="evaluation image size (default: --px)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="default: the recipe's, else 32")
     p.add_argument("--per-class", type=int, default=60, help="ImageFolder train images per class (val: half)")
     p.add_argument("--voc-scale", type=float, default=1.0)
     p.add_argument("--pretrain-data", default="objects", choices=sorted(N_CLASSES),
                    help="pretraining / kNN ImageFolder (see the module docstring)")
     p.add_argument("--backgrounds", type=int, default=16, help="backdrop pool size of --pretrain-data studio")
-    p.add_argument("--recipe", default="short", choices=["short", "paper"])
+    p.add_argument("--recipe", default="short", choices=["short", "paper", "cifar"],
+                   help="cifar: solo-learn's CIFAR configs (methods without one fail), with its batch 256, 32 px "
+                        "and CIFAR ResNet-18 unless --batch-size / --px / --arch are given")
+    p.add_argument("--data-folder", type=Path, metavar="PATH",
+                   help="pretrain and evaluate on this real ImageFolder (train/ + test/ or val/, or a .tar.gz of "
+                        "one) instead of the synthetic sets (see the module docstring)")
     p.add_argument("--view-gray", type=float, help="grayscale probability of the colour-distortion views "
                    "(methods that have them; default: the papers' 0.2)")
     p.add_argument("--view-jitter", type=float, help="colour-jitter strength of the colour-distortion views "
                    "(methods that have them; default: the papers', 1)")
+    p.add_argument("--view-blur", type=float, help="blur probability of the colour-distortion views "
+                   "(methods that have them; default: the preset's)")
     p.add_argument("--lr", type=float, help="learning rate of every method (default: each recipe's, scaled by batch)")
     p.add_argument("--optimizer", help="optimizer of every method (default: each recipe's)")
     p.add_argument("--lars-eta", type=float, help="LARS trust coefficient of every method (default: each recipe's)")
     p.add_argument("--weight-decay", type=float, help="weight decay of every method (default: each recipe's)")
+    p.add_argument("--warmup-epochs", type=float, help="lr warm-up of every method (default: each recipe's; the "
+                   "cifar recipe's 10 epochs are 190 steps of 5,000 images at batch 256)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, applied to each method that has KEY (repeatable)")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
@@ -183,18 +283,22 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, help="reuse/keep data here (default: a temporary directory)")
     p.add_argument("--keep", type=Path, help="keep checkpoints and feature cache in this directory")
     p.add_argument("--progress", action="store_true")
-    a = p.parse_args()
-    a.eval_px = a.eval_px or a.px
+    a = p.parse_args(argv)
+    methods = [m for m in a.methods.split(",") if m]
     try:
         a.hp = parse_hp(a.set)
+        run_defaults(a, methods)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    a.eval_px = a.eval_px or a.px
     torch.set_num_threads(a.threads)
-    methods = [m for m in a.methods.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="bench_pq_") as tmp:
         work = a.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if a.data_folder:
+            main_folder(a, methods, work)
+            return
         root = a.data_root or work / "data"
         data = make_data(root, a.seed, a.per_class, a.voc_scale, a.pretrain_data, a.backgrounds)
         rows = []
@@ -222,10 +326,20 @@ def main() -> None:
     _write(a, data, rows)
 
 
-def _write(a, data: dict, rows: list[dict]) -> None:
+def run_defaults(a, methods: list[str]) -> None:
+    """``--arch`` / ``--px`` / ``--batch-size`` left out: the recipe's (the first method's; every method with a
+    recipe of run settings has the same), else resnet18 / 64 / 32."""
+    from pretrain.registry import get_method
+
+    train = get_method(methods[0]).recipe_overrides(a.recipe)["train"] if methods else {}
+    a.arch = a.arch or train.get("arch", "resnet18")
+    a.px = a.px or train.get("image_size", 64)
+    a.batch_size = a.batch_size or train.get("batch_size", 32)
+
+
+def _write(a, data: dict, rows: list[dict], name: str = "bench_pretrain_quality") -> None:
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    write_json("bench_pretrain_quality", {"params": params, "data": data, "rows": rows,
-                                          "load_avg_end": list(os.getloadavg())})
+    write_json(name, {"params": params, "data": data, "rows": rows, "load_avg_end": list(os.getloadavg())})
 
 
 def _print_row(r: dict) -> None:
@@ -233,6 +347,26 @@ def _print_row(r: dict) -> None:
           f"({r['knn_best_layer']})  mAP {r['map']:5.1f} ({r['map_best_layer']})  per-layer mAP "
           + " ".join(f"{k}={v:.1f}" for k, v in r["map_per_layer"].items())
           + f"  load {r.get('load_before')}->{r.get('load_after', '')}", flush=True)
+
+
+def _print_folder_row(r: dict) -> None:
+    def f(v):
+        return "  n/a" if v is None else f"{v:5.1f}"
+
+    print(f"{r['method']:16s} {r['minutes']:5.2f} min {r['steps']:5d} steps  kNN {f(r['knn_top1'])} "
+          f"({r['knn_best_layer']})  linear {f(r['linear_top1'])} ({r['linear_best_layer']})  "
+          f"load {r.get('load_before')}->{r.get('load_after', '')}", flush=True)
+
+
+def _print_folder_table(rows: list[dict]) -> None:
+    print("\n| method | minutes | steps | kNN top-1 (best tap) | linear top-1 (best tap) | load avg |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | failed: {r['error']} |")
+            continue
+        print(f"| {r['method']} | {r['minutes']:.1f} | {r['steps']} | {r['knn_top1']} ({r['knn_best_layer']}) | "
+              f"{r['linear_top1']} ({r['linear_best_layer']}) | {r.get('load_before')}-{r.get('load_after', '')} |")
 
 
 def _print_table(rows: list[dict]) -> None:

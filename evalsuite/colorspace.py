@@ -53,8 +53,8 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 def to_input_space(rgb: torch.Tensor, space: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Turn an RGB tensor in [0, 1] into the network input of ``space``."""
     if space == "rgb":
-        m = torch.tensor(mean, dtype=rgb.dtype).view(3, 1, 1)
-        s = torch.tensor(std, dtype=rgb.dtype).view(3, 1, 1)
+        m = torch.tensor(mean, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+        s = torch.tensor(std, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
         return (rgb - m) / s
     lab = rgb_to_lab(rgb)
     scaled = torch.stack([lab[..., 0, :, :] / 50 - 1, lab[..., 1, :, :] / 110, lab[..., 2, :, :] / 110], dim=-3)

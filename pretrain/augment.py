@@ -16,21 +16,29 @@ done on the batch by the method (``Method.preprocess``). Presets follow the pape
   the size; jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2, flip.
 - ``exemplar`` (Dosovitskiy et al. 2014): heavy crop/scale, rotation, colour and contrast changes.
 - ``basic`` (supervised / clustering): RandomResizedCrop + flip. ``center``: resize + centre crop (eval).
+- ``cifar_symmetric``, ``cifar_symmetric_weak``, ``cifar_asymmetric``: solo-learn's CIFAR views
+  (vturrisi/solo-learn scripts/pretrain/cifar/augmentations/{symmetric,symmetric_weak,asymmetric}.yaml, built by
+  solo/data/pretrain_dataloader.py build_transform_pipeline), in :data:`CIFAR_VIEWS`: RandomResizedCrop(0.08-1,
+  bicubic), jitter p=0.8, grayscale 0.2, flip, and PIL's blur of sigma 0.1-2.0 px whatever the size.
 
 ``gray`` (the presets with colour distortion, ``COLOUR_PRESETS``) sets every view's grayscale probability
 (the papers' 0.2): ``evalsuite pretrain --view-gray 1`` removes colour from both views, for data whose
 colours are drawn per instance and so tell images apart without saying anything about their class.
 ``jitter`` scales the same presets' colour-jitter amplitudes (brightness, contrast, saturation, hue; hue
-capped at 0.5), as SimCLR's colour strength s does: ``--view-jitter 0.5`` halves them.
+capped at 0.5), as SimCLR's colour strength s does: ``--view-jitter 0.5`` halves them. ``blur`` sets every
+view's blur probability (``--view-blur 0``: no blur, as solo-learn's 2021 CIFAR scripts).
 
 The blur's kernel (10% of the side) and sigma range are the papers' at 224 px and scale with the view
 size: sigma 0.1-2.0 px at 224 is 0.03-0.57 px at 64, the same blur relative to the image. Unscaled, a
-2 px sigma at 64 px (7 at 224) wipes out fine texture, as the CIFAR recipes (which drop blur) avoid.
+2 px sigma at 64 px (7 at 224) wipes out fine texture. solo-learn's CIFAR views keep PIL's unscaled 0.1-2.0 px
+(``blur_px`` of :func:`simclr_view`), as its code does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import v2 as T
@@ -45,18 +53,27 @@ def blur_sigma(size: int) -> tuple[float, float]:
     return 0.1 * size / 224, 2.0 * size / 224
 
 
-def _blur(size: int, p: float) -> T.Transform:
-    k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
-    return T.RandomApply([T.GaussianBlur(k, sigma=blur_sigma(size))], p=p)
+def _blur(size: int, p: float, sigma: tuple[float, float] | None = None) -> T.Transform:
+    """Gaussian blur with probability ``p``: the papers' sigma range scaled to the size with a kernel of ~10% of
+    the side, or a fixed ``sigma`` range in pixels with a kernel reaching 3 sigma (PIL's blur, as solo-learn)."""
+    if sigma is None:
+        k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
+        return T.RandomApply([T.GaussianBlur(k, sigma=blur_sigma(size))], p=p)
+    half = min(math.ceil(3 * sigma[1]), max(1, (size - 1) // 2))  # reflect padding must stay inside the view
+    return T.RandomApply([T.GaussianBlur(2 * half + 1, sigma=sigma)], p=p)
 
 
 def simclr_view(size: int, scale=(0.08, 1.0), s: float = 1.0, blur: float = 0.5, solarize: float = 0.0,
-                jitter=(0.8, 0.8, 0.8, 0.2), gray: float = 0.2) -> T.Compose:
+                jitter=(0.8, 0.8, 0.8, 0.2), gray: float = 0.2, interpolation: str = "bilinear",
+                blur_px: tuple[float, float] | None = None) -> T.Compose:
+    """Crop, flip, colour jitter (p=0.8, amplitudes ``jitter`` x ``s``), grayscale, blur, solarize; the crop
+    resamples with ``interpolation`` and the blur's sigma is ``blur_px`` px (None: the papers' scaled range)."""
     b, c, sat, hue = (j * s for j in jitter)
-    ops = [T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
+    crop = T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode(interpolation), antialias=True)
+    ops = [crop, T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(b, c, sat, min(hue, 0.5))], p=0.8), T.RandomGrayscale(p=gray)]
     if blur > 0:
-        ops.append(_blur(size, blur))
+        ops.append(_blur(size, blur, blur_px))
     ops += _tensor()
     if solarize > 0:
         ops.append(T.RandomSolarize(threshold=0.5, p=solarize))
@@ -90,52 +107,96 @@ class ViewTransform:
 
 def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,
                global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), gray: float = 0.2,
-               jitter: float = 1.0) -> ViewTransform:
+               jitter: float = 1.0, blur: float = 0.5) -> ViewTransform:
     """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224);
-    ``gray`` and ``jitter`` (colour strength s) as in :func:`preset`."""
+    ``gray``, ``jitter`` (colour strength s) and ``blur`` as in :func:`preset`."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
-    views = [simclr_view(size, scale=global_scale, gray=gray, s=jitter) for _ in range(n_global)]
-    views += [simclr_view(local_size, scale=local_scale, gray=gray, s=jitter) for _ in range(n_local)]
+    common = dict(gray=gray, s=jitter, blur=blur)
+    views = [simclr_view(size, scale=global_scale, **common) for _ in range(n_global)]
+    views += [simclr_view(local_size, scale=local_scale, **common) for _ in range(n_local)]
     return ViewTransform(views, f"multicrop({n_global}x{size}+{n_local}x{local_size})")
 
 
 def dino_crops(size: int, n_local: int = 8, local_size: int | None = None, global_scale=(0.4, 1.0),
-               local_scale=(0.05, 0.4), gray: float = 0.2, jitter: float = 1.0) -> ViewTransform:
+               local_scale=(0.05, 0.4), gray: float = 0.2, jitter: float = 1.0,
+               blur: float | None = None) -> ViewTransform:
     """DINO's multi-crop (dino main_dino.py, DataAugmentationDINO): two global crops at ``size``, ``n_local``
-    local crops at ``local_size`` (default 96/224 of the size); ``gray`` and ``jitter`` as in :func:`preset`."""
+    local crops at ``local_size`` (default 96/224 of the size); ``gray``, ``jitter`` and ``blur`` (None: DINO's
+    1.0 / 0.1 / 0.5 for the first, second and local crops) as in :func:`preset`."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
     common = dict(jitter=(0.4, 0.4, 0.2, 0.1), gray=gray, s=jitter)
-    views = [simclr_view(size, scale=global_scale, blur=1.0, **common),
-             simclr_view(size, scale=global_scale, blur=0.1, solarize=0.2, **common)]
-    views += [simclr_view(local_size, scale=local_scale, blur=0.5, **common) for _ in range(n_local)]
+    b1, b2, bl = (1.0, 0.1, 0.5) if blur is None else (blur,) * 3
+    views = [simclr_view(size, scale=global_scale, blur=b1, **common),
+             simclr_view(size, scale=global_scale, blur=b2, solarize=0.2, **common)]
+    views += [simclr_view(local_size, scale=local_scale, blur=bl, **common) for _ in range(n_local)]
     return ViewTransform(views, f"dino(2x{size}+{n_local}x{local_size})")
 
 
+@dataclass(frozen=True)
+class CifarView:
+    """One view of a solo-learn CIFAR augmentation file (its YAML fields; colour jitter at p=0.8, flip p=0.5)."""
+
+    jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
+    blur: float  # gaussian_blur.prob (PIL's blur, sigma 0.1-2.0 px)
+    solarize: float  # solarization.prob
+    scale: tuple[float, float] = (0.08, 1.0)  # rrc crop_min_scale, crop_max_scale
+    gray: float = 0.2  # grayscale.prob
+
+
+#: solo-learn's CIFAR views (vturrisi/solo-learn@9187ea3 scripts/pretrain/cifar/augmentations/*.yaml), one
+#: CifarView per view; crop_size 32 is the trainer's --image-size
+CIFAR_VIEWS: dict[str, tuple[CifarView, ...]] = {
+    # symmetric.yaml: SimCLR, SwAV
+    "cifar_symmetric": (CifarView((0.8, 0.8, 0.8, 0.2), blur=0.5, solarize=0.0),) * 2,
+    # symmetric_weak.yaml: MoCo v2+, SimSiam
+    "cifar_symmetric_weak": (CifarView((0.4, 0.4, 0.4, 0.1), blur=0.5, solarize=0.0),) * 2,
+    # asymmetric.yaml: BYOL, Barlow Twins, DINO
+    "cifar_asymmetric": (CifarView((0.4, 0.4, 0.2, 0.1), blur=0.0, solarize=0.0),
+                         CifarView((0.4, 0.4, 0.2, 0.1), blur=0.0, solarize=0.2)),
+}
+#: solo-learn's GaussianBlur (solo/data/pretrain_dataloader.py): PIL's blur of radius ~U(0.1, 2.0) px at any size
+SOLO_BLUR_PX = (0.1, 2.0)
+
+
+def cifar_view(size: int, view: CifarView, gray: float | None = None, s: float = 1.0,
+               blur: float | None = None) -> T.Compose:
+    """One solo-learn CIFAR view: RandomResizedCrop (bicubic), flip, jitter, grayscale, blur, solarize."""
+    return simclr_view(size, scale=view.scale, s=s, jitter=view.jitter, solarize=view.solarize,
+                       blur=view.blur if blur is None else blur, gray=view.gray if gray is None else gray,
+                       interpolation="bicubic", blur_px=SOLO_BLUR_PX)
+
+
 def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, jitter: float | None = None,
-           **kw) -> ViewTransform:
+           blur: float | None = None, **kw) -> ViewTransform:
     """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts);
     ``gray`` replaces the grayscale probability of the colour-distortion presets, ``jitter`` scales their
-    colour-jitter amplitudes (SimCLR's strength s: 1 = the paper's, 0.5 = half)."""
+    colour-jitter amplitudes (SimCLR's strength s: 1 = the paper's, 0.5 = half), ``blur`` replaces their blur
+    probability."""
     from evalsuite.errors import UserError
 
-    for opt, value in (("gray", gray), ("jitter", jitter)):
+    for opt, value in (("gray", gray), ("jitter", jitter), ("blur", blur)):
         if value is not None and name not in COLOUR_PRESETS:
             raise UserError(f"augmentation preset {name!r} has no colour step; view {opt} applies to "
                             f"{', '.join(COLOUR_PRESETS)}")
     g = {} if gray is None else {"gray": float(gray)}
+    if blur is not None:
+        g["blur"] = float(blur)
     if name == "swav":
         return multi_crop(size, **g, **({} if jitter is None else {"jitter": float(jitter)}), **kw)
     if jitter is not None:
         g["s"] = float(jitter)
+    if name in CIFAR_VIEWS:
+        specs = CIFAR_VIEWS[name]
+        return ViewTransform([cifar_view(size, specs[i % len(specs)], **g) for i in range(n_views)], name)
     if name == "simclr":
         one = lambda: simclr_view(size, **g)
     elif name == "moco_v1":
-        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur=0.0, **g)
+        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), **{"blur": 0.0, **g})
     elif name == "moco_v2":
         one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), **g)
     elif name == "byol":
         kinds = [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]
-        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **kinds[i % 2], **g) for i in range(n_views)]
+        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **{**kinds[i % 2], **g}) for i in range(n_views)]
         return ViewTransform(views, name)
     elif name == "exemplar":
         one = lambda: T.Compose([T.RandomResizedCrop(size, scale=(0.3, 1.0), ratio=(0.7, 1.4), antialias=True),
@@ -150,5 +211,5 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
     return ViewTransform([one() for _ in range(n_views)], name)
 
 
-PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", "exemplar", "basic", "center")
-COLOUR_PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav")
+PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", *CIFAR_VIEWS, "exemplar", "basic", "center")
+COLOUR_PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", *CIFAR_VIEWS)

@@ -89,7 +89,7 @@ def optim_config(optimizer: str, *, lr: float, weight_decay: float, momentum: fl
 #: DeepCluster's optimizer (Caron et al. 2018), which the other pseudo-label methods (SeLA, NAT) reuse
 CLUSTERING_OPTIM = optim_config("sgd", lr=0.05, weight_decay=1e-5)
 
-RECIPES = ("paper", "short")
+RECIPES = ("paper", "short", "cifar")
 #: optimizer changes every method gets under the ``short`` recipe: a warm-up of a fraction of an epoch (the
 #: papers' 10 warm-up epochs would use up a short run at a tiny lr) and a base batch size of 64 for the lr
 #: scaling (so a batch of 64 gets the method's base lr, not a quarter of it)
@@ -98,6 +98,29 @@ SHORT_OPTIM: dict[str, Any] = {"warmup_epochs": 0.5, "base_batch_size": 64}
 #: by ~1e-4 of its norm per step (the papers pair it with batches of 4096 and lrs of 4.8), far too little
 #: for a few hundred steps; plain SGD with momentum does what a short run needs
 SHORT_SGD: dict[str, Any] = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
+
+#: the ``cifar`` recipe's schedule, every method alike (vturrisi/solo-learn solo/methods/base.py and
+#: solo/args/pretrain.py defaults, which the CIFAR configs keep): lr x batch / 256, 10 warm-up epochs linear from
+#: 3e-5 (not scaled), then cosine to 0, per step; momentum 0.9
+CIFAR_OPTIM: dict[str, Any] = {"warmup_epochs": 10, "warmup_start_lr": 3e-5, "base_batch_size": 256,
+                               "momentum": 0.9}
+#: the run settings of every solo-learn CIFAR config (batch_size 256, max_epochs 1000, crop_size 32, its CIFAR
+#: ResNet-18: 3x3 stride-1 conv1, no max-pool); `evalsuite pretrain --recipe cifar` uses them unless given
+CIFAR_TRAIN: dict[str, Any] = {"arch": "resnet18_cifar", "batch_size": 256, "epochs": 1000, "image_size": 32}
+#: solo-learn's CIFAR-10 normalisation (pretrain_dataloader.py MEANS_N_STD["cifar10"]), recorded in the checkpoint
+CIFAR10_NORMALIZE: dict[str, list[float]] = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
+
+
+def cifar_lars(lr: float, weight_decay: float) -> dict[str, Any]:
+    """A solo-learn CIFAR config's LARS (solo/utils/lars.py with eta 0.02, clip_lr and exclude_bias_n_norm):
+    trust ratio eta |w| / (|g| + wd |w|), divided by the lr and capped at 1; biases and norms plain SGD, no decay."""
+    return {"optimizer": "lars", "lr": lr, "weight_decay": weight_decay, "lars_eta": 0.02, "lars_clip": True,
+            "lars_trust": "solo", "exclude_bias_norm": True}
+
+
+def cifar_sgd(lr: float, weight_decay: float) -> dict[str, Any]:
+    """A solo-learn CIFAR config's SGD: biases and norms are decayed too (exclude_bias_n_norm_wd unset)."""
+    return {"optimizer": "sgd", "lr": lr, "weight_decay": weight_decay, "exclude_bias_norm": False}
 
 
 class Method(nn.Module):
@@ -111,6 +134,10 @@ class Method(nn.Module):
     #: run of minutes on a few thousand small images (no multi-epoch warm-up, queues/prototypes sized to the
     #: data, faster-moving target networks, narrower heads); ``paper`` (the default) uses the published values
     short: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the ``cifar`` recipe (``--recipe cifar``): solo-learn's CIFAR config of the method (vturrisi/solo-learn
+    #: scripts/pretrain/cifar/<method>.yaml): "hp", "optim" (over :data:`CIFAR_OPTIM`) and "views" (a preset of
+    #: ``pretrain.augment.CIFAR_VIEWS``); empty for methods solo-learn does not have
+    cifar: ClassVar[dict[str, Any]] = {}
     #: augmentation preset (pretrain.augment.PRESETS) and number of views
     augment: ClassVar[str] = "simclr"
     n_views: ClassVar[int] = 2
@@ -128,6 +155,10 @@ class Method(nn.Module):
         self.arch = arch
         self.recipe = recipe
         self.hp = self.resolve_hp(hp or {}, recipe)
+        table = self.recipe_overrides(recipe)
+        #: the recipe's view preset (None: the method's own views) and input normalisation (None: ImageNet's)
+        self.recipe_views: str | None = table["views"]
+        self.normalize: dict[str, list[float]] | None = table["normalize"]
         self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
         self.trunk = build_trunk(arch)
         self.feat_dim = embedding_dim(arch)
@@ -156,15 +187,26 @@ class Method(nn.Module):
         return out
 
     @classmethod
-    def recipe_overrides(cls, recipe: str) -> dict[str, dict[str, Any]]:
-        """``{"hp": {...}, "optim": {...}}`` that the recipe changes (empty for ``paper``)."""
+    def recipe_overrides(cls, recipe: str) -> dict[str, Any]:
+        """What the recipe changes: ``hp`` and ``optim`` overrides (empty for ``paper``), the view preset
+        ``views``, the input ``normalize`` and the run settings ``train`` (None / empty but for ``cifar``)."""
         from evalsuite.errors import UserError
 
         if recipe not in RECIPES:
             raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        if recipe == "paper":
-            return {"hp": {}, "optim": {}}
-        return {"hp": dict(cls.short.get("hp", {})), "optim": {**SHORT_OPTIM, **cls.short.get("optim", {})}}
+        out: dict[str, Any] = {"hp": {}, "optim": {}, "views": None, "normalize": None, "train": {}}
+        if recipe == "short":
+            out.update(hp=dict(cls.short.get("hp", {})), optim={**SHORT_OPTIM, **cls.short.get("optim", {})})
+        elif recipe == "cifar":
+            if not cls.cifar:
+                from .registry import methods
+
+                have = sorted(n for n, c in methods().items() if c is not None and c.cifar)
+                raise UserError(f"method {cls.name!r} has no cifar recipe (solo-learn has no CIFAR config for it); "
+                                f"methods with one: {', '.join(have)}")
+            out.update(hp=dict(cls.cifar.get("hp", {})), optim={**CIFAR_OPTIM, **cls.cifar.get("optim", {})},
+                       views=cls.cifar["views"], normalize=CIFAR10_NORMALIZE, train=dict(CIFAR_TRAIN))
+        return out
 
     @classmethod
     def optim_defaults(cls, recipe: str = "paper") -> dict[str, Any]:
@@ -172,7 +214,7 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------ data
     def views(self, image_size: int) -> ViewTransform:
-        return preset(self.augment, image_size, n_views=self.n_views, **self.view_options)
+        return preset(self.recipe_views or self.augment, image_size, n_views=self.n_views, **self.view_options)
 
     @classmethod
     def has_colour_views(cls) -> bool:
@@ -180,8 +222,10 @@ class Method(nn.Module):
         return cls.views is Method.views and cls.augment in COLOUR_PRESETS
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1] -> network input (ImageNet normalisation, or the method's input space)."""
-        return to_input_space(x, self.input_space)
+        """RGB in [0, 1] -> network input (the recipe's normalisation, else ImageNet's; or the method's input
+        space)."""
+        norm = self.normalize or {}
+        return to_input_space(x, self.input_space, **norm)
 
     # ------------------------------------------------------------ model pieces
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +242,8 @@ class Method(nn.Module):
         return self.trunk.state_dict()
 
     def metadata(self) -> dict[str, Any]:
-        return {"input_space": self.input_space}
+        """Checkpoint fields the evaluation reads: the input space, and a recipe's normalisation."""
+        return {"input_space": self.input_space, **({"normalize": self.normalize} if self.normalize else {})}
 
     # ------------------------------------------------------------ hooks
     def on_train_start(self, trainer) -> None: ...

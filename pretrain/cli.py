@@ -8,12 +8,18 @@ from pathlib import Path
 
 from evalsuite.errors import UserError
 
+from .base import RECIPES
+
+#: what a run uses when neither the command line nor the recipe sets it
+RUN_DEFAULTS = {"arch": "resnet18", "batch_size": 64, "epochs": 1, "image_size": 64}
+
 EPILOG = """\
 examples:
   evalsuite pretrain --list
   evalsuite pretrain --method simclr --arch resnet18 --data-root data --epochs 10 --out simclr.safetensors
   evalsuite pretrain --method moco_v2 --data-root data --set queue_size=4096 --set temperature=0.2 \\
                      --precision bf16 --channels-last --out moco.safetensors
+  evalsuite pretrain --method byol --recipe cifar --data cifar10 --arch resnet18 --out byol_cifar.safetensors
   torchrun --nproc_per_node 2 -m evalsuite pretrain --method swav --data-root data --out swav.safetensors
   evalsuite run --checkpoint simclr.safetensors --tasks knn --protocol quick --data-root data
 """
@@ -28,16 +34,16 @@ def add_command(sub) -> None:
                                 "resumes from OUT.state.pt.")
     p.add_argument("--list", action="store_true", help="list the available methods and exit")
     p.add_argument("--method", help="method name (see --list)")
-    p.add_argument("--arch", default="resnet18", help="trunk architecture")
+    p.add_argument("--arch", help="trunk architecture (default: the recipe's, else resnet18)")
     p.add_argument("--data-root", type=Path, default=Path(os.environ.get("EVALSUITE_DATA", "data")),
                    help="directory holding the datasets")
     p.add_argument("--data", "--data-path", dest="data_path", type=Path,
                    help="explicit dataset directory (default: DATA_ROOT/<dataset layout>)")
     p.add_argument("--dataset", default="imagefolder", help="dataset kind (evalsuite.data reader)")
     p.add_argument("--split", default="train")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, help="default: the recipe's, else 1")
+    p.add_argument("--batch-size", type=int, help="per process (default: the recipe's, else 64)")
+    p.add_argument("--image-size", type=int, help="default: the recipe's, else 64")
     p.add_argument("--optimizer", choices=["sgd", "lars", "adam", "adamw"], help="default: the method's")
     p.add_argument("--lr", type=float, help="absolute learning rate (default: method lr x batch / 256)")
     p.add_argument("--weight-decay", type=float)
@@ -53,9 +59,11 @@ def add_command(sub) -> None:
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--limit-images", type=int, help="use only the first N images")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT.state.pt")
-    p.add_argument("--recipe", default="paper", choices=["paper", "short"],
-                   help="hyper-parameter recipe: the papers' values, or each method's recipe for a run of minutes "
-                        "on a few thousand small images (--set still overrides)")
+    p.add_argument("--recipe", default="paper", choices=list(RECIPES),
+                   help="hyper-parameter recipe: the papers' values; each method's recipe for a run of minutes "
+                        "on a few thousand small images (short); solo-learn's CIFAR config of the method, with its "
+                        "views, CIFAR-10 normalisation, batch 256, 1000 epochs, 32 px and CIFAR ResNet-18 unless "
+                        "given (cifar). --set still overrides")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="fit the lr schedule to this wall-clock budget and stop when it is spent")
     p.add_argument("--view-gray", type=float, metavar="P",
@@ -64,6 +72,8 @@ def add_command(sub) -> None:
     p.add_argument("--view-jitter", type=float, metavar="S",
                    help="scale the colour-distortion views' jitter amplitudes (SimCLR's strength s; 1 = the "
                         "papers', 0.5 = half)")
+    p.add_argument("--view-blur", type=float, metavar="P",
+                   help="blur probability of every view of the colour-distortion presets (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyper-parameter; repeatable")
     p.add_argument("--out", type=Path, default=Path("pretrained.safetensors"))
@@ -88,6 +98,15 @@ def parse_hp(items: list[str]) -> dict[str, str]:
     return hp
 
 
+def run_settings(recipe_train: dict, a: argparse.Namespace) -> dict:
+    """arch, batch size, epochs and image size: the command line's, else the recipe's, else RUN_DEFAULTS."""
+    out = {}
+    for key, default in RUN_DEFAULTS.items():
+        given = getattr(a, key)
+        out[key] = given if given is not None else recipe_train.get(key, default)
+    return out
+
+
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .registry import methods
 
@@ -101,18 +120,21 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     if not a.method:
         raise UserError("--method is required (see `evalsuite pretrain --list`)")
     hp = parse_hp(a.overrides)
+    from .registry import get_method
     from .trainer import TrainConfig, train
 
-    cfg = TrainConfig(method=a.method, arch=a.arch, data_root=str(a.data_root), dataset=a.dataset, split=a.split,
-                      data_path=str(a.data_path) if a.data_path else None, out=str(a.out), epochs=a.epochs,
-                      batch_size=a.batch_size, image_size=a.image_size, optimizer=a.optimizer, lr=a.lr,
+    run = run_settings(get_method(a.method).recipe_overrides(a.recipe)["train"], a)
+    cfg = TrainConfig(method=a.method, arch=run["arch"], data_root=str(a.data_root), dataset=a.dataset,
+                      split=a.split, data_path=str(a.data_path) if a.data_path else None, out=str(a.out),
+                      epochs=run["epochs"], batch_size=run["batch_size"], image_size=run["image_size"],
+                      optimizer=a.optimizer, lr=a.lr,
                       weight_decay=a.weight_decay, momentum=a.momentum, lars_eta=a.lars_eta,
                       warmup_epochs=a.warmup_epochs,
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,
                       recipe=a.recipe, time_budget_s=a.time_budget, view_gray=a.view_gray,
-                      view_jitter=a.view_jitter)
+                      view_jitter=a.view_jitter, view_blur=a.view_blur)
     if a.slurm:
         from .launch import submit
 

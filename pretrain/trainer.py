@@ -71,7 +71,8 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     hp: dict[str, Any] = field(default_factory=dict)
-    #: ``paper`` (published hyper-parameters) or ``short`` (each method's recipe for minutes of CPU training)
+    #: ``paper`` (published hyper-parameters), ``short`` (each method's recipe for minutes of CPU training) or
+    #: ``cifar`` (solo-learn's CIFAR config of the method)
     recipe: str = "paper"
     #: wall-clock budget in seconds: the schedule's total is set to the steps that fit (rate over the last
     #: ``budget_check`` steps, re-estimated every step), and training stops when the budget is spent; the final
@@ -82,6 +83,8 @@ class TrainConfig:
     view_gray: float | None = None
     #: multiplier of the colour-distortion views' jitter amplitudes (SimCLR's strength s); None = the preset's
     view_jitter: float | None = None
+    #: blur probability of every colour-distortion view; None = the preset's
+    view_blur: float | None = None
 
 
 #: TrainConfig fields a resumed run may change: where the data and the run live and how fast it goes, not
@@ -183,9 +186,11 @@ class Trainer:
         self.optim_cfg = self._optim_config()
         self.optimizer = None
         if self.method.trains:
-            self.optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg["optimizer"],
-                                             self.optim_cfg["lr"], self.optim_cfg["weight_decay"],
-                                             self.optim_cfg["momentum"], eta=self.optim_cfg["lars_eta"])
+            oc = self.optim_cfg
+            self.optimizer = build_optimizer(self.method.param_groups(), oc["optimizer"], oc["lr"],
+                                             oc["weight_decay"], oc["momentum"], eta=oc["lars_eta"],
+                                             lars_clip=oc["lars_clip"], lars_trust=oc["lars_trust"],
+                                             exclude_bias_norm=oc["exclude_bias_norm"])
         self.model = self.method
         if self.world > 1 and self.method.trains:
             import inspect
@@ -204,10 +209,12 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def _view_options(self, cfg: TrainConfig) -> dict[str, float]:
-        """``--view-gray`` / ``--view-jitter`` as the method's view options (checked against its views)."""
+        """``--view-gray`` / ``--view-jitter`` / ``--view-blur`` as the method's view options (checked against
+        its views)."""
         opts: dict[str, float] = {}
         for flag, key, value, hi in (("--view-gray", "gray", cfg.view_gray, 1.0),
-                                     ("--view-jitter", "jitter", cfg.view_jitter, 2.0)):
+                                     ("--view-jitter", "jitter", cfg.view_jitter, 2.0),
+                                     ("--view-blur", "blur", cfg.view_blur, 1.0)):
             if value is None:
                 continue
             if not self.method.has_colour_views():
@@ -242,7 +249,10 @@ class Trainer:
                 "weight_decay": cfg.weight_decay if cfg.weight_decay is not None else d.get("weight_decay", 0.0),
                 "momentum": cfg.momentum if cfg.momentum is not None else d.get("momentum", 0.9),
                 "lars_eta": cfg.lars_eta if cfg.lars_eta is not None else d.get("lars_eta", 0.001),
+                "lars_clip": bool(d.get("lars_clip", False)), "lars_trust": d.get("lars_trust", "simclr"),
+                "exclude_bias_norm": bool(d.get("exclude_bias_norm", True)),
                 "warmup_epochs": warm_epochs, "warmup_steps": int(round(warm_epochs * self.steps_per_epoch)),
+                "warmup_start_lr": d.get("warmup_start_lr"),
                 "min_lr_ratio": cfg.min_lr_ratio, "schedule": "warmup+cosine"}
 
     # ------------------------------------------------------------ state
@@ -311,6 +321,11 @@ class Trainer:
             self.method.train(was)
         return torch.cat(outs)
 
+    def _warmup_start_ratio(self) -> float | None:
+        """The warm-up's first lr as a fraction of the lr (the recipe's ``warmup_start_lr``), None: 1/warmup."""
+        start = self.optim_cfg.get("warmup_start_lr")
+        return None if start is None or not self.optim_cfg["lr"] else start / self.optim_cfg["lr"]
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
@@ -363,7 +378,7 @@ class Trainer:
             views, index, target = next(it)
             batch = Batch([self.to_input(v) for v in views], index.to(self.device), target.to(self.device))
             set_lr(self.optimizer, lr_factor(self.global_step, self.total_steps, self.optim_cfg["warmup_steps"],
-                                             cfg.min_lr_ratio))
+                                             cfg.min_lr_ratio, self._warmup_start_ratio()))
             with self.autocast():
                 out = self.model(batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})

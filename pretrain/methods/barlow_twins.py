@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed as D
-from ..base import SHORT_SGD, Batch, Method, mlp, optim_config
+from ..base import SHORT_SGD, Batch, Method, cifar_lars, mlp, optim_config
 from ..losses import embedding_std
 
 
@@ -55,6 +55,10 @@ class BarlowTwins(Method):
     #: diagonal ones, lambda * D / N = 5e-3 * 8192 / 2048, at D = 1024 and a batch of N = 32: 6.25e-4 (with 5e-3
     #: the off-diagonal term is 8x heavier and 3 CPU minutes leave kNN at random init, 8.5 vs 13.2 with 6e-4)
     short = {"hp": {"proj_dim": 1024, "lambd": 6.25e-4}, "optim": SHORT_SGD}
+    #: solo-learn scripts/pretrain/cifar/barlow.yaml: projector 2048-2048-2048, scale_loss 0.1 (lamb 0.0051 is
+    #: solo/methods/barlow_twins.py's default)
+    cifar = {"hp": {"proj_dim": 2048, "lambd": 0.0051, "scale_loss": 0.1},
+             "optim": cifar_lars(lr=0.3, weight_decay=1e-4), "views": "cifar_asymmetric"}
     augment = "byol"
 
     def __init__(self, arch, hp=None, **kw):

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import SHORT_SGD, Batch, Method, ema_update, mlp, momentum_copy, optim_config, trunk_embedding
+from ..base import SHORT_SGD, Batch, Method, cifar_lars, ema_update, mlp, momentum_copy, optim_config, trunk_embedding
 from ..losses import embedding_std
 
 
@@ -20,9 +20,9 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
-def cosine_momentum(base: float, progress: float) -> float:
-    """tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+def cosine_momentum(base: float, progress: float, final: float = 1.0) -> float:
+    """tau = final - (final - tau_base) (cos(pi k / K) + 1) / 2."""
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 class BYOL(Method):
@@ -31,6 +31,9 @@ class BYOL(Method):
     defaults = {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096, "tau_base": 0.996}
     optim = optim_config("lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10)
     short = {"hp": {"proj_hidden": 1024, "pred_hidden": 1024, "tau_base": 0.99}, "optim": SHORT_SGD}
+    #: solo-learn scripts/pretrain/cifar/byol.yaml (tau 0.99 -> 1.0)
+    cifar = {"hp": {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096, "tau_base": 0.99},
+             "optim": cifar_lars(lr=1.0, weight_decay=1e-5), "views": "cifar_asymmetric"}
     augment = "byol"
 
     def __init__(self, arch, hp=None, **kw):

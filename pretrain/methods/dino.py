@@ -25,7 +25,7 @@ from evalsuite.vit import ViTTaps
 
 from .. import distributed as D
 from ..augment import dino_crops
-from ..base import Batch, Method, ema_update, momentum_copy, optim_config, trunk_embedding
+from ..base import Batch, Method, cifar_lars, ema_update, momentum_copy, optim_config, trunk_embedding
 from ..losses import embedding_std
 from .byol import cosine_momentum
 from .swav import swapped_prediction_loss
@@ -103,6 +103,14 @@ class DINO(Method):
     #: short: a smaller head, 4 local crops, a faster teacher and the output layer trained from the start
     short = {"hp": {"out_dim": 4096, "hidden_dim": 1024, "n_local": 4, "momentum_teacher": 0.99,
                     "freeze_last_layer": 0, "drop_path_rate": 0.0}}
+    #: solo-learn scripts/pretrain/cifar/dino.yaml with solo/methods/dino.py's defaults: head 2048-2048-256 ->
+    #: 4096 without BN, T_t 0.07 from the start, tau 0.9995 -> 1, no gradient clipping, the last layer frozen in
+    #: epoch 1, two views, LARS with a constant weight decay (no 0.04 -> 0.4 schedule)
+    cifar = {"hp": {"out_dim": 4096, "hidden_dim": 2048, "bottleneck_dim": 256, "norm_last_layer": True,
+                    "n_local": 0, "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
+                    "warmup_teacher_temp_epochs": 0, "center_momentum": 0.9, "momentum_teacher": 0.9995,
+                    "weight_decay_end": 1e-6, "clip_grad": 0.0, "freeze_last_layer": 1, "drop_path_rate": 0.0},
+             "optim": cifar_lars(lr=0.3, weight_decay=1e-6), "views": "cifar_asymmetric"}
     augment = "dino"
 
     def __init__(self, arch, hp=None, **kw):
@@ -123,6 +131,8 @@ class DINO(Method):
         self.current_epoch = 0
 
     def views(self, image_size):
+        if self.recipe_views:
+            return super().views(image_size)
         return dino_crops(image_size, n_local=self.hp["n_local"], **self.view_options)
 
     @classmethod

@@ -1,25 +1,29 @@
 """SimCLR (Chen et al., ICML 2020): two augmented views, a 2-layer projection MLP, NT-Xent over the 2N-2
 other views of the global batch, negatives gathered across processes with gradient
 (``pretrain.losses.nt_xent``). LARS, lr 0.3 x B/256, weight decay 1e-6, 10 warm-up epochs, T = 0.5
-(0.1 for very large batches)."""
+(0.1 for very large batches). ``proj_bn`` False drops the projector's BN (solo-learn's SimCLR projector:
+Linear-ReLU-Linear)."""
 
 from __future__ import annotations
 
-from ..base import SHORT_SGD, Batch, Method, mlp, optim_config
+from ..base import SHORT_SGD, Batch, Method, cifar_lars, mlp, optim_config
 from ..losses import embedding_std, nt_xent
 
 
 class SimCLR(Method):
     name = "simclr"
     description = "SimCLR: NT-Xent over two views, projection MLP, negatives gathered with gradient"
-    defaults = {"temperature": 0.5, "proj_hidden": 2048, "proj_dim": 128}
+    defaults = {"temperature": 0.5, "proj_hidden": 2048, "proj_dim": 128, "proj_bn": True}
     optim = optim_config("lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10)
     short = {"hp": {"temperature": 0.2, "proj_hidden": 512}, "optim": SHORT_SGD}
+    #: solo-learn scripts/pretrain/cifar/simclr.yaml (solo/methods/simclr.py)
+    cifar = {"hp": {"temperature": 0.2, "proj_hidden": 2048, "proj_dim": 256, "proj_bn": False},
+             "optim": cifar_lars(lr=0.4, weight_decay=1e-4), "views": "cifar_symmetric"}
     augment = "simclr"
 
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)
-        self.projector = mlp([self.feat_dim, self.hp["proj_hidden"], self.hp["proj_dim"]])
+        self.projector = mlp([self.feat_dim, self.hp["proj_hidden"], self.hp["proj_dim"]], bn=bool(self.hp["proj_bn"]))
 
     def training_step(self, batch: Batch):
         z1 = self.projector(self.embed(batch.views[0]))

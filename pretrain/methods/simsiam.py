@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import Batch, Method, mlp, optim_config
+from ..base import Batch, Method, cifar_sgd, mlp, optim_config
 from ..losses import embedding_std
 
 
@@ -21,6 +21,9 @@ class SimSiam(Method):
     description = "SimSiam: stop-gradient, predictor, no EMA, symmetric negative cosine"
     defaults = {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True}
     optim = optim_config("sgd", lr=0.05, weight_decay=1e-4)
+    #: solo-learn scripts/pretrain/cifar/simsiam.yaml (its temperature: 0.2 is read by no SimSiam code)
+    cifar = {"hp": {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True},
+             "optim": cifar_sgd(lr=0.5, weight_decay=1e-5), "views": "cifar_symmetric_weak"}
     augment = "simclr"
 
     def __init__(self, arch, hp=None, **kw):

@@ -9,7 +9,11 @@ of 256, from epoch 15), scored against the current prototypes and stacked under 
 Sinkhorn, so the equipartition is over enough samples; only the batch's rows are used as codes. The queue
 is per process (Sinkhorn's sums still run over all processes), fills from ``queue_start_steps`` and is used
 once full. ``proj_bn`` = False drops the projection head's BN (one of the authors' workarounds against an
-early collapse, used by the short recipe)."""
+early collapse, used by the short recipe).
+
+Epoch-counted variants (solo-learn's CIFAR config, solo/methods/swav.py): ``freeze_prototypes_epochs`` freezes
+the prototypes for the first epochs as well, and ``queue_start_epochs`` holds the queue back until that epoch
+(it fills from ``queue_start_steps`` all the same, so it is full by then)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import multi_crop
-from ..base import SHORT_SGD, Batch, Method, mlp, optim_config
+from ..base import SHORT_SGD, Batch, Method, cifar_lars, mlp, optim_config
 from ..losses import embedding_std, sinkhorn
 from ..memory import Queue
 
@@ -41,7 +45,8 @@ class SwAV(Method):
     description = "SwAV: prototypes, Sinkhorn-Knopp codes, swapped prediction, multi-crop"
     defaults = {"proj_hidden": 2048, "proj_dim": 128, "n_prototypes": 3000, "temperature": 0.1,
                 "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 6, "freeze_prototypes_steps": 313,
-                "queue_length": 0, "queue_start_steps": 0, "proj_bn": True}
+                "queue_length": 0, "queue_start_steps": 0, "proj_bn": True, "freeze_prototypes_epochs": 0,
+                "queue_start_epochs": 0}
     optim = optim_config("lars", lr=0.6, weight_decay=1e-6)
     #: short: 100 prototypes in 64 dims (K must exceed d, or an embedding orthogonal to every prototype sits
     #: at loss ln K) and the authors' workarounds for an early collapse (lower epsilon, no projector BN, the
@@ -49,6 +54,13 @@ class SwAV(Method):
     short = {"hp": {"proj_hidden": 512, "proj_dim": 64, "n_prototypes": 100, "n_local": 0, "epsilon": 0.01,
                     "proj_bn": False, "freeze_prototypes_steps": 20, "queue_length": 0},
              "optim": SHORT_SGD}
+    #: solo-learn scripts/pretrain/cifar/swav.yaml: two 32 px views, no local crops (queue_size 3840 from epoch
+    #: 50, prototypes frozen for 2 epochs; sk_epsilon 0.05 and sk_iters 3 are solo's defaults)
+    cifar = {"hp": {"proj_hidden": 2048, "proj_dim": 128, "n_prototypes": 3000, "temperature": 0.1,
+                    "epsilon": 0.05, "sinkhorn_iters": 3, "n_local": 0, "freeze_prototypes_steps": 0,
+                    "freeze_prototypes_epochs": 2, "queue_length": 3840, "queue_start_steps": 0,
+                    "queue_start_epochs": 50, "proj_bn": True},
+             "optim": cifar_lars(lr=0.6, weight_decay=1e-6), "views": "cifar_symmetric"}
     augment = "swav"
     n_views = 2
 
@@ -60,8 +72,11 @@ class SwAV(Method):
         length = self.hp["queue_length"]
         self.queues = nn.ModuleList([Queue(length, self.hp["proj_dim"]) for _ in range(2)]) if length else None
         self.register_buffer("queued", torch.zeros((), dtype=torch.long))  # embeddings written per queue
+        self.current_epoch = 0
 
     def views(self, image_size):
+        if self.recipe_views:
+            return super().views(image_size)
         return multi_crop(image_size, n_global=2, n_local=self.hp["n_local"], **self.view_options)
 
     @classmethod
@@ -83,12 +98,20 @@ class SwAV(Method):
     def codes(self, scores: torch.Tensor, crop: int) -> torch.Tensor:
         """Sinkhorn codes of one global crop's batch, over the batch stacked under its full queue."""
         n = scores.shape[0]
-        if self.queues is not None and int(self.queued) >= self.hp["queue_length"]:
+        if (self.queues is not None and int(self.queued) >= self.hp["queue_length"]
+                and self.current_epoch >= self.hp["queue_start_epochs"]):
             scores = torch.cat([self.prototypes(self.queues[crop].items), scores])
         return sinkhorn(scores, self.hp["epsilon"], self.hp["sinkhorn_iters"])[-n:]
 
+    def on_train_start(self, trainer) -> None:
+        self.current_epoch = trainer.epoch
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        self.current_epoch = epoch
+
     def on_after_backward(self, trainer) -> None:
-        if trainer.global_step < self.hp["freeze_prototypes_steps"]:
+        if (trainer.global_step < self.hp["freeze_prototypes_steps"]
+                or trainer.epoch < self.hp["freeze_prototypes_epochs"]):
             self.prototypes.weight.grad = None
 
     def on_after_step(self, trainer) -> None:
