@@ -15,6 +15,7 @@ from .digits import Digits
 from .imagefolder import ImageFolder
 from .nyuv2 import NYUv2
 from .places import Places205
+from .video import EgoMotion, VideoFolder
 from .voc import VOC2007, VOC2012, VOC_CLASSES
 
 READERS: dict[str, Callable[..., ImageDataset]] = {
@@ -26,6 +27,8 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
     "cifar10": open_cifar("cifar10"),
     "cifar100": open_cifar("cifar100"),
     "digits": Digits,
+    "video": VideoFolder,
+    "egomotion": EgoMotion,
 }
 
 
@@ -39,6 +42,8 @@ DATA_LAYOUT: dict[str, str] = {
     "cifar10": "cifar-10-batches-py",
     "cifar100": "cifar-100-python",
     "digits": "",  # scikit-learn's bundled 8x8 digits: no files under the data root
+    "video": "video",
+    "egomotion": "egomotion",
 }
 
 
@@ -53,5 +58,6 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
         raise
 
 
-__all__ = ["CIFAR", "DATA_LAYOUT", "ClassificationDataset", "Digits", "ImageDataset", "ImageFolder", "NYUv2",
-           "Places205", "READERS", "VOC2007", "VOC2012", "VOC_CLASSES", "load_rgb", "open_dataset"]
+__all__ = ["CIFAR", "DATA_LAYOUT", "ClassificationDataset", "Digits", "EgoMotion", "ImageDataset", "ImageFolder",
+           "NYUv2", "Places205", "READERS", "VOC2007", "VOC2012", "VOC_CLASSES", "VideoFolder", "load_rgb",
+           "open_dataset"]

@@ -9,12 +9,16 @@ from pathlib import Path
 from ..console import HelpFormatter
 from ..errors import BadData, UserError
 
-SYNTH_KINDS = ("imagefolder", "voc", "places", "nyuv2", "cifar10")
+SYNTH_KINDS = ("imagefolder", "voc", "places", "nyuv2", "cifar10")  # what --kind all writes
+VIDEO_KINDS = ("video", "egomotion")  # written only when asked for (egomotion needs the navigation plug-in)
 ALIASES = {"voc": "voc2007", "places": "places205"}
-CHECK_KINDS = ("imagefolder", "voc", "voc2007", "places", "places205", "nyuv2", "cifar10", "cifar100", "digits")
+CHECK_KINDS = ("imagefolder", "voc", "voc2007", "places", "places205", "nyuv2", "cifar10", "cifar100", "digits",
+               *VIDEO_KINDS)
 SPLITS = {"imagefolder": ("train", "val"), "voc2007": ("trainval", "test"), "places205": ("train", "val"),
           "nyuv2": ("train", "test"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
-          "digits": ("train", "test")}
+          "digits": ("train", "test"), "video": ("train", "val"), "egomotion": ("train", "val")}
+# plug-ins offer an ego-motion recorder (frames + camera poses) here; the navigation task registers MiniWorld's
+RECORDER_GROUP = "evalsuite.recorders"
 
 EPILOG = """\
 examples:
@@ -23,6 +27,9 @@ examples:
   evalsuite data synth --kind nyuv2 --nyu-format dir --out data/d
   evalsuite data check --kind voc --root ~/data                 (~/data/VOCdevkit/VOC2007, or the folder itself)
   evalsuite data check --kind places --root data/demo --skip-corrupt
+  evalsuite data synth --kind video --out data/v --seconds 5     videos with sound (H.264 + AAC in MP4)
+  evalsuite data synth --kind egomotion --out data/v            MiniWorld frames with camera poses (needs [nav])
+  evalsuite data check --kind video --root ~/clips --split all  every video file under ~/clips
 """
 
 
@@ -32,16 +39,24 @@ def add_command(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     s = dsub.add_parser("synth", help="write synthetic datasets in their real on-disk formats",
                         formatter_class=HelpFormatter, epilog=EPILOG)
-    s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, "all"],
-                   help="dataset to write (default all: every kind into the one data root)")
+    s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, *VIDEO_KINDS, "all"],
+                   help="dataset to write (default all: every image kind into the one data root)")
     s.add_argument("--out", type=Path, required=True, help="data root to write into (each kind in its usual sub-path)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical files)")
     s.add_argument("--size", type=float, default=1.0,
                    help="scale factor on the number of images (1.0: ~400 VOC, 400 Places, 96 NYUv2, 240 ImageFolder, "
-                        "600 CIFAR images)")
+                        "600 CIFAR images, 16 videos, 10 ego-motion sequences)")
     s.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: each kind's own)")
     s.add_argument("--nyu-format", choices=["mat", "dir"], default="mat",
                    help="NYUv2 layout: labeled .mat + splits.mat (default) or per-frame files")
+    s.add_argument("--seconds", type=float, default=3.0, help="video / ego-motion sequence length")
+    s.add_argument("--fps", type=int, default=10, help="video frame rate (ego-motion: one frame per step)")
+    s.add_argument("--codec", choices=["h264", "mpeg4", "ffv1"], default="h264",
+                   help="video codec: H.264 + AAC in MP4, MPEG-4 part 2 + AAC in MP4, or lossless FFV1 + FLAC in "
+                        "Matroska (ego-motion is always FFV1)")
+    s.add_argument("--env", action="append", default=None,
+                   help="ego-motion environment(s), cycled over the sequences (default: MiniWorld OneRoom, "
+                        "FourRooms, TMaze, Maze)")
     s.set_defaults(func=cmd_synth)
     c = dsub.add_parser("check", help="parse a dataset, decode every file and summarise it (exit 2 on bad data)",
                         formatter_class=HelpFormatter, epilog=EPILOG)
@@ -54,8 +69,10 @@ def add_command(sub) -> None:
 
 
 def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: int | None = None,
-          nyu_format: str = "mat") -> dict[str, Path]:
+          nyu_format: str = "mat", seconds: float = 3.0, fps: int = 10, codec: str = "h264",
+          envs: list[str] | None = None) -> dict[str, Path]:
     """Write one kind (or "all") under the data root ``out``; returns {kind: written path}."""
+    from . import synth_video as V
     from . import synthetic as S
 
     kinds = SYNTH_KINDS if kind == "all" else (kind,)
@@ -74,16 +91,42 @@ def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: i
             done[k] = S.write_nyuv2(out, seed=seed, scale=scale, fmt=nyu_format, **hw)
         elif k == "cifar10":
             done[k] = S.write_cifar10(out, seed=seed, scale=scale)
+        elif k == "video":
+            done[k] = V.write_videos(out, seed=seed, scale=scale, seconds=seconds, size=image_size or 64, fps=fps,
+                                     codec_name=codec)
+        elif k == "egomotion":
+            done[k] = V.write_egomotion(out, egomotion_recorder(), seed=seed, scale=scale,
+                                        length=max(2, round(seconds * fps)), size=image_size or 64,
+                                        envs=envs or V.EGOMOTION_ENVS, fps=fps)
         else:  # pragma: no cover - argparse restricts choices
             raise UserError(f"unknown synthetic kind {k!r}")
     return done
 
 
+def egomotion_recorder():
+    """The ego-motion recorder a plug-in offers (entry point ``egomotion`` of ``evalsuite.recorders``)."""
+    from ..registry import entry_points
+
+    ep = entry_points(RECORDER_GROUP).get("egomotion")
+    if ep is None:
+        raise UserError(f"no ego-motion recorder is installed (the navigation plug-in offers one through the "
+                        f"{RECORDER_GROUP} entry point): reinstall evalsuite with the [nav] extra, "
+                        "pip install -e '.[nav]'")
+    try:
+        return ep.load()
+    except ImportError as e:
+        raise UserError(f"the ego-motion recorder ({ep.value}) cannot be imported ({e}); install the [nav] "
+                        "extra") from None
+
+
 def cmd_synth(a: argparse.Namespace) -> int:
     if a.size <= 0:
         raise UserError(f"--size must be positive, got {a.size}")
+    if a.seconds <= 0 or a.fps <= 0:
+        raise UserError(f"--seconds and --fps must be positive, got {a.seconds} and {a.fps}")
     t0 = time.perf_counter()
-    for k, path in synth(a.kind, a.out, a.seed, a.size, a.image_size, a.nyu_format).items():
+    for k, path in synth(a.kind, a.out, a.seed, a.size, a.image_size, a.nyu_format, a.seconds, a.fps, a.codec,
+                         a.env).items():
         print(f"wrote {k} to {path}")
     print(f"done in {time.perf_counter() - t0:.1f}s (seed {a.seed}, size {a.size})")
     return 0
@@ -109,8 +152,17 @@ def check_dataset(kind: str, root: Path, split: str, skip_corrupt: bool = False)
     if len(ds) == 0:
         raise BadData(f"split {split!r} is empty", root)
     s = ds.describe()
-    for i in range(len(ds)):
-        ds.load_image(i)
+    if kind in VIDEO_KINDS:  # decode every frame and every audio sample
+        decoded = [ds.check(i) for i in range(len(ds))]
+        s["audio_seconds"] = round(sum(d["audio_samples"] / max(1, v.sample_rate)
+                                       for d, v in zip(decoded, ds.videos)), 2)
+        if kind == "egomotion":
+            rel = np.concatenate([ds.relative(i) for i in range(len(ds))])
+            s["mean_step_m"] = round(float(np.abs(rel[:, 0]).mean()), 4)
+            s["mean_turn_deg"] = round(float(np.degrees(np.abs(rel[:, 2])).mean()), 2)
+    else:
+        for i in range(len(ds)):
+            ds.load_image(i)
     if kind == "voc2007":
         s["objects"] = ds.check_annotations()
         s["difficult_objects"] = int(sum(ds.annotations(i)["difficult"].sum() for i in range(len(ds))))

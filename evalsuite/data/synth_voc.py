@@ -116,6 +116,53 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
+def object_look(rng: np.random.Generator, r: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """An instance's appearance: two contrasting colours, texture period (pixels) and vertical shading tilt."""
+    while True:
+        c1, c2 = rand_color(rng), rand_color(rng)
+        if np.abs(c1 - c2).sum() > 180:
+            break
+    return c1, c2, r * rng.uniform(0.35, 0.55), rng.uniform(-1, 1)
+
+
+def paint_object(img: np.ndarray, c: int, cx: float, cy: float, r: float, angle: float,
+                 look: tuple[np.ndarray, np.ndarray, float, float]) -> tuple[np.ndarray, int]:
+    """Draw an object of class ``c`` (half-size ``r``, centre (cx, cy), turned by ``angle``) into ``img`` (float
+    (h, w, 3), in place); returns its in-frame mask and its full area in pixels (inside the frame or not)."""
+    h, w = img.shape[:2]
+    pad = max(w, h)
+    body, tex, parts = class_recipe(c)
+    bp, bc = _body(body, r)
+    pp, pc = _parts(parts, r)
+    full = _mask(h + 2 * pad, w + 2 * pad, bp + pp, bc + pc, cx, cy, angle, off=pad)
+    body_m = _mask(h, w, bp, bc, cx, cy, angle, off=0)
+    inside = full[pad:pad + h, pad:pad + w]
+    c1, c2, period, tilt = look
+    pat = texture(tex, h, w, cx, cy, period, angle)
+    shade = 1.0 + 0.25 * np.clip((np.mgrid[0:h, 0:w][0] - cy) / (r + 1e-6), -1, 1)[..., None] * tilt
+    obj = two_tone(pat, c1, c2) * shade
+    part_m = inside & ~body_m
+    img[body_m] = obj[body_m]
+    img[part_m] = (0.5 * c1 + 0.5 * c2) * 0.7
+    return inside, int(full.sum())
+
+
+def visible_parts(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each drawn object's visible pixels: objects drawn later occlude earlier ones."""
+    covered = np.zeros_like(masks[0]) if masks else None
+    out = [None] * len(masks)
+    for k in range(len(masks) - 1, -1, -1):
+        out[k] = masks[k] & ~covered
+        covered |= masks[k]
+    return out
+
+
+def visible_box(vis: np.ndarray) -> tuple[int, int, int, int]:
+    """The extent of a non-empty mask as a VOC box: x1, y1, x2, y2, 1-based and inclusive."""
+    ys, xs = np.nonzero(vis)
+    return int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int, n_objects: int | None = None,
                  radius: tuple[float, float] = (0.13, 0.3), background: np.ndarray | None = None
                  ) -> tuple[np.ndarray, list[dict]]:
@@ -127,46 +174,26 @@ def render_scene(rng: np.random.Generator, w: int, h: int, first_class: int, n_o
     n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15])) if n_objects is None else int(n_objects)
     # the scene's guaranteed class is drawn last (on top, central), so it is always visible
     classes = [int(rng.integers(0, 20)) for _ in range(n - 1)] + [first_class]
-    pad = max(w, h)
     inside_masks, info = [], []
     s = min(w, h)
     for j, c in enumerate(classes):
-        body, tex, parts = class_recipe(c)
         r = rng.uniform(*radius) * s
         lo = 0.1 if j < n - 1 else 0.3
         cx, cy = rng.uniform(lo * w, (1 - lo) * w), rng.uniform(lo * h, (1 - lo) * h)
         angle = rng.uniform(-0.45, 0.45)
-        bp, bc = _body(body, r)
-        pp, pc = _parts(parts, r)
-        full = _mask(h + 2 * pad, w + 2 * pad, bp + pp, bc + pc, cx, cy, angle, off=pad)
-        body_m = _mask(h, w, bp, bc, cx, cy, angle, off=0)
-        inside = full[pad:pad + h, pad:pad + w]
-        while True:
-            c1, c2 = rand_color(rng), rand_color(rng)
-            if np.abs(c1 - c2).sum() > 180:
-                break
-        pat = texture(tex, h, w, cx, cy, r * rng.uniform(0.35, 0.55), angle)
-        shade = 1.0 + 0.25 * np.clip((np.mgrid[0:h, 0:w][0] - cy) / (r + 1e-6), -1, 1)[..., None] * rng.uniform(-1, 1)
-        obj = two_tone(pat, c1, c2) * shade
-        part_m = inside & ~body_m
-        img[body_m] = obj[body_m]
-        img[part_m] = (0.5 * c1 + 0.5 * c2) * 0.7
+        look = object_look(rng, r)
+        inside, full_area = paint_object(img, c, cx, cy, r, angle, look)
         inside_masks.append(inside)
-        info.append((c, int(full.sum()), float(1 - inside.sum() / max(1, full.sum()))))
+        info.append((c, full_area, float(1 - inside.sum() / max(1, full_area))))
     objects = []
-    covered = np.zeros((h, w), bool)
-    for k in range(len(classes) - 1, -1, -1):  # later objects occlude earlier ones
-        vis = inside_masks[k] & ~covered
-        covered |= inside_masks[k]
+    for k, vis in enumerate(visible_parts(inside_masks)):
         c, full_area, out_frac = info[k]
         if vis.sum() < 12:
             continue
-        ys, xs = np.nonzero(vis)
-        box = (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)
+        box = visible_box(vis)
         vis_frac = vis.sum() / max(1, full_area)
         objects.append({"name": VOC_CLASSES[c], "box": box, "truncated": int(out_frac > 0.15),
                         "difficult": int(vis_frac < 0.3 or min(box[2] - box[0], box[3] - box[1]) < 8)})
-    objects.reverse()
     img = img + rng.normal(0, 4, size=img.shape).astype(np.float32)
     return img, objects
 

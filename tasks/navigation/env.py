@@ -20,7 +20,7 @@ import ctypes
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -108,7 +108,8 @@ class Simulator:
     ``make(env, image_size, kwargs)`` returns a gymnasium env with ``(H, W, 3)`` uint8 observations and a
     Discrete action space; ``position(env)`` the agent's ground-plane position (metres);
     ``shortest_path(env)`` the shortest-path distance from the current position to the goal region,
-    called right after ``reset``; ``success(env, terminated, info)`` whether the episode reached the goal.
+    called right after ``reset``; ``success(env, terminated, info)`` whether the episode reached the goal;
+    ``pose(env)`` the camera's ground-truth (x, y, heading) for ego-motion data (None: not offered).
     """
 
     name: str
@@ -117,6 +118,7 @@ class Simulator:
     position: Callable[[gym.Env], np.ndarray]
     shortest_path: Callable[[gym.Env], float]
     success: Callable[[gym.Env, bool, dict], bool] = field(default=lambda env, terminated, info: bool(terminated))
+    pose: Callable[[gym.Env], np.ndarray] | None = None
 
 
 SIMULATORS: dict[str, Simulator] = {}
@@ -177,8 +179,16 @@ def _miniworld_shortest_path(env: gym.Env, resolution: float = 0.1) -> float:
                             segs, obstacles, resolution)
 
 
+def _miniworld_pose(env: gym.Env) -> np.ndarray:
+    """The camera's (x, y, heading) with y = -z: MiniWorld is y-up with forward (cos dir, 0, -sin dir), so on the
+    (x, -z) plane the heading ``dir`` turns counter-clockwise (a left turn adds to it)."""
+    a = env.unwrapped.agent
+    cam = a.cam_pos
+    return np.array([float(cam[0]), -float(cam[2]), (float(a.dir) + np.pi) % (2 * np.pi) - np.pi])
+
+
 register_simulator(Simulator("miniworld", MINIWORLD_POINT_GOAL, _miniworld_make, _miniworld_position,
-                             _miniworld_shortest_path))
+                             _miniworld_shortest_path, pose=_miniworld_pose))
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -301,6 +311,46 @@ class NavEpisodeTracker(gym.Wrapper):
                 path_length=self._path, ret=self._ret, length=self._len,
             ).to_dict()
         return obs, reward, terminated, truncated, info
+
+
+def record_egomotion(name: str, seeds: Sequence[int], length: int, image_size: int, env_kwargs: dict | None = None,
+                     turn_prob: float = 0.4, tries: int = 10) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+    """Ego-motion data: per seed, ``length`` frames of a random walk in one episode, with the camera's pose.
+
+    Each step turns left / right with probability ``turn_prob`` / 2 each, else moves forward (MiniWorld's actions
+    0, 1, 2); a blocked forward step starts a turn of 3-8 steps in one direction, so the walk leaves walls.
+    An episode that ends sooner (the goal reached) is recorded again from the next reset, up to ``tries`` times.
+    Yields the frames uint8 (T, H, W, 3), the poses float64 (T, 3) from the simulator's ``pose`` and the T - 1
+    actions (``evalsuite.data.synth_video.write_egomotion`` writes them to disk)."""
+    sim, env_name = resolve(name)
+    if sim.pose is None:
+        raise UserError(f"simulator {sim.name!r} does not report camera poses")
+    env = sim.make(env_name, image_size, dict(env_kwargs or {}))
+    try:
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            best = None
+            for attempt in range(tries):
+                obs, _ = env.reset(seed=int(seed) + 7919 * attempt)
+                frames, poses, actions, escape = [obs], [sim.pose(env)], [], []
+                while len(frames) < length:
+                    if actions and actions[-1] == 2 and np.allclose(poses[-1], poses[-2]):  # walked into a wall
+                        escape = [int(rng.integers(2))] * int(rng.integers(3, 9))
+                    action = escape.pop() if escape else int(rng.choice(3, p=[turn_prob / 2, turn_prob / 2,
+                                                                                1 - turn_prob]))
+                    obs, _, terminated, truncated, _ = env.step(action)
+                    frames.append(obs)
+                    poses.append(sim.pose(env))
+                    actions.append(action)
+                    if terminated or truncated:
+                        break
+                if best is None or len(frames) > len(best[0]):
+                    best = (np.stack(frames).astype(np.uint8), np.stack(poses), actions)
+                if len(frames) == length:
+                    break
+            yield best
+    finally:
+        env.close()
 
 
 def make_env(name: str, image_size: int, env_kwargs: dict | None = None) -> gym.Env:
