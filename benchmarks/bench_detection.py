@@ -11,6 +11,7 @@ average before and after is recorded (the CPU may be shared).
     python -m benchmarks.bench_detection --iters 0 --quality-scale 1 --threads 2 \
         --quality-checkpoints random:resnet18,DIR/supervised.safetensors
     python -m benchmarks.bench_detection --arch resnet50 --iters 10 --images 8 --threads 16 --quality-scale 0
+    python -m benchmarks.bench_detection --arch vit_tiny_patch16 --quality-set detection.vit.box_head=4conv1fc
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-iters", type=int, default=None, help="training iterations (default: the preset's)")
     ap.add_argument("--quality-checkpoints", default=None,
                     help="comma-separated trunks of the quality run (default: random:<arch>)")
+    ap.add_argument("--quality-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a protocol override of the speed and quality runs (detection.vit.box_head=4conv1fc)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()[0]
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     import tasks.detection.task as det
     from evalsuite.data import open_dataset
     from evalsuite.data.synthetic import write_voc2007
-    from evalsuite.trunks import build_trunk
+    from evalsuite.protocols import apply_overrides, parse_overrides
+    from evalsuite.trunks import arch_info, build_trunk
     from tasks.detection.fast_rcnn import TorchvisionFastRCNN
     from tasks.detection.proposals import ProposalCache
 
@@ -74,11 +78,14 @@ def main(argv=None) -> int:
         print(f"proposals: uncached {uncached:.2f} img/s, cached {cached:.0f} img/s ({cached / uncached:.0f}x)")
 
         for preset in ("quick", "goyal19") if a.iters > 0 else ():
-            p = det.task.default_protocol(preset).replace(
+            p = apply_overrides({"detection": det.task.default_protocol(preset)},
+                                parse_overrides(a.quality_set))["detection"].replace(
                 proposal_cache=str(root / "props"), proposals="sliding_window", proposal_limit=a.proposals,
                 max_iter=a.iters, checkpoint_period=10**9)
             recs, _ = det.build_records(train, p, train=True, limit=n)
-            be = TorchvisionFastRCNN(build_trunk(a.arch, seed=0), 20, det.model_config(p), device=a.device)
+            info = arch_info(a.arch)
+            cfg = det.vit_model_config(p, info) if info["family"] == "vit" else det.model_config(p)
+            be = TorchvisionFastRCNN(build_trunk(a.arch, seed=0), 20, cfg, device=a.device)
             be.fit(recs, det.train_config(p.replace(max_iter=1), 0))  # warm-up
             t = time.perf_counter()
             be.fit(recs, det.train_config(p, 0))
@@ -89,6 +96,7 @@ def main(argv=None) -> int:
             out["sizes"][preset] = {"scale": p.train_scales[0], "max_size": p.train_max_size,
                                     "ims_per_batch": p.ims_per_batch, "rois_per_image": p.rois_per_image,
                                     "pool_size": p.pool_size, "freeze_at": p.freeze_at,
+                                    **({"vit": p.vit.to_dict()} if info["family"] == "vit" else {}),
                                     "test_proposals": a.proposals, "train_it_per_s": round(train_its, 3),
                                     "test_img_per_s": round(test_ips, 3)}
             print(f"{preset:8s} (short side {p.train_scales[0]}): train {train_its:.3f} it/s, "
@@ -122,10 +130,10 @@ def quality_run(root: Path, a, spec: str, index: int = 0) -> dict:
     proto = det.task.default_protocol("quick")
     iters = proto.max_iter if a.quality_iters is None else a.quality_iters
     res = {"preset": "quick", "data_scale": a.quality_scale, "arch": a.arch, "checkpoint": spec,
-           "proposals": "sliding_window", "max_iter": iters}
+           "proposals": "sliding_window", "max_iter": iters, "overrides": a.quality_set}
     for name, n in (("untrained", 0), ("trained", iters)):
         over = parse_overrides([f"detection.proposal_cache={root / 'props'}", "detection.proposals=sliding_window",
-                                f"detection.max_iter={n}"])
+                                f"detection.max_iter={n}", *a.quality_set])
         ctx = TaskContext(task="detection", checkpoint=load_checkpoint(spec), preset="quick",
                           protocol=apply_overrides({"detection": proto}, over)["detection"], data_root=root / "data",
                           out_dir=root / f"trunk{index}" / name, extractor_factory=lambda: None, progress=False, seed=0,

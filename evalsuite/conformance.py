@@ -1,9 +1,13 @@
-"""The conformance table: every field of every task's ``goyal19`` protocol beside the published reference.
+"""The conformance table: every field of every task's ``goyal19`` protocol beside the published reference, and
+of every other preset that follows a reference of its own (``dino21``: DINO's eval_knn.py / eval_linear.py).
 
 A task offers ``conformance``: ``{field: (reference value, "repo:path", status)}`` where status is ``same``,
 ``deviation: <measured effect>`` or ``ours: <why the reference has no such element>`` (a task package keeps it in
-its ``conformance.py``). ``python -m evalsuite.conformance`` writes ``docs/protocols.md`` from the presets
-themselves, so the table cannot drift from the code; ``--check`` fails when the page is stale.
+its ``conformance.py``), and may offer ``preset_conformance``: ``{preset: such a table}`` for its other faithful
+presets, and ``reference_variants``: ``{preset: ({field: value, ...}, ...)}``, settings the reference itself uses
+for some architectures (DINO's ViT-B linear features), which are not deviations. ``python -m evalsuite.conformance``
+writes ``docs/protocols.md`` from the presets themselves, so the table cannot drift from the code; ``--check`` fails
+when the page is stale.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Row:
     reference: str
     source: str
     status: str
+    preset: str = "goyal19"
 
     @property
     def changes_the_number(self) -> bool:
@@ -44,24 +49,46 @@ def _value(protocol: Any, path: str) -> Any:
     return cur
 
 
-def task_conformance(task: Any) -> dict[str, tuple[str, str, str]]:
-    table = getattr(task, "conformance", None)
-    if table is None:
+def _offered(task: Any, attribute: str, module_name: str) -> Any:
+    """The task's ``attribute``, else ``module_name`` of its package's ``conformance`` module, else None."""
+    value = getattr(task, attribute, None)
+    if value is None:
         import importlib
 
         package = type(task).__module__.rsplit(".", 1)[0]
         try:
-            table = importlib.import_module(f"{package}.conformance").CONFORMANCE
+            value = getattr(importlib.import_module(f"{package}.conformance"), module_name)
         except (ImportError, AttributeError):
-            table = {}
-    return dict(table)
+            value = None
+    return value
 
 
-def deviations(task: Any, protocol: Any) -> list[str]:
-    """Fields of ``protocol`` that make its numbers differ from the published ones: our preset's known
-    deviations (status ``deviation``) and fields set away from a value the reference shares (status ``same``)."""
-    table = task_conformance(task)
-    reference = task.default_protocol("goyal19")
+def task_conformance(task: Any, preset: str = "goyal19") -> dict[str, tuple[str, str, str]]:
+    """The task's table for ``preset`` (goyal19's, or one of its ``preset_conformance``; {} when it has none)."""
+    if preset == "goyal19":
+        return dict(_offered(task, "conformance", "CONFORMANCE") or {})
+    return dict((_offered(task, "preset_conformance", "PRESET_CONFORMANCE") or {}).get(preset, {}))
+
+
+def reference_preset(task: Any, preset: str) -> str:
+    """The preset whose published reference a ``preset`` record is held against: ``preset`` itself when the task
+    has a table for it (dino21), else goyal19 (vissl and quick records are compared with the goyal19 reference)."""
+    return preset if preset != "goyal19" and task_conformance(task, preset) else "goyal19"
+
+
+def deviations(task: Any, protocol: Any, preset: str = "goyal19") -> list[str]:
+    """Fields of ``protocol`` (run under ``preset``) that make its numbers differ from the published ones: the
+    reference preset's known deviations (status ``deviation``) and fields set away from a value the reference
+    shares (status ``same``); a reference variant (``reference_variants``) counts as the reference."""
+    ref_preset = reference_preset(task, preset)
+    table = task_conformance(task, ref_preset)
+    base = task.default_protocol(ref_preset)
+    variants = (_offered(task, "reference_variants", "REFERENCE_VARIANTS") or {}).get(ref_preset, ())
+    found = [_flagged(protocol, reference, table) for reference in [base, *(base.replace(**v) for v in variants)]]
+    return min(found, key=len)
+
+
+def _flagged(protocol: Any, reference: Any, table: dict[str, tuple[str, str, str]]) -> list[str]:
     out = []
     for path in field_paths(protocol):
         status = table.get(path, ("", "", MISSING))[2]
@@ -74,18 +101,26 @@ def deviations(task: Any, protocol: Any) -> list[str]:
     return out
 
 
+def conformance_presets(task: Any) -> list[str]:
+    """goyal19 and the other presets the task has a reference table for."""
+    return ["goyal19", *(_offered(task, "preset_conformance", "PRESET_CONFORMANCE") or {})]
+
+
 def rows(task_names: list[str] | None = None, preset: str = "goyal19") -> list[Row]:
-    """One row per field of each task's ``preset`` protocol (fields without an entry are marked missing)."""
+    """One row per field of each task's ``preset`` protocol beside that preset's reference (fields without an entry
+    are marked missing); tasks without a table for a preset other than goyal19 have no rows."""
     check_preset(preset)
     out = []
     for name in task_names or registry.task_names():
         task = registry.get_task(name)
+        if preset != "goyal19" and preset not in conformance_presets(task):
+            continue
         protocol = task.default_protocol(preset)
-        table = task_conformance(task)
+        table = task_conformance(task, preset)
         for path in field_paths(protocol):
             ref, source, status = table.get(path, ("", "", MISSING))
             value = _value(protocol, path)
-            out.append(Row(name, path, json.loads(json.dumps(value)), ref, source, status))
+            out.append(Row(name, path, json.loads(json.dumps(value)), ref, source, status, preset))
     return out
 
 
@@ -98,18 +133,20 @@ def render(all_rows: list[Row]) -> str:
     lines = [
         "# Protocol conformance",
         "",
-        "Generated by `python -m evalsuite.conformance` from the `goyal19` presets and each task's",
-        "`conformance.py`; do not edit by hand. One row per protocol field: the reference value and the file it",
-        "comes from, our value, and whether they are the same. `deviation` rows change the number (with the",
-        "measured effect where we have it); `ours` rows are settings the reference does not have.",
-        "`evalsuite compare` flags a record compared with a published number when a field it changed, or a",
-        "`deviation` row, makes the two not comparable.",
+        "Generated by `python -m evalsuite.conformance` from the `goyal19` presets, the other presets that follow a",
+        "published reference of their own (`dino21`), and each task's `conformance.py`; do not edit by hand. One row",
+        "per protocol field: the reference value and the file it comes from, our value, and whether they are the",
+        "same. `deviation` rows change the number (with the measured effect where we have it); `ours` rows are",
+        "settings the reference does not have. `evalsuite compare` flags a record compared with a published number",
+        "when a field it changed, or a `deviation` row, makes the two not comparable (a `dino21` record is held",
+        "against the `dino21` table, a `vissl` or `quick` one against `goyal19`'s).",
     ]
-    for task in dict.fromkeys(r.task for r in all_rows):
-        mine = [r for r in all_rows if r.task == task]
+    for task, preset in dict.fromkeys((r.task, r.preset) for r in all_rows):
+        mine = [r for r in all_rows if (r.task, r.preset) == (task, preset)]
         same = sum(r.status.startswith("same") for r in mine)
-        lines += ["", f"## {task}", "", f"{same} of {len(mine)} fields as in the reference.", "",
-                  "| field | reference | source | ours (goyal19) | status |", "|---|---|---|---|---|"]
+        title = task if preset == "goyal19" else f"{task} ({preset})"
+        lines += ["", f"## {title}", "", f"{same} of {len(mine)} fields as in the reference.", "",
+                  f"| field | reference | source | ours ({preset}) | status |", "|---|---|---|---|---|"]
         lines += [f"| `{r.field}` | {_cell(r.reference)} | {_cell(r.source)} | `{_cell(r.ours)}` | {_cell(r.status)} |"
                   for r in mine]
     return "\n".join(lines) + "\n"
@@ -158,7 +195,9 @@ def with_preset_tables(text: str) -> str:
 
 def generated_pages() -> dict[Path, str]:
     """Every page this module writes: docs/protocols.md and the task pages with preset tables."""
-    pages = {PAGE: render(rows())}
+    from .protocols import PRESETS
+
+    pages = {PAGE: render([r for preset in PRESETS for r in rows(preset=preset)])}
     for page in sorted(TASK_PAGES.glob("*.md")):
         text = page.read_text(encoding="utf-8")
         if "<!-- presets:" in text:

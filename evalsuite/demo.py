@@ -30,9 +30,6 @@ DEMO_ARCH = "resnet18"
 # ViTs only; its short recipe (a 2-block decoder) keeps one epoch of ViT-Tiny at 64 px to ~25 s on 2 cores.
 DEMO_VIT_ARCH = "vit_tiny_patch16"
 VIT_METHODS = {"mae": ("--recipe", "short")}
-# Tasks without a ViT head yet (they raise NotApplicable, evalsuite.vit.require_convolutional): a ViT checkpoint
-# has no step for them, as ``run --tasks all`` skips them.
-NO_VIT_HEAD = ("detection",)
 # Demo-only settings on top of the quick preset (printed with the plan, recorded in every result):
 # sliding-window proposals instead of selective search, 50 training iterations and 40 test images keep detection
 # to ~18 s per checkpoint on 2 cores (quick: ~45 s), and 1024 PPO frames with 8 evaluation episodes keep navigation
@@ -117,8 +114,6 @@ def build_plan(cfg: DemoConfig, task_names: Sequence[str]) -> list[Step]:
     for m in cfg.methods:
         spec = checkpoint_spec(cfg, m)
         for t in task_names:
-            if m in cfg.vit_methods and t in NO_VIT_HEAD:
-                continue
             items = overrides_for(t, [*DEMO_OVERRIDES, *cfg.overrides], task_names)
             if t == "navigation" and m != cfg.methods[0]:
                 items.append("navigation.baselines=[]")  # random/blind baselines do not depend on the trunk
@@ -143,7 +138,8 @@ def overrides_for(task: str, overrides: Sequence[str], task_names: Sequence[str]
 
 # Rough seconds per quick-preset evaluation of a ResNet-18 on the default data (2 CPU cores).
 TASK_COST = {"centroid": 3.0, "knn": 4.0, "places205_linear": 8.0, "voc07_svm": 8.0, "lowshot_svm": 8.0,
-             "detection": 18.0, "surface_normals": 6.0, "navigation": 18.0, "semi_supervised": 8.0}
+             "detection": 18.0, "surface_normals": 6.0, "navigation": 18.0, "semi_supervised": 8.0,
+             "imagenet_linear": 6.0}
 
 
 def run_plan(steps: Sequence[Step], run_argv: Callable[[list[str]], int], *, progress: bool = True,
@@ -213,7 +209,7 @@ def summary_table(results_dir: Path, preset: str):
         for r in iter_records(path):
             if r.get("protocol") != preset or r.get("value") is None:
                 continue
-            metric = HEADLINE.get(r["task"])
+            metric = headline_metric(r["task"])
             if metric and r["metric"] != metric:
                 continue
             if (r.get("params") or {}).get("agent") in BASELINE_AGENTS:
@@ -229,9 +225,17 @@ def summary_table(results_dir: Path, preset: str):
 
 
 # The number shown per task in the terminal summary (best over layers).
-HEADLINE = {"centroid": "top1", "knn": "top1", "places205_linear": "top1", "voc07_svm": "mAP",
-            "lowshot_svm": "mAP", "detection": "mAP", "surface_normals": "median_angle_error_deg",
-            "navigation": "success_rate"}
+def headline_metric(task: str) -> str | None:
+    """The first of the task's ``headline_metrics`` (the summary's number for it), None for an unknown task."""
+    from . import registry
+    from .errors import UserError
+
+    try:
+        return registry.get_task(task).headline_metrics[0]
+    except UserError:  # a task no longer installed: every metric of its records is shown
+        return None
+
+
 LOWER_IS_BETTER = {"median_angle_error_deg", "mean_angle_error_deg", "rmse_angle_error_deg"}
 BASELINE_AGENTS = {"random", "blind"}
 

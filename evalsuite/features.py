@@ -36,7 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # The precision a run extracts in when --precision is not given: the references (fair_ssb, VISSL, DINO)
 # extract in fp32, and bf16 moves published-protocol numbers by more than 0.1 point
 # (benchmarks/fidelity/features.py); the quick preset keeps the fast path.
-PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "quick": "auto"}
+PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "dino21": "fp32", "quick": "auto"}
 
 
 

@@ -22,6 +22,7 @@ from .errors import UserError
 PRESETS: dict[str, str] = {
     "goyal19": "the published Goyal et al. 2019 protocol (default for comparisons)",
     "vissl": "VISSL's variants of the same benchmarks",
+    "dino21": "DINO's evaluation (Caron et al. 2021): eval_knn.py and eval_linear.py",
     "quick": "small sizes for CPU and CI; numbers are not comparable to published ones",
 }
 
@@ -30,6 +31,15 @@ def check_preset(name: str) -> str:
     if name not in PRESETS:
         raise UserError(f"unknown protocol preset {name!r}; choose one of {', '.join(PRESETS)}")
     return name
+
+
+def preset_changes(table: Mapping[str, Mapping[str, Any]], preset: str, task: str) -> dict[str, Any]:
+    """A task's changes to its goyal19 values for ``preset`` (``table``: preset -> changes); a known preset the
+    task has no version of is refused in one line (``--tasks all`` skips the task with that line)."""
+    check_preset(preset)
+    if preset not in table:
+        raise UserError(f"{task} has no {preset} protocol ({PRESETS[preset]}); its presets: {', '.join(table)}")
+    return dict(table[preset])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -162,5 +162,5 @@ class TaskContext:
             from .conformance import deviations
 
             not_comparable = ["arch"] if published_comparability(self.checkpoint.arch) else []
-            self._deviations = deviations(registry.get_task(self.task), self.protocol) + not_comparable
+            self._deviations = deviations(registry.get_task(self.task), self.protocol, self.preset) + not_comparable
         return list(self._deviations)

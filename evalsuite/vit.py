@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import NotApplicable, UserError
+from .errors import UserError
 
 # size: (embed dim, depth, heads)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -342,11 +342,3 @@ def _signature(keys) -> tuple[bool, bool, bool]:
     """Register tokens, LayerScale, a norm before the blocks (CLIP): what tells the variants of one size and patch
     apart."""
     return "reg_token" in keys, "blocks.0.ls1.gamma" in keys, "norm_pre.weight" in keys
-
-
-def require_convolutional(arch: str, task: str) -> None:
-    """One UserError line for tasks that have no ViT head yet (surface normals, detection, navigation)."""
-    from .trunks import arch_info
-
-    if arch_info(arch)["family"] == "vit":
-        raise NotApplicable(f"{task} needs a convolutional trunk; its ViT head is not implemented yet ({arch})")

@@ -29,6 +29,7 @@ from evalsuite.colorspace import to_input_space
 from evalsuite.trunks import arch_info, build_trunk
 from evalsuite.vit import ViTTaps
 
+from . import RECIPES
 from .augment import COLOUR_PRESETS, ViewTransform, preset
 
 
@@ -89,7 +90,6 @@ def optim_config(optimizer: str, *, lr: float, weight_decay: float, momentum: fl
 #: DeepCluster's optimizer (Caron et al. 2018), which the other pseudo-label methods (SeLA, NAT) reuse
 CLUSTERING_OPTIM = optim_config("sgd", lr=0.05, weight_decay=1e-5)
 
-RECIPES = ("paper", "short", "cifar")
 #: optimizer changes every method gets under the ``short`` recipe: a warm-up of a fraction of an epoch (the
 #: papers' 10 warm-up epochs would use up a short run at a tiny lr) and a base batch size of 64 for the lr
 #: scaling (so a batch of 64 gets the method's base lr, not a quarter of it)

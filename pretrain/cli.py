@@ -8,7 +8,7 @@ from pathlib import Path
 
 from evalsuite.errors import UserError
 
-from .base import RECIPES
+from . import RECIPES
 
 #: what a run uses when neither the command line nor the recipe sets it
 RUN_DEFAULTS = {"arch": "resnet18", "batch_size": 64, "epochs": 1, "image_size": 64}

@@ -56,6 +56,10 @@ def test_presets_follow_the_protocols():
     assert q.image_size < g.image_size and max(q.ks) <= 20
     # the recorded form keeps JSON lists and nulls
     assert q.to_dict()["ks"] == [5, 10, 20] and q.to_dict()["resize"] is None and q.to_dict()["use_gpu"] == "auto"
+    # dino21: goyal19 (DINO's eval_knn.py already) run as DINO does: ImageNet, the network's output, weighted votes
+    d = knn.task.default_protocol("dino21")
+    assert d.to_dict() == {**g.to_dict(), "dataset": "imagenet", "layers": ["res5"], "majority_vote": False,
+                           "retrieval": False}
 
 
 def test_overrides_are_cast_to_the_declared_types():
@@ -171,6 +175,55 @@ def test_reported_numbers_equal_an_independent_recomputation(tiny_imagefolder, t
 
     again = knn.task.run(make_ctx(tiny_imagefolder, tmp_path / "out2", ckpt, tmp_path / "cache"))
     assert [r.value for r in again] == [r.value for r in results]  # deterministic
+
+
+def dino_knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes):
+    """facebookresearch/dino eval_knn.py's knn_classifier, in its own torch operations (one chunk of queries)."""
+    similarity = torch.mm(test_features, train_features.t())
+    distances, indices = similarity.topk(k, largest=True, sorted=True)
+    retrieved = torch.gather(train_labels.view(1, -1).expand(len(test_labels), -1), 1, indices)
+    one_hot = torch.zeros(len(test_labels) * k, num_classes).scatter_(1, retrieved.view(-1, 1), 1)
+    probs = (one_hot.view(len(test_labels), -1, num_classes) * distances.div(T).exp().view(len(test_labels), -1, 1)
+             ).sum(1)
+    correct = probs.sort(1, True)[1].eq(test_labels.view(-1, 1))
+    return (100.0 * correct[:, :1].sum().item() / len(test_labels),
+            100.0 * correct[:, :min(5, k)].sum().item() / len(test_labels))
+
+
+def test_dino21_on_a_vit_is_dinos_eval_knn(tmp_path):
+    """dino21 on a random ViT-Tiny and a synthetic ImageNet (official layout): the block11 features are the model's
+    output as DINO reads it (timm's forward_features: every block then the final norm, [CLS]) on torchvision's
+    Resize(bicubic) + CenterCrop, and top-1 / top-5 are eval_knn.py's knn_classifier on them."""
+    from torchvision import transforms as T
+
+    from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD
+    from evalsuite.data.synthetic import write_imagenet
+
+    write_imagenet(tmp_path / "data", seed=1, image_size=40, train_per_class=6, val_per_class=3)
+    vit = load_checkpoint("random:vit_tiny_patch16", seed=0)
+    ctx = make_ctx(tmp_path / "data", tmp_path / "out", vit, tmp_path / "cache", preset="dino21", layers=None,
+                   overrides=["knn.ks=[10,20]", "knn.image_size=32", "knn.resize=36"])
+    results = knn.task.run(ctx)
+    by = {(r.layer, r.metric): r.value for r in results}
+    # a ViT has no res5: its last block (DINO's feature) and last4; weighted votes only, no retrieval records
+    assert set(by) == {(t, m) for t in ("block11", "last4") for m in ("top1", "top5", "top1@k10", "top5@k10",
+                                                                      "top1@k20", "top5@k20")}
+    assert all(r.dataset == "imagenet" and r.params["pool_op"].startswith("cls(") for r in results)
+    train, val = ctx.open_dataset("imagenet", "train"), ctx.open_dataset("imagenet", "val")
+    tf = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    trunk = vit.build_trunk().eval()
+    with torch.no_grad():
+        ref = trunk.forward_features(torch.stack([tf(val.load_image(i)) for i in range(len(val))]))[:, 0]
+    cached = {s.split: ctx.features(s, ["block11"], pooling="avg")["block11"] for s in (train, val)}
+    np.testing.assert_allclose(cached["val"].astype(np.float32), ref.numpy(), rtol=2e-3, atol=2e-3)  # fp16 cache
+    f_tr, f_va = (torch.nn.functional.normalize(torch.from_numpy(cached[s].astype(np.float32)), dim=1, p=2)
+                  for s in ("train", "val"))
+    for k in (10, 20):
+        top1, top5 = dino_knn_classifier(f_tr, torch.from_numpy(train.labels), f_va, torch.from_numpy(val.labels),
+                                         k, 0.07, 8)
+        assert (by[("block11", f"top1@k{k}")], by[("block11", f"top5@k{k}")]) == pytest.approx((top1, top5))
+    assert by[("block11", "top1")] == by[("block11", "top1@k20")]
 
 
 def test_leave_one_out_retrieval_never_returns_the_query(tiny_imagefolder, tmp_path, ckpt, monkeypatch):

@@ -22,6 +22,7 @@ from tasks.linear.probe import (
     total_iterations,
     train_linear_probe,
 )
+from tasks.linear.task import imagenet_task
 from tasks.linear.task import task as places_task
 
 
@@ -64,6 +65,81 @@ def test_lr_schedule_steps_at_milestones():
     assert lr_at(40, ipe, cfg) == pytest.approx(1e-4)
     assert lr_at(69, ipe, cfg) == pytest.approx(1e-5)
     assert total_iterations(50, cfg) == 70
+
+
+def test_dino21_lr_is_scaled_by_batch_and_follows_a_per_epoch_cosine():
+    """eval_linear.py: lr = 0.001 x (128 per GPU x 8 GPUs) / 256 = 0.004, CosineAnnealingLR(100, eta_min=0) stepped
+    after every epoch: lr_e = 0.004 (1 + cos(pi e / 100)) / 2, constant within an epoch."""
+    cfg = ProbeConfig.from_protocol(imagenet_task.default_protocol("dino21"))
+    assert (cfg.lr, cfg.batch_size, cfg.lr_base_batch, cfg.scaled_lr) == (0.001, 1024, 256, 0.004)
+    ipe = 1281167 // 1024  # 1251 full batches of ImageNet-1k's train split
+    assert lr_at(0, ipe, cfg) == lr_at(ipe - 1, ipe, cfg) == pytest.approx(0.004, rel=1e-12)
+    assert lr_at(ipe, ipe, cfg) == pytest.approx(0.0039990131207, rel=1e-10)  # 0.002 (1 + cos(pi / 100))
+    assert lr_at(50 * ipe, ipe, cfg) == pytest.approx(0.002, rel=1e-12)
+    assert lr_at(99 * ipe + 7, ipe, cfg) == pytest.approx(9.8687927e-7, rel=1e-7)  # 0.002 (1 + cos(0.99 pi))
+    # the same numbers as torch's CosineAnnealingLR over the 100 epochs
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.004)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 100, eta_min=0)
+    for epoch in range(100):
+        assert lr_at(epoch * ipe, ipe, cfg) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        opt.step()
+        sched.step()
+    # the step schedule scales the same way when asked to
+    step = ProbeConfig(lr=0.1, batch_size=512, lr_base_batch=256, lr_milestones=(1,), epochs=2)
+    assert (lr_at(0, 10, step), lr_at(10, 10, step)) == (pytest.approx(0.2), pytest.approx(0.02))
+    with pytest.raises(UserError, match="lr_base_batch must be >= 1"):
+        ProbeConfig(lr_base_batch=0)
+
+
+def test_dino21_head_trains_like_eval_linears_sgd_by_hand():
+    """No BatchNorm, N(0, 0.01^2) weights and zero bias, SGD momentum 0.9 without Nesterov or weight decay, the
+    cosine lr: two full-batch epochs recomputed with numpy (softmax cross-entropy gradients, momentum buffer)."""
+    x, y = blobs(4, 6, 3, sep=1.0, seed=5)
+    p = imagenet_task.default_protocol("dino21").replace(epochs=2, batch_size=12, lr=0.5, lr_base_batch=6)
+    cfg = ProbeConfig.from_protocol(p, seed=2)  # scaled lr 1.0, then 0.5 in epoch 2
+    init = build_probe(6, 3, cfg)
+    assert init.bn is None and float(init.fc.bias.detach().abs().max()) == 0.0
+    w, b = init.fc.weight.detach().double().numpy(), init.fc.bias.detach().double().numpy()
+    fit = train_linear_probe(x, y, 3, cfg, progress=False)
+    xf, onehot = x.astype(np.float64), np.eye(3)[y]
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for lr in (1.0, 0.5):
+        z = xf @ w.T + b
+        prob = np.exp(z - z.max(1, keepdims=True))
+        prob /= prob.sum(1, keepdims=True)
+        g = (prob - onehot) / len(y)
+        vw, vb = 0.9 * vw + g.T @ xf, 0.9 * vb + g.sum(0)
+        w, b = w - lr * vw, b - lr * vb
+    assert [h["lr"] for h in fit.history] == pytest.approx([1.0, 0.5])
+    np.testing.assert_allclose(fit.model.fc.weight.detach().numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fit.model.fc.bias.detach().numpy(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_epoch_evaluation_is_kept_in_the_history_and_survives_a_resume(tmp_path):
+    x, y = blobs(10, 6, 3, sep=0.5, seed=1)
+    cfg = ProbeConfig(epochs=4, batch_size=8, lr=0.05, lr_milestones=(3,), bn="feature", seed=1)
+
+    def evaluate(model):
+        return {"val_top1": topk_accuracy(predict_logits(model, x), y, (1,))[1]}
+
+    full = train_linear_probe(x, y, 3, cfg, progress=False, evaluate=evaluate)
+    plain = train_linear_probe(x, y, 3, cfg, progress=False)
+    for k, v in full.model.state_dict().items():  # evaluating does not change the training
+        assert torch.equal(v, plain.model.state_dict()[k]), k
+
+    def stop(epoch, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_linear_probe(x, y, 3, cfg, state_path=tmp_path / "s.pt", progress=False, evaluate=evaluate,
+                           on_epoch_end=stop)
+    with pytest.raises(UserError, match="evaluated_each_epoch=True"):
+        train_linear_probe(x, y, 3, cfg, state_path=tmp_path / "s.pt", progress=False)
+    resumed = train_linear_probe(x, y, 3, cfg, state_path=tmp_path / "s.pt", progress=False, evaluate=evaluate)
+    assert resumed.resumed_from_epoch == 2
+    assert [h["val_top1"] for h in resumed.history] == [h["val_top1"] for h in full.history]
+    assert len(full.history) == 4
 
 
 def test_epoch_batches_are_seeded_permutations():

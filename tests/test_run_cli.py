@@ -55,6 +55,25 @@ def test_a_task_that_refuses_the_preset_is_skipped_in_all_mode_and_fails_when_na
     assert rc == 2 and len(err) == 1 and "detectron2" in err[0] and not (tmp_path / "o").exists()
 
 
+def test_tasks_without_a_dino21_protocol_are_skipped_in_all_mode(tmp_path, capsys, monkeypatch) -> None:
+    """--protocol dino21 --tasks all runs the tasks that have DINO's protocol and skips the others with their one
+    line; a task without it named on its own fails in that line."""
+    from evalsuite import registry
+    from evalsuite.data.synthetic import write_imagenet
+
+    write_imagenet(tmp_path / "data", seed=0, image_size=24, train_per_class=3, val_per_class=1)
+    monkeypatch.setattr(registry, "task_names", lambda: ["centroid", "imagenet_linear", "knn", "voc07_svm"])
+    rc, out, err = _run(["run", "--checkpoint", "random:resnet18", "--tasks", "all", "--protocol", "dino21",
+                         "--set", "voc07_svm.costs=[1]", "--data-root", str(tmp_path / "data"),
+                         "--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert rc == 0 and out.startswith("plan (dino21 preset, cpu):") and "imagenet_linear" in out and "knn" in out
+    skipped = sorted(x.split("skipped ", 1)[1].split(":")[0] for x in err if "skipped " in x)
+    assert skipped == ["centroid", "voc07_svm"] and all("has no dino21 protocol" in x for x in err if "skipped" in x)
+    rc, _, err = _run(["run", "--checkpoint", "random:resnet18", "--tasks", "voc07_svm", "--protocol", "dino21",
+                       "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and len(err) == 1 and "voc07_svm has no dino21 protocol" in err[0] and not (tmp_path / "o").exists()
+
+
 def test_a_data_root_that_does_not_exist_fails_before_any_work(tmp_path, capsys) -> None:
     wrong = tmp_path / "datasets_typo"
     rc, out, err = _run(["run", "--checkpoint", "random:resnet18", "--tasks", "all", "--protocol", "quick",

@@ -13,7 +13,7 @@ from timm.layers import resample_abs_pos_embed
 
 import tasks.knn.task as knn
 from evalsuite.checkpoints import load_checkpoint, save_checkpoint
-from evalsuite.errors import NotApplicable, UserError
+from evalsuite.errors import UserError
 from evalsuite.trunks import ARCHS, arch_info, build_trunk, pool_features, pool_spec, tap_shapes, trunk_state_shapes
 from tests.helpers import make_context
 
@@ -335,18 +335,8 @@ def test_dino_knn_on_a_vit_equals_an_independent_implementation(tiny_imagefolder
     assert results[0].params["pooling"] == "avg"
 
 
-def test_dense_tasks_refuse_vits_in_one_line(tmp_path):
-    from tasks.detection.task import task as detection
-
-    for task, name in ((detection, "detection"),):
-        ctx = make_context(name, tmp_path, tmp_path / name, checkpoint="random:vit_tiny_patch16")
-        with pytest.raises(NotApplicable, match="needs a convolutional trunk; its ViT head is not implemented"):
-            task.run(ctx)
-
-
-def test_run_all_on_a_vit_evaluates_the_default_taps_and_skips_dense_tasks(tiny_imagefolder, tmp_path, capsys):
-    """--tasks all on a ViT: the feature tasks run on the last block and last4 (a ViT's default taps); a dense
-    task named on its own fails in one line."""
+def test_run_on_a_vit_evaluates_the_default_taps(tiny_imagefolder, tmp_path, capsys):
+    """The feature tasks on a ViT run on the last block and last4 (a ViT's default taps)."""
     import json
 
     from evalsuite.cli import main
@@ -359,11 +349,6 @@ def test_run_all_on_a_vit_evaluates_the_default_taps_and_skips_dense_tasks(tiny_
     assert rc == 0 and {r["task"] for r in records} == {"centroid", "knn"}
     assert {r["layer"] for r in records} == {"block11", "last4"} and {r["arch"] for r in records} == {
         "vit_tiny_patch16"}
-    capsys.readouterr()
-    rc = main(["run", "--checkpoint", "timm:vit_tiny_patch16_224", "--tasks", "detection", "--protocol",
-               "quick", "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "o2")])
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert rc == 2 and len(err) == 1 and "needs a convolutional trunk" in err[0]
 
 
 # ---------------------------------------------------------------- published ViT references

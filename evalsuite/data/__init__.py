@@ -13,6 +13,7 @@ from .base import ClassificationDataset, ImageDataset, load_rgb
 from .cifar import CIFAR, open_cifar
 from .digits import Digits
 from .imagefolder import ImageFolder
+from .imagenet import ImageNet
 from .nyuv2 import NYUv2
 from .places import Places205
 from .video import EgoMotion, VideoFolder
@@ -20,6 +21,7 @@ from .voc import VOC2007, VOC2012, VOC_CLASSES
 
 READERS: dict[str, Callable[..., ImageDataset]] = {
     "imagefolder": ImageFolder,
+    "imagenet": ImageNet,
     "voc2007": VOC2007,
     "voc2012": VOC2012,
     "nyuv2": NYUv2,
@@ -35,6 +37,7 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
 # Where each format lives under a data root (the synthetic generator writes the same layout).
 DATA_LAYOUT: dict[str, str] = {
     "imagefolder": "imagefolder",
+    "imagenet": "imagenet",
     "voc2007": "VOCdevkit/VOC2007",
     "voc2012": "VOCdevkit/VOC2012",
     "places205": "places205",
@@ -59,5 +62,5 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
 
 
 __all__ = ["CIFAR", "DATA_LAYOUT", "ClassificationDataset", "Digits", "EgoMotion", "ImageDataset", "ImageFolder",
-           "NYUv2", "Places205", "READERS", "VOC2007", "VOC2012", "VOC_CLASSES", "VideoFolder", "load_rgb",
+           "ImageNet", "NYUv2", "Places205", "READERS", "VOC2007", "VOC2012", "VOC_CLASSES", "VideoFolder", "load_rgb",
            "open_dataset"]

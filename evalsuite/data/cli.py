@@ -9,12 +9,13 @@ from pathlib import Path
 from ..console import HelpFormatter
 from ..errors import BadData, UserError
 
-SYNTH_KINDS = ("imagefolder", "voc", "places", "nyuv2", "cifar10")  # what --kind all writes
+SYNTH_KINDS = ("imagefolder", "imagenet", "voc", "places", "nyuv2", "cifar10")  # what --kind all writes
 VIDEO_KINDS = ("video", "egomotion")  # written only when asked for (egomotion needs the navigation plug-in)
 ALIASES = {"voc": "voc2007", "places": "places205"}
-CHECK_KINDS = ("imagefolder", "voc", "voc2007", "places", "places205", "nyuv2", "cifar10", "cifar100", "digits",
-               *VIDEO_KINDS)
-SPLITS = {"imagefolder": ("train", "val"), "voc2007": ("trainval", "test"), "places205": ("train", "val"),
+CHECK_KINDS = ("imagefolder", "imagenet", "voc", "voc2007", "places", "places205", "nyuv2", "cifar10", "cifar100",
+               "digits", *VIDEO_KINDS)
+SPLITS = {"imagefolder": ("train", "val"), "imagenet": ("train", "val"), "voc2007": ("trainval", "test"),
+          "places205": ("train", "val"),
           "nyuv2": ("train", "test"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
           "digits": ("train", "test"), "video": ("train", "val"), "egomotion": ("train", "val")}
 # plug-ins offer an ego-motion recorder (frames + camera poses) here; the navigation task registers MiniWorld's
@@ -25,6 +26,8 @@ examples:
   evalsuite data synth --out data/demo --seed 0                 every kind, default size, into one data root
   evalsuite data synth --kind voc --out data/big --size 10      10x the images of the default VOC stand-in
   evalsuite data synth --kind nyuv2 --nyu-format dir --out data/d
+  evalsuite data synth --kind imagenet --imagenet-layout folder --out data/d
+  evalsuite data check --kind imagenet --root ~/data             (~/data/imagenet: class folders or the official val)
   evalsuite data check --kind voc --root ~/data                 (~/data/VOCdevkit/VOC2007, or the folder itself)
   evalsuite data check --kind places --root data/demo --skip-corrupt
   evalsuite data synth --kind video --out data/v --seconds 5     videos with sound (H.264 + AAC in MP4)
@@ -45,10 +48,12 @@ def add_command(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical files)")
     s.add_argument("--size", type=float, default=1.0,
                    help="scale factor on the number of images (1.0: ~400 VOC, 400 Places, 96 NYUv2, 240 ImageFolder, "
-                        "600 CIFAR images, 16 videos, 10 ego-motion sequences)")
+                        "128 ImageNet, 600 CIFAR images, 16 videos, 10 ego-motion sequences)")
     s.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: each kind's own)")
     s.add_argument("--nyu-format", choices=["mat", "dir"], default="mat",
                    help="NYUv2 layout: labeled .mat + splits.mat (default) or per-frame files")
+    s.add_argument("--imagenet-layout", choices=["official", "folder"], default="official",
+                   help="ImageNet val layout: flat with the devkit's ground truth (default) or class folders")
     s.add_argument("--seconds", type=float, default=3.0, help="video / ego-motion sequence length")
     s.add_argument("--fps", type=int, default=10, help="video frame rate (ego-motion: one frame per step)")
     s.add_argument("--codec", choices=["h264", "mpeg4", "ffv1"], default="h264",
@@ -69,8 +74,8 @@ def add_command(sub) -> None:
 
 
 def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: int | None = None,
-          nyu_format: str = "mat", seconds: float = 3.0, fps: int = 10, codec: str = "h264",
-          envs: list[str] | None = None) -> dict[str, Path]:
+          nyu_format: str = "mat", imagenet_layout: str = "official", seconds: float = 3.0, fps: int = 10,
+          codec: str = "h264", envs: list[str] | None = None) -> dict[str, Path]:
     """Write one kind (or "all") under the data root ``out``; returns {kind: written path}."""
     from . import synth_video as V
     from . import synthetic as S
@@ -82,6 +87,8 @@ def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: i
         if k == "imagefolder":
             done[k] = S.write_imagefolder(out / "imagefolder", seed=seed, per_class=max(1, round(20 * scale)),
                                           size=image_size or 64)
+        elif k == "imagenet":
+            done[k] = S.write_imagenet(out, seed=seed, scale=scale, layout=imagenet_layout, **px)
         elif k == "voc":
             done[k] = S.write_voc2007(out, seed=seed, scale=scale, **px)
         elif k == "places":
@@ -125,8 +132,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
     if a.seconds <= 0 or a.fps <= 0:
         raise UserError(f"--seconds and --fps must be positive, got {a.seconds} and {a.fps}")
     t0 = time.perf_counter()
-    for k, path in synth(a.kind, a.out, a.seed, a.size, a.image_size, a.nyu_format, a.seconds, a.fps, a.codec,
-                         a.env).items():
+    for k, path in synth(a.kind, a.out, a.seed, a.size, a.image_size, a.nyu_format, a.imagenet_layout, a.seconds,
+                         a.fps, a.codec, a.env).items():
         print(f"wrote {k} to {path}")
     print(f"done in {time.perf_counter() - t0:.1f}s (seed {a.seed}, size {a.size})")
     return 0

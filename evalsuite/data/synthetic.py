@@ -77,6 +77,7 @@ def write_imagefolder(out: str | Path, seed: int = 0, per_class: int = 20, size:
 
 # re-exported: every writer is importable from here
 from .render_nyu import write_nyuv2  # noqa: E402
+from .synth_imagenet import write_imagenet  # noqa: E402
 from .synth_places import write_places205  # noqa: E402
 from .synth_voc import write_object_imagefolder, write_voc2007  # noqa: E402
 
@@ -115,5 +116,5 @@ def write_cifar10(root: str | Path, seed: int = 0, scale: float = 1.0, train_per
         (tmp / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return target
 
-__all__ = ["SHAPES", "shape_image", "write_cifar10", "write_imagefolder", "write_nyuv2", "write_object_imagefolder",
-           "write_places205", "write_voc2007"]
+__all__ = ["SHAPES", "shape_image", "write_cifar10", "write_imagefolder", "write_imagenet", "write_nyuv2",
+           "write_object_imagefolder", "write_places205", "write_voc2007"]

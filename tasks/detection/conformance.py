@@ -10,6 +10,9 @@ DETECTRON = "Detectron:detectron/core/config.py"
 JSON_DATASET = "Detectron:detectron/datasets/json_dataset.py"
 VOC_EVAL = "py-faster-rcnn:lib/datasets/voc_eval.py"
 OURS = "ours: a setting of this implementation, no effect on the number"
+VITDET = "detectron2:configs/common/models/mask_rcnn_vitdet.py"
+VIT_ONLY = ("ours: ViT trunks only (the published protocol is ResNet-50-C4; ViT records are marked not comparable), "
+            "no effect on ResNet numbers")
 
 #: measured by benchmarks/fidelity/detection.py on the real VOC2007 images of tests/fixtures
 SELECTIVE_SEARCH_EFFECT = (
@@ -55,4 +58,11 @@ CONFORMANCE: dict[str, tuple[str, str, str]] = {
     "proposals": ("selective search, the published MSRA files", YAML, f"deviation: {SELECTIVE_SEARCH_EFFECT}"),
     "proposal_mode": ("MSRA selective search, fast mode", YAML, f"deviation: {SELECTIVE_SEARCH_EFFECT}"),
     "extra_metrics": ("", "", "ours: extra records beside mAP, the mAP is unchanged"),
+    "vit.backbone": ("ViTDet fine-tunes the ViT (the suite evaluates frozen features)",
+                     "detectron2:projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py", VIT_ONLY),
+    "vit.box_head": ("4conv1fc: conv_dims [256, 256, 256, 256], fc_dims [1024], conv_norm LN", VITDET, VIT_ONLY),
+    "vit.pool_size": ("box_pooler ROIPooler output_size 7 (ROIAlignV2)",
+                      "detectron2:configs/common/models/mask_rcnn_fpn.py", VIT_ONLY),
+    "vit.lr_decay": ("get_vit_lr_decay_rate lr_decay_rate 0.7 (ViT-B)",
+                     "detectron2:projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py", VIT_ONLY),
 }

@@ -1,6 +1,7 @@
 """Fast R-CNN (Girshick 2015) with a ResNet-C4 trunk on torchvision ops, as in Detectron's ``ResNet50_fast_rcnn``
 used by Goyal et al. (2019): boxes and their regression targets, the RoI sampler, the loss, the model (frozen
-BatchNorm, ``freeze_at``), training (resumable) and test-time post-processing. Details: docs/tasks/detection.md.
+BatchNorm, ``freeze_at``), training (resumable) and test-time post-processing. ViT trunks get ViTDet's model
+(``vitdet.py``) under the same training and test. Details: docs/tasks/detection.md.
 
 Boxes are continuous 0-based x1, y1, x2, y2 (an XML box [a, b] in 1-based pixels spans [a-1, b]), so IoU here
 equals the devkit's inclusive-pixel IoU.
@@ -25,6 +26,7 @@ from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD, to_input_space
 from evalsuite.console import progress as progress_bar
 from evalsuite.errors import UserError
 from evalsuite.io import ResumeState
+from tasks.detection.vitdet import ViTDetConfig, ViTDetFastRCNN
 
 BBOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 DELTA_CLIP = math.log(1000.0 / 16)
@@ -252,6 +254,13 @@ class FastRCNN(nn.Module):
         return self.head(self.body(images), rois)
 
 
+def build_model(trunk: nn.Module, num_classes: int, cfg: ModelConfig | ViTDetConfig) -> nn.Module:
+    """The C4 model for a ResNet's ``ModelConfig``, ViTDet's for a ViT's ``ViTDetConfig``."""
+    if isinstance(cfg, ViTDetConfig):
+        return ViTDetFastRCNN(trunk, num_classes, cfg)
+    return FastRCNN(trunk, num_classes, cfg)
+
+
 # ----------------------------------------------------------------------------- data records
 
 
@@ -333,9 +342,10 @@ def to_input(image, s: float, mean, std, input_space: str, flip: bool = False) -
     return to_input_space(TF.to_tensor(image), input_space, mean, std)
 
 
-def pad_batch(images: list[torch.Tensor]) -> torch.Tensor:
-    h = max(i.shape[1] for i in images)
-    w = max(i.shape[2] for i in images)
+def pad_batch(images: list[torch.Tensor], divisor: int = 1) -> torch.Tensor:
+    """Images zero-padded at the bottom / right to a common size whose sides are multiples of ``divisor``."""
+    h = -(-max(i.shape[1] for i in images) // divisor) * divisor
+    w = -(-max(i.shape[2] for i in images) // divisor) * divisor
     out = images[0].new_zeros(len(images), images[0].shape[0], h, w)
     for k, im in enumerate(images):
         out[k, :, : im.shape[1], : im.shape[2]] = im
@@ -362,9 +372,10 @@ class TorchvisionFastRCNN:
 
     name = "torchvision"
 
-    def __init__(self, trunk: nn.Module, num_classes: int, model_cfg: ModelConfig, device: str = "cpu",
+    def __init__(self, trunk: nn.Module, num_classes: int, model_cfg: ModelConfig | ViTDetConfig, device: str = "cpu",
                  normalize: dict | None = None):
-        self.model = FastRCNN(trunk, num_classes, model_cfg).to(device)
+        self.model = build_model(trunk, num_classes, model_cfg).to(device)
+        self.divisor = getattr(self.model, "size_divisibility", 1)  # a ViT needs sides in whole patches
         self.device = torch.device(device)
         norm = normalize or {}
         self.mean = tuple(norm.get("mean", IMAGENET_MEAN))
@@ -374,13 +385,16 @@ class TorchvisionFastRCNN:
     # ------------------------------------------------------------ training
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
-        weights, biases = [], []
+        """Weights, then biases (Detectron's bias lr and decay rules), each split by the model's per-parameter lr
+        factor when it has one (a fine-tuned ViT's layer-wise decay)."""
+        lr_scale = getattr(self.model, "lr_scale", lambda name: 1.0)
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {(False, 1.0): [], (True, 1.0): []}
         for n, p in self.model.named_parameters():
             if p.requires_grad:
-                (biases if n.endswith(".bias") else weights).append(p)
-        return [{"params": weights, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
-                {"params": biases, "lr_mult": 2.0 if cfg.bias_double_lr else 1.0,
-                 "weight_decay": cfg.weight_decay if cfg.bias_weight_decay else 0.0}]
+                groups.setdefault((n.endswith(".bias"), lr_scale(n)), []).append(p)
+        return [{"params": params, "lr_mult": scale * (2.0 if bias and cfg.bias_double_lr else 1.0),
+                 "weight_decay": cfg.weight_decay if not bias or cfg.bias_weight_decay else 0.0}
+                for (bias, scale), params in sorted(groups.items(), key=lambda g: (g[0][0], -g[0][1])) if params]
 
     def batch_indices(self, it: int, n: int, cfg: TrainConfig) -> list[int]:
         out = []
@@ -404,7 +418,7 @@ class TorchvisionFastRCNN:
             rois.append(self.model.rois(r, s, b))
             labels.append(lab)
             targets.append(tgt)
-        x = pad_batch(images).to(self.device)
+        x = pad_batch(images, self.divisor).to(self.device)
         logits, deltas = self.model(x, torch.cat(rois).to(self.device))
         return fast_rcnn_loss(logits, deltas, torch.cat(labels).to(self.device), torch.cat(targets).to(self.device),
                               cfg.smooth_l1_beta)
@@ -463,7 +477,7 @@ class TorchvisionFastRCNN:
             return empty
         self.model.eval()
         s = image_scale(rec.width, rec.height, cfg.scale, cfg.max_size)
-        x = to_input(rec.load(), s, self.mean, self.std, self.input_space)[None].to(self.device)
+        x = pad_batch([to_input(rec.load(), s, self.mean, self.std, self.input_space)], self.divisor).to(self.device)
         feat = self.model.body(x)
         props = torch.from_numpy(rec.proposals).float().to(self.device)
         logits, deltas = [], []

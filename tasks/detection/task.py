@@ -1,7 +1,7 @@
-"""The ``detection`` task: Fast R-CNN (ResNet-C4, res5 head) trained on VOC07 (or VOC07+12) trainval with the
-checkpoint's trunk, evaluated on VOC07 test (11-point mAP@0.5). Protocol, presets and measured numbers:
-``docs/tasks/detection.md``; the model in ``fast_rcnn.py``, proposals in ``proposals.py``, the metric in
-``voc_eval.py``."""
+"""The ``detection`` task: Fast R-CNN (ResNet-C4, res5 head; on a ViT, ViTDet's simple feature pyramid and box
+head) trained on VOC07 (or VOC07+12) trainval with the checkpoint's trunk, evaluated on VOC07 test (11-point
+mAP@0.5). Protocol, presets and measured numbers: ``docs/tasks/detection.md``; the model in ``fast_rcnn.py`` and
+``vitdet.py``, proposals in ``proposals.py``, the metric in ``voc_eval.py``."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import numpy as np
 from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import TaskProtocol, check_preset
+from evalsuite.protocols import TaskProtocol, check_preset, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
-from evalsuite.vit import require_convolutional
+from evalsuite.trunks import arch_info
 from tasks.detection import fast_rcnn as frcnn
 from tasks.detection import proposals as props
+from tasks.detection import vitdet
 from tasks.detection import voc_eval as deval
 
 VISSL_REFUSAL = (
@@ -29,6 +30,20 @@ VISSL_REFUSAL = (
     "detection.freeze_at=0 to fine-tune every layer")
 SELECTIVE_SEARCH_NOTE = ("OpenCV ximgproc selective search (fast mode), not Detectron's published MATLAB "
                          "selective_search_msra_voc_2007_*.pkl boxes")
+VIT_NOT_COMPARABLE = ("Goyal et al.'s detection protocol is Fast R-CNN on ResNet-50-C4 (RoI pooling on res4, res5 "
+                      "head); a ViT is evaluated here through ViTDet's simple feature pyramid, multi-level RoIAlign "
+                      "and its box head, under that protocol's solver and proposals: the mAP is not comparable to "
+                      "the published ResNet numbers, nor to ViTDet's (Mask R-CNN with RPN, AdamW, LSJ at 1024 px)")
+
+
+@dataclass(frozen=True)
+class ViTHeadProtocol(TaskProtocol):
+    """What a ViT trunk is given instead of the C4 layout (ViTDet, detectron2 projects/ViTDet); ResNets ignore it."""
+
+    backbone: Literal["frozen", "finetune"] = "frozen"  # frozen: the suite evaluates the ViT's features
+    box_head: Literal["4conv1fc", "2fc"] = "4conv1fc"  # ViTDet's 4conv1fc; 2fc: detectron2's FPN default
+    pool_size: int = 7  # RoIAlign output (detectron2's box_pooler output_size 7)
+    lr_decay: float = 1.0  # layer-wise lr decay of a fine-tuned ViT (ViTDet's ViT-B: 0.7); 1.0: none
 
 
 @dataclass(frozen=True)
@@ -92,17 +107,21 @@ class DetectionProtocol(TaskProtocol):
     # subsets (CI, debugging)
     max_train_images: int | None = None
     max_test_images: int | None = None
+    # ViT trunks (ResNets ignore it; freeze_at, pooler and pool_size do not apply to ViTs)
+    vit: ViTHeadProtocol = field(default_factory=ViTHeadProtocol)
 
 
 # quick keeps RoIAlign (RoIPool's rounding to whole res4 cells is coarse on 128 px images) and every score (its
 # short-trained heads score most objects under 0.05): both measured in benchmarks/fidelity/detection.py.
+# On a ViT, quick's box head is detectron2's 2fc (FPN default) instead of ViTDet's 4conv1fc: the four 3x3 convs on
+# 7x7 RoIs doubled a ViT-Tiny training iteration and made a test image 3.6x slower (docs/tasks/detection.md).
 _PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "goyal19": {},
     "quick": {"proposal_limit": 200, "train_proposal_limit": 200, "pool_size": 4, "pooler": "roi_align",
               "max_iter": 300, "lr": 0.01, "steps": (240,),
               "warmup_iters": 20, "ims_per_batch": 2, "rois_per_image": 32, "train_scales": (128,),
               "train_max_size": 192, "test_scale": 128, "test_max_size": 192, "checkpoint_period": 100,
-              "clip_grad_norm": 35.0, "score_thresh": 0.0},
+              "clip_grad_norm": 35.0, "score_thresh": 0.0, "vit": ViTHeadProtocol(box_head="2fc")},
 }
 
 # Fields a saved training state may differ in: they do not change the trained model (a run that failed
@@ -114,18 +133,20 @@ _RESUME_MAY_CHANGE = frozenset(f"protocol.{k}" for k in (
 
 class DetectionTask:
     name = "detection"
-    description = "Fast R-CNN (ResNet-C4, res5 head) on VOC07 trainval, VOC07 test 11-point mAP@0.5"
+    description = ("Fast R-CNN (ResNet-C4 with res5 head; ViTs: ViTDet's simple feature pyramid) on VOC07 trainval, "
+                   "VOC07 test 11-point mAP@0.5")
 
     def default_protocol(self, preset: str) -> DetectionProtocol:
         if check_preset(preset) == "vissl":
             raise UserError(VISSL_REFUSAL)
-        return DetectionProtocol(**_PRESET_CHANGES[preset])
+        return DetectionProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 
     # ------------------------------------------------------------------ run
 
     def run(self, ctx: TaskContext) -> list[Result]:
-        require_convolutional(ctx.checkpoint.arch, "detection")
         p: DetectionProtocol = ctx.protocol
+        info = arch_info(ctx.checkpoint.arch)
+        is_vit = info["family"] == "vit"
         train_names = expand_train_sets(p.train_sets)
         train_sets = [_parse_set(s) for s in train_names]
         test_kind, test_split = _parse_set(p.test_set)
@@ -138,7 +159,7 @@ class DetectionTask:
             if list(d.classes) != classes:
                 raise BadData("training and test sets have different class lists", d.root)
         missing_res5 = [k for k in getattr(ctx.checkpoint.report, "missing", []) if k.startswith("layer4.")]
-        if missing_res5:
+        if missing_res5 and not is_vit:
             raise UserError(f"checkpoint {ctx.checkpoint.spec} has no res5 weights ({len(missing_res5)} layer4 keys "
                             "missing); the Fast R-CNN C4 head is the trunk's res5")
 
@@ -160,7 +181,8 @@ class DetectionTask:
 
         meta = ctx.checkpoint.metadata or {}
         normalize = {**(meta.get("normalize") or {}), "input_space": meta.get("input_space", "rgb")}
-        model_cfg, train_cfg, test_cfg = model_config(p), train_config(p, ctx.seed), test_config(p)
+        model_cfg = vit_model_config(p, info) if is_vit else model_config(p)
+        train_cfg, test_cfg = train_config(p, ctx.seed), test_config(p)
         detector = frcnn.TorchvisionFastRCNN(ctx.trunk, len(classes), model_cfg, device=ctx.device, normalize=normalize)
         resume = resume_state(ctx, {n: d.fingerprint() for n, d in zip(train_names, datasets)}, len(train_records))
         fit = detector.fit(train_records, train_cfg, resume=resume, progress=ctx.progress)
@@ -168,7 +190,7 @@ class DetectionTask:
         dets = detections_from(preds)
 
         per_class = deval.evaluate_detections(dets, gts, len(classes), p.iou_thresh, p.ap_method, p.iou_compare)
-        layer = layer_name(p.freeze_at)
+        layer = vit_layer_name(p.vit, info) if is_vit else layer_name(p.freeze_at)
         params = {
             "arch": ctx.checkpoint.arch, "num_classes": len(classes), "num_train_images": len(train_records),
             "train_sets_used": train_names, "num_train_images_per_set": per_set,
@@ -191,6 +213,12 @@ class DetectionTask:
         }
         if p.proposals == "selective_search":
             params["proposal_note"] = SELECTIVE_SEARCH_NOTE
+        if is_vit:
+            params.update(backbone=p.vit.backbone, head=vitdet.describe(model_cfg, info["patch"]),
+                          head_reference="detectron2:configs/common/models/mask_rcnn_vitdet.py, "
+                                         "detectron2/modeling/backbone/vit.py (SimpleFeaturePyramid)",
+                          not_applied=["freeze_at", "pooler", "pool_size"],
+                          comparable_to_published=False, not_comparable_reason=VIT_NOT_COMPARABLE)
         fp = test.fingerprint()
         results = [ctx.result(test_kind, test_split, layer, "mAP", 100 * deval.mean_ap(per_class), params=params,
                               note=f"{p.ap_method} mAP@{p.iou_thresh}", dataset_fingerprint=fp)]
@@ -221,7 +249,6 @@ class DetectionTask:
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """The test images at the test scale; max_iter iterations of ims_per_batch images at the (largest) train
         scale, drawn from the training sets (as many images as run() reads: max_*_images applied per set)."""
-        require_convolutional(ctx.checkpoint.arch, "detection")
         p: DetectionProtocol = ctx.protocol
 
         def count(name: str, limit: int | None) -> int:
@@ -393,6 +420,18 @@ def detections_from(preds) -> deval.Detections:
 def model_config(p: DetectionProtocol) -> frcnn.ModelConfig:
     return frcnn.ModelConfig(pooler=p.pooler, pool_size=p.pool_size, freeze_at=p.freeze_at,
                              cls_agnostic_bbox_reg=p.cls_agnostic_bbox_reg)
+
+
+def vit_model_config(p: DetectionProtocol, info: dict) -> vitdet.ViTDetConfig:
+    """The ViT detector's settings: the pyramid reads the last block's patch grid."""
+    v = p.vit
+    return vitdet.ViTDetConfig(backbone=v.backbone, box_head=v.box_head, pool_size=v.pool_size, lr_decay=v.lr_decay,
+                               cls_agnostic_bbox_reg=p.cls_agnostic_bbox_reg, tap=f"block{info['depth'] - 1}")
+
+
+def vit_layer_name(v: ViTHeadProtocol, info: dict) -> str:
+    """What was trained, named as for ResNets: above the last block (frozen ViT) or everything."""
+    return "finetune_all" if v.backbone == "finetune" else f"finetune_above_block{info['depth'] - 1}"
 
 
 def train_config(p: DetectionProtocol, seed: int) -> frcnn.TrainConfig:

@@ -10,13 +10,14 @@ dataset the suite reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from evalsuite.errors import BadData
 from evalsuite.features import l2_normalize
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import FeatureTaskProtocol, Pooling, check_preset
+from evalsuite.protocols import FeatureTaskProtocol, Pooling, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.knn.conformance import CENTROID_CONFORMANCE
@@ -40,6 +41,10 @@ class CentroidProtocol(FeatureTaskProtocol):
     pooling: Pooling = "avg"
 
 
+#: each preset as its changes to the goyal19 values (no published protocol: dino21 is refused)
+_PRESET_CHANGES: dict[str, dict[str, Any]] = {"goyal19": {}, "vissl": {}, "quick": {"image_size": 64}}
+
+
 class CentroidTask:
     name = "centroid"
     description = "nearest-class-centroid top-1 on frozen features (sanity task, any ImageFolder-like data)"
@@ -47,8 +52,7 @@ class CentroidTask:
     conformance = CENTROID_CONFORMANCE  # knn's package: its CONFORMANCE is knn's
 
     def default_protocol(self, preset: str) -> CentroidProtocol:
-        check_preset(preset)
-        return CentroidProtocol(image_size=64) if preset == "quick" else CentroidProtocol()
+        return CentroidProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: CentroidProtocol = ctx.protocol

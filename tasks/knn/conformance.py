@@ -1,10 +1,12 @@
-"""The ``goyal19`` knn protocol beside DINO's ``eval_knn.py`` (Caron et al. 2021), the weighted kNN the preset
-follows; and the centroid sanity task, which no paper defines (every row ``ours``). Elements that are not protocol
-fields (the extraction precision, the transform's colour handling) are in docs/tasks/knn.md."""
+"""The ``goyal19`` and ``dino21`` knn protocols beside DINO's ``eval_knn.py`` (Caron et al. 2021), the weighted kNN
+both follow (``dino21`` as DINO runs it: ImageNet, the network's output, weighted votes only); and the centroid
+sanity task, which no paper defines (every row ``ours``). Elements that are not protocol fields (the extraction
+precision, the transform's colour handling) are in docs/tasks/knn.md."""
 
 from __future__ import annotations
 
 DINO = "facebookresearch/dino:eval_knn.py"
+DINO_VIT = "facebookresearch/dino:vision_transformer.py"
 
 _APPROX = "ours: approximate-index setting, unused by the exact (flat) search of goyal19"
 _RETRIEVAL = "ours: DINO's eval_knn.py reports classification only; retrieval metrics are extra records"
@@ -37,6 +39,22 @@ CONFORMANCE: dict[str, tuple[str, str, str]] = {
                     ("exact search", DINO, _APPROX)),
     "use_gpu": ("--use_cuda True: features and search on the GPU", DINO,
                 "ours: where the exact search runs; no effect beyond float summation order"),
+}
+
+#: dino21: goyal19's rows, except where the preset runs eval_knn.py as it is instead of adding rows of ours
+DINO21_CONFORMANCE: dict[str, tuple[str, str, str]] = {
+    **CONFORMANCE,
+    "dataset": ("ImageFolder of data_path/train and data_path/val: ImageNet", DINO, "same"),
+    "layers": ("the network's output model(samples): a ResNet's avgpool (fc = nn.Identity()); a ViT's [CLS] of the "
+               "last block after the final norm (VisionTransformer.forward: self.norm(x)[:, 0]). Ours: res5; a ViT "
+               "has no res5, so the tap rule evaluates its last block (DINO's number) and last4 (an extra row)",
+               f"{DINO}, {DINO_VIT}", "same"),
+    "pooling": ("ResNet: avgpool (global average); ViT: the [CLS] token (avg on a ViT reads the [CLS])",
+                f"{DINO}, {DINO_VIT}", "same"),
+    "majority_vote": ("weighted vote only", DINO, "same"),
+    "retrieval": ("no retrieval", DINO, "same"),
+    **dict.fromkeys(("retrieval_mode", "retrieval_ks", "retrieval_depth"),
+                    ("no retrieval", DINO, "ours: unused (retrieval is off)")),
 }
 
 _SANITY = "ours: the centroid task is the suite's sanity check, not a published protocol"

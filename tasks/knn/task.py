@@ -21,6 +21,9 @@ Presets:
   L2-normalised global-average-pooled features, bicubic resize 256 / centre crop 224; every tap.
 - ``vissl``: k=200, T=0.1, bilinear resize 256 / centre crop 224 (VISSL's
   ``configs/config/benchmark/nearest_neighbor/eval_resnet_8gpu_in1k_kNN.yaml``).
+- ``dino21``: DINO's ``eval_knn.py`` as it runs, so records match the published DINO rows: goyal19's settings on
+  ImageNet, the network's output only (res5 on a ResNet; a ViT's taps fall back to its last block, DINO's
+  [CLS] after the final norm, and last4), weighted votes only (no majority vote, no retrieval records).
 - ``quick``: 64 px, k=10, ks 5/10/20, retrieval depth 20: tiny data on a CPU.
 
 The fidelity of each field to the reference is in :mod:`tasks.knn.conformance`.
@@ -39,11 +42,11 @@ import numpy as np
 from evalsuite.errors import BadData, UserError
 from evalsuite.features import check_features, l2_normalize
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import FeatureTaskProtocol, Interpolation, Pooling, ResizeMode, check_preset
+from evalsuite.protocols import FeatureTaskProtocol, Interpolation, Pooling, ResizeMode, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.knn import metrics as M
-from tasks.knn.conformance import CONFORMANCE
+from tasks.knn.conformance import CONFORMANCE, DINO21_CONFORMANCE
 from tasks.knn.search import Neighbours, SearchConfig, search
 
 DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
@@ -85,6 +88,8 @@ class KNNProtocol(FeatureTaskProtocol):
 _PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "goyal19": {},
     "vissl": {"k": 200, "temperature": 0.1, "interpolation": "bilinear"},
+    # facebookresearch/dino eval_knn.py: model(x) is a ResNet's avgpool output or a ViT's final-norm [CLS]
+    "dino21": {"dataset": "imagenet", "layers": ("res5",), "majority_vote": False, "retrieval": False},
     "quick": {"image_size": 64, "resize": None, "interpolation": "bilinear", "k": 10, "ks": (5, 10, 20),
               "retrieval_ks": (1, 10), "retrieval_depth": 20},
 }
@@ -97,9 +102,10 @@ class KNNTask:
     # weighted kNN at the protocol's k: top-1 on single-label data, class-mean AP on multi-label data
     headline_metrics = ("top1", "mAP")
     conformance = CONFORMANCE
+    preset_conformance = {"dino21": DINO21_CONFORMANCE}
 
     def default_protocol(self, preset: str) -> KNNProtocol:
-        return KNNProtocol(**_PRESET_CHANGES[check_preset(preset)])
+        return KNNProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 
     # ------------------------------------------------------------------ run
 

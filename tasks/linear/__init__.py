@@ -1,3 +1,3 @@
-"""Per-layer linear classifiers on frozen features (Places205 / any ImageFolder)."""
+"""Per-layer linear classifiers on frozen features (Places205, ImageNet / any single-label data)."""
 
-TASKS = {"places205_linear": "task:task"}
+TASKS = {"places205_linear": "task:task", "imagenet_linear": "task:imagenet_task"}

@@ -1,4 +1,4 @@
-"""Augmented training views of the Places205 linear benchmark: random crops, flips and colour noise before the trunk.
+"""Augmented training views of the linear benchmarks: random crops, flips and colour noise before the trunk.
 
 Recipes (``train_augmentation``):
 
@@ -13,6 +13,8 @@ Recipes (``train_augmentation``):
   (no clipping), and AlexNet PCA lighting noise with std 0.1.
 - ``vissl``: VISSL's ``eval_resnet_8gpu_transfer_places205_linear.yaml``: torchvision ``RandomResizedCrop(size)``
   then ``RandomHorizontalFlip()`` (no colour noise).
+- ``dino21``: DINO's ``eval_linear.py`` ``train_transform``: the same ``RandomResizedCrop(224)`` +
+  ``RandomHorizontalFlip()`` (the ``vissl`` recipe's draws, cached under their own name).
 
 Every draw comes from a generator seeded by (run seed, view index, the image's pixels), so a view is the same
 whichever worker, shard or process extracts it, and the feature cache can key it by ``(recipe, seed, view)``.
@@ -34,11 +36,12 @@ from evalsuite.colorspace import to_input_space
 from evalsuite.errors import UserError
 from evalsuite.features import Transform
 
-RECIPES = ("goyal19", "vissl")
+RECIPES = ("goyal19", "vissl", "dino21")
 RECIPE_NOTES = {
     "goyal19": "fair_ssb random_sized_crop (area 0.08-1, aspect 3/4-4/3) + horizontal flip + colour jitter 0.4 "
                "(brightness, contrast, saturation) + PCA lighting 0.1",
     "vissl": "torchvision RandomResizedCrop + RandomHorizontalFlip",
+    "dino21": "DINO eval_linear.py: torchvision RandomResizedCrop + RandomHorizontalFlip",
 }
 
 # fair_ssb data_input.py / data_transformation.py constants

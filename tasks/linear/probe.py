@@ -8,6 +8,9 @@ BatchNorm's scale/shift), and a step learning-rate schedule (x ``lr_gamma`` at e
 fair_ssb: BatchNorm without scale/shift, weights ~ N(0, 0.01^2), zero bias (``bn_affine=False``,
 ``init="gaussian"``); VISSL's ``eval_mlp``: ``nn.BatchNorm2d`` with scale/shift and PyTorch's
 default ``nn.Linear`` init (``bn_affine=True``, ``init="pytorch_default"``).
+DINO's ``eval_linear.py`` ``LinearClassifier``: no BatchNorm (``bn="none"``), N(0, 0.01^2) weights and zero bias,
+SGD with momentum 0.9 and no weight decay, ``lr`` scaled by batch / 256 (``lr_base_batch=256``) and
+``CosineAnnealingLR(epochs, eta_min=0)`` stepped once per epoch (``lr_schedule="cosine"``).
 
 BatchNorm modes (``bn``):
 - ``channel`` (the benchmark's): statistics per channel of the pooled C x g x g map,
@@ -46,6 +49,7 @@ from evalsuite.io import ResumeState
 
 BN_MODES = ("channel", "feature", "none")
 INITS = ("gaussian", "pytorch_default")
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class ProbeHyperParameters:
     bn_affine: bool = False
     init: Literal["gaussian", "pytorch_default"] = "gaussian"
     init_std: float = 0.01
+    # step: x lr_gamma at each of lr_milestones; cosine: lr (1 + cos(pi e / epochs)) / 2 in epoch e (milestones unused)
+    lr_schedule: Literal["step", "cosine"] = "step"
+    lr_base_batch: int | None = None  # None: lr as given; N: lr is for batch N, scaled by batch_size / N
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,15 @@ class ProbeConfig(ProbeHyperParameters):
             raise UserError(f"probe lr must be positive, got {self.lr}")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.lr_base_batch is not None and int(self.lr_base_batch) < 1:
+            raise UserError(f"lr_base_batch must be >= 1 or none, got {self.lr_base_batch}")
+
+    @property
+    def scaled_lr(self) -> float:
+        """The schedule's peak lr: ``lr`` x batch_size / lr_base_batch (the linear scaling rule) or ``lr``."""
+        return self.lr * self.batch_size / self.lr_base_batch if self.lr_base_batch else self.lr
 
     @classmethod
     def from_protocol(cls, protocol: Any, seed: int = 0) -> ProbeConfig:
@@ -187,9 +203,14 @@ def num_epochs(n: int, config: ProbeConfig) -> int:
 
 
 def lr_at(iteration: int, iters_per_epoch: int, config: ProbeConfig) -> float:
-    """Step schedule: ``lr * gamma^k`` with k the number of milestones (in epochs) already reached."""
+    """Step schedule: ``scaled_lr * gamma^k`` with k the number of milestones (in epochs) already reached.
+    Cosine: ``scaled_lr * (1 + cos(pi * e / epochs)) / 2`` in epoch e = iteration // iters_per_epoch, as DINO's
+    ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped after every epoch gives it."""
+    if config.lr_schedule == "cosine":
+        epoch = iteration // iters_per_epoch
+        return float(config.scaled_lr * (1 + math.cos(math.pi * epoch / config.epochs)) / 2)
     steps = sum(iteration >= int(round(m * iters_per_epoch)) for m in config.lr_milestones)
-    return float(config.lr * config.lr_gamma**steps)
+    return float(config.scaled_lr * config.lr_gamma**steps)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -370,6 +391,7 @@ def train_linear_probe(
     progress: bool = True,
     desc: str = "linear probe",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    evaluate: Callable[[LinearProbe], Mapping[str, float]] | None = None,
     source: str | Path | None = None,
 ) -> ProbeFit:
     """Fit a probe on fp16 / fp32 (N, D) ``features`` (or on K such views in turn, see :class:`EpochViews`),
@@ -378,7 +400,8 @@ def train_linear_probe(
     The state (model, optimiser, loss history) is rewritten atomically after every epoch. Its settings are
     ``settings`` (the caller's provenance: checkpoint, tap, ...) plus the solver config, the class count, the
     number of views and the fingerprint of view 0; a state with other settings is refused (UserError naming them).
-    ``on_epoch_end(epoch, record)`` runs after the state is written.
+    ``evaluate(model)`` (e.g. the val split's accuracies) runs after every epoch and its values join that epoch's
+    history record, so a resumed fit keeps them. ``on_epoch_end(epoch, record)`` runs after the state is written.
     """
     views = EpochViews(features, source)
     labels = check_labels(labels, views.load(0).shape[0], num_classes, "train labels", source)  # refuses 0 rows
@@ -397,6 +420,7 @@ def train_linear_probe(
     if state_path is not None:
         resume = ResumeState(state_path, {**(settings or {}), "config": config.to_dict(), "num_classes": num_classes,
                                           "channels": channels, "views": len(views),
+                                          "evaluated_each_epoch": evaluate is not None,
                                           "features": features_fingerprint(first, labels)},
                              what="linear probe")
         state = resume.load()
@@ -437,6 +461,8 @@ def train_linear_probe(
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr_at(epoch * ipe, ipe, config)}
         if len(views) > 1:
             record["view"] = stream_view
+        if evaluate is not None:
+            record.update(evaluate(model))
         fit.history.append(record)
         if resume is not None:
             resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),

@@ -43,7 +43,7 @@ from evalsuite.console import progress
 from evalsuite.errors import UserError
 from evalsuite.io import atomic_write_json
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import TaskProtocol, check_preset
+from evalsuite.protocols import TaskProtocol, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.navigation.metrics import Episode, mean_std, summarize
@@ -109,8 +109,7 @@ class NavigationTask:
     headline_metrics = ("success_rate", "spl")
 
     def default_protocol(self, preset: str) -> NavigationProtocol:
-        check_preset(preset)
-        return NavigationProtocol(**_PRESET_CHANGES[preset])
+        return NavigationProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 
     def check_environment(self) -> None:
         """Headless GL must load before the simulator starts (the optional part of the task contract)."""

@@ -16,7 +16,7 @@ from evalsuite.console import warn
 from evalsuite.errors import BadData
 from evalsuite.io import ResumeState
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import Interpolation, ResizeMode, TaskProtocol, check_preset
+from evalsuite.protocols import Interpolation, ResizeMode, TaskProtocol, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.semi_supervised.augment import RECIPE_NOTES, TrainView
@@ -105,7 +105,7 @@ class SemiSupervisedTask:
     headline_metrics = ("top1",)
 
     def default_protocol(self, preset: str) -> SemiSupervisedProtocol:
-        return SemiSupervisedProtocol(**_PRESET_CHANGES[check_preset(preset)])
+        return SemiSupervisedProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 
     # ------------------------------------------------------------------ run
 

@@ -50,7 +50,7 @@ from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD, to_input_space
 from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import TaskProtocol, check_preset
+from evalsuite.protocols import TaskProtocol, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from evalsuite.trunks import arch_info
@@ -150,7 +150,7 @@ class SurfaceNormalsTask:
     lower_is_better = ("mean_angle_error_deg", "median_angle_error_deg", "rmse_angle_error_deg")
 
     def default_protocol(self, preset: str) -> SurfaceNormalsProtocol:
-        return SurfaceNormalsProtocol(**_PRESET_CHANGES[check_preset(preset)])
+        return SurfaceNormalsProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: SurfaceNormalsProtocol = ctx.protocol

@@ -35,7 +35,7 @@ import numpy as np
 
 from evalsuite.errors import BadData
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import check_preset
+from evalsuite.protocols import preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.svm.common import SHARED_PRESET_CHANGES, SVMTaskProtocol, prepare_features
@@ -121,8 +121,7 @@ class LowShotSVMTask:
     conformance = LOWSHOT_CONFORMANCE
 
     def default_protocol(self, preset: str) -> LowShotSVMProtocol:
-        check_preset(preset)
-        return LowShotSVMProtocol(**SHARED_PRESET_CHANGES[preset], **_PRESET_CHANGES[preset])
+        return LowShotSVMProtocol(**preset_changes(SHARED_PRESET_CHANGES, preset, self.name), **_PRESET_CHANGES[preset])
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: LowShotSVMProtocol = ctx.protocol

@@ -41,7 +41,7 @@ import numpy as np
 
 from evalsuite.errors import BadData
 from evalsuite.plan import TaskPlan
-from evalsuite.protocols import check_preset
+from evalsuite.protocols import preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.svm.common import SHARED_PRESET_CHANGES, SVMTaskProtocol, prepare_features
@@ -70,7 +70,7 @@ class VOC07SVMTask:
     conformance = VOC07_CONFORMANCE
 
     def default_protocol(self, preset: str) -> VOC07SVMProtocol:
-        return VOC07SVMProtocol(**SHARED_PRESET_CHANGES[check_preset(preset)])
+        return VOC07SVMProtocol(**preset_changes(SHARED_PRESET_CHANGES, preset, self.name))
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: VOC07SVMProtocol = ctx.protocol
