@@ -5,6 +5,8 @@ A method is an ``nn.Module`` that owns the trunk (``self.trunk``, an ``evalsuite
 banks (as buffers, so they are checkpointed with ``state_dict``), and implements:
 
 - ``views(image_size) -> ViewTransform``: PIL image -> list of float RGB tensors in [0, 1] (``pretrain.augment``);
+  a video method (``data_kinds`` naming video kinds) implements ``sampler(image_size)`` instead: a picklable
+  ``pretrain.video.VideoSampler`` that draws one training example from a video (``pretrain.video``);
 - ``training_step(batch) -> loss`` (or ``(loss, logs)``), ``batch`` a :class:`Batch`;
 - optional hooks: ``on_train_start(trainer)``, ``on_epoch_start(trainer, epoch)``,
   ``on_after_backward(trainer)``, ``on_after_step(trainer)`` (EMA updates, prototype normalisation ...);
@@ -13,7 +15,8 @@ banks (as buffers, so they are checkpointed with ``state_dict``), and implements
 
 Class attributes: ``name`` (the registry key), ``description``, ``defaults`` (every method hyper-parameter
 with its default; overridable with ``--set key=value``), ``optim`` (optimizer defaults: optimizer, lr,
-weight_decay, momentum, warmup_epochs, base batch size for linear lr scaling), ``uses_labels``.
+weight_decay, momentum, warmup_epochs, base batch size for linear lr scaling), ``uses_labels``, ``data_kinds``
+(the dataset kinds it trains on: ``"images"``, or the video readers' kinds ``"video"`` / ``"egomotion"``).
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True
     #: DDP: set when some parameters get no gradient in a step
     find_unused_parameters: ClassVar[bool] = False
+    #: dataset kinds the method trains on: "images" (any image reader, through ``views()``) or video readers'
+    #: kinds ("video", "egomotion": ``evalsuite.data.video``, through ``sampler()``); the trainer refuses others
+    data_kinds: ClassVar[tuple[str, ...]] = ("images",)
 
     def __init__(self, arch: str, hp: dict[str, Any] | None = None, num_samples: int = 0, num_classes: int = 0,
                  seed: int = 0, recipe: str = "paper"):
@@ -215,6 +221,13 @@ class Method(nn.Module):
     # ------------------------------------------------------------ data
     def views(self, image_size: int) -> ViewTransform:
         return preset(self.recipe_views or self.augment, image_size, n_views=self.n_views, **self.view_options)
+
+    def sampler(self, image_size: int):
+        """A video method's example sampler (``pretrain.video.VideoSampler``): ``sampler(dataset, video, rng)``
+        -> dict of tensors, frames as float RGB in [0, 1] of ``image_size`` px."""
+        from evalsuite.errors import UserError
+
+        raise UserError(f"method {self.name!r} trains on {', '.join(self.data_kinds)} data and has no video sampler")
 
     @classmethod
     def has_colour_views(cls) -> bool:

@@ -20,6 +20,7 @@ examples:
   evalsuite pretrain --method moco_v2 --data-root data --set queue_size=4096 --set temperature=0.2 \\
                      --precision bf16 --channels-last --out moco.safetensors
   evalsuite pretrain --method byol --recipe cifar --data cifar10 --arch resnet18 --out byol_cifar.safetensors
+  evalsuite pretrain --method shuffle_learn --recipe short --dataset video --data-root data --out sal.safetensors
   torchrun --nproc_per_node 2 -m evalsuite pretrain --method swav --data-root data --out swav.safetensors
   evalsuite run --checkpoint simclr.safetensors --tasks knn --protocol quick --data-root data
 """
@@ -39,7 +40,8 @@ def add_command(sub) -> None:
                    help="directory holding the datasets")
     p.add_argument("--data", "--data-path", dest="data_path", type=Path,
                    help="explicit dataset directory (default: DATA_ROOT/<dataset layout>)")
-    p.add_argument("--dataset", default="imagefolder", help="dataset kind (evalsuite.data reader)")
+    p.add_argument("--dataset", default="imagefolder",
+                   help="dataset kind (evalsuite.data reader); the video methods take video or egomotion")
     p.add_argument("--split", default="train")
     p.add_argument("--epochs", type=int, help="default: the recipe's, else 1")
     p.add_argument("--batch-size", type=int, help="per process (default: the recipe's, else 64)")
@@ -57,7 +59,9 @@ def add_command(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--save-every", type=int, default=0, help="also save the resume state every N steps")
     p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--limit-images", type=int, help="use only the first N images")
+    p.add_argument("--limit-images", type=int, help="use only the first N images (videos)")
+    p.add_argument("--samples-per-video", type=int, default=8, metavar="N",
+                   help="video methods: examples drawn from each video per epoch (default 8)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing OUT.state.pt")
     p.add_argument("--recipe", default="paper", choices=list(RECIPES),
                    help="hyper-parameter recipe: the papers' values; each method's recipe for a run of minutes "
@@ -134,7 +138,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                       device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,
                       recipe=a.recipe, time_budget_s=a.time_budget, view_gray=a.view_gray,
-                      view_jitter=a.view_jitter, view_blur=a.view_blur)
+                      view_jitter=a.view_jitter, view_blur=a.view_blur, samples_per_video=a.samples_per_video)
     if a.slurm:
         from .launch import submit
 

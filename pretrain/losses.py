@@ -1,5 +1,6 @@
-"""Loss functions shared by several methods (pure functions of tensors; method-specific ones live in
-their method file). Everything is computed in float32 even under bf16 autocast."""
+"""Loss functions shared by several methods, SimCLR's loss ablations and the contrastive objectives of AMDIM and
+Local Aggregation (pure functions of tensors; other method-specific ones live in their method file). Everything is
+computed in float32 even under bf16 autocast."""
 
 from __future__ import annotations
 
@@ -128,3 +129,155 @@ def sinkhorn_log(log_p: torch.Tensor, lam: float = 25.0, iters: int = 100, tol: 
         if done:
             break
     return (lp + u[:, None] + v[None, :]).exp() * n
+
+
+# ------------------------------------------------------------------ SimCLR's loss ablations (Chen et al. 2020)
+
+
+def _cross_view_scores(z1: torch.Tensor, z2: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine scores of every anchor against the OTHER view's keys (SimCLR App. B.10: "we only consider the
+    negatives from one augmentation view"): anchors are this rank's rows of z1 then z2, keys the gathered z2
+    (for z1's anchors) or z1 (for z2's). Returns (scores (2n, N), column of each anchor's positive (2n,))."""
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    n = z1.shape[0]
+    k1, k2 = (D.gather_with_grad(z1), D.gather_with_grad(z2)) if gather else (z1, z2)
+    own = torch.arange(n, device=z1.device) + (D.rank() if gather else 0) * n
+    scores = torch.cat([z1 @ k2.t(), z2 @ k1.t()], 0)
+    return scores, torch.cat([own, own])
+
+
+def semi_hard_negatives(scores: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor:
+    """FaceNet's semi-hard negative of each anchor (Schroff et al. 2015; TensorFlow's triplet_semihard_loss, in
+    similarity instead of distance): the most similar negative that is still less similar than the positive;
+    an anchor without one gets its least similar negative. Returns the chosen (2n,) scores (with gradient)."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    pos = scores[rows, pos_idx]
+    with torch.no_grad():
+        is_neg = torch.ones_like(scores, dtype=torch.bool)
+        is_neg[rows, pos_idx] = False
+        semi = is_neg & (scores < pos[:, None])
+        hardest_semi = scores.masked_fill(~semi, float("-inf")).argmax(1)
+        easiest = scores.masked_fill(~is_neg, float("inf")).argmin(1)
+        pick = torch.where(semi.any(1), hardest_semi, easiest)
+    return scores[rows, pick]
+
+
+def _negative_terms(scores: torch.Tensor, pos_idx: torch.Tensor, semi_hard: bool,
+                    term) -> torch.Tensor:
+    """Mean over anchors of ``term(s+, s-)``, averaged over every negative or taken at the semi-hard one."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    pos = scores[rows, pos_idx]
+    if semi_hard:
+        return term(pos, semi_hard_negatives(scores, pos_idx)).mean()
+    neg_mask = torch.ones_like(scores, dtype=torch.bool)
+    neg_mask[rows, pos_idx] = False
+    terms = term(pos[:, None], scores)
+    return (terms * neg_mask).sum(1).div(neg_mask.sum(1)).mean()
+
+
+def nt_logistic(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, semi_hard: bool = False,
+                gather: bool = True) -> torch.Tensor:
+    """SimCLR's NT-Logistic (Table 2): the negative of log sigma(u.v+/T) + log sigma(-u.v-/T) for L2-normalised
+    u, v, averaged over every (anchor, negative) term, or over the anchors' semi-hard negatives."""
+    scores, pos_idx = _cross_view_scores(z1, z2, gather)
+    return _negative_terms(scores, pos_idx, semi_hard,
+                           lambda p, n: F.softplus(-p / temperature) + F.softplus(n / temperature))
+
+
+def margin_triplet(z1: torch.Tensor, z2: torch.Tensor, margin: float = 0.4, semi_hard: bool = False,
+                   gather: bool = True) -> torch.Tensor:
+    """SimCLR's margin triplet (Table 2): max(u.v- - u.v+ + m, 0) for L2-normalised u, v, averaged over every
+    (anchor, negative) term, or over the anchors' semi-hard negatives."""
+    scores, pos_idx = _cross_view_scores(z1, z2, gather)
+    return _negative_terms(scores, pos_idx, semi_hard, lambda p, n: F.relu(n - p + margin))
+
+
+# ------------------------------------------------------------------ AMDIM (Bachman et al. 2019)
+
+
+def tanh_clip(x: torch.Tensor, clip: float | None = 10.0) -> torch.Tensor:
+    """Soft clipping to [-clip, clip]: clip * tanh(x / clip) (amdim-public costs.py tanh_clip)."""
+    return x if clip is None else clip * torch.tanh(x / clip)
+
+
+def amdim_nce(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor,
+              tclip: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMDIM's global/local NCE (amdim-public costs.py NCE_MI_MULTI._model_scores and _loss_g2l).
+
+    ``src`` (n, d): one source vector per anchor; ``trg`` (N, d, L): every image's L local target vectors;
+    ``pos_idx`` (n,): the row of ``trg`` holding each anchor's other view. Scores are src.trg / sqrt(d), softly
+    clipped by :func:`tanh_clip`; each of the anchor's L positive locations is classified against all locations
+    of all the other images (its own image's other locations are not negatives). Returns (loss = -mean log
+    softmax of the positives, mean squared raw score: the reference adds 4e-2 x it as a regulariser)."""
+    src, trg = src.float(), trg.float()
+    raw = torch.einsum("nd,mdl->nml", src, trg) / src.shape[1] ** 0.5  # (n, N, L)
+    reg = raw.pow(2).mean()
+    scores = tanh_clip(raw, tclip)
+    rows = torch.arange(src.shape[0], device=src.device)
+    pos = scores[rows, pos_idx]  # (n, L)
+    neg = scores.masked_fill(F.one_hot(pos_idx, trg.shape[0]).bool()[:, :, None], float("-inf"))
+    neg_lse = torch.logsumexp(neg.flatten(1), dim=1, keepdim=True)  # (n, 1): the negatives every positive shares
+    return -(pos - torch.logaddexp(pos, neg_lse)).mean(), reg
+
+
+# ------------------------------------------------------------------ Local Aggregation (Zhuang et al. 2019)
+
+
+def local_aggregation_loss(f: torch.Tensor, bank: torch.Tensor, cluster_labels: torch.Tensor, index: torch.Tensor,
+                           k: int = 4096, temperature: float = 0.07) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log P(C n B | v) / P(B | v) (neuroailab/LocalAggregation-Pytorch src/objectives/localagg.py).
+
+    ``f`` (B, d) L2-normalised embeddings, ``bank`` (N, d) the memory bank, ``cluster_labels`` (H, N) the labels
+    of H k-means clusterings of the bank, ``index`` (B,) the samples' rows. Background neighbours B: the k bank
+    entries most similar to f; close neighbours C: the entries sharing f's cluster in at least one clustering.
+    P(i | v) ~ exp(v_i.f / T): the reference's constant Z cancels in the ratio, and so does the row maximum
+    subtracted here against overflow at small T. Returns (mean loss, fraction of B in C)."""
+    k = min(k, bank.shape[0])
+    dots = f.float() @ bank.float().t()
+    back_dots, back_idx = dots.topk(k, dim=1, sorted=False)
+    with torch.no_grad():
+        own = cluster_labels[:, index]  # (H, B)
+        close = (cluster_labels[:, back_idx] == own[:, :, None]).any(0)  # (B, k)
+    probs = torch.exp((back_dots - back_dots.max(1, keepdim=True).values.detach()) / temperature)
+    rel = (probs * close).sum(1) / probs.sum(1)
+    return -torch.log(rel + 1e-7).mean(), close.float().mean()
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, similar: torch.Tensor, margin: float = 1.0,
+                     legacy: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The contrastive loss of pairs of embeddings (Hadsell, Chopra & LeCun 2006, eq. 4; Caffe's
+    ContrastiveLossLayer): with d = ||a - b||_2, a similar pair costs d^2 / 2 and a dissimilar one
+    max(margin - d, 0)^2 / 2, or with ``legacy`` max(margin - d^2, 0) / 2 (Caffe's original layer, the one of
+    Jayaraman & Grauman's fork, dineshj1/caffe src/caffe/layers/contrastive_loss_layer.cpp). Averaged over the
+    pairs, weighted by ``weight`` when given (0 leaves a pair out)."""
+    d2 = (a.float() - b.float()).pow(2).sum(1)
+    if legacy:
+        apart = (margin - d2).clamp_min(0)
+    else:
+        apart = (margin - d2.clamp_min(1e-12).sqrt()).clamp_min(0).pow(2)
+    per_pair = torch.where(similar.bool(), d2, apart) / 2
+    if weight is None:
+        return per_pair.mean()
+    weight = weight.float()
+    return (per_pair * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def slow_steady_loss(za: torch.Tensor, zb: torch.Tensor, zc: torch.Tensor, zr: torch.Tensor,
+                     margin_slow: float = 1.0, margin_steady: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slow and steady feature analysis (Jayaraman & Grauman 2016), for embeddings of frames a, b, c equally
+    spaced in time and a frame r of the same video far from all three, each (B, d). Returns (slow, steady):
+
+    - slow: the legacy :func:`contrastive_loss` of the neighbour pairs (a, b), (b, c) against the far pairs
+      (a, r), (c, r), margin ``margin_slow``;
+    - steady: the same loss on the first differences: (b - a, c - b) similar (a constant change, the second
+      difference small), (b - a, r - b) dissimilar, margin ``margin_steady``."""
+    n = za.shape[0]
+    ones, zeros = torch.ones(2 * n, device=za.device), torch.zeros(2 * n, device=za.device)
+    slow = contrastive_loss(torch.cat([za, zb, za, zc]), torch.cat([zb, zc, zr, zr]), torch.cat([ones, zeros]),
+                            margin_slow, legacy=True)
+    step = zb - za
+    steady = contrastive_loss(torch.cat([step, step]), torch.cat([zc - zb, zr - zb]), torch.cat([ones[:n], zeros[:n]]),
+                              margin_steady, legacy=True)
+    return slow, steady

@@ -3,6 +3,9 @@
 - Data: ``evalsuite.data.open_dataset`` (any classification reader, ImageFolder by default); each sample's
   augmentations are drawn from a generator seeded by (seed, epoch, index), and each epoch's order from
   (seed, epoch), so a run is reproducible and a resumed run sees exactly the batches it would have seen.
+  Video methods train on video readers through ``pretrain.video.SampleDataset`` (``samples_per_video``
+  examples per video per epoch, drawn by the method's sampler, seeded alike); a method is refused data of a kind
+  its ``data_kinds`` does not name.
 - Optimiser/schedule: ``pretrain.optim`` (SGD / LARS / Adam(W), linear warm-up + cosine, per step); the
   base lr scales linearly with the global batch size (lr * B / base_batch_size) unless ``--lr`` is given.
 - Precision: fp32 or bf16 autocast (CPU or CUDA), optional channels_last.
@@ -38,6 +41,7 @@ from .augment import ViewTransform, center_view
 from .base import Batch, Method
 from .optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
 from .registry import get_method
+from .video import SampleDataset, VideoSampler, collate_samples, data_kind
 
 
 @dataclass
@@ -85,6 +89,8 @@ class TrainConfig:
     view_jitter: float | None = None
     #: blur probability of every colour-distortion view; None = the preset's
     view_blur: float | None = None
+    #: video methods: examples drawn from each video per epoch (``pretrain.video.SampleDataset``)
+    samples_per_video: int = 8
 
 
 #: TrainConfig fields a resumed run may change: where the data and the run live and how fast it goes, not
@@ -163,6 +169,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.data = self._open_data()
+        #: "images", or the video reader's kind ("video", "egomotion"): what the method must train on
+        self.data_kind = data_kind(self.data)
+        if self.data_kind not in self.method_cls.data_kinds:
+            raise UserError(f"method {cfg.method!r} trains on {' or '.join(self.method_cls.data_kinds)} data; "
+                            f"--dataset {cfg.dataset} is {self.data_kind} data")
         self.n_images = len(self.data) if cfg.limit_images is None else min(cfg.limit_images, len(self.data))
         num_classes = len(getattr(self.data, "classes", []) or [])
         self.method: Method = self.method_cls(cfg.arch, cfg.hp, num_samples=self.n_images,
@@ -171,15 +182,25 @@ class Trainer:
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.method.view_options = self._view_options(cfg)
-        self.views: ViewTransform = self.method.views(cfg.image_size)
-        self.dataset = ViewDataset(self.data, self.views, cfg.seed, cfg.limit_images)
+        self.views: ViewTransform | None = None
+        self.sampler: VideoSampler | None = None
+        if self.data_kind == "images":
+            self.views = self.method.views(cfg.image_size)
+            self.dataset = ViewDataset(self.data, self.views, cfg.seed, cfg.limit_images)
+            self.collate, what = _collate, f"{self.n_images} images"
+        else:
+            self.sampler = self.method.sampler(cfg.image_size)
+            self.dataset = SampleDataset(self.data, self.sampler, cfg.seed, cfg.samples_per_video, cfg.limit_images)
+            self.collate = collate_samples
+            what = f"{len(self.dataset)} examples ({self.n_images} videos x {cfg.samples_per_video})"
+        #: training examples per epoch: images, or videos x samples_per_video
+        self.n_items = len(self.dataset)
         self.global_batch = cfg.batch_size * self.world
-        self.steps_per_epoch = (self.n_images // self.world) // cfg.batch_size
+        self.steps_per_epoch = (self.n_items // self.world) // cfg.batch_size
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         if self.method.trains and self.steps_per_epoch < 1:
-            raise UserError(f"{self.n_images} images are fewer than one batch of {self.global_batch}; "
-                            "lower --batch-size")
+            raise UserError(f"{what} are fewer than one batch of {self.global_batch}; lower --batch-size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.planned_steps = self.total_steps  # before any time-budget shrinking
         self._step_ends: deque[float] = deque(maxlen=max(2, cfg.budget_check) + 1)
@@ -289,6 +310,8 @@ class Trainer:
     def _config_record(self) -> dict[str, Any]:
         c = asdict(self.cfg)
         c.pop("progress", None)
+        if self.data_kind == "images":
+            c.pop("samples_per_video")  # unused: image runs' states stay comparable with earlier ones
         c.update(world_size=self.world, global_batch_size=self.global_batch)
         return c
 
@@ -301,6 +324,20 @@ class Trainer:
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self.method.preprocess(x.to(self.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.ndim == 4 else x
+
+    def frames_to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Frames (..., 3, H, W) in [0, 1] -> the method's input, as :meth:`to_input` does for images."""
+        return self.to_input(x.flatten(0, -4)).unflatten(0, x.shape[:-3])
+
+    def make_batch(self, data, index: torch.Tensor, target: torch.Tensor) -> Batch:
+        """A loader batch as the method's :class:`Batch`: image views in the input space; a video sampler's
+        dict in ``extra`` (its ``frame_keys`` in the input space, the rest moved to the device)."""
+        index, target = index.to(self.device), target.to(self.device)
+        if isinstance(data, dict):
+            frames = self.sampler.frame_keys
+            extra = {k: self.frames_to_input(v) if k in frames else v.to(self.device) for k, v in data.items()}
+            return Batch([], index, target, extra)
+        return Batch([self.to_input(v) for v in data], index, target)
 
     @torch.no_grad()
     def full_pass(self, fn, image_size: int | None = None) -> torch.Tensor:
@@ -340,10 +377,11 @@ class Trainer:
         if self.method.trains:
             self.method.train()
             self.method.on_train_start(self)
-            sampler = EpochSampler(self.n_images, cfg.seed, self.rank, self.world)
+            sampler = EpochSampler(self.n_items, cfg.seed, self.rank, self.world)
             while self.epoch < cfg.epochs:
                 self._run_epoch(sampler)
-        else:
+        else:  # a method without gradient steps (random init, k-means init) does its work in on_train_start
+            self.method.on_train_start(self)
             self.epoch = cfg.epochs
         if D.is_dist():
             torch.distributed.barrier()
@@ -359,7 +397,7 @@ class Trainer:
         sampler.epoch, sampler.start = self.epoch, self.step_in_epoch * cfg.batch_size
         self.dataset.epoch = self.epoch
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
+                            num_workers=cfg.workers, collate_fn=self.collate, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         remaining = self.steps_per_epoch - self.step_in_epoch
         with progress(total=remaining, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
@@ -375,8 +413,7 @@ class Trainer:
         cfg = self.cfg
         it = iter(loader)
         for _ in range(remaining):
-            views, index, target = next(it)
-            batch = Batch([self.to_input(v) for v in views], index.to(self.device), target.to(self.device))
+            batch = self.make_batch(*next(it))
             set_lr(self.optimizer, lr_factor(self.global_step, self.total_steps, self.optim_cfg["warmup_steps"],
                                              cfg.min_lr_ratio, self._warmup_start_ratio()))
             with self.autocast():
@@ -447,7 +484,12 @@ class Trainer:
             "channels_last": cfg.channels_last,
             "hyperparameters": self.method.hp,
             "optimizer": self.optim_cfg,
-            "augment": self.views.describe(),
+            # image views, or the video sampler's settings (frame gaps, crop)
+            "augment": (self.views if self.sampler is None else self.sampler).describe(),
+            "data_kind": self.data_kind,
+            "sampling": None if self.sampler is None else {
+                "samples_per_video": cfg.samples_per_video, "examples_per_epoch": self.n_items,
+                "seed": "numpy Generator per (seed, epoch, example)"},
             "view_options": dict(self.method.view_options),
             "recipe": cfg.recipe,
             "time_budget_s": cfg.time_budget_s,
