@@ -155,8 +155,9 @@ def protocol_get(protocol: Any, key: str, default: Any = None) -> Any:
     return getattr(protocol, key, default)
 
 
-class _Images(torch.utils.data.Dataset):
-    """Applies the transform; returns errors as values so the main process reports them cleanly."""
+class TransformedImages(torch.utils.data.Dataset):
+    """Applies the transform; returns errors as values so the main process reports them cleanly
+    (:func:`collate_images` raises them as one BadData line)."""
 
     def __init__(self, dataset: ImageDataset, transform: Transform):
         self.dataset, self.transform = dataset, transform
@@ -171,7 +172,8 @@ class _Images(torch.utils.data.Dataset):
             return None, i, (e.message, e.path)
 
 
-def _collate(batch):
+def collate_images(batch):
+    """Stack (image, index, error) items into (images, indices); the first error becomes BadData."""
     for _x, i, err in batch:
         if err is not None:
             raise BadData(err[0], err[1] or f"sample {i}")
@@ -316,10 +318,10 @@ class FeatureExtractor:
             lo, hi = ref.shard_range(i)
             batches.extend(list(range(b, min(hi, b + self.batch_size))) for b in range(lo, hi, self.batch_size))
         loader = torch.utils.data.DataLoader(
-            _Images(dataset, transform),
+            TransformedImages(dataset, transform),
             batch_sampler=batches,
             num_workers=self.workers,
-            collate_fn=_collate,
+            collate_fn=collate_images,
             persistent_workers=False,
         )
         taps = list(entries)

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoints import LoadedCheckpoint
 from .data import DATA_LAYOUT, ImageDataset, open_dataset
-from .errors import TaskSkipped, UserError
+from .errors import BadData, TaskSkipped, UserError
 from .features import FeatureExtractor, Transform, protocol_get
 from .protocols import TaskProtocol
 from .results import Result
@@ -132,6 +132,16 @@ class TaskContext:
         """The named splits of the protocol's ``dataset`` (at its ``data_path``)."""
         p = self.protocol
         return [self.open_dataset(p.dataset, s, protocol_get(p, "data_path")) for s in splits]
+
+    def open_classification_splits(self, train_split: str, val_split: str) -> tuple[ImageDataset, ImageDataset, list]:
+        """Two single-label splits with the same class list, and that list (BadData naming the split otherwise)."""
+        train, val = self.open_splits(train_split, val_split)
+        classes = getattr(train, "classes", None)
+        if classes is None or not hasattr(train, "labels"):
+            raise BadData(f"{self.protocol.dataset} is not a single-label classification dataset", train.root)
+        if list(classes) != list(getattr(val, "classes", [])):
+            raise BadData(f"the {train_split} and {val_split} splits have different class lists", val.root)
+        return train, val, list(classes)
 
     # ---------------------------------------------------------------- results
 

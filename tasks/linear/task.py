@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from evalsuite.errors import BadData, UserError
+from evalsuite.errors import UserError
 from evalsuite.features import Transform
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import FeatureTaskProtocol, Interpolation, ResizeMode, preset_changes
@@ -148,12 +148,7 @@ class LinearTask:
 
     def run(self, ctx: TaskContext) -> list[Result]:
         p: LinearProtocol = ctx.protocol
-        train, val = ctx.open_splits(p.train_split, p.val_split)
-        classes = getattr(train, "classes", None)
-        if classes is None or not hasattr(train, "labels"):
-            raise BadData(f"{p.dataset} is not a single-label classification dataset", train.root)
-        if list(classes) != list(getattr(val, "classes", [])):
-            raise BadData(f"the {p.train_split} and {p.val_split} splits have different class lists", val.root)
+        train, val, classes = ctx.open_classification_splits(p.train_split, p.val_split)
         num_classes = len(classes)
         taps = ctx.taps(p.layers)
         transform = ctx.transform()

@@ -43,7 +43,7 @@ from torch import nn
 from evalsuite.console import progress as progress_bar
 from evalsuite.data import ImageDataset
 from evalsuite.errors import BadData, UserError
-from evalsuite.features import Transform
+from evalsuite.features import Transform, TransformedImages, collate_images
 from evalsuite.io import ResumeState
 from evalsuite.trunks import arch_info, pool_features, pool_spec, tap_shapes
 from tasks.semi_supervised.augment import TrainView
@@ -253,27 +253,6 @@ class _TrainImages(torch.utils.data.Dataset):
             return None, i, (e.message, e.path)
 
 
-class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, dataset: ImageDataset, transform: Transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(self.dataset.load_image(i)), i, None
-        except BadData as e:
-            return None, i, (e.message, e.path)
-
-
-def _collate(batch):
-    for _x, i, err in batch:
-        if err is not None:
-            raise BadData(err[0], err[1] or f"sample {i}")
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-
-
 class _StepBatches:
     """The loader's batch sampler: the keys of steps ``start`` .. ``total - 1``."""
 
@@ -350,7 +329,7 @@ def fine_tune(model: FineTuneModel, dataset: ImageDataset, labels: np.ndarray, i
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     loader = torch.utils.data.DataLoader(_TrainImages(dataset, indices, labels, view, cfg.seed),
                                          batch_sampler=_StepBatches(s, cfg.seed, start), num_workers=cfg.workers,
-                                         collate_fn=_collate, pin_memory=dev.type == "cuda")
+                                         collate_fn=collate_images, pin_memory=dev.type == "cuda")
     model.train()
     window: list[float] = []
     bar = progress_bar(loader, desc=desc, total=s.total_steps, initial=start, enabled=progress, unit="step")
@@ -404,8 +383,8 @@ def evaluate(model: FineTuneModel, dataset: ImageDataset, labels: np.ndarray, tr
     """Top-k accuracies (fractions) and the mean cross-entropy of ``model`` in evaluation mode."""
     dev = torch.device(device)
     model.to(dev).eval()
-    loader = torch.utils.data.DataLoader(_EvalImages(dataset, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(TransformedImages(dataset, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=collate_images)
     logits = np.empty((len(dataset), model.head.out_features), dtype=np.float32)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for x, idx in progress_bar(loader, desc=desc, enabled=progress):

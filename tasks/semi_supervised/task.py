@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evalsuite.console import warn
-from evalsuite.errors import BadData
 from evalsuite.io import ResumeState
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import Interpolation, ResizeMode, TaskProtocol, preset_changes
@@ -149,13 +148,7 @@ class SemiSupervisedTask:
 
     def _splits(self, ctx: TaskContext):
         p: SemiSupervisedProtocol = ctx.protocol
-        train, val = ctx.open_splits(p.train_split, p.val_split)
-        classes = getattr(train, "classes", None)
-        if classes is None or not hasattr(train, "labels"):
-            raise BadData(f"{p.dataset} is not a single-label classification dataset", train.root)
-        if list(classes) != list(getattr(val, "classes", [])):
-            raise BadData(f"the {p.train_split} and {p.val_split} splits have different class lists", val.root)
-        return train, val, list(classes)
+        return ctx.open_classification_splits(p.train_split, p.val_split)
 
     # ------------------------------------------------------------------ plan
 
