@@ -117,9 +117,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     if a.list:
         from .registry import get_method
 
-        for name in sorted(methods()):
-            cls = get_method(name)
-            print(f"{name:18s} {cls.description}")
+        names = sorted(methods())
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:{width}s} {get_method(name).description}")
         return 0
     if not a.method:
         raise UserError("--method is required (see `evalsuite pretrain --list`)")

@@ -281,3 +281,26 @@ def slow_steady_loss(za: torch.Tensor, zb: torch.Tensor, zc: torch.Tensor, zr: t
     steady = contrastive_loss(torch.cat([step, step]), torch.cat([zc - zb, zr - zb]), torch.cat([ones[:n], zeros[:n]]),
                               margin_steady, legacy=True)
     return slow, steady
+
+
+def bit_prediction_loss(logits: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Binary codes predicted bit by bit (Ambient Sound's binary-coding variant): the mean over examples and bits
+    of the logistic loss of ``logits`` (B, K) against ``bits`` (B, K) in {0, 1}, and the bit accuracy."""
+    acc = ((logits > 0) == bits.bool()).float().mean()
+    return F.binary_cross_entropy_with_logits(logits.float(), bits.float()), {"bit_acc": float(acc)}
+
+
+def binned_motion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Learning to See by Moving's loss: one softmax cross-entropy per motion dimension, summed (the reference's
+    SoftmaxWithLoss per dimension, weight 1 each), for ``logits`` (B, D, C) and bin ``labels`` (B, D)."""
+    return sum(F.cross_entropy(logits[:, d].float(), labels[:, d]) for d in range(logits.shape[1]))
+
+
+def equivariance_loss(z_src: torch.Tensor, z_dst: torch.Tensor, maps: torch.Tensor, motion: torch.Tensor,
+                      similar: torch.Tensor, margin: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Ego-motion equivariance (Jayaraman & Grauman 2015): for pairs (x, y) scored under motion class g, the
+    map M_g (``maps[g]``, (D, D)) should carry z(x) onto z(y) when y = g x: :func:`contrastive_loss` between
+    M_g z(x) and z(y), pulled together for ``similar`` pairs (||M_g z(x) - z(y)||^2 / 2) and pushed beyond
+    ``margin`` for pairs that motion g does not relate. ``motion`` (B,) indexes ``maps`` (G, D, D)."""
+    pred = torch.einsum("bij,bj->bi", maps[motion].float(), z_src.float())
+    return contrastive_loss(pred, z_dst, similar, margin, weight=weight)
