@@ -5,7 +5,8 @@ Supported (``evalsuite list --formats``):
 =============  ==============================================================
 evalsuite      our own: safetensors of trunk weights + JSON metadata header
 torchvision    a plain ``state_dict`` (``conv1.weight`` ... ``fc.*``), also timm's ResNets
-vissl          ``classy_state_dict.base_model.model.trunk`` with ``_feature_blocks.``
+vissl          ``classy_state_dict.base_model.model.trunk`` with ``_feature_blocks.`` (ResNets; RegNetYs in
+               ClassyVision's layout, e.g. SEER's)
 moco           MoCo / PIRL style ``state_dict`` with ``module.encoder_q.``
 lightning      solo-learn / PyTorch Lightning ``state_dict`` with ``backbone.`` (older solo-learn: ``encoder.``)
 dino           DINO-style ``teacher`` / ``student`` dicts (teacher is used)
@@ -22,6 +23,11 @@ random         ``random:<arch>`` / ``timm:<name>``: seeded random init, no file
 solo-learn's run arguments (the checkpoint's ``hyper_parameters``, else the ``args.json`` its Checkpointer writes
 beside the ``.ckpt``) name the method, the backbone and the dataset; a ResNet trained on CIFAR-10/100 is the
 ``<resnet>_cifar`` arch, as solo-learn builds it for those datasets (:func:`_solo_learn_metadata`).
+
+RegNets saved by VISSL (``vissl/models/trunks/regnet.py``: ClassyVision's RegNet as ``_feature_blocks.conv1`` and
+``res2`` .. ``res5``) are renamed to torchvision's (:func:`classy_regnet_name`); ClassyVision's RegNetY and
+torchvision's have the same modules, SE placement and widths except where noted in :data:`CLASSY_ONLY_REGNETS`,
+which are refused in one line.
 
 ViT checkpoints are converted to timm's key names (:func:`evalsuite.vit.to_timm_layout`) and their architecture
 is read from the tensor shapes (:func:`evalsuite.vit.infer_arch`).
@@ -60,12 +66,24 @@ from . import vit
 from .console import warn
 from .errors import BadCheckpoint, UserError, require_file
 from .io import atomic_write
-from .trunks import ARCHS, arch_info, build_trunk, describe_layout, infer_arch, is_trunk_key, trunk_state_shapes
+from .trunks import (
+    ARCHS,
+    arch_info,
+    build_trunk,
+    describe_layout,
+    infer_arch,
+    is_regnet_key,
+    is_trunk_key,
+    regnet_fits,
+    regnet_layout,
+    trunk_state_shapes,
+)
 
 FORMATS: dict[str, str] = {
     "evalsuite": "safetensors trunk weights + JSON metadata (written by `evalsuite pretrain`)",
     "torchvision": "plain state_dict with torchvision key names (also timm ResNets)",
-    "vissl": "VISSL: classy_state_dict.base_model.model.trunk, _feature_blocks. prefix",
+    "vissl": "VISSL: classy_state_dict.base_model.model.trunk, _feature_blocks. prefix (ResNets; RegNetYs in "
+             "ClassyVision's layout, e.g. SEER's, renamed to torchvision's)",
     "moco": "MoCo / PIRL: state_dict with module.encoder_q. prefix",
     "lightning": "solo-learn / PyTorch Lightning: state_dict with backbone. (older: encoder.) prefix; solo-learn's "
                  "hyper_parameters or args.json name method, backbone and dataset (CIFAR: <resnet>_cifar)",
@@ -90,6 +108,26 @@ PREFERENCES = ("state_dict_ema", "model_ema", "teacher", "encoder_q", "base_enco
                "model", "student", "encoder_k", "target")
 # nn.Sequential(*list(resnet.children())[:-1]) numbering used by several BYOL/SimCLR codes.
 RESNET_CHILD_INDEX = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+# Markers ending a source's prefix whose keys are renamed: nn.Sequential child numbering, ClassyVision's RegNet.
+SEQ, CLASSY = "#seq#", "#classy#"
+# Inside a ClassyVision RegNet block (classy_vision/models/anynet.py ResBottleneckBlock, BottleneckTransform,
+# squeeze_and_excitation_layer.py) -> torchvision's (torchvision/models/regnet.py); f.a.0/1 and f.b.0/1 agree.
+# The same renaming as timm's regnet.py _filter_fn for the released SEER files.
+CLASSY_REGNET_MODULES = {"proj": "proj.0", "bn": "proj.1", "f.a.0": "f.a.0", "f.a.1": "f.a.1", "f.b.0": "f.b.0",
+                         "f.b.1": "f.b.1", "f.se.excitation.0": "f.se.fc1", "f.se.excitation.2": "f.se.fc2",
+                         "f.c": "f.c.0", "f.final_bn": "f.c.1"}
+# ClassyVision RegNets no torchvision RegNetY matches, by (stage depths, stage widths), and why. ClassyVision rounds
+# a stage's width to its group width with round() (regnet.py _quantize_float: halves to even), torchvision with
+# _make_divisible (halves up, at least 90 % of the width), so two of its named RegNetYs differ; SEER's larger ones
+# are not in torchvision (VISSL configs/config/benchmark/linear_image_classification/imagenet1k/models/
+# regnet64Gf_3.yaml, regnet256Gf_1.yaml, regnet10B.yaml).
+CLASSY_ONLY_REGNETS = {
+    ((1, 3, 8, 2), (64, 128, 320, 768)): "ClassyVision's regnet_y_800mf (torchvision's: widths 64-144-320-784)",
+    ((2, 4, 10, 1), (168, 448, 896, 2016)): "ClassyVision's regnet_y_8gf (torchvision's: widths 224-448-896-2016)",
+    ((2, 5, 12, 1), (328, 984, 1968, 4920)): "SEER's RegNetY-64GF, which torchvision does not have",
+    ((2, 7, 17, 1), (746, 1492, 4103, 10444)): "SEER's RegNetY-256GF, which torchvision does not have",
+    ((2, 7, 17, 1), (2020, 4040, 11110, 28280)): "SEER's RegNet-10B, which torchvision does not have",
+}
 # Suffixes stripped from a file name to name the checkpoint (moco_v2_800ep.pth.tar -> moco_v2_800ep).
 NAME_SUFFIXES = (".tar", ".pth", ".pt", ".pyth", ".ckpt", ".safetensors", ".torch", ".pkl", ".bin")
 MISSING_KEYS_RECORDED = 50
@@ -200,7 +238,7 @@ class _Source:
     """One place in the file that may hold the trunk: an entry (a nested dict) and a key prefix inside it."""
 
     path: tuple[str, ...]
-    prefix: str  # ends with "#seq#" for nn.Sequential child numbering
+    prefix: str  # ends with SEQ for nn.Sequential child numbering, CLASSY for ClassyVision's RegNet names
     tensors: dict[str, torch.Tensor]  # the entry's tensors, by the file's keys
     names: dict[str, str]  # torchvision-style name -> the file's key, for every key under the prefix
     count: int  # required trunk keys (of any architecture) found
@@ -211,7 +249,7 @@ class _Source:
 
     @property
     def raw_prefix(self) -> str:
-        return self.prefix.removesuffix("#seq#")
+        return self.prefix.removesuffix(SEQ).removesuffix(CLASSY)
 
     def describe(self) -> str:
         return (self.entry or "<root>") + (f"[{self.raw_prefix}]" if self.raw_prefix else "")
@@ -308,6 +346,8 @@ def _resolve_arch(arch: str | None, meta_arch: str | None, source: _Source, path
     """--arch, the metadata's arch and the architecture the keys show must agree; the first one given wins.
     Archs with the same weights' shapes agree (MoCo v3's 12-head ViT-S and vit_small_patch16)."""
     keys_arch = _keys_arch(source)
+    if keys_arch is None and (unfit := _unsupported_regnet(source)):
+        raise BadCheckpoint(unfit, path)
     arch = _canonical_arch(arch) if arch else arch
     looks = f"the keys look like {keys_arch}{_layout(source)}" if keys_arch else ""
     if arch and meta_arch and arch != meta_arch:
@@ -329,12 +369,28 @@ def _resolve_arch(arch: str | None, meta_arch: str | None, source: _Source, path
 def _keys_arch(source: _Source) -> str | None:
     """The architecture the source's keys (ResNet, AlexNet; conv1's shape tells the stem) or tensor shapes (ViT)
     show, or None."""
-    arch = infer_arch(source.names, {n: tuple(source.tensors[k].shape) for n, k in source.names.items()})
+    arch = infer_arch(source.names, _shapes(source))
     if arch is None:
         arch = vit.infer_arch({n: tuple(v.shape) for n, v in _named_tensors(source).items()})
         if arch and "base_encoder" in source.raw_prefix:
             arch = vit.MOCO_V3_ARCHS.get(arch, arch)
     return arch
+
+
+def _shapes(source: _Source) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(source.tensors[k].shape) for n, k in source.names.items()}
+
+
+def _unsupported_regnet(source: _Source) -> str:
+    """Why the source's RegNet stages fit none of the RegNetY archs, in one line ("" when they fit one, or the
+    keys are no RegNet's): loading them into another RegNetY would fail on shapes or, worse, not fail."""
+    shapes = _shapes(source)
+    if not any(n.startswith("trunk_output.") for n in shapes) or regnet_fits(shapes):
+        return ""
+    known = CLASSY_ONLY_REGNETS.get(regnet_layout(shapes))
+    what = f"this is {known}" if known else "no supported RegNetY has these stages"
+    regnets = ", ".join(a for a, info in ARCHS.items() if info["family"] == "regnet")
+    return f"{describe_layout(shapes, shapes)}: {what}; the supported RegNetYs are torchvision's ({regnets})"
 
 
 def _named_tensors(source: _Source) -> dict[str, torch.Tensor]:
@@ -357,7 +413,10 @@ def _canonical_arch(arch: str) -> str:
 
 
 def _layout(source: _Source) -> str:
-    """ " (blocks 3-4-6-3, bottleneck)" when the keys hold ResNet stages, else ""."""
+    """ " (blocks 3-4-6-3, bottleneck)" when the keys hold ResNet stages, " (RegNet stages: depths ..., widths ...)"
+    for RegNet stages, else ""."""
+    if any(n.startswith("trunk_output.") for n in source.names):
+        return f" ({describe_layout(source.names, _shapes(source))})"
     return f" ({describe_layout(source.names)})" if any(n.startswith("layer") for n in source.names) else ""
 
 
@@ -580,10 +639,33 @@ def _candidate_names(key: str) -> list[tuple[str, str]]:
         out.append((prefix, rest))
     renamed = []
     for prefix, rest in out:
-        head, _, tail = rest.partition(".")
-        if head in RESNET_CHILD_INDEX and tail:
-            renamed.append((prefix + "#seq#", f"{RESNET_CHILD_INDEX[head]}.{tail}"))
+        for marker in (SEQ, CLASSY):
+            name = _renamed(marker, rest)
+            if name is not None:
+                renamed.append((prefix + marker, name))
     return out + renamed
+
+
+def _renamed(marker: str, name: str) -> str | None:
+    """``name`` in torchvision's layout under a marked prefix, or None when it is not one of that layout's keys."""
+    if marker == SEQ:
+        head, _, tail = name.partition(".")
+        return f"{RESNET_CHILD_INDEX[head]}.{tail}" if head in RESNET_CHILD_INDEX and tail else None
+    return classy_regnet_name(name)
+
+
+def classy_regnet_name(key: str) -> str | None:
+    """torchvision's name of a key of VISSL's RegNet trunk (after ``_feature_blocks.``), or None: ``conv1.stem.0``
+    -> ``stem.0``, ``res2.block1-0.f.final_bn`` -> ``trunk_output.block1.block1-0.f.c.1`` (``res<s+1>`` holds
+    ``block<s>``)."""
+    m = re.fullmatch(r"conv1\.stem\.([01])\.(\w+)", key)
+    if m:
+        return f"stem.{m.group(1)}.{m.group(2)}"
+    m = re.fullmatch(r"res([2-5])\.block([1-4])-(\d+)\.(.+)\.(\w+)", key)
+    if not m or int(m.group(1)) != int(m.group(2)) + 1 or m.group(4) not in CLASSY_REGNET_MODULES:
+        return None
+    stage = m.group(2)
+    return f"trunk_output.block{stage}.block{stage}-{m.group(3)}.{CLASSY_REGNET_MODULES[m.group(4)]}.{m.group(5)}"
 
 
 def _best_source(path: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> _Source | None:
@@ -592,19 +674,21 @@ def _best_source(path: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> _So
     counts: dict[str, int] = {}
     for key in tensors:
         for prefix, name in _candidate_names(key):
-            if (name in known or vit.is_vit_key(name)) and not name.endswith(OPTIONAL_SUFFIXES):
+            # RegNet stages only: other models' stem.0 / stem.1 (timm's ConvNeXt) must not pass for a RegNet's
+            regnet = name.startswith("trunk_output.") and is_regnet_key(name)
+            if (name in known or vit.is_vit_key(name) or regnet) and not name.endswith(OPTIONAL_SUFFIXES):
                 counts[prefix] = counts.get(prefix, 0) + 1
     if not counts:
         return None
     where = ".".join(path)
     prefix = min(counts, key=lambda p: (-counts[p], -_preference(f"{where}[{p}]"), len(p), p))
-    raw, seq = prefix.removesuffix("#seq#"), prefix.endswith("#seq#")
+    raw = prefix.removesuffix(SEQ).removesuffix(CLASSY)
+    marker = prefix[len(raw) :]
     names = {}
     for key in tensors:
         if key.startswith(raw):
             name = key[len(raw) :]
-            head, _, tail = name.partition(".")
-            names[f"{RESNET_CHILD_INDEX[head]}.{tail}" if seq and head in RESNET_CHILD_INDEX and tail else name] = key
+            names[(_renamed(marker, name) if marker else None) or name] = key
     return _Source(path, prefix, tensors, names, counts[prefix])
 
 
@@ -626,8 +710,10 @@ def _is_ema(entry: str) -> bool:
 
 @cache
 def _all_trunk_names() -> frozenset[str]:
-    """The convolutional archs' key names (ViT keys are matched by :func:`evalsuite.vit.is_vit_key`)."""
-    return frozenset(n for arch, info in ARCHS.items() if info["family"] != "vit" for n in trunk_state_shapes(arch))
+    """The ResNet and AlexNet key names (ViT and RegNet keys are matched by pattern: :func:`evalsuite.vit.is_vit_key`,
+    :func:`evalsuite.trunks.is_regnet_key`)."""
+    return frozenset(n for arch, info in ARCHS.items() if info["family"] in ("resnet", "alexnet")
+                     for n in trunk_state_shapes(arch))
 
 
 def _vit_format(source: _Source, entries: set[tuple[str, ...]]) -> str | None:
@@ -652,10 +738,13 @@ def _vit_format(source: _Source, entries: set[tuple[str, ...]]) -> str | None:
 
 def _format_metadata(fmt: str, source: _Source, obj: Any, path: Path) -> dict[str, Any]:
     """What a layout implies beyond the weights: CLIP's mean/std and bicubic resizing (its preprocessing) and the
-    image-text projection left out of the trunk; solo-learn's method, dataset and arch. The file's own metadata
-    overrides these."""
+    image-text projection left out of the trunk; solo-learn's method, dataset and arch; a ClassyVision RegNet's
+    renaming. The file's own metadata overrides these."""
     if fmt == "lightning":
         return _solo_learn_metadata(obj, path)
+    if source.prefix.endswith(CLASSY):
+        return {"converted_from": "ClassyVision RegNet (VISSL _feature_blocks.conv1, res2..res5), renamed to "
+                                  "torchvision's RegNet names"}
     if fmt != "clip":
         return {}
     meta: dict[str, Any] = {"normalize": {"mean": list(vit.CLIP_MEAN), "std": list(vit.CLIP_STD)},

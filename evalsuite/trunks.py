@@ -16,6 +16,11 @@ Pooling (``pool_features``):
 - ``avg``: global average pooling (C dims), the usual kNN/linear representation.
 - ``none``: the flattened map.
 
+RegNetYs (``regnet_y_400mf`` .. ``regnet_y_128gf``, family ``regnet``) are torchvision's; their taps take the names
+VISSL gives a RegNet's feature blocks (vissl/models/trunks/regnet.py): ``conv1`` the stem (3x3 stride-2 conv, BN,
+ReLU), ``res2`` .. ``res5`` the four stages (``trunk_output.block1`` .. ``block4``). ``goyal`` pools them
+adaptively like every arch other than ResNet-50 at 224 px.
+
 Small-image ResNets (``resnet18_cifar``, ``resnet34_cifar``, ``resnet50_cifar``) are torchvision's with
 solo-learn's CIFAR stem (:data:`CIFAR_CONV1`, no max-pool); their taps keep the ResNet names, and ``goyal`` pools
 them adaptively like every other arch/resolution pair.
@@ -39,6 +44,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.regnet import BlockParams, RegNet
 
 from . import vit
 from .errors import UserError
@@ -66,6 +72,36 @@ ARCHS: dict[str, dict] = {
                        "blocks": (3, 4, 6, 3), "block": "bottleneck", "stem": "cifar", "base": "resnet50"},
     "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
 }
+# torchvision's RegNetYs (torchvision/models/regnet.py, regnet_y_*: BlockParams.from_init_params with se_ratio 0.25,
+# BatchNorm eps 1e-5): (depth, w_0, w_a, w_m, group_width), and the stage depths and widths they expand to.
+# "channels": the stem's 32, then the four stage widths.
+REGNET_PARAMS: dict[str, tuple[int, int, float, float, int]] = {
+    "regnet_y_400mf": (16, 48, 27.89, 2.09, 8),
+    "regnet_y_800mf": (14, 56, 38.84, 2.4, 16),
+    "regnet_y_1_6gf": (27, 48, 20.71, 2.65, 24),
+    "regnet_y_3_2gf": (21, 80, 42.63, 2.66, 24),
+    "regnet_y_8gf": (17, 192, 76.82, 2.19, 56),
+    "regnet_y_16gf": (18, 200, 106.23, 2.48, 112),
+    "regnet_y_32gf": (20, 232, 115.89, 2.53, 232),
+    "regnet_y_128gf": (27, 456, 160.83, 2.52, 264),
+}
+REGNET_STAGES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {  # depths, widths
+    "regnet_y_400mf": ((1, 3, 6, 6), (48, 104, 208, 440)),
+    "regnet_y_800mf": ((1, 3, 8, 2), (64, 144, 320, 784)),
+    "regnet_y_1_6gf": ((2, 6, 17, 2), (48, 120, 336, 888)),
+    "regnet_y_3_2gf": ((2, 5, 13, 1), (72, 216, 576, 1512)),
+    "regnet_y_8gf": ((2, 4, 10, 1), (224, 448, 896, 2016)),
+    "regnet_y_16gf": ((2, 4, 11, 1), (224, 448, 1232, 3024)),
+    "regnet_y_32gf": ((2, 5, 12, 1), (232, 696, 1392, 3712)),
+    "regnet_y_128gf": ((2, 7, 17, 1), (528, 1056, 2904, 7392)),
+}
+REGNET_STEM_WIDTH = 32
+# every parameter / buffer name of a torchvision RegNetY trunk (stem, proj shortcut, a / b / c convs and SE)
+REGNET_KEY = re.compile(r"(stem\.[01]|trunk_output\.block([1-4])\.block\2-\d+\."
+                        r"(proj\.[01]|f\.[abc]\.[01]|f\.se\.fc[12]))"
+                        r"\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+ARCHS.update({arch: {"family": "regnet", "taps": RESNET_TAPS, "channels": (REGNET_STEM_WIDTH, *widths),
+                     "depths": depths} for arch, (depths, widths) in REGNET_STAGES.items()})
 # solo-learn's CIFAR conv1 (kernel, stride, padding), bias-free, with the max-pool replaced by nn.Identity:
 # solo/methods/base.py and main_linear.py, nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False).
 # The padding of 2 makes a 32 px input a 34 x 34 conv1 map.
@@ -142,6 +178,30 @@ class ResNetTrunk(nn.Module):
         return _run_stages(self, x, taps)
 
 
+class RegNetTrunk(nn.Module):
+    """torchvision RegNetY without avgpool/fc: ``stem`` and ``trunk_output`` (torchvision's names); taps conv1 (the
+    stem's output, after its ReLU) and res2..res5 (the stages' outputs)."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        depth, w_0, w_a, w_m, group_width = REGNET_PARAMS[arch]
+        with torch.device("cpu"):  # BlockParams computes the widths with tensors: never on the meta device
+            params = BlockParams.from_init_params(depth=depth, w_0=w_0, w_a=w_a, w_m=w_m, group_width=group_width,
+                                                  se_ratio=0.25)
+        norm = functools.partial(nn.BatchNorm2d, eps=1e-05, momentum=0.1)
+        net = RegNet(params, stem_width=REGNET_STEM_WIDTH, norm_layer=norm)
+        self.arch = arch
+        self.stem, self.trunk_output = net.stem, net.trunk_output
+        self.tap_names = RESNET_TAPS
+
+    def stages(self):
+        yield "conv1", self.stem
+        yield from zip(RESNET_TAPS[1:], self.trunk_output)
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        return _run_stages(self, x, taps)
+
+
 class AlexNetTrunk(nn.Module):
     """torchvision AlexNet ``features``; taps conv1..conv5 after their ReLU."""
 
@@ -198,6 +258,8 @@ def build_trunk(arch: str, seed: int | None = None) -> nn.Module:
 def _construct(info: dict, arch: str) -> nn.Module:
     if info["family"] == "vit":
         return vit.build_vit(arch, info)
+    if info["family"] == "regnet":
+        return RegNetTrunk(arch)
     return ResNetTrunk(arch) if info["family"] == "resnet" else AlexNetTrunk(arch)
 
 
@@ -219,7 +281,14 @@ def is_trunk_key(arch: str, name: str) -> bool:
         return name.startswith("features.")
     if arch_info(arch)["family"] == "vit":
         return vit.is_vit_key(name)
+    if arch_info(arch)["family"] == "regnet":
+        return name.startswith(("stem.", "trunk_output."))
     return re.match(r"(conv1|bn1|layer[1-4])\.", name) is not None
+
+
+def is_regnet_key(name: str) -> bool:
+    """Whether a torchvision-named key belongs to a RegNetY trunk (matched by pattern: no trunk is built)."""
+    return REGNET_KEY.match(name) is not None
 
 
 def resnet_layout(names: Iterable[str]) -> tuple[tuple[int | None, ...], str]:
@@ -235,10 +304,44 @@ def resnet_layout(names: Iterable[str]) -> tuple[tuple[int | None, ...], str]:
     return tuple(counts), "bottleneck" if bottleneck else "basic"
 
 
-def describe_layout(names: Iterable[str]) -> str:
-    """ "blocks 3-4-6-3, bottleneck": the ResNet layout of the keys, for messages."""
+def regnet_layout(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
+    """Blocks and output width per stage (None: stage absent) of torchvision-named RegNet keys and their shapes
+    (a stage's width: its blocks' last 1x1 conv, ``f.c.0.weight``)."""
+    depths: list[int | None] = [None] * 4
+    widths: list[int | None] = [None] * 4
+    for name, shape in shapes.items():
+        m = re.match(r"trunk_output\.block([1-4])\.block\1-(\d+)\.f\.c\.0\.weight$", name)
+        if m:
+            stage = int(m.group(1)) - 1
+            depths[stage] = max(depths[stage] or 0, int(m.group(2)) + 1)
+            widths[stage] = int(shape[0]) if len(shape) else None
+    return tuple(depths), tuple(widths)
+
+
+def regnet_fits(shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    """The RegNet archs whose stages agree with those of these torchvision-named keys (absent stages ignored);
+    none when the keys hold no stage."""
+    depths, widths = regnet_layout(shapes)
+    if all(d is None for d in depths):
+        return []
+    return [arch for arch, info in ARCHS.items() if info["family"] == "regnet"
+            and all(d is None or d == n for d, n in zip(depths, info["depths"]))
+            and all(w is None or w == c for w, c in zip(widths, info["channels"][1:]))]
+
+
+def describe_layout(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """ "blocks 3-4-6-3, bottleneck": the ResNet layout of the keys, for messages; for RegNet keys (with their
+    ``shapes``) "RegNet stages: depths 1-3-6-6, widths 48-104-208-440"."""
+    names = list(names)
+    if shapes is not None and any(n.startswith("trunk_output.") for n in names):
+        depths, widths = regnet_layout(shapes)
+        return f"RegNet stages: depths {_dashed(depths)}, widths {_dashed(widths)}"
     counts, block = resnet_layout(names)
-    return f"blocks {'-'.join('?' if c is None else str(c) for c in counts)}, {block}"
+    return f"blocks {_dashed(counts)}, {block}"
+
+
+def _dashed(values: Sequence[int | None]) -> str:
+    return "-".join("?" if v is None else str(v) for v in values)
 
 
 def infer_arch(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str | None:
@@ -247,11 +350,14 @@ def infer_arch(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None 
     ResNets are told apart by their blocks per stage and block type; a stage missing altogether (a partial
     file) is ignored as long as the stages present fit exactly one architecture. ``shapes`` (name -> tensor
     shape) tells the stems apart: a 3x3 ``conv1.weight`` is the CIFAR stem, anything else (or no conv1) the
-    ImageNet one.
+    ImageNet one. RegNets are told apart by their blocks and width per stage (read from ``shapes``).
     """
     names = set(names)
     if "features.0.weight" in names and "features.10.weight" in names:
         return "alexnet"
+    if any(n.startswith("trunk_output.") for n in names):
+        fits = regnet_fits(shapes or {})
+        return fits[0] if len(fits) == 1 else None
     counts, block = resnet_layout(names)
     if all(c is None for c in counts):
         return None
@@ -339,6 +445,11 @@ def tap_shapes(arch: str, image_size: int, taps: Sequence[str] | None = None) ->
         s = _conv_out(image_size, *CIFAR_CONV1)  # conv1
         sizes.extend([s, s])  # no max-pool: res2 keeps conv1's resolution
         for _ in range(3):  # res3..res5 halve it (3x3 stride-2 conv, padding 1)
+            s = _conv_out(s, 3, 2, 1)
+            sizes.append(s)
+    elif info["family"] == "regnet":
+        s = image_size
+        for _ in range(5):  # the stem and every stage's first block halve it (3x3 stride-2 conv, padding 1)
             s = _conv_out(s, 3, 2, 1)
             sizes.append(s)
     elif info["family"] == "resnet":

@@ -9,7 +9,7 @@ Names are imported on first use, so ``evalsuite --help`` (which adds the ``pretr
 from importlib import import_module
 
 #: the recipes every method resolves (``Method.resolve_hp``); here, torch-free, for the CLI's choices
-RECIPES = ("paper", "short", "cifar")
+RECIPES = ("paper", "short", "cifar", "seer")
 
 _EXPORTS = {"Batch": "base", "Method": "base", "get_method": "registry", "register_method": "registry",
             "available_methods": "registry:methods", "TrainConfig": "trainer", "Trainer": "trainer",

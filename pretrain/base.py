@@ -212,6 +212,8 @@ class Method(nn.Module):
                                 f"methods with one: {', '.join(have)}")
             out.update(hp=dict(cls.cifar.get("hp", {})), optim={**CIFAR_OPTIM, **cls.cifar.get("optim", {})},
                        views=cls.cifar["views"], normalize=CIFAR10_NORMALIZE, train=dict(CIFAR_TRAIN))
+        elif recipe != "paper" and not getattr(cls, recipe, None):  # a recipe one method defines (SwAV's seer)
+            raise UserError(f"method {cls.name!r} has no {recipe} recipe")
         return out
 
     @classmethod

@@ -67,7 +67,7 @@ def add_command(sub) -> None:
                    help="hyper-parameter recipe: the papers' values; each method's recipe for a run of minutes "
                         "on a few thousand small images (short); solo-learn's CIFAR config of the method, with its "
                         "views, CIFAR-10 normalisation, batch 256, 1000 epochs, 32 px and CIFAR ResNet-18 unless "
-                        "given (cifar). --set still overrides")
+                        "given (cifar); SEER's VISSL config on a RegNetY (seer, swav only). --set still overrides")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="fit the lr schedule to this wall-clock budget and stop when it is spent")
     p.add_argument("--view-gray", type=float, metavar="P",

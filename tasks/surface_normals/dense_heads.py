@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evalsuite.errors import UserError
+from evalsuite.errors import NotApplicable, UserError
+from evalsuite.trunks import ResNetTrunk
 
 RESNET_STAGES = ("conv1", "res2", "res3", "res4", "res5")
 # which trunk attributes hold each stage's weights (evalsuite.trunks.ResNetTrunk)
@@ -165,9 +166,9 @@ class FrozenTrunkDenseModel(nn.Module):
                  head_channels: int = 512, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
                  bn_momentum: float = 0.001):
         super().__init__()
-        if getattr(trunk, "tap_names", None) != RESNET_STAGES:
-            raise UserError(f"surface normals need a ResNet trunk (stages {', '.join(RESNET_STAGES)}); "
-                            f"got {getattr(trunk, 'arch', type(trunk).__name__)}")
+        if not isinstance(trunk, ResNetTrunk):  # a RegNet shares the tap names, not the layers dilated below
+            raise NotApplicable(f"surface normals need a ResNet or ViT trunk (the reference dilates a ResNet's "
+                                f"layer3/layer4); got {getattr(trunk, 'arch', type(trunk).__name__)}")
         if freeze_through not in RESNET_STAGES:
             raise UserError(f"freeze_through must be one of {', '.join(RESNET_STAGES)}, got {freeze_through!r}")
         self.trunk = set_output_stride(trunk, output_stride)
