@@ -304,3 +304,94 @@ def equivariance_loss(z_src: torch.Tensor, z_dst: torch.Tensor, maps: torch.Tens
     ``margin`` for pairs that motion g does not relate. ``motion`` (B,) indexes ``maps`` (G, D, D)."""
     pred = torch.einsum("bij,bj->bi", maps[motion].float(), z_src.float())
     return contrastive_loss(pred, z_dst, similar, margin, weight=weight)
+
+
+# ------------------------------------------------------------------ image trunks from video: tracking, motion masks,
+# colour copying (Wang & Gupta 2015, Pathak et al. 2017, Vondrick et al. 2018)
+
+
+def rank_hard_negatives(violation: torch.Tensor, similarity: torch.Tensor, allowed: torch.Tensor, neg_num: int = 4,
+                        hard_ratio: float = 0.5, rand_ratio: float = 0.5,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """The negatives of each pair that Wang & Gupta's ranking loss uses (xiaolonw/caffe-video_triplet
+    src/caffe/layers/rank_hard_loss_layer.cpp, ``set_mask``): among the ``allowed`` candidates whose hinge
+    ``violation`` is positive, all when there are at most ``neg_num``; otherwise ``int(neg_num * hard_ratio)`` drawn
+    from the ``neg_num`` most ``similar`` (hard negatives) and ``int(neg_num * rand_ratio)`` drawn from the rest.
+    Inputs (P, N); returns a bool (P, N) mask. The draws use ``generator`` (torch's global one when None)."""
+    hard_num, rand_num = int(neg_num * hard_ratio), int(neg_num * rand_ratio)
+    violation, similarity, allowed = violation.detach().cpu(), similarity.detach().float().cpu(), allowed.cpu()
+    mask = torch.zeros(violation.shape, dtype=torch.bool)
+    for i in range(violation.shape[0]):
+        cand = torch.nonzero(allowed[i] & (violation[i] > 0)).flatten()
+        if cand.numel() <= neg_num:
+            mask[i, cand] = True
+            continue
+        order = cand[torch.argsort(-similarity[i, cand], stable=True)]  # hardest (most similar) first
+        hard, rest = order[:neg_num], order[neg_num:]
+        hard = hard[torch.randperm(hard.numel(), generator=generator)]
+        mask[i, hard[:hard_num]] = True
+        rest = torch.cat([rest, hard[hard_num:]])
+        mask[i, rest[torch.randperm(rest.numel(), generator=generator)[:rand_num]]] = True
+    return mask
+
+
+def triplet_ranking_loss(anchor: torch.Tensor, positive: torch.Tensor, labels: torch.Tensor, margin: float = 0.5,
+                         neg_num: int = 4, hard_ratio: float = 0.5, rand_ratio: float = 0.5,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wang & Gupta 2015's ranking loss (eq. 3; their RankHardLoss layer) for P tracked pairs (anchor, positive),
+    each (P, d), with ``labels`` (P,) their video.
+
+    The 2P patches are L2-normalised (their Norm layer) and interleaved as the layer's batch (anchor i at row 2i,
+    its positive at 2i + 1); with the cosine distance D = -x.y (the paper's 1 - cos, up to a constant), every
+    patch of another video is a candidate negative n, :func:`rank_hard_negatives` picks up to ``neg_num`` per pair
+    among those with max(0, D(a, p) - D(a, n) + margin) > 0, and the pair costs
+    max(0, D(a, p) - D(a, n) + m) + max(0, D(a, p) - D(p, n) + m) per chosen n. The sum is divided by
+    neg_num x P x 2, as the layer's ``cnt``. Returns (loss, the chosen negatives as a bool (P, 2P) mask)."""
+    p = anchor.shape[0]
+    z = F.normalize(torch.stack([anchor.float(), positive.float()], 1).flatten(0, 1), dim=1)
+    sim = z @ z.t()
+    s_ap = sim[0::2, 1::2].diagonal()  # (P,): anchor i against its own positive
+    s_an, s_pn = sim[0::2], sim[1::2]  # (P, 2P): anchor / positive i against every patch
+    hinge_a = F.relu(s_an - s_ap[:, None] + margin)
+    hinge_p = F.relu(s_pn - s_ap[:, None] + margin)
+    other = labels[:, None] != labels.repeat_interleave(2)[None, :]
+    mask = rank_hard_negatives(hinge_a, s_an, other, neg_num, hard_ratio, rand_ratio, generator).to(z.device)
+    loss = ((hinge_a + hinge_p) * mask).sum() / (neg_num * p * 2)
+    return loss, mask
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel sigmoid cross-entropy of mask logits (B, H, W) against a binary (or soft) mask (B, H, W) in
+    [0, 1]: the mean over pixels per example (DeepMask's SoftMarginCriterion with labels 2 m - 1, the loss of
+    Pathak et al. 2017), then the ``weight``ed (B,) mean over examples (0 leaves an example out)."""
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    per_example = per_pixel.flatten(1).mean(1)
+    if weight is None:
+        return per_example.mean()
+    weight = weight.float()
+    return (per_example * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def colour_copy_loss(target: torch.Tensor, reference: torch.Tensor, target_colours: torch.Tensor,
+                     reference_colours: torch.Tensor, temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Colouring by pointing (Vondrick et al. 2018, eqs. 1-3): each target pixel j attends over the reference
+    pixels i with A_ij = softmax_i(f_i . f_j / T), its predicted colour distribution is sum_i A_ij onehot(c_i),
+    and the loss is the cross-entropy -log P(y_j) of its true colour class.
+
+    ``target`` (B, N, d) and ``reference`` (B, M, d) embeddings (M: every pixel of every reference frame);
+    ``target_colours`` (B, N) and ``reference_colours`` (B, M) quantised colour indices. Computed as
+    logsumexp over the references of colour y_j minus logsumexp over all; a target pixel whose colour no
+    reference pixel has (P(y_j) = 0, no gradient) is left out of the mean. Returns (loss, logs: ``acc``, the
+    fraction of pixels whose most probable colour is right, and ``reachable``, the fraction kept)."""
+    scores = torch.einsum("bnd,bmd->bnm", target.float(), reference.float()) / temperature
+    log_attn = scores.log_softmax(-1)
+    same = target_colours[:, :, None] == reference_colours[:, None, :]  # (B, N, M)
+    log_p = torch.logsumexp(log_attn.masked_fill(~same, float("-inf")), -1)  # (B, N): log P(y_j)
+    reachable = same.any(-1)
+    loss = -(log_p[reachable]).sum() / reachable.sum().clamp_min(1)
+    with torch.no_grad():
+        k = int(max(target_colours.max(), reference_colours.max())) + 1
+        probs = torch.einsum("bnm,bmk->bnk", log_attn.exp(), F.one_hot(reference_colours, k).float())
+        acc = (probs.argmax(-1) == target_colours).float().mean()
+    return loss, {"acc": float(acc), "reachable": float(reachable.float().mean())}
