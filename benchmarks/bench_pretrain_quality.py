@@ -22,6 +22,16 @@ The issues' acceptance: each method's kNN top-1 (best tap) and best-layer VOC mA
 random-init rows; Jigsaw's per-layer mAP peaks at an intermediate tap. The machine load average is recorded
 before and after each method (the CPU is shared), so the minutes can be read against it.
 
+Video (``--video``): the twelve methods that learn an image trunk from video, sound or ego-motion (every method
+whose ``data_kinds`` lacks ``images``; ``--methods`` picks some) pretrain on synthetic videos written once under the
+data root: ``video/train`` (``evalsuite.data.synth_video.write_videos``: the same 20 object classes moving over the
+VOC-like clutter, with sound; ``--videos``) for the methods that take ``video`` data, ``egomotion/train``
+(``write_egomotion``: MiniWorld walks with the camera's pose, through the navigation plug-in's recorder;
+``--egomotion-sequences``) for those that only take ``egomotion`` data; ``--video-seconds`` long at 10 fps,
+``--video-px`` square frames, ``--samples-per-video`` examples drawn per video per epoch. Each checkpoint and
+``random:<arch>`` are evaluated as above (``knn`` on the ``--pretrain-data`` ImageFolder, default ``studio`` here,
+and ``voc07_svm``).
+
 Real photographs (``--data-folder PATH``): an ImageFolder with ``train/`` and ``test/`` (or ``val/``), or a
 ``.tar.gz`` of one (unpacked into the work directory), e.g. shared/realdata/cifar10_dev.tar.gz (5,000 train /
 1,000 test CIFAR-10 images). Each method pretrains on its ``train`` split; it and the random-init trunk are
@@ -34,8 +44,11 @@ probe on the train split's centre views, top-1 on the test split). No VOC.
         --methods supervised,simclr,moco_v2,byol,swav,barlow_twins,rotnet,jigsaw,colorization
     python -m benchmarks.bench_pretrain_quality --data-folder shared/realdata/cifar10_dev.tar.gz --recipe cifar \\
         --methods simclr,moco_v2,byol,swav,barlow_twins,simsiam,dino --minutes 10
+    python -m benchmarks.bench_pretrain_quality --video --minutes 10 --per-class 120 --voc-scale 4 \\
+        --precision fp32 --no-channels-last
 
-Prints a table and writes benchmarks/out/bench_pretrain_quality.json (``_folder.json`` with ``--data-folder``).
+Prints a table and writes benchmarks/out/bench_pretrain_quality.json (``_folder.json`` with ``--data-folder``,
+``_video.json`` with ``--video``).
 """
 
 from __future__ import annotations
@@ -59,6 +72,56 @@ ISSUE6 = ["rotnet", "jigsaw", "colorization"]
 
 
 N_CLASSES = {"objects": 20, "studio": 20, "shapes": 8}
+VIDEO_FPS = 10
+
+
+def video_methods() -> list[str]:
+    """Every registered method that learns an image trunk from video, sound or ego-motion (no ``images`` data)."""
+    from pretrain.registry import methods
+
+    return [name for name, cls in methods().items() if "images" not in cls.data_kinds]
+
+
+def video_dataset(method: str) -> str:
+    """The video data ``method`` pretrains on here: ``video`` when it takes it, else its first kind (``egomotion``)."""
+    from pretrain.registry import get_method
+
+    kinds = get_method(method).data_kinds
+    if "images" in kinds:
+        raise UserError(f"--video: method {method!r} trains on images, not video")
+    return "video" if "video" in kinds else kinds[0]
+
+
+def video_count(a, kind: str) -> int:
+    return a.videos if kind == "video" else a.egomotion_sequences
+
+
+def make_video_data(root: Path, a, kinds: set[str]) -> dict:
+    """The pretraining videos of each kind in ``kinds`` under ``root/<kind>`` (``video``: synthetic videos with
+    sound; ``egomotion``: walks recorded by the navigation plug-in), written once; each description is kept in
+    ``root/<kind>.txt`` so a reused root is checked."""
+    from evalsuite.data.cli import egomotion_recorder
+    from evalsuite.data.synth_video import write_egomotion, write_videos
+
+    frames = max(2, round(a.video_seconds * VIDEO_FPS))
+    out = {}
+    for kind in sorted(kinds):
+        t0, n = time.perf_counter(), video_count(a, kind)
+        desc = f"{kind} seed={a.seed} train={n} frames={frames} fps={VIDEO_FPS} px={a.video_px}"
+        marker = root / f"{kind}.txt"
+        if (root / kind).exists() and (not marker.exists() or marker.read_text() != desc):
+            print(f"{root / kind}: holds other videos than {desc!r}; use a fresh --data-root", file=sys.stderr)
+            raise SystemExit(2)
+        if not (root / kind).exists():
+            if kind == "video":
+                write_videos(root, seed=a.seed, n_train=n, n_val=1, seconds=frames / VIDEO_FPS, size=a.video_px,
+                             fps=VIDEO_FPS)
+            else:
+                write_egomotion(root, egomotion_recorder(), seed=a.seed, n_train=n, n_val=1, length=frames,
+                                size=a.video_px, fps=VIDEO_FPS)
+            marker.write_text(desc)
+        out[kind] = {"description": desc, "seconds": round(time.perf_counter() - t0, 1)}
+    return out
 
 
 def make_data(root: Path, seed: int, per_class: int, voc_scale: float, kind: str = "objects",
@@ -113,19 +176,24 @@ def load() -> float:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
-def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None) -> dict:
-    """Train ``method`` on the synthetic ImageFolder under ``root``, or on ``folder``'s train split."""
+def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, dataset: str | None = None) -> dict:
+    """Train ``method`` on the synthetic ImageFolder under ``root``, on ``folder``'s train split, or on the videos
+    of kind ``dataset`` under ``root``."""
     from evalsuite.checkpoints import read_metadata
     from pretrain.registry import get_method
     from pretrain.trainer import TrainConfig, Trainer
 
     budget, epochs, per_epoch = a.minutes * 60, a.epochs, None
-    n_train = folder["n_train"] if folder else N_CLASSES[a.pretrain_data] * a.per_class
+    if dataset:
+        n_train = video_count(a, dataset) * a.samples_per_video
+    else:
+        n_train = folder["n_train"] if folder else N_CLASSES[a.pretrain_data] * a.per_class
     if a.steps:  # fixed step count instead of a wall budget: the cosine schedule spans exactly these steps
         spe = max(1, n_train // a.batch_size)
         budget, epochs = None, -(-a.steps // spe)
         per_epoch = -(-a.steps // epochs)
     cfg = TrainConfig(method=method, arch=a.arch, data_root=str(root), out=str(out), image_size=a.px,
+                      dataset=dataset or "imagefolder", samples_per_video=a.samples_per_video,
                       data_path=folder["root"] if folder else None,
                       batch_size=a.batch_size, epochs=epochs, max_steps_per_epoch=per_epoch, seed=a.seed,
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
@@ -163,7 +231,7 @@ def method_hp(method: str, hp: dict[str, str]) -> dict[str, str]:
 def evaluate(checkpoint: str, a, root: Path, work: Path) -> dict:
     from evalsuite.runner import RunOptions, run
 
-    overrides = [f"knn.image_size={a.eval_px}", f"voc07_svm.image_size={a.eval_px}"]
+    overrides = [f"knn.image_size={a.eval_px}", f"voc07_svm.image_size={a.eval_px}", *a.eval_set]
     t0 = time.perf_counter()
     rep = run(RunOptions(checkpoint=checkpoint, arch=a.arch, tasks=["knn", "voc07_svm"], preset="quick",
                          overrides=overrides, data_root=root, out=work / "runs", cache_dir=work / "cache",
@@ -190,7 +258,7 @@ def evaluate_folder(checkpoint: str, a, folder: dict, work: Path) -> dict:
     overrides = [f"knn.data_path={root.name}", f"knn.val_split={split}", f"knn.image_size={a.eval_px}",
                  "knn.resize_mode=square", "places205_linear.dataset=imagefolder",
                  f"places205_linear.data_path={root.name}", f"places205_linear.val_split={split}",
-                 f"places205_linear.image_size={a.eval_px}", "places205_linear.resize_mode=square"]
+                 f"places205_linear.image_size={a.eval_px}", "places205_linear.resize_mode=square", *a.eval_set]
     t0 = time.perf_counter()
     rep = run(RunOptions(checkpoint=checkpoint, arch=a.arch, tasks=["knn", "places205_linear"], preset="quick",
                          overrides=overrides, data_root=root.parent, out=work / "runs", cache_dir=work / "cache",
@@ -237,8 +305,8 @@ def main_folder(a, methods: list[str], work: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="simclr,rotnet",
-                   help=f"comma list (issue 5: {','.join(ISSUE5)}; issue 6: {','.join(ISSUE6)})")
+    p.add_argument("--methods", help=f"comma list (issue 5: {','.join(ISSUE5)}; issue 6: {','.join(ISSUE6)}; "
+                   "default: simclr,rotnet, with --video every video method)")
     p.add_argument("--minutes", type=float, default=0.5, help="wall budget per method")
     p.add_argument("--steps", type=int, help="fixed step count per method instead of --minutes")
     p.add_argument("--epochs", type=int, default=10**6, help="cap on epochs under --minutes")
@@ -249,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, help="default: the recipe's, else 32")
     p.add_argument("--per-class", type=int, default=60, help="ImageFolder train images per class (val: half)")
     p.add_argument("--voc-scale", type=float, default=1.0)
-    p.add_argument("--pretrain-data", default="objects", choices=sorted(N_CLASSES),
-                   help="pretraining / kNN ImageFolder (see the module docstring)")
+    p.add_argument("--pretrain-data", choices=sorted(N_CLASSES),
+                   help="pretraining / kNN ImageFolder (see the module docstring; default objects, with --video "
+                        "studio, the kNN set only)")
     p.add_argument("--backgrounds", type=int, default=16, help="backdrop pool size of --pretrain-data studio")
     p.add_argument("--recipe", default="short", choices=["short", "paper", "cifar"],
                    help="cifar: solo-learn's CIFAR configs (methods without one fail), with its batch 256, 32 px "
@@ -258,6 +327,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-folder", type=Path, metavar="PATH",
                    help="pretrain and evaluate on this real ImageFolder (train/ + test/ or val/, or a .tar.gz of "
                         "one) instead of the synthetic sets (see the module docstring)")
+    p.add_argument("--video", action="store_true",
+                   help="pretrain the video methods on synthetic videos / ego-motion walks (see the module docstring)")
+    p.add_argument("--videos", type=int, default=200, help="--video: synthetic training videos")
+    p.add_argument("--egomotion-sequences", type=int, default=64, help="--video: ego-motion training walks")
+    p.add_argument("--video-seconds", type=float, default=3.0, help="--video: length of each video and walk (10 fps)")
+    p.add_argument("--video-px", type=int, default=64, help="--video: frame size of the videos and walks")
+    p.add_argument("--samples-per-video", type=int, default=8,
+                   help="--video: examples drawn from each video per epoch")
     p.add_argument("--view-gray", type=float, help="grayscale probability of the colour-distortion views "
                    "(methods that have them; default: the papers' 0.2)")
     p.add_argument("--view-jitter", type=float, help="colour-jitter strength of the colour-distortion views "
@@ -272,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
                    "cifar recipe's 10 epochs are 190 steps of 5,000 images at batch 256)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, applied to each method that has KEY (repeatable)")
+    p.add_argument("--eval-set", action="append", default=[], metavar="TASK.FIELD=VALUE",
+                   help="protocol override of the evaluation tasks, after the image sizes (repeatable; e.g. "
+                        "voc07_svm.costs=[1.0] for a smoke run)")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")
@@ -284,8 +364,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=Path, help="keep checkpoints and feature cache in this directory")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
-    methods = [m for m in a.methods.split(",") if m]
+    methods = [m for m in (a.methods or "").split(",") if m] or (video_methods() if a.video else ["simclr", "rotnet"])
+    a.methods = ",".join(methods)
+    a.pretrain_data = a.pretrain_data or ("studio" if a.video else "objects")
     try:
+        if a.video and a.data_folder:
+            raise UserError("--video and --data-folder: pick one")
+        kinds = {m: video_dataset(m) for m in methods} if a.video else {}
         a.hp = parse_hp(a.set)
         run_defaults(a, methods)
     except UserError as e:
@@ -301,6 +386,14 @@ def main(argv: list[str] | None = None) -> None:
             return
         root = a.data_root or work / "data"
         data = make_data(root, a.seed, a.per_class, a.voc_scale, a.pretrain_data, a.backgrounds)
+        name = "bench_pretrain_quality"
+        if a.video:
+            try:
+                data = {"knn_set": data, "videos": make_video_data(root, a, set(kinds.values()))}
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            name = "bench_pretrain_quality_video"
         rows = []
         base = {"method": f"random:{a.arch}", "minutes": 0.0, "steps": 0, "load_before": load()}
         base.update(evaluate(f"random:{a.arch}", a, root, work))
@@ -309,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         for m in methods:
             ck = work / f"{m}.safetensors"
             try:
-                row = {"method": m, **pretrain(m, a, root, ck)}
+                row = {"method": m, **({"pretrain_dataset": kinds[m]} if m in kinds else {}),
+                       **pretrain(m, a, root, ck, dataset=kinds.get(m))}
                 row.update(evaluate(str(ck), a, root, work))
             except Exception as e:  # one broken method must not cost the others' measurements
                 print(f"{m}: FAILED {type(e).__name__}: {e}", flush=True)
@@ -321,9 +415,9 @@ def main(argv: list[str] | None = None) -> None:
             row["d_map"] = round(row["map"] - base["map"], 2)
             rows.append(row)
             _print_row(row)
-            _write(a, data, rows)  # after every method: a long run keeps what it measured
+            _write(a, data, rows, name)  # after every method: a long run keeps what it measured
     _print_table(rows)
-    _write(a, data, rows)
+    _write(a, data, rows, name)
 
 
 def run_defaults(a, methods: list[str]) -> None:
@@ -370,6 +464,7 @@ def _print_folder_table(rows: list[dict]) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
+    """The markdown table; a video-mode row names its pretraining data after the method."""
     taps = list(rows[0]["map_per_layer"])
     print("\n| method | minutes | steps | kNN top-1 (best tap) | VOC mAP (best tap) | "
           + " | ".join(f"mAP {t}" for t in taps) + " | load avg |")
@@ -378,7 +473,8 @@ def _print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"| {r['method']} | failed: {r['error']} |")
             continue
-        print(f"| {r['method']} | {r['minutes']:.1f} | {r['steps']} | {r['knn_top1']:.1f} ({r['knn_best_layer']}) | "
+        label = r["method"] + (f" ({r['pretrain_dataset']})" if "pretrain_dataset" in r else "")
+        print(f"| {label} | {r['minutes']:.1f} | {r['steps']} | {r['knn_top1']:.1f} ({r['knn_best_layer']}) | "
               f"{r['map']:.1f} ({r['map_best_layer']}) | "
               + " | ".join(f"{r['map_per_layer'].get(t, float('nan')):.1f}" for t in taps)
               + f" | {r.get('load_before')}-{r.get('load_after', '')} |")
