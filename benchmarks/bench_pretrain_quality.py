@@ -48,7 +48,7 @@ probe on the train split's centre views, top-1 on the test split). No VOC.
         --precision fp32 --no-channels-last
 
 Prints a table and writes benchmarks/out/bench_pretrain_quality.json (``_folder.json`` with ``--data-folder``,
-``_video.json`` with ``--video``).
+``_video.json`` with ``--video``; ``--tag T`` appends ``_T`` to the name).
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, 
                       view_gray=a.view_gray if get_method(method).has_colour_views() else None,
                       view_jitter=a.view_jitter if get_method(method).has_colour_views() else None,
                       view_blur=a.view_blur if get_method(method).has_colour_views() else None,
+                      view_scale=a.view_scale if get_method(method).has_colour_views() else None,
                       lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta,
                       warmup_epochs=a.warmup_epochs,
                       device=a.device, hp=method_hp(method, a.hp))
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(methods that have them; default: the papers', 1)")
     p.add_argument("--view-blur", type=float, help="blur probability of the colour-distortion views "
                    "(methods that have them; default: the preset's)")
+    p.add_argument("--view-scale", type=float, help="smallest crop area fraction of the colour-distortion views "
+                   "(methods that have them; default: the recipe's at the size, else the preset's)")
     p.add_argument("--lr", type=float, help="learning rate of every method (default: each recipe's, scaled by batch)")
     p.add_argument("--optimizer", help="optimizer of every method (default: each recipe's)")
     p.add_argument("--lars-eta", type=float, help="LARS trust coefficient of every method (default: each recipe's)")
@@ -352,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-set", action="append", default=[], metavar="TASK.FIELD=VALUE",
                    help="protocol override of the evaluation tasks, after the image sizes (repeatable; e.g. "
                         "voc07_svm.costs=[1.0] for a smoke run)")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="pretraining precision (fp32 + channels_last: the fastest at 32 px on the 2-core CPU, "
+                        "docs/pretraining.md)")
     p.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", type=Path, help="reuse/keep data here (default: a temporary directory)")
     p.add_argument("--keep", type=Path, help="keep checkpoints and feature cache in this directory")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--tag", help="suffix of the JSON's name (runs side by side write their own)")
     a = p.parse_args(argv)
     methods = [m for m in (a.methods or "").split(",") if m] or (video_methods() if a.video else ["simclr", "rotnet"])
     a.methods = ",".join(methods)
@@ -433,6 +439,7 @@ def run_defaults(a, methods: list[str]) -> None:
 
 def _write(a, data: dict, rows: list[dict], name: str = "bench_pretrain_quality") -> None:
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    name += f"_{a.tag}" if a.tag else ""
     write_json(name, {"params": params, "data": data, "rows": rows, "load_avg_end": list(os.getloadavg())})
 
 

@@ -107,10 +107,11 @@ class ViewTransform:
 
 def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,
                global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), gray: float = 0.2,
-               jitter: float = 1.0, blur: float = 0.5) -> ViewTransform:
+               jitter: float = 1.0, blur: float = 0.5, scale: float | None = None) -> ViewTransform:
     """SwAV multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size`` (default 96/224);
-    ``gray``, ``jitter`` (colour strength s) and ``blur`` as in :func:`preset`."""
+    ``gray``, ``jitter`` (colour strength s), ``blur`` and ``scale`` (the global crops') as in :func:`preset`."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
+    global_scale = global_scale if scale is None else (scale, global_scale[1])
     common = dict(gray=gray, s=jitter, blur=blur)
     views = [simclr_view(size, scale=global_scale, **common) for _ in range(n_global)]
     views += [simclr_view(local_size, scale=local_scale, **common) for _ in range(n_local)]
@@ -119,11 +120,12 @@ def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int |
 
 def dino_crops(size: int, n_local: int = 8, local_size: int | None = None, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4), gray: float = 0.2, jitter: float = 1.0,
-               blur: float | None = None) -> ViewTransform:
+               blur: float | None = None, scale: float | None = None) -> ViewTransform:
     """DINO's multi-crop (dino main_dino.py, DataAugmentationDINO): two global crops at ``size``, ``n_local``
-    local crops at ``local_size`` (default 96/224 of the size); ``gray``, ``jitter`` and ``blur`` (None: DINO's
-    1.0 / 0.1 / 0.5 for the first, second and local crops) as in :func:`preset`."""
+    local crops at ``local_size`` (default 96/224 of the size); ``gray``, ``jitter``, ``blur`` (None: DINO's
+    1.0 / 0.1 / 0.5 for the first, second and local crops) and ``scale`` (the global crops') as in :func:`preset`."""
     local_size = local_size or max(8, int(round(size * 96 / 224)))
+    global_scale = global_scale if scale is None else (scale, global_scale[1])
     common = dict(jitter=(0.4, 0.4, 0.2, 0.1), gray=gray, s=jitter)
     b1, b2, bl = (1.0, 0.1, 0.5) if blur is None else (blur,) * 3
     views = [simclr_view(size, scale=global_scale, blur=b1, **common),
@@ -159,44 +161,49 @@ SOLO_BLUR_PX = (0.1, 2.0)
 
 
 def cifar_view(size: int, view: CifarView, gray: float | None = None, s: float = 1.0,
-               blur: float | None = None) -> T.Compose:
-    """One solo-learn CIFAR view: RandomResizedCrop (bicubic), flip, jitter, grayscale, blur, solarize."""
-    return simclr_view(size, scale=view.scale, s=s, jitter=view.jitter, solarize=view.solarize,
+               blur: float | None = None, scale: float | None = None) -> T.Compose:
+    """One solo-learn CIFAR view: RandomResizedCrop (bicubic), flip, jitter, grayscale, blur, solarize; ``scale``
+    replaces the crop's smallest area fraction."""
+    crop = view.scale if scale is None else (scale, view.scale[1])
+    return simclr_view(size, scale=crop, s=s, jitter=view.jitter, solarize=view.solarize,
                        blur=view.blur if blur is None else blur, gray=view.gray if gray is None else gray,
                        interpolation="bicubic", blur_px=SOLO_BLUR_PX)
 
 
 def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, jitter: float | None = None,
-           blur: float | None = None, **kw) -> ViewTransform:
+           blur: float | None = None, scale: float | None = None, **kw) -> ViewTransform:
     """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts);
     ``gray`` replaces the grayscale probability of the colour-distortion presets, ``jitter`` scales their
     colour-jitter amplitudes (SimCLR's strength s: 1 = the paper's, 0.5 = half), ``blur`` replaces their blur
-    probability."""
+    probability and ``scale`` the smallest area fraction of their (global) crops."""
     from evalsuite.errors import UserError
 
-    for opt, value in (("gray", gray), ("jitter", jitter), ("blur", blur)):
+    for opt, value in (("gray", gray), ("jitter", jitter), ("blur", blur), ("scale", scale)):
         if value is not None and name not in COLOUR_PRESETS:
             raise UserError(f"augmentation preset {name!r} has no colour step; view {opt} applies to "
                             f"{', '.join(COLOUR_PRESETS)}")
     g = {} if gray is None else {"gray": float(gray)}
     if blur is not None:
         g["blur"] = float(blur)
+    crop = {} if scale is None else {"scale": (float(scale), 1.0)}
     if name == "swav":
-        return multi_crop(size, **g, **({} if jitter is None else {"jitter": float(jitter)}), **kw)
+        return multi_crop(size, **g, **({} if jitter is None else {"jitter": float(jitter)}), scale=scale, **kw)
     if jitter is not None:
         g["s"] = float(jitter)
     if name in CIFAR_VIEWS:
         specs = CIFAR_VIEWS[name]
-        return ViewTransform([cifar_view(size, specs[i % len(specs)], **g) for i in range(n_views)], name)
+        return ViewTransform([cifar_view(size, specs[i % len(specs)], scale=scale, **g) for i in range(n_views)],
+                             name)
     if name == "simclr":
-        one = lambda: simclr_view(size, **g)
+        one = lambda: simclr_view(size, **{**crop, **g})
     elif name == "moco_v1":
-        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), **{"blur": 0.0, **g})
+        one = lambda: simclr_view(size, jitter=(0.4, 0.4, 0.4, 0.4), **{"scale": (0.2, 1.0), "blur": 0.0, **crop, **g})
     elif name == "moco_v2":
-        one = lambda: simclr_view(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), **g)
+        one = lambda: simclr_view(size, jitter=(0.4, 0.4, 0.4, 0.1), **{"scale": (0.2, 1.0), **crop, **g})
     elif name == "byol":
         kinds = [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]
-        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **{**kinds[i % 2], **g}) for i in range(n_views)]
+        views = [simclr_view(size, jitter=(0.4, 0.4, 0.2, 0.1), **{**kinds[i % 2], **crop, **g})
+                 for i in range(n_views)]
         return ViewTransform(views, name)
     elif name == "exemplar":
         one = lambda: T.Compose([T.RandomResizedCrop(size, scale=(0.3, 1.0), ratio=(0.7, 1.4), antialias=True),

@@ -101,6 +101,10 @@ SHORT_OPTIM: dict[str, Any] = {"warmup_epochs": 0.5, "base_batch_size": 64}
 #: by ~1e-4 of its norm per step (the papers pair it with batches of 4096 and lrs of 4.8), far too little
 #: for a few hundred steps; plain SGD with momentum does what a short run needs
 SHORT_SGD: dict[str, Any] = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
+#: the ``short`` recipe's colour-distortion views at SHORT_SMALL_PX px or less (real 32 px photographs): see
+#: docs/pretraining.md, "Real photographs: the short recipe at 32 px"
+SHORT_SMALL_PX = 32
+SHORT_SMALL_VIEWS: dict[str, float] = {"blur": 0.0}
 
 #: the ``cifar`` recipe's schedule, every method alike (vturrisi/solo-learn solo/methods/base.py and
 #: solo/args/pretrain.py defaults, which the CIFAR configs keep): lr x batch / 256, 10 warm-up epochs linear from
@@ -230,6 +234,13 @@ class Method(nn.Module):
         from evalsuite.errors import UserError
 
         raise UserError(f"method {self.name!r} trains on {', '.join(self.data_kinds)} data and has no video sampler")
+
+    def recipe_view_options(self, image_size: int) -> dict[str, float]:
+        """The view options the recipe sets for views of ``image_size`` px (the trainer's ``--view-*`` flags
+        override them): the ``short`` recipe's :data:`SHORT_SMALL_VIEWS` at :data:`SHORT_SMALL_PX` px or less."""
+        if self.recipe == "short" and image_size <= SHORT_SMALL_PX and self.has_colour_views():
+            return dict(SHORT_SMALL_VIEWS)
+        return {}
 
     @classmethod
     def has_colour_views(cls) -> bool:

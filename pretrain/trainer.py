@@ -91,6 +91,8 @@ class TrainConfig:
     view_blur: float | None = None
     #: video methods: examples drawn from each video per epoch (``pretrain.video.SampleDataset``)
     samples_per_video: int = 8
+    #: smallest area fraction of the colour-distortion views' (global) crops; None = the preset's
+    view_scale: float | None = None
 
 
 #: TrainConfig fields a resumed run may change: where the data and the run live and how fast it goes, not
@@ -181,7 +183,8 @@ class Trainer:
         self.method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.method.view_options = self._view_options(cfg)
+        # the recipe's views for this size, then the --view-* flags
+        self.method.view_options = {**self.method.recipe_view_options(cfg.image_size), **self._view_options(cfg)}
         self.views: ViewTransform | None = None
         self.sampler: VideoSampler | None = None
         if self.data_kind == "images":
@@ -230,12 +233,13 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def _view_options(self, cfg: TrainConfig) -> dict[str, float]:
-        """``--view-gray`` / ``--view-jitter`` / ``--view-blur`` as the method's view options (checked against
-        its views)."""
+        """``--view-gray`` / ``--view-jitter`` / ``--view-blur`` / ``--view-scale`` as the method's view options
+        (checked against its views)."""
         opts: dict[str, float] = {}
         for flag, key, value, hi in (("--view-gray", "gray", cfg.view_gray, 1.0),
                                      ("--view-jitter", "jitter", cfg.view_jitter, 2.0),
-                                     ("--view-blur", "blur", cfg.view_blur, 1.0)):
+                                     ("--view-blur", "blur", cfg.view_blur, 1.0),
+                                     ("--view-scale", "scale", cfg.view_scale, 1.0)):
             if value is None:
                 continue
             if not self.method.has_colour_views():

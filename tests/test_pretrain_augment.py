@@ -143,3 +143,60 @@ def test_view_gray_refused_where_views_have_no_colour_step(tiny_imagefolder, tmp
     assert meta["view_options"] == {"gray": 1.0, "jitter": 0.5}
     assert len(meta["augment"]["views"]) == 2
     assert all("RandomGrayscale(p=1.0)" in v for v in meta["augment"]["views"])
+
+
+def _crops(pipeline) -> list[tuple[float, float]]:
+    return [tuple(op.scale) for op in getattr(pipeline, "transforms", []) if isinstance(op, T.RandomResizedCrop)]
+
+
+def test_view_scale_sets_the_global_crops_smallest_area():
+    """``scale`` replaces the crop's lower bound of every two-view preset (MoCo's 0.2, SimCLR's 0.08 alike) and
+    of the multi-crop presets' global crops; their local crops keep their own range."""
+    assert [_crops(v) for v in preset("moco_v2", 32).pipelines] == [[(0.2, 1.0)]] * 2
+    for name in ("simclr", "moco_v1", "moco_v2", "byol", "cifar_asymmetric"):
+        assert [_crops(v) for v in preset(name, 32, scale=0.35).pipelines] == [[(0.35, 1.0)]] * 2, name
+    swav = preset("swav", 32, scale=0.35).pipelines
+    assert [_crops(v) for v in swav] == [[(0.35, 1.0)]] * 2 + [[(0.05, 0.14)]] * 6
+    from pretrain.augment import dino_crops
+
+    dino = dino_crops(32, n_local=2, scale=0.5).pipelines
+    assert [_crops(v) for v in dino] == [[(0.5, 1.0)]] * 2 + [[(0.05, 0.4)]] * 2
+    from evalsuite.errors import UserError
+
+    with pytest.raises(UserError, match="no colour step; view scale"):
+        preset("basic", 32, scale=0.2)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "swav", "dino"])
+def test_short_recipe_views_at_32px_have_no_blur(method):
+    """The short recipe's small-image views (``SHORT_SMALL_VIEWS``) at 32 px and below, not at 64 px nor under the
+    paper recipe; the pipelines carry them, SwAV's and DINO's own multi-crop views included."""
+    from pretrain.base import SHORT_SMALL_PX, SHORT_SMALL_VIEWS
+    from pretrain.registry import get_method
+
+    assert SHORT_SMALL_PX == 32 and SHORT_SMALL_VIEWS == {"blur": 0.0}
+    cls = get_method(method)
+    short, paper = cls("resnet18", recipe="short"), cls("resnet18")
+    assert short.recipe_view_options(32) == short.recipe_view_options(16) == {"blur": 0.0}
+    assert short.recipe_view_options(33) == paper.recipe_view_options(32) == {}
+    short.view_options = short.recipe_view_options(32)
+    assert not any(_blurs(v) for v in short.views(32).pipelines)
+    short.view_options = short.recipe_view_options(64)
+    assert any(_blurs(v) for v in short.views(64).pipelines)
+    assert get_method("rotnet")("resnet18", recipe="short").recipe_view_options(32) == {}
+
+
+def test_trainer_records_the_recipe_views_and_flags_override_them(tiny_imagefolder, tmp_path):
+    from evalsuite.checkpoints import read_metadata
+    from pretrain import TrainConfig, Trainer
+
+    cfg = dict(method="simclr", data_root=str(tiny_imagefolder), batch_size=8, image_size=32, epochs=1,
+               max_steps_per_epoch=1, hp={"proj_hidden": 32, "proj_dim": 16}, progress=False, recipe="short")
+    tr = Trainer(TrainConfig(out=str(tmp_path / "a.safetensors"), **cfg))
+    assert tr.method.view_options == {"blur": 0.0} and not any(_blurs(v) for v in tr.views.pipelines)
+    out = tmp_path / "b.safetensors"
+    tr = Trainer(TrainConfig(out=str(out), view_blur=0.5, view_scale=0.35, **cfg))
+    tr.fit()
+    assert read_metadata(out)["view_options"] == {"blur": 0.5, "scale": 0.35}
+    assert [_crops(v) for v in tr.views.pipelines] == [[(0.35, 1.0)]] * 2
+    assert all(_blurs(v) for v in tr.views.pipelines)
