@@ -20,7 +20,8 @@ from typing import Any, Literal, Union
 from .errors import UserError
 
 PRESETS: dict[str, str] = {
-    "goyal19": "the published Goyal et al. 2019 protocol (default for comparisons)",
+    "goyal19": "the published protocol (Goyal et al. 2019 where the task has one: semi_supervised follows SimCLR, "
+               "knn DINO; default for comparisons)",
     "vissl": "VISSL's variants of the same benchmarks",
     "dino21": "DINO's evaluation (Caron et al. 2021): eval_knn.py and eval_linear.py",
     "quick": "small sizes for CPU and CI; numbers are not comparable to published ones",
