@@ -16,6 +16,7 @@ from .imagefolder import ImageFolder
 from .imagenet import ImageNet
 from .nyuv2 import NYUv2
 from .places import Places205
+from .transfer import TRANSFER_DATASETS, TransferSpec, open_transfer, transfer_opener
 from .video import EgoMotion, VideoFolder
 from .voc import VOC2007, VOC2012, VOC_CLASSES
 
@@ -32,6 +33,9 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
     "video": VideoFolder,
     "egomotion": EgoMotion,
 }
+# the transfer suite's datasets (cifar10, cifar100 and voc2007 keep their readers above; open_transfer gives them
+# the suite's val / trainval splits)
+READERS.update({name: transfer_opener(name) for name in TRANSFER_DATASETS if name not in READERS})
 
 
 # Where each format lives under a data root (the synthetic generator writes the same layout).
@@ -48,6 +52,7 @@ DATA_LAYOUT: dict[str, str] = {
     "video": "video",
     "egomotion": "egomotion",
 }
+DATA_LAYOUT.update({name: spec.layout for name, spec in TRANSFER_DATASETS.items() if name not in DATA_LAYOUT})
 
 
 def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDataset:
@@ -62,5 +67,5 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
 
 
 __all__ = ["CIFAR", "DATA_LAYOUT", "ClassificationDataset", "Digits", "EgoMotion", "ImageDataset", "ImageFolder",
-           "ImageNet", "NYUv2", "Places205", "READERS", "VOC2007", "VOC2012", "VOC_CLASSES", "VideoFolder", "load_rgb",
-           "open_dataset"]
+           "ImageNet", "NYUv2", "Places205", "READERS", "TRANSFER_DATASETS", "TransferSpec", "VOC2007", "VOC2012",
+           "VOC_CLASSES", "VideoFolder", "load_rgb", "open_dataset", "open_transfer"]

@@ -11,13 +11,19 @@ from ..errors import BadData, UserError
 
 SYNTH_KINDS = ("imagefolder", "imagenet", "voc", "places", "nyuv2", "cifar10")  # what --kind all writes
 VIDEO_KINDS = ("video", "egomotion")  # written only when asked for (egomotion needs the navigation plug-in)
+# the transfer suite's datasets with a synthetic writer (evalsuite/data/synth_transfer.py), written only when asked
+# for, one by one or all with --kind transfer
+TRANSFER_KINDS = ("fgvc_aircraft", "caltech101", "stanford_cars", "dtd", "flowers102", "food101", "oxford_pets",
+                  "sun397", "eurosat", "isic", "chestx", "cropdisease")
 ALIASES = {"voc": "voc2007", "places": "places205"}
 CHECK_KINDS = ("imagefolder", "imagenet", "voc", "voc2007", "places", "places205", "nyuv2", "cifar10", "cifar100",
-               "digits", *VIDEO_KINDS)
+               "digits", *VIDEO_KINDS, *TRANSFER_KINDS)
 SPLITS = {"imagefolder": ("train", "val"), "imagenet": ("train", "val"), "voc2007": ("trainval", "test"),
           "places205": ("train", "val"),
           "nyuv2": ("train", "test"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
-          "digits": ("train", "test"), "video": ("train", "val"), "egomotion": ("train", "val")}
+          "digits": ("train", "test"), "video": ("train", "val"), "egomotion": ("train", "val"),
+          **{k: ("test",) if k in ("eurosat", "isic", "chestx", "cropdisease") else ("train", "val", "test")
+             for k in TRANSFER_KINDS}}
 # plug-ins offer an ego-motion recorder (frames + camera poses) here; the navigation task registers MiniWorld's
 RECORDER_GROUP = "evalsuite.recorders"
 
@@ -33,6 +39,8 @@ examples:
   evalsuite data synth --kind video --out data/v --seconds 5     videos with sound (H.264 + AAC in MP4)
   evalsuite data synth --kind egomotion --out data/v            MiniWorld frames with camera poses (needs [nav])
   evalsuite data check --kind video --root ~/clips --split all  every video file under ~/clips
+  evalsuite data synth --kind transfer --out data/t             the transfer suite's stand-ins (Aircraft ... ChestX)
+  evalsuite data check --kind dtd --root ~/data                 (~/data/dtd, torchvision's layout)
 """
 
 
@@ -42,13 +50,15 @@ def add_command(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     s = dsub.add_parser("synth", help="write synthetic datasets in their real on-disk formats",
                         formatter_class=HelpFormatter, epilog=EPILOG)
-    s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, *VIDEO_KINDS, "all"],
-                   help="dataset to write (default all: every image kind into the one data root)")
+    s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, *VIDEO_KINDS, *TRANSFER_KINDS, "transfer", "all"],
+                   help="dataset to write (default all: every image kind into the one data root; transfer: every "
+                        "transfer-suite kind)")
     s.add_argument("--out", type=Path, required=True, help="data root to write into (each kind in its usual sub-path)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical files)")
     s.add_argument("--size", type=float, default=1.0,
                    help="scale factor on the number of images (1.0: ~400 VOC, 400 Places, 96 NYUv2, 240 ImageFolder, "
-                        "128 ImageNet, 600 CIFAR images, 16 videos, 10 ego-motion sequences)")
+                        "128 ImageNet, 600 CIFAR images, 16 videos, 10 ego-motion sequences; transfer kinds: 5 classes "
+                        "x 6 images per split)")
     s.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: each kind's own)")
     s.add_argument("--nyu-format", choices=["mat", "dir"], default="mat",
                    help="NYUv2 layout: labeled .mat + splits.mat (default) or per-frame files")
@@ -80,7 +90,7 @@ def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: i
     from . import synth_video as V
     from . import synthetic as S
 
-    kinds = SYNTH_KINDS if kind == "all" else (kind,)
+    kinds = SYNTH_KINDS if kind == "all" else TRANSFER_KINDS if kind == "transfer" else (kind,)
     px = {} if image_size is None else {"image_size": image_size}
     done: dict[str, Path] = {}
     for k in kinds:
@@ -101,6 +111,11 @@ def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: i
         elif k == "video":
             done[k] = V.write_videos(out, seed=seed, scale=scale, seconds=seconds, size=image_size or 64, fps=fps,
                                      codec_name=codec)
+        elif k in TRANSFER_KINDS:
+            from .synth_transfer import DEFAULT_PER_CLASS, write_transfer
+
+            done[k] = write_transfer(k, out, per_class=max(1, round(DEFAULT_PER_CLASS * scale)), seed=seed,
+                                     image_size=image_size or 32)
         elif k == "egomotion":
             done[k] = V.write_egomotion(out, egomotion_recorder(), seed=seed, scale=scale,
                                         length=max(2, round(seconds * fps)), size=image_size or 64,
