@@ -1,6 +1,6 @@
 """The ``evalsuite`` command line.
 
-Built-in sub-commands: ``run``, ``list``, ``inspect``, ``extract``. Other modules
+Built-in sub-commands: ``run``, ``list``, ``inspect``, ``extract``, ``demo``, ``watch``. Other modules
 add theirs (``data``, ``pretrain``, ``leaderboard``, ``compare``) through the
 ``evalsuite.commands`` entry-point group, so this file never changes for them.
 """
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_extract(sub)
     _add_demo(sub)
+    _add_watch(sub)
     plugins = dict(sorted(registry.entry_points(registry.COMMAND_GROUP).items()))
     plugins.update(registry.registered(registry.COMMAND_GROUP))
     for name, ep in plugins.items():
@@ -456,6 +457,70 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"  FAILED {o.step.label}: {o.error}")
     print(f"each step's output: {a.out / 'logs'}")
     return 1 if failed else 0
+
+
+EPILOG_WATCH = """\
+examples:
+  evalsuite watch runs/pretrain/ckpts --data-root data/demo          # knn + spectrum, quick preset, every 60 s
+  evalsuite watch ckpts/ --tasks centroid,spectrum --interval 300 --out runs/watch --set image_size=32
+  evalsuite watch ckpts/ --data-root data/demo --once                # what is there now, then exit
+"""
+
+
+def _add_watch(sub) -> None:
+    from .watch import DEFAULT_METRICS, DEFAULT_TASKS
+
+    p = sub.add_parser("watch", help="evaluate each new checkpoint a training run writes into a folder",
+                       formatter_class=HelpFormatter, epilog=EPILOG_WATCH,
+                       description="Poll DIR for checkpoint files; evaluate each new one (once its size stops "
+                                   "changing and it loads) as `evalsuite run` would, append the records to "
+                                   "OUT/results.jsonl and rewrite OUT/curves.html, the metrics per training step. "
+                                   "OUT/watch_state.json remembers what was evaluated, across restarts.")
+    p.add_argument("directory", type=Path, metavar="DIR", help="the folder the training run writes checkpoints to")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated tasks run on every checkpoint")
+    p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
+    p.add_argument("--protocol", default="quick", help="preset: quick, goyal19, vissl or dino21")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol field (task.key=value or key=value); repeatable")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="directory holding the datasets (default $EVALSUITE_DATA or data/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results, state, page and feature cache (default DIR/evalsuite_watch)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between two looks at DIR")
+    p.add_argument("--once", action="store_true",
+                   help="evaluate what is in DIR now (two looks --settle seconds apart) and exit")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="with --once: seconds a file's size must stay the same")
+    p.add_argument("--metrics", default=DEFAULT_METRICS,
+                   help="metrics plotted on the page; 'headline' is each task's headline metrics")
+    p.add_argument("--arch", help="architecture (inferred from metadata or keys when omitted)")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate even if trunk keys are missing")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="DANGEROUS: allow pickles that run code (weights_only=False)")
+    p.add_argument("--weights", metavar="KEY", help="the files' entry to evaluate, e.g. state_dict")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_watch)
+
+
+def cmd_watch(a: argparse.Namespace) -> int:
+    from .watch import Watcher, WatchOptions
+
+    if a.interval <= 0 or a.settle < 0:
+        raise UserError("--interval must be positive and --settle 0 or more")
+    opts = WatchOptions(
+        directory=a.directory, out=a.out, tasks=a.tasks, layers=[a.layers] if a.layers else None, preset=a.protocol,
+        overrides=a.overrides,
+        data_root=a.data_root or Path(os.environ.get("EVALSUITE_DATA", "data")), device=a.device, seed=a.seed,
+        batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision, arch=a.arch,
+        allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, weights=a.weights, interval=a.interval,
+        settle=a.settle, metrics=a.metrics, progress=not a.no_progress)
+    watcher = Watcher(opts, command=main)
+    if a.once:
+        n = watcher.run_once()
+        print(f"{n} checkpoint(s) evaluated; results in {watcher.out / 'results.jsonl'}")
+        return 0
+    watcher.run_forever()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,7 +139,7 @@ def overrides_for(task: str, overrides: Sequence[str], task_names: Sequence[str]
 # Rough seconds per quick-preset evaluation of a ResNet-18 on the default data (2 CPU cores).
 TASK_COST = {"centroid": 3.0, "knn": 4.0, "places205_linear": 8.0, "voc07_svm": 8.0, "lowshot_svm": 8.0,
              "detection": 18.0, "surface_normals": 6.0, "navigation": 18.0, "semi_supervised": 8.0,
-             "imagenet_linear": 6.0}
+             "imagenet_linear": 6.0, "spectrum": 3.0}
 
 
 def run_plan(steps: Sequence[Step], run_argv: Callable[[list[str]], int], *, progress: bool = True,

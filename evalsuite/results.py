@@ -13,9 +13,10 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -106,6 +107,27 @@ def host_name() -> str:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# Where a checkpoint's training step is found: metadata keys (ours: "steps", the global step when it was written),
+# then the file name: a step / iteration token ("epoch=3-step=500.ckpt", "iter_2000.pth") or a trailing number after a
+# separator ("checkpoint_0005.pth"; not "resnet50.pth")
+STEP_KEYS = ("global_step", "step", "steps", "iteration")
+_STEP_TOKEN = re.compile(r"(?:^|[^a-z])(?:global_step|step|steps|iter|iteration|it)[-_=]?(\d+)", re.IGNORECASE)
+_TRAILING_NUMBER = re.compile(r"(?:^|[-_.])(\d+)$")
+_CHECKPOINT_SUFFIXES = re.compile(r"(\.(tar|pth|pt|pyth|ckpt|safetensors|torch|pkl|bin))+$", re.IGNORECASE)
+
+
+def training_step(checkpoint_meta: Mapping[str, Any] | None, checkpoint: str | Path) -> tuple[int | None, str]:
+    """The training step a checkpoint was written at and where it was read (``"metadata:steps"``, ``"file name"``):
+    the metadata's ``STEP_KEYS``, else the file name; ``(None, "")`` when neither says."""
+    for key in STEP_KEYS:
+        value = (checkpoint_meta or {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return int(value), f"metadata:{key}"
+    stem = _CHECKPOINT_SUFFIXES.sub("", Path(str(checkpoint)).name)
+    found = _STEP_TOKEN.findall(stem) or _TRAILING_NUMBER.findall(stem)
+    return (int(found[-1]), "file name") if found else (None, "")
 
 
 def append_results(path: str | Path, results: Sequence[Result]) -> Path:

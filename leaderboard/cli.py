@@ -24,6 +24,12 @@ examples:
   evalsuite leaderboard build --results runs/ --out site/ --skip-bad-lines
 """
 
+EPILOG_CURVES = """\
+examples:
+  evalsuite leaderboard curves --results runs/watch --out runs/watch/curves.html
+  evalsuite leaderboard curves --results runs/watch --metrics headline,alpha_req,uniformity,alignment
+"""
+
 EPILOG_COMPARE = """\
 examples:
   # does my reproduction still match the published numbers (goyal19 protocol, within 1 point)?
@@ -54,6 +60,20 @@ def add_leaderboard_command(sub) -> None:
     b.add_argument("--title", default="evalsuite leaderboard", help="page title")
     b.add_argument("--skip-bad-lines", action="store_true", help=SKIP_HELP)
     b.set_defaults(func=cmd_build)
+    c = add_command(lsub, "curves", help="one HTML page of metric-vs-training-step curves (evalsuite watch's page)",
+                    epilog=EPILOG_CURVES,
+                    description="Place every record at its checkpoint's training step (the checkpoint's metadata, "
+                                "else its file name) and write one self-contained page: a plot per task and metric, "
+                                "one line per layer, and the numbers.")
+    c.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
+                   help="results.jsonl files or directories searched for them")
+    c.add_argument("--out", type=Path, default=Path("curves.html"), help="the page (written atomically)")
+    c.add_argument("--metrics", default="headline",
+                   help="comma-separated metrics to plot; 'headline' is each task's headline metrics")
+    c.add_argument("--title", default="evalsuite: metrics per training step", help="page title")
+    c.add_argument("--refresh", type=int, default=0, metavar="SECONDS",
+                   help="the page reloads itself every SECONDS in a browser (0: never)")
+    c.set_defaults(func=cmd_curves)
 
 
 def cmd_build(a: argparse.Namespace) -> int:
@@ -66,6 +86,15 @@ def cmd_build(a: argparse.Namespace) -> int:
     print(f"{rep.n_records} records -> {rep.n_rows} numbers, {rep.n_checkpoints} checkpoint(s), "
           f"{len(rep.tasks)} task(s); {len(rep.pages)} pages in {rep.timings['total_s']:.1f}s")
     print(f"open {(rep.out / 'index.html').resolve().as_uri()}")
+    return 0
+
+
+def cmd_curves(a: argparse.Namespace) -> int:
+    from .curves import write_curves_page
+
+    with _bad_line_hint():
+        curves = write_curves_page(a.results, a.out, [m for m in a.metrics.split(",") if m], a.title, a.refresh)
+    print(f"{len(curves)} curve(s) -> {a.out}")
     return 0
 
 

@@ -66,3 +66,26 @@ def _line(ax, x, vals, label, style, marker, alpha=1.0) -> None:
 
 def _short(label: str, n: int = 48) -> str:
     return label if len(label) <= n else label[: n - 1] + "…"
+
+
+def step_plot(series: list[tuple[str, list[tuple[int, float]]]], metric: str, title: str,
+              lower_is_better: bool = False) -> str:
+    """One SVG as text: x = training step, one line per ``(label, [(step, value), ...])`` (e.g. per layer)."""
+    import io
+
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(7.0, 3.2))
+        for label, points in series:
+            if points:
+                xs, ys = zip(*sorted(points))
+                _line(ax, list(xs), list(ys), label, "-", "o")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric + (" (lower is better)" if lower_is_better else ""))
+        ax.set_title(title)
+        if series:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": "evalsuite watch"})
+        plt.close(fig)
+    return buf.getvalue().decode("utf-8")

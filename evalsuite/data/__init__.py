@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from .base import ClassificationDataset, ImageDataset, load_rgb
+from .base import ClassificationDataset, ImageDataset, Subset, load_rgb
 from .cifar import CIFAR, open_cifar
 from .digits import Digits
 from .imagefolder import ImageFolder
@@ -67,5 +67,5 @@ def open_dataset(kind: str, root: str | Path, split: str, **options) -> ImageDat
 
 
 __all__ = ["CIFAR", "DATA_LAYOUT", "ClassificationDataset", "Digits", "EgoMotion", "ImageDataset", "ImageFolder",
-           "ImageNet", "NYUv2", "Places205", "READERS", "TRANSFER_DATASETS", "TransferSpec", "VOC2007", "VOC2012",
-           "VOC_CLASSES", "VideoFolder", "load_rgb", "open_dataset", "open_transfer"]
+           "ImageNet", "NYUv2", "Places205", "READERS", "Subset", "TRANSFER_DATASETS", "TransferSpec", "VOC2007",
+           "VOC2012", "VOC_CLASSES", "VideoFolder", "load_rgb", "open_dataset", "open_transfer"]

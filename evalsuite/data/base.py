@@ -133,3 +133,48 @@ class ClassificationDataset(ImageDataset):
     @property
     @abstractmethod
     def labels(self) -> np.ndarray: ...
+
+
+class Subset(ImageDataset):
+    """The samples ``indices`` of ``dataset``, in that order: a dataset of its own for the feature cache (its
+    fingerprint is the parent's and the indices), so a task can extract features of a sample of a split;
+    ``split`` names it (e.g. a held-out "val" drawn from "train")."""
+
+    def __init__(self, dataset: ImageDataset, indices: Iterable[int], split: str | None = None):
+        super().__init__(dataset.root, split or dataset.split)
+        self.dataset = dataset
+        self.kind = dataset.kind
+        self.indices = np.asarray(list(indices), dtype=np.int64)
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(dataset)):
+            raise ValueError(f"subset indices outside the dataset's {len(dataset)} samples")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image_path(self, i: int) -> Path | None:
+        return self.dataset.image_path(int(self.indices[i]))
+
+    def load_image(self, i: int) -> Image.Image:
+        return self.dataset.load_image(int(self.indices[i]))
+
+    @property
+    def ids(self) -> list[str]:
+        ids = self.dataset.ids
+        return [ids[i] for i in self.indices]
+
+    def fingerprint_payload(self) -> Iterable[Any]:
+        yield self.dataset.fingerprint()
+        yield hashlib.sha256(self.indices.tobytes()).hexdigest()
+
+
+class ClassificationSubset(Subset, ClassificationDataset):
+    """A :class:`Subset` of a single-label dataset, with its classes and labels."""
+
+    def __init__(self, dataset: ClassificationDataset, indices: Iterable[int], split: str | None = None):
+        super().__init__(dataset, indices, split)
+        self.classes = list(dataset.classes)
+        self.skipped = getattr(dataset, "skipped", [])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.dataset.labels[self.indices]

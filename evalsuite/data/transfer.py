@@ -29,7 +29,6 @@ Derived splits keep the dataset's order (ascending indices). Labels are torchvis
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import BadData, UserError
-from .base import ClassificationDataset, ImageDataset
+from .base import ClassificationDataset, ClassificationSubset, ImageDataset
 
 Metric = Literal["top1", "mean_per_class", "map11"]
 ALL_SPLITS = ("train", "val", "trainval", "test")
@@ -167,38 +166,6 @@ class TransferImages(ClassificationDataset):
     @property
     def labels(self) -> np.ndarray:
         return self._labels
-
-
-class ClassificationSubset(ClassificationDataset):
-    """The images ``indices`` of another single-label dataset, as split ``split`` (e.g. the held-out val)."""
-
-    def __init__(self, base: ClassificationDataset, indices: np.ndarray, split: str):
-        super().__init__(base.root, split)
-        self.kind, self.base, self.classes = base.kind, base, list(base.classes)
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.skipped = base.skipped
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def image_path(self, i: int) -> Path | None:
-        return self.base.image_path(int(self.indices[i]))
-
-    def load_image(self, i: int):
-        return self.base.load_image(int(self.indices[i]))
-
-    @property
-    def ids(self) -> list[str]:
-        ids = self.base.ids
-        return [ids[k] for k in self.indices]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.base.labels[self.indices]
-
-    def fingerprint_payload(self):
-        yield self.base.fingerprint()
-        yield hashlib.sha256(self.indices.tobytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ readers
