@@ -113,6 +113,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run(sub) -> None:
+    from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+
     p = sub.add_parser("run", help="evaluate a checkpoint on tasks", formatter_class=HelpFormatter,
                        description="Evaluate one checkpoint, frozen, on the selected tasks and append one "
                                    "result record per (task, layer, metric) to OUT/results.jsonl.",
@@ -123,6 +125,11 @@ def _add_run(sub) -> None:
     p.add_argument("--force", action="store_true", help="with --schedule: recompute finished jobs too")
     p.add_argument("--dry-run", action="store_true", help="print the plan (or a schedule's pending jobs) and stop")
     p.add_argument("--verbose", action="store_true", help="print every result record, not each task's best layer")
+    p.add_argument("--ci-resamples", type=non_negative_int, default=DEFAULT_RESAMPLES, metavar="N",
+                   help="bootstrap resamples of the test samples for each number's interval (it covers the "
+                        "test-set draw, not seeds; 0: none)")
+    p.add_argument("--ci-level", type=float, default=DEFAULT_LEVEL, metavar="P",
+                   help="confidence level of the intervals")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
     p.add_argument("--protocol", default="goyal19", help="preset: goyal19, vissl or quick")
@@ -159,7 +166,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         preset=a.protocol, overrides=a.overrides, data_root=a.data_root, out=a.out, device=a.device,
         seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
         allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, weights=a.weights, name=a.name,
-        progress=not a.no_progress, show_plan=True, dry_run=a.dry_run,
+        progress=not a.no_progress, show_plan=True, dry_run=a.dry_run, ci_resamples=a.ci_resamples,
+        ci_level=a.ci_level,
     )
     if a.launcher != "none":
         return _run_launched(opts, a)

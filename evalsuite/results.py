@@ -3,6 +3,8 @@
 A number without its protocol is a bug: every record carries the checkpoint id
 and metadata, the task, dataset, split, layer and metric, the preset name and
 the fully resolved hyper-parameters, library versions, wall time and host.
+A number computed from per-test-sample outputs also carries its bootstrap interval
+(``ci_*``) and a reference to those outputs (``outputs``; docs/uncertainty.md).
 """
 
 from __future__ import annotations
@@ -63,7 +65,21 @@ class Result:
     host: str = ""
     created: str = ""
     run_id: str = ""
+    #: the percentile bootstrap interval of ``value`` over the test samples (evalsuite.outputs.attach_intervals);
+    #: None for a number without per-sample outputs or with intervals turned off (--ci-resamples 0)
+    ci_low: float | None = None
+    ci_high: float | None = None
+    ci_level: float | None = None
+    ci_resamples: int | None = None
+    ci_method: str = ""
+    ci_seed: int | None = None
+    #: the per-test-sample outputs ``value`` is computed from: ``file`` (relative to the results file), ``sha256``,
+    #: ``statistic``, ``arrays`` (role -> array name), ``scale``, ``samples`` (evalsuite.outputs)
+    outputs: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION
+
+    #: not a record field: the per-sample arrays (evalsuite.outputs.MetricOutputs) until append_results writes them
+    pending_outputs = None
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -134,11 +150,15 @@ def append_results(path: str | Path, results: Sequence[Result]) -> Path:
     """Append records to a JSONL file atomically: all lines in one locked write, or none.
 
     Lines are serialised before the file is touched, so a record that fails to
-    serialise leaves the file as it was.
+    serialise leaves the file as it was. Records' per-sample outputs are written
+    first, under ``outputs/`` beside the file (evalsuite.outputs.write_outputs).
     """
+    from .outputs import write_outputs
+
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
+    write_outputs(results, path.parent)  # the per-sample arrays first: a record never names a missing file
     payload = "".join(r.to_json() + "\n" for r in results).encode()
     if not payload:
         return path

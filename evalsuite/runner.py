@@ -20,9 +20,11 @@ from .checkpoints import LoadedCheckpoint, load_checkpoint
 from .console import note, warn
 from .errors import TaskSkipped, UserError
 from .features import FeatureExtractor, preset_precision
+from .outputs import attach_intervals
 from .plan import LONG_ON_CPU_S, TaskPlan, describe, estimate_seconds, human_time, measure_throughput
 from .protocols import apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
+from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from .task import TaskContext, environment_problem
 from .trunks import arch_info
 
@@ -50,6 +52,9 @@ class RunOptions:
     progress: bool = True
     show_plan: bool = False  # print each task's plan and time estimate before starting
     dry_run: bool = False  # stop after the plan
+    # the bootstrap interval of every number with per-sample outputs (docs/uncertainty.md); 0 resamples: none
+    ci_resamples: int = DEFAULT_RESAMPLES
+    ci_level: float = DEFAULT_LEVEL
 
 
 @dataclass
@@ -103,8 +108,16 @@ def validate_layers(arch: str, layers: Sequence[str] | None) -> list[str] | None
     return flat
 
 
+def check_interval_options(resamples: int, level: float) -> None:
+    if int(resamples) < 0:
+        raise UserError(f"--ci-resamples must be 0 (no intervals) or more, got {resamples}")
+    if not 0.0 < float(level) < 1.0:
+        raise UserError(f"--ci-level must lie strictly between 0 and 1, got {level}")
+
+
 def run(opts: RunOptions) -> RunReport:
     check_preset(opts.preset)
+    check_interval_options(opts.ci_resamples, opts.ci_level)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {opts.device} requested but no CUDA device is available")
     task_names, all_mode = resolve_tasks(opts.tasks)
@@ -170,6 +183,7 @@ def run(opts: RunOptions) -> RunReport:
             skip(name, e)
             continue
         wall = time.perf_counter() - t0
+        attach_intervals(results, opts.ci_resamples, opts.ci_level, opts.seed)
         stamp, versions, host = now_iso(), library_versions(), host_name()
         for r in results:
             r.wall_time_s = round(wall, 3)

@@ -24,6 +24,7 @@ from .checkpoints import LoadedCheckpoint
 from .data import DATA_LAYOUT, ImageDataset, open_dataset
 from .errors import BadData, TaskSkipped, UserError
 from .features import FeatureExtractor, Transform, protocol_get
+from .outputs import MetricOutputs
 from .protocols import TaskProtocol
 from .results import Result
 from .trunks import arch_info, published_comparability
@@ -148,11 +149,17 @@ class TaskContext:
     def result(
         self, dataset: str, split: str, layer: str, metric: str, value: float | None,
         params: dict[str, Any] | None = None, note: str = "", dataset_fingerprint: str = "",
+        outputs: MetricOutputs | None = None,
     ) -> Result:
+        """A record with the checkpoint, protocol, seed and run id filled in. ``outputs``: the per-test-sample
+        arrays ``value`` is computed from (:meth:`evalsuite.outputs.SampleOutputs.metric`); ``evalsuite run``
+        attaches their bootstrap interval and writes them beside the results file."""
+        if outputs is not None and not isinstance(outputs, MetricOutputs):
+            raise TypeError(f"outputs must be a MetricOutputs (SampleOutputs.metric / .mean), got {type(outputs)}")
         ck = self.checkpoint
         merged = {**self.protocol.to_dict(), **(params or {}), **published_comparability(ck.arch)}
         merged.setdefault("feature_precision", self.extractor.precision if self._extractor else None)
-        return Result(
+        record = Result(
             task=self.task, dataset=dataset, split=split, layer=layer, metric=metric,
             value=None if value is None else float(value),
             checkpoint_id=ck.sha256, checkpoint=ck.spec, checkpoint_format=ck.format, method=ck.method,
@@ -162,6 +169,8 @@ class TaskContext:
             deviations=self.deviations() + (["arch"] if merged.get("comparable_to_published") is False
                                             and "arch" not in self.deviations() else []),
         )
+        record.pending_outputs = outputs
+        return record
 
     def deviations(self) -> list[str]:
         """Fields where this run's protocol differs from the published reference (see evalsuite.conformance),

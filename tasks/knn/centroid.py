@@ -16,6 +16,7 @@ import numpy as np
 
 from evalsuite.errors import BadData
 from evalsuite.features import l2_normalize
+from evalsuite.outputs import SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import FeatureTaskProtocol, Pooling, preset_changes
 from evalsuite.results import Result
@@ -23,14 +24,18 @@ from evalsuite.task import TaskContext
 from tasks.knn.conformance import CENTROID_CONFORMANCE
 
 
-def centroid_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Top-1 accuracy of the nearest class centroid under cosine similarity (pure function)."""
+def centroid_predictions(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np.ndarray:
+    """The class of the nearest class centroid under cosine similarity, per test sample (pure function)."""
     tr, te = l2_normalize(train_x), l2_normalize(test_x)
     classes = np.unique(train_y)
     centroids = np.stack([tr[train_y == c].mean(axis=0) for c in classes])
     centroids = l2_normalize(centroids)
-    pred = classes[np.argmax(te @ centroids.T, axis=1)]
-    return float((pred == test_y).mean())
+    return classes[np.argmax(te @ centroids.T, axis=1)]
+
+
+def centroid_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Top-1 accuracy of the nearest class centroid under cosine similarity (pure function)."""
+    return float((centroid_predictions(train_x, train_y, test_x) == test_y).mean())
 
 
 @dataclass(frozen=True)
@@ -64,11 +69,13 @@ class CentroidTask:
         fte = ctx.features(test, taps)
         out = []
         for tap in taps:
-            acc = centroid_accuracy(ftr[tap], train.labels, fte[tap], test.labels)
-            out.append(ctx.result(train.kind, p.test_split, tap, "top1", 100.0 * acc,
+            pred = centroid_predictions(ftr[tap], train.labels, fte[tap])
+            correct = pred == np.asarray(test.labels)
+            samples = SampleOutputs({"targets": test.labels, "pred": pred, "top1": correct})
+            out.append(ctx.result(train.kind, p.test_split, tap, "top1", 100.0 * float(correct.mean()),
                                   params={"num_train": len(train), "num_test": len(test),
                                           "feature_dim": int(ftr[tap].shape[1])},
-                                  dataset_fingerprint=test.fingerprint()))
+                                  dataset_fingerprint=test.fingerprint(), outputs=samples.mean("top1")))
         return out
 
     def plan(self, ctx: TaskContext) -> TaskPlan:

@@ -9,13 +9,14 @@ Classification
   (Caron et al. 2021, ``eval_knn.py``: k=20, T=0.07): each of the k neighbours votes for its
   class with weight exp(sim / T), sim the cosine similarity. Class scores are the sums.
 - :func:`majority_vote`: every neighbour votes 1.
-- :func:`topk_accuracy`: a query is top-n correct when its label is among the n classes with
-  the highest score; equal scores rank the lower class index first (deterministic; for a plain
-  majority vote this is scikit-learn's ``KNeighborsClassifier`` rule, the smallest label wins).
+- :func:`topk_accuracy` (per query: :func:`topk_hits`): a query is top-n correct when its label is
+  among the n classes with the highest score; equal scores rank the lower class index first
+  (deterministic; for a plain majority vote this is scikit-learn's ``KNeighborsClassifier`` rule,
+  the smallest label wins).
 
 Retrieval (a neighbour is relevant when it shares the query's label; multi-label: shares at
 least one positive label)
-- :func:`precision_at_k`, :func:`recall_at_k`
+- :func:`precision_at_k`, :func:`recall_at_k` (per query: :func:`precision_per_query`, :func:`recall_per_query`)
 - :func:`average_precision`: AP@K = (1 / min(R, K)) * sum_{i <= K, rel_i} precision@i, R the
   number of relevant bank entries. With K = the whole bank this is the usual non-interpolated
   AP (scikit-learn's ``average_precision_score`` on the ranking when scores have no ties).
@@ -70,15 +71,16 @@ def rank_classes(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores), axis=1, kind="stable")
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
-    """Fraction of queries whose label is among the top-n classes, for each n in ``ks``."""
+def topk_hits(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1, 5)) -> dict[int, np.ndarray]:
+    """(Q,) bool per n in ``ks``: the query's label is among its top-n classes (the per-sample outputs)."""
     labels = np.asarray(labels, np.int64)
     ranked = rank_classes(scores)
-    out = {}
-    for n in ks:
-        hit = (ranked[:, : int(n)] == labels[:, None]).any(axis=1)
-        out[int(n)] = float(hit.mean())
-    return out
+    return {int(n): (ranked[:, : int(n)] == labels[:, None]).any(axis=1) for n in ks}
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of queries whose label is among the top-n classes, for each n in ``ks``."""
+    return {n: float(hit.mean()) for n, hit in topk_hits(scores, labels, ks).items()}
 
 
 # ---------------------------------------------------------------------------- retrieval
@@ -117,19 +119,34 @@ def num_relevant_multi(query_pos: np.ndarray, bank_pos: np.ndarray, exclude_self
     return out
 
 
+def precision_per_query(relevance: np.ndarray, ks: Iterable[int]) -> dict[int, np.ndarray]:
+    """(Q,) per k: (relevant among the first k) / k."""
+    rel = np.asarray(relevance, bool)
+    return {int(k): rel[:, : int(k)].sum(axis=1) / int(k) for k in ks}
+
+
 def precision_at_k(relevance: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
     """Mean over queries of (relevant among the first k) / k."""
+    return {k: float(v.mean()) for k, v in precision_per_query(relevance, ks).items()}
+
+
+def recall_per_query(relevance: np.ndarray, num_relevant: np.ndarray, ks: Iterable[int]) -> dict[int, np.ndarray]:
+    """(Q,) per k: (relevant among the first k) / R; NaN for a query without a relevant entry (R = 0)."""
     rel = np.asarray(relevance, bool)
-    return {int(k): float(rel[:, : int(k)].sum(axis=1).mean() / int(k)) for k in ks}
+    r = np.asarray(num_relevant, np.float64)
+    ok = r > 0
+    out = {}
+    for k in ks:
+        v = np.full(len(r), np.nan)
+        v[ok] = rel[ok, : int(k)].sum(axis=1) / r[ok]
+        out[int(k)] = v
+    return out
 
 
 def recall_at_k(relevance: np.ndarray, num_relevant: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
     """Mean over queries with R > 0 of (relevant among the first k) / R."""
-    rel = np.asarray(relevance, bool)
-    r = np.asarray(num_relevant, np.float64)
-    ok = r > 0
-    return {int(k): float((rel[ok, : int(k)].sum(axis=1) / r[ok]).mean()) if ok.any() else float("nan")
-            for k in ks}
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            for k, v in recall_per_query(relevance, num_relevant, ks).items()}
 
 
 def average_precision(relevance: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:

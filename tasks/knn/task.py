@@ -41,6 +41,7 @@ import numpy as np
 
 from evalsuite.errors import BadData, UserError
 from evalsuite.features import check_features, l2_normalize
+from evalsuite.outputs import MetricOutputs, SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import FeatureTaskProtocol, Interpolation, Pooling, ResizeMode, preset_changes
 from evalsuite.results import Result
@@ -128,9 +129,12 @@ class KNNTask:
                 l2_normalize(bank, 1e-12, clamp=True, inplace=True)
                 l2_normalize(queries, 1e-12, clamp=True, inplace=True)
             nb = search(queries, bank, plan["kmax"], config, progress=ctx.progress, desc=f"knn {tap}")
-            values = classification_metrics(nb, targets, p, plan)
+            per_sample = _target_arrays(targets)  # + each metric's per-query values, filled in below
+            values = classification_metrics(nb, targets, p, plan, per_sample)
             if plan["retrieval"]:
-                values.update(retrieval_metrics(nb, queries, bank, targets, p, plan, config, ctx.progress))
+                values.update(retrieval_metrics(nb, queries, bank, targets, p, plan, config, ctx.progress,
+                                                per_sample))
+            samples = SampleOutputs(per_sample)
             if "recall_vs_exact" in nb.info:
                 values[f"index_recall@{plan['kmax']}"] = 100.0 * nb.info["recall_vs_exact"]
             params = {
@@ -145,7 +149,8 @@ class KNNTask:
             }
             for metric, value in values.items():
                 results.append(ctx.result(p.dataset, p.val_split, tap, metric, value, params=params,
-                                          dataset_fingerprint=val.fingerprint()))
+                                          dataset_fingerprint=val.fingerprint(),
+                                          outputs=_metric_outputs(samples, metric)))
         return results
 
     def plan(self, ctx: TaskContext) -> TaskPlan:
@@ -214,43 +219,71 @@ def _plan(p: KNNProtocol, n_train: int, n_val: int) -> dict[str, Any]:
     return {"ks": ks, "kmax": kmax, "retrieval": retrieval, "loo": loo, "depth": depth, "retrieval_ks": rks}
 
 
+def _target_arrays(targets: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The val split's labels, kept with the per-sample outputs (``labels``: the VOC-style matrix)."""
+    return {"labels": targets["val_matrix"]} if targets["multilabel"] else {"targets": targets["val"]}
+
+
+def _metric_outputs(samples: SampleOutputs, metric: str) -> MetricOutputs | None:
+    """A metric's per-sample outputs: per-query values (mean) or, multi-label, vote scores (class-mean AP)."""
+    if metric not in samples.arrays:
+        return None  # index_recall: a property of the search, not of the val samples
+    if samples.arrays[metric].ndim == 2:
+        return samples.metric("map_sklearn", scores=metric, labels="labels")
+    return samples.mean(metric)
+
+
 def classification_metrics(nb: Neighbours, targets: dict[str, Any], p: KNNProtocol,
-                           plan: dict[str, Any]) -> dict[str, float]:
-    """Weighted (and majority) kNN metrics for every k in the plan, from one neighbour list (percent)."""
+                           plan: dict[str, Any], per_sample: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Weighted (and majority) kNN metrics for every k in the plan, from one neighbour list (percent). With
+    ``per_sample``, each metric's per-query arrays go there under its name: top-n hits (and ``pred``, the top-1
+    class at the protocol's k), multi-label vote scores."""
     out: dict[str, float] = {}
+    keep = per_sample if per_sample is not None else {}
     temperature = float(p.temperature)
     nc = targets["num_classes"]
     if targets["multilabel"]:
         pos = targets["train_pos"]
         for k in plan["ks"]:
             head = nb.head(k)
-            m, _ = M.class_mean_ap(M.multilabel_vote(head.scores, pos[head.ids], temperature), targets["val_matrix"])
+            scores = M.multilabel_vote(head.scores, pos[head.ids], temperature)
+            m, _ = M.class_mean_ap(scores, targets["val_matrix"])
             if k == int(p.k):
-                out["mAP"] = 100.0 * m
-            out[f"mAP@k{k}"] = 100.0 * m
+                out["mAP"], keep["mAP"] = 100.0 * m, scores
+            out[f"mAP@k{k}"], keep[f"mAP@k{k}"] = 100.0 * m, scores
             if p.majority_vote:
-                m, _ = M.class_mean_ap(M.multilabel_vote(head.scores, pos[head.ids], None), targets["val_matrix"])
-                out[f"majority_mAP@k{k}"] = 100.0 * m
+                scores = M.multilabel_vote(head.scores, pos[head.ids], None)
+                m, _ = M.class_mean_ap(scores, targets["val_matrix"])
+                out[f"majority_mAP@k{k}"], keep[f"majority_mAP@k{k}"] = 100.0 * m, scores
         return out
     ytr, yva = targets["train"], targets["val"]
     tops = [int(t) for t in p.topk if int(t) == 1 or int(t) < nc]
+
+    def put(name: str, hit: np.ndarray) -> None:
+        out[name], keep[name] = 100.0 * float(hit.mean()), hit
+
     for k in plan["ks"]:
         head = nb.head(k)
         labels = ytr[head.ids]
-        acc = M.topk_accuracy(M.weighted_vote(head.scores, labels, nc, temperature), yva, tops)
+        scores = M.weighted_vote(head.scores, labels, nc, temperature)
+        hits = M.topk_hits(scores, yva, tops)
         if k == int(p.k):
-            out.update({f"top{t}": 100.0 * acc[t] for t in tops})
-        out.update({f"top{t}@k{k}": 100.0 * acc[t] for t in tops})
+            keep["pred"] = np.argmax(scores, axis=1)  # rank_classes' first: the lower class index on ties
+            for t in tops:
+                put(f"top{t}", hits[t])
+        for t in tops:
+            put(f"top{t}@k{k}", hits[t])
         if p.majority_vote:
-            acc = M.topk_accuracy(M.majority_vote(labels, nc), yva, tops)
-            out.update({f"majority_top{t}@k{k}": 100.0 * acc[t] for t in tops})
+            for t, hit in M.topk_hits(M.majority_vote(labels, nc), yva, tops).items():
+                put(f"majority_top{t}@k{k}", hit)
     return out
 
 
 def retrieval_metrics(nb: Neighbours, queries: np.ndarray, bank: np.ndarray, targets: dict[str, Any],
                       p: KNNProtocol, plan: dict[str, Any], config: SearchConfig,
-                      progress: bool) -> dict[str, float]:
-    """Label-sharing retrieval metrics (percent): precision@n, recall@n, mAP over the first D neighbours."""
+                      progress: bool, per_sample: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Label-sharing retrieval metrics (percent): precision@n, recall@n, mAP over the first D neighbours. With
+    ``per_sample``, each metric's per-query values go there under its name (NaN: a query left out of its mean)."""
     depth, loo = plan["depth"], plan["loo"]
     if loo:
         nb = search(queries, queries, depth, config, exclude_self=True, progress=progress, desc="knn retrieval")
@@ -269,6 +302,12 @@ def retrieval_metrics(nb: Neighbours, queries: np.ndarray, bank: np.ndarray, tar
     out.update({f"retrieval_recall@{n}": 100.0 * v
                 for n, v in M.recall_at_k(rel, nrel, plan["retrieval_ks"]).items()})
     out[f"retrieval_mAP@{depth}"] = 100.0 * M.mean_average_precision(rel, nrel)
+    if per_sample is not None:
+        per_sample.update({f"retrieval_precision@{n}": v
+                           for n, v in M.precision_per_query(rel, plan["retrieval_ks"]).items()})
+        per_sample.update({f"retrieval_recall@{n}": v
+                           for n, v in M.recall_per_query(rel, nrel, plan["retrieval_ks"]).items()})
+        per_sample[f"retrieval_mAP@{depth}"] = M.average_precision(rel, nrel)
     return out
 
 

@@ -41,13 +41,21 @@ import numpy as np
 
 from evalsuite.errors import UserError
 from evalsuite.features import Transform
+from evalsuite.outputs import SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import FeatureTaskProtocol, Interpolation, ResizeMode, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.linear import conformance as C
 from tasks.linear.augment import RECIPE_NOTES, AugmentedTransform
-from tasks.linear.probe import ProbeConfig, ProbeHyperParameters, evaluate_probe, num_epochs, train_linear_probe
+from tasks.linear.probe import (
+    ProbeConfig,
+    ProbeHyperParameters,
+    evaluate_probe,
+    num_epochs,
+    predict_logits,
+    train_linear_probe,
+)
 
 DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
 CENTER_NOTE = ("none: every epoch reads the cached evaluation transform "
@@ -210,9 +218,12 @@ class LinearTask:
                 params["benchmark_schedule"] = self.benchmark_schedule[ctx.preset]
             if evaluate is not None:
                 params["val_top1_per_epoch"] = [round(100.0 * h["val_top1"], 6) for h in fit.history]
+            # per-sample outputs of the final model (best_val reports an earlier epoch's model, not kept: none)
+            samples = _sample_outputs(fit.model, x_va, val.labels, ks) if p.report_epoch == "last" else None
             for k in ks:
                 results.append(ctx.result(p.dataset, p.val_split, tap, f"top{k}", 100.0 * topk[k],
-                                          params=params, dataset_fingerprint=val.fingerprint()))
+                                          params=params, dataset_fingerprint=val.fingerprint(),
+                                          outputs=None if samples is None else samples.mean(f"top{k}")))
             state.unlink(missing_ok=True)  # finished: nothing left to resume
         return results
 
@@ -227,6 +238,15 @@ class LinearTask:
 
 def _cached_view(ctx: TaskContext, dataset, tap: str, pooling: str, view: Transform):
     return ctx.features(dataset, [tap], pooling=pooling, transform=view)[tap]
+
+
+def _sample_outputs(model, x_va: np.ndarray, labels: np.ndarray, ks: list[int]) -> SampleOutputs:
+    """Targets, top-1 predictions and top-k hits per val image. A hit is probe.topk_accuracy's rule per image
+    (fewer than k classes score strictly higher than the true one), so the hits' mean is the recorded top-k."""
+    logits = predict_logits(model, x_va)
+    y = np.asarray(labels, np.int64)
+    rank = (logits > logits[np.arange(len(y)), y][:, None]).sum(axis=1)
+    return SampleOutputs({"targets": y, "pred": logits.argmax(axis=1), **{f"top{k}": rank < k for k in ks}})
 
 
 def _val_metrics(model, x_va: np.ndarray, labels: np.ndarray, ks: list[int], source) -> dict[str, float]:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from evalsuite.errors import BadData
+from evalsuite.outputs import SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import preset_changes
 from evalsuite.results import Result
@@ -43,6 +44,9 @@ from tasks.svm.conformance import LOWSHOT_CONFORMANCE
 from tasks.svm.solver import cv_sweep, finite_mean, solve, voc_ap
 
 K_VALUES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 96)
+#: the most test scores (samples x test images x classes) a record keeps as per-sample outputs (float64): VOC07's
+#: 5 x 4952 x 20 are kept, Places205's 5 x 20500 x 205 (170 MB a record, 4 GB held while costs are compared) are not
+MAX_KEPT_SCORES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -171,13 +175,18 @@ class LowShotSVMTask:
                     continue
                 draws = [samples[k, s] for s in range(p.num_samples)]
                 if p.cost_selection == "test":
-                    value, params, note = self._test_selected(x_tr, x_te, y_test, draws, costs, config, ctx, classes)
+                    value, params, note, scores = self._test_selected(x_tr, x_te, y_test, draws, costs, config, ctx,
+                                                                      classes)
                 else:
-                    value, params, note = self._cv_selected(x_tr, x_te, y_test, draws, costs, int(k), config, ctx,
-                                                            classes)
+                    value, params, note, scores = self._cv_selected(x_tr, x_te, y_test, draws, costs, int(k), config,
+                                                                    ctx, classes)
+                outputs = None
+                if scores is not None:  # the test scores the mAP is computed from, per k-shot sample
+                    outputs = SampleOutputs({"scores": scores, "labels": y_test}).metric(
+                        "map_voc", scores="scores", labels="labels")
                 results.append(ctx.result(p.dataset, p.test_split, tap, "mAP", value,
                                           params={**base, **params}, note=note,
-                                          dataset_fingerprint=test.fingerprint()))
+                                          dataset_fingerprint=test.fingerprint(), outputs=outputs))
         return results
 
     @staticmethod
@@ -189,17 +198,20 @@ class LowShotSVMTask:
         nk, nc = y_test.shape[1], len(costs)
         maps = np.full((len(draws), nc), np.nan)
         undefined_all: set[int] = set()
+        keep = len(draws) * y_test.size <= MAX_KEPT_SCORES
+        kept = []  # each sample's test scores, every cost (the chosen cost is known at the end)
         for s, lab in enumerate(draws):
             rows = np.nonzero((lab != 0).any(axis=1))[0]
             y = np.repeat(lab[rows], nc, axis=1)  # problem j * nc + c
             sol = solve(x_tr[rows], y, np.tile(costs, nk), config, device=ctx.device)
             scores = sol.decision(x_te)
+            kept.append(scores if keep else None)
             for c in range(nc):
                 m, undefined = finite_mean(self._class_aps(scores[:, c::nc], y_test), policy)
                 undefined_all.update(undefined)
                 maps[s, c] = np.nan if m is None else m
         if np.isnan(maps).all():
-            return None, {"cost_selection": "test"}, _note(undefined_all, classes, policy, None)
+            return None, {"cost_selection": "test"}, _note(undefined_all, classes, policy, None), None
         mean_over_samples = np.nanmean(maps, axis=0)
         best = int(np.nanargmax(mean_over_samples))
         stats = {key: 100.0 * v for key, v in aggregate(maps[:, best]).items()}
@@ -209,26 +221,32 @@ class LowShotSVMTask:
                   "std": stats["std"], "min": stats["min"], "max": stats["max"],
                   "per_sample_map": [round(100.0 * v, 4) for v in maps[:, best]],
                   "map_per_cost": {str(c): round(100.0 * float(v), 4) for c, v in zip(costs, mean_over_samples)}}
-        return stats["mean"], params, _note(undefined_all, classes, policy, stats["mean"])
+        scores = np.stack([sc[:, best::nc] for sc in kept]) if keep else None  # (samples, images, classes)
+        return stats["mean"], params, _note(undefined_all, classes, policy, stats["mean"]), scores
 
     def _cv_selected(self, x_tr, x_te, y_test, draws, costs, k, config, ctx, classes):
         policy = ctx.protocol.undefined_ap
         folds = max(2, min(ctx.protocol.folds, k))
-        maps, chosen, undefined_all = [], [], set()
+        maps, chosen, undefined_all, kept = [], [], set(), []
+        keep = len(draws) * y_test.size <= MAX_KEPT_SCORES
         for lab in draws:
             rows = np.nonzero((lab != 0).any(axis=1))[0]
             sweep = cv_sweep(x_tr[rows], lab[rows], costs, folds, config, device=ctx.device)
-            m, undefined = finite_mean(self._class_aps(sweep.final.decision(x_te), y_test), policy)
+            scores = sweep.final.decision(x_te)
+            kept.append(scores if keep else None)
+            m, undefined = finite_mean(self._class_aps(scores, y_test), policy)
             undefined_all.update(undefined)
             maps.append(np.nan if m is None else m)
             chosen.append(dict(zip(classes, sweep.chosen_costs)))
         if np.isnan(maps).any():
-            return None, {"cost_selection": "cv", "folds_used": folds}, _note(undefined_all, classes, policy, None)
+            return (None, {"cost_selection": "cv", "folds_used": folds}, _note(undefined_all, classes, policy, None),
+                    None)
         stats = {key: 100.0 * v for key, v in aggregate(maps).items()}
         params = {"cost_selection": "cv", "folds_used": folds, "chosen_cost_per_sample": chosen,
                   "std": stats["std"], "min": stats["min"], "max": stats["max"],
                   "per_sample_map": [round(100.0 * v, 4) for v in maps]}
-        return stats["mean"], params, _note(undefined_all, classes, policy, stats["mean"])
+        scores = np.stack(kept) if keep else None  # (samples, test images, classes)
+        return stats["mean"], params, _note(undefined_all, classes, policy, stats["mean"]), scores
 
     def plan(self, ctx: TaskContext) -> TaskPlan:
         """Features of both splits at the protocol's size; every k-shot sample reuses the cached features."""

@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from evalsuite.errors import BadData
+from evalsuite.outputs import SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import preset_changes
 from evalsuite.results import Result
@@ -99,6 +100,9 @@ class VOC07SVMTask:
                 if c in no_train_pos:
                     aps[j] = float("nan")  # a classifier never shown a positive: its AP means nothing
             value, undefined = finite_mean(aps, p.undefined_ap)
+            # the test scores and labels the mAP is computed from; classes never trained on a positive left out
+            samples = SampleOutputs({"scores": scores, "labels": y_test,
+                                     "class_mask": np.array([c not in no_train_pos for c in classes])})
             note = _undefined_note([classes[i] for i in undefined], no_train_pos, p.undefined_ap, value)
             params = {
                 "num_train": len(train), "num_test": len(test), "classes": classes,
@@ -118,7 +122,9 @@ class VOC07SVMTask:
             }
             results.append(ctx.result(p.dataset, p.test_split, tap, "mAP",
                                       None if value is None else 100.0 * value, params=params, note=note,
-                                      dataset_fingerprint=test.fingerprint()))
+                                      dataset_fingerprint=test.fingerprint(),
+                                      outputs=samples.metric("map_voc", scores="scores", labels="labels",
+                                                             class_mask="class_mask")))
         return results
 
     def plan(self, ctx: TaskContext) -> TaskPlan:
