@@ -112,6 +112,17 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_task_selection(p: argparse.ArgumentParser, tasks: str, protocol: str) -> None:
+    """The options that say what to evaluate and where the data is (run, watch)."""
+    p.add_argument("--tasks", default=tasks, help="comma-separated task names, or all")
+    p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
+    p.add_argument("--protocol", default=protocol, help="preset: goyal19, vissl, dino21 or quick")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol field (task.key=value or key=value); repeatable")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="directory holding the datasets (default $EVALSUITE_DATA or data/)")
+
+
 def _add_run(sub) -> None:
     from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
@@ -130,13 +141,7 @@ def _add_run(sub) -> None:
                         "test-set draw, not seeds; 0: none)")
     p.add_argument("--ci-level", type=float, default=DEFAULT_LEVEL, metavar="P",
                    help="confidence level of the intervals")
-    p.add_argument("--tasks", default="all", help="comma-separated task names, or all")
-    p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
-    p.add_argument("--protocol", default="goyal19", help="preset: goyal19, vissl or quick")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a protocol field (task.key=value or key=value); repeatable")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="directory holding the datasets (default $EVALSUITE_DATA or data/)")
+    _add_task_selection(p, tasks="all", protocol="goyal19")
     p.add_argument("--out", type=Path, default=None, help="output directory for results.jsonl (default runs/)")
     p.add_argument("--launcher", default="none", choices=["none", "local", "debug", "slurm"],
                    help="none: run here; slurm/local/debug: one submitit job per task (logs in OUT/submitit)")
@@ -485,13 +490,7 @@ def _add_watch(sub) -> None:
                                    "OUT/results.jsonl and rewrite OUT/curves.html, the metrics per training step. "
                                    "OUT/watch_state.json remembers what was evaluated, across restarts.")
     p.add_argument("directory", type=Path, metavar="DIR", help="the folder the training run writes checkpoints to")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated tasks run on every checkpoint")
-    p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
-    p.add_argument("--protocol", default="quick", help="preset: quick, goyal19, vissl or dino21")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a protocol field (task.key=value or key=value); repeatable")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="directory holding the datasets (default $EVALSUITE_DATA or data/)")
+    _add_task_selection(p, tasks=DEFAULT_TASKS, protocol="quick")
     p.add_argument("--out", type=Path, default=None,
                    help="results, state, page and feature cache (default DIR/evalsuite_watch)")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between two looks at DIR")

@@ -135,6 +135,34 @@ class ClassificationDataset(ImageDataset):
     def labels(self) -> np.ndarray: ...
 
 
+class LabelledFiles(ClassificationDataset):
+    """Single-label data given as a list of (image file, class index) pairs: the one implementation of
+    length, paths, ids (relative to ``ids_root``) and labels that file-list readers share."""
+
+    ids_root: Path
+
+    def _set_samples(self, samples: Iterable[tuple[Path, int]], skip_corrupt: bool) -> None:
+        samples = [(Path(p), int(c)) for p, c in samples]
+        keep = self._keep_readable([p for p, _ in samples], skip_corrupt)
+        self.samples = [samples[k] for k in keep]
+        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_path(self, i: int) -> Path:
+        return self.samples[i][0]
+
+    @property
+    def ids(self) -> list[str]:
+        root = self.ids_root
+        return [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p, _ in self.samples]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+
 class Subset(ImageDataset):
     """The samples ``indices`` of ``dataset``, in that order: a dataset of its own for the feature cache (its
     fingerprint is the parent's and the indices), so a task can extract features of a sample of a split;

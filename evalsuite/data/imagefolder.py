@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import BadData
-from .base import ClassificationDataset
+from .base import LabelledFiles
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 
-class ImageFolder(ClassificationDataset):
+class ImageFolder(LabelledFiles):
     kind = "imagefolder"
 
     def __init__(self, root: str | Path, split: str = "train", skip_corrupt: bool = False):
@@ -31,20 +29,5 @@ class ImageFolder(ClassificationDataset):
                     samples.append((f, ci))
         if not samples:
             raise BadData("dataset is empty: no images in any class folder", split_dir)
-        keep = self._keep_readable([p for p, _ in samples], skip_corrupt)
-        self.samples = [samples[k] for k in keep]
-        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image_path(self, i: int) -> Path:
-        return self.samples[i][0]
-
-    @property
-    def ids(self) -> list[str]:
-        return [str(p.relative_to(self.split_dir)) for p, _ in self.samples]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
+        self.ids_root = split_dir
+        self._set_samples(samples, skip_corrupt)

@@ -26,8 +26,6 @@ import re
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import BadData
 from .imagefolder import IMAGE_SUFFIXES, ImageFolder
 
@@ -167,9 +165,8 @@ class ImageNet(ImageFolder):
             samples.append((f, index[val_wnids[number - 1]]))
         if not samples:
             raise BadData("dataset is empty: no images in the split folder", split_dir)
-        keep = self._keep_readable([p for p, _ in samples], skip_corrupt)
-        self.samples = [samples[k] for k in keep]
-        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
+        self.ids_root = split_dir
+        self._set_samples(samples, skip_corrupt)
         return words
 
     def describe(self) -> dict:

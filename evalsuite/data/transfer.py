@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import BadData, UserError
-from .base import ClassificationDataset, ClassificationSubset, ImageDataset
+from .base import ClassificationDataset, ClassificationSubset, ImageDataset, LabelledFiles
 
 Metric = Literal["top1", "mean_per_class", "map11"]
 ALL_SPLITS = ("train", "val", "trainval", "test")
@@ -137,7 +137,7 @@ def caltech101_train_indices(labels: np.ndarray, per_class: int = CALTECH_TRAIN_
 
 # ------------------------------------------------------------------------------------------------ datasets
 
-class TransferImages(ClassificationDataset):
+class TransferImages(LabelledFiles):
     """A list of (image file, label) pairs of one split, with the class names."""
 
     def __init__(self, kind: str, root: Path, split: str, samples: Sequence[tuple[Path, int]],
@@ -146,26 +146,11 @@ class TransferImages(ClassificationDataset):
         self.kind = kind
         if not samples:
             raise BadData(f"{kind} split {split!r} lists no images", root)
-        keep = self._keep_readable([Path(p) for p, _ in samples], skip_corrupt)
-        self.samples = [(Path(samples[k][0]), int(samples[k][1])) for k in keep]
         self.classes = list(classes)
-        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
+        self.ids_root = Path(root)
+        self._set_samples(samples, skip_corrupt)
         if len(self._labels) and (self._labels.min() < 0 or self._labels.max() >= len(self.classes)):
             raise BadData(f"{kind} split {split!r}: a label lies outside the {len(self.classes)} classes", root)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image_path(self, i: int) -> Path:
-        return self.samples[i][0]
-
-    @property
-    def ids(self) -> list[str]:
-        return [str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p) for p, _ in self.samples]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
 
 
 # ------------------------------------------------------------------------------------------------ readers
