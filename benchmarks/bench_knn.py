@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,32 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import peak_rss_mb, write_json
+from benchmarks.common import current_rss_mb, peak_rss_mb, reset_peak, vm_hwm_mb, write_json
 
 METHODS = ("faiss_flat", "sklearn_brute", "torch_brute", "faiss_ivf", "faiss_hnsw")
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the next peak is the search's own (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return peak_rss_mb()
 
 
 def make_data(n: int, q: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: JSON output, machine description, peak RSS."""
+"""Helpers shared by the benchmark scripts: JSON output, machine description, current and peak RSS."""
 
 from __future__ import annotations
 
@@ -24,6 +24,33 @@ def machine() -> dict[str, Any]:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the next peak is the measured step's own (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb() -> float:
+    """Peak RSS since the last :func:`reset_peak` (VmHWM), in MiB; ``peak_rss_mb`` where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

@@ -15,6 +15,15 @@ Every file is written to a temporary name and renamed, so a ``kill -9`` leaves
 only whole shards behind; extraction resumes with the missing ones. A complete
 entry is verified against its manifest on read; a corrupt or stale entry is
 reported and rebuilt, never silently used.
+
+Bounded memory (:class:`FeatureStore`, ``CacheEntry.open``): a complete entry can also be read without loading
+it. Its shards are opened with ``np.load(mmap_mode="r")`` one at a time and released after each copy (a mapping
+held open would count its touched pages in the process's resident memory), and checksums are verified by
+streaming each file in 1 MiB pieces. A store reads row ranges (``store[lo:hi]``, ``blocks``), gathers rows
+(``store[idx]``) and streams one training epoch in shuffled batches (``shuffled_batches``; the order is
+:func:`shuffle_windows`). The memory budget (``EVALSUITE_MEMORY_BUDGET``, ``evalsuite run --memory-budget``,
+default 4 GiB) is what the tasks hold features to: features that fit are loaded (``FeatureStore.resident``),
+larger ones are streamed; :func:`stream_memory` estimates what a streamed epoch holds.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +41,14 @@ from typing import Any
 import numpy as np
 
 from .console import warn
+from .errors import UserError
 from .io import atomic_write, is_temporary
 
 CACHE_FORMAT = 1
 DEFAULT_SHARD_ROWS = 512
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of features a task may hold at once (EVALSUITE_MEMORY_BUDGET overrides)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def default_cache_root() -> Path:
@@ -43,6 +57,37 @@ def default_cache_root() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     return Path(xdg) / "evalsuite" / "features"
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``4G`` / ``512MiB`` / ``1.5GB`` / ``65536`` (K, M, G, T alone are binary units), or UserError."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise UserError(f"cannot read the memory size {text!r}: give bytes or a number with K, M, G or T "
+                            f"(e.g. 4G, 512MiB)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size < 1:
+        raise UserError(f"the memory size must be positive, got {text!r}")
+    return size
+
+
+def format_size(n: float) -> str:
+    """``n`` bytes in binary units, e.g. ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def default_memory_budget() -> int:
+    """``$EVALSUITE_MEMORY_BUDGET`` (e.g. ``16G``), else :data:`DEFAULT_MEMORY_BUDGET`."""
+    env = os.environ.get("EVALSUITE_MEMORY_BUDGET")
+    return parse_size(env) if env else DEFAULT_MEMORY_BUDGET
 
 
 def cache_key(fields: Mapping[str, Any]) -> str:
@@ -80,6 +125,15 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
     data = buf.getvalue()
     _atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path, piece: int = 1 << 20) -> str:
+    """sha256 of a file read in ``piece``-byte reads (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(piece):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class CorruptEntry(Exception):
@@ -184,8 +238,8 @@ class CacheEntry:
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_path.read_text())
 
-    def load(self, verify: bool = True) -> np.ndarray:
-        """All rows as one array, float16 unless a shard needed float32 (filled in place: no second copy)."""
+    def checked_manifest(self) -> dict[str, Any]:
+        """The manifest, checked against the key (CorruptEntry otherwise)."""
         try:
             m = self.manifest()
         except (OSError, json.JSONDecodeError) as e:
@@ -194,6 +248,33 @@ class CacheEntry:
             raise CorruptEntry("manifest does not match the key")
         if m.get("dtype", "float16") not in ("float16", "float32"):
             raise CorruptEntry(f"unknown dtype {m.get('dtype')!r} in the manifest")
+        return m
+
+    def open(self, verify: bool = True, memory_budget: int | None = None) -> FeatureStore:
+        """The entry as a :class:`FeatureStore` (nothing loaded): every shard's header is checked against the
+        manifest and, with ``verify``, its sha256, read in 1 MiB pieces (CorruptEntry otherwise)."""
+        m = self.checked_manifest()
+        dim = int(m["dim"])
+        for i, s in enumerate(m["shards"]):
+            path = self.dir / s["file"]
+            try:
+                if verify and _file_sha256(path) != s["sha256"]:
+                    raise CorruptEntry(f"checksum mismatch in {s['file']}")
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                raise CorruptEntry(f"missing or unreadable shard {s['file']}") from None
+            lo, hi = self.shard_range(i)
+            if arr.shape != (hi - lo, dim) or str(arr.dtype) != s.get("dtype", "float16"):
+                raise CorruptEntry(f"shard {s['file']} holds {arr.dtype} {arr.shape}, the manifest says "
+                                   f"{s.get('dtype')} {(hi - lo, dim)}")
+            del arr  # release the mapping
+        files = [self.dir / s["file"] for s in m["shards"]]
+        return FeatureStore(self, files, dim, np.dtype(m.get("dtype", "float16")),
+                            memory_budget or default_memory_budget())
+
+    def load(self, verify: bool = True) -> np.ndarray:
+        """All rows as one array, float16 unless a shard needed float32 (filled in place: no second copy)."""
+        m = self.checked_manifest()
         out = np.empty((self.rows, int(m["dim"])), dtype=m.get("dtype", "float16"))
         for i, s in enumerate(m["shards"]):
             path = self.dir / s["file"]
@@ -218,10 +299,224 @@ class CacheEntry:
         return out
 
 
+# ---------------------------------------------------------------------------- bounded-memory reading
+
+
+def shuffle_windows(shard_ranges: Sequence[tuple[int, int]], buffer_rows: int, seed: int,
+                    epoch: int) -> list[tuple[list[int], np.ndarray]]:
+    """One epoch's order over a sharded matrix: a list of windows ``(shards, row indices in visiting order)``,
+    read one window at a time.
+
+    1. The shards are visited in the order ``default_rng([seed, epoch, 1]).permutation(num_shards)``.
+    2. Consecutive shards of that order form a window while it holds at most ``buffer_rows`` rows (a window
+       holds at least one shard: the buffer is never smaller than a shard).
+    3. Each window's rows, in ascending order, are permuted with ``default_rng([seed, epoch]).permutation``,
+       one generator drawn window after window.
+
+    Every row comes exactly once per epoch. A buffer of every row makes one window whose order is
+    ``default_rng([seed, epoch]).permutation(rows)``, the in-memory epoch order of the linear probe
+    (``tasks.linear.probe.epoch_order``), so streaming with such a buffer trains exactly as in memory.
+    """
+    if int(buffer_rows) < 1:
+        raise UserError(f"the shuffle buffer must hold at least one row, got {buffer_rows}")
+    visit = np.random.default_rng([int(seed), int(epoch), 1]).permutation(len(shard_ranges))
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    windows: list[tuple[list[int], np.ndarray]] = []
+    current: list[int] = []
+    size = 0
+
+    def close() -> None:
+        shards = sorted(current, key=lambda i: shard_ranges[i][0])
+        rows = np.concatenate([np.arange(*shard_ranges[i], dtype=np.int64) for i in shards])
+        windows.append((shards, rows[rng.permutation(len(rows))]))
+
+    for i in visit.tolist():
+        n = shard_ranges[i][1] - shard_ranges[i][0]
+        if current and size + n > buffer_rows:
+            close()
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        close()
+    return windows
+
+
+def stream_memory(dim: int, itemsize: int, buffer_rows: int, shard_rows: int, batch_size: int) -> dict[str, int]:
+    """Bytes a streamed epoch (:meth:`FeatureStore.shuffled_batches`) holds at its peak, by part, and ``total``:
+    the shuffle buffer, one shard mapped while it is copied into the buffer, and two batches (the one being
+    gathered and its float32 copy for training)."""
+    row = dim * itemsize
+    parts = {"shuffle_buffer": max(buffer_rows, shard_rows) * row, "mapped_shard": shard_rows * row,
+             "batches": 2 * batch_size * dim * (itemsize + 4)}
+    return {**parts, "total": sum(parts.values())}
+
+
+class FeatureStore:
+    """A complete cache entry's (rows, dim) matrix, read from its memory-mapped shards without loading it.
+
+    Array-like where the tasks need it: ``shape``, ``dtype``, ``nbytes``, ``len()``, ``store[lo:hi]`` (a copy of
+    those rows) and ``store[idx]`` (rows gathered shard by shard). A shard is mapped only while rows are copied
+    out of it, so the process holds the copies and at most one shard's pages; the page cache keeps re-read
+    shards fast without counting against the process. ``memory_budget`` is the budget its readers keep to.
+    """
+
+    ndim = 2
+
+    def __init__(self, entry: CacheEntry, files: Sequence[Path], dim: int, dtype: np.dtype, memory_budget: int):
+        self.entry, self.files, self.dim = entry, list(files), int(dim)
+        self.dtype = np.dtype(dtype)
+        self.memory_budget = int(memory_budget)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.entry.dir}, shape={self.shape}, dtype={self.dtype})"
+
+    def __len__(self) -> int:
+        return self.entry.rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.entry.rows, self.dim)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.rows * self.row_bytes
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows of the largest shard (the entry's shard size, or every row of a one-shard entry)."""
+        return min(self.entry.shard_rows, self.entry.rows)
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return [self.entry.shard_range(i) for i in range(len(self.files))]
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard ``i`` memory-mapped (read-only); drop the reference when done to release the mapping."""
+        return np.load(self.files[i], mmap_mode="r", allow_pickle=False)
+
+    # ------------------------------------------------------------ reading
+
+    def read(self, lo: int, hi: int, dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[lo, hi)`` copied into ``out`` (or a new array of ``dtype``, default the stored one)."""
+        lo, hi = max(0, int(lo)), min(len(self), int(hi))
+        if out is None:
+            out = np.empty((max(0, hi - lo), self.dim), dtype=dtype or self.dtype)
+        sr = self.entry.shard_rows
+        for i in range(lo // sr, -(-hi // sr)):
+            a, b = self.entry.shard_range(i)
+            s, e = max(lo, a), min(hi, b)
+            m = self.shard(i)
+            out[s - lo:e - lo] = m[s - a:e - a]
+            del m  # unmapped before the next shard
+        return out
+
+    def take(self, idx: Any) -> np.ndarray:
+        """Rows ``idx`` (any order, repeats allowed), read shard by shard."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        out = np.empty((len(idx), self.dim), dtype=self.dtype)
+        sr = self.entry.shard_rows
+        shard_of = idx // sr
+        for i in np.unique(shard_of).tolist():
+            sel = np.flatnonzero(shard_of == i)
+            m = self.shard(i)
+            out[sel] = m[idx[sel] - i * sr]
+            del m
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            return self.read(start, stop) if step == 1 else self.take(np.arange(start, stop, step))
+        if isinstance(key, int | np.integer):
+            return self.take([key])[0]
+        return self.take(key)
+
+    def blocks(self, block_rows: int, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, rows)`` for consecutive blocks of ``block_rows`` rows, in order."""
+        for lo in range(0, len(self), int(block_rows)):
+            yield lo, self.read(lo, lo + int(block_rows), dtype)
+
+    def load(self, dtype: Any = None) -> np.ndarray:
+        """Every row in one array (what ``CacheEntry.load`` returns, read through the mappings)."""
+        return self.read(0, len(self), dtype)
+
+    # ------------------------------------------------------------ the memory budget
+
+    def fits(self, nbytes: int | None = None) -> bool:
+        """Whether ``nbytes`` (default: the whole matrix as stored) fits the memory budget."""
+        return (self.nbytes if nbytes is None else int(nbytes)) <= self.memory_budget
+
+    def resident(self) -> np.ndarray | FeatureStore:
+        """The matrix loaded when it fits the memory budget, else this store (to be read in blocks)."""
+        return self.load() if self.fits() else self
+
+    def default_buffer_rows(self, batch_size: int) -> int:
+        """The shuffle buffer a streamed epoch uses unless told otherwise: the rows half the budget holds after
+        the mapped shard and the batches (the other half is left to the caller: model, other features), and at
+        least one shard."""
+        fixed = stream_memory(self.dim, self.itemsize, 0, self.shard_rows, batch_size)
+        rows = (self.memory_budget // 2 - fixed["mapped_shard"] - fixed["batches"]) // self.row_bytes
+        return max(self.shard_rows, rows)  # a window holds at least one shard
+
+    def shuffled_batches(self, batch_size: int, seed: int, epoch: int,
+                         buffer_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch of ``(row indices, rows)`` batches in the :func:`shuffle_windows` order, ``min(batch_size,
+        rows)`` rows each, the incomplete last batch dropped (``max(1, rows // batch_size)`` batches, as the
+        linear probe's in-memory epochs). Holds one window (``buffer_rows`` rows, default
+        :meth:`default_buffer_rows`) plus one pending batch; a batch may span two windows."""
+        n = len(self)
+        bs = min(int(batch_size), n)
+        n_batches = max(1, n // int(batch_size))
+        buffer_rows = int(buffer_rows or self.default_buffer_rows(batch_size))
+        ranges = self.shard_ranges()
+        buf = np.empty((min(n, max(buffer_rows, self.shard_rows)), self.dim), dtype=self.dtype)
+        pending_ids: list[np.ndarray] = []
+        pending_x: list[np.ndarray] = []
+        have = emitted = 0
+        for shards, ids in shuffle_windows(ranges, buffer_rows, seed, epoch):
+            rows = np.concatenate([np.arange(*ranges[i], dtype=np.int64) for i in shards])
+            filled = 0
+            for i in shards:  # the window's shards, ascending, one after the other in the buffer
+                a, b = ranges[i]
+                self.read(a, b, out=buf[filled:filled + b - a])
+                filled += b - a
+            pos = np.searchsorted(rows, ids)  # buffer position of each row in visiting order
+            start = 0
+            while start < len(pos):
+                take = min(bs - have, len(pos) - start)
+                sel = pos[start:start + take]
+                pending_ids.append(rows[sel])
+                pending_x.append(buf[sel])  # a copy: the buffer is overwritten by the next window
+                have += take
+                start += take
+                if have == bs:
+                    ids_b = pending_ids[0] if len(pending_ids) == 1 else np.concatenate(pending_ids)
+                    x_b = pending_x[0] if len(pending_x) == 1 else np.concatenate(pending_x)
+                    yield ids_b, x_b
+                    pending_ids, pending_x, have = [], [], 0
+                    emitted += 1
+                    if emitted == n_batches:
+                        return
+
+
 class FeatureCache:
-    def __init__(self, root: str | Path | None = None, shard_rows: int = DEFAULT_SHARD_ROWS):
+    def __init__(self, root: str | Path | None = None, shard_rows: int = DEFAULT_SHARD_ROWS,
+                 memory_budget: int | str | None = None):
         self.root = Path(root) if root is not None else default_cache_root()
         self.shard_rows = shard_rows
+        # what the stores it opens tell their readers to stay within (None: $EVALSUITE_MEMORY_BUDGET or 4 GiB)
+        self.memory_budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget()
 
     def entry(self, fields: Mapping[str, Any], rows: int) -> CacheEntry:
         fields = json.loads(json.dumps(dict(fields), sort_keys=True, default=str))

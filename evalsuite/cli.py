@@ -52,6 +52,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def memory_size(text: str) -> int:
+    """A size such as 16G or 512MiB, in bytes (evalsuite.cache.parse_size)."""
+    from .cache import parse_size
+
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="evalsuite",
@@ -147,6 +157,9 @@ def _add_run(sub) -> None:
                    help="none: run here; slurm/local/debug: one submitit job per task (logs in OUT/submitit)")
     p.add_argument("--slurm-partition", help="Slurm partition for --launcher slurm")
     p.add_argument("--slurm-account", help="Slurm account for --launcher slurm")
+    p.add_argument("--memory-budget", metavar="SIZE", type=memory_size, default=None,
+                   help="features a task holds in memory at once, e.g. 16G (default $EVALSUITE_MEMORY_BUDGET, else "
+                        "4G); larger features are streamed from the cache (docs/scale.md)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -170,6 +183,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         checkpoint=a.checkpoint, arch=a.arch, tasks=[a.tasks], layers=[a.layers] if a.layers else None,
         preset=a.protocol, overrides=a.overrides, data_root=a.data_root, out=a.out, device=a.device,
         seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
+        memory_budget=a.memory_budget,
         allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, weights=a.weights, name=a.name,
         progress=not a.no_progress, show_plan=True, dry_run=a.dry_run, ci_resamples=a.ci_resamples,
         ci_level=a.ci_level,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cache import CacheEntry, CorruptEntry, FeatureCache, storage_array
+from .cache import CacheEntry, CorruptEntry, FeatureCache, FeatureStore, storage_array
 from .colorspace import IMAGENET_MEAN, IMAGENET_STD, INPUT_SPACES, to_input_space
 from .console import progress, warn
 from .data.base import ImageDataset
@@ -264,6 +264,21 @@ class FeatureExtractor:
     ) -> dict[str, np.ndarray]:
         """(N, D) features per tap for every sample of ``dataset``, in dataset order (float16, or float32 for
         a tap whose values exceed float16's range)."""
+        return self._read(dataset, taps, pooling, transform, lambda entry: entry.load())
+
+    def feature_stores(
+        self, dataset: ImageDataset, taps: Sequence[str], pooling: str = "goyal", transform: Transform | None = None
+    ) -> dict[str, FeatureStore]:
+        """The same features as :meth:`features`, extracted when missing, as memory-mapped stores that load
+        nothing (``evalsuite.cache.FeatureStore``: read in blocks, streamed in shuffled batches, or loaded with
+        ``resident()`` when they fit the cache's memory budget)."""
+        return self._read(dataset, taps, pooling, transform,
+                          lambda entry: entry.open(memory_budget=self.cache.memory_budget))
+
+    def _read(self, dataset: ImageDataset, taps: Sequence[str], pooling: str, transform: Transform | None,
+              read: Callable[[CacheEntry], Any]) -> dict[str, Any]:
+        """``read(entry)`` per tap from complete cache entries, extracting the missing ones (all taps in one
+        pass); a corrupt entry is reported and rebuilt."""
         transform = transform or Transform()
         n = len(dataset)
         if n == 0:
@@ -275,7 +290,7 @@ class FeatureExtractor:
         for tap, entry in entries.items():
             if entry.is_complete():
                 try:
-                    out[tap] = entry.load()
+                    out[tap] = read(entry)
                     self.stats["cache_hits"] += 1
                     continue
                 except CorruptEntry as e:
@@ -286,7 +301,7 @@ class FeatureExtractor:
         if todo:
             self._extract(dataset, todo, {t: specs[t] for t in todo}, transform)
             for tap, entry in todo.items():
-                out[tap] = entry.load()
+                out[tap] = read(entry)
         return {t: out[t] for t in taps}
 
     # ------------------------------------------------------------ extraction

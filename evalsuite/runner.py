@@ -44,6 +44,7 @@ class RunOptions:
     batch_size: int = 64
     workers: int = 0
     cache_dir: Path | None = None
+    memory_budget: str | int | None = None  # features a task holds at once (--memory-budget); None: the default
     precision: str | None = None  # None: the preset's (fp32 for goyal19 / vissl, auto for quick)
     allow_partial: bool = False
     trust_pickle: bool = False
@@ -132,7 +133,7 @@ def run(opts: RunOptions) -> RunReport:
     ckpt = load_checkpoint(opts.checkpoint, arch=opts.arch, allow_partial=opts.allow_partial,
                            trust_pickle=opts.trust_pickle, seed=opts.seed, weights=opts.weights, name=opts.name)
     layers = validate_layers(ckpt.arch, opts.layers)
-    cache = FeatureCache(opts.cache_dir)
+    cache = FeatureCache(opts.cache_dir, memory_budget=opts.memory_budget)
     shared: dict[str, FeatureExtractor] = {}
 
     def extractor() -> FeatureExtractor:

@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .cache import FeatureStore
 from .checkpoints import LoadedCheckpoint
 from .data import DATA_LAYOUT, ImageDataset, open_dataset
 from .errors import BadData, TaskSkipped, UserError
@@ -114,6 +115,16 @@ class TaskContext:
         transform: Transform | None = None,
     ) -> dict[str, np.ndarray]:
         return self.extractor.features(
+            dataset, taps, pooling or protocol_get(self.protocol, "pooling", "goyal"), transform or self.transform()
+        )
+
+    def feature_stores(
+        self, dataset: ImageDataset, taps: Sequence[str], pooling: str | None = None,
+        transform: Transform | None = None,
+    ) -> dict[str, FeatureStore]:
+        """The features of :meth:`features` as memory-mapped stores (nothing loaded): for features that may not fit
+        the memory budget (``evalsuite.cache.FeatureStore``: ``resident()``, blocks, shuffled batches)."""
+        return self.extractor.feature_stores(
             dataset, taps, pooling or protocol_get(self.protocol, "pooling", "goyal"), transform or self.transform()
         )
 

@@ -16,12 +16,27 @@
 Ties are broken deterministically: neighbours are ordered by score, then by bank index (the
 lower index first), including at the k-th position -- FAISS's own choice among tied entries
 at the cut-off is not specified, so a row whose k-th and (k+1)-th scores are equal is
-recomputed exactly (brute force on that row only).
+recomputed exactly (that row only: FAISS asked for more neighbours until every entry tied at the
+cut-off is in, then ordered by score and index).
+
+Banks larger than the memory budget (:class:`StoredBank`, :func:`open_bank`): the bank is read from its
+feature store in blocks of consecutive rows, every query chunk is searched against each block and the
+per-block top lists are merged by (score, bank index), keeping the k + 1 best: exactly the single-array
+result, ties included. The top k of the union of each block's top k + 1 is the global top k whenever the
+global k-th and (k+1)-th scores differ, and a tie there is resolved as above, block by block. Every score is
+the one the single-array search computes because each block starts at a multiple of FAISS's BLAS database
+block (``faiss.cvar.distance_compute_blas_database_bs``, 1024 rows): FAISS multiplies the same rows in the
+same BLAS calls, while a block starting elsewhere would put rows through other BLAS kernels (a last-bit
+difference, enough to reorder near-ties). The bank is read once (twice with cut-off ties); memory holds the
+queries, one block and the running top lists. :func:`search_memory` estimates it; :func:`open_bank`
+prints the estimate, keeps the bank in memory when the whole search fits the budget, streams it otherwise
+and refuses (UserError, one line) when even one block does not fit. Exactness across blocks holds for
+faiss-cpu; faiss-gpu's kernels are not checked for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +44,9 @@ import faiss
 import numpy as np
 
 from evalsuite import console
+from evalsuite.cache import FeatureStore, format_size
 from evalsuite.errors import BadFeatures, UserError
+from evalsuite.features import check_features, l2_normalize
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 INDEXES = ("flat", "ivf", "hnsw")
@@ -81,6 +98,140 @@ class Neighbours:
         return Neighbours(self.scores[:, :k], self.ids[:, :k], self.info)
 
 
+# ---------------------------------------------------------------------------- banks larger than memory
+
+
+PIECE_BYTES = 8 << 20  # a bank is checked and normalised in pieces of this size (the temporaries are that big)
+TIE_GROUP = 64  # rows whose cut-off ties are resolved together (each FAISS call holds their neighbours)
+
+
+def block_unit() -> int:
+    """Rows of FAISS's BLAS database block: a streamed bank's blocks start at multiples of it (module docstring)."""
+    return int(faiss.cvar.distance_compute_blas_database_bs)
+
+
+@dataclass
+class StoredBank:
+    """A bank read from its feature store in blocks of ``block_rows`` rows (a multiple of :func:`block_unit`), each
+    converted to float32, checked and (``normalize``) L2-normalised as the in-memory bank is (F.normalize)."""
+
+    store: FeatureStore
+    block_rows: int
+    normalize: bool = True
+    what: str = "bank features"
+    source: Any = None
+
+    def __post_init__(self):
+        if self.block_rows < 1 or self.block_rows % block_unit():
+            raise ValueError(f"block_rows must be a positive multiple of {block_unit()}, got {self.block_rows}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.store.shape
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """Each block's rows; a last block of one row joins the one before (FAISS searches k=1 another way)."""
+        n = len(self)
+        starts = list(range(0, n, self.block_rows))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        return list(zip(starts, [*starts[1:], n], strict=True))
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for lo, hi in self.bounds():
+            x = self.store.read(lo, hi, dtype=np.float32)
+            check_features(x, f"{self.what} (rows {lo}..{hi - 1})", self.source, chunk_bytes=PIECE_BYTES)
+            if self.normalize:
+                normalize_rows(x)
+            yield lo, x
+            del x  # before the next block is read: one block in memory at a time
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """The kNN task's F.normalize (``l2_normalize(eps=1e-12, clamp=True)``) in place, in pieces of
+    :data:`PIECE_BYTES`: the same values (rows are normalised one by one) without a temporary of the whole bank."""
+    chunk = max(1, PIECE_BYTES // max(1, x.shape[1] * x.itemsize))
+    for lo in range(0, len(x), chunk):
+        l2_normalize(x[lo:lo + chunk], 1e-12, clamp=True, inplace=True)
+    return x
+
+
+def bank_blocks(bank: np.ndarray | StoredBank) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, float32 rows)`` of each block of the bank: an in-memory bank is one block."""
+    return bank.blocks() if isinstance(bank, StoredBank) else iter([(0, bank)])
+
+
+def num_blocks(bank: np.ndarray | StoredBank) -> int:
+    return len(bank.bounds()) if isinstance(bank, StoredBank) else 1
+
+
+def search_memory(n_bank: int, n_queries: int, dim: int, k: int, config: SearchConfig, block_rows: int | None = None,
+                  exclude_self: bool = False, shard_bytes: int = 0) -> dict[str, int]:
+    """Bytes a search holds at its peak, by part, and ``total``: the float32 queries, the float32 bank (all of it,
+    or one block of ``block_rows`` plus one mapped cache shard of ``shard_bytes``), the running and final
+    neighbour lists, one chunk's merge, FAISS's score tile, the temporaries of checking and normalising one piece
+    of the bank (twice: freed temporaries the allocator keeps); an approximate index adds its own copy of the bank."""
+    fetch = min(n_bank, k + (1 if exclude_self else 0) + 1)
+    block = n_bank if block_rows is None else min(n_bank, block_rows)
+    chunk = min(int(config.chunk_size), n_queries)
+    parts = {
+        "queries": n_queries * dim * 4,
+        "bank": block * dim * 4 + (shard_bytes if block < n_bank else 0),
+        "neighbour_lists": n_queries * (fetch + k) * 12,  # scores float32 + ids int64, running and final
+        "merge": chunk * 2 * fetch * 28,  # two lists side by side, sorted: scores, ids and the sort order
+        "faiss": chunk * (min(block, block_unit()) * 4 + fetch * 12),
+        # normalising / checking one piece, and as much again that the C allocator may keep after freeing one
+        "temporaries": min(block * dim * 4, PIECE_BYTES) * 5 // 2,
+    }
+    if config.index != "flat":
+        parts["index"] = n_bank * dim * 4 + (n_bank * int(config.hnsw_m) * 8 if config.index == "hnsw" else 0)
+    return {**parts, "total": sum(parts.values())}
+
+
+def _describe(parts: dict[str, int]) -> str:
+    return ", ".join(f"{name.replace('_', ' ')} {format_size(v)}" for name, v in parts.items() if name != "total")
+
+
+def open_bank(store: FeatureStore, n_queries: int, k: int, config: SearchConfig, normalize: bool = True,
+              what: str = "bank features", source: Any = None, desc: str = "knn",
+              exclude_self: bool = False) -> np.ndarray | StoredBank:
+    """The bank of a search of ``n_queries`` queries, within ``store.memory_budget``: in memory (float32, checked,
+    normalised) when the whole search fits, else a :class:`StoredBank` in the largest blocks that fit. Prints
+    the estimate; UserError in one line when not even one block fits (or an approximate index does not)."""
+    n, dim = store.shape
+    budget = store.memory_budget
+    whole = search_memory(n, n_queries, dim, k, config, None, exclude_self)
+    if whole["total"] <= budget:
+        console.note(f"{desc}: memory estimate {format_size(whole['total'])} within the budget {format_size(budget)} "
+                     f"(bank in memory; {_describe(whole)})")
+        bank = store.load(np.float32)
+        check_features(bank, what, source, chunk_bytes=PIECE_BYTES)
+        return normalize_rows(bank) if normalize else bank
+    advice = "raise --memory-budget / EVALSUITE_MEMORY_BUDGET"
+    if config.index != "flat":
+        raise UserError(f"{desc}: the {config.index} index needs about {format_size(whole['total'])} "
+                        f"({_describe(whole)}), beyond the memory budget {format_size(budget)}: an approximate index "
+                        f"holds the whole bank in memory; use index=flat (exact, streamed from the cache) or {advice}")
+    unit, shard = block_unit(), store.shard_rows * store.row_bytes
+    smallest = search_memory(n, n_queries, dim, k, config, unit, exclude_self, shard)
+    if smallest["total"] > budget:
+        raise UserError(f"{desc}: an exact search streamed in {unit}-row blocks needs about "
+                        f"{format_size(smallest['total'])} ({_describe(smallest)}), beyond the memory budget "
+                        f"{format_size(budget)}; {advice}")
+    block_rows = unit * (1 + (budget - smallest["total"]) // (unit * dim * 4))  # the bank's share, then the rest
+    while block_rows > unit and search_memory(n, n_queries, dim, k, config, block_rows, exclude_self,
+                                              shard)["total"] > budget:
+        block_rows -= unit
+    est = search_memory(n, n_queries, dim, k, config, block_rows, exclude_self, shard)
+    console.note(f"{desc}: memory estimate {format_size(est['total'])} within the budget {format_size(budget)} "
+                 f"(bank of {format_size(n * dim * 4)} streamed in {-(-n // block_rows)} blocks of {block_rows} "
+                 f"rows; {_describe(est)})")
+    return StoredBank(store, block_rows, normalize, what, source)
+
+
 # ---------------------------------------------------------------------------- input checks
 
 
@@ -111,15 +262,27 @@ def sort_rows(scores: np.ndarray, ids: np.ndarray, metric: str) -> tuple[np.ndar
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def _exact_rows(q: np.ndarray, bank: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k of a few rows with full tie-breaking (used where FAISS's cut-off is a tie)."""
-    if metric == "ip":
-        s = q @ bank.T
-    else:
-        s = (q * q).sum(1, keepdims=True) - 2.0 * (q @ bank.T) + (bank * bank).sum(1)[None, :]
-    idx = np.broadcast_to(np.arange(len(bank), dtype=np.int64), s.shape)
-    order = np.lexsort((idx, _order_key(s, metric)), axis=-1)[:, :k]
-    return np.take_along_axis(s, order, 1).astype(np.float32), order.astype(np.int64)
+def _merge(s: np.ndarray | None, i: np.ndarray | None, s_new: np.ndarray, i_new: np.ndarray, width: int,
+           metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``width`` best of two top lists over disjoint bank rows, ordered by score then bank index."""
+    if s is not None:
+        s_new, i_new = np.concatenate([s, s_new], 1), np.concatenate([i, i_new], 1)
+    s_new, i_new = sort_rows(s_new, i_new, metric)
+    return s_new[:, :width], i_new[:, :width]
+
+
+def _exact_top(q: np.ndarray, block: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of ``block`` for a few rows, every tie at the k-th position resolved by bank index: FAISS
+    is asked for more neighbours (doubling) until the last one it returns scores strictly below the k-th."""
+    n = len(block)
+    k = min(k, n)
+    want = min(n, k + 1)
+    while True:
+        s, i = faiss.knn(q, block, want, metric=METRICS[metric])
+        s, i = sort_rows(np.asarray(s, np.float32), np.asarray(i, np.int64), metric)
+        if want == n or (s[:, want - 1] != s[:, k - 1]).all():
+            return s[:, :k], i[:, :k]
+        want = min(n, 2 * want)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -190,34 +353,71 @@ def _index_params(index, config: SearchConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- search
 
 
-def _search_chunked(searcher, queries, bank, k, metric, chunk, own_ids, exact, progress, desc) -> tuple:
-    """Chunked search; ``own_ids`` (Q,) = each query's own bank index to leave out, or None."""
+def _search_chunked(searcher, queries, bank, k, metric, chunk, own_ids, progress, desc) -> tuple:
+    """Chunked search of an approximate index; ``own_ids`` (Q,) = each query's own bank index to leave out."""
     n_q = len(queries)
     exclude_self = own_ids is not None
     want = k + (1 if exclude_self else 0)
-    fetch = min(len(bank), want + 1)  # one more than needed: detects a tie at the cut-off
+    fetch = min(len(bank), want + 1)
     scores = np.empty((n_q, k), np.float32)
     ids = np.empty((n_q, k), np.int64)
-    recomputed = 0
     bar = console.progress(total=n_q, desc=desc, unit="query", enabled=progress)
     for start in range(0, n_q, chunk):
         q = queries[start:start + chunk]
         s, i = searcher(q, fetch)
-        s, i = np.asarray(s, np.float32), np.asarray(i, np.int64)
-        s, i = sort_rows(s, i, metric)
-        if exact and fetch > want:
-            tied = s[:, want - 1] == s[:, want]
-            if tied.any():
-                rows = np.flatnonzero(tied)
-                s_fix, i_fix = _exact_rows(q[rows], bank, fetch, metric)
-                s[rows], i[rows] = s_fix, i_fix
-                recomputed += len(rows)
+        s, i = sort_rows(np.asarray(s, np.float32), np.asarray(i, np.int64), metric)
         if exclude_self:
             s, i = _drop_self(s, i, own_ids[start:start + len(q)], k)
         scores[start:start + len(q)], ids[start:start + len(q)] = s[:, :k], i[:, :k]
         bar.update(len(q))
     bar.close()
-    return scores, ids, recomputed
+    return scores, ids
+
+
+def _search_exact(queries: np.ndarray, bank: np.ndarray | StoredBank, k: int, config: SearchConfig,
+                  own_ids: np.ndarray | None, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Exact top-k of every query over the bank's blocks (one block: an in-memory bank), merged block by block;
+    returns (scores, ids, rows whose cut-off tie was resolved). ``own_ids``: see :func:`_search_chunked`."""
+    metric, chunk, n_q = config.metric, int(config.chunk_size), len(queries)
+    want = k + (1 if own_ids is not None else 0)
+    fetch = min(len(bank), want + 1)  # one more than needed: detects a tie at the cut-off
+    starts = list(range(0, n_q, chunk))
+    run_s: list[np.ndarray | None] = [None] * len(starts)
+    run_i: list[np.ndarray | None] = [None] * len(starts)
+    bar = console.progress(total=n_q * num_blocks(bank), desc=desc, unit="query", enabled=progress)
+    for off, block in bank_blocks(bank):
+        searcher = _flat_searcher(block, config)
+        f = min(len(block), fetch)
+        for c, start in enumerate(starts):
+            q = queries[start:start + chunk]
+            s, i = searcher(q, f)
+            run_s[c], run_i[c] = _merge(run_s[c], run_i[c], np.asarray(s, np.float32),
+                                        np.asarray(i, np.int64) + off, fetch, metric)
+            bar.update(len(q))
+        del searcher, block  # released before the next block is read
+    bar.close()
+    # rows whose want-th and (want+1)-th scores tie: FAISS's pick among the tied entries is unspecified. They are
+    # resolved in groups of at most TIE_GROUP rows of one chunk, so every FAISS call is the same for any blocking.
+    tied: dict[tuple[int, int], np.ndarray] = {}
+    for c in range(len(starts) if fetch > want else 0):
+        rows = np.flatnonzero(run_s[c][:, want - 1] == run_s[c][:, want])
+        tied.update({(c, g): rows[g:g + TIE_GROUP] for g in range(0, len(rows), TIE_GROUP)})
+    if tied:
+        fixed: dict[tuple[int, int], tuple] = {key: (None, None) for key in tied}
+        for off, block in bank_blocks(bank):
+            for (c, g), rows in tied.items():
+                s, i = _exact_top(queries[starts[c] + rows], block, fetch, metric)
+                fixed[c, g] = _merge(*fixed[c, g], s, i + off, fetch, metric)
+            del block
+        for (c, g), rows in tied.items():
+            run_s[c][rows], run_i[c][rows] = fixed[c, g]
+    scores, ids = np.empty((n_q, k), np.float32), np.empty((n_q, k), np.int64)
+    for c, start in enumerate(starts):
+        s, i = run_s[c], run_i[c]
+        if own_ids is not None:
+            s, i = _drop_self(s, i, own_ids[start:start + len(s)], k)
+        scores[start:start + len(s)], ids[start:start + len(s)] = s[:, :k], i[:, :k]
+    return scores, ids, sum(len(rows) for rows in tied.values())
 
 
 def _drop_self(s: np.ndarray, i: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,13 +430,15 @@ def _drop_self(s: np.ndarray, i: np.ndarray, own: np.ndarray, k: int) -> tuple[n
     return s[keep].reshape(-1, width)[:, :k], i[keep].reshape(-1, width)[:, :k]
 
 
-def search(queries: np.ndarray, bank: np.ndarray, k: int, config: SearchConfig | None = None,
+def search(queries: np.ndarray, bank: np.ndarray | StoredBank, k: int, config: SearchConfig | None = None,
            exclude_self: bool = False, progress: bool = False, desc: str = "knn search") -> Neighbours:
     """The ``k`` nearest bank entries of every query (see the module docstring).
 
     ``queries``/``bank`` must already be checked C-contiguous float32 (``evalsuite.features.check_features``)
-    and, for cosine similarity, L2-normalised. ``exclude_self=True`` is leave-one-out retrieval: ``queries`` is the
-    bank itself and each query's own entry is removed (by index, so exact duplicates remain).
+    and, for cosine similarity, L2-normalised; a :class:`StoredBank` (from :func:`open_bank`) is read block by
+    block, checked and normalised as it is read, with exactly the same result. ``exclude_self=True`` is
+    leave-one-out retrieval: ``queries`` is the bank itself and each query's own entry is removed (by index, so
+    exact duplicates remain).
     """
     config = config or SearchConfig()
     check_search(queries, bank, k, exclude_self)
@@ -247,16 +449,20 @@ def search(queries: np.ndarray, bank: np.ndarray, k: int, config: SearchConfig |
                             "backend": "faiss-gpu" if gpu else "faiss-cpu", "faiss_version": faiss.__version__,
                             "num_bank": int(len(bank)), "num_queries": int(len(queries)),
                             "chunk_size": int(config.chunk_size)}
+    if isinstance(bank, StoredBank):
+        info.update({"bank_blocks": num_blocks(bank), "bank_block_rows": int(bank.block_rows),
+                     "memory_budget": int(bank.store.memory_budget)})
     if config.index == "flat":
-        searcher = _flat_searcher(bank, config)
-        s, i, recomputed = _search_chunked(searcher, queries, bank, k, config.metric, int(config.chunk_size),
-                                           own, True, progress, desc)
+        s, i, recomputed = _search_exact(queries, bank, k, config, own, progress, desc)
         info["tie_rows_recomputed"] = recomputed
         return Neighbours(s, i, info)
+    if isinstance(bank, StoredBank):
+        raise UserError(f"{desc}: the {config.index} index holds the whole bank in memory, beyond the memory budget; "
+                        f"use index=flat (exact, streamed) or raise the budget")
     index = build_index(bank, config)
     info.update(_index_params(index, config))
-    s, i, _ = _search_chunked(index.search, queries, bank, k, config.metric, int(config.chunk_size),
-                              own, False, progress, desc)
+    s, i = _search_chunked(index.search, queries, bank, k, config.metric, int(config.chunk_size),
+                           own, progress, desc)
     valid = i >= 0  # an approximate index may return fewer than k hits (-1 ids)
     info["missing_neighbours"] = int((~valid).sum())
     info.update(measure_recall(queries, bank, i, k, config, exclude_self))
@@ -267,9 +473,7 @@ def exact_search(queries: np.ndarray, bank: np.ndarray, k: int, config: SearchCo
                  own_ids: np.ndarray | None = None) -> Neighbours:
     """Exact top-k (flat) for ``queries``; ``own_ids`` leaves each query's own bank entry out."""
     config = config or SearchConfig()
-    searcher = _flat_searcher(bank, config)
-    s, i, _ = _search_chunked(searcher, queries, bank, int(k), config.metric, int(config.chunk_size), own_ids,
-                              True, False, "")
+    s, i, _ = _search_exact(queries, bank, int(k), config, own_ids, False, "")
     return Neighbours(s, i)
 
 

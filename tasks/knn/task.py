@@ -48,7 +48,7 @@ from evalsuite.results import Result
 from evalsuite.task import TaskContext
 from tasks.knn import metrics as M
 from tasks.knn.conformance import CONFORMANCE, DINO21_CONFORMANCE
-from tasks.knn.search import Neighbours, SearchConfig, search
+from tasks.knn.search import Neighbours, SearchConfig, open_bank, search
 
 DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
 
@@ -119,15 +119,16 @@ class KNNTask:
         config = SearchConfig.from_protocol(p, seed=ctx.seed)
         plan = _plan(p, len(train), len(val))
         specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
-        ftr = ctx.features(train, taps, pooling=p.pooling, transform=transform)
+        ftr = ctx.feature_stores(train, taps, pooling=p.pooling, transform=transform)  # the bank: nothing loaded yet
         fva = ctx.features(val, taps, pooling=p.pooling, transform=transform)
         results: list[Result] = []
         for tap in taps:
-            bank = _float32_features(ftr.pop(tap), f"{p.train_split} {tap} features", train.root)
             queries = _float32_features(fva.pop(tap), f"{p.val_split} {tap} features", val.root)
             if p.normalize:  # DINO's F.normalize
-                l2_normalize(bank, 1e-12, clamp=True, inplace=True)
                 l2_normalize(queries, 1e-12, clamp=True, inplace=True)
+            # in memory when the search fits the memory budget, else streamed from the cache (same neighbours)
+            bank = open_bank(ftr.pop(tap), len(queries), plan["kmax"], config, p.normalize,
+                             f"{p.train_split} {tap} features", train.root, desc=f"knn {tap}")
             nb = search(queries, bank, plan["kmax"], config, progress=ctx.progress, desc=f"knn {tap}")
             per_sample = _target_arrays(targets)  # + each metric's per-query values, filled in below
             values = classification_metrics(nb, targets, p, plan, per_sample)

@@ -26,13 +26,23 @@ Batches are a seeded permutation per epoch (``epoch_order``), so an interrupted 
 resumes from its last per-epoch state (``evalsuite.io.ResumeState``: other settings or other
 features are refused naming them, an unreadable state is reported and ignored) and ends with
 the same weights as an uninterrupted one. Metrics (``topk_accuracy``) are pure functions.
+
+Features beyond the memory budget (an ``evalsuite.cache.FeatureStore`` that does not fit, see ``resident()``)
+are never loaded: each epoch streams them from the cache's memory-mapped shards in the order of
+``evalsuite.cache.shuffle_windows`` (shards in a seeded order, rows permuted within a shuffle buffer of
+``shuffle_buffer`` rows, by default what half the budget holds), with the same batch size, iteration count, schedule
+and resume. With a buffer holding every row that order is ``epoch_order`` itself, so streamed training gives the
+weights in-memory training gives (tests/test_feature_store.py); with a smaller buffer each batch mixes the rows of
+fewer shards, and the order used is recorded (``ProbeFit.order``). Features that fit are loaded and trained on
+exactly as before. A store keeps one tap's features, so each tap's head reads its own store once per epoch:
+training the heads of all taps in one pass would read the same bytes (and hold every tap's buffer at once).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evalsuite.cache import FeatureStore, format_size, stream_memory
+from evalsuite.console import note
 from evalsuite.console import progress as progress_bar
 from evalsuite.errors import BadData, BadFeatures, UserError
 from evalsuite.features import check_features
@@ -277,17 +289,30 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 # ---------------------------------------------------------------------------- training
 
 
+IN_MEMORY_ORDER = "numpy default_rng([seed, epoch]).permutation"
+
+
+def streamed_order(buffer_rows: int) -> str:
+    return (f"streamed from the cache: shards in default_rng([seed, epoch, 1]) order, {buffer_rows}-row shuffle "
+            f"buffer permuted by default_rng([seed, epoch]) (evalsuite.cache.shuffle_windows)")
+
+
 class FeatureStream:
     """Mini-batches of an fp16 / fp32 (N, D) matrix as float32 tensors on ``device``.
 
     On CUDA the matrix is uploaded once when it fits in a quarter of free memory;
     otherwise (and on CPU) each batch is sliced from the host array and converted alone.
+    A :class:`~evalsuite.cache.FeatureStore` (features beyond the memory budget) is never loaded: an epoch streams
+    it in the store's shuffled order with a ``buffer_rows`` shuffle buffer, each batch checked as it comes.
     """
 
-    def __init__(self, x: np.ndarray, device: torch.device):
+    def __init__(self, x: np.ndarray | FeatureStore, device: torch.device, buffer_rows: int | None = None,
+                 what: str = "train features", source=None):
         self.x, self.device = x, device
+        self.streamed = isinstance(x, FeatureStore)
+        self.buffer_rows, self.what, self.source = buffer_rows, what, source
         self.on_device: torch.Tensor | None = None
-        if device.type == "cuda":
+        if device.type == "cuda" and not self.streamed:
             free, _ = torch.cuda.mem_get_info(device)
             if x.nbytes < free // 4:
                 self.on_device = torch.from_numpy(np.ascontiguousarray(x)).to(device)
@@ -305,14 +330,31 @@ class FeatureStream:
             return self.on_device[lo:hi].float()
         return torch.from_numpy(self.x[lo:hi]).to(self.device).float()
 
+    def epoch(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """One epoch's ``(row indices, float32 batch)``: :func:`epoch_batches` in memory, the store's
+        ``shuffled_batches`` when streamed (the same batches when the buffer holds every row)."""
+        if not self.streamed:
+            for idx in epoch_batches(len(self), batch_size, seed, epoch):
+                yield idx, self.batch(idx)
+            return
+        for b, (idx, rows) in enumerate(self.x.shuffled_batches(batch_size, seed, epoch, self.buffer_rows)):
+            check_features(rows, f"{self.what} (streamed batch {b + 1} of epoch {epoch + 1})", self.source)
+            yield idx, torch.from_numpy(rows).to(self.device, non_blocking=True).float()
+
+
+def _check_store(x: FeatureStore, what: str, source) -> None:
+    """check_features on a store, read in pieces well inside its memory budget."""
+    check_features(x, what, source, chunk_bytes=max(x.row_bytes, min(1 << 26, x.memory_budget // 8)))
+
 
 class EpochViews:
     """K training matrices of the same rows and labels (K augmented views of every image); epoch e reads view
-    e mod K. A view is an (N, D) array or a function returning one, called when the view is first read; only
-    the view in use is held."""
+    e mod K. A view is an (N, D) array or feature store, or a function returning one, called when the view is
+    first read; only the view in use is held."""
 
-    def __init__(self, views: np.ndarray | Sequence[np.ndarray | Callable[[], np.ndarray]], source=None):
-        self.sources = [views] if isinstance(views, np.ndarray) else list(views)
+    def __init__(self, views: np.ndarray | FeatureStore | Sequence[Any], source=None, stream: bool | None = None):
+        self.sources = [views] if isinstance(views, np.ndarray | FeatureStore) else list(views)
+        self.stream = stream  # a store: None = loaded when it fits its memory budget; True = streamed; False = loaded
         if not self.sources:
             raise BadFeatures("no training features (0 views)", source)
         self.source = source
@@ -325,19 +367,24 @@ class EpochViews:
     def view_of(self, epoch: int) -> int:
         return epoch % len(self.sources)
 
-    def load(self, view: int) -> np.ndarray:
-        """View ``view`` as given (not yet checked)."""
+    def load(self, view: int) -> np.ndarray | FeatureStore:
+        """View ``view`` (not yet checked); a feature store is loaded when it fits its memory budget."""
         if view != self._view:
             x = self.sources[view]
-            self._view, self._x, self._checked = view, x() if callable(x) else x, False
+            x = x() if callable(x) else x
+            if isinstance(x, FeatureStore) and self.stream is not True:
+                x = x.load() if self.stream is False else x.resident()
+            self._view, self._x, self._checked = view, x, False
         return self._x
 
-    def get(self, view: int) -> np.ndarray:
-        """View ``view``, checked: finite, 2-D, and the shape of every other view."""
+    def get(self, view: int) -> np.ndarray | FeatureStore:
+        """View ``view``, checked: finite (a streamed store: batch by batch as it is read), 2-D, and the shape of
+        every other view."""
         x = self.load(view)
         if not self._checked:
             what = "train features" if len(self.sources) == 1 else f"train features (view {view})"
-            check_features(x, what, self.source)
+            if not isinstance(x, FeatureStore):
+                check_features(x, what, self.source)
             if self.shape is not None and tuple(x.shape) != self.shape:
                 raise BadFeatures(f"{what} have shape {tuple(x.shape)}, view 0 has {self.shape}", self.source)
             self.shape, self._checked = tuple(x.shape), True
@@ -353,6 +400,8 @@ class ProbeFit:
     total_iterations: int = 0
     resumed_from_epoch: int = 0
     views: int = 1  # training matrices read in turn (augmented views); 1: the same features every epoch
+    order: str = IN_MEMORY_ORDER  # how each epoch's batches were drawn
+    stream: dict[str, Any] | None = None  # streamed training: budget, shuffle buffer, memory estimate
 
     @property
     def epochs_run(self) -> int:
@@ -379,7 +428,7 @@ def features_fingerprint(features: np.ndarray, labels: np.ndarray, rows: int = 6
 
 
 def train_linear_probe(
-    features: np.ndarray | Sequence[np.ndarray | Callable[[], np.ndarray]],
+    features: np.ndarray | FeatureStore | Sequence[np.ndarray | FeatureStore | Callable[[], Any]],
     labels: np.ndarray,
     num_classes: int,
     config: ProbeConfig,
@@ -393,6 +442,8 @@ def train_linear_probe(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     evaluate: Callable[[LinearProbe], Mapping[str, float]] | None = None,
     source: str | Path | None = None,
+    shuffle_buffer: int | None = None,
+    stream: bool | None = None,
 ) -> ProbeFit:
     """Fit a probe on fp16 / fp32 (N, D) ``features`` (or on K such views in turn, see :class:`EpochViews`),
     resuming from ``state_path`` when one is given.
@@ -402,8 +453,11 @@ def train_linear_probe(
     number of views and the fingerprint of view 0; a state with other settings is refused (UserError naming them).
     ``evaluate(model)`` (e.g. the val split's accuracies) runs after every epoch and its values join that epoch's
     history record, so a resumed fit keeps them. ``on_epoch_end(epoch, record)`` runs after the state is written.
+    A view may be an ``evalsuite.cache.FeatureStore``: loaded when it fits its memory budget, else streamed with a
+    ``shuffle_buffer``-row buffer (default: the store's ``default_buffer_rows``; see the module docstring);
+    ``stream=True`` / ``False`` streams / loads a store whatever its size.
     """
-    views = EpochViews(features, source)
+    views = EpochViews(features, source, stream)
     labels = check_labels(labels, views.load(0).shape[0], num_classes, "train labels", source)  # refuses 0 rows
     first = views.get(0)
     dev = torch.device(device)
@@ -415,13 +469,17 @@ def train_linear_probe(
     total = total_iterations(n, config)
     epochs = num_epochs(n, config)
     fit = ProbeFit(model, config, [], ipe, total, views=len(views))
+    if isinstance(first, FeatureStore):
+        fit.stream = plan_stream(first, model, config.batch_size, shuffle_buffer, desc)
+        fit.order = streamed_order(fit.stream["shuffle_buffer_rows"])
     resume = None
     start = 0
     if state_path is not None:
+        streamed = {"order": fit.order} if fit.stream else {}  # in-memory states keep their old settings
         resume = ResumeState(state_path, {**(settings or {}), "config": config.to_dict(), "num_classes": num_classes,
                                           "channels": channels, "views": len(views),
                                           "evaluated_each_epoch": evaluate is not None,
-                                          "features": features_fingerprint(first, labels)},
+                                          "features": features_fingerprint(first, labels), **streamed},
                              what="linear probe")
         state = resume.load()
         if state is not None:
@@ -436,17 +494,17 @@ def train_linear_probe(
     for epoch in bar:
         if views.view_of(epoch) != stream_view:
             stream_view = views.view_of(epoch)
-            stream = FeatureStream(views.get(stream_view), dev)
+            buffer = fit.stream["shuffle_buffer_rows"] if fit.stream else None
+            stream = FeatureStream(views.get(stream_view), dev, buffer, "train features", source)
         model.train()
         loss_sum, seen = torch.zeros((), device=dev, dtype=torch.float64), 0
-        for b, idx in enumerate(epoch_batches(n, config.batch_size, config.seed, epoch)):
+        for b, (idx, x) in enumerate(stream.epoch(config.batch_size, config.seed, epoch)):
             it = epoch * ipe + b
             if it >= total:
                 break
             lr = lr_at(it, ipe, config)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = stream.batch(idx)
             y = y_all[idx].to(dev, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -475,8 +533,31 @@ def train_linear_probe(
     return fit
 
 
+def plan_stream(store: FeatureStore, model: LinearProbe, batch_size: int, shuffle_buffer: int | None,
+                desc: str) -> dict[str, Any]:
+    """The shuffle buffer and memory estimate of streamed training (printed); UserError in one line when the
+    budget cannot hold them."""
+    # a window is at least one shard, whatever the buffer
+    buffer_rows = min(len(store), max(store.shard_rows, int(shuffle_buffer or store.default_buffer_rows(batch_size))))
+    parts = stream_memory(store.dim, store.itemsize, buffer_rows, store.shard_rows, batch_size)
+    parts.pop("total")
+    parts["model"] = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads, momentum
+    parts["training_step"] = 3 * batch_size * store.dim * 4  # the normalised batch, its gradient, one more float32
+    total, budget = sum(parts.values()), store.memory_budget
+    described = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in parts.items())
+    if total > budget:
+        lower = " or lower shuffle_buffer" if shuffle_buffer else ""
+        raise UserError(f"{desc}: streaming the {format_size(store.nbytes)} training features needs about "
+                        f"{format_size(total)} ({described}), beyond the memory budget {format_size(budget)}; raise "
+                        f"--memory-budget / EVALSUITE_MEMORY_BUDGET{lower}")
+    note(f"{desc}: training features of {format_size(store.nbytes)} streamed from the cache, memory estimate "
+         f"{format_size(total)} within the budget {format_size(budget)} ({described})")
+    return {"memory_budget": budget, "shuffle_buffer_rows": buffer_rows, "memory_estimate": total,
+            "features_bytes": store.nbytes, "shard_rows": store.shard_rows}
+
+
 @torch.no_grad()
-def predict_logits(model: LinearProbe, features: np.ndarray, batch_size: int = 1024,
+def predict_logits(model: LinearProbe, features: np.ndarray | FeatureStore, batch_size: int = 1024,
                    device: str | torch.device | None = None) -> np.ndarray:
     """Float32 (N, num_classes) scores in evaluation mode (BatchNorm uses its running statistics)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -489,10 +570,16 @@ def predict_logits(model: LinearProbe, features: np.ndarray, batch_size: int = 1
     return out
 
 
-def evaluate_probe(model: LinearProbe, features: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5),
-                   source: str | Path | None = None) -> dict[str, Any]:
-    """Top-k accuracies (fractions) and the mean cross-entropy on a labelled split."""
+def evaluate_probe(model: LinearProbe, features: np.ndarray | FeatureStore, labels: np.ndarray,
+                   ks: Sequence[int] = (1, 5), source: str | Path | None = None) -> dict[str, Any]:
+    """Top-k accuracies (fractions) and the mean cross-entropy on a labelled split (a feature store: loaded when
+    it fits its memory budget, else read in blocks)."""
     labels = check_labels(labels, features.shape[0], model.num_classes, "val labels", source)
-    check_features(features, "val features", source)
+    if isinstance(features, FeatureStore):
+        features = features.resident()
+    if isinstance(features, FeatureStore):
+        _check_store(features, "val features", source)
+    else:
+        check_features(features, "val features", source)
     logits = predict_logits(model, features)
     return {"topk": topk_accuracy(logits, labels, ks), "loss": cross_entropy(logits, labels)}

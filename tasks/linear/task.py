@@ -165,15 +165,16 @@ class LinearTask:
         ks = [int(k) for k in p.topk if int(k) < num_classes or int(k) == 1]
         eval_ks = sorted({1, *ks})  # top-1 always: it picks the reported epoch and is recorded
         specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
-        ftr = ctx.features(train, taps, pooling=p.pooling, transform=views[0])
+        # stores: nothing loaded yet; the probe loads features that fit the memory budget and streams larger ones
+        ftr = ctx.feature_stores(train, taps, pooling=p.pooling, transform=views[0])
         if len(views) > 1:  # every view through the trunk once (all taps per pass); each tap reads them back below
             ftr = None
             for view in views[1:]:
-                ctx.features(train, taps, pooling=p.pooling, transform=view)
-        fva = ctx.features(val, taps, pooling=p.pooling, transform=transform)
+                ctx.feature_stores(train, taps, pooling=p.pooling, transform=view)
+        fva = ctx.feature_stores(val, taps, pooling=p.pooling, transform=transform)
         results = []
         for tap in taps:
-            x_va = fva.pop(tap)
+            x_va = fva.pop(tap).resident()  # in memory when it fits the budget, else read in blocks
             if ftr is not None:
                 x_tr = ftr.pop(tap)
             else:  # loaded from the cache when training reaches the view: one view in memory at a time
@@ -205,7 +206,7 @@ class LinearTask:
                 "solver": {**config.to_dict(), "scaled_lr": config.scaled_lr, "optimizer": "sgd",
                            "loss": "softmax_cross_entropy",
                            "weight_decay_on": "linear weight and bias (none on BN scale/shift)", "drop_last": True,
-                           "shuffle": "numpy default_rng([seed, epoch]).permutation"},
+                           "shuffle": fit.order, "stream": fit.stream},
                 "iterations_per_epoch": fit.iters_per_epoch, "total_iterations": fit.total_iterations,
                 "epochs_run": fit.epochs_run, "resumed_from_epoch": fit.resumed_from_epoch,
                 "train_curve": fit.loss_summary(), "val_loss": round(ev["loss"], 6),
@@ -237,7 +238,7 @@ class LinearTask:
 
 
 def _cached_view(ctx: TaskContext, dataset, tap: str, pooling: str, view: Transform):
-    return ctx.features(dataset, [tap], pooling=pooling, transform=view)[tap]
+    return ctx.feature_stores(dataset, [tap], pooling=pooling, transform=view)[tap]
 
 
 def _sample_outputs(model, x_va: np.ndarray, labels: np.ndarray, ks: list[int]) -> SampleOutputs:
