@@ -1,9 +1,10 @@
 """Per-test-sample outputs: the arrays a record's metric is computed from, kept beside the results file.
 
 A task hands them to ``ctx.result(..., outputs=...)``: one :class:`SampleOutputs` per (task, dataset, split, layer)
-holds named arrays with the test samples on their first axis (targets, predictions, per-sample correctness,
-per-class scores and labels, ...); ``samples.metric(statistic, **roles)`` says which of them a record's metric is
-computed from and how (a statistic of :mod:`evalsuite.stats`). Then
+holds named arrays, most with the test samples on their first axis (targets, predictions, per-sample correctness,
+per-class scores and labels, ...; detection's are per detection, naming its image); ``samples.metric(statistic,
+**roles)`` says which of them a record's metric is computed from and how (a statistic of :mod:`evalsuite.stats`).
+Then
 
 - :func:`attach_intervals` (``evalsuite run``, after each task) fills the record's ``ci_*`` fields with the
   percentile bootstrap interval of its metric, every record of one SampleOutputs under the same resamples. A

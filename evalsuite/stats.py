@@ -8,8 +8,12 @@ Small pure functions over numpy arrays (docs/uncertainty.md says what the record
 - statistics (:data:`STATISTICS`, by the name a record stores): ``mean`` (per-sample values; NaN samples, e.g.
   retrieval queries without a relevant item, left out), ``map_voc`` (class-mean all-points VOC AP, ignore-labelled
   images dropped per class: voc07_svm / lowshot_svm) and ``map_sklearn`` (class-mean non-interpolated AP with tied
-  scores grouped, scikit-learn's ``average_precision_score``: knn on multi-label data). Each has a point estimate
-  and a version vectorised over resamples that takes the resamples as counts (an image drawn twice weighs 2);
+  scores grouped, scikit-learn's ``average_precision_score``: knn on multi-label data), ``weighted_mean`` /
+  ``root_weighted_mean`` (surface normals' pooled pixel metrics, navigation's mean over seeds), ``median_hist``
+  (the median of pooled values from per-sample histograms: surface normals) and ``map_det_voc07`` /
+  ``map_det_area`` (detection mAP over resampled test images from each detection's TP / FP outcome). Each has a
+  point estimate and a version vectorised over resamples that takes the resamples as counts (an image drawn twice
+  weighs 2);
 - :func:`bootstrap` / :func:`bootstrap_many`: percentile intervals; :func:`paired_bootstrap`: the difference of
   a metric between two runs on the same test samples (interval and two-sided p-value); :func:`mcnemar`: exact
   binomial or chi-square McNemar test on paired top-1 correctness; :func:`holm`: Holm's step-down adjustment.
@@ -200,11 +204,158 @@ def _map_statistic(name: str, kind: str) -> Statistic:
                      lambda a, counts: _map_resampled(a, counts, kind), samples)
 
 
+def _rows(role: str) -> Callable[[Arrays], int]:
+    return lambda a: int(np.asarray(a[role]).shape[0])
+
+
+def _point(resampled: Callable[[Arrays, np.ndarray], np.ndarray], role: str) -> Callable[[Arrays], float]:
+    """The point estimate of a statistic: its resampled form with every sample drawn once."""
+    return lambda a: float(resampled(a, np.ones((1, _rows(role)(a)), np.int64))[0])
+
+
+# ---------------------------------------------------------------- weighted means (pooled pixels, seed-balanced)
+
+
+def _weighted_mean_resampled(a: Arrays, counts: np.ndarray, root: bool = False) -> np.ndarray:
+    """sum(w v) / sum(w) over the drawn samples (NaN values left out); ``root``: its square root (an RMS from
+    per-sample mean squares)."""
+    v = np.asarray(a["values"], np.float64)
+    w = np.asarray(a["weights"], np.float64)
+    ok = np.isfinite(v)
+    c = counts.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (c @ np.where(ok, w * v, 0.0)) / (c @ np.where(ok, w, 0.0))
+    return np.sqrt(out) if root else out
+
+
+def _weighted_mean_statistic(name: str, root: bool) -> Statistic:
+    def resampled(a: Arrays, counts: np.ndarray) -> np.ndarray:
+        return _weighted_mean_resampled(a, counts, root)
+
+    return Statistic(name, ("values", "weights"), (), _point(resampled, "values"), resampled, _rows("values"))
+
+
+# ---------------------------------------------------------------- median of pooled values from per-sample histograms
+
+#: fine bins per block: a resample's median is found in its block first, then in that block's fine bins only
+HIST_BLOCK = 100
+
+
+def histogram_median(hist: np.ndarray, bin_width: float, counts: np.ndarray) -> np.ndarray:
+    """(b,) median of the values pooled over the drawn samples, from per-sample histograms ``hist`` (n, B) of
+    ``bin_width`` bins starting at 0, ``counts`` (b, n). numpy's median (the mean of the two middle values for an
+    even count), each middle value read linearly inside its bin (the k-th value of m in a bin at (k + 0.5) / m of
+    it), so it lies within one bin of the exact median. NaN for an empty resample."""
+    h = np.asarray(hist)
+    c = np.asarray(counts, np.float64)
+    starts = np.arange(0, h.shape[1], HIST_BLOCK)
+    coarse = np.cumsum(c @ np.add.reduceat(h, starts, axis=1).astype(np.float64), axis=1)  # (b, blocks)
+    n = coarse[:, -1]
+    rows = np.arange(len(c))
+
+    def value_at(rank: np.ndarray) -> np.ndarray:  # the rank-th smallest pooled value (0-based)
+        block = np.minimum((coarse < rank[:, None] + 1).sum(axis=1), len(starts) - 1)
+        below = np.where(block > 0, coarse[rows, np.maximum(block - 1, 0)], 0.0)
+        out = np.full(len(c), np.nan)
+        for k in np.unique(block):
+            sel = np.flatnonzero(block == k)
+            fine = c[sel] @ h[:, starts[k]:starts[k] + HIST_BLOCK].astype(np.float64)
+            cum = np.cumsum(fine, axis=1) + below[sel, None]
+            r = rank[sel]
+            j = np.minimum((cum < r[:, None] + 1).sum(axis=1), fine.shape[1] - 1)
+            before = np.where(j > 0, cum[np.arange(len(sel)), np.maximum(j - 1, 0)], below[sel])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[sel] = (starts[k] + j + (r - before + 0.5) / fine[np.arange(len(sel)), j]) * bin_width
+        return out
+
+    with np.errstate(invalid="ignore"):
+        median = 0.5 * (value_at(np.floor((n - 1) / 2)) + value_at(np.floor(n / 2)))
+    return np.where(n > 0, median, np.nan)
+
+
+def _median_hist_resampled(a: Arrays, counts: np.ndarray) -> np.ndarray:
+    return histogram_median(a["hist"], np.asarray(a["bin_width"]).item(), counts)  # 0-d (1-d once written)
+
+
+# ---------------------------------------------------------------- detection mAP over resampled images
+
+
+def detection_ap(image: np.ndarray, positive: np.ndarray, npos: np.ndarray, counts: np.ndarray,
+                 method: str = "voc07") -> np.ndarray:
+    """(b,) VOC AP of one class's detections under b resamples of the test images.
+
+    ``image``/``positive``: the class's detections best first (TP or FP; those matched to a difficult box
+    dropped), ``npos`` (b,) the drawn images' non-difficult boxes, ``counts`` (n, b) float32 (how often each image
+    is drawn). An image drawn twice contributes its detections twice (its matching is per image, so unchanged),
+    each detection's copies side by side in the ranking. ``method``: ``voc07`` (11-point) or ``area`` (area under
+    the monotone precision envelope), ``tasks.detection.voc_eval.voc_ap``. Only the last copy of each TP matters:
+    precision rises along a run of TP copies and an FP never raises the envelope, so precision is read there
+    only, the FPs between two TPs summed by one sparse product. NaN where a resample has no positive box.
+    """
+    from scipy.sparse import csr_matrix
+
+    if method not in ("voc07", "area"):
+        raise ValueError(f"unknown AP method {method!r}")
+    pos = np.flatnonzero(positive)
+    b = counts.shape[1]
+    if pos.size == 0:
+        return np.where(npos > 0, 0.0, np.nan)
+    wpos = counts[image[pos]].astype(np.float64)  # (T, b) copies of each TP
+    ctp = np.cumsum(wpos, axis=0)
+    segment = np.searchsorted(pos, np.arange(len(image)))  # the first TP at or after each rank
+    fp = np.flatnonzero(~np.asarray(positive, bool) & (segment < pos.size))
+    between = csr_matrix((np.ones(fp.size, np.float32), (segment[fp], image[fp])), shape=(pos.size, counts.shape[0]))
+    cfp = np.cumsum(between @ counts, axis=0, dtype=np.float64)
+    seen = ctp + cfp
+    prec = np.divide(ctp, seen, out=np.zeros_like(ctp), where=seen > 0)
+    env = np.maximum.accumulate(prec[::-1], axis=0)[::-1]  # best precision at this recall or beyond
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if method == "area":
+            ap = (wpos * env).sum(axis=0) / npos
+        else:
+            rec = ctp / npos
+            env = np.vstack([env, np.zeros((1, b))])
+            ap = np.zeros(b)
+            for t in np.arange(0.0, 1.1, 0.1):  # voc_ap's thresholds, in its order
+                ap += env[(rec < t).sum(axis=0), np.arange(b)] / 11.0
+    return np.where(npos > 0, ap, np.nan)
+
+
+def _det_map_resampled(a: Arrays, counts: np.ndarray, method: str) -> np.ndarray:
+    """Class-mean detection AP (classes outside ``class_mask``, and without a box in the resample, left out)."""
+    image, label = np.asarray(a["image"], np.int64), np.asarray(a["label"], np.int64)
+    score, outcome = np.asarray(a["score"], np.float64), np.asarray(a["outcome"])
+    npos = counts.astype(np.float64) @ np.asarray(a["npos"], np.float64)  # (b, C)
+    classes = np.flatnonzero(np.asarray(a.get("class_mask", np.ones(npos.shape[1], bool)), bool))
+    counts_t = np.ascontiguousarray(counts.T, dtype=np.float32)  # exact below 2**24 draws
+    aps = np.full((counts.shape[0], len(classes)), np.nan)
+    for j, c in enumerate(classes):
+        kept = np.flatnonzero((label == c) & (outcome >= 0))
+        ranked = kept[np.argsort(-score[kept], kind="stable")]  # voc_eval's order (ties: input order)
+        aps[:, j] = detection_ap(image[ranked], outcome[ranked] == 1, npos[:, c], counts_t, method)
+    ok = np.isfinite(aps)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, aps, 0.0).sum(axis=1) / ok.sum(axis=1)
+
+
+def _det_map_statistic(name: str, method: str) -> Statistic:
+    def resampled(a: Arrays, counts: np.ndarray) -> np.ndarray:
+        return _det_map_resampled(a, counts, method)
+
+    return Statistic(name, ("image", "label", "score", "outcome", "npos"), ("class_mask",),
+                     _point(resampled, "npos"), resampled, _rows("npos"))
+
+
 STATISTICS: dict[str, Statistic] = {
-    "mean": Statistic("mean", ("values",), (), _mean_point, _mean_resampled,
-                      lambda a: int(np.asarray(a["values"]).shape[0])),
+    "mean": Statistic("mean", ("values",), (), _mean_point, _mean_resampled, _rows("values")),
     "map_voc": _map_statistic("map_voc", "voc"),
     "map_sklearn": _map_statistic("map_sklearn", "sklearn"),
+    "weighted_mean": _weighted_mean_statistic("weighted_mean", root=False),
+    "root_weighted_mean": _weighted_mean_statistic("root_weighted_mean", root=True),
+    "median_hist": Statistic("median_hist", ("hist", "bin_width"), (), _point(_median_hist_resampled, "hist"),
+                             _median_hist_resampled, _rows("hist")),
+    "map_det_voc07": _det_map_statistic("map_det_voc07", "voc07"),
+    "map_det_area": _det_map_statistic("map_det_area", "area"),
 }
 
 

@@ -84,6 +84,13 @@ def basic_view(size: int, scale=(0.08, 1.0)) -> T.Compose:
     return T.Compose([T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(), *_tensor()])
 
 
+def resized_crop_view(size: int, resize: int, flip: bool = True) -> T.Compose:
+    """Resize to ``resize`` x ``resize`` (the aspect ratio is not kept), a random ``size`` crop, a flip: CPC's image
+    view (van den Oord et al. 2018, Sec. 3.2: 256 px crops of a 300 x 300 image; Henaff et al. 2020: 260 of 300)."""
+    ops = [T.Resize((resize, resize), antialias=True), T.RandomCrop(size)]
+    return T.Compose([*ops, *([T.RandomHorizontalFlip()] if flip else []), *_tensor()])
+
+
 def center_view(size: int) -> T.Compose:
     return T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True), T.CenterCrop(size), *_tensor()])
 

@@ -155,12 +155,13 @@ def color_project(patch: torch.Tensor) -> torch.Tensor:
 
 
 class PretextView(ViewTransform):
-    """A random crop (``basic_view``) followed by ``fn(crop) -> list of tensors`` (the pretext sample,
-    e.g. shuffled tiles and their label)."""
+    """A random crop (``basic_view``, or the pipeline ``crop``) followed by ``fn(crop) -> list of tensors`` (the
+    pretext sample, e.g. shuffled tiles and their label)."""
 
     def __init__(self, size: int, fn: Callable[[torch.Tensor], list[torch.Tensor]], name: str,
-                 scale=(0.08, 1.0), info: dict | None = None):
-        self.crop, self.fn, self.info = basic_view(size, scale=scale), fn, info or {}
+                 scale=(0.08, 1.0), info: dict | None = None, crop: Callable | None = None):
+        self.crop = basic_view(size, scale=scale) if crop is None else crop
+        self.fn, self.info = fn, info or {}
         super().__init__([self.crop], name)
 
     def __call__(self, image) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Contrastive Predictive Coding for images (van den Oord et al. 2018; Henaff et al. 2020): the crop is cut
+"""Contrastive Predictive Coding for images (van den Oord et al. 2018; CPC v2 is ``cpc_v2.py``): the crop is cut
 into a g x g grid of overlapping patches (patch = size/4, stride = patch/2, i.e. 7 x 7 as in the paper),
 each patch is encoded by the trunk (pooled, linear to ``dim``), an autoregressive context network (masked
 convolutions: row i sees rows <= i only) summarises the rows above, and for each offset k = 1..K a linear
@@ -32,19 +32,23 @@ class CausalConv(nn.Module):
         return self.conv(F.pad(x, (1, 1, self.kh - 1, 0)))
 
 
+def row_prediction_loss(preds: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """InfoNCE of predictions k rows ahead. preds, targets: (B, D, H, W), a prediction made at every position.
+    The predictions of rows [0, H-k) are scored (dot product) against all B*H*W targets, the positive being the
+    target k rows below in the same column of the same image; mean cross-entropy (CPC v2's pseudo-code, App. A)."""
+    b, d, h, w = targets.shape
+    keys = targets.permute(0, 2, 3, 1).reshape(-1, d).float()  # (B*H*W, D), index = (b*H + row)*W + col
+    pred = preds[:, :, : h - k, :].permute(0, 2, 3, 1).reshape(-1, d).float()
+    bi, ri, ci = torch.meshgrid(torch.arange(b), torch.arange(h - k), torch.arange(w), indexing="ij")
+    target = ((bi * h + ri + k) * w + ci).reshape(-1).to(targets.device)
+    return F.cross_entropy(pred @ keys.t(), target)
+
+
 def cpc_loss(context: torch.Tensor, codes: torch.Tensor, predictors: nn.ModuleList) -> torch.Tensor:
-    """context, codes: (B, D, g, g). For each k, predictions from rows [0, g-k) of the context are scored
+    """context, codes: (B, D, g, g). For each k, predictions W_k c from rows [0, g-k) of the context are scored
     against all B*g*g codes; the target is the code k rows below. Mean over k of the cross-entropies."""
-    b, d, g, _ = codes.shape
-    keys = codes.permute(0, 2, 3, 1).reshape(-1, d).float()  # (B*g*g, D), index = (b*g + row)*g + col
-    losses = []
-    for k, w in enumerate(predictors, start=1):
-        if k >= g:
-            break
-        pred = w(context[:, :, : g - k, :]).permute(0, 2, 3, 1).reshape(-1, d).float()
-        bi, ri, ci = torch.meshgrid(torch.arange(b), torch.arange(g - k), torch.arange(g), indexing="ij")
-        target = ((bi * g + ri + k) * g + ci).reshape(-1).to(codes.device)
-        losses.append(F.cross_entropy(pred @ keys.t(), target))
+    g = codes.shape[2]
+    losses = [row_prediction_loss(w(context), codes, k) for k, w in enumerate(predictors, start=1) if k < g]
     return torch.stack(losses).mean()
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
+from evalsuite.outputs import MetricOutputs, SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, check_preset, preset_changes
 from evalsuite.results import Result
@@ -220,25 +221,34 @@ class DetectionTask:
                           not_applied=["freeze_at", "pooler", "pool_size"],
                           comparable_to_published=False, not_comparable_reason=VIT_NOT_COMPARABLE)
         fp = test.fingerprint()
+        agnostic = None
+        if p.extra_metrics:
+            merged, one = deval.class_agnostic_merge(dets, gts, p.nms)
+            agnostic = (merged, deval.evaluate_detections(merged, one, 1, p.iou_thresh, p.ap_method,
+                                                          p.iou_compare)[0], one)
+        samples = SampleOutputs(sample_arrays(dets, per_class, gts, agnostic))  # per test image: intervals
         results = [ctx.result(test_kind, test_split, layer, "mAP", 100 * deval.mean_ap(per_class), params=params,
-                              note=f"{p.ap_method} mAP@{p.iou_thresh}", dataset_fingerprint=fp)]
-        for c, ev in zip(classes, per_class):
+                              note=f"{p.ap_method} mAP@{p.iou_thresh}", dataset_fingerprint=fp,
+                              outputs=ap_outputs(samples, p.ap_method))]
+        for j, (c, ev) in enumerate(zip(classes, per_class)):
             value = None if ev.npos == 0 else 100 * ev.ap
             results.append(ctx.result(test_kind, test_split, layer, f"AP/{c}", value, params=params,
                                       note="" if ev.npos else "no ground truth for this class",
-                                      dataset_fingerprint=fp))
-        if p.extra_metrics:
+                                      dataset_fingerprint=fp,
+                                      outputs=ap_outputs(samples, p.ap_method, class_mask=f"only_class{j}")))
+        if agnostic is not None:
             other = "area" if p.ap_method == "voc07" else "voc07"
             extra = deval.mean_ap(deval.evaluate_detections(dets, gts, len(classes), p.iou_thresh, other,
                                                             p.iou_compare))
             results.append(ctx.result(test_kind, test_split, layer, f"mAP_{other}", 100 * extra, params=params,
                                       note=f"{other} AP at IoU {p.iou_thresh} (extra metric)",
-                                      dataset_fingerprint=fp))
-            agn = deval.class_agnostic_ap(dets, gts, p.nms, p.iou_thresh, p.ap_method, p.iou_compare)
-            results.append(ctx.result(test_kind, test_split, layer, "AP_class_agnostic", 100 * agn, params=params,
+                                      dataset_fingerprint=fp, outputs=ap_outputs(samples, other)))
+            results.append(ctx.result(test_kind, test_split, layer, "AP_class_agnostic", 100 * agnostic[1].ap,
+                                      params=params,
                                       note=f"{p.ap_method} AP of the boxes whatever their class (classes merged, "
                                            f"NMS {p.nms} across classes; extra diagnostic of localisation)",
-                                      dataset_fingerprint=fp))
+                                      dataset_fingerprint=fp,
+                                      outputs=ap_outputs(samples, p.ap_method, prefix="agnostic_")))
         resume.clear()
         return results
 
@@ -409,6 +419,32 @@ def proposal_recall(records: list[frcnn.ImageRecord], gts: list[deval.GroundTrut
                                    for t in thresholds}
     out.update(num_boxes=len(best), mean_proposals=round(float(np.mean(counts)), 1) if counts else 0.0)
     return out
+
+
+def sample_arrays(dets: deval.Detections, per_class: list[deval.ClassEval], gts: list[deval.GroundTruth],
+                  agnostic: tuple[deval.Detections, deval.ClassEval, list[deval.GroundTruth]] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """What every AP of a run is computed from, for a bootstrap over the test images (docs/uncertainty.md): each
+    detection's ``image``, ``label``, ``score`` and ``outcome`` (1 TP, 0 FP, -1 matched a difficult box), each
+    image's non-difficult boxes per class (``npos``), one class mask per class (``only_class<j>``, for AP/<class>);
+    with ``agnostic`` (merged detections, their evaluation, ground truth) the same prefixed ``agnostic_``."""
+    k = len(per_class)
+    out = {"image": dets.image, "label": dets.label, "score": dets.score,
+           "outcome": deval.image_outcomes(dets, per_class), "npos": deval.positives_per_image(gts, k),
+           **{f"only_class{j}": np.arange(k) == j for j in range(k)}}
+    if agnostic is not None:
+        merged, ev, one = agnostic
+        out.update(agnostic_image=merged.image, agnostic_label=merged.label, agnostic_score=merged.score,
+                   agnostic_outcome=ev.outcome, agnostic_npos=deval.positives_per_image(one, 1))
+    return out
+
+
+def ap_outputs(samples: SampleOutputs, method: str, prefix: str = "", class_mask: str | None = None) -> MetricOutputs:
+    """A record's AP statistic over :func:`sample_arrays` (``prefix``: the class-agnostic arrays)."""
+    roles = {r: prefix + r for r in ("image", "label", "score", "outcome", "npos")}
+    if class_mask is not None:
+        roles["class_mask"] = class_mask
+    return samples.metric(f"map_det_{method}", **roles)
 
 
 def detections_from(preds) -> deval.Detections:

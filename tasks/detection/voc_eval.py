@@ -53,6 +53,9 @@ class ClassEval:
     fp: int
     recall: np.ndarray
     precision: np.ndarray
+    #: per detection, in the order given: 1 TP, 0 FP, -1 ignored (matched a difficult box). Matching is per image,
+    #: so an image's outcomes do not depend on the other images: the per-sample outputs of a bootstrap over images
+    outcome: np.ndarray | None = None
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, method: str = "voc07") -> float:
@@ -104,6 +107,7 @@ def evaluate_class(
     taken = {k: np.zeros(len(d), dtype=bool) for k, (_, d) in gt.items()}
     tp = np.zeros(len(order))
     fp = np.zeros(len(order))
+    outcome = np.full(len(order), -1, np.int8)
     for n in range(len(order)):
         img = int(image_ids[n])
         if img in gt and len(gt[img][0]):
@@ -119,6 +123,7 @@ def evaluate_class(
                     fp[n] = 1
                 continue
         fp[n] = 1
+    outcome[order] = np.where(tp > 0, 1, np.where(fp > 0, 0, -1))
     ctp, cfp = np.cumsum(tp), np.cumsum(fp)
     if npos == 0:
         rec = np.full(len(order), np.nan)
@@ -129,7 +134,7 @@ def evaluate_class(
     if npos:
         ap = voc_ap(rec, prec, method)
     return ClassEval(ap=ap, npos=npos, num_dets=len(order), tp=int(tp.sum()), fp=int(fp.sum()),
-                     recall=rec, precision=prec)
+                     recall=rec, precision=prec, outcome=outcome)
 
 
 @dataclass
@@ -173,6 +178,13 @@ def class_agnostic_ap(dets: Detections, gts: Sequence[GroundTruth], nms: float =
                       method: str = "voc07", compare: str = ">") -> float:
     """AP of the boxes whatever their class: detections of one image merged over classes, greedy NMS at
     ``nms`` (inclusive-pixel IoU, above ``nms`` suppressed), then one-class evaluation against every box."""
+    merged, one = class_agnostic_merge(dets, gts, nms)
+    return evaluate_detections(merged, one, 1, iou_thresh, method, compare)[0].ap
+
+
+def class_agnostic_merge(dets: Detections, gts: Sequence[GroundTruth], nms: float = 0.3
+                         ) -> tuple[Detections, list[GroundTruth]]:
+    """:func:`class_agnostic_ap`'s one-class detections (NMS across classes) and ground truth (every box)."""
     keep = []
     for i in np.unique(dets.image):
         idx = np.nonzero(dets.image == i)[0]
@@ -187,5 +199,18 @@ def class_agnostic_ap(dets: Detections, gts: Sequence[GroundTruth], nms: float =
                 alive[rest[iou_inclusive(dets.boxes[idx[a]], dets.boxes[idx[rest]]) > nms]] = False
     keep = np.asarray(sorted(keep), np.int64)
     merged = Detections(dets.image[keep], np.zeros(len(keep), np.int64), dets.score[keep], dets.boxes[keep])
-    one = [GroundTruth(g.boxes, np.zeros(len(g.labels), np.int64), g.difficult) for g in gts]
-    return evaluate_detections(merged, one, 1, iou_thresh, method, compare)[0].ap
+    return merged, [GroundTruth(g.boxes, np.zeros(len(g.labels), np.int64), g.difficult) for g in gts]
+
+
+def image_outcomes(dets: Detections, per_class: Sequence[ClassEval]) -> np.ndarray:
+    """Every detection's outcome (1 TP, 0 FP, -1 ignored) from :func:`evaluate_detections` of ``dets``."""
+    out = np.full(len(dets.label), -1, np.int8)
+    for c, ev in enumerate(per_class):
+        out[dets.label == c] = ev.outcome
+    return out
+
+
+def positives_per_image(gts: Sequence[GroundTruth], num_classes: int) -> np.ndarray:
+    """(images, classes) number of non-difficult boxes: ``npos`` of each image."""
+    return np.array([np.bincount(np.asarray(g.labels)[~np.asarray(g.difficult, bool)], minlength=num_classes)
+                     for g in gts], np.int32).reshape(len(gts), num_classes)

@@ -53,14 +53,33 @@ def success_rate(success: Sequence[bool]) -> float:
     return float(s.mean())
 
 
-def spl(success: Sequence[bool], shortest: Sequence[float], path: Sequence[float]) -> float:
-    """Anderson et al. 2018 SPL over N episodes (see the module docstring)."""
+def spl_terms(success: Sequence[bool], shortest: Sequence[float], path: Sequence[float]) -> np.ndarray:
+    """Each episode's S_i l_i / max(p_i, l_i) (1 for a success that starts inside the goal region)."""
     s, lengths, p = _check(success, shortest, path)
-    if len(s) == 0:
-        raise ValueError("no episodes")
     denom = np.maximum(p, lengths)
-    ratio = np.where(denom > 0, lengths / np.where(denom > 0, denom, 1.0), 1.0)
-    return float(np.mean(s * ratio))
+    return s * np.where(denom > 0, lengths / np.where(denom > 0, denom, 1.0), 1.0)
+
+
+def spl(success: Sequence[bool], shortest: Sequence[float], path: Sequence[float]) -> float:
+    """Anderson et al. 2018 SPL over N episodes (see the module docstring): the mean of :func:`spl_terms`."""
+    terms = spl_terms(success, shortest, path)
+    if len(terms) == 0:
+        raise ValueError("no episodes")
+    return float(np.mean(terms))
+
+
+def episode_values(episodes: Iterable[Episode]) -> dict[str, np.ndarray]:
+    """Per episode, the value each metric of :func:`summarize` is the mean of: success (0/1), the SPL term (NaN
+    where the geometry gave no shortest path: left out of SPL), return and length."""
+    eps = list(episodes)
+    shortest = np.array([e.shortest_path for e in eps], np.float64)
+    success = np.array([e.success for e in eps], bool)
+    known = np.isfinite(shortest)
+    terms = np.full(len(eps), np.nan)
+    terms[known] = spl_terms(success[known], shortest[known], np.array([e.path_length for e in eps])[known])
+    return {"success_rate": success.astype(np.float64), "spl": terms,
+            "mean_return": np.array([e.ret for e in eps], np.float64),
+            "mean_length": np.array([e.length for e in eps], np.float64)}
 
 
 def summarize(episodes: Iterable[Episode]) -> dict[str, float]:

@@ -42,11 +42,12 @@ import numpy as np
 from evalsuite.console import progress
 from evalsuite.errors import UserError
 from evalsuite.io import atomic_write_json
+from evalsuite.outputs import MetricOutputs, SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, preset_changes
 from evalsuite.results import Result
 from evalsuite.task import TaskContext
-from tasks.navigation.metrics import Episode, mean_std, summarize
+from tasks.navigation.metrics import Episode, episode_values, mean_std, summarize
 
 METRICS = ("success_rate", "spl", "mean_return", "mean_length")
 AGENTS = ("ppo", "random", "blind")
@@ -157,10 +158,12 @@ class NavigationTask:
                 params["vissl_note"] = VISSL_NOTE
             note = {"ppo": "", "random": "baseline: uniformly random actions",
                     "blind": "baseline: PPO on a constant observation (no visual input)"}[agent]
+            outputs = episode_outputs(runs)
             for metric in METRICS:
                 mean, std = mean_std([r[metric] for r in runs])
                 results.append(ctx.result(_dataset(p.env), "eval", layer_of[agent], metric, mean,
-                                          params={**params, "std": std}, note=note))
+                                          params={**params, "std": std}, note=note,
+                                          outputs=None if outputs is None else outputs[metric]))
         return results
 
     def plan(self, ctx: TaskContext) -> TaskPlan:
@@ -172,6 +175,23 @@ class NavigationTask:
         return TaskPlan(images={"ppo training frames": p.num_seeds * steps * p.n_envs}, image_size=p.image_size,
                         note=f"{p.num_seeds} seed(s) x {steps} forward passes of {p.n_envs} frames; simulation, "
                              f"PPO updates, baselines and {p.eval_episodes} evaluation episodes per seed not timed")
+
+
+def episode_outputs(runs: list[dict]) -> dict[str, MetricOutputs] | None:
+    """Each metric's per-episode values over the evaluation episodes of every seed (``seed`` says whose), weighted
+    1 / (that seed's episodes with a value) so that the weighted mean is the record's mean over seeds: the
+    per-sample outputs of a bootstrap over episodes (docs/uncertainty.md). None when a run kept no episodes."""
+    if not runs or any("episodes" not in r for r in runs):
+        return None
+    per_seed = [episode_values(Episode(**e) for e in r["episodes"]) for r in runs]
+    arrays = {"seed": np.concatenate([np.full(len(v["success_rate"]), r["seed"], np.int64)
+                                      for r, v in zip(runs, per_seed)])}
+    for m in METRICS:
+        arrays[m] = np.concatenate([v[m] for v in per_seed])
+        arrays[f"{m}_weight"] = np.concatenate([np.full(len(v[m]), 1.0 / max(1, int(np.isfinite(v[m]).sum())))
+                                                for v in per_seed])
+    samples = SampleOutputs(arrays)
+    return {m: samples.metric("weighted_mean", 1.0, values=m, weights=f"{m}_weight") for m in METRICS}
 
 
 # ----------------------------------------------------------------------------- one agent, one seed

@@ -369,18 +369,24 @@ def fine_tune(model: FineTuneModel, dataset: ImageDataset, labels: np.ndarray, i
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of samples whose class is among the k highest scores (ties counted in the sample's favour)."""
+def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per sample, whether its class is among the k highest scores (ties counted in the sample's favour)."""
     true = logits[np.arange(len(labels)), labels]
     rank = (logits > true[:, None]).sum(axis=1)
-    return {int(k): float((rank < k).mean()) for k in ks}
+    return {int(k): rank < k for k in ks}
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of samples whose class is among the k highest scores (ties counted in the sample's favour)."""
+    return {k: float(hits.mean()) for k, hits in topk_hits(logits, labels, ks).items()}
 
 
 @torch.no_grad()
 def evaluate(model: FineTuneModel, dataset: ImageDataset, labels: np.ndarray, transform: Transform,
              ks: Sequence[int], *, batch_size: int = 256, workers: int = 0, device: str = "cpu",
              precision: str = "fp32", progress: bool = False, desc: str = "evaluate") -> dict[str, Any]:
-    """Top-k accuracies (fractions) and the mean cross-entropy of ``model`` in evaluation mode."""
+    """Top-k accuracies (fractions) and the mean cross-entropy of ``model`` in evaluation mode; per image, the top-k
+    ``hits`` and the argmax ``pred``."""
     dev = torch.device(device)
     model.to(dev).eval()
     loader = torch.utils.data.DataLoader(TransformedImages(dataset, transform), batch_size=batch_size, shuffle=False,
@@ -392,4 +398,6 @@ def evaluate(model: FineTuneModel, dataset: ImageDataset, labels: np.ndarray, tr
     labels = np.asarray(labels, dtype=np.int64)
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return {"topk": topk_accuracy(logits, labels, ks), "loss": float(-log_p[np.arange(len(labels)), labels].mean())}
+    hits = topk_hits(logits, labels, ks)
+    return {"topk": {k: float(h.mean()) for k, h in hits.items()}, "hits": hits, "pred": logits.argmax(axis=1),
+            "loss": float(-log_p[np.arange(len(labels)), labels].mean())}

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from evalsuite.console import warn
 from evalsuite.io import ResumeState
+from evalsuite.outputs import SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import Interpolation, ResizeMode, TaskProtocol, preset_changes
 from evalsuite.results import Result
@@ -141,8 +144,11 @@ class SemiSupervisedTask:
             "device": ctx.device,
         }
         fp = val.fingerprint()
+        # per val image: the targets, the argmax and each top-k hit, whose mean is the record (the intervals' input)
+        samples = SampleOutputs({"targets": np.asarray(val.labels, np.int64), "pred": ev["pred"],
+                                 **{f"top{k}": ev["hits"][k] for k in ks}})
         results = [ctx.result(p.dataset, p.val_split, LAYER, f"top{k}", 100.0 * ev["topk"][k], params=params,
-                              dataset_fingerprint=fp) for k in ks]
+                              dataset_fingerprint=fp, outputs=samples.mean(f"top{k}")) for k in ks]
         resume.clear()  # finished: nothing left to resume
         return results
 

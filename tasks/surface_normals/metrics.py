@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evalsuite.errors import BadData
+from evalsuite.outputs import MetricOutputs, SampleOutputs
+from evalsuite.stats import histogram_median
 
 THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 #: tolerated |norm - 1| of a ground-truth normal before it is refused (8-bit PNG normals are not exactly unit)
 UNIT_TOLERANCE = 0.1
-#: histogram resolution of the pooled median (the mean, RMSE and threshold percentages are exact)
-MEDIAN_BIN_DEG = 1e-3
+#: histogram resolution of the pooled median (the mean, RMSE and threshold percentages are exact); per image, kept
+#: as the record's per-sample outputs (654 NYUv2 images x 18001 bins: about 4.5 MB deflated)
+MEDIAN_BIN_DEG = 0.01
 
 
 def metric_names() -> list[str]:
@@ -87,59 +90,81 @@ def summarize_errors(errors_deg: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class ErrorAccumulator:
-    """Pools angular errors over a whole test set without keeping every pixel.
+    """Pools angular errors over a whole test set without keeping every pixel, one row of sums per image.
 
-    Counts, sums and threshold counts are exact; the median comes from a histogram with
-    ``MEDIAN_BIN_DEG`` bins, interpolated linearly inside the bin that holds it (so it is within one
-    bin of ``numpy.median`` of the pooled errors). 654 NYUv2 test images x 307,200 pixels would
-    otherwise need 1.6 GB of float64.
+    Counts, sums and threshold counts are exact; the median comes from per-image histograms with
+    ``MEDIAN_BIN_DEG`` bins (:func:`evalsuite.stats.histogram_median`: numpy's median, each middle value
+    interpolated linearly inside its bin, so within one bin of ``numpy.median`` of the pooled errors). 654 NYUv2
+    test images x 307,200 pixels would otherwise need 1.6 GB of float64. The per-image rows
+    (:meth:`sample_arrays`) are the record's per-sample outputs: each metric of a resample of the test images is
+    recomputed from them exactly as :meth:`summary` computes it (docs/uncertainty.md).
     """
 
     bin_deg: float = MEDIAN_BIN_DEG
-    count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-    below: dict[float, int] = field(default_factory=lambda: {t: 0 for t in THRESHOLDS_DEG})
-    hist: np.ndarray | None = None
+    pixels: list[int] = field(default_factory=list)
+    sums: list[float] = field(default_factory=list)
+    sq_sums: list[float] = field(default_factory=list)
+    below: list[list[int]] = field(default_factory=list)
+    hists: list[np.ndarray] = field(default_factory=list)
 
-    def __post_init__(self):
-        if self.hist is None:
-            self.hist = np.zeros(int(round(180.0 / self.bin_deg)) + 1, dtype=np.int64)
+    @property
+    def bins(self) -> int:
+        return int(round(180.0 / self.bin_deg)) + 1
+
+    @property
+    def count(self) -> int:
+        return int(sum(self.pixels))
 
     def add(self, errors_deg: np.ndarray) -> None:
+        """The errors of one image (an image without a valid pixel adds nothing)."""
         e = np.asarray(errors_deg, dtype=np.float64).ravel()
         if e.size == 0:
             return
-        self.count += int(e.size)
-        self.total += float(e.sum())
-        self.total_sq += float(np.sum(e**2))
-        for t in THRESHOLDS_DEG:
-            self.below[t] += int(np.count_nonzero(e < t))
-        idx = np.clip((e / self.bin_deg).astype(np.int64), 0, self.hist.size - 1)
-        self.hist += np.bincount(idx, minlength=self.hist.size)
+        self.pixels.append(int(e.size))
+        self.sums.append(float(e.sum()))
+        self.sq_sums.append(float(np.sum(e**2)))
+        self.below.append([int(np.count_nonzero(e < t)) for t in THRESHOLDS_DEG])
+        idx = np.clip((e / self.bin_deg).astype(np.int64), 0, self.bins - 1)
+        self.hists.append(np.bincount(idx, minlength=self.bins).astype(np.int32))
 
     def median(self) -> float:
-        """Median as numpy defines it (mean of the two middle values for an even count), per half."""
-        def quantile_at(rank: int) -> float:  # value of the rank-th smallest (0-based), interpolated in its bin
-            cum = np.cumsum(self.hist)
-            b = int(np.searchsorted(cum, rank + 1))
-            before = int(cum[b - 1]) if b > 0 else 0
-            in_bin = int(self.hist[b])
-            return (b + (rank - before + 0.5) / in_bin) * self.bin_deg
-
-        n = self.count
-        if n % 2:
-            return quantile_at(n // 2)
-        return 0.5 * (quantile_at(n // 2 - 1) + quantile_at(n // 2))
+        total = np.sum(self.hists, axis=0, dtype=np.int64)
+        return float(histogram_median(total[None], self.bin_deg, np.ones((1, 1)))[0])
 
     def summary(self) -> dict[str, float]:
-        if self.count == 0:
+        n = self.count
+        if n == 0:
             raise ValueError("no valid pixels to score")
-        out = {"mean_angle_error_deg": self.total / self.count, "median_angle_error_deg": self.median(),
-               "rmse_angle_error_deg": float(np.sqrt(self.total_sq / self.count))}
-        for t in THRESHOLDS_DEG:
-            out[f"pct_within_{_fmt(t)}deg"] = 100.0 * self.below[t] / self.count
+        out = {"mean_angle_error_deg": float(np.sum(self.sums)) / n, "median_angle_error_deg": self.median(),
+               "rmse_angle_error_deg": float(np.sqrt(np.sum(self.sq_sums) / n))}
+        below = np.sum(self.below, axis=0)
+        for j, t in enumerate(THRESHOLDS_DEG):
+            out[f"pct_within_{_fmt(t)}deg"] = 100.0 * int(below[j]) / n
         return out
+
+    def sample_arrays(self) -> dict[str, np.ndarray]:
+        """Per-image arrays: valid ``pixels``, ``mean_error_deg``, ``mean_sq_error_deg2``, ``within_<t>deg``
+        (fractions), ``hist`` (images, bins) of the errors and its ``bin_deg`` (0-d)."""
+        px = np.asarray(self.pixels, np.float64)
+        below = np.asarray(self.below, np.float64).reshape(len(px), len(THRESHOLDS_DEG))
+        return {"pixels": np.asarray(self.pixels, np.int64), "mean_error_deg": np.asarray(self.sums) / px,
+                "mean_sq_error_deg2": np.asarray(self.sq_sums) / px,
+                **{f"within_{_fmt(t)}deg": below[:, j] / px for j, t in enumerate(THRESHOLDS_DEG)},
+                "hist": np.stack(self.hists) if self.hists else np.zeros((0, self.bins), np.int32),
+                "bin_deg": np.asarray(self.bin_deg)}
+
+
+def metric_outputs(samples: SampleOutputs) -> dict[str, MetricOutputs]:
+    """Each metric's statistic over the arrays of :meth:`ErrorAccumulator.sample_arrays`: pixel-weighted means of
+    the per-image values (the pooled mean, % within), the root of one (RMSE), the median of the summed histograms."""
+    out = {"mean_angle_error_deg": samples.metric("weighted_mean", 1.0, values="mean_error_deg", weights="pixels"),
+           "median_angle_error_deg": samples.metric("median_hist", 1.0, hist="hist", bin_width="bin_deg"),
+           "rmse_angle_error_deg": samples.metric("root_weighted_mean", 1.0, values="mean_sq_error_deg2",
+                                                  weights="pixels")}
+    for t in THRESHOLDS_DEG:
+        out[f"pct_within_{_fmt(t)}deg"] = samples.metric("weighted_mean", 100.0, values=f"within_{_fmt(t)}deg",
+                                                          weights="pixels")
+    return out
 
 
 def validate_ground_truth(normals: np.ndarray, mask: np.ndarray, source: str,

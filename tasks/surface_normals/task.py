@@ -49,6 +49,7 @@ from evalsuite import console
 from evalsuite.colorspace import IMAGENET_MEAN, IMAGENET_STD, to_input_space
 from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
+from evalsuite.outputs import SampleOutputs
 from evalsuite.plan import TaskPlan
 from evalsuite.protocols import TaskProtocol, preset_changes
 from evalsuite.results import Result
@@ -57,7 +58,13 @@ from evalsuite.trunks import arch_info
 from evalsuite.vit import ViTTaps
 from tasks.surface_normals import codebook as codebook_lib
 from tasks.surface_normals.dense_heads import FrozenTrunkDenseModel, weight_decay_groups
-from tasks.surface_normals.metrics import ErrorAccumulator, angular_errors_deg, metric_names, validate_ground_truth
+from tasks.surface_normals.metrics import (
+    ErrorAccumulator,
+    angular_errors_deg,
+    metric_names,
+    metric_outputs,
+    validate_ground_truth,
+)
 from tasks.surface_normals.vit_dense import FrozenViTDenseModel
 
 DenseModel = FrozenTrunkDenseModel | FrozenViTDenseModel
@@ -172,6 +179,7 @@ class SurfaceNormalsTask:
                           codebook=codebook)
         quantisation = None if fit.codebook is None else quantisation_deg(data, fit.codebook, cfg)
         scores = evaluate(model, test, cfg, norm, fit.codebook, device=ctx.device, progress=ctx.progress)
+        outputs = metric_outputs(SampleOutputs(scores.pop("per_image")))  # per test image: the intervals' input
         params = {
             "num_train": len(train), "num_test": len(test), "layer": model.layer_name,
             "frozen_stages": list(model.frozen_stages), "trainable_stages": list(model.trainable_stages),
@@ -199,7 +207,7 @@ class SurfaceNormalsTask:
                            "protocol_notes": PROTOCOL_NOTES + VIT_NOTES,
                            "comparable_to_published": False, "not_comparable_reason": VIT_NOT_COMPARABLE})
         results = [ctx.result(p.dataset, p.test_split, model.layer_name, m, scores[m], params=params,
-                              dataset_fingerprint=test.fingerprint()) for m in metric_names()]
+                              dataset_fingerprint=test.fingerprint(), outputs=outputs[m]) for m in metric_names()]
         state.clear()  # finished: nothing to resume
         return results
 
@@ -713,7 +721,8 @@ def predict_normals(model: DenseModel, images_u8: torch.Tensor, out_hw: list[tup
 def evaluate(model: DenseModel, ds, cfg: TrainConfig, norm: dict, codebook: np.ndarray | None,
              device: str = "cpu", progress: bool = True, decodes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Pooled metrics over every valid pixel of ``ds`` (predictions upsampled to the ground truth), with
-    ``valid_pixels``. ``decodes``: score several codebook decodings of the same outputs, ``{decode: metrics}``."""
+    ``valid_pixels`` and ``per_image`` (the per-image arrays the metrics are computed from). ``decodes``: score
+    several codebook decodings of the same outputs, ``{decode: metrics}``."""
     names = decodes or (cfg.codebook_decode,)
     accs = {d: ErrorAccumulator() for d in names}
     n = len(ds)
@@ -732,7 +741,8 @@ def evaluate(model: DenseModel, ds, cfg: TrainConfig, norm: dict, codebook: np.n
             for d in names:
                 for pred, j in zip(preds[d], group):
                     accs[d].add(angular_errors_deg(pred, batch[j][1], batch[j][2]))
-    scores = {d: {**acc.summary(), "valid_pixels": acc.count} for d, acc in accs.items()}
+    scores = {d: {**acc.summary(), "valid_pixels": acc.count, "per_image": acc.sample_arrays()}
+              for d, acc in accs.items()}
     return scores if decodes else scores[names[0]]
 
 
