@@ -117,6 +117,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="extraction precision (default: the preset's, fp32 for goyal19 and vissl as the references, "
                         "auto for quick; `extract`: auto); auto = bf16 autocast + channels_last where supported")
+    p.add_argument("--decode", default=None, choices=["auto", "cpu", "gpu"],
+                   help="image decoding: cpu (PIL/libjpeg in the loading workers), gpu (JPEGs decoded in batches "
+                        "by nvjpeg on the CUDA device), auto (gpu when extracting on CUDA); default: the preset's, cpu "
+                        "for goyal19, vissl and dino21, auto for quick (`extract`: auto). Part of the cache key")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE, else "
                    "$XDG_CACHE_HOME/evalsuite/features, i.e. ~/.cache/evalsuite/features)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,6 +164,12 @@ def _add_run(sub) -> None:
     p.add_argument("--memory-budget", metavar="SIZE", type=memory_size, default=None,
                    help="features a task holds in memory at once, e.g. 16G (default $EVALSUITE_MEMORY_BUDGET, else "
                         "4G); larger features are streamed from the cache (docs/scale.md)")
+    p.add_argument("--array", type=non_negative_int, default=None, metavar="N",
+                   help="with --launcher: extract a split of at least --array-min-images images as an array job of N "
+                        "tasks (each a disjoint set of cache shards); 0: never (default 8)")
+    p.add_argument("--array-min-images", type=non_negative_int, default=None, metavar="IMAGES",
+                   help="the smallest split extracted as an array job (default 100000: ImageNet and Places205 train, "
+                        "not VOC)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -186,9 +196,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         memory_budget=a.memory_budget,
         allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, weights=a.weights, name=a.name,
         progress=not a.no_progress, show_plan=True, dry_run=a.dry_run, ci_resamples=a.ci_resamples,
-        ci_level=a.ci_level,
+        ci_level=a.ci_level, decode=a.decode, array=_array_options(a),
     )
-    if a.launcher != "none":
+    if a.launcher != "none" and not a.dry_run:  # a dry run prints the plan here and submits nothing
         return _run_launched(opts, a)
     report = run(opts)
     if a.dry_run:
@@ -200,6 +210,20 @@ def cmd_run(a: argparse.Namespace) -> int:
                   verbose=a.verbose)
     print(f"{len(report.results)} result records appended to {report.results_file}")
     return 0
+
+
+def _array_options(a: argparse.Namespace):
+    """The array extraction of `evalsuite run --launcher ...` (None without a launcher or with --array 0)."""
+    from .extract_array import DEFAULT_MIN_IMAGES, DEFAULT_TASKS, ArrayExtraction
+
+    tasks = DEFAULT_TASKS if a.array is None else a.array
+    if a.launcher == "none" or tasks == 0:
+        if a.array or a.array_min_images is not None:
+            raise UserError("--array and --array-min-images need --launcher local, debug or slurm")
+        return None
+    return ArrayExtraction(tasks=tasks, launcher=a.launcher, folder=Path(a.out) / "submitit" / "extract",
+                           min_images=DEFAULT_MIN_IMAGES if a.array_min_images is None else a.array_min_images,
+                           slurm_partition=a.slurm_partition, slurm_account=a.slurm_account)
 
 
 def _run_launched(opts, a: argparse.Namespace) -> int:
@@ -361,13 +385,17 @@ def _add_extract(sub) -> None:
         "extract", help="fill the feature cache for one dataset split (torchrun-aware)",
         formatter_class=HelpFormatter,
         description="Extract features of every tap into the cache. Under torchrun each rank extracts its own "
-                    "shards and rank 0 writes the manifest; a later `evalsuite run` reads the cache.",
+                    "shards and rank 0 writes the manifest; with --launcher and --array N, N array tasks (on N "
+                    "machines) do the same, a failed one is resubmitted and resumes from its finished shards. A "
+                    "later `evalsuite run` reads the cache.",
         epilog=textwrap.dedent("""\
             examples:
               evalsuite extract --checkpoint ckpt.safetensors --dataset imagefolder --root data/demo/imagefolder \\
                                 --split train --layers res4,res5 --pooling goyal
               torchrun --nproc_per_node=4 -m evalsuite extract --checkpoint ckpt.pth --dataset voc2007 \\
                                 --root /datasets/VOCdevkit/VOC2007 --split trainval
+              evalsuite extract --checkpoint ckpt.pth --dataset imagenet --root /datasets/imagenet --split train \\
+                                --device cuda --workers 8 --launcher slurm --array 16 --slurm-partition gpu
             """),
     )
     add_checkpoint_args(p)
@@ -382,6 +410,13 @@ def _add_extract(sub) -> None:
                    "(default: image size x 256/224)")
     p.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS, help="resize interpolation")
     p.add_argument("--shard-rows", type=int, default=512, help="rows per cache shard (unit of resume)")
+    p.add_argument("--launcher", default="none", choices=["none", "local", "debug", "slurm"],
+                   help="none: extract here (torchrun-aware); slurm/local/debug: a submitit array job of --array tasks")
+    p.add_argument("--array", type=positive_int, default=1, metavar="N",
+                   help="with --launcher: array tasks, each extracting cache shards i with i %% N == its index")
+    p.add_argument("--log-dir", type=Path, default=Path("runs/submitit"), help="with --launcher: submitit's logs")
+    p.add_argument("--slurm-partition", help="Slurm partition for --launcher slurm")
+    p.add_argument("--slurm-account", help="Slurm account for --launcher slurm")
     add_runtime_args(p)
     p.set_defaults(func=cmd_extract)
 
@@ -396,6 +431,10 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from .runner import validate_layers
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.launcher != "none":
+        if world > 1:
+            raise UserError("--launcher submits its own array tasks: run `evalsuite extract` once, not under torchrun")
+        return _extract_array(a)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     try:
@@ -406,7 +445,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
         cache = FeatureCache(a.cache_dir, shard_rows=a.shard_rows)
         ext = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=cache, device=a.device,
                                precision=a.precision or "auto", batch_size=a.batch_size,
-                               workers=a.workers, progress=not a.no_progress, source=ck.spec)
+                               workers=a.workers, progress=not a.no_progress, source=ck.spec,
+                               decode=a.decode or "auto")
         tf = Transform.from_protocol(argparse.Namespace(image_size=a.image_size, resize_mode=a.resize_mode,
                                                         resize=a.resize, interpolation=a.interpolation), ck.metadata)
         feats = ext.features(ds, layers or list(ext.trunk.tap_names), a.pooling, tf)
@@ -416,6 +456,36 @@ def cmd_extract(a: argparse.Namespace) -> int:
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+def _extract_array(a: argparse.Namespace) -> int:
+    """`evalsuite extract --launcher L --array N`: the checkpoint, layers and dataset are checked here; each array
+    task loads them again on its node and extracts its shards."""
+    from .cache import FeatureCache
+    from .checkpoints import load_checkpoint
+    from .data import open_dataset
+    from .extract_array import ArrayExtraction, Recipe, dataset_slug, run_array
+    from .features import Transform
+    from .runner import validate_layers
+
+    load = {"spec": a.checkpoint, "arch": a.arch, "allow_partial": a.allow_partial, "trust_pickle": a.trust_pickle,
+            "seed": a.seed, "weights": a.weights, "name": a.name}
+    ck = load_checkpoint(**load)
+    layers = validate_layers(ck.arch, [a.layers] if a.layers else None) or list(ck.build_trunk().tap_names)
+    ds = open_dataset(a.dataset, a.root.resolve(), a.split)  # absolute: the tasks may start elsewhere
+    tf = Transform.from_protocol(argparse.Namespace(image_size=a.image_size, resize_mode=a.resize_mode,
+                                                    resize=a.resize, interpolation=a.interpolation), ck.metadata)
+    recipe = Recipe(checkpoint={**load, "arch": ck.arch},
+                    extractor={"device": a.device, "precision": a.precision or "auto", "batch_size": a.batch_size,
+                               "workers": a.workers, "decode": a.decode or "auto"},
+                    cache_root=str(FeatureCache(a.cache_dir).root.resolve()), shard_rows=a.shard_rows, dataset=ds,
+                    taps=tuple(layers), pooling=a.pooling, transform=tf)
+    opts = ArrayExtraction(tasks=a.array, launcher=a.launcher, folder=a.log_dir / "extract" / dataset_slug(ds),
+                           slurm_partition=a.slurm_partition, slurm_account=a.slurm_account)
+    for tap, e in run_array(recipe, opts).items():
+        m = e.manifest()
+        print(f"{tap}: {m['rows']} x {m['dim']} ({e.fields['precision']}) cached under {e.root}")
     return 0
 
 

@@ -9,6 +9,16 @@ precision is part of the cache key, so the two never mix.
 Multi-process (``torchrun``): when a process group is initialised, rank r
 extracts shards r, r+W, ...; rank 0 writes the manifests after a barrier.
 Batches never cross shard boundaries, so the result equals one process exactly.
+Across machines, array task p of N extracts the same share (:meth:`FeatureExtractor.extract_part`,
+driven by :mod:`evalsuite.extract_array`).
+
+Decoding (``decode``): ``"cpu"`` decodes each image with PIL (libjpeg) in the data-loading workers and
+resizes with PIL's filters, as the references; ``"gpu"`` reads the JPEG bytes in the workers, decodes each
+batch in one ``torchvision.io.decode_jpeg`` call on the CUDA device (nvjpeg) and resizes there with
+torchvision's antialiased tensor resize; ``"auto"`` is ``gpu`` when extracting on CUDA, ``cpu`` otherwise.
+The two can differ by a few grey levels per pixel (the resize; nvjpeg's IDCT may add its own), so a GPU-decoded
+entry has ``decode: gpu`` in its cache key (CPU-decoded keys carry no decode field: they are the keys every
+earlier cache holds).
 """
 
 from __future__ import annotations
@@ -38,7 +48,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # (benchmarks/fidelity/features.py); the quick preset keeps the fast path.
 PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "dino21": "fp32", "quick": "auto"}
 
-
+DECODERS = ("auto", "cpu", "gpu")
+# The decoder a run uses when --decode is not given: the published protocols decode on the CPU (PIL / libjpeg)
+# as their references; the quick preset takes the GPU's decoder when it extracts on CUDA.
+PRESET_DECODE = {"goyal19": "cpu", "vissl": "cpu", "dino21": "cpu", "quick": "auto"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,16 @@ class Transform:
             x = TF.to_tensor(_pil_resize(image, self))
         return to_input_space(x, self.input_space, self.mean, self.std)
 
+    def on_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """The transform of a decoded uint8 (3, H, W) image tensor, on its device (the GPU decoder's path):
+        torchvision's tensor resize with the same steps and antialiasing as PIL's (bilinear within a grey level of
+        PIL's, bicubic within a few)."""
+        if self.interpolation == "cv2_bilinear":
+            x = _cv2_bilinear_resize_tensor(image.float(), self)
+        else:
+            x = _pil_resize(image, self).float() / 255.0  # uint8 in, uint8 out, rounded as PIL rounds
+        return to_input_space(x, self.input_space, self.mean, self.std)
+
     @classmethod
     def from_protocol(cls, protocol: Any, checkpoint_meta: dict | None = None) -> Transform:
         """The protocol's ``image_size`` / ``resize_mode`` / ``resize`` / ``interpolation`` with the checkpoint's
@@ -125,10 +148,15 @@ def _pil_resize(image, tf: Transform):
 def _cv2_bilinear_resize(image, tf: Transform) -> torch.Tensor:
     """fair_ssb's resizing on float pixels: cv2.resize INTER_LINEAR (half-pixel centres, no antialiasing) is
     torch's bilinear interpolation with align_corners=False and antialias=False. Returns (3, H, W) in [0, 1]."""
+    return _cv2_bilinear_resize_tensor(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1), tf)
+
+
+def _cv2_bilinear_resize_tensor(x: torch.Tensor, tf: Transform) -> torch.Tensor:
+    """:func:`_cv2_bilinear_resize` on a (3, H, W) float tensor of 0-255 pixels, on its device."""
     import torch.nn.functional as F
     from torchvision.transforms import functional as TF
 
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    x = x.unsqueeze(0)
 
     def resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         if (h, w) == tuple(x.shape[-2:]):
@@ -180,6 +208,109 @@ def collate_images(batch):
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 
+@dataclass
+class EncodedImage:
+    """One sample for the GPU decoder: a JPEG file's bytes (``encoded``) or, for any other image, its decoded
+    uint8 (3, H, W) pixels; ``path`` names the file in errors."""
+
+    data: torch.Tensor
+    encoded: bool
+    path: str | None = None
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """Reads each JPEG file's bytes in the loading workers (decoded later, a batch at a time, on the GPU); other
+    images (PNG, in-memory arrays, readers with their own ``load_image``) are decoded here with PIL."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+        # a reader that overrides load_image (crops, HDF5, pickles) is read its own way
+        self.plain_files = type(dataset).load_image is ImageDataset.load_image
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            path = self.dataset.image_path(i) if self.plain_files else None
+            if path is not None:
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    raise BadData("image file not found", path) from None
+                if data[:2] == b"\xff\xd8":  # the JPEG start-of-image marker
+                    return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, str(path)), i, None
+            image = np.asarray(self.dataset.load_image(i), dtype=np.uint8)
+            return EncodedImage(torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous(), False), i, None
+        except BadData as e:
+            return None, i, (e.message, e.path)
+
+
+def collate_encoded(batch):
+    """(list of EncodedImage, indices); the first error becomes BadData."""
+    for _x, i, err in batch:
+        if err is not None:
+            raise BadData(err[0], err[1] or f"sample {i}")
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch])
+
+
+def decode_images(items: Sequence[EncodedImage], device: torch.device | str) -> list[torch.Tensor]:
+    """uint8 (3, H, W) tensors on ``device``: the JPEGs decoded in one batched ``decode_jpeg`` call (nvjpeg on a
+    CUDA device), the other images moved there. A batch that fails is decoded one image at a time, so a corrupt
+    file is one BadData naming it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None if it.encoded else it.data.to(device) for it in items]
+    jpeg = [k for k, it in enumerate(items) if it.encoded]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([items[k].data for k in jpeg], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [_decode_one(items[k], device) for k in jpeg]
+        for k, x in zip(jpeg, decoded):
+            out[k] = x
+    return out
+
+
+def _decode_one(item: EncodedImage, device) -> torch.Tensor:
+    """One JPEG on ``device``; one that decoder refuses (nvjpeg and CMYK, say) is decoded by PIL, and one that PIL
+    refuses too is a BadData line naming the file."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(item.data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        with Image.open(io.BytesIO(item.data.numpy().tobytes())) as im:
+            rgb = np.array(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadData(f"unreadable or truncated image ({first})", item.path) from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device)
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``cpu`` or ``gpu``: the decoder ``decode`` means on ``device`` (``auto``: the GPU's on CUDA). ``gpu``
+    without a CUDA device is one UserError line."""
+    if decode not in DECODERS:
+        raise UserError(f"unknown decoder {decode!r}; choose {', '.join(DECODERS)}")
+    on_cuda = device.type == "cuda" and torch.cuda.is_available()
+    if decode == "gpu" and not on_cuda:
+        why = "no CUDA device is available" if not torch.cuda.is_available() else f"extraction runs on {device}"
+        raise UserError(f"--decode gpu decodes JPEGs on the CUDA device that extracts, but {why}; "
+                        "use --decode cpu (or auto), or --device cuda")
+    return "gpu" if decode != "cpu" and on_cuda else "cpu"
+
+
+def preset_decode(preset: str, decode: str | None = None) -> str:
+    """``decode`` when one is given, else the preset's (:data:`PRESET_DECODE`)."""
+    return decode or PRESET_DECODE.get(preset, "auto")
+
+
 def preset_precision(preset: str, precision: str | None = None) -> str:
     """``precision`` when one is given, else the preset's (:data:`PRESET_PRECISION`)."""
     return precision or PRESET_PRECISION.get(preset, "auto")
@@ -225,6 +356,8 @@ class FeatureExtractor:
         workers: int = 0,
         progress: bool = True,
         source: str = "",
+        decode: str = "cpu",
+        array: Any = None,
     ):
         self.trunk = trunk
         self.source = source  # the checkpoint's file or spec, named by errors
@@ -234,9 +367,13 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.precision = "bf16" if self.autocast_dtype is not None else "fp32"
+        self.decode = resolve_decode(decode, self.device)
         self.batch_size = batch_size
         self.workers = workers
         self.progress = progress
+        # an evalsuite.extract_array.ArrayExtraction: a dataset of at least its min_images is extracted by an
+        # array job of its tasks instead of this process
+        self.array = array
         self.stats = {"cache_hits": 0, "extracted_images": 0}
 
     # ------------------------------------------------------------ public
@@ -257,7 +394,18 @@ class FeatureExtractor:
             "transform": transform.to_dict(),
             "pooling": {"method": spec.method, "op": spec.op, "shape": list(spec.out_shape)},
             "precision": self.precision,
+            # the GPU decoder's pixels differ slightly from PIL's: in the key when it decoded (see the module doc)
+            **({"decode": "gpu"} if self.decode == "gpu" else {}),
         }
+
+    def cache_entries(self, dataset: ImageDataset, taps: Sequence[str], pooling: str,
+                      transform: Transform) -> tuple[dict[str, CacheEntry], dict[str, PoolSpec]]:
+        """The cache entry and pooling of each tap for ``dataset`` (nothing is read or written)."""
+        if len(dataset) == 0:
+            raise BadData("dataset is empty", dataset.root)
+        specs = self.pool_specs(taps, pooling, transform)
+        n = len(dataset)
+        return {t: self.cache.entry(self.entry_fields(dataset, t, specs[t], transform), n) for t in taps}, specs
 
     def features(
         self, dataset: ImageDataset, taps: Sequence[str], pooling: str = "goyal", transform: Transform | None = None
@@ -280,11 +428,7 @@ class FeatureExtractor:
         """``read(entry)`` per tap from complete cache entries, extracting the missing ones (all taps in one
         pass); a corrupt entry is reported and rebuilt."""
         transform = transform or Transform()
-        n = len(dataset)
-        if n == 0:
-            raise BadData("dataset is empty", dataset.root)
-        specs = self.pool_specs(taps, pooling, transform)
-        entries = {t: self.cache.entry(self.entry_fields(dataset, t, specs[t], transform), n) for t in taps}
+        entries, specs = self.cache_entries(dataset, taps, pooling, transform)
         out: dict[str, np.ndarray] = {}
         todo: dict[str, CacheEntry] = {}
         for tap, entry in entries.items():
@@ -299,7 +443,12 @@ class FeatureExtractor:
                     entry.clear()
             todo[tap] = entry
         if todo:
-            self._extract(dataset, todo, {t: specs[t] for t in todo}, transform)
+            if self.array is not None and len(dataset) >= self.array.min_images:
+                from .extract_array import extract_array
+
+                extract_array(self, dataset, list(todo), pooling, transform)
+            else:
+                self._extract(dataset, todo, {t: specs[t] for t in todo}, transform)
             for tap, entry in todo.items():
                 out[tap] = read(entry)
         return {t: out[t] for t in taps}
@@ -319,9 +468,29 @@ class FeatureExtractor:
             self._run_shards(dataset, entries, specs, transform, any_entry, mine)
         _barrier(world)
         if rank == 0:
-            for tap, e in entries.items():
-                e.finalize({"pool": specs[tap].op, "shape": list(specs[tap].out_shape)})
+            finalize_entries(entries, specs)
         _barrier(world)
+
+    def extract_part(self, dataset: ImageDataset, taps: Sequence[str], pooling: str, transform: Transform,
+                     part: int, parts: int) -> dict[str, CacheEntry]:
+        """One array task's share: shards ``part``, ``part + parts``, ... of every incomplete entry (the rule
+        torchrun ranks follow; a shard already on disk is kept), then the manifests when every shard of every
+        entry is on disk (the task that finishes last writes them; two at once write the same bytes). Returns
+        the entries."""
+        if not 0 <= part < parts:
+            raise UserError(f"array task {part} of {parts} does not exist")
+        entries, specs = self.cache_entries(dataset, taps, pooling, transform)
+        todo = {t: e for t, e in entries.items() if not e.is_complete()}
+        for e in todo.values():
+            if not (e.dir / "key.json").is_file():  # never clean up beside running tasks: the launcher does
+                e.prepare()
+        if todo:
+            any_entry = next(iter(todo.values()))
+            mine = list(range(part, any_entry.num_shards, parts))
+            self._run_shards(dataset, todo, {t: specs[t] for t in todo}, transform, any_entry, mine)
+            if all_shards_done(todo, specs):
+                finalize_entries(todo, specs)
+        return entries
 
     def _run_shards(self, dataset, entries, specs, transform, ref: CacheEntry, shards: list[int]) -> None:
         need = {tap: {i for i in shards if not e.shard_done(i)} for tap, e in entries.items()}
@@ -332,11 +501,12 @@ class FeatureExtractor:
         for i in shards:
             lo, hi = ref.shard_range(i)
             batches.extend(list(range(b, min(hi, b + self.batch_size))) for b in range(lo, hi, self.batch_size))
+        gpu_decode = self.decode == "gpu"
         loader = torch.utils.data.DataLoader(
-            TransformedImages(dataset, transform),
+            EncodedImages(dataset) if gpu_decode else TransformedImages(dataset, transform),
             batch_sampler=batches,
             num_workers=self.workers,
-            collate_fn=collate_images,
+            collate_fn=collate_encoded if gpu_decode else collate_images,
             persistent_workers=False,
         )
         taps = list(entries)
@@ -351,6 +521,8 @@ class FeatureExtractor:
                        enabled=self.progress)
         with torch.inference_mode():
             for x, idx in loader:
+                if gpu_decode:  # one batched decode on the device, then the transform there
+                    x = torch.stack([transform.on_tensor(im) for im in decode_images(x, self.device)])
                 shard = int(idx[0]) // ref.shard_rows
                 if current is None:
                     current = shard
@@ -394,6 +566,18 @@ class FeatureExtractor:
                     f"{bad}): its weights are probably broken", self.source or f"checkpoint {self.checkpoint_id[:12]}")
             out[t] = storage_array(y.detach().cpu().numpy())  # fp16 unless out of its range
         return out
+
+
+def all_shards_done(entries: dict[str, CacheEntry], specs: dict[str, PoolSpec]) -> bool:
+    """Every shard of every entry on disk with its rows and the tap's dimension (a bad one is deleted)."""
+    return all(e.shard_done(i, specs[t].dim) for t, e in entries.items()
+               for i in range(e.num_shards))
+
+
+def finalize_entries(entries: dict[str, CacheEntry], specs: dict[str, PoolSpec]) -> None:
+    """Write each entry's manifest (shard hashes, and the tap's pooling and pooled shape)."""
+    for tap, e in entries.items():
+        e.finalize({"pool": specs[tap].op, "shape": list(specs[tap].out_shape)})
 
 
 def _dist_info() -> tuple[int, int]:

@@ -71,8 +71,18 @@ def run_one(opts: RunOptions, skip_missing_data: bool = False) -> JobSummary:
     return JobSummary(opts.checkpoint, task, n_results=len(report.results))
 
 
+def extraction_resources(device: str, workers: int) -> dict[str, Any]:
+    """One task of an extraction array job: a GPU when extracting on CUDA, a core per loading worker and one for
+    the task; it holds one shard of features at a time."""
+    return {"gpus": 1 if str(device).startswith("cuda") else 0, "cpus": workers + 1, "mem_gb": 32,
+            "timeout_min": 12 * 60}
+
+
 def make_executor(launcher: str, folder: Path, resources: dict[str, Any], name: str,
-                  slurm_partition: str | None = None, slurm_account: str | None = None):
+                  slurm_partition: str | None = None, slurm_account: str | None = None,
+                  array_parallelism: int | None = None):
+    """A submitit executor with ``resources``; ``array_parallelism``: how many tasks of an array job
+    (``executor.map_array``) Slurm runs at once."""
     import submitit
 
     if launcher not in ("local", "debug", "slurm"):
@@ -88,6 +98,8 @@ def make_executor(launcher: str, folder: Path, resources: dict[str, Any], name: 
             params["slurm_partition"] = slurm_partition
         if slurm_account:
             params["slurm_account"] = slurm_account
+        if array_parallelism:
+            params["slurm_array_parallelism"] = int(array_parallelism)
     elif launcher == "local":
         params["gpus_per_node"] = 0  # the local executor only hands out GPUs it can see; keep CPU jobs portable
     ex.update_parameters(**params)

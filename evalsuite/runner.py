@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -19,10 +20,21 @@ from .cache import FeatureCache
 from .checkpoints import LoadedCheckpoint, load_checkpoint
 from .console import note, warn
 from .errors import TaskSkipped, UserError
-from .features import FeatureExtractor, preset_precision
+from .features import FeatureExtractor, preset_decode, preset_precision
 from .outputs import attach_intervals
-from .plan import LONG_ON_CPU_S, TaskPlan, describe, estimate_seconds, human_time, measure_throughput
-from .protocols import apply_overrides, check_preset, parse_overrides
+from .plan import (
+    LONG_ON_CPU_S,
+    TaskPlan,
+    describe,
+    describe_costs,
+    estimate_seconds,
+    human_bytes,
+    human_time,
+    measure_throughput,
+    peak_memory,
+    profile_trunk,
+)
+from .protocols import FeatureTaskProtocol, apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from .task import TaskContext, environment_problem
@@ -56,6 +68,9 @@ class RunOptions:
     # the bootstrap interval of every number with per-sample outputs (docs/uncertainty.md); 0 resamples: none
     ci_resamples: int = DEFAULT_RESAMPLES
     ci_level: float = DEFAULT_LEVEL
+    decode: str | None = None  # None: the preset's (cpu for the published protocols, auto for quick)
+    # an evalsuite.extract_array.ArrayExtraction: large splits extracted as an array job (`--launcher`, `--array`)
+    array: Any = None
 
 
 @dataclass
@@ -142,6 +157,7 @@ def run(opts: RunOptions) -> RunReport:
                 ckpt.build_trunk(), ckpt.sha256, ckpt.arch, cache=cache, device=opts.device,
                 precision=preset_precision(opts.preset, opts.precision), batch_size=opts.batch_size,
                 workers=opts.workers, progress=opts.progress, source=ckpt.spec,
+                decode=preset_decode(opts.preset, opts.decode), array=array_options(opts, ckpt),
             )
         return shared["x"]
 
@@ -190,11 +206,22 @@ def run(opts: RunOptions) -> RunReport:
             r.wall_time_s = round(wall, 3)
             r.created, r.versions, r.host = stamp, versions, host
             r.params.setdefault("feature_precision", shared["x"].precision if "x" in shared else None)
+            if "x" in shared and shared["x"].decode == "gpu":  # absent: PIL's decoding, as in every earlier record
+                r.params.setdefault("feature_decode", "gpu")
         if _is_main_process():
             append_results(out_file, results)
         report.results.extend(results)
     report.results_file = out_file
     return report
+
+
+def array_options(opts: RunOptions, ckpt: LoadedCheckpoint):
+    """``opts.array`` with the checkpoint's loading arguments, so that each array task loads the same trunk."""
+    if opts.array is None:
+        return None
+    load = {"spec": opts.checkpoint, "arch": ckpt.arch, "allow_partial": opts.allow_partial,
+            "trust_pickle": opts.trust_pickle, "seed": opts.seed, "weights": opts.weights, "name": opts.name}
+    return dataclasses.replace(opts.array, checkpoint=load)
 
 
 def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckpoint,
@@ -209,11 +236,17 @@ def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckp
             plans[name] = planner(ctx) if planner is not None else None
         except TaskSkipped as e:
             missing.append((name, e))
+    for name, p in plans.items():
+        ctx = contexts[name]
+        if p is not None and p.images and isinstance(ctx.protocol, FeatureTaskProtocol):  # through the cache
+            specs = ctx.extractor.pool_specs(ctx.taps(ctx.protocol.layers), ctx.protocol.pooling, ctx.transform())
+            p.feature_dims = {t: spec.dim for t, spec in specs.items()}
     sizes = sorted({s for p in plans.values() if p for s in (p.image_size, p.train_image_size) if s})
     if sizes:
         trunk = ckpt.build_trunk()
         rates = {size: measure_throughput(trunk, size, opts.device) for size in sizes}
-    total = 0.0
+        profiles = {size: profile_trunk(trunk, size, opts.device) for size in sizes}
+    total, disk = 0.0, 0
     print(f"plan ({opts.preset} preset, {opts.device}):")
     for name, p in plans.items():
         if p is None:
@@ -221,9 +254,17 @@ def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckp
             continue
         secs = estimate_seconds(p, rates)
         total += secs
+        disk += p.cache_bytes
         print(f"  {name:18s} {describe(p)}: ~{human_time(secs)}")
+        costs = describe_costs(p, peak_memory(p, profiles, opts.batch_size), opts.batch_size)
+        big = [k for k, v in p.images.items() if opts.array is not None and v >= opts.array.min_images]
+        if big and p.feature_dims:
+            costs += f"; {', '.join(big)} by an array job of {opts.array.tasks} tasks"
+        if costs:
+            print(f"  {'':18s} {costs}")
     if plans:
-        print(f"  {'total':18s} ~{human_time(total)} (features already cached are not extracted again)")
+        print(f"  {'total':18s} ~{human_time(total)}, cache {human_bytes(disk)} (features already cached are not "
+              "extracted again)")
     if total > LONG_ON_CPU_S and opts.device == "cpu":
         warn(f"this plan takes ~{human_time(total)} on this CPU; --protocol quick or fewer --tasks run in minutes "
              "(--dry-run prints the plan only)")

@@ -221,3 +221,40 @@ def test_dry_run_of_goyal19_detection_prints_the_plan_warns_and_writes_nothing(s
     assert "--protocol quick" in cap.err
     assert not (tmp_path / "o").exists() and not cache_dir.exists()
     assert sorted(p.relative_to(synthetic_voc) for p in synthetic_voc.rglob("*")) == before
+
+
+def test_dry_run_prints_cache_disk_and_peak_memory_from_the_tap_shapes(tiny_imagefolder, tmp_path, cache_dir,
+                                                                       capsys) -> None:
+    """centroid on 48 + 24 images at 32 px through a ResNet-18, taps res4 and res5 globally averaged: the cache, the
+    peak memory and the time are printed before any work, and nothing is written."""
+    import torchvision
+
+    from evalsuite.plan import human_bytes
+
+    rc = main(["run", "--dry-run", "--protocol", "quick", "--tasks", "centroid", "--checkpoint", "random:resnet18",
+               "--set", "image_size=32", "--layers", "res4,res5", "--batch-size", "16",
+               "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and not (tmp_path / "o").exists() and not cache_dir.exists()
+    first = next(i for i, x in enumerate(out) if x.strip().startswith("centroid "))
+    assert "72 images at 32 px (train 48, val 24): ~" in out[first]
+    # by hand: ResNet-18 at 32 px has res4 = 256 x 2 x 2 and res5 = 512 x 1 x 1 (stride 16 and 32), averaged to
+    # 256 and 512 dims; the cache is 72 rows x 768 dims x 2 bytes (float16)
+    cache = 72 * (256 + 512) * 2
+    assert f"cache 72 rows x 768 dims (res4 256, res5 512) x 2 B = {human_bytes(cache)}" in out[first + 1]
+    # extraction: torchvision's ResNet-18 without its fc (weights, BatchNorm statistics) + 16 images x (input, the
+    # largest map twice: conv1's 64 x 16 x 16, the two taps' maps), float32
+    params = sum(v.numel() * v.element_size() for k, v in torchvision.models.resnet18().state_dict().items()
+                 if not k.startswith("fc."))
+    device = params + 16 * 4 * (3 * 32 * 32 + 2 * 64 * 16 * 16 + 256 * 2 * 2 + 512)
+    assert f"peak memory ~{human_bytes(device)} device (batch 16)" in out[first + 1]
+    host = cache + 48 * 512 * 4  # every feature in float16 and a float32 copy of the train split's res5
+    assert f"~{human_bytes(host)} host (features)" in out[first + 1]
+    assert out[-1].strip().startswith("total") and f"cache {human_bytes(cache)}" in out[-1]
+    # under a launcher the plan says which splits an array job extracts, and a dry run submits nothing
+    rc = main(["run", "--dry-run", "--protocol", "quick", "--tasks", "centroid", "--checkpoint", "random:resnet18",
+               "--set", "image_size=32", "--layers", "res5", "--data-root", str(tiny_imagefolder),
+               "--out", str(tmp_path / "o"), "--launcher", "slurm", "--array", "4", "--array-min-images", "40"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "; train by an array job of 4 tasks" in out and "submitted" not in out
+    assert not (tmp_path / "o").exists()

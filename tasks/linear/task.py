@@ -234,6 +234,7 @@ class LinearTask:
         train, val = ctx.open_splits(p.train_split, p.val_split)
         views = len(training_views(p, ctx.transform(), len(train), ctx.seed, self.name))  # a pass over train each
         return TaskPlan(images={p.train_split: views * len(train), p.val_split: len(val)}, image_size=p.image_size,
+                        held_images={p.train_split: len(train), p.val_split: len(val)},  # one view at a time
                         note=f"probe: {p.epochs:g} epochs x batch {p.batch_size} per tap on cached features")
 
 
