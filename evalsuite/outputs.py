@@ -153,6 +153,14 @@ def write_outputs(results: Iterable[Any], folder: str | Path) -> None:
 
 def load_outputs(results_file: str | Path, record: Mapping[str, Any]) -> tuple[str, dict[str, np.ndarray], float]:
     """(statistic, {role: array}, scale) of a record read from ``results_file`` (or its folder)."""
+    arrays = load_arrays(results_file, record)
+    ref = record["outputs"]
+    return ref["statistic"], {role: arrays[name] for role, name in ref["arrays"].items()}, float(ref["scale"])
+
+
+def load_arrays(results_file: str | Path, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Every array of a record's outputs file by its name (sha256 checked): besides the metric's own arrays e.g.
+    ``targets``, by which a paired comparison checks that two runs hold the same test samples in the same order."""
     ref = record.get("outputs")
     if not ref:
         raise UserError(f"the {record.get('task')} {record.get('layer')} {record.get('metric')} record has no "
@@ -166,8 +174,7 @@ def load_outputs(results_file: str | Path, record: Mapping[str, Any]) -> tuple[s
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
         raise BadData("per-sample outputs do not match the sha256 their record gives (changed or truncated)", path)
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        arrays = {role: z[name] for role, name in ref["arrays"].items()}
-    return ref["statistic"], arrays, float(ref["scale"])
+        return {name: z[name] for name in z.files}
 
 
 def recompute(results_file: str | Path, record: Mapping[str, Any]) -> float:

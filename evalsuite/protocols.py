@@ -58,6 +58,11 @@ class TaskProtocol:
     def field_types(cls) -> dict[str, Any]:
         return _hints(cls)
 
+    def tuned_on_test(self) -> tuple[str, ...]:
+        """The hyper-parameters this protocol chooses on the split it reports on (the test set), e.g. ``("cost",)``;
+        every record of the task says so (``Result.tuned_on_test``). A protocol that does overrides this."""
+        return ()
+
 
 # the vocabularies of the evaluation transform and per-tap pooling (evalsuite.features, evalsuite.trunks)
 Pooling = Literal["goyal", "vissl", "avg", "none", "cls", "mean", "cls+mean", "gem"]  # the last four: ViTs only

@@ -55,8 +55,16 @@ class Result:
     checkpoint_load: dict[str, Any] = field(default_factory=dict)
     #: protocol fields where this number's protocol differs from the published one (docs/protocols.md)
     deviations: list[str] = field(default_factory=list)
+    #: whether the protocol chose a hyper-parameter on the split ``value`` is reported on (the test set), and which
+    #: (``tuned_on_test_params``: e.g. ``["cost"]`` for the published low-shot SVM, ``["epoch"]`` for a linear probe
+    #: reporting its best val epoch); from the task protocol's ``tuned_on_test()`` (docs/uncertainty.md)
+    tuned_on_test: bool = False
+    tuned_on_test_params: list[str] = field(default_factory=list)
     protocol: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the resolved protocol alone (``params`` also holds what the task measured, e.g. a training curve):
+    #: records with equal hashes ran under the same hyper-parameters, so the leaderboard averages their seeds
+    protocol_hash: str = ""
     seed: int | None = None
     note: str = ""
     dataset_fingerprint: str = ""

@@ -12,6 +12,8 @@ fine-tuning tasks take ``ctx.trunk`` instead.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +182,10 @@ class TaskContext:
             deviations=self.deviations() + (["arch"] if merged.get("comparable_to_published") is False
                                             and "arch" not in self.deviations() else []),
         )
+        resolved = json.dumps(self.protocol.to_dict(), sort_keys=True, default=str)
+        record.protocol_hash = hashlib.sha256(resolved.encode()).hexdigest()
+        tuned = list(self.protocol.tuned_on_test()) if hasattr(self.protocol, "tuned_on_test") else []
+        record.tuned_on_test, record.tuned_on_test_params = bool(tuned), tuned
         record.pending_outputs = outputs
         return record
 

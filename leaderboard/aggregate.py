@@ -6,9 +6,15 @@ One row per record after :func:`load_results`; :func:`deduplicate` then keeps on
 * ``latest`` (default): the record with the latest ``created`` stamp wins; ties go to the
   record read last (later file on the command line, later line). ``n_runs`` counts the
   records of the key and ``params_conflict`` says whether they disagreed on hyper-parameters.
-* ``mean``: mean ± sample std over seeds of the records that share the latest record's
-  hyper-parameters (the latest record per seed counts once); ``n_seeds`` is their number.
-  Re-runs with other hyper-parameters are not averaged in (they are a different protocol).
+* ``mean`` (the leaderboard's default): mean ± sample std over seeds of the records that share the latest
+  record's hyper-parameters (the latest record per seed counts once); ``n_seeds`` is their number.
+  Re-runs with other hyper-parameters are not averaged in (they are a different protocol). A mean over
+  several seeds has no single run's bootstrap interval or per-sample outputs: its ``ci_*`` and ``outputs``
+  are cleared (docs/uncertainty.md).
+
+"The same hyper-parameters" is the same ``protocol_hash`` (the resolved protocol; ``params`` also hold what
+a task measured, such as a training curve, which differs from seed to seed); records older than that field
+compare their ``params``.
 
 ``variant`` separates numbers that differ only by a scalar parameter a task reports one
 record per value of (``k`` in the low-shot SVM and kNN tasks, ``shots``): ``k=<v>``.
@@ -18,8 +24,10 @@ the layer with the best value (the highest, or the lowest for error metrics), th
 Goyal et al. 2019 per-layer tables.
 
 Each row also carries ``checkpoint_name`` (the record's, or for older records the checkpoint's file
-name without its suffixes) and, from ``checkpoint_load``, ``partial`` (loaded with ``--allow-partial``)
-and ``missing`` (how many trunk keys were left at random init).
+name without its suffixes), from ``checkpoint_load``, ``partial`` (loaded with ``--allow-partial``)
+and ``missing`` (how many trunk keys were left at random init), and ``tuned_on_test`` /
+``tuned_on_test_params`` (the record's; for records older than those fields, from the params that say it:
+``test_set_tuned`` of the low-shot SVM, ``report_epoch=best_val`` of a linear probe).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -43,7 +52,7 @@ LAYER_ORDER = ["input", "pixels", "conv1", "conv2", "conv3", "conv4", "conv5", "
                "res5_onwards", "final", "pool", "fc6", "fc7", "fc8", "h", "g(h)", "finetune_all"]
 STR_FIELDS = ["task", "dataset", "split", "layer", "metric", "checkpoint_id", "checkpoint", "checkpoint_format",
               "checkpoint_name", "method", "arch", "pretrain_data", "protocol", "note", "dataset_fingerprint", "host",
-              "created", "run_id"]
+              "created", "run_id", "protocol_hash"]
 DICT_FIELDS = ("params", "checkpoint_meta", "versions", "checkpoint_load")
 UNKNOWN = ("", "unknown")  # metadata a foreign checkpoint does not carry
 # evalsuite.checkpoints.NAME_SUFFIXES (not imported: that module loads torch)
@@ -132,6 +141,12 @@ def frame_from_records(rows: list[dict]) -> pd.DataFrame:
     df["order"] = range(len(df))
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
     df["params_json"] = [json.dumps(p, sort_keys=True, default=str) for p in df["params"]]
+    # what "the same hyper-parameters" compares: the resolved protocol's hash, else (older records) the params
+    df["proto_key"] = [h or pj for h, pj in zip(df["protocol_hash"], df["params_json"])]
+    tuned = [tuned_on_test_params(t, tp, p) for t, tp, p in zip(df["tuned_on_test"], df["tuned_on_test_params"],
+                                                                 df["params"])]
+    df["tuned_on_test_params"] = tuned
+    df["tuned_on_test"] = [bool(t) for t in tuned]
     df["variant"] = [variant_of_params(p) for p in df["params"]]
     df["ckpt"] = [cid or (f"spec:{c}" if c else f"method:{m}")
                   for cid, c, m in zip(df["checkpoint_id"], df["checkpoint"], df["method"])]
@@ -152,6 +167,21 @@ def name_from_spec(spec: str) -> str:
     while (suffix := Path(name).suffix.lower()) in NAME_SUFFIXES and len(name) > len(suffix):
         name = name[: -len(suffix)]
     return name
+
+
+def tuned_on_test_params(flag: Any, names: Any, params: dict) -> list[str]:
+    """The hyper-parameters a record's protocol chose on the test set: the record's ``tuned_on_test_params``, else
+    (records written before that field) what its params say: ``test_set_tuned`` (lowshot_svm's cost) and
+    ``report_epoch == "best_val"`` (a linear probe's epoch)."""
+    out = [str(n) for n in names] if isinstance(names, list) else []
+    if flag is True and not out:
+        out = ["unnamed"]
+    if isinstance(params, dict):
+        if params.get("test_set_tuned") is True and "cost" not in out:
+            out.append("cost")
+        if params.get("report_epoch") == "best_val" and "epoch" not in out:
+            out.append("epoch")
+    return out
 
 
 def missing_count(load: dict) -> int:
@@ -180,15 +210,15 @@ def deduplicate(df: pd.DataFrame, mode: str = "latest") -> pd.DataFrame:
     d = df.sort_values(["created", "order"], kind="stable")
     grouped = d.groupby(KEY, sort=False, dropna=False)
     latest = grouped.tail(1).set_index(KEY)
-    stats = grouped.agg(n_runs=("order", "size"), n_params=("params_json", "nunique"))
+    stats = grouped.agg(n_runs=("order", "size"), n_params=("proto_key", "nunique"))
     out = latest.join(stats)
     out["params_conflict"] = out.pop("n_params") > 1
     out["std"] = float("nan")
     out["n_seeds"] = 1
     if mode == "mean":
         # records that share the latest record's hyper-parameters, latest per seed
-        d2 = d.join(latest["params_json"].rename("latest_params"), on=KEY)
-        same = d2[d2["params_json"] == d2["latest_params"]].copy()
+        d2 = d.join(latest["proto_key"].rename("latest_params"), on=KEY)
+        same = d2[d2["proto_key"] == d2["latest_params"]].copy()
         same["seed_key"] = same["seed"].map(lambda s: "none" if s is None else str(s))
         per_seed = same.groupby(KEY + ["seed_key"], sort=False, dropna=False).tail(1)
         agg = per_seed.groupby(KEY, sort=False, dropna=False)["value"].agg(["mean", "std", "count"])
@@ -196,6 +226,10 @@ def deduplicate(df: pd.DataFrame, mode: str = "latest") -> pd.DataFrame:
         out["value"] = agg["mean"]
         out["std"] = agg["std"].where(n > 1)
         out["n_seeds"] = n
+        several = out["n_seeds"] > 1  # a mean: no single run's interval or outputs describe it
+        for c in ("ci_low", "ci_high", "ci_level"):
+            out[c] = out[c].where(~several)
+        out["outputs"] = [None if s else o for o, s in zip(out["outputs"], several)]
     out = out.reset_index()
     out["lower_is_better"] = out["metric"].map(lower_is_better)
     return out.sort_values(["task", "dataset", "metric", "ckpt", "protocol", "layer"], kind="stable",
@@ -259,5 +293,6 @@ def checkpoint_table(agg: pd.DataFrame) -> pd.DataFrame:
 
 def export_columns() -> list[str]:
     return ["method", "arch", "pretrain_data", "checkpoint_name", "checkpoint", "checkpoint_id", "partial", "missing",
-            "task", "dataset", "split", "layer", "metric", "variant", "protocol", "value", "std", "n_seeds", "n_runs",
-            "params_conflict", "lower_is_better", "note", "created", "params_json", "source_file"]
+            "task", "dataset", "split", "layer", "metric", "variant", "protocol", "value", "std", "n_seeds", "ci_low",
+            "ci_high", "ci_level", "tuned_on_test", "tuned_on_test_params", "n_runs", "params_conflict",
+            "lower_is_better", "note", "created", "params_json", "source_file"]

@@ -18,7 +18,7 @@ SKIP_HELP = ("skip unreadable lines of results.jsonl (e.g. cut off by a crash), 
 EPILOG_BUILD = """\
 examples:
   evalsuite leaderboard build --results runs/ --out site/
-  evalsuite leaderboard build --results runs/a runs/b/results.jsonl --out site/ --duplicates mean
+  evalsuite leaderboard build --results runs/a runs/b/results.jsonl --out site/ --duplicates latest
   xdg-open site/index.html     # works offline from file://
   # a run crashed mid-write: leave out its cut-off line (reported on stderr)
   evalsuite leaderboard build --results runs/ --out site/ --skip-bad-lines
@@ -39,8 +39,12 @@ examples:
   # regression check against pinned results: every expected row must match (strict), JSON report
   evalsuite compare --results runs/new --against tests/regression/quick --tolerance 0.01 --strict \\
                     --report compare.json
+  # is run A significantly different from run B on the same test images? (per-sample outputs, Holm-corrected)
+  evalsuite compare --results runs/a --against runs/b --paired --tolerance 0.5 --report paired.json
 exit codes: 0 all compared rows within tolerance; 1 a row outside tolerance (with --strict also a protocol
 mismatch, a result of a partially loaded checkpoint, a missing row, or nothing compared at all); 2 bad input.
+With --paired: 1 only for a difference that is outside the tolerance and significant after Holm's correction
+(with --strict also a matched row that could not be compared, or none compared).
 """
 
 
@@ -53,8 +57,14 @@ def add_leaderboard_command(sub) -> None:
     b.add_argument("--results", nargs="+", type=Path, required=True, metavar="PATH",
                    help="results.jsonl files or directories searched for them")
     b.add_argument("--out", type=Path, default=Path("site"), help="output directory (replaced atomically)")
-    b.add_argument("--duplicates", choices=["latest", "mean"], default="latest",
-                   help="re-runs of one key: keep the latest record, or mean ± std over seeds")
+    b.add_argument("--duplicates", choices=["latest", "mean"], default="mean",
+                   help="re-runs of one key: mean ± std over seeds (one seed: its latest record), or the latest "
+                        "record")
+    b.add_argument("--tie-resamples", type=int, default=1000,
+                   help="bootstrap resamples of the paired tests behind the 'tied for first' marks (0: tell ties "
+                        "from seeds and intervals only, faster)")
+    b.add_argument("--tie-alpha", type=float, default=0.05,
+                   help="an entry is tied with a column's best when the test's p-value is above this")
     b.add_argument("--no-plots", action="store_true", help="skip the per-layer SVG plots")
     b.add_argument("--no-references", action="store_true", help="do not show published reference numbers")
     b.add_argument("--title", default="evalsuite leaderboard", help="page title")
@@ -81,7 +91,8 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     with _bad_line_hint():
         rep = build_site(a.results, a.out, mode=a.duplicates, plots=not a.no_plots,
-                         references=not a.no_references, title=a.title, skip_bad_lines=a.skip_bad_lines)
+                         references=not a.no_references, title=a.title, skip_bad_lines=a.skip_bad_lines,
+                         tie_resamples=a.tie_resamples, tie_alpha=a.tie_alpha)
     _report_skipped(rep.skipped)
     print(f"{rep.n_records} records -> {rep.n_rows} numbers, {rep.n_checkpoints} checkpoint(s), "
           f"{len(rep.tasks)} task(s); {len(rep.pages)} pages in {rep.timings['total_s']:.1f}s")
@@ -151,6 +162,16 @@ def add_compare_command(sub) -> None:
                    help="against references: list every published row without a result (default: only those of "
                         "the methods/archs/data in the results)")
     p.add_argument("--skip-bad-lines", action="store_true", help=SKIP_HELP)
+    p.add_argument("--paired", action="store_true",
+                   help="against results: test each difference on the per-sample outputs of both runs (paired "
+                        "bootstrap interval and p-value, McNemar on per-sample correctness, Holm over all rows); "
+                        "rows match by task, dataset, split, layer, metric and variant; --ignore-field, "
+                        "--ignore-param and --accept-protocol do not apply (docs/uncertainty.md)")
+    p.add_argument("--resamples", type=int, default=1000, help="--paired: bootstrap resamples")
+    p.add_argument("--level", type=float, default=0.95, help="--paired: level of the difference's interval")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="--paired: a difference is significant when its Holm-adjusted p-value is at most this")
+    p.add_argument("--seed", type=int, default=0, help="--paired: seed of the bootstrap resamples")
     p.add_argument("--report", type=Path, help="write the machine-readable JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.set_defaults(func=cmd_compare)
@@ -169,10 +190,21 @@ def cmd_compare(a: argparse.Namespace) -> int:
         if not sep or not ours or not theirs:
             raise UserError(f"--accept-protocol expects OURS=THEIRS, got {item!r}")
         accept.append((ours.strip(), theirs.strip()))
+    if a.paired and (a.against == ["references"] or a.duplicates == "mean"):
+        raise UserError("--paired compares two runs' per-sample outputs: --against takes result paths, and "
+                        "--duplicates mean does not apply (a mean over seeds has no single run's outputs)")
     ours = deduplicate(_load(a.results, a.skip_bad_lines), a.duplicates)
     if ours.empty:
         raise UserError("no result records found", a.results[0])
-    if a.against == ["references"]:
+    if a.paired:
+        from .paired import compare_paired
+
+        if "references" in a.against:
+            raise UserError("--against takes either 'references' or result paths, not both")
+        other = deduplicate(_load(a.against, a.skip_bad_lines), "latest")
+        rep = compare_paired(ours, other, tol, resamples=a.resamples, level=a.level, alpha=a.alpha, seed=a.seed,
+                             strict=a.strict, label=" ".join(map(str, a.against)))
+    elif a.against == ["references"]:
         rep = compare_to_references(ours, tol, accept=accept, ignore=a.ignore_field, all_missing=a.all_missing,
                                     strict=a.strict)
     else:

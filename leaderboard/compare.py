@@ -20,6 +20,8 @@ element the conformance table marks (``deviations``, docs/protocols.md) is flagg
 When no pair at all was compared the report says so, and why (``nothing_compared``); it never passes.
 Exit code: 1 when any compared row is a regression or ``no_value`` (with ``strict``: also any
 mismatch or missing row, or nothing compared), else 0.
+
+``--paired`` (two result sets, sample by sample, with significance tests) is :mod:`leaderboard.paired`.
 """
 
 from __future__ import annotations

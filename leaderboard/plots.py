@@ -19,12 +19,17 @@ RC = {"svg.hashsalt": "evalsuite-leaderboard", "svg.fonttype": "none", "text.par
       "font.size": 9, "axes.grid": True, "grid.alpha": 0.3}
 
 
-def layer_plot(path: Path, layers: list[str], ours: list[tuple[str, list[float | None]]],
+Bounds = tuple[float, float] | None
+
+
+def layer_plot(path: Path, layers: list[str], ours: list[tuple[str, list[float | None]]
+                                                         | tuple[str, list[float | None], list[Bounds]]],
                published: list[tuple[str, list[float | None]]], metric: str, title: str,
                lower_is_better: bool = False, max_lines: int = 12) -> Path:
     """Write one SVG: x = layers in trunk order, one solid line per checkpoint, dashed for published.
 
-    ``ours``/``published``: (label, value per layer or None). At most ``max_lines`` of each are drawn
+    ``ours``/``published``: (label, value per layer or None); ours may add (low, high) per layer or None, drawn as
+    error bars (the bootstrap interval, or mean ± std over seeds). At most ``max_lines`` of each are drawn
     (the best at their best layer); the page's table lists all of them.
     """
     def best(vals):
@@ -38,8 +43,10 @@ def layer_plot(path: Path, layers: list[str], ours: list[tuple[str, list[float |
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(7.0, 3.6))
         x = list(range(len(layers)))
-        for label, vals in ours:
-            _line(ax, x, vals, label, "-", "o")
+        for label, vals, *bounds in ours:
+            line = _line(ax, x, vals, label, "-", "o")
+            if bounds and line is not None:
+                _error_bars(ax, x, vals, bounds[0], line.get_color())
         for label, vals in published:
             _line(ax, x, vals, f"published: {label}", "--", "s", alpha=0.8)
         ax.set_xticks(x)
@@ -56,12 +63,24 @@ def layer_plot(path: Path, layers: list[str], ours: list[tuple[str, list[float |
     return path
 
 
-def _line(ax, x, vals, label, style, marker, alpha=1.0) -> None:
+def _line(ax, x, vals, label, style, marker, alpha=1.0):
     pts = [(i, v) for i, v in zip(x, vals) if v is not None]
     if not pts:
-        return
+        return None
     xs, ys = zip(*pts)
-    ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3.5, linewidth=1.4, label=_short(label), alpha=alpha)
+    (line,) = ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3.5, linewidth=1.4, label=_short(label),
+                      alpha=alpha)
+    return line
+
+
+def _error_bars(ax, x, vals, bounds: list[Bounds], color) -> None:
+    """Vertical bars from low to high at the layers that have both a value and bounds."""
+    pts = [(i, v, b) for i, v, b in zip(x, vals, bounds) if v is not None and b is not None]
+    if pts:
+        xs, ys, bs = zip(*pts)
+        # a percentile interval need not contain its point estimate: clip rather than draw a negative bar
+        err = [[max(0.0, y - b[0]) for y, b in zip(ys, bs)], [max(0.0, b[1] - y) for y, b in zip(ys, bs)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor=color, elinewidth=1.0, capsize=2.5, alpha=0.8)
 
 
 def _short(label: str, n: int = 48) -> str:

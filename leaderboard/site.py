@@ -15,6 +15,12 @@ The site is rendered into a temporary sibling directory and swapped into place
 (:func:`evalsuite.io.replace_dir`), so a failed build leaves the previous site (or nothing) — never a
 half-written one; a new output directory gets the umask's permissions, an existing one keeps its own.
 An existing output directory is replaced only if it is empty or a previous leaderboard build.
+
+Uncertainty (docs/uncertainty.md): a number shows its bootstrap interval (``± half-width`` in the overview,
+``[low, high]`` on the task and checkpoint pages, error bars on the per-layer plots), or, when it is a mean over
+several seeds, ``± std (n=...)``; in each overview column the best entry and those statistically tied with it
+are marked ``1st`` / ``=1st`` (:func:`leaderboard.paired.tie_with_best`); a number whose protocol chose a
+hyper-parameter on the test set is marked ``test-tuned``.
 """
 
 from __future__ import annotations
@@ -97,16 +103,20 @@ def _check_out(out: Path) -> None:
                             "refusing to replace it", out)
 
 
-def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *, mode: str = "latest",
+def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *, mode: str = "mean",
                plots: bool = True, references: bool = True, title: str = "evalsuite leaderboard",
-               skip_bad_lines: bool = False) -> SiteReport:
+               skip_bad_lines: bool = False, tie_resamples: int = 1000, tie_alpha: float = 0.05) -> SiteReport:
     """Aggregate ``results`` (paths, or a DataFrame from :func:`load_results`) and write the site to ``out``.
 
     With ``skip_bad_lines``, unreadable lines of the results files are skipped (listed in ``report.skipped``).
+    ``tie_resamples`` / ``tie_alpha``: the paired tests of the "tied for first" marks (0 resamples: intervals
+    and seeds only).
     """
     import time
 
     t0 = time.perf_counter()
+    if int(tie_resamples) < 0 or not 0.0 < float(tie_alpha) < 1.0:
+        raise UserError(f"--tie-resamples must be >= 0 and --tie-alpha in (0, 1), got {tie_resamples} and {tie_alpha}")
     out = Path(out)
     _check_out(out)
     skipped: dict[str, list[int]] = {}
@@ -116,7 +126,8 @@ def build_site(results: Iterable[str | Path] | pd.DataFrame, out: str | Path, *,
     agg = deduplicate(raw, mode)
     t2 = time.perf_counter()
     with replace_dir(out) as tmp:
-        report = _render(agg, tmp, plots=plots, references=references, title=title, mode=mode)
+        report = _render(agg, tmp, plots=plots, references=references, title=title, mode=mode,
+                         ties={"resamples": int(tie_resamples), "alpha": float(tie_alpha)})
         (tmp / MARKER).write_text("built by evalsuite leaderboard build\n")
         t3 = time.perf_counter()
     report.out, report.n_records, report.skipped = out, len(raw), skipped
@@ -157,8 +168,10 @@ def _col_label(col: tuple, multi_dataset: bool) -> dict[str, str]:
     return {"task": " ".join(parts), "sub": sub}
 
 
-def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, title: str, mode: str) -> SiteReport:
+def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, title: str, mode: str,
+            ties: dict[str, Any] | None = None) -> SiteReport:
     env = _env()
+    agg = _with_spread(agg)
     static = resources.files("leaderboard") / "static"
     (root / "static").mkdir()
     for name in ("style.css", "sort.js"):
@@ -185,6 +198,7 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
         if c in col_index:
             row["cells"][col_index[c]] = r
     overview_rows = sorted(rows.values(), key=lambda x: (x["ck"]["label"], x["protocol"]))
+    _mark_ties(overview_rows, cols, **(ties or {"resamples": 0, "alpha": 0.05}))
     columns = [{**_col_label(c, multi[c[0]]), "task_slug": task_slug[c[0]], "lower": _lower(c[3])} for c in cols]
     published_best = _published_best(refs, cols) if refs is not None else []
     pages = []
@@ -237,7 +251,8 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
 
                 layer_plot(root / "plots" / name, all_layers,
                            [(f"{x['ck']['label']} [{x['protocol']}]", [_val(x["by_layer"].get(lay)) for lay in
-                                                                       all_layers]) for x in ordered],
+                                                                       all_layers],
+                             [_bounds(x["by_layer"].get(lay)) for lay in all_layers]) for x in ordered],
                            [(f"{p['label']} [{p['source_key']}]", [_num(p["by_layer"].get(lay)) for lay in
                                                                     all_layers]) for p in pub
                             if sum(lay in p["by_layer"] for lay in all_layers) > 1],
@@ -263,7 +278,9 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
 
     # ---------------- exports
     cols_out = [c for c in export_columns() if c in agg.columns]
-    agg[cols_out].to_csv(root / "leaderboard.csv", index=False)
+    export = agg[cols_out].copy()
+    export["tuned_on_test_params"] = [" ".join(t) for t in export["tuned_on_test_params"]]
+    export.to_csv(root / "leaderboard.csv", index=False)
     (root / "leaderboard.md").write_text(_markdown(columns, overview_rows), encoding="utf-8")
     if used_refs:
         pd.concat(used_refs).drop_duplicates().drop(columns=["value_num"]).to_csv(root / "references_used.csv",
@@ -289,6 +306,64 @@ def _finite(v: Any) -> bool:
 
 def _val(r: dict | None) -> float | None:
     return r["value"] if r is not None and _finite(r["value"]) else None
+
+
+def _bounds(r: dict | None) -> tuple[float, float] | None:
+    """The error bar of a plotted value: mean ± std over several seeds, else its bootstrap interval."""
+    if r is None or not _finite(r["value"]):
+        return None
+    if r["n_seeds"] > 1 and _finite(r["std"]):
+        return (r["value"] - r["std"], r["value"] + r["std"])
+    if _finite(r["ci_low"]) and _finite(r["ci_high"]):
+        return (float(r["ci_low"]), float(r["ci_high"]))
+    return None
+
+
+def _spread(r: dict) -> dict[str, str]:
+    """How a number's uncertainty is shown: ``pm`` (``± 1.10``: the interval's half-width, or ``± std (n=3)`` over
+    seeds), ``range`` (``[70.10, 72.30]``, or the same ``± std (n=3)``) and ``title`` (what it is); empty strings
+    when there is none."""
+    if r["n_seeds"] > 1 and _finite(r["std"]):
+        text = f"± {fmt_num(r['std'])} (n={int(r['n_seeds'])})"
+        return {"pm": text, "range": text, "title": f"mean ± sample std over {int(r['n_seeds'])} seeds"}
+    lo, hi = r.get("ci_low"), r.get("ci_high")
+    if _finite(lo) and _finite(hi):
+        level = r.get("ci_level")
+        what = f"{float(level):.0%} bootstrap interval" if _finite(level) else "bootstrap interval"
+        return {"pm": f"± {fmt_num((hi - lo) / 2)}", "range": f"[{fmt_num(lo)}, {fmt_num(hi)}]",
+                "title": f"{what} over the test samples: [{fmt_num(lo, 3)}, {fmt_num(hi, 3)}]"}
+    return {"pm": "", "range": "", "title": ""}
+
+
+def _with_spread(agg: pd.DataFrame) -> pd.DataFrame:
+    out = agg.copy()
+    out["spread"] = [_spread(r) for r in out.to_dict("records")] if len(out) else pd.Series(dtype=object)
+    return out
+
+
+def _mark_ties(rows: list[dict], cols: list[tuple], *, resamples: int, alpha: float) -> None:
+    """Per overview column, the best entry and those statistically tied with it (paired.tie_with_best) get
+    ``tie`` = {"mark": "1st" / "=1st", "title": how it was told}; marks only where at least one other entry could
+    be told apart or tied."""
+    from .paired import OutputsCache, tie_with_best
+
+    cache = OutputsCache()
+    for i, col in enumerate(cols):
+        cells = [r["cells"][i] for r in rows if r["cells"][i] is not None and _finite(r["cells"][i]["value"])]
+        if len(cells) < 2:
+            continue
+        lower = _lower(col[3])
+        best = (min if lower else max)(cells, key=lambda c: c["value"])
+        told = [(c, tie_with_best(best, c, cache, resamples=resamples, alpha=alpha)) for c in cells if c is not best]
+        told = [(c, t) for c, t in told if t is not None]
+        if not told:
+            continue
+        best["tie"] = {"mark": "1st", "title": f"best of the column; {sum(t.tied for _, t in told)} of "
+                                               f"{len(cells) - 1} other(s) statistically tied with it"}
+        for c, t in told:
+            if t.tied:
+                p = "" if t.p_value is None else f", p = {t.p_value:.3g}"
+                c["tie"] = {"mark": "=1st", "title": f"statistically tied with the best ({t.method}{p})"}
 
 
 def _num(r: dict | None) -> float | None:
@@ -328,9 +403,14 @@ def _markdown(columns: list[dict], rows: list[dict]) -> str:
             if c is None or not _finite(c["value"]):
                 cells.append("–")
             else:
-                std = f" ± {fmt_num(c['std'])}" if _finite(c.get("std")) else ""
-                cells.append(f"{fmt_num(c['value'])}{std} ({c['layer']})")
+                pm = f" {c['spread']['pm']}" if c["spread"]["pm"] else ""
+                tuned = " †" if c["tuned_on_test"] else ""
+                tie = f" [{c['tie']['mark']}]" if c.get("tie") else ""
+                cells.append(f"{fmt_num(c['value'])}{pm} ({c['layer']}){tuned}{tie}")
         lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
     lines.append("")
-    lines.append("Best layer per task in parentheses; numbers from `evalsuite leaderboard build`.")
+    lines.append("Best layer per task in parentheses; numbers from `evalsuite leaderboard build`. ± is the half-width "
+                 "of the bootstrap interval over the test samples, or the std over n seeds; [1st] / [=1st]: the best "
+                 "of a column and the entries statistically tied with it; †: a hyper-parameter was chosen on the test "
+                 "set (docs/uncertainty.md).")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """The built site in a real browser: headless Chromium opens the overview from disk (file://), the table
-has the expected rows, clicking a header sorts it, there are no console errors, and a screenshot is saved.
+has the expected rows with their intervals and "tied for first" marks, clicking a header sorts it, there are no
+console errors, and a screenshot is saved.
 
 Chromium is driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: JSON messages
 separated by NUL on file descriptors 3 and 4), so no network port and no extra Python package is needed.
@@ -124,13 +125,18 @@ def _site(tmp_path: Path) -> Path:
     runs = tmp_path / "runs"
     runs.mkdir()
     best = {"supervised": 88.5, "jigsaw": 67.25, "rotnet": 71.0, "<i>evil</i>": 12.0}
+    # bootstrap intervals (value ± half-width): rotnet's [62, 80] overlaps supervised's [79.5, 97.5], so the two
+    # are tied for first; jigsaw's and evil's do not reach it
+    half = {"supervised": 9.0, "jigsaw": 2.0, "rotnet": 9.0, "<i>evil</i>": 2.0}
     recs = []
     for i, (method, top) in enumerate(best.items()):
         for j, layer in enumerate(["conv1", "res2", "res3", "res4", "res5"]):
+            v = top - 4 * (4 - j)
             recs.append(Result(task="voc07_svm", dataset="voc2007", split="test", layer=layer, metric="mAP",
-                               value=top - 4 * (4 - j), checkpoint_id=str(i) * 64, checkpoint=f"{method}.pth",
+                               value=v, checkpoint_id=str(i) * 64, checkpoint=f"{method}.pth",
                                method=method, arch="resnet50", pretrain_data="imagenet1k", protocol="goyal19",
-                               params={"costs": [1, 10]}, created="2024-01-01T00:00:00Z"))
+                               params={"costs": [1, 10]}, created="2024-01-01T00:00:00Z", ci_low=v - half[method],
+                               ci_high=v + half[method], ci_level=0.95))
     # rotnet has no places205 number: an empty cell that must sort last
     for method, v in (("supervised", 50.5), ("jigsaw", 40.25), ("<i>evil</i>", 60.0)):
         i = list(best).index(method)
@@ -180,11 +186,19 @@ def test_overview_renders_sorts_and_has_no_console_errors(tmp_path, chromium) ->
         # click the VOC column: numbers descending (best first), then ascending on a second click
         evaluate(f"document.querySelectorAll('#overview-table thead th')[{voc}].click()")
         rows = evaluate(JS_ROWS)
-        assert [r[voc] for r in rows] == ["88.50 res5", "71.00 res5", "67.25 res5", "12.00 res5"]
+        assert [r[voc] for r in rows] == ["88.50 ± 9.00 res5 1st", "71.00 ± 9.00 res5 =1st", "67.25 ± 2.00 res5",
+                                          "12.00 ± 2.00 res5"]
+        # the bracket is drawn (the stylesheet's marks), the interval's bounds are on hover
+        assert evaluate("document.querySelectorAll('#overview-table td.tied-first').length") == 2
+        assert evaluate("getComputedStyle(document.querySelector('#overview-table span.tie')).backgroundColor") \
+            == "rgb(31, 111, 58)"
+        assert evaluate("document.querySelector('#overview-table td.tied-first small.ci').title") == \
+            "95% bootstrap interval over the test samples: [79.500, 97.500]"
         assert evaluate(f"document.querySelectorAll('#overview-table thead th')[{voc}].getAttribute('aria-sort')") \
             == "descending"
         evaluate(f"document.querySelectorAll('#overview-table thead th')[{voc}].click()")
-        assert [r[voc] for r in evaluate(JS_ROWS)] == ["12.00 res5", "67.25 res5", "71.00 res5", "88.50 res5"]
+        assert [r[voc] for r in evaluate(JS_ROWS)] == ["12.00 ± 2.00 res5", "67.25 ± 2.00 res5",
+                                                       "71.00 ± 9.00 res5 =1st", "88.50 ± 9.00 res5 1st"]
         # a column with a missing value: the empty cell goes last in both directions
         evaluate(f"document.querySelectorAll('#overview-table thead th')[{pl}].click()")
         assert [r[pl] for r in evaluate(JS_ROWS)] == ["60.00 res4", "50.50 res4", "40.25 res4", "–"]
@@ -220,3 +234,6 @@ def test_task_page_renders_its_plot(tmp_path, chromium) -> None:
                           f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom", page.resolve().as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "<table" in dom and "88.50" in dom and 'src="../plots/' in dom
+    assert "[79.50, 97.50]" in dom  # supervised's res5 interval beside its number
+    svg = (index.parent / "plots" / dom.split('src="../plots/')[1].split('"')[0]).read_text()
+    assert 'id="LineCollection_1"' in svg  # the per-layer plot's error bars

@@ -80,6 +80,10 @@ class LinearProtocol(ProbeHyperParameters, FeatureTaskProtocol):
     # last: the final model's accuracies; best_val: those of the epoch with the best val top-1 (DINO's best_acc)
     report_epoch: Literal["last", "best_val"] = "last"
 
+    def tuned_on_test(self) -> tuple[str, ...]:
+        # best_val picks the epoch on val_split, the split the accuracies are reported on (ImageNet val: the test set)
+        return ("epoch",) if self.report_epoch == "best_val" else ()
+
 
 @dataclass(frozen=True)
 class Places205LinearProtocol(LinearProtocol):

@@ -58,6 +58,9 @@ class LowShotSVMProtocol(SVMTaskProtocol):
     cost_selection: Literal["test", "cv"] = "test"
     folds: int = 3  # CV folds of cost_selection=cv only
 
+    def tuned_on_test(self) -> tuple[str, ...]:
+        return ("cost",) if self.cost_selection == "test" else ()
+
 
 # on top of the shared preset changes
 _PRESET_CHANGES: dict[str, dict[str, Any]] = {
