@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import peak_rss_mb, write_json
+from benchmarks.common import PeakRSS, peak_rss_mb, write_json
 from evalsuite.features import l2_normalize
 from tasks.svm import solver as svm
 from tasks.svm.common import GOYAL19_COSTS, VISSL_COSTS
@@ -49,31 +48,6 @@ def make_data(n: int, d: int, k: int, seed: int, rank: int = 64) -> tuple[np.nda
                    + 0.5 * rng.normal(size=(n, d)))
     x *= rng.lognormal(0.0, 0.5, size=d)
     return l2_normalize(x.astype(np.float32), dtype=np.float64), y
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRSS:
-    """Samples this process's RSS every 20 ms while active (Linux)."""
-
-    def __enter__(self):
-        self.base = self.peak = _rss_mb()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_mb())
 
 
 def mean_ap(y: np.ndarray, scores: np.ndarray) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,26 @@ def vm_hwm_mb() -> float:
     except OSError:
         pass
     return peak_rss_mb()
+
+
+class PeakRSS:
+    """Samples this process's RSS every 20 ms while active (Linux)."""
+
+    def __enter__(self):
+        self.base = self.peak = current_rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, current_rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, current_rss_mb())
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
