@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 #: arguments for scripts whose defaults are the real sizes
-SMALL = {"bench_scale": ["--quick"]}
+SMALL = {"bench_scale": ["--quick"], "bench_stats": ["--quick"]}
 
 
 def main() -> int:

@@ -26,6 +26,7 @@ examples:
   evalsuite run --checkpoint moco_v2_800ep.pth.tar --tasks voc07_svm --layers res4,res5 \\
                 --data-root /datasets --set svm.backend=sklearn
   evalsuite run --checkpoint ckpt.safetensors --tasks all --protocol goyal19 --out runs/mine
+  evalsuite run --checkpoint ckpt.pth --tasks places205_linear,knn --seeds 0,1,2   # mean ± std over seeds
   evalsuite run --schedule leaderboard.toml          # resumable; --force recomputes finished jobs
   evalsuite run --checkpoint ckpt.pth --tasks all --launcher slurm --slurm-partition gpu
 """
@@ -50,6 +51,17 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: comma-separated integers."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers such as 0,1,2, got {text!r}")
+    return seeds
 
 
 def memory_size(text: str) -> int:
@@ -109,9 +121,16 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool = True) -> No
                    help="the checkpoint's name in result records (default: the file name without suffixes)")
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, seeds: bool = False) -> None:
+    """Device, seed, extraction and cache options; ``seeds``: also ``--seeds``, which ``--seed`` excludes."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed for everything random (random init included)")
+    seed = p.add_mutually_exclusive_group() if seeds else p
+    seed.add_argument("--seed", type=int, default=0, help="seed for everything random (random init included)")
+    if seeds:
+        seed.add_argument("--seeds", type=seed_list, metavar="S,S,...",
+                          help="run each seeded task once per seed (a probe's init and order, low-shot samples, "
+                               "trained heads), the seed-independent ones once; features are extracted once and a "
+                               "random init is built from the first seed (docs/uncertainty.md#seeds)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="extraction batch size")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
@@ -170,7 +189,7 @@ def _add_run(sub) -> None:
     p.add_argument("--array-min-images", type=non_negative_int, default=None, metavar="IMAGES",
                    help="the smallest split extracted as an array job (default 100000: ImageNet and Places205 train, "
                         "not VOC)")
-    add_runtime_args(p)
+    add_runtime_args(p, seeds=True)
     p.set_defaults(func=cmd_run)
 
 
@@ -182,6 +201,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.schedule:
         from evalsuite.schedule import run_schedule
 
+        if a.seeds:
+            raise UserError("--seeds is for --checkpoint runs: a schedule lists its own seeds (seeds = [0, 1, 2])")
         rep = run_schedule(a.schedule, force=a.force, out=a.out, data_root=a.data_root, cache_dir=a.cache_dir,
                            device=None if a.device == "cpu" else a.device, tasks=None if a.tasks == "all" else a.tasks,
                            dry_run=a.dry_run, progress=not a.no_progress)
@@ -192,8 +213,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     opts = RunOptions(
         checkpoint=a.checkpoint, arch=a.arch, tasks=[a.tasks], layers=[a.layers] if a.layers else None,
         preset=a.protocol, overrides=a.overrides, data_root=a.data_root, out=a.out, device=a.device,
-        seed=a.seed, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir, precision=a.precision,
-        memory_budget=a.memory_budget,
+        seed=a.seed, seeds=a.seeds, batch_size=a.batch_size, workers=a.workers, cache_dir=a.cache_dir,
+        precision=a.precision, memory_budget=a.memory_budget,
         allow_partial=a.allow_partial, trust_pickle=a.trust_pickle, weights=a.weights, name=a.name,
         progress=not a.no_progress, show_plan=True, dry_run=a.dry_run, ci_resamples=a.ci_resamples,
         ci_level=a.ci_level, decode=a.decode, array=_array_options(a),
@@ -245,31 +266,65 @@ def _run_launched(opts, a: argparse.Namespace) -> int:
 
 def print_results(results, title: str = "results", verbose: bool = False) -> None:
     """Every record with ``verbose``; otherwise each task's headline metrics at their best layer (baselines, whose
-    note starts with "baseline", left out)."""
+    note starts with "baseline", left out), as mean ± sample std over the seeds of ``--seeds``."""
     from .console import table
 
     def shown(v):
         return "n/a" if v is None else f"{v:.4g}"
 
     print(title)
+    several = len({r.seed for r in results}) > 1
     if verbose:
-        rows = [(r.task, r.dataset, r.split, r.layer, r.metric, shown(r.value)) for r in results]
-        print(table(rows, ("task", "dataset", "split", "layer", "metric", "value"), right=("value",)))
+        rows = [(r.task, r.dataset, r.split, r.layer, r.metric, *((r.seed,) if several else ()), shown(r.value))
+                for r in results]
+        print(table(rows, ("task", "dataset", "split", "layer", "metric", *(("seed",) if several else ()), "value"),
+                    right=("value",)))
         return
     rows = []
     for task in dict.fromkeys(r.task for r in results):
         mine = [r for r in results if r.task == task]
         headline = getattr(_task_or_none(task), "headline_metrics", None) or (mine[0].metric,)
+        lower = getattr(_task_or_none(task), "lower_is_better", ())
         for metric in headline:
             group = [r for r in mine if r.metric == metric and not r.note.startswith("baseline")]
             if not group:
                 continue
-            best = max(group, key=lambda r: float("-inf") if r.value is None else r.value)
-            if metric in getattr(_task_or_none(task), "lower_is_better", ()):
-                best = min(group, key=lambda r: float("inf") if r.value is None else r.value)
-            rows.append((task, best.dataset, metric, best.layer, shown(best.value), len(mine)))
+            entries = [(r, vals) for r, vals in across_seeds(group) if vals] or [(group[0], [])]
+            pick = min if metric in lower else max
+            best, values = pick(entries, key=lambda e: sum(e[1]) / len(e[1]) if e[1] else float("nan"))
+            rows.append((task, best.dataset, metric, best.layer, mean_std_text(values), len(mine)))
     print(table(rows, ("task", "dataset", "metric", "best layer", "value", "records"), right=("value", "records")))
-    print("(each task's headline metric at its best layer; --verbose prints every record)")
+    print("(each task's headline metric at its best layer" + (", mean ± std over seeds" if several else "")
+          + "; --verbose prints every record)")
+
+
+def across_seeds(records: list) -> list[tuple]:
+    """``(record, [its value at each seed])`` for one task's records of one metric: a task emits its records in
+    the same order at every seed, so the i-th records of the seeds are one number (lowshot_svm's k, say, is not in
+    the key); records that do not line up so are each their own entry. None values are left out."""
+    per_seed: dict = {}
+    for r in records:
+        per_seed.setdefault(r.seed, []).append(r)
+    runs = list(per_seed.values())
+
+    def where(r) -> tuple:
+        return r.dataset, r.split, r.layer, r.note
+
+    if any([where(r) for r in run] != [where(r) for r in runs[0]] for run in runs):
+        return [(r, [r.value] if r.value is not None else []) for r in records]
+    return [(rs[0], [r.value for r in rs if r.value is not None]) for rs in zip(*runs)]
+
+
+def mean_std_text(values: list[float]) -> str:
+    """One value as it is; several (one per seed) as ``mean ± sample std (n=...)``, the leaderboard's form; none:
+    n/a."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4g} ± {std:.2g} (n={len(values)})"
 
 
 def _task_or_none(name: str):

@@ -16,7 +16,7 @@ library workspaces come on top).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 #: a plan longer than this on a CPU gets a warning pointing to --protocol quick / --tasks
 LONG_ON_CPU_S = 30 * 60
@@ -56,6 +56,17 @@ class TaskPlan:
     def of_splits(cls, protocol, datasets, note: str = "") -> TaskPlan:
         """Every image of each dataset through the trunk once, at the protocol's ``image_size``."""
         return cls(images={ds.split: len(ds) for ds in datasets}, image_size=protocol.image_size, note=note)
+
+
+def for_seeds(plan: TaskPlan, n: int) -> TaskPlan:
+    """The plan of a task run at ``n`` seeds (``evalsuite run --seeds``): its training ``n`` times; images that go
+    through the feature cache (``feature_dims``) extracted once, a fine-tuning task's images ``n`` times."""
+    if n <= 1:
+        return plan
+    images = plan.images if plan.feature_dims else {k: v * n for k, v in plan.images.items()}
+    note = f"x {n} seeds" + (" (features extracted once)" if plan.feature_dims else "")
+    return replace(plan, images=images, train_iterations=plan.train_iterations * n,
+                   note=note + (f"; {plan.note}" if plan.note else ""))
 
 
 def measure_throughput(trunk, size: int, device: str = "cpu", batch: int = 4, repeats: int = 3) -> float:

@@ -28,6 +28,7 @@ from .plan import (
     describe,
     describe_costs,
     estimate_seconds,
+    for_seeds,
     human_bytes,
     human_time,
     measure_throughput,
@@ -37,7 +38,7 @@ from .plan import (
 from .protocols import FeatureTaskProtocol, apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from .task import TaskContext, environment_problem
+from .task import TaskContext, environment_problem, task_seeded
 from .trunks import arch_info
 
 
@@ -53,6 +54,9 @@ class RunOptions:
     out: Path = Path("runs")
     device: str = "cpu"
     seed: int = 0
+    # --seeds: each seeded task (evalsuite.task.task_seeded) runs once per seed, the others once at the first; the
+    # checkpoint (a random init too) is loaded once, with the first. None: `seed` alone; refused beside a `seed` != 0
+    seeds: Sequence[int] | None = None
     batch_size: int = 64
     workers: int = 0
     cache_dir: Path | None = None
@@ -87,6 +91,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_seeds(opts: RunOptions) -> list[int]:
+    """The seeds of a run: ``opts.seeds`` (distinct, in the order given) or ``[opts.seed]``."""
+    if opts.seeds is None:
+        return [int(opts.seed)]
+    seeds = [int(s) for s in opts.seeds]
+    if opts.seed != 0:
+        raise UserError(f"give one seed ({opts.seed}) or a list of seeds ({','.join(map(str, seeds))}), not both")
+    if not seeds:
+        raise UserError("--seeds needs at least one seed")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise UserError(f"--seeds lists {', '.join(map(str, twice))} more than once")
+    return seeds
+
+
 def resolve_tasks(requested: Sequence[str]) -> tuple[list[str], bool]:
     names = [n for item in requested for n in item.split(",") if n]
     if not names or names == ["all"]:
@@ -113,6 +132,26 @@ def preset_protocols(tasks: dict[str, Any], preset: str, all_mode: bool) -> tupl
     return protocols, refused
 
 
+def seeded_tasks(task_names: Sequence[str], preset: str, overrides: Sequence[str]) -> dict[str, bool]:
+    """Which of the tasks of one run `--seeds` runs once per seed (:func:`evalsuite.task.task_seeded` on each
+    resolved protocol); a task that cannot be resolved here (unknown, refusing the preset, a bad override) is
+    taken as seeded, and the run itself reports the problem."""
+    out = dict.fromkeys(task_names, True)
+    tasks = {}
+    for n in task_names:
+        try:
+            tasks[n] = registry.get_task(n)
+        except UserError:
+            pass
+    try:
+        defaults, refused = preset_protocols(tasks, preset, all_mode=True)
+        protocols = apply_overrides(defaults, [o for o in parse_overrides(overrides) if o[0][0] not in refused])
+    except UserError:
+        return out
+    out.update({n: task_seeded(tasks[n], protocols[n]) for n in protocols})
+    return out
+
+
 def validate_layers(arch: str, layers: Sequence[str] | None) -> list[str] | None:
     if not layers:
         return None
@@ -132,6 +171,8 @@ def check_interval_options(resamples: int, level: float) -> None:
 
 
 def run(opts: RunOptions) -> RunReport:
+    seeds = run_seeds(opts)
+    opts = dataclasses.replace(opts, seed=seeds[0])  # the checkpoint's load (a random init) and array jobs
     check_preset(opts.preset)
     check_interval_options(opts.ci_resamples, opts.ci_level)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
@@ -186,33 +227,43 @@ def run(opts: RunOptions) -> RunReport:
                 note(f"skipped {name}: this machine cannot run it ({why})")
                 report.skipped.append((name, why))
                 contexts.pop(name)
+    task_seeds = {name: seeds if task_seeded(tasks[name], protocols[name]) else seeds[:1] for name in contexts}
     if opts.show_plan or opts.dry_run:
-        for name, e in print_plan(tasks, contexts, ckpt, opts):
+        for name, e in print_plan(tasks, contexts, ckpt, opts, task_seeds):
             skip(name, e)
     if opts.dry_run:
         return report
     for name, ctx in list(contexts.items()):
-        seed_everything(opts.seed)
-        t0 = time.perf_counter()
-        try:
-            results = tasks[name].run(ctx)
-        except TaskSkipped as e:
-            skip(name, e)
-            continue
-        wall = time.perf_counter() - t0
-        attach_intervals(results, opts.ci_resamples, opts.ci_level, opts.seed)
-        stamp, versions, host = now_iso(), library_versions(), host_name()
-        for r in results:
-            r.wall_time_s = round(wall, 3)
-            r.created, r.versions, r.host = stamp, versions, host
-            r.params.setdefault("feature_precision", shared["x"].precision if "x" in shared else None)
-            if "x" in shared and shared["x"].decode == "gpu":  # absent: PIL's decoding, as in every earlier record
-                r.params.setdefault("feature_decode", "gpu")
-        if _is_main_process():
-            append_results(out_file, results)
-        report.results.extend(results)
+        for seed in task_seeds[name]:  # the features come from the cache after the first seed
+            ctx.seed = seed  # one context for every seed: its trunk copy and extractor are shared
+            try:
+                results = run_task(tasks[name], ctx, opts, shared)
+            except TaskSkipped as e:  # its data is missing: at every seed
+                skip(name, e)
+                break
+            if _is_main_process():
+                append_results(out_file, results)
+            report.results.extend(results)
     report.results_file = out_file
     return report
+
+
+def run_task(task, ctx: TaskContext, opts: RunOptions, shared: dict) -> list[Result]:
+    """One task at ``ctx.seed``: everything random seeded with it, the records stamped and given their intervals
+    (resampled with the same seed)."""
+    seed_everything(ctx.seed)
+    t0 = time.perf_counter()
+    results = task.run(ctx)
+    wall = time.perf_counter() - t0
+    attach_intervals(results, opts.ci_resamples, opts.ci_level, ctx.seed)
+    stamp, versions, host = now_iso(), library_versions(), host_name()
+    for r in results:
+        r.wall_time_s = round(wall, 3)
+        r.created, r.versions, r.host = stamp, versions, host
+        r.params.setdefault("feature_precision", shared["x"].precision if "x" in shared else None)
+        if "x" in shared and shared["x"].decode == "gpu":  # absent: PIL's decoding, as in every earlier record
+            r.params.setdefault("feature_decode", "gpu")
+    return results
 
 
 def array_options(opts: RunOptions, ckpt: LoadedCheckpoint):
@@ -224,10 +275,10 @@ def array_options(opts: RunOptions, ckpt: LoadedCheckpoint):
     return dataclasses.replace(opts.array, checkpoint=load)
 
 
-def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckpoint,
-               opts: RunOptions) -> list[tuple[str, TaskSkipped]]:
-    """Print what each task will do and an estimate of its time on this machine; return the tasks whose data
-    is missing (found while planning, so their notes come before any work)."""
+def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckpoint, opts: RunOptions,
+               task_seeds: dict[str, list[int]] | None = None) -> list[tuple[str, TaskSkipped]]:
+    """Print what each task will do (at each of its seeds) and an estimate of its time on this machine; return the
+    tasks whose data is missing (found while planning, so their notes come before any work)."""
     plans: dict[str, TaskPlan | None] = {}
     missing = []
     for name, ctx in contexts.items():
@@ -241,6 +292,8 @@ def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckp
         if p is not None and p.images and isinstance(ctx.protocol, FeatureTaskProtocol):  # through the cache
             specs = ctx.extractor.pool_specs(ctx.taps(ctx.protocol.layers), ctx.protocol.pooling, ctx.transform())
             p.feature_dims = {t: spec.dim for t, spec in specs.items()}
+        if p is not None:
+            plans[name] = for_seeds(p, len((task_seeds or {}).get(name, [ctx.seed])))
     sizes = sorted({s for p in plans.values() if p for s in (p.image_size, p.train_image_size) if s})
     if sizes:
         trunk = ckpt.build_trunk()

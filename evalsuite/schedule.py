@@ -25,10 +25,12 @@ The machine-readable model index that regenerates the tables (the role of mmself
 
 :func:`run_schedule` expands it into jobs and runs the pending ones. It resumes: a job
 (checkpoint, task, preset, seed) is *done* when the results file already holds a record of it whose
-params carry every ``set`` override, and done jobs are not recomputed unless ``force``. Each group of
-tasks sharing a checkpoint, preset, seed, overrides and layers is one ``evalsuite run`` (the checkpoint
-is loaded once and the feature cache is shared); the runner appends each task's records as soon as
-the task finishes, so an interrupted schedule loses at most the task in progress.
+params carry every ``set`` override, and done jobs are not recomputed unless ``force``. ``seeds`` are
+``evalsuite run --seeds``: a seed-independent task (``evalsuite.task.task_seeded``: knn's exact search,
+centroid, voc07_svm) has one job, at the first seed; the tasks sharing a checkpoint, preset, overrides,
+layers and pending seeds are one ``evalsuite run --seeds`` (the checkpoint, a random init too, is loaded
+once, from the first seed, and the features are extracted once); the runner appends each (task, seed)'s
+records as soon as it finishes, so an interrupted schedule loses at most the one in progress.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class Job:
     def group(self) -> tuple:
         return (self.checkpoint, self.arch, self.weights, self.name, self.protocol, self.seed, self.overrides,
                 self.layers)
+
+    @property
+    def run_key(self) -> tuple:
+        """What one `evalsuite run` shares: everything but the seed (a run takes several, `--seeds`)."""
+        return (self.checkpoint, self.arch, self.weights, self.name, self.protocol, self.overrides, self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "task": self.task, "protocol": self.protocol, "seed": self.seed,
@@ -170,6 +177,49 @@ def expand_jobs(data: dict[str, Any], base: Path, only_tasks: Sequence[str] | No
     return jobs
 
 
+def seeded_jobs(jobs: list[Job]) -> dict[tuple, bool]:
+    """``(run_key, task) -> whether --seeds runs the task once per seed`` (evalsuite.runner.seeded_tasks, over the
+    tasks of each run as the run resolves them)."""
+    from .runner import seeded_tasks
+
+    tasks: dict[tuple, list[str]] = {}
+    for j in jobs:
+        tasks.setdefault(j.run_key, [])
+        if j.task not in tasks[j.run_key]:
+            tasks[j.run_key].append(j.task)
+    return {(key, task): seeded for key, names in tasks.items()
+            for task, seeded in seeded_tasks(names, key[4], key[5]).items()}
+
+
+def once_if_unseeded(jobs: list[Job], seeded: dict[tuple, bool]) -> list[Job]:
+    """A seed-independent task's job at the first of its seeds only: the others would give the same numbers."""
+    seen, out = set(), []
+    for j in jobs:
+        if not seeded[j.run_key, j.task]:
+            if (j.run_key, j.task) in seen:
+                continue
+            seen.add((j.run_key, j.task))
+        out.append(j)
+    return out
+
+
+def seed_groups(pending: list[Job], seeded: dict[tuple, bool]) -> list[tuple[tuple[int, ...], list[Job]]]:
+    """The pending jobs as runs: one per (run key, the seeds a task still needs), each seed a `--seeds` entry; a
+    seed-independent task (one job) joins a run of its run key whose first seed is its own, where it runs once."""
+    by_task: dict[tuple, list[Job]] = {}
+    for j in pending:
+        by_task.setdefault((j.run_key, j.task), []).append(j)
+    runs = [(key, tuple(j.seed for j in js)) for (key, task), js in by_task.items() if seeded[key, task]]
+    groups: dict[tuple, list[Job]] = {}
+    for (key, task), js in by_task.items():  # in file order
+        if seeded[key, task]:
+            home = (key, tuple(j.seed for j in js))
+        else:
+            home = next((r for r in runs if r[0] == key and r[1][0] == js[0].seed), (key, (js[0].seed,)))
+        groups.setdefault(home, []).extend(js)
+    return [(seeds, js) for (_, seeds), js in groups.items()]
+
+
 def _recorded_as(params: Any, parts: list[str], text: str) -> bool:
     """The record's resolved protocol has field ``parts`` with the value ``--set`` text ``text`` casts to."""
     for p in parts:
@@ -238,6 +288,8 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
     dev = pick(device, "device", "cpu")
     only = _as_list(tasks) if tasks else None
     jobs = expand_jobs(data, base, only, path)
+    seeded = seeded_jobs(jobs)
+    jobs = once_if_unseeded(jobs, seeded)
     results_file = Path(out_dir) / RESULTS_FILE
     records = list(iter_records(results_file)) if results_file.exists() else []
     report = ScheduleReport(path=path, results_file=results_file, jobs=jobs, dry_run=dry_run)
@@ -247,9 +299,6 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
     pending = [j for j in jobs if j.status == "pending"]
     echo(f"schedule {path}: {len(jobs)} job(s), {len(jobs) - len(pending)} already done, {len(pending)} to run"
          + (" (forced)" if force else ""))
-    groups: dict[tuple, list[Job]] = {}
-    for j in pending:
-        groups.setdefault(j.group, []).append(j)
     if dry_run:
         for j in pending:
             j.status = "planned"
@@ -261,14 +310,18 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
     from .runner import RunOptions
 
     done_jobs = 0
-    for n, ((ck, arch, weights, name, protocol, seed, overrides, layers), group) in enumerate(groups.items(), 1):
-        names = [j.task for j in group]
-        echo(f"[{n}/{len(groups)}] {ck}: {', '.join(names)} ({protocol}, seed {seed}) "
-             f"— {done_jobs}/{len(pending)} jobs finished")
+    groups = seed_groups(pending, seeded)
+    for n, (seeds, group) in enumerate(groups, 1):
+        ck, arch, weights, name, protocol, overrides, layers = group[0].run_key
+        names = list(dict.fromkeys(j.task for j in group))
+        echo(f"[{n}/{len(groups)}] {ck}: {', '.join(names)} ({protocol}, seed{'s' if len(seeds) > 1 else ''} "
+             f"{','.join(map(str, seeds))}) — {done_jobs}/{len(pending)} jobs finished")
         opts = RunOptions(checkpoint=ck, arch=arch, weights=weights, name=name, tasks=[",".join(names)],
                           layers=list(layers) or None,
                           preset=protocol, overrides=list(overrides), data_root=Path(root), out=Path(out_dir),
-                          device=dev, seed=seed, cache_dir=Path(cache) if cache else None, progress=progress,
+                          device=dev, seed=seeds[0] if len(seeds) == 1 else 0,
+                          seeds=list(seeds) if len(seeds) > 1 else None,
+                          cache_dir=Path(cache) if cache else None, progress=progress,
                           batch_size=int(data.get("batch_size", 64)), workers=int(data.get("workers", 0)),
                           precision=data.get("precision"))
         try:
@@ -289,12 +342,12 @@ def run_schedule(path: str | Path, force: bool = False, *, out: str | Path | Non
             echo(f"  {status}: {e}")
             done_jobs += len(group)
             continue
-        got = {getattr(r, "task", None) for r in getattr(rep, "results", [])}
+        got = {(getattr(r, "task", None), getattr(r, "seed", None)) for r in getattr(rep, "results", [])}
         skipped = dict(getattr(rep, "skipped", []) or [])
         for j in group:
             if j.task in skipped:
                 j.status, j.message = "data_missing", skipped[j.task]
-            elif j.task in got:
+            elif (j.task, j.seed) in got:
                 j.status = "ran"
             else:
                 j.status, j.message = "failed", "the run produced no record for this task"

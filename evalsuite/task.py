@@ -4,7 +4,8 @@ A task is any object with ``name``, ``description``, ``default_protocol(preset)`
 frozen :class:`~evalsuite.protocols.TaskProtocol`) and ``run(ctx) -> list[Result]``,
 found by ``evalsuite.registry``. Optional: ``check_environment()`` (raises when this
 machine lacks something the task needs), ``plan(ctx) -> TaskPlan`` (what the run will
-cost, printed before it starts), ``headline_metrics`` (the metrics of the summary).
+cost, printed before it starts), ``headline_metrics`` (the metrics of the summary), ``seeded``
+(whether ``evalsuite run --seeds`` runs it once per seed: :func:`task_seeded`).
 Feature-based tasks call ``ctx.features(...)``, which goes through the cache;
 fine-tuning tasks take ``ctx.trunk`` instead.
 """
@@ -45,6 +46,16 @@ class Task(Protocol):
     def default_protocol(self, preset: str) -> TaskProtocol: ...
 
     def run(self, ctx: TaskContext) -> list[Result]: ...
+
+
+def task_seeded(task: Task, protocol: TaskProtocol) -> bool:
+    """Whether ``evalsuite run --seeds`` runs ``task`` once per seed under ``protocol``: the task's optional
+    ``seeded``, a bool or a method of the resolved protocol returning one. True when its result depends on
+    ``ctx.seed`` (a probe's init and order, sampled subsets, a trained head) and the protocol does not already
+    average over seeds of its own; False for a deterministic task (an exact kNN, the SVMs' cross-validated costs),
+    which then runs once, at the first seed. A task that does not say is taken as seeded."""
+    seeded = getattr(task, "seeded", True)
+    return bool(seeded(protocol) if callable(seeded) else seeded)
 
 
 def environment_problem(task: Task) -> str:

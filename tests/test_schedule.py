@@ -12,7 +12,10 @@ import pytest
 from evalsuite.errors import UserError
 from evalsuite.protocols import TaskProtocol, apply_overrides, parse_overrides
 from evalsuite.results import Result, append_results
+from evalsuite.runner import run_seeds
 from evalsuite.schedule import run_schedule
+
+UNSEEDED = {"centroid", "voc07_svm"}  # real tasks whose `seeded` is False
 
 SCHEDULE = """
 out = "runs"
@@ -39,7 +42,8 @@ class XProtocol(TaskProtocol):
 
 
 class FakeRunner:
-    """Stands in for evalsuite.runner.run: writes one record per task like the real runner does."""
+    """Stands in for evalsuite.runner.run: writes one record per task and seed (task by task, each at its seeds)
+    like the real runner does; a call is (checkpoint, tasks, preset, seeds, overrides)."""
 
     def __init__(self, interrupt_after: int | None = None):
         self.calls: list[tuple] = []
@@ -47,18 +51,20 @@ class FakeRunner:
         self.written = 0
 
     def __call__(self, opts):
-        self.calls.append((opts.checkpoint, opts.tasks[0], opts.preset, opts.seed, tuple(opts.overrides)))
+        seeds = run_seeds(opts)
+        self.calls.append((opts.checkpoint, opts.tasks[0], opts.preset, tuple(seeds), tuple(opts.overrides)))
         results = []
         for task in opts.tasks[0].split(","):
-            if self.interrupt_after is not None and self.written >= self.interrupt_after:
-                raise KeyboardInterrupt
-            params = apply_overrides({task: XProtocol()}, parse_overrides(opts.overrides))[task].to_dict()
-            r = Result(task=task, dataset="d", split="test", layer="res5", metric="top1", value=1.0,
-                       checkpoint=opts.checkpoint, protocol=opts.preset, seed=opts.seed, params=params)
-            opts.out.mkdir(parents=True, exist_ok=True)
-            append_results(opts.out / "results.jsonl", [r])
-            self.written += 1
-            results.append(r)
+            for seed in seeds if task not in UNSEEDED else seeds[:1]:
+                if self.interrupt_after is not None and self.written >= self.interrupt_after:
+                    raise KeyboardInterrupt
+                params = apply_overrides({task: XProtocol()}, parse_overrides(opts.overrides))[task].to_dict()
+                r = Result(task=task, dataset="d", split="test", layer="res5", metric="top1", value=1.0,
+                           checkpoint=opts.checkpoint, protocol=opts.preset, seed=seed, params=params)
+                opts.out.mkdir(parents=True, exist_ok=True)
+                append_results(opts.out / "results.jsonl", [r])
+                self.written += 1
+                results.append(r)
         return SimpleNamespace(results=results, skipped=[])
 
 
@@ -77,30 +83,29 @@ def test_expands_runs_and_resumes_without_recomputing(tmp_path) -> None:
     sched = _write(tmp_path)
     fake = FakeRunner()
     rep = run_schedule(sched, run_fn=fake, echo=lambda s: None)
-    # 2 seeds x 2 tasks for the first checkpoint, 1 job for the second: 5 jobs in 3 runner calls
+    # 2 seeds x 2 tasks for the first checkpoint (one run, --seeds 0,1), 1 job for the second: 5 jobs in 2 calls
     assert len(rep.jobs) == 5 and rep.count("ran") == 5 and rep.exit_code == 0
     mine = str((tmp_path / "ckpts" / "mine.pth").resolve())
-    assert fake.calls == [("random:resnet18", "alpha,beta", "quick", 0, ()),
-                          ("random:resnet18", "alpha,beta", "quick", 1, ()),
-                          (mine, "alpha", "quick", 0, ("x=3",))]
+    assert fake.calls == [("random:resnet18", "alpha,beta", "quick", (0, 1), ()),
+                          (mine, "alpha", "quick", (0,), ("x=3",))]
     assert len(_lines(tmp_path)) == 5
     again = FakeRunner()
     rep = run_schedule(sched, run_fn=again, echo=lambda s: None)
     assert again.calls == [] and rep.count("done") == 5 and len(_lines(tmp_path)) == 5
     forced = FakeRunner()
     rep = run_schedule(sched, force=True, run_fn=forced, echo=lambda s: None)
-    assert len(forced.calls) == 3 and rep.count("ran") == 5 and len(_lines(tmp_path)) == 10
+    assert len(forced.calls) == 2 and rep.count("ran") == 5 and len(_lines(tmp_path)) == 10
 
 
 def test_interrupted_schedule_restarts_with_only_the_missing_jobs(tmp_path) -> None:
     sched = _write(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_schedule(sched, run_fn=FakeRunner(interrupt_after=3), echo=lambda s: None)
-    assert len(_lines(tmp_path)) == 3  # seed 0: alpha, beta; seed 1: alpha
+    assert len(_lines(tmp_path)) == 3  # alpha at seeds 0 and 1, beta at seed 0
     resume = FakeRunner()
     rep = run_schedule(sched, run_fn=resume, echo=lambda s: None)
     mine = str((tmp_path / "ckpts" / "mine.pth").resolve())
-    assert resume.calls == [("random:resnet18", "beta", "quick", 1, ()), (mine, "alpha", "quick", 0, ("x=3",))]
+    assert resume.calls == [("random:resnet18", "beta", "quick", (1,), ()), (mine, "alpha", "quick", (0,), ("x=3",))]
     assert rep.count("done") == 3 and rep.count("ran") == 2
     recs = _lines(tmp_path)
     assert sorted((r["checkpoint"] == mine, r["task"], r["seed"]) for r in recs) == sorted(
@@ -124,7 +129,24 @@ def test_dry_run_and_task_filter_and_overrides(tmp_path) -> None:
     assert fake.calls == [] and rep.count("planned") == 5 and not (tmp_path / "runs").exists()
     assert any("would run random:resnet18 x beta (quick, seed 1)" in x for x in lines)
     rep = run_schedule(sched, tasks="beta", out=tmp_path / "other", run_fn=fake, echo=lambda s: None)
-    assert [c[1] for c in fake.calls] == ["beta", "beta"] and rep.results_file == tmp_path / "other" / "results.jsonl"
+    assert [(c[1], c[3]) for c in fake.calls] == [("beta", (0, 1))]
+    assert rep.results_file == tmp_path / "other" / "results.jsonl"
+
+
+def test_a_seed_independent_task_has_one_job_and_runs_once_inside_the_seeds_run(tmp_path) -> None:
+    """centroid (seeded = False) with seeds [0, 1, 2]: one job, at seed 0, run inside alpha's --seeds 0,1,2 run;
+    a later schedule run finds everything done (no seed-1 centroid job waiting for a record that never comes)."""
+    sched = _write(tmp_path, '[[run]]\ncheckpoint = "random:resnet18"\ntasks = ["alpha", "centroid"]\n'
+                             'protocol = "quick"\nseeds = [0, 1, 2]\n')
+    fake = FakeRunner()
+    rep = run_schedule(sched, run_fn=fake, echo=lambda s: None)
+    assert sorted((j.task, j.seed) for j in rep.jobs) == [("alpha", 0), ("alpha", 1), ("alpha", 2), ("centroid", 0)]
+    assert fake.calls == [("random:resnet18", "alpha,centroid", "quick", (0, 1, 2), ())]
+    assert rep.count("ran") == 4 and sorted((r["task"], r["seed"]) for r in _lines(tmp_path)) == [
+        ("alpha", 0), ("alpha", 1), ("alpha", 2), ("centroid", 0)]
+    again = FakeRunner()
+    rep = run_schedule(sched, run_fn=again, echo=lambda s: None)
+    assert again.calls == [] and rep.count("done") == 4
 
 
 @pytest.mark.parametrize("text,message", [

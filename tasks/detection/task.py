@@ -136,6 +136,7 @@ class DetectionTask:
     name = "detection"
     description = ("Fast R-CNN (ResNet-C4 with res5 head; ViTs: ViTDet's simple feature pyramid) on VOC07 trainval, "
                    "VOC07 test 11-point mAP@0.5")
+    seeded = True  # the heads' init, the image order and the RoI sampling are seeded
 
     def default_protocol(self, preset: str) -> DetectionProtocol:
         if check_preset(preset) == "vissl":

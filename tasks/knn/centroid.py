@@ -55,6 +55,7 @@ class CentroidTask:
     description = "nearest-class-centroid top-1 on frozen features (sanity task, any ImageFolder-like data)"
     headline_metrics = ("top1",)
     conformance = CENTROID_CONFORMANCE  # knn's package: its CONFORMANCE is knn's
+    seeded = False  # class means of every train image: nothing random
 
     def default_protocol(self, preset: str) -> CentroidProtocol:
         return CentroidProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))

@@ -105,6 +105,11 @@ class KNNTask:
     conformance = CONFORMANCE
     preset_conformance = {"dino21": DINO21_CONFORMANCE}
 
+    def seeded(self, protocol: KNNProtocol) -> bool:
+        """The exact search (``index=flat``) gives the same neighbours at any seed; an IVF index's k-means and the
+        queries sampled for its recall are seeded."""
+        return protocol.index != "flat"
+
     def default_protocol(self, preset: str) -> KNNProtocol:
         return KNNProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 

@@ -145,6 +145,7 @@ class LinearTask:
     """Per-tap linear probes on one dataset; ``places205_linear`` and ``imagenet_linear`` are two instances."""
 
     headline_metrics = ("top1",)
+    seeded = True  # the probe's init, the batch order and the augmented views are seeded
 
     def __init__(self, name: str, description: str, protocol: type[LinearProtocol],
                  conformance: Mapping[str, tuple[str, str, str]],
@@ -184,8 +185,8 @@ class LinearTask:
             else:  # loaded from the cache when training reaches the view: one view in memory at a time
                 x_tr = [partial(_cached_view, ctx, train, tap, p.pooling, view) for view in views]
             channels = int(specs[tap].out_shape[0])
-            # one resume state per checkpoint and tap; it refuses to continue under other settings
-            state = ctx.out_dir / "probe_state" / f"{tap}-{ctx.checkpoint.sha256[:16]}.pt"
+            # one resume state per checkpoint, tap and seed (`--seeds`); it refuses to continue under other settings
+            state = ctx.out_dir / "probe_state" / f"{tap}-{ctx.checkpoint.sha256[:16]}-seed{ctx.seed}.pt"
             settings = {
                 "checkpoint": ctx.checkpoint.sha256, "data": train.fingerprint(), "tap": tap,
                 "pool": specs[tap].op, "transform": transform.to_dict(), "precision": ctx.extractor.precision,

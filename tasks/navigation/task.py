@@ -109,6 +109,12 @@ class NavigationTask:
                    "success rate, SPL, return, length; random and blind baselines")
     headline_metrics = ("success_rate", "spl")
 
+    def seeded(self, protocol: NavigationProtocol) -> bool:
+        """`--seeds` runs navigation once per seed only with ``num_seeds=1`` (quick): with more it already averages
+        the seeds ctx.seed .. ctx.seed + num_seeds - 1 in each record, and a second run from the next seed would
+        train the same seeds again. So it runs once, from the first seed of `--seeds`."""
+        return protocol.num_seeds == 1
+
     def default_protocol(self, preset: str) -> NavigationProtocol:
         return NavigationProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
 

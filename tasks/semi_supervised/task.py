@@ -105,6 +105,7 @@ class SemiSupervisedTask:
     description = ("whole trunk + linear head fine-tuned on 1%/10% of the labels (SimCLR), top-1/top-5 "
                    "(ImageNet, any single-label data)")
     headline_metrics = ("top1",)
+    seeded = True  # the head's init, the batches and the augmentations (the label subset has its subset_seed)
 
     def default_protocol(self, preset: str) -> SemiSupervisedProtocol:
         return SemiSupervisedProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))

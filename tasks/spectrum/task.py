@@ -100,6 +100,8 @@ class SpectrumTask:
     headline_metrics = ("rankme",)
     lower_is_better = ("uniformity", "alignment")
     conformance = CONFORMANCE
+    # the image sample (a split larger than num_images), the uniformity pairs and an augmented alignment view
+    seeded = True
 
     def default_protocol(self, preset: str) -> SpectrumProtocol:
         return SpectrumProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))

@@ -155,6 +155,7 @@ class SurfaceNormalsTask:
     # the paper's median error and % within 11.25 deg, and % within 30 deg
     headline_metrics = ("median_angle_error_deg", "pct_within_11.25deg", "pct_within_30deg")
     lower_is_better = ("mean_angle_error_deg", "median_angle_error_deg", "rmse_angle_error_deg")
+    seeded = True  # the dense head's init, the batches, their scales and the codebook's k-means
 
     def default_protocol(self, preset: str) -> SurfaceNormalsProtocol:
         return SurfaceNormalsProtocol(**preset_changes(_PRESET_CHANGES, preset, self.name))
@@ -327,7 +328,7 @@ def resume_state(ctx: TaskContext, layer: str, data_fingerprint: str, codebook_s
     """The fit's resume file, one per layer and checkpoint: a resume is allowed only into the same settings."""
     settings = {"checkpoint": ctx.checkpoint.sha256, "data": data_fingerprint, "protocol": ctx.protocol.to_dict(),
                 "codebook": codebook_source, "seed": ctx.seed, "device": ctx.device}
-    path = Path(ctx.out_dir) / "normals_state" / f"{layer}-{ctx.checkpoint.sha256[:16]}.pt"
+    path = Path(ctx.out_dir) / "normals_state" / f"{layer}-{ctx.checkpoint.sha256[:16]}-seed{ctx.seed}.pt"
     return ResumeState(path, settings, what="surface normals training")
 
 

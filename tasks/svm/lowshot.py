@@ -126,6 +126,9 @@ class LowShotSVMTask:
     description = "k-shot one-vs-rest linear SVMs per tap (VOC07 / single-label sets), mean/min/max/std over samples"
     headline_metrics = ("mAP",)  # one record per k: the summary shows the best (k, tap)
     conformance = LOWSHOT_CONFORMANCE
+    # the k-shot samples are drawn with default_rng([seed, sample, k, class]): each seed of `--seeds` draws its own
+    # num_samples sets, none shared with another seed's
+    seeded = True
 
     def default_protocol(self, preset: str) -> LowShotSVMProtocol:
         return LowShotSVMProtocol(**preset_changes(SHARED_PRESET_CHANGES, preset, self.name), **_PRESET_CHANGES[preset])
