@@ -139,7 +139,8 @@ def add_runtime_args(p: argparse.ArgumentParser, seeds: bool = False) -> None:
     p.add_argument("--decode", default=None, choices=["auto", "cpu", "gpu"],
                    help="image decoding: cpu (PIL/libjpeg in the loading workers), gpu (JPEGs decoded in batches "
                         "by nvjpeg on the CUDA device), auto (gpu when extracting on CUDA); default: the preset's, cpu "
-                        "for goyal19, vissl and dino21, auto for quick (`extract`: auto). Part of the cache key")
+                        "for goyal19, vissl, dino21 and ericsson21, auto for quick (`extract`: auto). Part of the "
+                        "cache key")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default $EVALSUITE_CACHE, else "
                    "$XDG_CACHE_HOME/evalsuite/features, i.e. ~/.cache/evalsuite/features)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -149,7 +150,7 @@ def _add_task_selection(p: argparse.ArgumentParser, tasks: str, protocol: str) -
     """The options that say what to evaluate and where the data is (run, watch)."""
     p.add_argument("--tasks", default=tasks, help="comma-separated task names, or all")
     p.add_argument("--layers", help="comma-separated taps (default: each task's own)")
-    p.add_argument("--protocol", default=protocol, help="preset: goyal19, vissl, dino21 or quick")
+    p.add_argument("--protocol", default=protocol, help="preset: goyal19, vissl, dino21, ericsson21 or quick")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol field (task.key=value or key=value); repeatable")
     p.add_argument("--data-root", type=Path, default=None,

@@ -46,12 +46,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # The precision a run extracts in when --precision is not given: the references (fair_ssb, VISSL, DINO)
 # extract in fp32, and bf16 moves published-protocol numbers by more than 0.1 point
 # (benchmarks/fidelity/features.py); the quick preset keeps the fast path.
-PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "dino21": "fp32", "quick": "auto"}
+PRESET_PRECISION = {"goyal19": "fp32", "vissl": "fp32", "dino21": "fp32", "ericsson21": "fp32", "quick": "auto"}
 
 DECODERS = ("auto", "cpu", "gpu")
 # The decoder a run uses when --decode is not given: the published protocols decode on the CPU (PIL / libjpeg)
 # as their references; the quick preset takes the GPU's decoder when it extracts on CUDA.
-PRESET_DECODE = {"goyal19": "cpu", "vissl": "cpu", "dino21": "cpu", "quick": "auto"}
+PRESET_DECODE = {"goyal19": "cpu", "vissl": "cpu", "dino21": "cpu", "ericsson21": "cpu", "quick": "auto"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class Transform:
     ``mode``: ``"square"`` resizes to ``size`` x ``size``; ``"center_crop"`` resizes the shorter
     side to ``resize`` and takes the central ``size`` crop (DINO's kNN, the linear probes);
     ``"scale_square"`` resizes the shorter side to ``resize``, then the whole image to ``size`` x
-    ``size`` (the VOC07 SVM: fair_ssb's ``[scale, global_resize]``, VISSL's Resize(256) + Resize([224, 224])).
+    ``size`` (the VOC07 SVM: fair_ssb's ``[scale, global_resize]``, VISSL's Resize(256) + Resize([224, 224]));
+    ``"square_center_crop"`` resizes the whole image to ``resize`` x ``resize``, then takes the central ``size``
+    crop (CD-FSL's ``Scale([1.15 size] * 2)`` + ``CenterCrop(size)``, the few-shot task).
     ``resize`` None: ``size`` x 256/224.
 
     ``interpolation``: ``"bilinear"`` / ``"bicubic"`` are PIL's filters as torchvision's Resize applies them
@@ -139,6 +141,9 @@ def _pil_resize(image, tf: Transform):
     interp = InterpolationMode(tf.interpolation)
     if tf.mode == "square":
         return TF.resize(image, [tf.size, tf.size], interpolation=interp, antialias=True)
+    if tf.mode == "square_center_crop":
+        image = TF.resize(image, [tf.shorter_side, tf.shorter_side], interpolation=interp, antialias=True)
+        return TF.center_crop(image, [tf.size, tf.size])
     image = TF.resize(image, tf.shorter_side, interpolation=interp, antialias=True)
     if tf.mode == "center_crop":
         return TF.center_crop(image, [tf.size, tf.size])
@@ -163,6 +168,8 @@ def _cv2_bilinear_resize_tensor(x: torch.Tensor, tf: Transform) -> torch.Tensor:
             return x
         return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
 
+    if tf.mode == "square_center_crop":
+        return TF.center_crop(resize(x, tf.shorter_side, tf.shorter_side), [tf.size, tf.size])[0] / 255.0
     if tf.mode != "square":
         # data_transformation.scale: the shorter side to `resize`, the longer one floor(long / short * resize)
         h, w = x.shape[-2:]

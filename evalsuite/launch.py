@@ -28,6 +28,7 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     "quick": {"gpus": 0, "cpus": 2, "mem_gb": 8, "timeout_min": 60},
     "goyal19": {"gpus": 1, "cpus": 10, "mem_gb": 64, "timeout_min": 24 * 60},
     "vissl": {"gpus": 1, "cpus": 10, "mem_gb": 64, "timeout_min": 24 * 60},
+    "ericsson21": {"gpus": 1, "cpus": 10, "mem_gb": 64, "timeout_min": 24 * 60},
 }
 
 

@@ -125,7 +125,8 @@ def attach_intervals(results: Iterable[Any], resamples: int = DEFAULT_RESAMPLES,
                 continue
             scale = _pending(r).scale
             r.ci_low, r.ci_high = iv.low * scale, iv.high * scale
-            r.ci_level, r.ci_resamples, r.ci_method, r.ci_seed = iv.level, iv.resamples, iv.method, iv.seed
+            # an interval of the statistic's own (few-shot's normal one) draws no resamples
+            r.ci_level, r.ci_resamples, r.ci_method, r.ci_seed = iv.level, iv.resamples or None, iv.method, iv.seed
 
 
 def write_outputs(results: Iterable[Any], folder: str | Path) -> None:

@@ -24,6 +24,7 @@ PRESETS: dict[str, str] = {
                "knn DINO; default for comparisons)",
     "vissl": "VISSL's variants of the same benchmarks",
     "dino21": "DINO's evaluation (Caron et al. 2021): eval_knn.py and eval_linear.py",
+    "ericsson21": "Ericsson et al. 2021's transfer evaluation: ssl-transfer's linear.py and few_shot.py",
     "quick": "small sizes for CPU and CI; numbers are not comparable to published ones",
 }
 
@@ -66,7 +67,7 @@ class TaskProtocol:
 
 # the vocabularies of the evaluation transform and per-tap pooling (evalsuite.features, evalsuite.trunks)
 Pooling = Literal["goyal", "vissl", "avg", "none", "cls", "mean", "cls+mean", "gem"]  # the last four: ViTs only
-ResizeMode = Literal["square", "center_crop", "scale_square"]
+ResizeMode = Literal["square", "center_crop", "scale_square", "square_center_crop"]
 Interpolation = Literal["bilinear", "bicubic", "cv2_bilinear"]
 POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 RESIZE_MODES: tuple[str, ...] = typing.get_args(ResizeMode)

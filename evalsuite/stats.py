@@ -11,9 +11,11 @@ Small pure functions over numpy arrays (docs/uncertainty.md says what the record
   scores grouped, scikit-learn's ``average_precision_score``: knn on multi-label data), ``weighted_mean`` /
   ``root_weighted_mean`` (surface normals' pooled pixel metrics, navigation's mean over seeds), ``median_hist``
   (the median of pooled values from per-sample histograms: surface normals) and ``map_det_voc07`` /
-  ``map_det_area`` (detection mAP over resampled test images from each detection's TP / FP outcome). Each has a
-  point estimate and a version vectorised over resamples that takes the resamples as counts (an image drawn twice
-  weighs 2);
+  ``map_det_area`` (detection mAP over resampled test images from each detection's TP / FP outcome),
+  ``mean_per_class`` (mean per-class accuracy) and ``map_voc11`` (class-mean 11-point VOC AP of scikit-learn's
+  precision-recall curve: linear_transfer), ``episode_mean`` (few-shot: the mean over episodes, whose interval is
+  the references' normal one). Each has a point estimate and a version vectorised over resamples that takes the
+  resamples as counts (an image drawn twice weighs 2);
 - :func:`bootstrap` / :func:`bootstrap_many`: percentile intervals; :func:`paired_bootstrap`: the difference of
   a metric between two runs on the same test samples (interval and two-sided p-value); :func:`mcnemar`: exact
   binomial or chi-square McNemar test on paired top-1 correctness; :func:`holm`: Holm's step-down adjustment.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -82,7 +85,9 @@ def percentile_interval(values: np.ndarray, level: float = DEFAULT_LEVEL) -> tup
 class Statistic:
     """How a metric is computed from per-sample arrays: ``point(arrays)``, ``resampled(arrays, counts)`` -> (b,)
     (counts (b, n): how often each test sample is drawn in each resample), ``samples(arrays)`` = n, and the
-    arrays it reads (``roles``, then the ``optional`` ones)."""
+    arrays it reads (``roles``, then the ``optional`` ones). ``interval(arrays, level)`` -> (low, high), with its
+    ``interval_method``: a statistic whose published protocol states its own interval (few-shot episodes); the
+    others get the percentile bootstrap (paired comparisons resample every statistic)."""
 
     name: str
     roles: tuple[str, ...]
@@ -90,6 +95,8 @@ class Statistic:
     point: Callable[[Arrays], float]
     resampled: Callable[[Arrays, np.ndarray], np.ndarray]
     samples: Callable[[Arrays], int]
+    interval: Callable[[Arrays, float], tuple[float, float]] | None = None
+    interval_method: str = ""
 
 
 def _mean_point(a: Arrays) -> float:
@@ -346,6 +353,92 @@ def _det_map_statistic(name: str, method: str) -> Statistic:
                      _point(resampled, "npos"), resampled, _rows("npos"))
 
 
+# ---------------------------------------------------------------- transfer: mean per-class accuracy, 11-point VOC AP
+
+
+def _class_counts(codes: np.ndarray, weights: np.ndarray, k: int, counts: np.ndarray) -> np.ndarray:
+    """(b, k) sum of ``weights`` over the drawn samples of each class (``codes`` (n,) in [0, k))."""
+    from scipy.sparse import csr_matrix
+
+    n = len(codes)
+    onehot = csr_matrix((np.asarray(weights, np.float64), (codes, np.arange(n))), shape=(k, n))
+    return np.asarray(onehot @ counts.T.astype(np.float64)).T
+
+
+def _mean_per_class_resampled(a: Arrays, counts: np.ndarray) -> np.ndarray:
+    """(b,) mean over the classes among the drawn targets of correct / drawn (a fraction): ssl-transfer's confusion-
+    matrix score (diagonal over row sums, mean) wherever that is defined, i.e. when every predicted label is among
+    the targets; a class none of whose images was drawn is left out of that resample."""
+    t, p = np.asarray(a["targets"]).ravel(), np.asarray(a["pred"]).ravel()
+    classes, codes = np.unique(t, return_inverse=True)
+    support = _class_counts(codes, np.ones(len(t)), len(classes), counts)
+    correct = _class_counts(codes, (t == p).astype(np.float64), len(classes), counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = correct / support  # NaN: class not drawn
+    drawn = np.isfinite(recall)
+    return np.where(drawn, recall, 0.0).sum(axis=1) / drawn.sum(axis=1)
+
+
+def _mean_per_class_point(a: Arrays) -> float:
+    """The reference's score: NaN when a predicted label never occurs among the targets (its 0/0 row)."""
+    t, p = np.asarray(a["targets"]).ravel(), np.asarray(a["pred"]).ravel()
+    if not np.isin(p, t).all():
+        return float("nan")
+    return float(_mean_per_class_resampled(a, np.ones((1, len(t)), np.int64))[0])
+
+
+def voc11_ap(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(b,) 11-point VOC AP of one class under b resamples, ``counts`` (n, b) float32 (exact below 2**24 draws): the
+    reference's ``voc_eval_cls`` (scikit-learn's ``precision_recall_curve``, tied scores one threshold, then the max
+    precision at recall >= t for t = 0, 0.1 ... 1; the curve's closing point (recall 0, precision 1) makes the t = 0
+    term 1/11) on the drawn images, each drawn copy of an image sitting in its tie group. A group with no drawn
+    image repeats the previous point, which moves no maximum. NaN where a resample drew no positive."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s = np.asarray(scores, np.float64)[order]
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # the last rank of each tie group
+    c = counts[order]
+    seen = np.cumsum(c, axis=0)[ends].astype(np.float64)  # (G, b) images at or above each threshold
+    tp = np.cumsum(c * np.asarray(positive, bool)[order, None], axis=0)[ends].astype(np.float64)
+    npos = tp[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(seen > 0, tp / np.where(seen > 0, seen, 1.0), 0.0)
+        rec = tp / npos
+    env = np.maximum.accumulate(prec[::-1], axis=0)[::-1]  # the best precision at this recall or beyond
+    cols = np.arange(c.shape[1])
+    ap = np.full(c.shape[1], 1.0 / 11.0)
+    for t in np.linspace(0, 1, 11)[1:]:  # the reference's thresholds, as floats
+        first = (rec < t).sum(axis=0)  # recall rises along the ranking: the points from `first` on have rec >= t
+        ap += np.where(first < len(ends), env[np.minimum(first, len(ends) - 1), cols], 0.0) / 11.0
+    return np.where(npos > 0, ap, np.nan)
+
+
+def _map_voc11_resampled(a: Arrays, counts: np.ndarray) -> np.ndarray:
+    """Class-mean 11-point AP; positives are ``labels == 1`` (the reference's ``target == 1``: difficult and absent
+    images are negatives); a class without a drawn positive is left out of that resample's mean."""
+    labels, scores = np.asarray(a["labels"]), np.asarray(a["scores"])
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} do not match labels {labels.shape}")
+    c = np.ascontiguousarray(counts.T, dtype=np.float32)
+    aps = np.stack([voc11_ap(scores[:, j], labels[:, j] == 1, c) for j in range(labels.shape[1])], axis=1)
+    ok = np.isfinite(aps)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, aps, 0.0).sum(axis=1) / ok.sum(axis=1)
+
+
+# ---------------------------------------------------------------- few-shot episodes: the normal interval
+
+
+def normal_interval(a: Arrays, level: float) -> tuple[float, float]:
+    """mean -/+ z std / sqrt(n) of the per-episode ``values`` (numpy's population std), as CD-FSL and ssl-transfer
+    print it: z = 1.96 at the 95 % level (their rounded value), the normal quantile at any other level."""
+    v = np.asarray(a["values"], np.float64)
+    z = 1.96 if float(level) == 0.95 else NormalDist().inv_cdf((1.0 + float(level)) / 2.0)
+    half = z * float(v.std()) / np.sqrt(len(v))
+    return float(v.mean()) - half, float(v.mean()) + half
+
+
+NORMAL_METHOD = "normal over episodes: mean -/+ z std / sqrt(episodes)"
+
 STATISTICS: dict[str, Statistic] = {
     "mean": Statistic("mean", ("values",), (), _mean_point, _mean_resampled, _rows("values")),
     "map_voc": _map_statistic("map_voc", "voc"),
@@ -356,6 +449,12 @@ STATISTICS: dict[str, Statistic] = {
                              _median_hist_resampled, _rows("hist")),
     "map_det_voc07": _det_map_statistic("map_det_voc07", "voc07"),
     "map_det_area": _det_map_statistic("map_det_area", "area"),
+    "mean_per_class": Statistic("mean_per_class", ("targets", "pred"), (), _mean_per_class_point,
+                                _mean_per_class_resampled, _rows("targets")),
+    "map_voc11": Statistic("map_voc11", ("scores", "labels"), (), _point(_map_voc11_resampled, "labels"),
+                           _map_voc11_resampled, _rows("labels")),
+    "episode_mean": Statistic("episode_mean", ("values",), (), _mean_point, _mean_resampled, _rows("values"),
+                              normal_interval, NORMAL_METHOD),
 }
 
 
@@ -408,13 +507,20 @@ def resampled_values(items: Sequence[tuple[str, Arrays]], resamples: int = DEFAU
 
 def bootstrap_many(items: Sequence[tuple[str, Arrays]], resamples: int = DEFAULT_RESAMPLES,
                    level: float = DEFAULT_LEVEL, seed: int = 0) -> list[Interval]:
-    """One :class:`Interval` per (statistic name, arrays) item over the same test samples (same resamples)."""
+    """One :class:`Interval` per (statistic name, arrays) item over the same test samples (same resamples); a
+    statistic with an interval of its own (``episode_mean``) gets that one (``resamples`` 0, its method)."""
     _check(resamples, level)
-    values = resampled_values(items, resamples, seed)
+    used = [get_statistic(name) for name, _ in items]
+    boot = [j for j, st in enumerate(used) if st.interval is None]
+    values = resampled_values([items[j] for j in boot], resamples, seed) if boot else np.empty((0, 0))
     out = []
-    for j, (name, arrays) in enumerate(items):
-        lo, hi = percentile_interval(values[:, j], level)
-        out.append(Interval(get_statistic(name).point(arrays), lo, hi, float(level), int(resamples), int(seed)))
+    for j, ((_, arrays), st) in enumerate(zip(items, used)):
+        if st.interval is not None:
+            lo, hi = st.interval(arrays, level)
+            out.append(Interval(st.point(arrays), lo, hi, float(level), 0, int(seed), st.interval_method))
+            continue
+        lo, hi = percentile_interval(values[:, boot.index(j)], level)
+        out.append(Interval(st.point(arrays), lo, hi, float(level), int(resamples), int(seed)))
     return out
 
 

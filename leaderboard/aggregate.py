@@ -23,6 +23,9 @@ record per value of (``k`` in the low-shot SVM and kNN tasks, ``shots``): ``k=<v
 the layer with the best value (the highest, or the lowest for error metrics), the view of the
 Goyal et al. 2019 per-layer tables.
 
+:func:`rank_table` is the transfer view (Ericsson et al. 2021): checkpoints x datasets of one task at each
+checkpoint's best layer, the mean over the datasets and the average rank across checkpoints.
+
 Each row also carries ``checkpoint_name`` (the record's, or for older records the checkpoint's file
 name without its suffixes), from ``checkpoint_load``, ``partial`` (loaded with ``--allow-partial``)
 and ``missing`` (how many trunk keys were left at random init), and ``tuned_on_test`` /
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,10 @@ STR_FIELDS = ["task", "dataset", "split", "layer", "metric", "checkpoint_id", "c
               "created", "run_id", "protocol_hash"]
 DICT_FIELDS = ("params", "checkpoint_meta", "versions", "checkpoint_load")
 UNKNOWN = ("", "unknown")  # metadata a foreign checkpoint does not carry
+#: the dataset of a multi-dataset task's summary records (linear_transfer's mean over its datasets)
+SUMMARY_DATASET = "all"
+#: tasks whose per-dataset numbers make a checkpoints x datasets table with the mean and the average rank
+RANKED_TASKS = ("linear_transfer", "fewshot")
 # evalsuite.checkpoints.NAME_SUFFIXES (not imported: that module loads torch)
 NAME_SUFFIXES = (".tar", ".pth", ".pt", ".pyth", ".ckpt", ".safetensors", ".torch", ".pkl", ".bin")
 
@@ -296,3 +304,52 @@ def export_columns() -> list[str]:
             "task", "dataset", "split", "layer", "metric", "variant", "protocol", "value", "std", "n_seeds", "ci_low",
             "ci_high", "ci_level", "tuned_on_test", "tuned_on_test_params", "n_runs", "params_conflict",
             "lower_is_better", "note", "created", "params_json", "source_file"]
+
+
+@dataclass
+class RankTable:
+    """Checkpoints x datasets of one task: ``columns`` the (dataset, metric, variant) of each number; ``rows`` one per
+    (ckpt, protocol) with ``layer`` (the layer shown), a column per entry of ``columns`` (NaN: not run), ``mean``
+    (over the row's numbers), ``n`` (how many) and ``avg_rank``."""
+
+    task: str
+    columns: list[tuple[str, str, str]]
+    rows: pd.DataFrame
+
+
+def rank_table(agg: pd.DataFrame, task: str) -> RankTable:
+    """The transfer view of ``task`` (higher is better for every metric it has): per (checkpoint, protocol) the layer
+    with the most numbers, then the best mean over them; its numbers, their mean, and the average rank: per column,
+    the checkpoints of the same protocol ranked (1 = best, ties share the mean of their ranks), averaged over the
+    columns the row has (Ericsson et al. 2021's "average rank", which needs several checkpoints). The summary
+    records (``SUMMARY_DATASET``) are not columns: their mean is the row's ``mean``."""
+    d = agg[(agg["task"] == task) & (agg["dataset"] != SUMMARY_DATASET) & agg["value"].notna()]
+    columns = sorted({(r["dataset"], r["metric"], r["variant"]) for r in d.to_dict("records")},
+                     key=lambda c: (c[0], _variant_number(c[2]), c[1]))
+    names = ["ckpt", "protocol", "layer", *map(str, columns), "mean", "n", "avg_rank"]
+    rows = []
+    for (ck, protocol), g in d.groupby(["ckpt", "protocol"], sort=True):
+        best = None
+        for layer, lg in g.groupby("layer", sort=False):
+            values = {(r["dataset"], r["metric"], r["variant"]): r["value"] for r in lg.to_dict("records")}
+            key = (len(values), sum(values.values()) / len(values))
+            if best is None or key > best[0]:
+                best = (key, layer, values)
+        (n, mean), layer, values = best
+        rows.append({"ckpt": ck, "protocol": protocol, "layer": layer,
+                     **{str(c): values.get(c, math.nan) for c in columns}, "mean": mean, "n": n})
+    t = pd.DataFrame(rows, columns=names[:-1])
+    if not t.empty:
+        cells = [str(c) for c in columns]
+        ranks = t.groupby("protocol")[cells].rank(ascending=False, method="average")
+        t["avg_rank"] = ranks.mean(axis=1, skipna=True)
+        t = t.sort_values(["protocol", "avg_rank", "ckpt"], kind="stable").reset_index(drop=True)
+    else:
+        t["avg_rank"] = pd.Series(dtype=float)
+    return RankTable(task, columns, t)
+
+
+def _variant_number(v: str) -> float:
+    """``shots=20`` -> 20 (so 5-shot sorts before 20-shot); no number: -1."""
+    tail = str(v).rsplit("=", 1)[-1]
+    return float(tail) if tail.isdigit() else -1.0

@@ -32,8 +32,9 @@ from evalsuite.outputs import load_arrays
 from .compare import Tolerance
 
 PAIRED_KEY = ["task", "dataset", "split", "layer", "metric", "variant"]
-#: arrays that identify the test samples and their order; compared when both outputs files keep them
-SAMPLE_IDS = ("targets", "labels")
+#: arrays that identify the test samples and their order; compared when both outputs files keep them (few-shot:
+#: ``episodes``, the rows each episode drew, so two runs are paired episode by episode)
+SAMPLE_IDS = ("targets", "labels", "episodes")
 #: a recorded value and the one recomputed from its outputs agree to this (in the metric's units)
 VALUE_TOLERANCE = 1e-6
 

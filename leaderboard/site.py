@@ -3,12 +3,14 @@
 Layout of the output directory (works offline from ``file://``; no CDN, no network)::
 
     index.html                overview: checkpoints x tasks at their best layer (sortable) + published best layers
+                              (a multi-dataset task by its summary records alone, linear_transfer's mean); the
+                              transfer tables (checkpoints x datasets, mean, average rank: linear_transfer, fewshot)
     tasks/<task>.html         per-layer tables and line plots per (dataset, split, metric), published rows beside ours
     checkpoints/<id>.html     every number of one checkpoint with its full protocol (params)
     plots/*.svg               matplotlib SVGs (embedded with <img>)
     static/style.css, static/sort.js
     leaderboard.csv           the aggregated table (one row per key, params as JSON)
-    leaderboard.md            the overview as a Markdown table
+    leaderboard.md            the overview (and the transfer tables) as Markdown tables
     references_used.csv       the published rows shown on the site
 
 The site is rendered into a temporary sibling directory and swapped into place
@@ -40,8 +42,12 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from evalsuite.errors import UserError
 from evalsuite.io import replace_dir
+from evalsuite.stats import CI_METHOD
 
 from .aggregate import (
+    RANKED_TASKS,
+    SUMMARY_DATASET,
+    RankTable,
     best_layer,
     checkpoint_table,
     deduplicate,
@@ -49,6 +55,7 @@ from .aggregate import (
     layer_sort_key,
     load_results,
     partial_note,
+    rank_table,
 )
 from .references import load_references
 
@@ -145,6 +152,8 @@ def _row_key(r: dict) -> tuple[str, str]:
 def _cols_for_overview(best: pd.DataFrame) -> list[tuple]:
     cols = []
     for task, g in best.groupby("task", sort=True):
+        if (g["dataset"] == SUMMARY_DATASET).any():  # a multi-dataset task: its summary here, the rest in its table
+            g = g[g["dataset"] == SUMMARY_DATASET]
         metrics = [m for m in PRIMARY_METRICS if m in set(g["metric"])] or sorted(set(g["metric"]))
         sub = g[g["metric"].isin(metrics)]
         combos = sub[["dataset", "split", "metric", "variant"]].drop_duplicates().to_dict("records")
@@ -201,11 +210,13 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
     _mark_ties(overview_rows, cols, **(ties or {"resamples": 0, "alpha": 0.05}))
     columns = [{**_col_label(c, multi[c[0]]), "task_slug": task_slug[c[0]], "lower": _lower(c[3])} for c in cols]
     published_best = _published_best(refs, cols) if refs is not None else []
+    transfer = [_rank_view(rank_table(agg, t), ck_info) for t in RANKED_TASKS if t in tasks]
+    transfer = [t for t in transfer if t["rows"]]
     pages = []
     (root / "index.html").write_text(env.get_template("index.html").render(
         title=title, base="", columns=columns, rows=overview_rows, tasks=[(t, task_slug[t]) for t in tasks],
         checkpoints=list(ck_info.values()), published=published_best, mode=mode, our_protocols=our_protocols,
-        n_numbers=len(agg)), encoding="utf-8")
+        n_numbers=len(agg), transfer=transfer), encoding="utf-8")
     pages.append("index.html")
 
     # ---------------- task pages
@@ -281,7 +292,8 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
     export = agg[cols_out].copy()
     export["tuned_on_test_params"] = [" ".join(t) for t in export["tuned_on_test_params"]]
     export.to_csv(root / "leaderboard.csv", index=False)
-    (root / "leaderboard.md").write_text(_markdown(columns, overview_rows), encoding="utf-8")
+    markdown = _markdown(columns, overview_rows) + "".join(_rank_markdown(t) for t in transfer)
+    (root / "leaderboard.md").write_text(markdown, encoding="utf-8")
     if used_refs:
         pd.concat(used_refs).drop_duplicates().drop(columns=["value_num"]).to_csv(root / "references_used.csv",
                                                                                     index=False)
@@ -329,9 +341,13 @@ def _spread(r: dict) -> dict[str, str]:
     lo, hi = r.get("ci_low"), r.get("ci_high")
     if _finite(lo) and _finite(hi):
         level = r.get("ci_level")
-        what = f"{float(level):.0%} bootstrap interval" if _finite(level) else "bootstrap interval"
+        level_text = f"{float(level):.0%} " if _finite(level) else ""
+        method = r.get("ci_method") or CI_METHOD
+        # the bootstrap's wording as before; an interval of the statistic's own (few-shot episodes) names its method
+        what = f"{level_text}bootstrap interval over the test samples" if method == CI_METHOD else \
+            f"{level_text}interval ({method})"
         return {"pm": f"± {fmt_num((hi - lo) / 2)}", "range": f"[{fmt_num(lo)}, {fmt_num(hi)}]",
-                "title": f"{what} over the test samples: [{fmt_num(lo, 3)}, {fmt_num(hi, 3)}]"}
+                "title": f"{what}: [{fmt_num(lo, 3)}, {fmt_num(hi, 3)}]"}
     return {"pm": "", "range": "", "title": ""}
 
 
@@ -413,4 +429,37 @@ def _markdown(columns: list[dict], rows: list[dict]) -> str:
                  "of the bootstrap interval over the test samples, or the std over n seeds; [1st] / [=1st]: the best "
                  "of a column and the entries statistically tied with it; †: a hyper-parameter was chosen on the test "
                  "set (docs/uncertainty.md).")
+    return "\n".join(lines) + "\n"
+
+
+def _rank_view(table: RankTable, ck_info: dict[str, dict]) -> dict[str, Any]:
+    """A transfer table for the template: column labels (dataset, then metric and shots) and one row per
+    (checkpoint, protocol) with its layer, numbers, mean, count and average rank."""
+    def shots(variant: str) -> str:  # shots=5 -> 5-shot
+        return f"{variant.split('=', 1)[1]}-shot" if variant.startswith("shots=") else variant
+
+    columns = [{"label": ds, "sub": " ".join(x for x in (metric, shots(variant)) if x)}
+               for ds, metric, variant in table.columns]
+    rows = []
+    for r in table.rows.to_dict("records"):
+        cells = [r[str(c)] if _finite(r[str(c)]) else None for c in table.columns]
+        rows.append({"ck": ck_info[r["ckpt"]], "protocol": r["protocol"], "layer": r["layer"], "cells": cells,
+                     "mean": r["mean"], "n": int(r["n"]), "avg_rank": r["avg_rank"]})
+    return {"task": table.task, "id": f"transfer-{slug(table.task)}", "columns": columns, "rows": rows,
+            "n_columns": len(columns)}
+
+
+def _rank_markdown(t: dict[str, Any]) -> str:
+    head = ["checkpoint", "protocol", "layer", *(f"{c['label']} {c['sub']}".strip() for c in t["columns"]), "mean",
+            "avg. rank"]
+    lines = ["", f"## {t['task']}: checkpoints x datasets", "",
+             "| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+    for r in t["rows"]:
+        n = f" ({r['n']} of {t['n_columns']})" if r["n"] < t["n_columns"] else ""
+        cells = [r["ck"]["label"], r["protocol"], r["layer"], *(fmt_num(c) for c in r["cells"]),
+                 fmt_num(r["mean"]) + n, fmt_num(r["avg_rank"])]
+        lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
+    lines += ["", "Each checkpoint at its layer with the most numbers (then the best mean); mean over its datasets; "
+              "average rank: per column, the checkpoints of the same protocol ranked (1 = best), averaged over the "
+              "row's columns (Ericsson et al. 2021)."]
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ def data_root(tmp_path_factory) -> Path:
 def test_synth_all_writes_every_layout(data_root: Path):
     for sub in ("imagefolder/train", "VOCdevkit/VOC2007/ImageSets/Main/trainval.txt",
                 "places205/trainvalsplit_places205/train_places205.csv", "nyuv2/nyu_depth_v2_labeled.mat",
-                "nyuv2/splits.mat", "cifar-10-batches-py/test_batch"):
+                "nyuv2/splits.mat", "cifar-10-batches-py/test_batch", "dtd/dtd/labels/val1.txt", "eurosat/2750"):
         assert (data_root / sub).exists(), sub
     assert not [p for p in data_root.iterdir() if p.name.startswith(".")]  # no leftover temporaries
 

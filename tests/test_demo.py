@@ -49,6 +49,8 @@ def test_task_scoped_overrides_go_to_their_task_only(tmp_path) -> None:
     knn = steps["evaluate random on knn"]
     assert "knn.k=5" in knn and "image_size=32" in knn and "voc07_svm.folds=2" not in knn
     assert "voc07_svm.folds=2" in steps["evaluate random on voc07_svm"]
+    # the demo's own items for tasks outside the selection (detection, the transfer tasks) are left out
+    assert not [x for x in knn if x.startswith(("detection.", "navigation.", "linear_transfer.", "fewshot."))]
 
 
 def test_navigation_baselines_run_once(tmp_path) -> None:

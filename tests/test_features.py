@@ -215,6 +215,22 @@ def test_scale_square_resizes_the_shorter_side_then_the_whole_image() -> None:
     assert np.abs(got - one_step).max() > 0.02  # one PIL step is not the two
 
 
+def test_square_center_crop_is_cdfsls_scale_then_center_crop() -> None:
+    """CD-FSL's evaluation transform (the few-shot task): Scale([r, r]) of the whole image, then CenterCrop(s), by
+    hand with PIL on a non-square image (unlike center_crop, which keeps the aspect ratio); the tensor path (GPU
+    decoding) within a grey level."""
+    import torch
+
+    img = _image(60, 40)
+    tf = Transform(size=16, mode="square_center_crop", resize=20, **RAW)
+    ref = img.resize((20, 20), Image.BILINEAR).crop((2, 2, 18, 18))
+    np.testing.assert_allclose(tf(img).numpy(), _pixels(ref), atol=1e-6)
+    kept_aspect = Transform(size=16, mode="center_crop", resize=20, **RAW)(img).numpy()
+    assert np.abs(tf(img).numpy() - kept_aspect).max() > 0.02
+    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    assert float((tf.on_tensor(tensor) - tf(img)).abs().max()) <= 1.0 / 255 + 1e-6
+
+
 def test_cv2_bilinear_averages_2x2_blocks_on_a_2x_reduction() -> None:
     """OpenCV's INTER_LINEAR samples at half-pixel centres without antialiasing: halving a 4x4 image gives each
     2x2 block's mean (by hand); PIL's bilinear filter spreads wider."""

@@ -469,3 +469,29 @@ def test_old_records_get_the_name_new_records_carry(spec) -> None:
     from leaderboard.aggregate import name_from_spec
 
     assert name_from_spec(spec) == checkpoint_name(spec)
+
+
+def test_rank_table_means_and_average_ranks_by_hand(tmp_path) -> None:
+    """linear_transfer's checkpoints x datasets: each row at its layer with the most numbers, then the best mean;
+    ranks per column among the same protocol (ties share the mean rank), averaged over the row's columns; the
+    summary records are not columns; another protocol is ranked on its own."""
+    from leaderboard.aggregate import rank_table
+
+    def lt(value, dataset, ck, layer="res5", metric="top1", protocol="ericsson21"):
+        return rec(value, task="linear_transfer", dataset=dataset, metric=metric, ck=ck, method=ck * 3, layer=layer,
+                   protocol=protocol, params={})
+
+    records = [lt(80.0, "cifar10", "a"), lt(50.0, "dtd", "a"), lt(65.0, "all", "a", metric="mean"),
+               lt(90.0, "cifar10", "b"), lt(50.0, "dtd", "b"),
+               lt(99.0, "cifar10", "b", layer="res4"),  # one number at res4: b is shown at res5, its two numbers
+               lt(70.0, "cifar10", "c"),  # no dtd: ranked on cifar10 alone
+               lt(10.0, "cifar10", "d", protocol="quick"), lt(5.0, "dtd", "d", protocol="quick")]
+    write(tmp_path, records)
+    table = rank_table(deduplicate(load_results([tmp_path])), "linear_transfer")
+    assert table.columns == [("cifar10", "top1", ""), ("dtd", "top1", "")]
+    rows = {r["ckpt"][0]: r for r in table.rows.to_dict("records")}
+    assert rows["b"]["layer"] == "res5" and rows["b"]["mean"] == 70.0 and rows["b"]["n"] == 2
+    # cifar10: b 1, a 2, c 3; dtd: a and b tied, 1.5 each
+    assert (rows["a"]["avg_rank"], rows["b"]["avg_rank"], rows["c"]["avg_rank"]) == (1.75, 1.25, 3.0)
+    assert rows["c"]["mean"] == 70.0 and rows["c"]["n"] == 1 and rows["d"]["avg_rank"] == 1.0
+    assert [r["ckpt"][0] for r in table.rows.to_dict("records")] == ["b", "a", "c", "d"]  # by protocol, then rank

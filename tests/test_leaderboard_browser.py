@@ -237,3 +237,34 @@ def test_task_page_renders_its_plot(tmp_path, chromium) -> None:
     assert "[79.50, 97.50]" in dom  # supervised's res5 interval beside its number
     svg = (index.parent / "plots" / dom.split('src="../plots/')[1].split('"')[0]).read_text()
     assert 'id="LineCollection_1"' in svg  # the per-layer plot's error bars
+
+
+def test_transfer_table_renders(tmp_path, chromium) -> None:
+    """linear_transfer records of three checkpoints: the index has the checkpoints x datasets table with the mean and
+    the average rank (best first), and the overview shows only the summary mean of the task."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    recs = []
+    for i, (method, cifar, dtd) in enumerate((("supervised", 90.0, 70.0), ("jigsaw", 60.0, 40.0),
+                                              ("rotnet", 95.0, 20.0))):
+        mean = (cifar + dtd) / 2
+        for dataset, metric, v in (("cifar10", "top1", cifar), ("dtd", "top1", dtd), ("all", "mean", mean)):
+            recs.append(Result(task="linear_transfer", dataset=dataset, split="test", layer="res5", metric=metric,
+                               value=v, checkpoint_id=str(i) * 64, checkpoint=f"{method}.pth", method=method,
+                               arch="resnet50", pretrain_data="imagenet1k", protocol="ericsson21", params={},
+                               created="2024-01-01T00:00:00Z"))
+    append_results(runs / "results.jsonl", recs)
+    build_site([runs], tmp_path / "site")
+    dom = subprocess.run([chromium, *[f for f in FLAGS if f != "--remote-debugging-pipe"],
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          (tmp_path / "site" / "index.html").resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    table = dom.split('class="sortable transfer"')[1].split("</table>")[0]
+    rows = table.split("<tbody>")[1].split("<tr>")[1:]
+    cells = [[c.split(">", 1)[1].split("<")[0].strip() for c in r.split("<td")[4:]] for r in rows]
+    # per column ranks: cifar10 rotnet 1, supervised 2, jigsaw 3; dtd supervised 1, jigsaw 2, rotnet 3
+    assert cells == [["90.00", "70.00", "80.00", "1.50"], ["95.00", "20.00", "57.50", "2.00"],
+                     ["60.00", "40.00", "50.00", "2.50"]]
+    assert [r.split('title="')[1].split(".pth")[0] for r in rows] == ["supervised", "rotnet", "jigsaw"]
+    overview = dom.split('id="overview-table"')[1].split("</thead>")[0]
+    assert "linear_transfer" in overview and "cifar10" not in overview  # the summary column only

@@ -203,3 +203,61 @@ def test_a_record_whose_outputs_do_not_give_its_value_gets_no_interval(tmp_path,
     assert r.ci_low is None and "give 100" in capsys.readouterr().err
     write_outputs([r], tmp_path)  # the arrays are still kept
     assert r.outputs["statistic"] == "mean" and (tmp_path / r.outputs["file"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ transfer statistics
+
+
+def _drawn(counts_row: np.ndarray) -> np.ndarray:
+    """The sample indices of one resample, each repeated as often as it was drawn (index order)."""
+    return np.repeat(np.arange(len(counts_row)), counts_row)
+
+
+def test_mean_per_class_and_map_voc11_equal_the_reference_metrics_on_every_resample():
+    """The vectorised statistics against tasks.transfer.metrics (ssl-transfer's confusion-matrix score and its
+    precision_recall_curve 11-point AP) recomputed on each resampled test set, with tied scores."""
+    from tasks.transfer import metrics as M
+
+    rng = np.random.default_rng(3)
+    n = 40
+    targets = rng.integers(0, 4, n)
+    pred = np.where(rng.random(n) < 0.6, targets, rng.integers(0, 4, n))
+    labels = np.where(rng.random((n, 3)) < 0.35, 1, np.where(rng.random((n, 3)) < 0.2, 0, -1))  # 0: difficult
+    scores = np.round(rng.normal(size=(n, 3)) + labels, 1)  # rounded: ties
+    counts = np.concatenate(list(stats.bootstrap_counts(n, 30, seed=1)))
+    mpc = stats.STATISTICS["mean_per_class"]
+    voc = stats.STATISTICS["map_voc11"]
+    got_mpc = mpc.resampled({"targets": targets, "pred": pred}, counts)
+    got_voc = voc.resampled({"scores": scores, "labels": labels}, counts)
+    checked = 0
+    for b in range(len(counts)):
+        i = _drawn(counts[b])
+        t, p = targets[i], pred[i]
+        if np.isin(p, t).all():  # where the reference's score is defined, the statistic is it
+            assert got_mpc[b] * 100 == pytest.approx(M.mean_per_class_accuracy(t, p), abs=1e-9)
+            checked += 1
+        y = labels[i] == 1
+        if y.any(axis=0).all():
+            assert got_voc[b] * 100 == pytest.approx(M.mean_ap(y, scores[i]), abs=1e-9)
+    assert checked > 5
+    # the points are the reference metrics on the whole set (NaN where a prediction is no target's class)
+    whole = M.mean_per_class_accuracy(targets, pred)
+    assert mpc.point({"targets": targets, "pred": pred}) * 100 == pytest.approx(whole)
+    assert voc.point({"scores": scores, "labels": labels}) * 100 == pytest.approx(M.mean_ap(labels == 1, scores))
+    assert math.isnan(mpc.point({"targets": np.array([0, 0, 1]), "pred": np.array([0, 2, 1])}))
+
+
+def test_episode_mean_has_the_references_normal_interval():
+    """Few-shot: mean +- 1.96 std / sqrt(episodes) (numpy's population std) at 95 %, the normal quantile otherwise;
+    no resamples drawn; the other statistics of the same call keep the bootstrap."""
+    acc = np.array([60.0, 80.0, 73.3, 66.7, 93.3, 53.3, 86.7, 80.0])
+    half = 1.96 * acc.std() / math.sqrt(len(acc))
+    iv, boot = stats.bootstrap_many([("episode_mean", {"values": acc}), ("mean", {"values": acc})], 200, 0.95, 0)
+    assert (iv.estimate, iv.low, iv.high) == (pytest.approx(acc.mean()), pytest.approx(acc.mean() - half),
+                                              pytest.approx(acc.mean() + half))
+    assert iv.resamples == 0 and iv.method.startswith("normal over episodes") and boot.resamples == 200
+    iv90 = stats.bootstrap("episode_mean", {"values": acc}, level=0.9)
+    assert iv90.high - acc.mean() == pytest.approx(1.6448536 * acc.std() / math.sqrt(len(acc)))
+    # paired comparisons resample episodes like any mean
+    np.testing.assert_allclose(stats.STATISTICS["episode_mean"].resampled({"values": acc}, np.ones((1, 8))),
+                               [acc.mean()])

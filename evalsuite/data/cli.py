@@ -9,7 +9,12 @@ from pathlib import Path
 from ..console import HelpFormatter
 from ..errors import BadData, UserError
 
-SYNTH_KINDS = ("imagefolder", "imagenet", "voc", "places", "nyuv2", "cifar10")  # what --kind all writes
+# what --kind all writes: every image kind, and the two transfer stand-ins the demo evaluates (linear_transfer on
+# cifar10 and dtd, fewshot on eurosat)
+SYNTH_KINDS = ("imagefolder", "imagenet", "voc", "places", "nyuv2", "cifar10", "dtd", "eurosat")
+# per class at --size 1 and the least, for the transfer kinds --kind all writes: a quick few-shot episode draws
+# 5 + 15 images of a class, so eurosat keeps 20 per class at any size
+ALL_TRANSFER_PER_CLASS = {"dtd": (4, 2), "eurosat": (20, 20)}
 VIDEO_KINDS = ("video", "egomotion")  # written only when asked for (egomotion needs the navigation plug-in)
 # the transfer suite's datasets with a synthetic writer (evalsuite/data/synth_transfer.py), written only when asked
 # for, one by one or all with --kind transfer
@@ -50,15 +55,16 @@ def add_command(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     s = dsub.add_parser("synth", help="write synthetic datasets in their real on-disk formats",
                         formatter_class=HelpFormatter, epilog=EPILOG)
-    s.add_argument("--kind", default="all", choices=[*SYNTH_KINDS, *VIDEO_KINDS, *TRANSFER_KINDS, "transfer", "all"],
-                   help="dataset to write (default all: every image kind into the one data root; transfer: every "
-                        "transfer-suite kind)")
+    kinds = list(dict.fromkeys([*SYNTH_KINDS, *VIDEO_KINDS, *TRANSFER_KINDS, "transfer", "all"]))
+    s.add_argument("--kind", default="all", choices=kinds,
+                   help="dataset to write (default all: every image kind into the one data root, with the transfer "
+                        "suite's dtd and eurosat; transfer: every transfer-suite kind)")
     s.add_argument("--out", type=Path, required=True, help="data root to write into (each kind in its usual sub-path)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical files)")
     s.add_argument("--size", type=float, default=1.0,
                    help="scale factor on the number of images (1.0: ~400 VOC, 400 Places, 96 NYUv2, 240 ImageFolder, "
                         "128 ImageNet, 600 CIFAR images, 16 videos, 10 ego-motion sequences; transfer kinds: 5 classes "
-                        "x 6 images per split)")
+                        "x 6 images per split, with --kind all dtd 4 and eurosat 20 (at least 20))")
     s.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: each kind's own)")
     s.add_argument("--nyu-format", choices=["mat", "dir"], default="mat",
                    help="NYUv2 layout: labeled .mat + splits.mat (default) or per-frame files")
@@ -114,7 +120,8 @@ def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: i
         elif k in TRANSFER_KINDS:
             from .synth_transfer import DEFAULT_PER_CLASS, write_transfer
 
-            done[k] = write_transfer(k, out, per_class=max(1, round(DEFAULT_PER_CLASS * scale)), seed=seed,
+            base, least = ALL_TRANSFER_PER_CLASS[k] if kind == "all" else (DEFAULT_PER_CLASS, 1)
+            done[k] = write_transfer(k, out, per_class=max(least, round(base * scale)), seed=seed,
                                      image_size=image_size or 32)
         elif k == "egomotion":
             done[k] = V.write_egomotion(out, egomotion_recorder(), seed=seed, scale=scale,

@@ -1,5 +1,5 @@
-"""Many-dataset transfer on frozen features (Ericsson et al. 2021): the batched logistic-regression path
-(``logreg``), its reference backends (``reference``), the per-dataset metrics (``metrics``) and few-shot
-episodes (``fewshot``). No task is registered yet."""
+"""Many-dataset transfer on frozen features (Ericsson et al. 2021): the linear_transfer and fewshot tasks, built on
+the batched logistic-regression path (``logreg``), its reference backends (``reference``), the per-dataset metrics
+(``metrics``) and few-shot episodes (``fewshot``)."""
 
-TASKS: dict[str, str] = {}
+TASKS = {"linear_transfer": "linear_transfer:task", "fewshot": "fewshot_task:task"}

@@ -146,14 +146,16 @@ class FewShotResult:
 
 
 def evaluate(feats: np.ndarray, labels: np.ndarray, *, n_way: int = 5, k_shot: int = 5, n_query: int = 15,
-             n_episodes: int = 600, classifier: str = "prototype", seed: int = 0, device: str = "cpu") -> FewShotResult:
-    """Sample the episodes, fit one classifier per episode (``prototype`` or ``linear``), summarise."""
+             n_episodes: int = 600, classifier: str = "prototype", seed: int = 0, device: str = "cpu",
+             **linear_kw) -> FewShotResult:
+    """Sample the episodes, fit one classifier per episode (``prototype`` or ``linear``, whose settings
+    ``linear_kw`` passes to :func:`linear_probe_logits`), summarise."""
     episodes = sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed)
     x = torch.as_tensor(np.asarray(feats, dtype=np.float32), device=device)
     if classifier == "prototype":
         logits = prototype_logits(x, episodes)
     elif classifier == "linear":
-        logits = linear_probe_logits(x, episodes, seed=seed)
+        logits = linear_probe_logits(x, episodes, seed=seed, **linear_kw)
     else:
         raise UserError(f"unknown few-shot classifier {classifier!r} (prototype, linear)")
     acc = episode_accuracy(logits, episodes)
