@@ -55,3 +55,19 @@ def synthetic_voc(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vocdata")
     write_voc2007(root, seed=0, image_size=40, n_trainval=60, n_test=40)
     return root
+
+
+@pytest.fixture(scope="session")
+def random_init():
+    """``random_init(arch)``: the state dict of ``random:<arch>`` (seed 0), the untrained trunk a trained checkpoint
+    must differ from; built once per arch and test process (read-only: do not modify the tensors)."""
+    from evalsuite.checkpoints import load_checkpoint
+
+    built: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(arch: str) -> dict[str, torch.Tensor]:
+        if arch not in built:
+            built[arch] = load_checkpoint(f"random:{arch}").build_trunk().state_dict()
+        return built[arch]
+
+    return get

@@ -51,7 +51,7 @@ def test_video_methods_and_their_data():
 
 
 def test_bench_video_mode(tmp_path, monkeypatch, capsys):
-    """A video method and an ego-motion method, 2 steps each on 2 tiny videos / walks: the random-init row and
+    """A video method and an ego-motion method, 1 step each on 2 tiny videos / walks: the random-init row and
     both methods' rows with per-tap kNN top-1 and VOC mAP, each checkpoint trained on its kind of data."""
     import benchmarks.common
     from benchmarks import bench_pretrain_quality as bench
@@ -60,7 +60,7 @@ def test_bench_video_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("evalsuite.data.cli.egomotion_recorder", lambda: fake_recorder(calls))
     monkeypatch.setattr(benchmarks.common, "OUT_DIR", tmp_path / "out")
     work, root = tmp_path / "work", tmp_path / "data"
-    argv = ["--video", "--methods", "slow_features,egomotion", "--steps", "2", "--batch-size", "4", "--px", "32",
+    argv = ["--video", "--methods", "slow_features,egomotion", "--steps", "1", "--batch-size", "4", "--px", "32",
             "--per-class", "2", "--voc-scale", "0.1", "--videos", "2", "--egomotion-sequences", "2",
             "--video-seconds", "1.5", "--video-px", "32", "--samples-per-video", "4", "--set", "dim=16",
             "--set", "fc6_dim=16", "--set", "fc7_dim=16", "--set", "max_gap=3", "--eval-set", "voc07_svm.costs=[1.0]",
@@ -78,7 +78,7 @@ def test_bench_video_mode(tmp_path, monkeypatch, capsys):
     assert (slow["method"], slow["pretrain_dataset"]) == ("slow_features", "video")
     assert (ego["method"], ego["pretrain_dataset"]) == ("egomotion", "egomotion")
     for row in (slow, ego):
-        assert row["steps"] == 2 and row["image_size"] == 32 and row["load_before"] >= 0
+        assert row["steps"] == 1 and row["image_size"] == 32 and row["load_before"] >= 0
         meta = read_metadata(work / f"{row['method']}.safetensors")
         assert meta["data_kind"] == row["pretrain_dataset"]
         assert row["d_knn"] == round(row["knn_top1"] - rand["knn_top1"], 2)

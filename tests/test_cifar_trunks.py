@@ -22,11 +22,13 @@ from evalsuite.trunks import ARCHS, RESNET_TAPS, build_trunk, infer_arch, pool_f
 CIFAR_ARCHS = ("resnet18_cifar", "resnet34_cifar", "resnet50_cifar")
 
 
-def solo_learn_resnet(name: str) -> nn.Module:
-    """The backbone as solo-learn's main_linear.py builds it for cifar10/cifar100, written out independently."""
-    net = getattr(torchvision.models, name)(weights=None)
-    net.fc = nn.Identity()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+def solo_learn_resnet(name: str, device: str = "cpu") -> nn.Module:
+    """The backbone as solo-learn's main_linear.py builds it for cifar10/cifar100, written out independently
+    (``device="meta"``: the layout without weights, for a state dict loaded with ``assign=True``)."""
+    with torch.device(device):
+        net = getattr(torchvision.models, name)(weights=None)
+        net.fc = nn.Identity()
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
     net.maxpool = nn.Identity()
     return net
 
@@ -92,6 +94,12 @@ def cifar18() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+def imagenet18() -> dict[str, torch.Tensor]:
+    """An ImageNet-stem ResNet-18 state dict with random values (built once per module)."""
+    return randomised(build_trunk("resnet18", seed=0).state_dict(), seed=5)
+
+
+@pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
@@ -111,10 +119,11 @@ def test_trunk_is_solo_learns_cifar_resnet(arch: str, images) -> None:
     base = arch.removesuffix("_cifar")
     assert (trunk.conv1.kernel_size, trunk.conv1.stride, trunk.conv1.padding) == ((3, 3), (1, 1), (2, 2))
     assert trunk.conv1.bias is None and isinstance(trunk.maxpool, nn.Identity)
-    tv = {k for k in getattr(torchvision.models, base)(weights=None).state_dict() if not k.startswith("fc.")}
+    with torch.device("meta"):  # names only
+        tv = {k for k in getattr(torchvision.models, base)(weights=None).state_dict() if not k.startswith("fc.")}
     assert set(trunk.state_dict()) == tv  # torchvision's names, so every format converts to them
-    ref = solo_learn_resnet(base).eval()
-    ref.load_state_dict(trunk.state_dict(), strict=False)
+    ref = solo_learn_resnet(base, device="meta").eval()
+    ref.load_state_dict(trunk.state_dict(), assign=True)  # every tensor of the reference is the trunk's
     with torch.no_grad():
         out = trunk(images)
         assert torch.allclose(out["conv1"], ref.relu(ref.bn1(ref.conv1(images))))
@@ -137,8 +146,10 @@ GRIDS_32 = {"resnet18_cifar": {"conv1": 12, "res2": 12, "res3": 8, "res4": 6, "r
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet50_cifar"])
 def test_tap_shapes_and_goyal_dims_at_32px(arch: str, images) -> None:
     assert tap_shapes(arch, 32) == SHAPES_32[arch]
+    with torch.device("meta"):  # the shapes of the real forward, without weights or arithmetic
+        trunk = build_trunk(arch)
     with torch.no_grad():
-        out = build_trunk(arch, seed=0).eval()(images[:1])
+        out = trunk.eval()(images[:1].to("meta"))
     assert {t: tuple(v.shape[1:]) for t, v in out.items()} == SHAPES_32[arch]
     for tap, (c, h, _) in SHAPES_32[arch].items():
         g = GRIDS_32[arch][tap]
@@ -184,19 +195,23 @@ def test_plain_state_dict_arch_comes_from_conv1s_shape(tmp_path: Path, cifar18) 
     assert load_checkpoint(tmp_path / "cifar.pth").arch == "resnet18_cifar"
     shapes = {k: tuple(v.shape) for k, v in cifar18.items()}
     assert infer_arch(shapes, shapes) == "resnet18_cifar" and infer_arch(shapes) == "resnet18"
-    r50 = {k: tuple(v.shape) for k, v in build_trunk("resnet50_cifar", seed=0).state_dict().items()}
+    with torch.device("meta"):
+        r50 = {k: tuple(v.shape) for k, v in build_trunk("resnet50_cifar").state_dict().items()}
     assert infer_arch(r50, r50) == "resnet50_cifar"
     with pytest.raises(BadCheckpoint, match="keys look like resnet18_cifar"):
         load_checkpoint(tmp_path / "cifar.pth", arch="resnet18")
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "imagenet.pth")
+    with torch.device("meta"):  # torchvision's ImageNet ResNet-18 names and shapes (the values do not matter)
+        imagenet = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in imagenet.items()}, tmp_path / "imagenet.pth")
     with pytest.raises(BadCheckpoint, match="keys look like resnet18 "):
         load_checkpoint(tmp_path / "imagenet.pth", arch="resnet18_cifar")
 
 
 def _features(ck, tiny_imagefolder: Path, cache: Path) -> dict[str, np.ndarray]:
-    from evalsuite.data import open_dataset
+    from evalsuite.data import Subset, open_dataset
 
-    ds = open_dataset("imagefolder", tiny_imagefolder / "imagefolder", "val")
+    # 4 validation images of 4 classes (3 a class): enough to tell the images apart
+    ds = Subset(open_dataset("imagefolder", tiny_imagefolder / "imagefolder", "val"), [0, 3, 6, 9])
     ext = FeatureExtractor(ck.build_trunk(), ck.id, ck.arch, cache=FeatureCache(cache), precision="fp32",
                            batch_size=8, progress=False)
     return ext.features(ds, list(RESNET_TAPS), "goyal", Transform(size=32))
@@ -255,17 +270,15 @@ def test_solo_learn_ckpt_gives_the_features_of_the_plain_weights(tmp_path: Path,
         assert torch.allclose(ck.build_trunk()(images, ["res5"])["res5"].mean(dim=(2, 3)), ref(images), atol=1e-5)
 
 
-def test_solo_learn_imagenet_run_is_the_plain_resnet(tmp_path: Path) -> None:
-    trunk = randomised(build_trunk("resnet18", seed=0).state_dict(), seed=5)
-    torch.save(solo_learn_ckpt(trunk), tmp_path / "run.ckpt")
+def test_solo_learn_imagenet_run_is_the_plain_resnet(tmp_path: Path, imagenet18) -> None:
+    torch.save(solo_learn_ckpt(imagenet18), tmp_path / "run.ckpt")
     (tmp_path / "args.json").write_text(json.dumps({**ARGS_OMEGACONF, "data": {"dataset": "imagenet100"}}))
     ck = load_checkpoint(tmp_path / "run.ckpt")
     assert ck.arch == "resnet18" and ck.pretrain_data == "imagenet100"
 
 
-def test_solo_learn_args_contradicting_the_weights_are_refused(tmp_path: Path) -> None:
-    trunk = build_trunk("resnet18", seed=0).state_dict()  # a 7x7 conv1
-    torch.save(solo_learn_ckpt(trunk), tmp_path / "run.ckpt")
+def test_solo_learn_args_contradicting_the_weights_are_refused(tmp_path: Path, imagenet18) -> None:
+    torch.save(solo_learn_ckpt(imagenet18), tmp_path / "run.ckpt")  # a 7x7 conv1
     (tmp_path / "args.json").write_text(json.dumps(ARGS_OMEGACONF))  # says cifar10
     with pytest.raises(BadCheckpoint, match="metadata says arch resnet18_cifar but the keys look like resnet18"):
         load_checkpoint(tmp_path / "run.ckpt")
@@ -296,7 +309,7 @@ def test_pretrain_builds_the_cifar_trunk_by_name(tiny_imagefolder: Path, tmp_pat
     from pretrain import TrainConfig, train
 
     cfg = TrainConfig(method="simclr", arch="resnet18_cifar", data_root=str(tiny_imagefolder),
-                      out=str(tmp_path / "s.safetensors"), batch_size=4, image_size=32, epochs=1,
+                      out=str(tmp_path / "s.safetensors"), batch_size=4, image_size=16, epochs=1,
                       max_steps_per_epoch=1, hp={"proj_hidden": 16, "proj_dim": 8}, progress=False)
     ck = load_checkpoint(train(cfg))
     assert ck.arch == "resnet18_cifar" and ck.metadata["arch"] == "resnet18_cifar" and ck.report.missing == []

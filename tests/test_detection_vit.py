@@ -180,8 +180,11 @@ def test_bad_vit_settings_and_a_resnet_trunk_are_refused():
 
 
 def test_quick_task_on_a_tiny_vit_records_the_head(synth_voc, tmp_path):  # noqa: F811 (fixture)
+    # 64 px training and test scales (quick: 128), a 4 x 4 grid of 16 px patches: the head, not the size, is tested
     ctx = make_ctx(synth_voc, tmp_path, ["detection.max_iter=3", "detection.max_test_images=2",
-                                         "detection.proposals=sliding_window"], checkpoint=f"random:{ARCH}")
+                                         "detection.proposals=sliding_window", "detection.train_scales=[64]",
+                                         "detection.train_max_size=96", "detection.test_scale=64",
+                                         "detection.test_max_size=96"], checkpoint=f"random:{ARCH}")
     plan = det.task.plan(ctx)
     assert plan.train_iterations == 3
     results = det.task.run(ctx)

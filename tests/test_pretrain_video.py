@@ -241,7 +241,7 @@ def video_root(tmp_path_factory) -> Path:
 
 
 def cfg(method: str, root: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(method=method, data_root=str(root), dataset="video", out=str(out), batch_size=4, image_size=32,
+    base = dict(method=method, data_root=str(root), dataset="video", out=str(out), batch_size=2, image_size=32,
                 epochs=1, max_steps_per_epoch=1, samples_per_video=2, hp=SMALL.get(method, {}), progress=False)
     base.update(kw)
     return TrainConfig(**base)
@@ -256,7 +256,7 @@ def test_video_examples_are_the_files_frames(video_root):
 
 
 @pytest.mark.parametrize("method", VIDEO_METHODS)
-def test_video_method_trains_and_checkpoint_loads(method, video_root, tmp_path):
+def test_video_method_trains_and_checkpoint_loads(method, video_root, random_init, tmp_path):
     out = train(cfg(method, video_root, tmp_path / f"{method}.safetensors"))
     ck = load_checkpoint(out)
     assert ck.report.missing == [] and ck.report.unexpected == []
@@ -268,7 +268,7 @@ def test_video_method_trains_and_checkpoint_loads(method, video_root, tmp_path):
     assert math.isfinite(meta["final_loss"])
     taps = ck.build_trunk()(torch.zeros(1, 3, 32, 32))
     assert all(torch.isfinite(v).all() for v in taps.values())
-    init = load_checkpoint("random:resnet18").build_trunk().state_dict()
+    init = random_init("resnet18")
     assert any(not torch.equal(v, init[k]) for k, v in ck.state_dict.items() if v.is_floating_point())
 
 
@@ -294,7 +294,8 @@ def test_cli_video_pretraining_then_evalsuite_run(video_root, tiny_imagefolder, 
     assert meta["sampling"]["samples_per_video"] == 3 and meta["hyperparameters"]["tau_min"] == 3
     assert meta["augment"]["sampler"] == "order_tuple" and meta["augment"]["tau_max"] == 8
     rc = main(["run", "--checkpoint", str(out), "--tasks", "centroid", "--protocol", "quick", "--data-root",
-               str(tiny_imagefolder), "--out", str(tmp_path / "runs"), "--no-progress"])
+               str(tiny_imagefolder), "--set", "centroid.image_size=32", "--out", str(tmp_path / "runs"),
+               "--no-progress"])
     assert rc == 0
     records = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     assert records and {r["layer"] for r in records} >= {"res5"}
@@ -317,18 +318,21 @@ def test_video_run_resumes_where_it_was_stopped(video_root, tmp_path):
                 raise KeyboardInterrupt
         return hook
 
-    kw = dict(epochs=2, max_steps_per_epoch=2, batch_size=2, save_every=1)
+    # one step per epoch: stopped in epoch 2 before its save, the run resumes from epoch 1's end state
+    kw = dict(epochs=2, max_steps_per_epoch=1, batch_size=2, save_every=1)
     full = Trainer(cfg("slow_features", video_root, tmp_path / "full.safetensors", **kw))
     full.fit()
     cut = cfg("slow_features", video_root, tmp_path / "cut.safetensors", **kw)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cut, on_step=stop_at(3)).fit()
+        Trainer(cut, on_step=stop_at(2)).fit()
     with pytest.raises(UserError, match=r"samples_per_video=2 \(now 3\)"):
         Trainer(dataclasses.replace(cut, samples_per_video=3)).fit()
     cut.workers = 1  # how it runs may change: examples drawn in a worker process are the same
-    resumed = Trainer(cut)
+    seen = []
+    resumed = Trainer(cut, on_step=lambda t: seen.append(t.global_step))
     resumed.fit()
-    assert len(resumed.losses) == len(full.losses) == 4
+    assert seen == [2]  # only the lost step ran again
+    assert len(resumed.losses) == len(full.losses) == 2
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
     a = load_checkpoint(tmp_path / "full.safetensors").state_dict
     b = load_checkpoint(tmp_path / "cut.safetensors").state_dict

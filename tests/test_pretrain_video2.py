@@ -32,7 +32,8 @@ needs_cv2 = pytest.mark.skipif(importlib.util.find_spec("cv2") is None, reason="
 SMALL = {
     "tracking": {"track_frames": 4, "dim": 16},
     "motion_masks": {"grid": 2, "bottleneck": 16, "out_size": 8},
-    "video_colorization": {"n_ref": 2, "dim": 8, "head_hidden": 16, "kmeans_examples": 4, "colours": 8},
+    "video_colorization": {"n_ref": 2, "dim": 8, "head_hidden": 16, "kmeans_examples": 4, "kmeans_pixels": 1000,
+                           "colours": 8},
     "video_context": {"hidden": 32, "frame_gap": 2},
 }
 
@@ -327,7 +328,7 @@ def cfg(method: str, root: Path, out: Path, **kw) -> TrainConfig:
                                          ("video_colorization", "resnet18"), ("video_context", "resnet18"),
                                          pytest.param("motion_masks", "vit_tiny_patch16", marks=needs_cv2),
                                          ("video_colorization", "vit_tiny_patch16")])
-def test_method_trains_and_checkpoint_loads(method, arch, video_root, tmp_path):
+def test_method_trains_and_checkpoint_loads(method, arch, video_root, random_init, tmp_path):
     out = train(cfg(method, video_root, tmp_path / f"{method}.safetensors", arch=arch))
     ck = load_checkpoint(out)
     assert ck.report.missing == [] and ck.report.unexpected == []
@@ -338,5 +339,5 @@ def test_method_trains_and_checkpoint_loads(method, arch, video_root, tmp_path):
         assert meta["input_space"] == "gray" and len(meta["colour_clusters"]) == 8
     taps = ck.build_trunk()(torch.zeros(1, 3, 32, 32))
     assert all(torch.isfinite(v).all() for v in taps.values())
-    init = load_checkpoint(f"random:{arch}").build_trunk().state_dict()
+    init = random_init(arch)
     assert any(not torch.equal(v, init[k]) for k, v in ck.state_dict.items() if v.is_floating_point())

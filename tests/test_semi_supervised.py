@@ -30,7 +30,9 @@ from tasks.semi_supervised.finetune import (
 from tasks.semi_supervised.subsets import balanced_counts, balanced_sample, read_subset_file, subset_size
 from tests.helpers import make_context
 
-QUICK_32 = ["semi_supervised.image_size=32", "semi_supervised.batch_size=8"]
+#: 16 px crops: what the fine-tuning tests check does not depend on the size (ResNet-18's res5 is then 1 x 1)
+SIZE = 16
+QUICK_SMALL = [f"semi_supervised.image_size={SIZE}", "semi_supervised.batch_size=8"]
 
 
 # ---------------------------------------------------------------------------------------------- the subset
@@ -139,17 +141,25 @@ def test_the_head_reads_res5_averaged_or_the_last_block_cls(arch) -> None:
         torch.testing.assert_close(model(x), model.head(feat))
 
 
-def _tiny_fit(data_root: Path, arch: str = "resnet18"):
-    """A ResNet-18 with a zero head, half of the tiny ImageFolder's labels (24), 1 epoch of batch 8 (4 steps)."""
+@pytest.fixture(scope="module")
+def untrained(tiny_imagefolder) -> FineTuneModel:
+    """A ResNet-18 (seed 0) with a zero head for the tiny ImageFolder's 8 classes, built once per module: each
+    fine-tuning starts from a copy (the weights a new build would have)."""
+    return FineTuneModel(build_trunk("resnet18", seed=0), 8, image_size=SIZE)
+
+
+def _tiny_fit(data_root: Path, untrained: FineTuneModel):
+    """A fresh copy of the untrained model, half of the tiny ImageFolder's labels (24), 1 epoch of batch 8
+    (4 steps)."""
     train = open_dataset("imagefolder", data_root / "imagefolder", "train")
+    assert len(train.classes) == untrained.head.out_features
     indices = balanced_sample(train.labels, len(train.classes), 0.5, seed=0)
-    model = FineTuneModel(build_trunk(arch, seed=0), len(train.classes), image_size=32)
     cfg = FitConfig(Schedule(len(indices), 8, 1, lr=0.005), seed=0)
-    return model, train, indices, cfg
+    return copy.deepcopy(untrained), train, indices, cfg
 
 
-def test_one_step_moves_only_the_zero_initialised_head_then_the_trunk_moves(tiny_imagefolder, tmp_path) -> None:
-    model, train, indices, cfg = _tiny_fit(tiny_imagefolder)
+def test_one_step_moves_only_the_zero_initialised_head_then_the_trunk_moves(tiny_imagefolder, untrained) -> None:
+    model, train, indices, cfg = _tiny_fit(tiny_imagefolder, untrained)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def changed(m) -> set[str]:
@@ -167,41 +177,41 @@ def test_one_step_moves_only_the_zero_initialised_head_then_the_trunk_moves(tiny
     # step 1 by hand: batch 0 of the seeded stream, zero logits, so the head's gradient is (1/C - onehot)^T feat / B
     # and (no trust ratio on the head, an empty momentum buffer) its update is -0.005 x sqrt(8) x that gradient
     keys = [(e, int(indices[k])) for e, k in stream_positions(0, 8, len(indices), seed=0)]
-    x = torch.stack([TrainView(size=32)(train.load_image(i), 0, e, i) for e, i in keys])
+    x = torch.stack([TrainView(size=SIZE)(train.load_image(i), 0, e, i) for e, i in keys])
     y = torch.nn.functional.one_hot(torch.as_tensor(train.labels[[i for _, i in keys]]), len(train.classes)).float()
     with torch.no_grad():
         feat = copy.deepcopy(model.trunk).train()(x, ["res5"])["res5"].mean(dim=(2, 3))
     residual = 1 / len(train.classes) - y
     with pytest.raises(Stop):
-        fine_tune(model, train, train.labels, indices, TrainView(size=32), cfg, on_step=stop_after(1))
+        fine_tune(model, train, train.labels, indices, TrainView(size=SIZE), cfg, on_step=stop_after(1))
     assert changed(model) == {"head"}  # a zero head passes no gradient to the trunk
     lr0 = 0.005 * math.sqrt(8)
     torch.testing.assert_close(model.head.weight, -lr0 * residual.T @ feat / 8, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(model.head.bias, -lr0 * residual.mean(0), rtol=1e-4, atol=1e-7)
-    report = fine_tune(model, train, train.labels, indices, TrainView(size=32), cfg)
+    report = fine_tune(model, train, train.labels, indices, TrainView(size=SIZE), cfg)
     assert changed(model) == {"head", "trunk"} and report.trunk_change > 0
     conv = model.trunk.conv1.weight
     assert not torch.equal(conv, before["trunk.conv1.weight"])  # fine-tuning: the first layer too
 
 
-def test_resume_after_an_interruption_ends_with_the_same_weights(tiny_imagefolder, tmp_path) -> None:
-    model, train, indices, cfg = _tiny_fit(tiny_imagefolder)
-    full = fine_tune(model, train, train.labels, indices, TrainView(size=32), cfg, save_every=2)
+def test_resume_after_an_interruption_ends_with_the_same_weights(tiny_imagefolder, untrained, tmp_path) -> None:
+    model, train, indices, cfg = _tiny_fit(tiny_imagefolder, untrained)
+    full = fine_tune(model, train, train.labels, indices, TrainView(size=SIZE), cfg, save_every=2)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
     state = ResumeState(tmp_path / "state.pt", {"run": "tiny"})
-    model, *_ = _tiny_fit(tiny_imagefolder)
+    model, *_ = _tiny_fit(tiny_imagefolder, untrained)
 
     def interrupt(done):
         if done == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(model, train, train.labels, indices, TrainView(size=32), cfg, resume=state, save_every=2,
+        fine_tune(model, train, train.labels, indices, TrainView(size=SIZE), cfg, resume=state, save_every=2,
                   on_step=interrupt)
-    model, *_ = _tiny_fit(tiny_imagefolder)  # a fresh process: the checkpoint's trunk, the state on disk
+    model, *_ = _tiny_fit(tiny_imagefolder, untrained)  # a fresh process: the checkpoint's trunk, the state on disk
     seen = []
-    resumed = fine_tune(model, train, train.labels, indices, TrainView(size=32), cfg, resume=state, save_every=2,
+    resumed = fine_tune(model, train, train.labels, indices, TrainView(size=SIZE), cfg, resume=state, save_every=2,
                         on_step=seen.append)
     assert resumed.resumed_from_step == 2 and seen == [3, 4]  # step 3 was lost: the last save was at 2
     assert resumed.losses == full.losses
@@ -213,7 +223,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tiny_imagefolde
 
 
 def test_quick_run_records_top1_top5_with_the_subset_and_schedule(tiny_imagefolder, tmp_path) -> None:
-    ctx = make_context("semi_supervised", tiny_imagefolder, tmp_path / "out", overrides=QUICK_32)
+    ctx = make_context("semi_supervised", tiny_imagefolder, tmp_path / "out", overrides=QUICK_SMALL)
     plan = semi.task.plan(ctx)
     results = semi.task.run(ctx)
     assert [(r.metric, r.layer, r.split) for r in results] == [("top1", "finetune_all", "val"),
@@ -243,7 +253,7 @@ def test_a_subset_file_under_the_data_root_is_read(tiny_imagefolder, tmp_path) -
     (tmp_path / "data" / "list.txt").write_text("\n".join(listed) + "\n")
     (tmp_path / "data" / "imagefolder").symlink_to(tiny_imagefolder / "imagefolder")
     ctx = make_context("semi_supervised", tmp_path / "data", tmp_path / "out",
-                       overrides=[*QUICK_32, "semi_supervised.subset_file=list.txt", "semi_supervised.epochs=1"])
+                       overrides=[*QUICK_SMALL, "semi_supervised.subset_file=list.txt", "semi_supervised.epochs=1"])
     sub = semi.labelled_subset(ctx, train, len(train.classes))
     assert [train.ids[i] for i in sub.indices] == sorted(listed) and sub.record["source"] == "file"
     assert sub.record["classes_with_count"] == {"2": 8}
