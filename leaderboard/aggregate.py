@@ -26,6 +26,9 @@ Goyal et al. 2019 per-layer tables.
 :func:`rank_table` is the transfer view (Ericsson et al. 2021): checkpoints x datasets of one task at each
 checkpoint's best layer, the mean over the datasets and the average rank across checkpoints.
 
+:func:`spectrum_correlations` sets the spectrum task's label-free metrics against kNN top-1 / VOC07 SVM mAP across
+checkpoints (each at the labelled result's best tap) with Spearman's rank correlation (issue #29).
+
 Each row also carries ``checkpoint_name`` (the record's, or for older records the checkpoint's file
 name without its suffixes), from ``checkpoint_load``, ``partial`` (loaded with ``--allow-partial``)
 and ``missing`` (how many trunk keys were left at random init), and ``tuned_on_test`` /
@@ -353,3 +356,60 @@ def _variant_number(v: str) -> float:
     """``shots=20`` -> 20 (so 5-shot sorts before 20-shot); no number: -1."""
     tail = str(v).rsplit("=", 1)[-1]
     return float(tail) if tail.isdigit() else -1.0
+
+
+#: the label-free metrics of the spectrum task, and the labelled results they are set against (issue #29)
+LABEL_FREE_TASK = "spectrum"
+LABEL_FREE_METRICS = ("rankme", "alpha_req", "uniformity", "alignment")
+LABELLED_TARGETS = (("knn", "top1"), ("voc07_svm", "mAP"))
+MIN_CORRELATION_CHECKPOINTS = 3
+
+
+@dataclass
+class Correlation:
+    """One label-free metric against one labelled result across checkpoints: ``points`` one (ckpt, layer, label-free
+    value, labelled value) per checkpoint; ``rho`` / ``p_value``: scipy's Spearman rank correlation over them (NaN
+    when one side is constant). ``spectrum`` = (dataset, protocol) of the label-free records, ``target`` = (task,
+    metric, dataset, split, variant, protocol) of the labelled ones."""
+
+    metric: str
+    spectrum: tuple[str, str]
+    target: tuple[str, str, str, str, str, str]
+    points: list[tuple[str, str, float, float]]
+    rho: float
+    p_value: float
+
+
+def spectrum_correlations(agg: pd.DataFrame, min_checkpoints: int = MIN_CORRELATION_CHECKPOINTS) -> list[Correlation]:
+    """Per label-free metric and labelled result (kNN top-1, VOC07 SVM mAP), the Spearman rank correlation across
+    checkpoints. Each checkpoint is one point at one tap: the labelled result at its best layer (:func:`best_layer`)
+    and the label-free metric at that same tap, so both numbers describe the same features; a checkpoint without
+    the label-free metric at that tap is left out. Records of different protocols or datasets are never mixed (each
+    combination is its own correlation); only those with at least ``min_checkpoints`` points are returned."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    labelled = pd.Series(False, index=agg.index)
+    for task, metric in LABELLED_TARGETS:
+        labelled |= (agg["task"] == task) & (agg["metric"] == metric)
+    targets = best_layer(agg[labelled])
+    spec = agg[(agg["task"] == LABEL_FREE_TASK) & agg["metric"].isin(LABEL_FREE_METRICS) & agg["value"].notna()]
+    if targets.empty or spec.empty:
+        return []
+    pairs = spec[["ckpt", "layer", "metric", "dataset", "protocol", "value"]].merge(
+        targets[["ckpt", "layer", "task", "metric", "dataset", "split", "variant", "protocol", "value"]],
+        on=["ckpt", "layer"], suffixes=("", "_t"))
+    out = []
+    keys = ["metric", "dataset", "protocol", "task", "metric_t", "dataset_t", "split", "variant", "protocol_t"]
+    for key, g in pairs.groupby(keys, sort=True):
+        if g["ckpt"].nunique() != len(g) or len(g) < min_checkpoints:
+            continue  # one point per checkpoint (the keys above make it so); too few to rank
+        g = g.sort_values("ckpt")
+        with warnings.catch_warnings():  # a constant side: scipy warns and returns NaN, kept as NaN
+            warnings.simplefilter("ignore")
+            res = spearmanr(g["value"], g["value_t"])
+        out.append(Correlation(key[0], (key[1], key[2]), tuple(key[3:]),
+                               list(zip(g["ckpt"], g["layer"], g["value"].astype(float), g["value_t"].astype(float))),
+                               float(res.statistic), float(res.pvalue)))
+    return sorted(out, key=lambda c: (LABEL_FREE_METRICS.index(c.metric), c.spectrum, c.target))

@@ -108,3 +108,21 @@ def step_plot(series: list[tuple[str, list[tuple[int, float]]]], metric: str, ti
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": "evalsuite watch"})
         plt.close(fig)
     return buf.getvalue().decode("utf-8")
+
+
+def scatter_plot(path: Path, points: list[tuple[str, float, float]], xlabel: str, ylabel: str, title: str) -> Path:
+    """Write one SVG: one dot per ``(label, x, y)`` (a checkpoint), labelled beside it (the label-free metric
+    against a labelled result, :func:`leaderboard.aggregate.spectrum_correlations`)."""
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(4.8, 3.6))
+        for label, x, y in points:
+            ax.plot([x], [y], linestyle="none", marker="o", markersize=4.5)
+            ax.annotate(_short(label, 28), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="svg", metadata={"Date": None, "Creator": "evalsuite leaderboard"})
+        plt.close(fig)
+    return path

@@ -6,11 +6,13 @@ Layout of the output directory (works offline from ``file://``; no CDN, no netwo
                               (a multi-dataset task by its summary records alone, linear_transfer's mean); the
                               transfer tables (checkpoints x datasets, mean, average rank: linear_transfer, fewshot)
     tasks/<task>.html         per-layer tables and line plots per (dataset, split, metric), published rows beside ours
+                              (spectrum: each label-free metric against kNN top-1 / VOC07 SVM mAP across checkpoints,
+                              scatter plots and Spearman's rank correlation, where >= 3 checkpoints have both)
     checkpoints/<id>.html     every number of one checkpoint with its full protocol (params)
     plots/*.svg               matplotlib SVGs (embedded with <img>)
     static/style.css, static/sort.js
     leaderboard.csv           the aggregated table (one row per key, params as JSON)
-    leaderboard.md            the overview (and the transfer tables) as Markdown tables
+    leaderboard.md            the overview (and the transfer tables, the spectrum correlations) as Markdown tables
     references_used.csv       the published rows shown on the site
 
 The site is rendered into a temporary sibling directory and swapped into place
@@ -45,8 +47,10 @@ from evalsuite.io import replace_dir
 from evalsuite.stats import CI_METHOD
 
 from .aggregate import (
+    LABEL_FREE_TASK,
     RANKED_TASKS,
     SUMMARY_DATASET,
+    Correlation,
     RankTable,
     best_layer,
     checkpoint_table,
@@ -56,6 +60,7 @@ from .aggregate import (
     load_results,
     partial_note,
     rank_table,
+    spectrum_correlations,
 )
 from .references import load_references
 
@@ -212,6 +217,8 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
     published_best = _published_best(refs, cols) if refs is not None else []
     transfer = [_rank_view(rank_table(agg, t), ck_info) for t in RANKED_TASKS if t in tasks]
     transfer = [t for t in transfer if t["rows"]]
+    (root / "plots").mkdir()
+    correlations = _correlation_views(spectrum_correlations(agg), ck_info, root, plots)
     pages = []
     (root / "index.html").write_text(env.get_template("index.html").render(
         title=title, base="", columns=columns, rows=overview_rows, tasks=[(t, task_slug[t]) for t in tasks],
@@ -221,7 +228,6 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
 
     # ---------------- task pages
     (root / "tasks").mkdir()
-    (root / "plots").mkdir()
     used_refs = []
     for task in tasks:
         sections = []
@@ -273,7 +279,8 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
                              "layers": layers, "rows": ordered, "lower": lower, "plot": plot_file,
                              "published": pub, "pub_layers": pub_layers})
         (root / "tasks" / f"{task_slug[task]}.html").write_text(env.get_template("task.html").render(
-            title=f"{task} — {title}", base="../", task=task, sections=sections), encoding="utf-8")
+            title=f"{task} — {title}", base="../", task=task, sections=sections,
+            correlations=correlations if task == LABEL_FREE_TASK else []), encoding="utf-8")
         pages.append(f"tasks/{task_slug[task]}.html")
 
     # ---------------- checkpoint pages
@@ -292,7 +299,8 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
     export = agg[cols_out].copy()
     export["tuned_on_test_params"] = [" ".join(t) for t in export["tuned_on_test_params"]]
     export.to_csv(root / "leaderboard.csv", index=False)
-    markdown = _markdown(columns, overview_rows) + "".join(_rank_markdown(t) for t in transfer)
+    markdown = _markdown(columns, overview_rows) + "".join(_rank_markdown(t) for t in transfer) + \
+        _correlation_markdown(correlations)
     (root / "leaderboard.md").write_text(markdown, encoding="utf-8")
     if used_refs:
         pd.concat(used_refs).drop_duplicates().drop(columns=["value_num"]).to_csv(root / "references_used.csv",
@@ -462,4 +470,40 @@ def _rank_markdown(t: dict[str, Any]) -> str:
     lines += ["", "Each checkpoint at its layer with the most numbers (then the best mean); mean over its datasets; "
               "average rank: per column, the checkpoints of the same protocol ranked (1 = best), averaged over the "
               "row's columns (Ericsson et al. 2021)."]
+    return "\n".join(lines) + "\n"
+
+
+def _correlation_views(corrs: list[Correlation], ck_info: dict[str, dict], root: Path,
+                       plots: bool) -> list[dict[str, Any]]:
+    """The spectrum page's "label-free vs labelled" section: per correlation its labels, Spearman's rho and p, the
+    points (checkpoint, tap, both values) and a scatter plot (``plots/``, linked from the task page)."""
+    views = []
+    for c in corrs:
+        task, metric, dataset, split, variant, protocol = c.target
+        target = " ".join(x for x in (task, metric, variant) if x) + f" ({dataset}/{split}, {protocol})"
+        label_free = f"{c.metric} ({c.spectrum[0]}, {c.spectrum[1]})"
+        plot = None
+        if plots:
+            name = slug(f"corr|{c.metric}|{'|'.join(c.spectrum)}|{'|'.join(c.target)}") + ".svg"
+            from .plots import scatter_plot
+
+            scatter_plot(root / "plots" / name, [(ck_info[ck]["label"], x, y) for ck, _, x, y in c.points],
+                         label_free, target, f"Spearman ρ = {fmt_num(c.rho)} (n = {len(c.points)})")
+            plot = "../plots/" + name
+        views.append({"metric": c.metric, "label_free": label_free, "target": target, "rho": c.rho,
+                      "p_value": c.p_value, "n": len(c.points), "plot": plot,
+                      "points": [{"ck": ck_info[ck], "layer": lay, "x": x, "y": y} for ck, lay, x, y in c.points]})
+    return views
+
+
+def _correlation_markdown(views: list[dict[str, Any]]) -> str:
+    if not views:
+        return ""
+    lines = ["", f"## {LABEL_FREE_TASK}: label-free metrics vs labelled results", "",
+             "| label-free metric | labelled result | checkpoints | Spearman ρ | p |", "|---|---|---|---|---|"]
+    for v in views:
+        cells = [v["label_free"], v["target"], str(v["n"]), fmt_num(v["rho"]), fmt_num(v["p_value"], 3)]
+        lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
+    lines += ["", "One point per checkpoint: the labelled result at its best tap and the label-free metric at that "
+              "same tap; Spearman's rank correlation across the checkpoints (scipy.stats.spearmanr)."]
     return "\n".join(lines) + "\n"
