@@ -20,6 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """torch and FAISS on one thread for the test (exact-equality searches compare runs thread for thread)."""
+    import faiss
+
+    before, fb = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    faiss.omp_set_num_threads(fb)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """The small real fixtures inside the repository (VOC2007 8 images, NYUv2 sample, split lists).

@@ -22,14 +22,7 @@ from tasks.linear.probe import ProbeConfig, epoch_order, train_linear_probe
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before, fb = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(fb)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_store(x: np.ndarray, root: Path, shard_rows: int, budget: str | int = "1G"):

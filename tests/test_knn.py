@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -22,14 +21,7 @@ from tests.helpers import make_context, read_records, run_cli_with_task
 TAPS = ["res4", "res5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before, fb = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(fb)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,12 +16,7 @@ def normalize_(x: np.ndarray) -> np.ndarray:
     return l2_normalize(x, 1e-12, clamp=True, inplace=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force(q: np.ndarray, b: np.ndarray, k: int, metric: str = "ip", exclude_self: bool = False):
