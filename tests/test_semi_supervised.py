@@ -17,6 +17,7 @@ from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
 from evalsuite.task import DataMissing
 from evalsuite.trunks import build_trunk
+from tasks.linear.probe import topk_accuracy
 from tasks.semi_supervised.augment import TrainView
 from tasks.semi_supervised.finetune import (
     LARS,
@@ -25,7 +26,6 @@ from tasks.semi_supervised.finetune import (
     Schedule,
     fine_tune,
     stream_positions,
-    topk_accuracy,
 )
 from tasks.semi_supervised.subsets import balanced_counts, balanced_sample, read_subset_file, subset_size
 from tests.helpers import make_context

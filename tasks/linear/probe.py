@@ -260,8 +260,8 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, what: str = "labels",
 # ---------------------------------------------------------------------------- metrics (pure)
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Fraction of samples whose true class is among the k highest scores, for each k.
+def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, np.ndarray]:
+    """Per sample and k, whether its true class is among the k highest scores (the per-sample outputs).
 
     A sample counts for top-k when fewer than k classes score strictly higher than
     its true class (ties are resolved in its favour, so the result does not depend on
@@ -275,7 +275,12 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1
         raise ValueError("no samples to score")
     true = logits[np.arange(len(labels)), labels]
     rank = (logits > true[:, None]).sum(axis=1)
-    return {int(k): float((rank < k).mean()) for k in ks}
+    return {int(k): rank < k for k in ks}
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of samples whose true class is among the k highest scores, for each k (:func:`topk_hits`)."""
+    return {k: float(hits.mean()) for k, hits in topk_hits(logits, labels, ks).items()}
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -572,8 +577,8 @@ def predict_logits(model: LinearProbe, features: np.ndarray | FeatureStore, batc
 
 def evaluate_probe(model: LinearProbe, features: np.ndarray | FeatureStore, labels: np.ndarray,
                    ks: Sequence[int] = (1, 5), source: str | Path | None = None) -> dict[str, Any]:
-    """Top-k accuracies (fractions) and the mean cross-entropy on a labelled split (a feature store: loaded when
-    it fits its memory budget, else read in blocks)."""
+    """Top-k accuracies (fractions), the mean cross-entropy and the logits on a labelled split (a feature store:
+    loaded when it fits its memory budget, else read in blocks)."""
     labels = check_labels(labels, features.shape[0], model.num_classes, "val labels", source)
     if isinstance(features, FeatureStore):
         features = features.resident()
@@ -582,4 +587,4 @@ def evaluate_probe(model: LinearProbe, features: np.ndarray | FeatureStore, labe
     else:
         check_features(features, "val features", source)
     logits = predict_logits(model, features)
-    return {"topk": topk_accuracy(logits, labels, ks), "loss": cross_entropy(logits, labels)}
+    return {"topk": topk_accuracy(logits, labels, ks), "loss": cross_entropy(logits, labels), "logits": logits}

@@ -53,7 +53,7 @@ from tasks.linear.probe import (
     ProbeHyperParameters,
     evaluate_probe,
     num_epochs,
-    predict_logits,
+    topk_hits,
     train_linear_probe,
 )
 
@@ -225,7 +225,7 @@ class LinearTask:
             if evaluate is not None:
                 params["val_top1_per_epoch"] = [round(100.0 * h["val_top1"], 6) for h in fit.history]
             # per-sample outputs of the final model (best_val reports an earlier epoch's model, not kept: none)
-            samples = _sample_outputs(fit.model, x_va, val.labels, ks) if p.report_epoch == "last" else None
+            samples = _sample_outputs(ev["logits"], val.labels, ks) if p.report_epoch == "last" else None
             for k in ks:
                 results.append(ctx.result(p.dataset, p.val_split, tap, f"top{k}", 100.0 * topk[k],
                                           params=params, dataset_fingerprint=val.fingerprint(),
@@ -247,13 +247,11 @@ def _cached_view(ctx: TaskContext, dataset, tap: str, pooling: str, view: Transf
     return ctx.feature_stores(dataset, [tap], pooling=pooling, transform=view)[tap]
 
 
-def _sample_outputs(model, x_va: np.ndarray, labels: np.ndarray, ks: list[int]) -> SampleOutputs:
-    """Targets, top-1 predictions and top-k hits per val image. A hit is probe.topk_accuracy's rule per image
-    (fewer than k classes score strictly higher than the true one), so the hits' mean is the recorded top-k."""
-    logits = predict_logits(model, x_va)
+def _sample_outputs(logits: np.ndarray, labels: np.ndarray, ks: list[int]) -> SampleOutputs:
+    """Targets, top-1 predictions and top-k hits per val image (probe.topk_hits: their mean is the recorded top-k)."""
     y = np.asarray(labels, np.int64)
-    rank = (logits > logits[np.arange(len(y)), y][:, None]).sum(axis=1)
-    return SampleOutputs({"targets": y, "pred": logits.argmax(axis=1), **{f"top{k}": rank < k for k in ks}})
+    hits = topk_hits(logits, y, ks)
+    return SampleOutputs({"targets": y, "pred": logits.argmax(axis=1), **{f"top{k}": hits[k] for k in ks}})
 
 
 def _val_metrics(model, x_va: np.ndarray, labels: np.ndarray, ks: list[int], source) -> dict[str, float]:

@@ -46,6 +46,7 @@ from evalsuite.errors import BadData, UserError
 from evalsuite.features import Transform, TransformedImages, collate_images
 from evalsuite.io import ResumeState
 from evalsuite.trunks import arch_info, pool_features, pool_spec, tap_shapes
+from tasks.linear.probe import topk_hits
 from tasks.semi_supervised.augment import TrainView
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -367,18 +368,6 @@ def fine_tune(model: FineTuneModel, dataset: ImageDataset, labels: np.ndarray, i
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-
-
-def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
-    """Per sample, whether its class is among the k highest scores (ties counted in the sample's favour)."""
-    true = logits[np.arange(len(labels)), labels]
-    rank = (logits > true[:, None]).sum(axis=1)
-    return {int(k): rank < k for k in ks}
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of samples whose class is among the k highest scores (ties counted in the sample's favour)."""
-    return {k: float(hits.mean()) for k, hits in topk_hits(logits, labels, ks).items()}
 
 
 @torch.no_grad()
