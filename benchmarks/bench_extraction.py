@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_extraction [--images 512] [--memory-images 10000]
     python -m benchmarks.bench_extraction --sections vit --vit-batches 3   # ViT-S/16 beside ResNet-50 only
+    python -m benchmarks.bench_extraction --sections vit --device cuda --vit-batch 256 --vit-batches 8
 
 1. Throughput of ResNet-50 at 224x224, all five taps with Goyal pooling, on the
    same decoded images: a naive fp32 NCHW batch-64 loop vs the suite's path
@@ -74,16 +75,18 @@ def throughput(images: torch.Tensor, batch: int, rounds: int) -> dict:
             "min_cosine_vs_fp32": cos, "images": len(images), "rounds": rounds, "batch": batch}
 
 
-def vit_vs_resnet(images: torch.Tensor, batch: int, batches: int, rounds: int) -> dict:
+def vit_vs_resnet(images: torch.Tensor, batch: int, batches: int, rounds: int, device: str = "cpu") -> dict:
     """img/s of each arch x precision through FeatureExtractor._forward (what a task's extraction runs per
-    batch, without data loading or cache writes), on the first ``batch * batches`` images."""
+    batch, without data loading or cache writes: host-to-device copy and pooled features back to the host
+    included), on the first ``batch * batches`` images."""
     images = images[: batch * batches]
     runs = {}
     for arch in VIT_VS_RESNET:
-        trunk = build_trunk(arch, seed=0).eval()
+        trunk = build_trunk(arch, seed=0).eval().to(device)
         taps = list(arch_info(arch).get("default_taps", arch_info(arch)["taps"]))
         for precision in ("fp32", "auto"):
-            ext = FeatureExtractor(trunk, "bench", arch, precision=precision, batch_size=batch, progress=False)
+            ext = FeatureExtractor(trunk, "bench", arch, precision=precision, batch_size=batch, progress=False,
+                                   device=device)
             specs = ext.pool_specs(taps, "goyal", Transform(size=224))
             tr = trunk.to(memory_format=torch.channels_last) if ext._channels_last() else trunk
             runs[(arch, precision)] = (ext, tr, taps, specs)
@@ -109,6 +112,7 @@ def vit_vs_resnet(images: torch.Tensor, batch: int, batches: int, rounds: int) -
              "taps": runs[(arch, precision)][2], "images_per_s": len(images) * rounds / seconds[(arch, precision)]}
             for arch, precision in runs]
     return {"rows": rows, "batch": batch, "images": len(images), "rounds": rounds, "size": 224,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "load_average": os.getloadavg()[0]}
 
 
@@ -169,6 +173,7 @@ def main() -> None:
     ap.add_argument("--memory-images", type=int, default=10000)
     ap.add_argument("--vit-batch", type=int, default=32, help="batch size of the ViT-S/16 vs ResNet-50 runs")
     ap.add_argument("--vit-batches", type=int, default=4, help="batches per ViT-S/16 vs ResNet-50 run and round")
+    ap.add_argument("--device", default="cpu", help="device of the vit section (cpu, cuda)")
     ap.add_argument("--sections", default="throughput,cache,memory,vit",
                     help="comma-separated: throughput, cache, memory, vit")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -192,9 +197,9 @@ def main() -> None:
         tf = Transform(size=224)
         images = torch.stack([tf(ds.load_image(i)) for i in range(len(ds))])
         if "vit" in sections:
-            out["vit_vs_resnet"] = vv = vit_vs_resnet(images, a.vit_batch, a.vit_batches, a.rounds)
-            print(f"[vit vs resnet] 224px, batch {vv['batch']}, {vv['images']} images x {vv['rounds']} rounds "
-                  f"(load average {vv['load_average']:.1f})")
+            out["vit_vs_resnet"] = vv = vit_vs_resnet(images, a.vit_batch, a.vit_batches, a.rounds, a.device)
+            print(f"[vit vs resnet] {vv['device']}, 224px, batch {vv['batch']}, {vv['images']} images x "
+                  f"{vv['rounds']} rounds (load average {vv['load_average']:.1f})")
             print(f"  {'arch':18s} {'precision':9s} {'ran as':6s} {'img/s':>7s}  taps")
             for r in vv["rows"]:
                 print(f"  {r['arch']:18s} {r['precision']:9s} {r['resolved']:6s} {r['images_per_s']:7.1f}  "

@@ -9,9 +9,12 @@ measured step (so the peak is the step's own, net of the interpreter and librari
   buffer and the memory estimate printed before training. ``--in-memory`` adds the same epoch on the loaded
   matrix beside it (its rows/s and peak: about the store's size).
 - ``knn``: ``--queries`` queries against the first store as the bank. Exact: ``open_bank`` + ``search`` (the bank
-  streamed in blocks when the search does not fit the budget); IVF-Flat: ``tasks.knn.search.build_index`` (the
-  module's nlist rule, 4 sqrt(N), ``--nprobe``) on the bank loaded in memory; time, peak RSS, and IVF recall@k
-  against the exact neighbours of every query.
+  streamed in blocks when the search does not fit the budget); IVF-Flat: ``tasks.knn.search.build_index`` on the
+  bank streamed from the store in blocks of a quarter of the budget (never loaded whole; the index holds its own
+  float32 copy, outside the budget), k-means on a seeded sample (``--ivf-train-size``, default max(39 nlist, 50k)
+  capped at 256 nlist), ``--nlist`` (default the power of two nearest sqrt(N); 0: the module's 4 sqrt(N)),
+  ``--nprobe``; time of the build (k-means, add) and of the search, peak RSS, and IVF recall@k against the exact
+  neighbours of every query.
 
 Defaults are the issue's sizes: stores of 1M x 2048 (ResNet-50 res5 global-average features, ImageNet size) and
 200k x 9216 (Goyal et al.'s res5 features), a 4 GiB budget. That writes 7.7 GB and IVF holds the 8 GB float32
@@ -39,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import current_rss_mb, reset_peak, vm_hwm_mb, write_json
+from evalsuite.cache import parse_size
 
 SECTIONS = ("probe", "knn")
 QUICK = {"stores": "50000x256,8000x2304", "budget": "24M", "queries": 500, "classes": 20}
@@ -96,7 +100,6 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    from evalsuite.cache import parse_size
 
     rows, dim = parse_store(args.store)
     entry = entry_of(Path(args.root), rows, dim)
@@ -170,20 +173,27 @@ def knn_exact(args, store) -> dict:
             "peak_growth_over_fp32_bank": round(growth / fp32_mb, 3), "recall_at_k": 1.0}
 
 
+def bench_nlist(nlist: int | None, rows: int) -> int | None:
+    """The bench's IVF cells: as given, the power of two nearest sqrt(N) by default (below FAISS's 4-16 sqrt(N)
+    guideline: a 1M bank builds in minutes on 2 cores; the recall is measured), None (the module's rule) for 0."""
+    if nlist is None:
+        return int(2 ** round(np.log2(np.sqrt(rows))))
+    return nlist or None
+
+
 def knn_ivf(args, store) -> dict:
-    from tasks.knn.search import SearchConfig, build_index, normalize_rows, recall_at_k_ids
+    from tasks.knn.search import SearchConfig, StoredBank, block_unit, build_index, index_bytes, recall_at_k_ids
 
     queries = queries_of(args, store.dim)
-    config = SearchConfig(index="ivf", nlist=args.nlist, nprobe=args.nprobe, seed=0)
-    times = {}
+    config = SearchConfig(index="ivf", nlist=bench_nlist(args.nlist, len(store)), nprobe=args.nprobe,
+                          ivf_train_size=args.ivf_train_size, seed=0)
+    # the bank streamed from the store in blocks of a quarter of the budget; the index holds its own float32 copy
+    unit = block_unit()
+    block_rows = max(unit, parse_size(args.budget) // 4 // (store.dim * 4) // unit * unit)
+    info, times = {}, {}
 
     def run():
-        t = time.perf_counter()
-        bank = normalize_rows(store.load(np.float32))  # IVF-Flat holds the bank (and its own copy) in memory
-        times["load"] = time.perf_counter() - t
-        t = time.perf_counter()
-        index = build_index(bank, config)
-        times["build"] = time.perf_counter() - t
+        index = build_index(StoredBank(store, block_rows), config, info, desc="ivf")
         t = time.perf_counter()
         ids = np.concatenate([index.search(queries[a:a + args.chunk], args.k)[1]
                               for a in range(0, len(queries), args.chunk)])
@@ -195,12 +205,16 @@ def knn_ivf(args, store) -> dict:
 
     ivf = faiss.extract_index_ivf(index)
     exact = np.load(args.ids_out)
-    fp32_mb = store.nbytes * 2 / 2**20
+    index_mb = index_bytes(len(store), store.dim, config) / 2**20
+    build = info["train_seconds"] + info["add_seconds"]
     return {"method": f"ivf (nlist {ivf.nlist}, nprobe {ivf.nprobe})", "seconds": round(seconds, 3),
-            "load_seconds": round(times["load"], 3), "build_seconds": round(times["build"], 3),
-            "search_seconds": round(times["search"], 3),
+            "build_seconds": round(build, 3), "train_seconds": info["train_seconds"],
+            "add_seconds": info["add_seconds"], "search_seconds": round(times["search"], 3),
+            "ivf_train_size": info["ivf_train_size"], "build_gflop": info["build_gflop"],
+            "build_gflop_per_s": round(info["build_gflop"] / max(build, 1e-9), 1), "block_rows": block_rows,
             "queries_per_s": round(len(queries) / times["search"], 1), "peak_growth_mb": round(growth, 1),
-            "peak_growth_over_fp32_bank": round(growth / fp32_mb, 3),
+            "peak_growth_over_fp32_bank": round(growth / (store.nbytes * 2 / 2**20), 3),
+            "index_mb": round(index_mb, 1), "peak_growth_over_index": round(growth / index_mb, 3),
             "recall_at_k": round(recall_at_k_ids(ids, exact), 4)}
 
 
@@ -212,8 +226,9 @@ def run_worker(args, mode: str, store: str, ids_out: Path) -> dict:
            "--ids-out", str(ids_out), *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                         if k in ("budget", "classes", "batch", "queries", "k", "chunk", "nprobe",
                                                  "threads") and v is not None]]
-    if args.nlist:
-        cmd.append(f"--nlist={args.nlist}")
+    for name in ("nlist", "ivf_train_size"):
+        if getattr(args, name) is not None:
+            cmd.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} on {store} failed:\n{proc.stderr[-3000:]}")
@@ -231,7 +246,12 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=1024, help="kNN queries per FAISS call")
-    ap.add_argument("--nlist", type=int, default=None, help="IVF cells (default: tasks.knn.search's 4 sqrt(N))")
+    ap.add_argument("--nlist", type=int, default=None,
+                    help="IVF cells (default: the power of two nearest sqrt(N), 1024 at 1M: a build of ~6.3 TFLOP, "
+                         "minutes on 2 cores; 0: tasks.knn.search's 4 sqrt(N), 4000 at 1M: ~42 TFLOP, over half an "
+                         "hour at the ~20 GFLOP/s FAISS reached on 2 cores)")
+    ap.add_argument("--ivf-train-size", type=int, default=None,
+                    help="rows the IVF k-means trains on (default: max(39 nlist, 50000) capped at 256 nlist)")
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sections", default=",".join(SECTIONS))
@@ -277,7 +297,10 @@ def main(argv=None) -> int:
               f"{r['store_mb']:.0f} MiB store (buffer {r['shuffle_buffer_rows']} rows, estimate "
               f"{r['memory_estimate_mb']} MiB), checksums {r['store_mb'] / max(r['verify_seconds'], 1e-9):.0f} MiB/s")
     for r in results["knn"]:
-        print(f"knn {r['store']:>15s} {r['method']:28s}: {r['seconds']:.2f} s ({r['queries_per_s']} queries/s), "
+        build = (f" (build {r['build_seconds']:.1f} s: k-means on {r['ivf_train_size']} rows "
+                 f"{r['train_seconds']:.1f} s, add {r['add_seconds']:.1f} s, {r['build_gflop_per_s']} GFLOP/s; "
+                 f"search {r['search_seconds']:.2f} s)" if "build_seconds" in r else "")
+        print(f"knn {r['store']:>15s} {r['method']:28s}: {r['seconds']:.2f} s{build} ({r['queries_per_s']} queries/s), "
               f"peak RSS +{r['peak_growth_mb']:.0f} MiB = {r['peak_growth_over_fp32_bank']:.3f} x the fp32 bank, "
               f"recall@{args.k} {r['recall_at_k']}" + (f", {r['bank_blocks']} blocks" if "bank_blocks" in r else ""))
     config = {k: str(v) for k, v in vars(args).items() if k not in ("worker", "store", "ids_out")}

@@ -23,7 +23,9 @@ streaming each file in 1 MiB pieces. A store reads row ranges (``store[lo:hi]``,
 (``store[idx]``) and streams one training epoch in shuffled batches (``shuffled_batches``; the order is
 :func:`shuffle_windows`). The memory budget (``EVALSUITE_MEMORY_BUDGET``, ``evalsuite run --memory-budget``,
 default 4 GiB) is what the tasks hold features to: features that fit are loaded (``FeatureStore.resident``),
-larger ones are streamed; :func:`stream_memory` estimates what a streamed epoch holds.
+larger ones are streamed; :func:`stream_memory` estimates what a streamed epoch holds. Stores of the same rows
+(one per tap) are read in lockstep by :func:`lockstep_batches`: one read of each window serves every tap's reader,
+and under ``torchrun`` each rank reads only its share of every batch.
 """
 
 from __future__ import annotations
@@ -342,14 +344,96 @@ def shuffle_windows(shard_ranges: Sequence[tuple[int, int]], buffer_rows: int, s
     return windows
 
 
-def stream_memory(dim: int, itemsize: int, buffer_rows: int, shard_rows: int, batch_size: int) -> dict[str, int]:
-    """Bytes a streamed epoch (:meth:`FeatureStore.shuffled_batches`) holds at its peak, by part, and ``total``:
-    the shuffle buffer, one shard mapped while it is copied into the buffer, and two batches (the one being
-    gathered and its float32 copy for training)."""
-    row = dim * itemsize
-    parts = {"shuffle_buffer": max(buffer_rows, shard_rows) * row, "mapped_shard": shard_rows * row,
-             "batches": 2 * batch_size * dim * (itemsize + 4)}
+def stream_memory(dim: int | Sequence[int], itemsize: int | Sequence[int], buffer_rows: int, shard_rows: int,
+                  batch_size: int, world: int = 1) -> dict[str, int]:
+    """Bytes a streamed epoch (:func:`lockstep_batches`, :meth:`FeatureStore.shuffled_batches`) holds at its peak, by
+    part, and ``total``: the shuffle buffer, one shard mapped while it is copied into the buffer, and two batches (the
+    one being gathered and its float32 copy for training). ``dim`` / ``itemsize`` may list several stores read in
+    lockstep (every store's rows held at once; one shard mapped at a time); with ``world`` ranks each holds its
+    share of the buffer and of a batch."""
+    dims = [int(dim)] if isinstance(dim, int | np.integer) else [int(d) for d in dim]
+    sizes = [int(itemsize)] * len(dims) if isinstance(itemsize, int | np.integer) else [int(i) for i in itemsize]
+    row = sum(d * i for d, i in zip(dims, sizes, strict=True))
+    share = -(-max(buffer_rows, shard_rows) // int(world))  # this rank's rows of a window
+    parts = {"shuffle_buffer": share * row, "mapped_shard": shard_rows * max(d * i for d, i in zip(dims, sizes)),
+             "batches": 2 * -(-batch_size // int(world)) * sum(d * (i + 4) for d, i in zip(dims, sizes))}
     return {**parts, "total": sum(parts.values())}
+
+
+def default_buffer_rows(stores: Sequence[FeatureStore], batch_size: int) -> int:
+    """The shuffle buffer a streamed epoch over ``stores`` (read in lockstep) uses unless told otherwise: the rows half
+    the smallest budget holds after the mapped shard and the batches (the other half is left to the caller: models,
+    other features), at least one shard. It does not depend on the number of ranks, so every world size reads
+    the same order."""
+    fixed = stream_memory([s.dim for s in stores], [s.itemsize for s in stores], 0, stores[0].shard_rows, batch_size)
+    budget = min(s.memory_budget for s in stores)
+    rows = (budget // 2 - fixed["mapped_shard"] - fixed["batches"]) // sum(s.row_bytes for s in stores)
+    return max(stores[0].shard_rows, rows)  # a window holds at least one shard
+
+
+def lockstep_batches(stores: Sequence[FeatureStore], batch_size: int, seed: int, epoch: int,
+                     buffer_rows: int | None = None, rank: int = 0,
+                     world: int = 1) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """One epoch of ``(row indices, [rows of each store])`` batches over stores of the same rows and shards (one
+    tap each), all read in the same :func:`shuffle_windows` order: one pass serves every store's reader.
+
+    Batches are ``min(batch_size, rows)`` rows of the epoch order, the incomplete last one dropped (``max(1, rows //
+    batch_size)`` batches, as the linear probe's in-memory epochs). With ``world`` > 1 this ``rank`` gets the
+    positions ``rank, rank + world, ...`` of every batch (``batch[rank::world]``, a DistributedSampler-like split
+    of each batch) and reads only those rows of each window: the ranks together read every row once. Holds one
+    window per store (``buffer_rows`` rows, default :func:`default_buffer_rows`; a rank its share) plus one pending
+    batch; a batch may span two windows."""
+    first = stores[0]
+    ranges = first.shard_ranges()
+    if any(s.shard_ranges() != ranges for s in stores[1:]):
+        raise ValueError("stores read in lockstep must hold the same rows in the same shards")
+    if not 0 <= int(rank) < int(world):
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    n = len(first)
+    bs = min(int(batch_size), n)
+    end = max(1, n // int(batch_size)) * bs  # epoch positions past it are the dropped last batch
+    buffer_rows = int(buffer_rows or default_buffer_rows(stores, batch_size))
+    bufs = None
+    if world == 1:  # whole shards are copied in; reused window after window
+        rows_max = min(n, max(buffer_rows, first.shard_rows))
+        bufs = [np.empty((rows_max, s.dim), dtype=s.dtype) for s in stores]
+    pending_ids: list[np.ndarray] = []
+    pending_x: list[list[np.ndarray]] = [[] for _ in stores]
+    offset = 0  # epoch position of the window's first row
+    for shards, ids in shuffle_windows(ranges, buffer_rows, seed, epoch):
+        if offset >= end:
+            return
+        pos = offset + np.arange(len(ids), dtype=np.int64)
+        keep = pos < end
+        if world > 1:
+            keep &= (pos % bs) % world == rank
+        mine, mine_pos = ids[keep], pos[keep]
+        offset += len(ids)
+        if world == 1:  # the window's shards, ascending, one after the other in the buffers
+            rows = np.concatenate([np.arange(*ranges[i], dtype=np.int64) for i in shards])
+            held, filled = bufs, 0
+            for i in shards:
+                a, b = ranges[i]
+                for s, buf in zip(stores, bufs):
+                    s.read(a, b, out=buf[filled:filled + b - a])
+                filled += b - a
+        else:  # only this rank's rows of the window, gathered shard by shard
+            rows = np.sort(mine)
+            held = [s.take(rows) for s in stores]
+        at = np.searchsorted(rows, mine)  # buffer position of each of this rank's rows, in visiting order
+        batch_of = mine_pos // bs  # ascending: each batch's rows are one run
+        starts = np.flatnonzero(np.r_[True, batch_of[1:] != batch_of[:-1]]) if len(mine) else np.zeros(0, np.int64)
+        for lo, hi in zip(starts.tolist(), [*starts[1:].tolist(), len(mine)]):
+            b, sel = int(batch_of[lo]), slice(lo, hi)
+            pending_ids.append(mine[sel])
+            for j, h in enumerate(held):
+                pending_x[j].append(h[at[sel]])  # a copy: the buffer is overwritten by the next window
+            if (b + 1) * bs <= offset:  # the batch's last position is in this window: complete
+                ids_b = pending_ids[0] if len(pending_ids) == 1 else np.concatenate(pending_ids)
+                xs = [p[0] if len(p) == 1 else np.concatenate(p) for p in pending_x]
+                yield ids_b, xs
+                pending_ids, pending_x = [], [[] for _ in stores]
+        del held
 
 
 class FeatureStore:
@@ -462,52 +546,15 @@ class FeatureStore:
         return self.load() if self.fits() else self
 
     def default_buffer_rows(self, batch_size: int) -> int:
-        """The shuffle buffer a streamed epoch uses unless told otherwise: the rows half the budget holds after
-        the mapped shard and the batches (the other half is left to the caller: model, other features), and at
-        least one shard."""
-        fixed = stream_memory(self.dim, self.itemsize, 0, self.shard_rows, batch_size)
-        rows = (self.memory_budget // 2 - fixed["mapped_shard"] - fixed["batches"]) // self.row_bytes
-        return max(self.shard_rows, rows)  # a window holds at least one shard
+        """The shuffle buffer a streamed epoch uses unless told otherwise (:func:`default_buffer_rows`)."""
+        return default_buffer_rows([self], batch_size)
 
     def shuffled_batches(self, batch_size: int, seed: int, epoch: int,
                          buffer_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """One epoch of ``(row indices, rows)`` batches in the :func:`shuffle_windows` order, ``min(batch_size,
-        rows)`` rows each, the incomplete last batch dropped (``max(1, rows // batch_size)`` batches, as the
-        linear probe's in-memory epochs). Holds one window (``buffer_rows`` rows, default
-        :meth:`default_buffer_rows`) plus one pending batch; a batch may span two windows."""
-        n = len(self)
-        bs = min(int(batch_size), n)
-        n_batches = max(1, n // int(batch_size))
-        buffer_rows = int(buffer_rows or self.default_buffer_rows(batch_size))
-        ranges = self.shard_ranges()
-        buf = np.empty((min(n, max(buffer_rows, self.shard_rows)), self.dim), dtype=self.dtype)
-        pending_ids: list[np.ndarray] = []
-        pending_x: list[np.ndarray] = []
-        have = emitted = 0
-        for shards, ids in shuffle_windows(ranges, buffer_rows, seed, epoch):
-            rows = np.concatenate([np.arange(*ranges[i], dtype=np.int64) for i in shards])
-            filled = 0
-            for i in shards:  # the window's shards, ascending, one after the other in the buffer
-                a, b = ranges[i]
-                self.read(a, b, out=buf[filled:filled + b - a])
-                filled += b - a
-            pos = np.searchsorted(rows, ids)  # buffer position of each row in visiting order
-            start = 0
-            while start < len(pos):
-                take = min(bs - have, len(pos) - start)
-                sel = pos[start:start + take]
-                pending_ids.append(rows[sel])
-                pending_x.append(buf[sel])  # a copy: the buffer is overwritten by the next window
-                have += take
-                start += take
-                if have == bs:
-                    ids_b = pending_ids[0] if len(pending_ids) == 1 else np.concatenate(pending_ids)
-                    x_b = pending_x[0] if len(pending_x) == 1 else np.concatenate(pending_x)
-                    yield ids_b, x_b
-                    pending_ids, pending_x, have = [], [], 0
-                    emitted += 1
-                    if emitted == n_batches:
-                        return
+        rows)`` rows each, the incomplete last batch dropped (:func:`lockstep_batches` over this store alone)."""
+        for ids, (rows,) in lockstep_batches([self], batch_size, seed, epoch, buffer_rows):
+            yield ids, rows
 
 
 class FeatureCache:

@@ -197,6 +197,8 @@ def test_end_to_end_on_imagefolder_never_reruns_the_trunk(tiny_imagefolder, tmp_
         assert p["train_curve"]["lr_per_epoch"] == pytest.approx([0.01, 0.01, 0.01, 0.001])
         assert p["total_iterations"] == 4 * 3
         assert p["bn_channels"] == {"conv1": 64, "res5": 512}[r.layer]
+        # both taps' heads trained in one pass over the cached features
+        assert p["solver"]["one_pass"] == {"heads": TAPS, "reads_per_epoch": 1, "world_size": 1, "batch_split": None}
     top1 = {r.layer: r.value for r in results if r.metric == "top1"}
     top5 = {r.layer: r.value for r in results if r.metric == "top5"}
     assert all(top5[t] >= top1[t] for t in TAPS)
@@ -214,43 +216,45 @@ def test_interrupted_task_resumes_to_the_same_numbers(tiny_imagefolder, tmp_path
     reference = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "ref",
                                          CountingExtractor(ckpt, tmp_path / "c")))
 
-    real_train = places.train_linear_probe
+    real_train = places.train_linear_probes
 
     class Interrupt(Exception):
         pass
 
     def interrupted(*args, **kwargs):
-        def stop(epoch, record):
+        def stop(epoch, records):
             if epoch == 2:
                 raise Interrupt
         return real_train(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(places, "train_linear_probe", interrupted)
+    monkeypatch.setattr(places, "train_linear_probes", interrupted)
     with pytest.raises(Interrupt):
         places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c")))
-    assert len(list((tmp_path / "run" / "probe_state").glob("conv1-*.pt"))) == 1
-    monkeypatch.setattr(places, "train_linear_probe", real_train)
+    # both taps' heads train in one pass: each has its own state at the epoch reached
+    for tap in TAPS:
+        assert len(list((tmp_path / "run" / "probe_state").glob(f"{tap}-*.pt"))) == 1
+    monkeypatch.setattr(places, "train_linear_probes", real_train)
     resumed = places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run",
                                        CountingExtractor(ckpt, tmp_path / "c")))
-    assert resumed[0].params["resumed_from_epoch"] == 2
+    assert [r.params["resumed_from_epoch"] for r in resumed] == [2] * 4
     assert [r.value for r in resumed] == [r.value for r in reference]
     assert [r.params["train_curve"] for r in resumed] == [r.params["train_curve"] for r in reference]
 
 
 def test_resume_under_other_settings_is_refused_naming_them(tiny_imagefolder, tmp_path, monkeypatch):
     ckpt = load_checkpoint("random:resnet18", seed=0)
-    real_train = places.train_linear_probe
+    real_train = places.train_linear_probes
 
     def interrupted(*args, **kwargs):
-        def stop(epoch, record):
+        def stop(epoch, records):
             raise KeyboardInterrupt
         return real_train(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(places, "train_linear_probe", interrupted)
+    monkeypatch.setattr(places, "train_linear_probes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c"),
                                  layers=["res5"]))
-    monkeypatch.setattr(places, "train_linear_probe", real_train)
+    monkeypatch.setattr(places, "train_linear_probes", real_train)
     with pytest.raises(UserError, match=r"config\.lr=0\.01 \(now 0\.02\)") as e:
         places.task.run(make_ctx(tiny_imagefolder, tmp_path / "run", CountingExtractor(ckpt, tmp_path / "c"),
                                  overrides=["places205_linear.lr=0.02"], layers=["res5"]))
@@ -271,14 +275,14 @@ def test_augmented_training_reads_a_new_cached_view_each_epoch(tiny_imagefolder,
     ckpt = load_checkpoint("random:resnet18", seed=0)
     factory = CountingExtractor(ckpt, tmp_path / "cache")
     received = []
-    real_train = places.train_linear_probe
+    real_train = places.train_linear_probes
 
     def spy(features, *args, **kwargs):
-        fit = real_train(features, *args, **kwargs)
-        received.append(([f() for f in features], fit))
-        return fit
+        fits = real_train(features, *args, **kwargs)
+        received.append(([f() for f in features["res5"]], fits["res5"]))
+        return fits
 
-    monkeypatch.setattr(places, "train_linear_probe", spy)
+    monkeypatch.setattr(places, "train_linear_probes", spy)
     aug = ["places205_linear.train_views=augmented", "places205_linear.augmented_views=3"]
     ctx = make_ctx(tiny_imagefolder, tmp_path / "out", factory, overrides=aug, layers=["res5"])
     results = places.task.run(ctx)

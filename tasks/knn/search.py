@@ -10,7 +10,10 @@
 - ``index="ivf"`` (IVF-Flat, ``nlist`` cells, ``nprobe`` probed) and ``index="hnsw"``
   (HNSW-Flat, ``hnsw_m`` links, ``ef_search``): approximate options for large banks. Their
   recall@k against the exact search is measured on a seeded sample of queries and returned
-  with the neighbours, so every approximate number carries its own accuracy.
+  with the neighbours, so every approximate number carries its own accuracy. IVF's coarse
+  quantiser is trained on a seeded sample of ``ivf_train_size`` rows (:func:`ivf_train_rows`,
+  FAISS's guideline of 30-256 training points per cell) and both indexes are filled block by
+  block, so a bank streamed from its store is never held besides the index's own copy.
 - faiss-gpu is used automatically when it is installed and a GPU is visible (``use_gpu="auto"``).
 
 Ties are broken deterministically: neighbours are ordered by score, then by bank index (the
@@ -36,6 +39,7 @@ faiss-cpu; faiss-gpu's kernels are not checked for it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,6 +65,7 @@ class SearchConfig:
     chunk_size: int = 1024       # queries per FAISS call
     nlist: int | None = None     # IVF cells; None = 4 * sqrt(N), at most N // 39 (FAISS's training minimum)
     nprobe: int = 16             # IVF cells visited per query
+    ivf_train_size: int | None = None  # rows k-means trains the IVF cells on; None: see ivf_train_rows
     hnsw_m: int = 32             # HNSW links per node
     ef_construction: int = 200   # HNSW build beam
     ef_search: int = 128         # HNSW search beam
@@ -75,6 +80,10 @@ class SearchConfig:
             raise UserError(f"unknown kNN metric {self.metric!r}; choose ip or l2")
         if int(self.chunk_size) < 1:
             raise UserError(f"kNN chunk_size must be >= 1, got {self.chunk_size}")
+        if self.nlist is not None and int(self.nlist) < 1:
+            raise UserError(f"kNN nlist must be >= 1 or none, got {self.nlist}")
+        if self.ivf_train_size is not None and int(self.ivf_train_size) < 1:
+            raise UserError(f"kNN ivf_train_size must be >= 1 or none, got {self.ivf_train_size}")
 
     @classmethod
     def from_protocol(cls, p: Any, seed: int = 0) -> SearchConfig:
@@ -187,8 +196,18 @@ def search_memory(n_bank: int, n_queries: int, dim: int, k: int, config: SearchC
         "temporaries": min(block * dim * 4, PIECE_BYTES) * 5 // 2,
     }
     if config.index != "flat":
-        parts["index"] = n_bank * dim * 4 + (n_bank * int(config.hnsw_m) * 8 if config.index == "hnsw" else 0)
+        parts["index"] = index_bytes(n_bank, dim, config)
+    if config.index == "ivf":  # k-means' sampled rows, its centroids and the quantiser's copy of them
+        nlist = ivf_nlist(n_bank, config)
+        parts["ivf_training"] = (ivf_train_rows(n_bank, nlist, config) + 2 * nlist) * dim * 4
     return {**parts, "total": sum(parts.values())}
+
+
+def index_bytes(n_bank: int, dim: int, config: SearchConfig) -> int:
+    """What an approximate index holds: every bank vector in float32 (IVF-Flat, HNSW-Flat) and its id (IVF) or its
+    links (HNSW: 2 x hnsw_m int32 per vector at level 0, FAISS's guideline (d * 4 + M * 2 * 4) bytes per vector)."""
+    per_row = dim * 4 + (int(config.hnsw_m) * 8 if config.index == "hnsw" else 8)
+    return n_bank * per_row
 
 
 def _describe(parts: dict[str, int]) -> str:
@@ -199,8 +218,9 @@ def open_bank(store: FeatureStore, n_queries: int, k: int, config: SearchConfig,
               what: str = "bank features", source: Any = None, desc: str = "knn",
               exclude_self: bool = False) -> np.ndarray | StoredBank:
     """The bank of a search of ``n_queries`` queries, within ``store.memory_budget``: in memory (float32, checked,
-    normalised) when the whole search fits, else a :class:`StoredBank` in the largest blocks that fit. Prints
-    the estimate; UserError in one line when not even one block fits (or an approximate index does not)."""
+    normalised) when the whole search fits, else a :class:`StoredBank` in the largest blocks that fit (an approximate
+    index is then built from the streamed blocks and holds the bank's vectors itself). Prints the estimate; UserError
+    in one line when not even one block (with the approximate index) fits."""
     n, dim = store.shape
     budget = store.memory_budget
     whole = search_memory(n, n_queries, dim, k, config, None, exclude_self)
@@ -211,24 +231,24 @@ def open_bank(store: FeatureStore, n_queries: int, k: int, config: SearchConfig,
         check_features(bank, what, source, chunk_bytes=PIECE_BYTES)
         return normalize_rows(bank) if normalize else bank
     advice = "raise --memory-budget / EVALSUITE_MEMORY_BUDGET"
-    if config.index != "flat":
-        raise UserError(f"{desc}: the {config.index} index needs about {format_size(whole['total'])} "
-                        f"({_describe(whole)}), beyond the memory budget {format_size(budget)}: an approximate index "
-                        f"holds the whole bank in memory; use index=flat (exact, streamed from the cache) or {advice}")
+    kind = "an exact search" if config.index == "flat" else f"the {config.index} index built from the bank"
     unit, shard = block_unit(), store.shard_rows * store.row_bytes
     smallest = search_memory(n, n_queries, dim, k, config, unit, exclude_self, shard)
     if smallest["total"] > budget:
-        raise UserError(f"{desc}: an exact search streamed in {unit}-row blocks needs about "
-                        f"{format_size(smallest['total'])} ({_describe(smallest)}), beyond the memory budget "
-                        f"{format_size(budget)}; {advice}")
+        if config.index != "flat":
+            advice = (f"an approximate index holds every bank vector in memory ({format_size(smallest['index'])}): "
+                      f"use index=flat (exact, streamed from the cache) or {advice}")
+        raise UserError(f"{desc}: {kind} streamed in {unit}-row blocks needs about {format_size(smallest['total'])} "
+                        f"({_describe(smallest)}), beyond the memory budget {format_size(budget)}; {advice}")
     block_rows = unit * (1 + (budget - smallest["total"]) // (unit * dim * 4))  # the bank's share, then the rest
     while block_rows > unit and search_memory(n, n_queries, dim, k, config, block_rows, exclude_self,
                                               shard)["total"] > budget:
         block_rows -= unit
     est = search_memory(n, n_queries, dim, k, config, block_rows, exclude_self, shard)
+    built = "" if config.index == "flat" else f", {config.index} index built block by block"
     console.note(f"{desc}: memory estimate {format_size(est['total'])} within the budget {format_size(budget)} "
                  f"(bank of {format_size(n * dim * 4)} streamed in {-(-n // block_rows)} blocks of {block_rows} "
-                 f"rows; {_describe(est)})")
+                 f"rows{built}; {_describe(est)})")
     return StoredBank(store, block_rows, normalize, what, source)
 
 
@@ -315,26 +335,90 @@ def _flat_searcher(bank: np.ndarray, config: SearchConfig) -> Callable[[np.ndarr
     return lambda q, k: faiss.knn(q, bank, k, metric=metric)
 
 
-def build_index(bank: np.ndarray, config: SearchConfig):
-    """An approximate FAISS index over ``bank`` (IVF-Flat or HNSW-Flat), trained with ``config.seed``."""
+def ivf_nlist(n: int, config: SearchConfig) -> int:
+    """IVF cells: ``config.nlist``, else 4 sqrt(N) (the low end of FAISS's 4-16 sqrt(N) guideline for banks below 1M
+    vectors); at most N // 39, FAISS's minimum of 39 training points per centroid."""
+    nlist = config.nlist or int(round(4 * np.sqrt(n)))
+    return max(1, min(int(nlist), n // 39 if n >= 39 else 1))
+
+
+IVF_TRAIN_FLOOR = 50_000  # rows k-means trains on at least (when 256 x nlist allows it)
+
+
+def ivf_train_rows(n: int, nlist: int, config: SearchConfig) -> int:
+    """Rows the coarse quantiser's k-means trains on: ``config.ivf_train_size``, else max(39 x nlist, 50,000) capped at
+    256 x nlist, and at N. FAISS's guideline trains on 30 x to 256 x nlist vectors; 39 x nlist is its k-means'
+    minimum (it warns below) and 256 x nlist what its k-means would subsample to anyway
+    (``ClusteringParameters.max_points_per_centroid``). The cost of k-means is linear in it, so a 1M bank is not
+    clustered whole."""
+    if config.ivf_train_size is not None:
+        return int(min(n, config.ivf_train_size))
+    return int(min(n, 256 * nlist, max(39 * nlist, IVF_TRAIN_FLOOR)))
+
+
+def ivf_build_flops(n: int, dim: int, nlist: int, train_rows: int, niter: int) -> dict[str, float]:
+    """Floating-point operations of an IVF-Flat build (2 per multiply-add of the distance computations): k-means'
+    ``niter`` assignments of the training rows to ``nlist`` centroids, then the assignment of every bank row."""
+    train = 2.0 * niter * train_rows * nlist * dim
+    add = 2.0 * n * nlist * dim
+    return {"train": train, "add": add, "total": train + add}
+
+
+def ivf_train_sample(bank: np.ndarray | StoredBank, rows: int, seed: int) -> np.ndarray:
+    """The float32 rows k-means trains on: ``rows`` bank rows drawn without replacement by ``default_rng([seed, 1])``
+    (all rows when ``rows`` is the bank), read from the store and checked / normalised as the blocks are."""
+    n = len(bank)
+    idx = (np.arange(n, dtype=np.int64) if rows >= n else
+           np.sort(np.random.default_rng([int(seed), 1]).choice(n, size=rows, replace=False)).astype(np.int64))
+    if not isinstance(bank, StoredBank):
+        return np.ascontiguousarray(bank[idx])
+    x = np.empty((len(idx), bank.shape[1]), np.float32)
+    piece = max(1, PIECE_BYTES // bank.store.row_bytes)
+    for lo in range(0, len(idx), piece):  # gathered in pieces: no stored-dtype copy of the whole sample
+        x[lo:lo + piece] = bank.store.take(idx[lo:lo + piece])
+    check_features(x, f"{bank.what} (k-means sample)", bank.source, chunk_bytes=PIECE_BYTES)
+    return normalize_rows(x) if bank.normalize else x
+
+
+def build_index(bank: np.ndarray | StoredBank, config: SearchConfig, info: dict[str, Any] | None = None,
+                desc: str = "knn"):
+    """An approximate FAISS index over ``bank`` (IVF-Flat or HNSW-Flat), filled block by block: a
+    :class:`StoredBank` is read from its store one block at a time, never whole (the index holds its own float32
+    copy of every vector). IVF: the coarse quantiser's k-means (seeded by ``config.seed``) trains on
+    :func:`ivf_train_rows` sampled rows (:func:`ivf_train_sample`), its cost printed beforehand. ``info`` receives
+    the index's settings and the seconds of each phase."""
     n, d = bank.shape
     metric = METRICS[config.metric]
+    info = {} if info is None else info
+    t0 = time.perf_counter()
     if config.index == "ivf":
-        nlist = config.nlist or int(round(4 * np.sqrt(n)))
-        nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))
+        nlist = ivf_nlist(n, config)
+        rows = ivf_train_rows(n, nlist, config)
+        if rows < nlist:
+            raise UserError(f"{desc}: ivf_train_size {rows} is below nlist {nlist}: k-means needs a row per cell")
         quantizer = faiss.IndexFlat(d, metric)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
         index.cp.seed = int(config.seed)
-        index.train(bank)
-        index.add(bank)
+        flops = ivf_build_flops(n, d, nlist, rows, int(index.cp.niter))
+        console.note(f"{desc}: IVF-Flat build: nlist {nlist}, k-means on {rows} sampled rows x {index.cp.niter} "
+                     f"iterations ({flops['train'] / 1e9:,.0f} GFLOP), then {n} rows assigned block by block "
+                     f"({flops['add'] / 1e9:,.0f} GFLOP)")
+        index.train(ivf_train_sample(bank, rows, config.seed))
+        info.update({"ivf_train_size": rows, "kmeans_niter": int(index.cp.niter),
+                     "ivf_train_sample": "default_rng([seed, 1]).choice(N, ivf_train_size, replace=False)",
+                     "build_gflop": round(flops["total"] / 1e9, 1)})
         index.nprobe = min(int(config.nprobe), nlist)
     elif config.index == "hnsw":
         index = faiss.IndexHNSWFlat(d, int(config.hnsw_m), metric)
         index.hnsw.efConstruction = int(config.ef_construction)
-        index.add(bank)
         index.hnsw.efSearch = int(config.ef_search)
     else:
         raise UserError(f"build_index is for approximate indexes, not {config.index!r}")
+    t1 = time.perf_counter()
+    for _, block in bank_blocks(bank):  # one block of the bank in memory at a time, besides the index
+        index.add(block)
+        del block
+    info.update({"train_seconds": round(t1 - t0, 3), "add_seconds": round(time.perf_counter() - t1, 3)})
     if gpu_available(config.use_gpu) and config.index == "ivf":
         index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     return index
@@ -456,10 +540,7 @@ def search(queries: np.ndarray, bank: np.ndarray | StoredBank, k: int, config: S
         s, i, recomputed = _search_exact(queries, bank, k, config, own, progress, desc)
         info["tie_rows_recomputed"] = recomputed
         return Neighbours(s, i, info)
-    if isinstance(bank, StoredBank):
-        raise UserError(f"{desc}: the {config.index} index holds the whole bank in memory, beyond the memory budget; "
-                        f"use index=flat (exact, streamed) or raise the budget")
-    index = build_index(bank, config)
+    index = build_index(bank, config, info, desc)  # a streamed bank is added block by block
     info.update(_index_params(index, config))
     s, i = _search_chunked(index.search, queries, bank, k, config.metric, int(config.chunk_size),
                            own, progress, desc)
@@ -469,7 +550,7 @@ def search(queries: np.ndarray, bank: np.ndarray | StoredBank, k: int, config: S
     return Neighbours(s, i, info)
 
 
-def exact_search(queries: np.ndarray, bank: np.ndarray, k: int, config: SearchConfig | None = None,
+def exact_search(queries: np.ndarray, bank: np.ndarray | StoredBank, k: int, config: SearchConfig | None = None,
                  own_ids: np.ndarray | None = None) -> Neighbours:
     """Exact top-k (flat) for ``queries``; ``own_ids`` leaves each query's own bank entry out."""
     config = config or SearchConfig()
@@ -477,9 +558,10 @@ def exact_search(queries: np.ndarray, bank: np.ndarray, k: int, config: SearchCo
     return Neighbours(s, i)
 
 
-def measure_recall(queries: np.ndarray, bank: np.ndarray, approx_ids: np.ndarray, k: int, config: SearchConfig,
-                   exclude_self: bool = False) -> dict[str, Any]:
-    """recall@k of approximate neighbours against the exact search, on a seeded sample of queries."""
+def measure_recall(queries: np.ndarray, bank: np.ndarray | StoredBank, approx_ids: np.ndarray, k: int,
+                   config: SearchConfig, exclude_self: bool = False) -> dict[str, Any]:
+    """recall@k of approximate neighbours against the exact search (a streamed bank: block by block), on a seeded
+    sample of queries."""
     n = len(queries)
     m = min(n, int(config.recall_queries))
     rows = np.sort(np.random.default_rng(config.seed).choice(n, size=m, replace=False)).astype(np.int64)

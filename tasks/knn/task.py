@@ -78,6 +78,7 @@ class KNNProtocol(FeatureTaskProtocol):
     chunk_size: int = 1024
     nlist: int | None = None
     nprobe: int = 16
+    ivf_train_size: int | None = None  # k-means' sampled rows; None: max(39 nlist, 50k) capped at 256 nlist and N
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128

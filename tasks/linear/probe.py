@@ -34,8 +34,13 @@ are never loaded: each epoch streams them from the cache's memory-mapped shards 
 and resume. With a buffer holding every row that order is ``epoch_order`` itself, so streamed training gives the
 weights in-memory training gives (tests/test_feature_store.py); with a smaller buffer each batch mixes the rows of
 fewer shards, and the order used is recorded (``ProbeFit.order``). Features that fit are loaded and trained on
-exactly as before. A store keeps one tap's features, so each tap's head reads its own store once per epoch:
-training the heads of all taps in one pass would read the same bytes (and hold every tap's buffer at once).
+exactly as before.
+
+One pass for many heads (:func:`train_linear_probes`): the heads of every tap of a task train on the same rows in the
+same batch order, so each epoch reads every batch once (the taps' stores in lockstep, one shuffle buffer each) and
+updates every head with it; each head keeps its own model, optimiser and resume state and ends with the weights
+of training it alone. Under ``torchrun`` each rank reads its share of every batch and the ranks sum BatchNorm
+statistics and gradients (:mod:`tasks.linear.ddp`).
 """
 
 from __future__ import annotations
@@ -52,12 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evalsuite.cache import FeatureStore, format_size, stream_memory
+from evalsuite.cache import FeatureStore, default_buffer_rows, format_size, lockstep_batches, stream_memory
 from evalsuite.console import note
 from evalsuite.console import progress as progress_bar
 from evalsuite.errors import BadData, BadFeatures, UserError
 from evalsuite.features import check_features
 from evalsuite.io import ResumeState
+from tasks.linear.ddp import all_reduce_grads, rank_and_world, synced_batch_norm
 
 BN_MODES = ("channel", "feature", "none")
 INITS = ("gaussian", "pytorch_default")
@@ -157,14 +163,16 @@ class LinearProbe(nn.Module):
             self.channels = dim
             self.bn = None
         self.fc = nn.Linear(dim, num_classes)
+        self.sync_stats = False  # data-parallel training: batch statistics over every rank's rows (tasks.linear.ddp)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is None:
             return x
+        bn = synced_batch_norm if self.sync_stats and self.training else (lambda m, t: m(t))
         if self.mode == "channel":
             # (N, C*L) -> (N, C, L): BatchNorm1d over (N, L) per channel == BatchNorm2d on the C x g x g map.
-            return self.bn(x.reshape(x.shape[0], self.channels, -1)).reshape(x.shape[0], -1)
-        return self.bn(x)
+            return bn(self.bn, x.reshape(x.shape[0], self.channels, -1)).reshape(x.shape[0], -1)
+        return bn(self.bn, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.normalize(x))
@@ -307,8 +315,8 @@ class FeatureStream:
 
     On CUDA the matrix is uploaded once when it fits in a quarter of free memory;
     otherwise (and on CPU) each batch is sliced from the host array and converted alone.
-    A :class:`~evalsuite.cache.FeatureStore` (features beyond the memory budget) is never loaded: an epoch streams
-    it in the store's shuffled order with a ``buffer_rows`` shuffle buffer, each batch checked as it comes.
+    A :class:`~evalsuite.cache.FeatureStore` (features beyond the memory budget) is never loaded: :func:`pass_batches`
+    streams it in the store's shuffled order with a ``buffer_rows`` shuffle buffer, each batch checked as it comes.
     """
 
     def __init__(self, x: np.ndarray | FeatureStore, device: torch.device, buffer_rows: int | None = None,
@@ -335,16 +343,25 @@ class FeatureStream:
             return self.on_device[lo:hi].float()
         return torch.from_numpy(self.x[lo:hi]).to(self.device).float()
 
-    def epoch(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """One epoch's ``(row indices, float32 batch)``: :func:`epoch_batches` in memory, the store's
-        ``shuffled_batches`` when streamed (the same batches when the buffer holds every row)."""
-        if not self.streamed:
-            for idx in epoch_batches(len(self), batch_size, seed, epoch):
-                yield idx, self.batch(idx)
-            return
-        for b, (idx, rows) in enumerate(self.x.shuffled_batches(batch_size, seed, epoch, self.buffer_rows)):
-            check_features(rows, f"{self.what} (streamed batch {b + 1} of epoch {epoch + 1})", self.source)
-            yield idx, torch.from_numpy(rows).to(self.device, non_blocking=True).float()
+
+def pass_batches(streams: Sequence[FeatureStream], batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world: int = 1) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+    """One epoch's ``(row indices, [float32 batch of each stream])``, every stream's rows in the same order (one read
+    of the data for all heads): :func:`epoch_batches` in memory, ``evalsuite.cache.lockstep_batches`` when streamed
+    (the same batches when the buffer holds every row). With ``world`` > 1: this rank's share ``batch[rank::world]``
+    of every batch, the only rows it reads."""
+    if not streams[0].streamed:
+        for idx in epoch_batches(len(streams[0]), batch_size, seed, epoch):
+            local = idx[rank::world]
+            yield local, [s.batch(local) for s in streams]
+        return
+    batches = lockstep_batches([s.x for s in streams], batch_size, seed, epoch, streams[0].buffer_rows, rank, world)
+    for b, (idx, rows) in enumerate(batches):
+        xs = []
+        for s, r in zip(streams, rows, strict=True):
+            check_features(r, f"{s.what} (streamed batch {b + 1} of epoch {epoch + 1})", s.source)
+            xs.append(torch.from_numpy(r).to(s.device, non_blocking=True).float())
+        yield idx, xs
 
 
 def _check_store(x: FeatureStore, what: str, source) -> None:
@@ -355,14 +372,14 @@ def _check_store(x: FeatureStore, what: str, source) -> None:
 class EpochViews:
     """K training matrices of the same rows and labels (K augmented views of every image); epoch e reads view
     e mod K. A view is an (N, D) array or feature store, or a function returning one, called when the view is
-    first read; only the view in use is held."""
+    first read; only the view in use is held. Whether a store is loaded or streamed is decided for all the heads
+    of a pass together (:func:`open_views`)."""
 
-    def __init__(self, views: np.ndarray | FeatureStore | Sequence[Any], source=None, stream: bool | None = None):
+    def __init__(self, views: np.ndarray | FeatureStore | Sequence[Any], source=None, what: str = "train features"):
         self.sources = [views] if isinstance(views, np.ndarray | FeatureStore) else list(views)
-        self.stream = stream  # a store: None = loaded when it fits its memory budget; True = streamed; False = loaded
         if not self.sources:
-            raise BadFeatures("no training features (0 views)", source)
-        self.source = source
+            raise BadFeatures(f"no {what} (0 views)", source)
+        self.source, self.what = source, what
         self.shape: tuple[int, ...] | None = None
         self._view, self._x, self._checked = -1, None, False
 
@@ -372,28 +389,41 @@ class EpochViews:
     def view_of(self, epoch: int) -> int:
         return epoch % len(self.sources)
 
-    def load(self, view: int) -> np.ndarray | FeatureStore:
-        """View ``view`` (not yet checked); a feature store is loaded when it fits its memory budget."""
+    def raw(self, view: int) -> np.ndarray | FeatureStore:
+        """View ``view`` as given (a function called once per switch to the view; a store not loaded)."""
         if view != self._view:
             x = self.sources[view]
-            x = x() if callable(x) else x
-            if isinstance(x, FeatureStore) and self.stream is not True:
-                x = x.load() if self.stream is False else x.resident()
-            self._view, self._x, self._checked = view, x, False
+            self._view, self._x, self._checked = view, x() if callable(x) else x, False
         return self._x
 
-    def get(self, view: int) -> np.ndarray | FeatureStore:
-        """View ``view``, checked: finite (a streamed store: batch by batch as it is read), 2-D, and the shape of
-        every other view."""
-        x = self.load(view)
+    def use(self, view: int, x: np.ndarray | FeatureStore) -> np.ndarray | FeatureStore:
+        """``x`` (view ``view``, loaded or not) checked: finite (a streamed store: batch by batch as it is read),
+        2-D, and the shape of every other view."""
+        self._x = x
         if not self._checked:
-            what = "train features" if len(self.sources) == 1 else f"train features (view {view})"
+            what = self.what if len(self.sources) == 1 else f"{self.what} (view {view})"
             if not isinstance(x, FeatureStore):
                 check_features(x, what, self.source)
             if self.shape is not None and tuple(x.shape) != self.shape:
                 raise BadFeatures(f"{what} have shape {tuple(x.shape)}, view 0 has {self.shape}", self.source)
             self.shape, self._checked = tuple(x.shape), True
         return x
+
+
+def open_views(views: Mapping[str, EpochViews], view: int, stream: bool | None) -> dict[str, np.ndarray | FeatureStore]:
+    """Every head's view ``view``, checked; feature stores are loaded when together they fit the (smallest) memory
+    budget (``stream=None``), else all streamed in one order (``stream=True``); ``stream=False`` loads them."""
+    raw = {name: v.raw(view) for name, v in views.items()}
+    stores = [x for x in raw.values() if isinstance(x, FeatureStore)]
+    if stores:
+        load = stream is False or (stream is None and sum(s.nbytes for s in stores)
+                                   <= min(s.memory_budget for s in stores))
+        if load:
+            raw = {name: x.load() if isinstance(x, FeatureStore) else x for name, x in raw.items()}
+        elif len(stores) < len(raw):
+            raise UserError("heads trained in one pass are all streamed or all in memory: give every head a "
+                            "feature store or every head an array")
+    return {name: views[name].use(view, x) for name, x in raw.items()}
 
 
 @dataclass
@@ -407,6 +437,8 @@ class ProbeFit:
     views: int = 1  # training matrices read in turn (augmented views); 1: the same features every epoch
     order: str = IN_MEMORY_ORDER  # how each epoch's batches were drawn
     stream: dict[str, Any] | None = None  # streamed training: budget, shuffle buffer, memory estimate
+    heads: tuple[str, ...] = ()  # the heads trained in the same pass (one read of each batch for all of them)
+    world_size: int = 1  # ranks the batches were split over (torchrun)
 
     @property
     def epochs_run(self) -> int:
@@ -421,6 +453,12 @@ class ProbeFit:
             "loss_final": round(losses[-1], 6) if losses else None,
             "loss_min": round(min(losses), 6) if losses else None,
         }
+
+    def pass_record(self) -> dict[str, Any]:
+        """What a record says of the pass: the heads that shared each read of the data, and the ranks."""
+        return {"heads": list(self.heads), "reads_per_epoch": 1, "world_size": self.world_size,
+                "batch_split": "batch[rank::world], BatchNorm statistics and gradients summed over ranks"
+                if self.world_size > 1 else None}
 
 
 def features_fingerprint(features: np.ndarray, labels: np.ndarray, rows: int = 64) -> str:
@@ -439,126 +477,239 @@ def train_linear_probe(
     config: ProbeConfig,
     *,
     channels: int | None = None,
-    device: str | torch.device = "cpu",
     state_path: str | Path | None = None,
     settings: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    desc: str = "linear probe",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     evaluate: Callable[[LinearProbe], Mapping[str, float]] | None = None,
+    **kwargs: Any,
+) -> ProbeFit:
+    """Fit one probe on fp16 / fp32 (N, D) ``features`` (or on K such views in turn, see :class:`EpochViews`):
+    :func:`train_linear_probes` with one head (the same arguments, for that head alone)."""
+    callback = None if on_epoch_end is None else (lambda epoch, records: on_epoch_end(epoch, records[""]))
+    fits = train_linear_probes(
+        {"": features}, labels, num_classes, config, channels={"": channels},
+        state_paths=None if state_path is None else {"": state_path},
+        settings=None if settings is None else {"": settings}, on_epoch_end=callback,
+        evaluate=None if evaluate is None else {"": evaluate}, **kwargs)
+    return fits[""]
+
+
+@dataclass
+class _Head:
+    """One head of a pass: its features, model, optimiser, fit record and resume state."""
+
+    name: str
+    views: EpochViews
+    model: LinearProbe
+    opt: torch.optim.Optimizer
+    fit: ProbeFit
+    resume: ResumeState | None = None
+    start: int = 0
+    evaluate: Callable[[LinearProbe], Mapping[str, float]] | None = None
+    loss_sum: torch.Tensor | float = 0.0  # this epoch's summed loss (float64 on the device once added to)
+    seen: int = 0
+
+    def label(self, desc: str) -> str:
+        return f"{desc} {self.name}" if self.name else desc
+
+
+def train_linear_probes(
+    features: Mapping[str, np.ndarray | FeatureStore | Sequence[np.ndarray | FeatureStore | Callable[[], Any]]],
+    labels: np.ndarray,
+    num_classes: int,
+    config: ProbeConfig,
+    *,
+    channels: Mapping[str, int | None] | None = None,
+    device: str | torch.device = "cpu",
+    state_paths: Mapping[str, str | Path] | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    desc: str = "linear probe",
+    on_epoch_end: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+    evaluate: Mapping[str, Callable[[LinearProbe], Mapping[str, float]]] | None = None,
     source: str | Path | None = None,
     shuffle_buffer: int | None = None,
     stream: bool | None = None,
-) -> ProbeFit:
-    """Fit a probe on fp16 / fp32 (N, D) ``features`` (or on K such views in turn, see :class:`EpochViews`),
-    resuming from ``state_path`` when one is given.
+) -> dict[str, ProbeFit]:
+    """Fit one probe per head (e.g. per tap) on the same rows and ``labels``, all in one pass over the data: each
+    epoch reads every batch once and updates every head with it. ``features[name]`` is that head's (N, D) matrix,
+    feature store, or K views of them (:class:`EpochViews`; every head has the same K).
 
-    The state (model, optimiser, loss history) is rewritten atomically after every epoch. Its settings are
-    ``settings`` (the caller's provenance: checkpoint, tap, ...) plus the solver config, the class count, the
-    number of views and the fingerprint of view 0; a state with other settings is refused (UserError naming them).
-    ``evaluate(model)`` (e.g. the val split's accuracies) runs after every epoch and its values join that epoch's
-    history record, so a resumed fit keeps them. ``on_epoch_end(epoch, record)`` runs after the state is written.
-    A view may be an ``evalsuite.cache.FeatureStore``: loaded when it fits its memory budget, else streamed with a
-    ``shuffle_buffer``-row buffer (default: the store's ``default_buffer_rows``; see the module docstring);
-    ``stream=True`` / ``False`` streams / loads a store whatever its size.
+    Every head has its own model, optimiser and resume state, and the same config (seed, schedule, batch order) as
+    it would alone, so each head's weights are those of training it alone (``tests/test_probe_one_pass.py``).
+    Feature stores are loaded when together they fit the memory budget, else streamed in lockstep
+    (``evalsuite.cache.lockstep_batches``: one shuffle buffer of ``shuffle_buffer`` rows per head, by default what
+    half the budget holds for all heads together, so a streamed head alone would default to a larger buffer and
+    another order); ``stream=True`` / ``False`` streams / loads them whatever their size.
+
+    Each head's state (model, optimiser, loss history) is rewritten atomically after every epoch at
+    ``state_paths[name]``; its settings are ``settings[name]`` (the caller's provenance: checkpoint, tap, ...) plus
+    the solver config, the class count, the number of views and the fingerprint of its view 0; a state with other
+    settings is refused (UserError naming them). A head resumed further than another is not updated until the
+    others reach its epoch. ``evaluate[name](model)`` (e.g. the val split's accuracies) runs after every epoch and
+    its values join that epoch's history record. ``on_epoch_end(epoch, {name: record})`` runs after the states
+    are written.
+
+    Under ``torchrun`` (an initialised process group) each rank reads its share of every batch and the ranks'
+    BatchNorm statistics and gradients are summed (:mod:`tasks.linear.ddp`): the weights of one process on the
+    whole batch, within float rounding; rank 0 writes the states.
     """
-    views = EpochViews(features, source, stream)
-    labels = check_labels(labels, views.load(0).shape[0], num_classes, "train labels", source)  # refuses 0 rows
-    first = views.get(0)
+    if not features:
+        raise BadFeatures("no training features (0 heads)", source)
+    rank, world = rank_and_world()
     dev = torch.device(device)
-    n, dim = first.shape
-    model = build_probe(dim, num_classes, config, channels).to(dev)
-    opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
-                          nesterov=config.nesterov, weight_decay=config.weight_decay)
+    names = list(features)
+    multi = len(names) > 1
+    views = {name: EpochViews(features[name], source, f"train features {name}" if multi else "train features")
+             for name in names}
+    if len({len(v) for v in views.values()}) > 1:
+        raise BadFeatures(f"every head needs the same number of views, got {[len(v) for v in views.values()]}",
+                          source)
+    n = views[names[0]].raw(0).shape[0]
+    labels = check_labels(labels, n, num_classes, "train labels", source)  # refuses 0 rows
+    first = open_views(views, 0, stream)
+    for name, x in first.items():
+        if x.shape[0] != n:
+            raise BadFeatures(f"train features {name} have {x.shape[0]} rows, {names[0]} has {n}", source)
+    if world > 1 and min(config.batch_size, n) < world:
+        raise UserError(f"{desc}: a batch of {min(config.batch_size, n)} rows cannot be split over {world} ranks")
     ipe = iterations_per_epoch(n, config.batch_size)
     total = total_iterations(n, config)
     epochs = num_epochs(n, config)
-    fit = ProbeFit(model, config, [], ipe, total, views=len(views))
-    if isinstance(first, FeatureStore):
-        fit.stream = plan_stream(first, model, config.batch_size, shuffle_buffer, desc)
-        fit.order = streamed_order(fit.stream["shuffle_buffer_rows"])
-    resume = None
-    start = 0
-    if state_path is not None:
-        streamed = {"order": fit.order} if fit.stream else {}  # in-memory states keep their old settings
-        resume = ResumeState(state_path, {**(settings or {}), "config": config.to_dict(), "num_classes": num_classes,
-                                          "channels": channels, "views": len(views),
-                                          "evaluated_each_epoch": evaluate is not None,
-                                          "features": features_fingerprint(first, labels), **streamed},
-                             what="linear probe")
-        state = resume.load()
+    heads: list[_Head] = []
+    for name in names:
+        model = build_probe(first[name].shape[1], num_classes, config, (channels or {}).get(name)).to(dev)
+        model.sync_stats = world > 1
+        opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+                              nesterov=config.nesterov, weight_decay=config.weight_decay)
+        fit = ProbeFit(model, config, [], ipe, total, views=len(views[name]), heads=tuple(names), world_size=world)
+        heads.append(_Head(name, views[name], model, opt, fit, evaluate=(evaluate or {}).get(name)))
+    plan = None
+    if isinstance(first[names[0]], FeatureStore):
+        plan = plan_stream([first[h.name] for h in heads], [h.model for h in heads], config.batch_size,
+                           shuffle_buffer, desc, world, announce=rank == 0)
+        for h in heads:
+            h.fit.stream, h.fit.order = plan, streamed_order(plan["shuffle_buffer_rows"])
+    for h in heads:
+        if state_paths is None or state_paths.get(h.name) is None:
+            continue
+        streamed = {"order": h.fit.order} if plan else {}  # in-memory states keep their old settings
+        h.resume = ResumeState(state_paths[h.name],
+                               {**((settings or {}).get(h.name) or {}), "config": config.to_dict(),
+                                "num_classes": num_classes, "channels": (channels or {}).get(h.name),
+                                "views": len(h.views), "evaluated_each_epoch": h.evaluate is not None,
+                                "features": features_fingerprint(first[h.name], labels), **streamed},
+                               what="linear probe")
+        state = h.resume.load()
         if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            fit.history = list(state["history"])
-            start = fit.resumed_from_epoch = int(state["epoch"])
-    stream, stream_view = None, -1
+            h.model.load_state_dict(state["model"])
+            h.opt.load_state_dict(state["optimizer"])
+            h.fit.history = list(state["history"])
+            h.start = h.fit.resumed_from_epoch = int(state["epoch"])
+    start = min(h.start for h in heads)
+    streams: dict[str, FeatureStream] = {}
+    stream_view = -1
     y_all = torch.from_numpy(labels)
-    bar = progress_bar(range(start, epochs), desc=desc, unit="epoch", enabled=progress, initial=start,
-                       total=epochs)
+    bs_global = min(config.batch_size, n)
+    bar = progress_bar(range(start, epochs), desc=desc, unit="epoch", enabled=progress and rank == 0,
+                       initial=start, total=epochs)
     for epoch in bar:
-        if views.view_of(epoch) != stream_view:
-            stream_view = views.view_of(epoch)
-            buffer = fit.stream["shuffle_buffer_rows"] if fit.stream else None
-            stream = FeatureStream(views.get(stream_view), dev, buffer, "train features", source)
-        model.train()
-        loss_sum, seen = torch.zeros((), device=dev, dtype=torch.float64), 0
-        for b, (idx, x) in enumerate(stream.epoch(config.batch_size, config.seed, epoch)):
+        active = [h for h in heads if h.start <= epoch]
+        view = heads[0].views.view_of(epoch)
+        if view != stream_view:
+            stream_view = view
+            xs = first if view == 0 and epoch == start else open_views(views, view, stream)
+            buffer = plan["shuffle_buffer_rows"] if plan else None
+            streams = {name: FeatureStream(x, dev, buffer, views[name].what, source) for name, x in xs.items()}
+            first = {}  # view 0's matrices are held by the streams alone
+        for h in active:
+            h.model.train()
+            h.loss_sum, h.seen = 0.0, 0
+        for b, (idx, xs) in enumerate(pass_batches([streams[h.name] for h in active], config.batch_size,
+                                                   config.seed, epoch, rank, world)):
             it = epoch * ipe + b
             if it >= total:
                 break
             lr = lr_at(it, ipe, config)
-            for g in opt.param_groups:
-                g["lr"] = lr
             y = y_all[idx].to(dev, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach().double() * len(idx)
-            seen += len(idx)
-        mean_loss = float(loss_sum) / max(seen, 1)
-        if not math.isfinite(mean_loss):
-            raise BadFeatures(f"{desc}: training loss became {mean_loss} in epoch {epoch + 1} "
-                              f"(lr {config.lr} too high for these features?)", source)
-        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr_at(epoch * ipe, ipe, config)}
-        if len(views) > 1:
-            record["view"] = stream_view
-        if evaluate is not None:
-            record.update(evaluate(model))
-        fit.history.append(record)
-        if resume is not None:
-            resume.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "history": fit.history})
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2g}")
+            losses = []
+            for h, x in zip(active, xs, strict=True):
+                for g in h.opt.param_groups:
+                    g["lr"] = lr
+                if world == 1:
+                    loss = F.cross_entropy(h.model(x), y)
+                else:  # this rank's part of the global batch's mean loss
+                    loss = F.cross_entropy(h.model(x), y, reduction="sum") / bs_global
+                h.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if world == 1:
+                    h.opt.step()
+                losses.append(loss.detach().double())
+            if world > 1:  # the global batch's gradients, then the same step on every rank
+                losses = [torch.tensor(v, dtype=torch.float64)
+                          for v in all_reduce_grads([h.model for h in active], losses)]
+                for h in active:
+                    h.opt.step()
+            for h, loss in zip(active, losses, strict=True):
+                h.loss_sum += loss * bs_global
+                h.seen += bs_global
+        records = {}
+        for h in active:
+            mean_loss = float(h.loss_sum) / max(h.seen, 1)
+            if not math.isfinite(mean_loss):
+                raise BadFeatures(f"{h.label(desc)}: training loss became {mean_loss} in epoch {epoch + 1} "
+                                  f"(lr {config.lr} too high for these features?)", source)
+            record = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr_at(epoch * ipe, ipe, config)}
+            if len(h.views) > 1:
+                record["view"] = stream_view
+            if h.evaluate is not None:
+                record.update(h.evaluate(h.model))
+            h.fit.history.append(record)
+            if h.resume is not None and rank == 0:
+                h.resume.save({"epoch": epoch + 1, "model": h.model.state_dict(), "optimizer": h.opt.state_dict(),
+                               "history": h.fit.history})
+            records[h.name] = record
+        bar.set_postfix({f"loss {name}" if name else "loss": f"{r['loss']:.4f}" for name, r in records.items()},
+                        lr=f"{lr_at(epoch * ipe, ipe, config):.2g}")
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
+            on_epoch_end(epoch + 1, records)
     bar.close()
-    model.eval()
-    return fit
+    for h in heads:
+        h.model.eval()
+    return {h.name: h.fit for h in heads}
 
 
-def plan_stream(store: FeatureStore, model: LinearProbe, batch_size: int, shuffle_buffer: int | None,
-                desc: str) -> dict[str, Any]:
-    """The shuffle buffer and memory estimate of streamed training (printed); UserError in one line when the
-    budget cannot hold them."""
+def plan_stream(stores: Sequence[FeatureStore], models: Sequence[LinearProbe], batch_size: int,
+                shuffle_buffer: int | None, desc: str, world: int = 1, announce: bool = True) -> dict[str, Any]:
+    """The shuffle buffer and memory estimate of streamed training of one head per store in one pass (printed when
+    ``announce``); UserError in one line when the budget cannot hold them. With ``world`` ranks the estimate is one
+    rank's (its share of the buffer and of a batch); the buffer, and so the order, is the same for any world."""
+    first = stores[0]
     # a window is at least one shard, whatever the buffer
-    buffer_rows = min(len(store), max(store.shard_rows, int(shuffle_buffer or store.default_buffer_rows(batch_size))))
-    parts = stream_memory(store.dim, store.itemsize, buffer_rows, store.shard_rows, batch_size)
+    buffer_rows = min(len(first), max(first.shard_rows,
+                                      int(shuffle_buffer or default_buffer_rows(stores, batch_size))))
+    parts = stream_memory([s.dim for s in stores], [s.itemsize for s in stores], buffer_rows, first.shard_rows,
+                          batch_size, world)
     parts.pop("total")
-    parts["model"] = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads, momentum
-    parts["training_step"] = 3 * batch_size * store.dim * 4  # the normalised batch, its gradient, one more float32
-    total, budget = sum(parts.values()), store.memory_budget
+    # weights, grads, momentum of every head
+    parts["model"] = 3 * sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    # one head's step at a time: the normalised batch, its gradient, one more float32
+    parts["training_step"] = 3 * -(-batch_size // world) * max(s.dim for s in stores) * 4
+    total, budget = sum(parts.values()), min(s.memory_budget for s in stores)
+    nbytes = sum(s.nbytes for s in stores)
     described = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in parts.items())
+    heads = f"; {len(stores)} heads, one read of each batch for all" if len(stores) > 1 else ""
+    ranks = f"; per rank of {world}" if world > 1 else ""
     if total > budget:
         lower = " or lower shuffle_buffer" if shuffle_buffer else ""
-        raise UserError(f"{desc}: streaming the {format_size(store.nbytes)} training features needs about "
-                        f"{format_size(total)} ({described}), beyond the memory budget {format_size(budget)}; raise "
-                        f"--memory-budget / EVALSUITE_MEMORY_BUDGET{lower}")
-    note(f"{desc}: training features of {format_size(store.nbytes)} streamed from the cache, memory estimate "
-         f"{format_size(total)} within the budget {format_size(budget)} ({described})")
+        raise UserError(f"{desc}: streaming the {format_size(nbytes)} training features needs about "
+                        f"{format_size(total)} ({described}{heads}{ranks}), beyond the memory budget "
+                        f"{format_size(budget)}; raise --memory-budget / EVALSUITE_MEMORY_BUDGET{lower}")
+    if announce:
+        note(f"{desc}: training features of {format_size(nbytes)} streamed from the cache, memory estimate "
+             f"{format_size(total)} within the budget {format_size(budget)} ({described}{heads}{ranks})")
     return {"memory_budget": budget, "shuffle_buffer_rows": buffer_rows, "memory_estimate": total,
-            "features_bytes": store.nbytes, "shard_rows": store.shard_rows}
+            "features_bytes": nbytes, "shard_rows": first.shard_rows, "heads": len(stores), "world_size": world}
 
 
 @torch.no_grad()

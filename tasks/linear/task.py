@@ -3,7 +3,9 @@
 One task body (:class:`LinearTask`), two instances that differ in their dataset, their ``goyal19`` schedule and their
 reference tables. For each tap (conv1, res2..res5 on a ResNet): pooled features from the cache (the trunk runs once
 per split and training view, never during training), a linear classifier (with a BatchNorm in the Goyal et al.
-benchmark) trained by SGD (``tasks.linear.probe``), top-1 / top-5 on the val split.
+benchmark) trained by SGD (``tasks.linear.probe``), top-1 / top-5 on the val split. The heads of all taps train in one
+pass over the cached features (one read of each batch updates every head; each head's weights are those of training it
+alone), recorded as ``solver.one_pass``.
 
 Training views (``train_views``): ``augmented`` (the benchmarks') extracts K = ``augmented_views`` augmented views
 of every training image once (``tasks.linear.augment``, each cached under its own key) and epoch e trains on view
@@ -54,7 +56,7 @@ from tasks.linear.probe import (
     evaluate_probe,
     num_epochs,
     topk_hits,
-    train_linear_probe,
+    train_linear_probes,
 )
 
 DEFAULT_LAYERS = ("conv1", "res2", "res3", "res4", "res5")
@@ -172,33 +174,34 @@ class LinearTask:
         specs = ctx.extractor.pool_specs(taps, p.pooling, transform)
         # stores: nothing loaded yet; the probe loads features that fit the memory budget and streams larger ones
         ftr = ctx.feature_stores(train, taps, pooling=p.pooling, transform=views[0])
-        if len(views) > 1:  # every view through the trunk once (all taps per pass); each tap reads them back below
+        if len(views) > 1:  # every view through the trunk once (all taps per pass); training reads them back below
             ftr = None
             for view in views[1:]:
                 ctx.feature_stores(train, taps, pooling=p.pooling, transform=view)
         fva = ctx.feature_stores(val, taps, pooling=p.pooling, transform=transform)
+        if ftr is None:  # each view loaded from the cache when training reaches it: one view in memory at a time
+            ftr = {tap: [partial(_cached_view, ctx, train, tap, p.pooling, view) for view in views] for tap in taps}
+        channels = {tap: int(specs[tap].out_shape[0]) for tap in taps}
+        # one resume state per checkpoint, tap and seed (`--seeds`); it refuses to continue under other settings
+        states = {tap: ctx.out_dir / "probe_state" / f"{tap}-{ctx.checkpoint.sha256[:16]}-seed{ctx.seed}.pt"
+                  for tap in taps}
+        settings = {tap: {"checkpoint": ctx.checkpoint.sha256, "data": train.fingerprint(), "tap": tap,
+                          "pool": specs[tap].op, "transform": transform.to_dict(),
+                          "precision": ctx.extractor.precision, "device": ctx.device,
+                          "train_views": augmentation_note(p, len(views))} for tap in taps}
+        evaluate = None
+        if p.report_epoch == "best_val":  # the val split after every epoch, kept in the (resumable) history
+            evaluate = {tap: partial(_val_metrics, x_va=fva[tap], labels=val.labels, ks=eval_ks, source=val.root)
+                        for tap in taps}
+        # every tap's head in one pass: each epoch reads every batch once (the taps' stores in lockstep; loaded when
+        # together they fit the memory budget, else streamed) and updates every head with it
+        fits = train_linear_probes({tap: ftr.pop(tap) for tap in taps}, train.labels, num_classes, config,
+                                   channels=channels, device=ctx.device, state_paths=states, settings=settings,
+                                   progress=ctx.progress, desc=self.name, evaluate=evaluate, source=train.root)
         results = []
         for tap in taps:
+            fit = fits[tap]
             x_va = fva.pop(tap).resident()  # in memory when it fits the budget, else read in blocks
-            if ftr is not None:
-                x_tr = ftr.pop(tap)
-            else:  # loaded from the cache when training reaches the view: one view in memory at a time
-                x_tr = [partial(_cached_view, ctx, train, tap, p.pooling, view) for view in views]
-            channels = int(specs[tap].out_shape[0])
-            # one resume state per checkpoint, tap and seed (`--seeds`); it refuses to continue under other settings
-            state = ctx.out_dir / "probe_state" / f"{tap}-{ctx.checkpoint.sha256[:16]}-seed{ctx.seed}.pt"
-            settings = {
-                "checkpoint": ctx.checkpoint.sha256, "data": train.fingerprint(), "tap": tap,
-                "pool": specs[tap].op, "transform": transform.to_dict(), "precision": ctx.extractor.precision,
-                "device": ctx.device, "train_views": augmentation_note(p, len(views)),
-            }
-            evaluate = None
-            if p.report_epoch == "best_val":  # the val split after every epoch, kept in the (resumable) history
-                evaluate = partial(_val_metrics, x_va=x_va, labels=val.labels, ks=eval_ks, source=val.root)
-            fit = train_linear_probe(x_tr, train.labels, num_classes, config, channels=channels,
-                                     device=ctx.device, state_path=state, settings=settings,
-                                     progress=ctx.progress, desc=f"{self.name} {tap}", evaluate=evaluate,
-                                     source=train.root)
             ev = evaluate_probe(fit.model, x_va, val.labels, eval_ks, source=val.root)
             epoch, topk = fit.epochs_run, ev["topk"]
             if p.report_epoch == "best_val":
@@ -207,11 +210,11 @@ class LinearTask:
                 "num_train": len(train), "num_val": len(val), "num_classes": num_classes,
                 "feature_dim": int(x_va.shape[1]), "pool_op": specs[tap].op,
                 "pool_shape": list(specs[tap].out_shape),
-                "bn_channels": channels if config.bn == "channel" else None,
+                "bn_channels": channels[tap] if config.bn == "channel" else None,
                 "solver": {**config.to_dict(), "scaled_lr": config.scaled_lr, "optimizer": "sgd",
                            "loss": "softmax_cross_entropy",
                            "weight_decay_on": "linear weight and bias (none on BN scale/shift)", "drop_last": True,
-                           "shuffle": fit.order, "stream": fit.stream},
+                           "shuffle": fit.order, "stream": fit.stream, "one_pass": fit.pass_record()},
                 "iterations_per_epoch": fit.iters_per_epoch, "total_iterations": fit.total_iterations,
                 "epochs_run": fit.epochs_run, "resumed_from_epoch": fit.resumed_from_epoch,
                 "train_curve": fit.loss_summary(), "val_loss": round(ev["loss"], 6),
@@ -230,7 +233,7 @@ class LinearTask:
                 results.append(ctx.result(p.dataset, p.val_split, tap, f"top{k}", 100.0 * topk[k],
                                           params=params, dataset_fingerprint=val.fingerprint(),
                                           outputs=None if samples is None else samples.mean(f"top{k}")))
-            state.unlink(missing_ok=True)  # finished: nothing left to resume
+            states[tap].unlink(missing_ok=True)  # finished: nothing left to resume
         return results
 
     def plan(self, ctx: TaskContext) -> TaskPlan:
