@@ -29,6 +29,8 @@ examples:
   evalsuite run --checkpoint ckpt.pth --tasks places205_linear,knn --seeds 0,1,2   # mean ± std over seeds
   evalsuite run --schedule leaderboard.toml          # resumable; --force recomputes finished jobs
   evalsuite run --checkpoint ckpt.pth --tasks all --launcher slurm --slurm-partition gpu
+  torchrun --nproc_per_node=8 -m evalsuite run --checkpoint ckpt.pth --tasks places205_linear,knn --device cuda
+                                                     # linear probes data-parallel, knn on rank 0 (docs/scale.md)
 """
 
 
@@ -195,10 +197,14 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from .distributed import env_rank, env_world_size
     from .runner import RunOptions, run
 
     if bool(a.schedule) == bool(a.checkpoint):
         raise UserError("evalsuite run needs exactly one of --checkpoint or --schedule")
+    if env_world_size() > 1 and (a.schedule or a.launcher != "none"):  # torchrun: `run` starts the process group
+        raise UserError(f"{'--schedule' if a.schedule else '--launcher'} runs its own jobs: run `evalsuite run` "
+                        "once, not under torchrun")
     if a.schedule:
         from evalsuite.schedule import run_schedule
 
@@ -223,7 +229,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.launcher != "none" and not a.dry_run:  # a dry run prints the plan here and submits nothing
         return _run_launched(opts, a)
     report = run(opts)
-    if a.dry_run:
+    if a.dry_run or env_rank() != 0:  # under torchrun rank 0 alone prints and writes
         return 0
     if not report.results and report.skipped:
         looked = "; ".join(f"{name}: {why}" for name, why in report.skipped)
@@ -478,22 +484,18 @@ def _add_extract(sub) -> None:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from .cache import FeatureCache
     from .checkpoints import load_checkpoint
     from .data import open_dataset
+    from .distributed import env_world_size, process_group
     from .features import FeatureExtractor, Transform
     from .runner import validate_layers
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if a.launcher != "none":
-        if world > 1:
+        if env_world_size() > 1:
             raise UserError("--launcher submits its own array tasks: run `evalsuite extract` once, not under torchrun")
         return _extract_array(a)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-    try:
+    with process_group(a.device) as (rank, _):  # torchrun: each rank extracts its share of the shards
         ck = load_checkpoint(a.checkpoint, arch=a.arch, allow_partial=a.allow_partial,
                              trust_pickle=a.trust_pickle, seed=a.seed, weights=a.weights, name=a.name)
         layers = validate_layers(ck.arch, [a.layers] if a.layers else None)
@@ -506,12 +508,9 @@ def cmd_extract(a: argparse.Namespace) -> int:
         tf = Transform.from_protocol(argparse.Namespace(image_size=a.image_size, resize_mode=a.resize_mode,
                                                         resize=a.resize, interpolation=a.interpolation), ck.metadata)
         feats = ext.features(ds, layers or list(ext.trunk.tap_names), a.pooling, tf)
-        if int(os.environ.get("RANK", "0")) == 0:
-            for tap, x in feats.items():
-                print(f"{tap}: {x.shape[0]} x {x.shape[1]} ({ext.precision}) cached under {ext.cache.root}")
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    if rank == 0:
+        for tap, x in feats.items():
+            print(f"{tap}: {x.shape[0]} x {x.shape[1]} ({ext.precision}) cached under {ext.cache.root}")
     return 0
 
 

@@ -38,6 +38,7 @@ from .cache import CacheEntry, CorruptEntry, FeatureCache, FeatureStore, storage
 from .colorspace import IMAGENET_MEAN, IMAGENET_STD, INPUT_SPACES, to_input_space
 from .console import progress, warn
 from .data.base import ImageDataset
+from .distributed import rank_and_world
 from .errors import BadData, BadFeatures, UserError
 from .protocols import INTERPOLATIONS, RESIZE_MODES
 from .trunks import PoolSpec, check_taps, pool_features, pool_spec, tap_shapes
@@ -463,7 +464,7 @@ class FeatureExtractor:
     # ------------------------------------------------------------ extraction
 
     def _extract(self, dataset, entries: dict[str, CacheEntry], specs: dict[str, PoolSpec], transform) -> None:
-        rank, world = _dist_info()
+        rank, world = rank_and_world()  # torchrun: this rank extracts its share of the missing shards
         for e in entries.values():
             if rank == 0:
                 e.prepare()
@@ -585,12 +586,6 @@ def finalize_entries(entries: dict[str, CacheEntry], specs: dict[str, PoolSpec])
     """Write each entry's manifest (shard hashes, and the tap's pooling and pooled shape)."""
     for tap, e in entries.items():
         e.finalize({"pool": specs[tap].op, "shape": list(specs[tap].out_shape)})
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier(world: int) -> None:

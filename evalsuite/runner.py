@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 import uuid
@@ -19,6 +18,7 @@ from . import registry
 from .cache import FeatureCache
 from .checkpoints import LoadedCheckpoint, load_checkpoint
 from .console import note, warn
+from .distributed import env_rank, env_world_size, process_group
 from .errors import TaskSkipped, UserError
 from .features import FeatureExtractor, preset_decode, preset_precision
 from .outputs import attach_intervals
@@ -38,7 +38,7 @@ from .plan import (
 from .protocols import FeatureTaskProtocol, apply_overrides, check_preset, parse_overrides
 from .results import RESULTS_FILE, Result, append_results, host_name, library_versions, now_iso
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from .task import TaskContext, environment_problem, task_seeded
+from .task import TaskContext, environment_problem, task_distributed, task_seeded
 from .trunks import arch_info
 
 
@@ -171,8 +171,14 @@ def check_interval_options(resamples: int, level: float) -> None:
 
 
 def run(opts: RunOptions) -> RunReport:
+    """Run the tasks of ``opts``. Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: features are extracted by
+    all ranks together (each its share of the shards), the data-parallel tasks (``task_distributed``) run on every
+    rank in one process group, then rank 0 alone runs the others; rank 0 alone prints the plan and writes results."""
     seeds = run_seeds(opts)
     opts = dataclasses.replace(opts, seed=seeds[0])  # the checkpoint's load (a random init) and array jobs
+    main = _is_main_process()
+    if not main:  # the other ranks stay quiet
+        opts = dataclasses.replace(opts, progress=False, show_plan=False)
     check_preset(opts.preset)
     check_interval_options(opts.ci_resamples, opts.ci_level)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
@@ -204,8 +210,9 @@ def run(opts: RunOptions) -> RunReport:
 
     run_id = uuid.uuid4().hex[:12]
     report = RunReport(checkpoint=ckpt)
+    say = note if main else (lambda message: None)
     for name, why in refused.items():
-        note(f"skipped {name}: {why}")
+        say(f"skipped {name}: {why}")
         report.skipped.append((name, why))
     out_file = Path(opts.out) / RESULTS_FILE
     contexts = {name: TaskContext(
@@ -216,7 +223,7 @@ def run(opts: RunOptions) -> RunReport:
     def skip(name: str, e: TaskSkipped) -> None:
         if not all_mode:
             raise e
-        note(f"skipped {name}: {e}")
+        say(f"skipped {name}: {e}")
         report.skipped.append((name, str(e)))
         contexts.pop(name)
 
@@ -224,26 +231,42 @@ def run(opts: RunOptions) -> RunReport:
         for name in list(contexts):
             why = environment_problem(tasks[name])
             if why:
-                note(f"skipped {name}: this machine cannot run it ({why})")
+                say(f"skipped {name}: this machine cannot run it ({why})")
                 report.skipped.append((name, why))
                 contexts.pop(name)
     task_seeds = {name: seeds if task_seeded(tasks[name], protocols[name]) else seeds[:1] for name in contexts}
-    if opts.show_plan or opts.dry_run:
+    if main and (opts.show_plan or opts.dry_run):
         for name, e in print_plan(tasks, contexts, ckpt, opts, task_seeds):
             skip(name, e)
     if opts.dry_run:
         return report
-    for name, ctx in list(contexts.items()):
-        for seed in task_seeds[name]:  # the features come from the cache after the first seed
-            ctx.seed = seed  # one context for every seed: its trunk copy and extractor are shared
-            try:
-                results = run_task(tasks[name], ctx, opts, shared)
-            except TaskSkipped as e:  # its data is missing: at every seed
-                skip(name, e)
-                break
-            if _is_main_process():
-                append_results(out_file, results)
-            report.results.extend(results)
+
+    def run_tasks(names: list[str]) -> None:
+        for name in names:
+            ctx = contexts[name]
+            for seed in task_seeds[name]:  # the features come from the cache after the first seed
+                ctx.seed = seed  # one context for every seed: its trunk copy and extractor are shared
+                try:
+                    results = run_task(tasks[name], ctx, opts, shared)
+                except TaskSkipped as e:  # its data is missing: at every seed
+                    skip(name, e)
+                    break
+                if main:
+                    append_results(out_file, results)
+                report.results.extend(results)
+
+    # torchrun: the data-parallel tasks on every rank, then the others on rank 0 alone once the group is gone (so that
+    # its extraction waits for no other rank); one process: every task in order
+    parallel = env_world_size() > 1
+    together = [n for n in contexts if not parallel or task_distributed(tasks[n])]
+    alone = [n for n in contexts if n not in together]
+    if alone:
+        say(f"{', '.join(alone)}: not data-parallel, run by rank 0 alone"
+            + (f" after {', '.join(together)}" if together else ""))
+    with process_group(opts.device):
+        run_tasks(together)
+    if main:
+        run_tasks(alone)
     report.results_file = out_file
     return report
 
@@ -325,4 +348,4 @@ def print_plan(tasks: dict, contexts: dict[str, TaskContext], ckpt: LoadedCheckp
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return env_rank() == 0

@@ -5,7 +5,8 @@ frozen :class:`~evalsuite.protocols.TaskProtocol`) and ``run(ctx) -> list[Result
 found by ``evalsuite.registry``. Optional: ``check_environment()`` (raises when this
 machine lacks something the task needs), ``plan(ctx) -> TaskPlan`` (what the run will
 cost, printed before it starts), ``headline_metrics`` (the metrics of the summary), ``seeded``
-(whether ``evalsuite run --seeds`` runs it once per seed: :func:`task_seeded`).
+(whether ``evalsuite run --seeds`` runs it once per seed: :func:`task_seeded`), ``distributed`` (whether it runs
+data-parallel under torchrun: :func:`task_distributed`).
 Feature-based tasks call ``ctx.features(...)``, which goes through the cache;
 fine-tuning tasks take ``ctx.trunk`` instead.
 """
@@ -56,6 +57,13 @@ def task_seeded(task: Task, protocol: TaskProtocol) -> bool:
     which then runs once, at the first seed. A task that does not say is taken as seeded."""
     seeded = getattr(task, "seeded", True)
     return bool(seeded(protocol) if callable(seeded) else seeded)
+
+
+def task_distributed(task: Task) -> bool:
+    """Whether ``task`` runs data-parallel under ``torchrun`` (its optional ``distributed``, default False): every
+    rank of ``evalsuite run`` then runs it in the process group, each doing its share and all computing the same
+    records (the linear probes: ``tasks.linear.ddp``). Any other task runs on rank 0 alone."""
+    return bool(getattr(task, "distributed", False))
 
 
 def environment_problem(task: Task) -> str:

@@ -1,11 +1,15 @@
 """The one way tests build a task context: a real TaskContext over a real (seeded random) checkpoint, with
 the task's preset and ``--set`` overrides applied exactly as ``evalsuite run`` applies them. Also: the check
-that opening a broken dataset raises BadData, and ``evalsuite run`` with one task registered."""
+that opening a broken dataset raises BadData, ``evalsuite run`` with one task registered, and the processes torchrun
+would start."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from evalsuite.errors import BadData
 from evalsuite.features import FeatureExtractor
 from evalsuite.protocols import apply_overrides, parse_overrides
 from evalsuite.task import TaskContext
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_extractor(ckpt: LoadedCheckpoint, cache_dir: Path, **options: Any) -> FeatureExtractor:
@@ -69,3 +75,30 @@ def run_cli_with_task(task: Any, args: Sequence[str]) -> int:
 def read_records(out: Path) -> list[dict[str, Any]]:
     """The records of ``out/results.jsonl``, one per line."""
     return [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
+
+
+def torchrun_processes(cmd: Sequence[str], cwd: Path, world: int = 2, env: Mapping[str, str] | None = None,
+                       timeout: float = 180) -> list[tuple[str, str]]:
+    """Run ``cmd`` as the ``world`` processes ``torchrun --nproc_per_node=WORLD`` would start on one machine (its
+    environment variables and a free rendezvous port, without its agent process; this repository importable, one
+    thread each) and return each rank's (stdout, stderr). A rank that fails fails the test with its stderr; the
+    others are then killed rather than left waiting for it."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
+    procs = [subprocess.Popen(list(cmd), cwd=cwd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outputs = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{err[-3000:]}"
+            outputs.append((out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return outputs

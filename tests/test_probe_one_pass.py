@@ -6,9 +6,6 @@ process on the global batch."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,8 +16,8 @@ import torch
 
 from evalsuite.cache import FeatureCache, FeatureStore, lockstep_batches, shuffle_windows
 from tasks.linear.probe import ProbeConfig, train_linear_probe, train_linear_probes
+from tests.helpers import torchrun_processes
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4
 DIMS = {"a": 12, "b": 8}  # a: BatchNorm over 4 channels x 3 positions; b: one statistic per dimension
 CHANNELS = {"a": 4, "b": None}
@@ -198,18 +195,8 @@ def test_ddp_on_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_pa
     np.savez(tmp_path / "data.npz", a=xs["a"], b=xs["b"], y=y)
     stores = {t: write_store(x, tmp_path / "cache", t) for t, x in xs.items()}
     (tmp_path / "worker.py").write_text(WORKER)
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # the two processes torchrun would start (its environment variables, without its agent process)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    cmd = [sys.executable, str(tmp_path / "worker.py"), str(tmp_path), json.dumps(CONFIG.to_dict())]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
+    torchrun_processes([sys.executable, str(tmp_path / "worker.py"), str(tmp_path), json.dumps(CONFIG.to_dict())],
+                       cwd=tmp_path)
     reference = {"memory": train_linear_probes(xs, y, CLASSES, CONFIG, channels=CHANNELS, progress=False),
                  "streamed": train_linear_probes(stores, y, CLASSES, CONFIG, channels=CHANNELS, progress=False,
                                                  stream=True, shuffle_buffer=70)}

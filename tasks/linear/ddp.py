@@ -21,13 +21,6 @@ import torch.distributed as dist
 from torch import nn
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def synced_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     """``bn`` in training mode on ``x`` ((N, C) or (N, C, L)) with the batch statistics of every rank's rows together
     (per channel over N and L; biased variance to normalise, unbiased for the running variance)."""

@@ -60,10 +60,11 @@ from torch import nn
 from evalsuite.cache import FeatureStore, default_buffer_rows, format_size, lockstep_batches, stream_memory
 from evalsuite.console import note
 from evalsuite.console import progress as progress_bar
+from evalsuite.distributed import rank_and_world
 from evalsuite.errors import BadData, BadFeatures, UserError
 from evalsuite.features import check_features
 from evalsuite.io import ResumeState
-from tasks.linear.ddp import all_reduce_grads, rank_and_world, synced_batch_norm
+from tasks.linear.ddp import all_reduce_grads, synced_batch_norm
 
 BN_MODES = ("channel", "feature", "none")
 INITS = ("gaussian", "pytorch_default")

@@ -148,6 +148,7 @@ class LinearTask:
 
     headline_metrics = ("top1",)
     seeded = True  # the probe's init, the batch order and the augmented views are seeded
+    distributed = True  # under torchrun every rank trains on its share of each batch (tasks.linear.ddp)
 
     def __init__(self, name: str, description: str, protocol: type[LinearProtocol],
                  conformance: Mapping[str, tuple[str, str, str]],
