@@ -74,9 +74,11 @@ class PeakRSS:
         self.peak = max(self.peak, current_rss_mb())
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
+def write_json(name: str, payload: dict[str, Any], path: Path | str | None = None) -> Path:
+    """``benchmarks/out/<name>.json`` (or ``path``), with the machine description."""
     from evalsuite.io import atomic_write_json
 
-    path = atomic_write_json(OUT_DIR / f"{name}.json", {"machine": machine(), **payload}, indent=2, default=str)
+    path = OUT_DIR / f"{name}.json" if path is None else Path(path)
+    path = atomic_write_json(path, {"machine": machine(), **payload}, indent=2, default=str)
     print(f"wrote {path}")
     return path

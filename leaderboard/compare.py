@@ -1,7 +1,8 @@
 """Compare our numbers with published references or with another set of results.
 
-Rows are matched by (method, arch, pretrain data, task, layer, metric, variant); against
-another results set also by checkpoint name, dataset and split. A matched pair is *compared*
+Rows are matched by (method, arch, pretrain data, task, layer, metric, variant), and by dataset where a
+reference row names one (the per-dataset numbers of a many-dataset task, ``linear_transfer`` and ``fewshot``);
+against another results set also by checkpoint name, dataset and split. A matched pair is *compared*
 only when the protocols agree; otherwise it is reported as ``protocol_mismatch`` and never
 silently compared:
 
@@ -129,12 +130,13 @@ class CompareReport:
 
     def format_text(self, max_missing: int = 40) -> str:
         out = []
-        head = ["status", "method", "arch", "task", "layer", "metric", "variant", "ours", "reference", "delta",
-                "tol", "protocol (ours | ref)", "flags"]
+        head = ["status", "method", "arch", "task", "dataset", "layer", "metric", "variant", "ours", "reference",
+                "delta", "tol", "protocol (ours | ref)", "flags"]
         table = []
         order = {"regression": 0, "no_value": 1, "ok": 2, "protocol_mismatch": 3}
         for r in sorted(self.rows, key=lambda r: (order.get(r["status"], 9), r["task"], r["method"], r["layer"])):
-            table.append([r["status"], r["method"], r["arch"], r["task"], r["layer"], r["metric"], r["variant"],
+            table.append([r["status"], r["method"], r["arch"], r["task"], r.get("dataset", ""), r["layer"],
+                          r["metric"], r["variant"],
                           _fmt(r["ours"]), _fmt(r["reference"]), _fmt(r["delta"], sign=True), _fmt(r["tolerance"]),
                           f"{r['our_protocol']} | {_short(r['ref_protocol'])}", "; ".join(r["flags"])])
         if table:
@@ -142,7 +144,8 @@ class CompareReport:
         if self.missing:
             out.append(f"\n{len(self.missing)} reference row(s) without a compared result:")
             for m in self.missing[:max_missing]:
-                out.append(f"  {m['method']} {m['arch']} {m['pretrain_data']} {m['task']} {m['layer']} "
+                where = f"{m['task']}/{m['dataset']}" if m.get("dataset") else m["task"]
+                out.append(f"  {m['method']} {m['arch']} {m['pretrain_data']} {where} {m['layer']} "
                            f"{m['metric']} {m['variant']} = {m['reference']} [{_short(m['ref_protocol'])}]")
             if len(self.missing) > max_missing:
                 out.append(f"  ... and {len(self.missing) - max_missing} more (see the JSON report)")
@@ -239,6 +242,11 @@ def _why_no_match(ours: list[dict], theirs: list[dict], key: list[str], what: st
     return f"no result matched {a_row} by {', '.join(key)}"
 
 
+def _why_no_dataset(pairs: set[tuple[str, str]]) -> str:
+    return (f"no result matched a reference row's dataset (the rows that agree on everything else are for other "
+            f"datasets; ours: {_few(o for o, _ in pairs)}; reference: {_few(t for _, t in pairs)})")
+
+
 def _why_not_comparable(rows: list[dict], hint: str) -> str:
     other = [r for r in rows if r["mismatch"] == "protocol"]
     partial = sum(r["mismatch"] == "partial load" for r in rows)
@@ -275,27 +283,35 @@ def compare_to_references(agg: pd.DataFrame, tolerance: Tolerance, references: p
         by_key.setdefault(tuple(o[k] for k in key), []).append(o)
     scope = {tuple(o[k] for k in ("method", "arch", "pretrain_data") if k not in ignore) for o in o_records}
     matched_ours: set[int] = set()
+    other_datasets: set[tuple[str, str]] = set()  # (ours, theirs) where only the dataset differed
     for r in refs.to_dict("records"):
         partners = by_key.get(tuple(r[k] for k in key), [])
+        if r["dataset"]:  # a number for one dataset of a many-dataset task: only our record of that dataset
+            other_datasets.update((o["dataset"], r["dataset"]) for o in partners if o["dataset"] != r["dataset"])
+            partners = [o for o in partners if o["dataset"] == r["dataset"]]
         compared = False
         for o in partners:
             compatible = o["protocol"] == r["source_key"] or (o["protocol"], r["source_key"]) in accept
             row = _pair_row(REF_KEY, o, r, float(r["value_num"]), tolerance, compatible,
                             {"ref_protocol": r["protocol"], "ref_source": r["source_paper"], "ref_file": r["file"],
-                             "ref_ambiguous": bool(r["ambiguous"]), "ref_task": r["ref_task"]}, strict)
+                             "ref_ambiguous": bool(r["ambiguous"]), "ref_task": r["ref_task"],
+                             "dataset": o["dataset"]}, strict)
             report.rows.append(row)
             compared |= row["status"] != "protocol_mismatch"
             matched_ours.add(id(o))
         if not compared:
             in_scope = tuple(r[k] for k in ("method", "arch", "pretrain_data") if k not in ignore) in scope
             if all_missing or in_scope:
-                report.missing.append({**{k: r[k] for k in REF_KEY}, "reference": float(r["value_num"]),
+                report.missing.append({**{k: r[k] for k in REF_KEY}, "dataset": r["dataset"],
+                                       "reference": float(r["value_num"]),
                                        "ref_protocol": r["protocol"], "ref_file": r["file"],
                                        "has_mismatched_result": bool(partners)})
-    report.unmatched = [{k: o[k] for k in REF_KEY + ["protocol"]} for o in o_records if id(o) not in matched_ours]
+    report.unmatched = [{k: o[k] for k in REF_KEY + ["dataset", "protocol"]} for o in o_records
+                        if id(o) not in matched_ours]
     if report.n_compared == 0:
         report.why_nothing_compared = _why_not_comparable(
             report.rows, "--accept-protocol OURS=THEIRS accepts a protocol as the same") if report.rows \
+            else _why_no_dataset(other_datasets) if other_datasets \
             else _why_no_match(o_records, refs.to_dict("records"), key, "reference")
     return report
 

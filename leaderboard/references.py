@@ -7,8 +7,10 @@ seed_file, quote``. This module loads them and adds the columns the comparison n
 * ``source_key``: the protocol's source key (text before the first ``:``, e.g. ``goyal19``,
   ``mmselfsup``, ``swav20``), compared with our records' preset name;
 * ``variant``: ``k=<k>`` for the low-shot rows (parsed from ``, k=<k>,``), ``labels=<p>%`` for the
-  semi-supervised rows (``, labels=<p>%,`` or ``with <p>% of labels``), empty otherwise
-  (the full-data ``k=all`` row is the plain task);
+  semi-supervised rows (``, labels=<p>%,`` or ``with <p>% of labels``), ``shots=<k>`` for the few-shot rows
+  (``, shots=<k>,``), empty otherwise (the full-data ``k=all`` row is the plain task);
+* ``dataset``: for a task that runs several datasets (``linear_transfer``, ``fewshot``), the one the number is
+  for (``, dataset=<name>,`` in the protocol, the suite's dataset name); empty otherwise (any dataset matches);
 * ``suite_task``: the suite's task name for the reference task (``lowshot`` -> ``lowshot_svm``,
   ``voc_detection`` -> ``detection``, ``nyuv2_surface_normals`` -> ``surface_normals``);
 * ``ambiguous``: the row's quote carries an ``ambiguous:`` note (read it before trusting the number);
@@ -35,6 +37,8 @@ SUITE_TO_REF_TASK = {v: k for k, v in REF_TO_SUITE_TASK.items()}
 
 _K_RE = re.compile(r", k=(all|\d+),")
 _LABELS_RE = re.compile(r", labels=(\d+(?:\.\d+)?)%,|with (\d+(?:\.\d+)?)% of labels")
+_SHOTS_RE = re.compile(r", shots=(\d+),")
+_DATASET_RE = re.compile(r", dataset=([\w:./-]+),")
 
 
 def source_key(protocol: str) -> str:
@@ -43,12 +47,22 @@ def source_key(protocol: str) -> str:
 
 
 def variant_of(protocol: str) -> str:
-    """The row's variant: ``k=<k>`` (low-shot) or ``labels=<p>%`` (semi-supervised fraction), else empty."""
+    """The row's variant: ``k=<k>`` (low-shot), ``labels=<p>%`` (semi-supervised fraction) or ``shots=<k>``
+    (few-shot episodes), else empty."""
     m = _K_RE.search(str(protocol))
     if m and m.group(1) != "all":
         return f"k={m.group(1)}"
     m = _LABELS_RE.search(str(protocol))
-    return f"labels={m.group(1) or m.group(2)}%" if m else ""
+    if m:
+        return f"labels={m.group(1) or m.group(2)}%"
+    m = _SHOTS_RE.search(str(protocol))
+    return f"shots={m.group(1)}" if m else ""
+
+
+def dataset_of(protocol: str) -> str:
+    """The suite dataset a row is for (``, dataset=<name>,`` in its protocol), else empty: any dataset."""
+    m = _DATASET_RE.search(str(protocol))
+    return m.group(1) if m else ""
 
 
 def reference_files() -> list[str]:
@@ -73,6 +87,7 @@ def _load(files: tuple[str, ...]):
     df = pd.concat(frames, ignore_index=True)
     df["source_key"] = df["protocol"].map(source_key)
     df["variant"] = df["protocol"].map(variant_of)
+    df["dataset"] = df["protocol"].map(dataset_of)
     df["suite_task"] = df["task"].map(lambda t: REF_TO_SUITE_TASK.get(t, t))
     df["ambiguous"] = df["quote"].str.contains(r"\|\| ambiguous:", regex=True)
     df["value_num"] = pd.to_numeric(df["value"], errors="coerce")

@@ -248,7 +248,8 @@ def _render(agg: pd.DataFrame, root: Path, *, plots: bool, references: bool, tit
                     next(iter(sr["by_layer"].values()))["params"]
             pub = []
             if refs is not None:
-                rsub = refs[(refs["suite_task"] == task) & (refs["metric"] == metric) & (refs["variant"] == variant)]
+                rsub = refs[(refs["suite_task"] == task) & (refs["metric"] == metric) & (refs["variant"] == variant)
+                            & refs["dataset"].isin(["", dataset])]  # a per-dataset number: this dataset's only
                 for (m, a, pdata, proto), rg in rsub.groupby(["method", "arch", "pretrain_data", "protocol"],
                                                              sort=True):
                     by_layer = {x["layer"]: x for x in rg.to_dict("records")}
@@ -395,18 +396,21 @@ def _num(r: dict | None) -> float | None:
 
 
 def _published_best(refs: pd.DataFrame, cols: list[tuple]) -> list[dict]:
-    """Published rows at their best layer for the overview's (task, metric, variant) columns."""
+    """Published rows at their best layer for the overview's (task, metric, variant) columns (and dataset, for a row
+    that names one)."""
     wanted = {(c[0], c[3], c[4]) for c in cols}
+    wanted_ds = {(c[0], c[1], c[3], c[4]) for c in cols}
     out = []
     if refs is None or refs.empty:
         return out
-    for (task, metric, variant, m, a, pdata, proto), g in refs.groupby(
-            ["suite_task", "metric", "variant", "method", "arch", "pretrain_data", "protocol"], sort=True):
-        if (task, metric, variant) not in wanted:
+    for (task, ds, metric, variant, m, a, pdata, proto), g in refs.groupby(
+            ["suite_task", "dataset", "metric", "variant", "method", "arch", "pretrain_data", "protocol"], sort=True):
+        if (task, metric, variant) not in wanted or (ds and (task, ds, metric, variant) not in wanted_ds):
             continue
         lower = _lower(metric)
         r = g.loc[g["value_num"].idxmin() if lower else g["value_num"].idxmax()]
-        out.append({"task": task, "metric": metric, "variant": variant, "label": f"{m} / {a} / {pdata}",
+        out.append({"task": f"{task} · {ds}" if ds else task, "metric": metric, "variant": variant,
+                    "label": f"{m} / {a} / {pdata}",
                     "value": r["value"], "layer": r["layer"], "protocol": proto, "source": r["source_paper"],
                     "source_key": r["source_key"], "ambiguous": bool(r["ambiguous"])})
     return out

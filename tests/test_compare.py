@@ -269,3 +269,54 @@ def test_a_protocol_deviating_from_the_published_one_is_flagged_and_refused_unde
     # results compared with results are not judged against the published protocol
     other = write(tmp_path / "other", [rec(v, lay) for lay, v in GOYAL_SUP.items()])
     assert all(r["flags"] == [] for r in compare_to_results(agg_of(d), agg_of(other), Tolerance()).rows)
+
+
+def test_ericsson21_transfer_rows_match_by_dataset(tmp_path) -> None:
+    """Ericsson et al. 2021 (ericsson21_transfer.csv): a linear_transfer / fewshot record compares with the published
+    number of its own dataset (and shots) only; one far from it is a regression; another preset is not compared."""
+    from leaderboard.references import dataset_of, load_references
+
+    refs = load_references(["ericsson21_transfer.csv"])
+    # Table 1: DeepCluster-v2 CIFAR10 94.02, Cars 58.60, Avg. 78.92; Table 8: EuroSAT 5-shot 88.39 (the README's
+    # example); SimCLR-v2's Aircraft 46.38 is one of the cells the text shifted (PROVENANCE.md)
+    by = {(r["method"], r["dataset"], r["metric"], r["variant"]): float(r["value"]) for r in refs.to_dict("records")}
+    assert by[("deepcluster_v2", "cifar10", "top1", "")] == 94.02
+    assert by[("deepcluster_v2", "stanford_cars", "top1", "")] == 58.60
+    assert by[("deepcluster_v2", "all", "mean", "")] == 78.92
+    assert by[("deepcluster_v2", "eurosat", "accuracy", "shots=5")] == 88.39
+    assert by[("simclr_v2", "fgvc_aircraft", "mean_per_class", "")] == 46.38
+    assert dataset_of("x: a, dataset=cifar10, b") == "cifar10"
+    assert dataset_of("run.py --dataset=imagenet2012_subset/1pct") == ""  # a command line's flag is not one
+
+    def transfer(value, dataset, metric, task="linear_transfer", params=None, protocol="ericsson21"):
+        r = rec(value, "res5", task=task, metric=metric, method="deepcluster_v2", protocol=protocol,
+                params=params or {"C": 0.316})
+        r.dataset = dataset
+        return r
+
+    d = write(tmp_path / "r", [transfer(94.02 + 0.1, "cifar10", "top1"), transfer(58.60 - 3.0, "stanford_cars", "top1"),
+                               transfer(78.92, "all", "mean"),
+                               transfer(88.39 - 0.2, "eurosat", "accuracy", "fewshot", {"shots": 5})])
+    rep = compare_to_references(agg_of(d), Tolerance(default=0.5), references=refs)
+    got = {(r["dataset"], r["metric"], r["variant"]): r for r in rep.rows}
+    assert set(got) == {("cifar10", "top1", ""), ("stanford_cars", "top1", ""), ("all", "mean", ""),
+                        ("eurosat", "accuracy", "shots=5")}  # each record with its own dataset's number only
+    assert got[("cifar10", "top1", "")]["status"] == "ok" and got[("cifar10", "top1", "")]["reference"] == 94.02
+    assert got[("cifar10", "top1", "")]["delta"] == pytest.approx(0.1)
+    cars = got[("stanford_cars", "top1", "")]
+    assert cars["status"] == "regression" and cars["reference"] == 58.60 and cars["delta"] == pytest.approx(-3.0)
+    assert got[("all", "mean", "")]["status"] == "ok"
+    assert got[("eurosat", "accuracy", "shots=5")]["status"] == "ok"
+    assert got[("eurosat", "accuracy", "shots=5")]["reference"] == 88.39
+    assert rep.exit_code == 1  # the Cars regression
+    # the method's other datasets and shots are listed as missing, each with its dataset
+    missing = {(m["dataset"], m["variant"]) for m in rep.missing}
+    assert ("dtd", "") in missing and ("eurosat", "shots=20") in missing and ("cifar10", "") not in missing
+    assert "linear_transfer/dtd" in rep.format_text(max_missing=1000)
+    # the quick preset is flagged, never compared; a dataset no row has is said to be the reason
+    q = write(tmp_path / "q", [transfer(10.0, "cifar10", "top1", protocol="quick")])
+    rq = compare_to_references(agg_of(q), Tolerance(), references=refs)
+    assert [r["status"] for r in rq.rows] == ["protocol_mismatch"] and rq.exit_code == 0
+    other = write(tmp_path / "o", [transfer(50.0, "imagefolder:/data/x", "top1")])
+    ro = compare_to_references(agg_of(other), Tolerance(), references=refs)
+    assert not ro.rows and "dataset" in ro.why_nothing_compared and "imagefolder:/data/x" in ro.why_nothing_compared

@@ -333,6 +333,22 @@ def test_site_folder_keeps_the_umask_or_its_own_permissions(tmp_path) -> None:
 
 # ---------------------------------------------------------------- references
 
+def test_a_per_dataset_published_number_is_shown_with_its_dataset_only(tmp_path) -> None:
+    """linear_transfer runs several datasets; Ericsson et al.'s numbers name theirs (ericsson21_transfer.csv): each
+    dataset's section of the task page lists that dataset's published number (DeepCluster-v2: CIFAR10 94.02, Cars
+    58.60), never another dataset's."""
+    runs = tmp_path / "runs"
+    write(runs, [rec(93.9, task="linear_transfer", metric="top1", method="deepcluster_v2", protocol="ericsson21",
+                     dataset=ds) for ds in ("cifar10", "stanford_cars")])
+    build_site([runs], tmp_path / "site", plots=False, tie_resamples=0)
+    tables = parse(tmp_path / "site" / "tasks" / f"{slug('linear_transfer')}.html").tables
+    published = [t for t in tables.values() if t and t[0][0] == "method / arch / data"]
+    assert len(published) == 2  # one section per dataset, in dataset order: cifar10, stanford_cars
+    values = [{r[0].split()[0]: r[1] for r in t[1:]} for t in published]
+    assert values[0]["deepcluster_v2"] == "94.02" and values[1]["deepcluster_v2"] == "58.60"
+    assert all(len(t) == 1 + 14 for t in published)  # the 14 models of Table 1, once each
+
+
 def test_package_references_match_the_sha256_in_their_provenance() -> None:
     """Each CSV still has the sha256 recorded when it was copied (the list in references/PROVENANCE.md).
 
@@ -344,7 +360,7 @@ def test_package_references_match_the_sha256_in_their_provenance() -> None:
     recorded = {name: digest for digest, name in listed}
     names = reference_files()
     assert names == sorted(p.name for p in pkg.glob("*.csv"))
-    assert len(names) == 13
+    assert len(names) == 14
     assert len(recorded) == len(listed), "a CSV is listed twice in PROVENANCE.md"
     assert sorted(recorded) == names
     for n in names:
@@ -354,7 +370,8 @@ def test_package_references_match_the_sha256_in_their_provenance() -> None:
 def test_reference_table_columns_and_parsing() -> None:
     refs = load_references()
     # 803 from the shared extraction + 46 ViT rows (vit_imagenet.csv) + 70 semi-supervised + 56 solo-learn CIFAR
-    assert len(refs) == 975
+    # + 336 Ericsson et al. 2021 transfer rows
+    assert len(refs) == 1311
     assert variant_of("mmselfsup: VOC07 low-shot SVM, k=16, config=x, best layer=feature5") == "k=16"
     assert variant_of("mmselfsup: VOC07 linear SVM on full trainval, k=all, config=x") == ""
     assert variant_of("simclrv2_20: fine-tuned, labels=10%, top-1") == "labels=10%"

@@ -11,6 +11,10 @@ import torch
 
 from tasks.transfer import fewshot, metrics
 from tasks.transfer.logreg import (
+    _basis,
+    _lagrange,
+    _Problems,
+    _to_rotated,
     fit_path,
     gradient,
     objective,
@@ -118,6 +122,39 @@ def test_warm_start_equals_cold_start():
     assert warm.n_iter[0, 1:].sum() < cold.n_iter[0, 1:].sum()  # the path helps
     again = fit_path(x, y, [10.0], dtype="float64", tol=1e-6, init=(cold.coef[:, 3], cold.intercept[:, 3]))
     assert again.n_iter.max() <= 1 and again.converged.all()
+
+
+def test_extrapolated_warm_starts_land_on_the_cold_solutions():
+    """Blocks of 3 start from the path extrapolated through three solved values (or the last solution): the same
+    minimisers as every value solved from zero at once; the extrapolation weights reproduce a quadratic."""
+    t = np.array([0.0, -1.0, -2.5])
+    np.testing.assert_allclose(_lagrange(t, np.array([1.0, 2.0])).T @ (t**2 - 3 * t + 1), [-1.0, -1.0], atol=1e-12)
+    x, y = _data(150, 6, 3)
+    cs = reference_costs(11)
+    cold = fit_path(x, y, cs, dtype="float64", tol=1e-9, block=None)
+    warm = fit_path(x, y, cs, dtype="float64", tol=1e-9, block=3)
+    assert warm.converged.all() and cold.converged.all()
+    np.testing.assert_allclose(warm.coef, cold.coef, atol=1e-5 * np.abs(cold.coef).max())
+    assert warm.n_iter.sum() < cold.n_iter.sum()
+
+
+def test_value_and_gradient_with_saturated_softmax():
+    """Logit gaps beyond 50 (where the exponentials are floored at exp(-50) to keep subnormals out of the
+    products): the batched objective and gradient still equal the float64 numpy ones."""
+    x, y = _data(60, 4, 3)
+    rng = np.random.default_rng(2)
+    coef, icpt, C = 30.0 * rng.normal(size=(4, 3)), rng.normal(size=3), 0.5
+    basis = _basis(x, torch.float64, "cpu")
+    prob = _Problems(basis, torch.as_tensor(y[:, None]), 3)
+    w = _to_rotated(torch.as_tensor(coef[None]), torch.as_tensor(icpt[None]), basis)  # (r1, 1, K)
+    f, g, _ = prob.value_grad(w, torch.zeros(1, dtype=torch.long), torch.tensor([1.0 / C], dtype=torch.float64))
+    z = x @ coef + icpt
+    assert (z.max(1)[:, None] - z > 50).any()  # saturated rows present
+    assert float(f[0]) == pytest.approx(objective(x, y, coef, icpt, C), rel=1e-12)
+    gw, gb = gradient(x, y, coef, icpt, C)
+    g_orig = basis.v.numpy() @ g[:-1, 0].numpy() + basis.mean.numpy()[:, None] * g[-1, 0].numpy()[None]
+    np.testing.assert_allclose(g_orig, gw, rtol=1e-10, atol=1e-9 * np.abs(gw).max())
+    np.testing.assert_allclose(g[-1, 0].numpy(), gb, atol=1e-9 * np.abs(gw).max())
 
 
 def test_same_chosen_C_as_sklearn_on_a_grid():

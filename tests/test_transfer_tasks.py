@@ -59,7 +59,7 @@ def test_linear_transfer_records_chosen_c_summary_and_skipped_dataset(transfer_r
         x = {s: np.asarray(ctx.features(ds, ["res5"], pooling="avg")["res5"], np.float32) for s, ds in splits.items()}
         y = {s: np.asarray(ds.labels) for s, ds in splits.items()}
         fit = select_and_refit((x["train"], y["train"]), (x["val"], y["val"]), (x["test"], y["test"]), costs, "top1",
-                               device="cpu", dtype="float32", tol=1e-4, max_iter=1000, block=5)
+                               device="cpu", dtype="float32", tol=1e-4, max_iter=1000, block=3)
         assert r.params["C"] == fit.C and r.value == pytest.approx(fit.test_score)
         assert [v for _, v in r.params["val_curve"]] == pytest.approx(list(fit.val_scores))
         assert r.params["val_metric"] == "top1" and r.params["num_train"] == len(splits["train"])

@@ -70,7 +70,7 @@ class LinearTransferProtocol(TaskProtocol):
     dtype: Literal["float32", "float64"] = "float32"
     tol: float = 1e-4
     max_iter: int = 1000
-    block: int = 5
+    block: int = 3
 
 
 #: each preset as its changes to the ericsson21 values

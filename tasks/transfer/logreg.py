@@ -20,13 +20,15 @@ How it is solved (:func:`fit_path`):
   n < d only the n-dimensional span of the rows is kept, where the minimiser lies). In those coordinates the
   feature second moments are ``diag(lambda)``, and L-BFGS starts every update from the Kronecker model of the
   Hessian at the current point, ``diag(mean_i p_ik (1 - p_ik) * lambda_j + 1/C)`` (exact at ``W = 0`` up to
-  the class-sum direction), instead of a multiple of the identity.
+  the class-sum direction), instead of a multiple of the identity, scaled up by the curvature the last step
+  met where it exceeds the model's (``s'y / s' diag s``), so that the unit step is accepted more often.
 - L-BFGS (not Newton: the Hessian has ``(d + 1) K`` rows, 200k for 2048 x 100), batched two-loop recursion,
   per-problem backtracking line search (Armijo, or the approximate Wolfe conditions of Hager & Zhang that
   stay decidable in float32); converged problems leave the batch.
 - Warm starts along the path: the values are solved from the smallest ``C`` up, ``block`` of them at a time
-  (default 5), each block started from the solution at the largest ``C`` of the block before
-  (``block=None``: all values in one batch, from zero).
+  (default 3), each problem of a block started from the solution at the largest ``C`` solved so far or from the
+  path extrapolated in ``log C`` (the quadratic through three solved values): one that already passes the
+  gradient test, else the one with the lower objective (``block=None``: all values in one batch, from zero).
 - Stopping: scikit-learn's L-BFGS-B tests, ``max |gradient| <= tol`` of the objective divided by n (its
   ``gtol``), measured in the original coordinates, or (float64) a relative decrease of f below 64 eps (its
   ``ftol``). Matrix products run in ``dtype`` (float32: the rotated features rounded to float32, a
@@ -205,7 +207,9 @@ class _Problems:
         # softmax and log-loss in place, one pass each: shift by the row max, exp, normalise
         logits -= logits.amax(2, keepdim=True)
         picked = logits.gather(2, idx)
-        prob = logits.exp_()
+        # exp(-50) ~ 2e-22 is invisible next to the row's largest term, 1 (below float64's eps); the floor keeps
+        # subnormal numbers, which make CPU matrix products several times slower, out of p and z^T p
+        prob = logits.clamp_min_(-50.0).exp_()
         tot = prob.sum(2, keepdim=True)
         loss = (tot.log() - picked).sum(0, dtype=torch.float64).view(p)
         prob /= tot
@@ -221,8 +225,9 @@ class _Problems:
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-problem inner products of (r1, P, K) tensors, as float64 (P,) (accumulated in the tensors' dtype:
-    the strided float64 reduction costs 2-4x more)."""
-    return (a * b).sum(2).sum(0).double()
+    the strided float64 reduction costs 2-4x more; rows first, a reduction along the contiguous P K, is up to
+    8x faster than classes first for small K)."""
+    return (a * b).sum(0).sum(1).double()
 
 
 def _max_grad_original(g: torch.Tensor, basis: _Basis, bound: float) -> torch.Tensor:
@@ -243,9 +248,11 @@ def _max_grad_original(g: torch.Tensor, basis: _Basis, bound: float) -> torch.Te
 
 
 def _lbfgs(prob: _Problems, basis: _Basis, w: torch.Tensor, fam: torch.Tensor, inv_c: torch.Tensor,
-           tol: float, max_iter: int, memory: int, c1: float = 1e-4, max_ls: int = 30):
-    """Minimise every problem of the batch from w (r1, P, K) (overwritten with the solutions). Returns
-    (n_iter, status), each (P,); status 0: converged, 1: iteration cap, 2: line search stalled."""
+           tol: float, max_iter: int, memory: int, c1: float = 1e-4, max_ls: int = 30,
+           first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """Minimise every problem of the batch from w (r1, P, K) (overwritten with the solutions); ``first``: the
+    (f, gradient, curvature) of ``value_grad`` at w when already computed. Returns (n_iter, status), each (P,);
+    status 0: converged, 1: iteration cap, 2: line search stalled."""
     dt, dev, bound = w.dtype, w.device, tol * basis.z.shape[0]
     n_iter = torch.zeros(w.shape[1], dtype=torch.long, device=dev)
     status = torch.ones_like(n_iter)
@@ -254,7 +261,8 @@ def _lbfgs(prob: _Problems, basis: _Basis, w: torch.Tensor, fam: torch.Tensor, i
     lam, pen = basis.lam, prob.pen
     act = torch.arange(w.shape[1], device=dev)  # the problems still running
     wa = w.clone()
-    f, g, cv = prob.value_grad(wa, fam, inv_c)
+    f, g, cv = prob.value_grad(wa, fam, inv_c) if first is None else first
+    tau = torch.ones_like(f)  # the scale of the Kronecker model fitted to the last step's curvature (below)
     hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, rho) of the running problems
     conv = _max_grad_original(g, basis, bound)
     stalled = torch.zeros_like(conv)
@@ -267,14 +275,15 @@ def _lbfgs(prob: _Problems, basis: _Basis, w: torch.Tensor, fam: torch.Tensor, i
             status[out] = torch.where(conv[leave], 0, torch.where(stalled[leave], 2, 1))
             n_iter[out] = it
             keep = ~leave
-            act, wa, g, f, fam, inv_c, n_flat, cv = (act[keep], wa[:, keep], g[:, keep], f[keep], fam[keep],
-                                                     inv_c[keep], n_flat[keep], cv[keep])
+            act, wa, g, f, fam, inv_c, n_flat, cv, tau = (act[keep], wa[:, keep], g[:, keep], f[keep], fam[keep],
+                                                          inv_c[keep], n_flat[keep], cv[keep], tau[keep])
             hist = [(s[:, keep], y[:, keep], rho[keep]) for s, y, rho in hist]
             if not len(act):
                 break
-        # direction: two-loop recursion from H0^-1 = diag(mean p (1 - p) * lam + pen / C) (Kronecker model of the
-        # Hessian at the current point: each class's softmax curvature times the feature second moments)
-        h0 = (cv.clamp_min(1e-8)[None] * lam[:, None, None] + (pen[:, None] * inv_c[None, :]).unsqueeze(2)).to(dt)
+        # direction: two-loop recursion from H0^-1 = diag(tau (mean p (1 - p) * lam + pen / C))^-1 (Kronecker model
+        # of the Hessian at the current point: each class's softmax curvature times the feature second moments)
+        kron = (cv.clamp_min(1e-8)[None] * lam[:, None, None] + (pen[:, None] * inv_c[None, :]).unsqueeze(2)).to(dt)
+        h0 = kron * tau.to(dt)[None, :, None]
         q = g.clone()
         alphas = []
         for s, y, rho in reversed(hist):
@@ -296,10 +305,16 @@ def _lbfgs(prob: _Problems, basis: _Basis, w: torch.Tensor, fam: torch.Tensor, i
         f_new, g_new, cv_new = f.clone(), g.clone(), cv.clone()
         by_armijo = torch.zeros(len(act), dtype=torch.bool, device=dev)
         todo = torch.arange(len(act), device=dev)
-        for _ in range(max_ls):
+        for trial in range(max_ls):
             al = alpha[todo]
-            ft, gt, ct = prob.value_grad(wa[:, todo] + al.to(dt)[None, :, None] * d[:, todo], fam[todo], inv_c[todo])
-            f0, dp0, dpt = f[todo], dphi[todo], _dot(gt, d[:, todo])
+            if trial == 0:  # every problem, at the unit step: no gathers
+                ft, gt, ct = prob.value_grad(wa + d, fam, inv_c)
+                dpt = _dot(gt, d)
+            else:
+                dt_ = d[:, todo]
+                ft, gt, ct = prob.value_grad(wa[:, todo] + al.to(dt)[None, :, None] * dt_, fam[todo], inv_c[todo])
+                dpt = _dot(gt, dt_)
+            f0, dp0 = f[todo], dphi[todo]
             armijo = ft <= f0 + c1 * al * dp0
             ok = armijo | ((ft <= f0 + eps_f * f0.abs()) & (dpt <= 0.8 * dp0.abs()) & (dpt >= 0.9 * dp0))
             f_new[todo[ok]], g_new[:, todo[ok]], cv_new[todo[ok]] = ft[ok], gt[:, ok], ct[ok]
@@ -325,11 +340,14 @@ def _lbfgs(prob: _Problems, basis: _Basis, w: torch.Tensor, fam: torch.Tensor, i
         g, f = g_new, f_new
         # the curvature pair (kept only where s'y > 0 clearly: convex, penalised)
         sy = _dot(s, y)
-        ss = (s.double() ** 2).sum(2)  # (r1, P)
-        s_pen_s = (ss * pen[:, None]).sum(0) * inv_c
-        cv = cv_new
+        s_pen_s = (_dot(s, s) - (s[-1].double() ** 2).sum(1)) * inv_c  # the intercept row is not penalised
         curv = ~stalled & (sy > 1e-10 * s_pen_s) & (sy > 0)
         hist.append((s, y, torch.where(curv, 1.0 / torch.where(curv, sy, 1.0), 0.0)))
+        # tau: the curvature along the step relative to the Kronecker model's, s'y / s' kron s, where it is larger
+        # (never below 1: the model is exact at W = 0); it scales the next H0, so that the unit step is accepted
+        # more often (fewer line-search evaluations)
+        tau = torch.where(curv, (sy / _dot(s, kron * s).clamp_min(1e-300)).clamp_min(1.0), tau)
+        cv = cv_new
         if len(hist) > memory:
             hist.pop(0)
         conv = _max_grad_original(g, basis, bound)
@@ -339,6 +357,17 @@ def _lbfgs(prob: _Problems, basis: _Basis, w: torch.Tensor, fam: torch.Tensor, i
             stalled |= n_flat >= 3
         n_iter[act] = it + 1
     return n_iter, status
+
+
+def _lagrange(t_nodes: np.ndarray, t_new: np.ndarray) -> np.ndarray:
+    """Weights (len(t_nodes), len(t_new)) of the polynomial through the nodes evaluated at t_new:
+    ``p(t_new[j]) = sum_i weights[i, j] * value_i``."""
+    wts = np.ones((len(t_nodes), len(t_new)))
+    for i, ti in enumerate(t_nodes):
+        for j, tj in enumerate(t_nodes):
+            if i != j:
+                wts[i] *= (t_new - tj) / (ti - tj)
+    return wts
 
 
 def _to_rotated(coef: torch.Tensor, intercept: torch.Tensor, basis: _Basis) -> torch.Tensor:
@@ -358,14 +387,14 @@ def _to_original(w: torch.Tensor, basis: _Basis) -> tuple[torch.Tensor, torch.Te
 
 def fit_path(x: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, classes: np.ndarray | None = None,
              device: str = "cpu", dtype: str = "float32", tol: float = 1e-4, max_iter: int = 1000,
-             memory: int = 10, block: int | None = 5,
+             memory: int = 10, block: int | None = 3,
              init: tuple[np.ndarray, np.ndarray] | None = None) -> LogRegPath:
     """Solve the problem of the module docstring for every C in ``Cs`` (and every label column), batched.
 
     ``x`` (n, d); ``y`` (n,) labels or (n, T) label columns, each its own problem family (two-class columns for
     the reference's per-class VOC fits); ``classes`` the label values (default: those in ``y``). ``block``:
-    values of C solved together, each block warm-started from the previous one's largest C (None: all at once;
-    5, the default, did the least work in the measurements of docs/transfer.md).
+    values of C solved together, each block warm-started from the values solved before (None: all at once;
+    3, the default, did the least work in the measurements of docs/transfer.md).
     ``init``: (coef (T, d, K), intercept (T, K)) to start every problem from, in original coordinates.
     """
     x = np.asarray(x)
@@ -399,6 +428,8 @@ def fit_path(x: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, classes: np.n
                             torch.as_tensor(init[1], dtype=torch.float64, device=dev), basis)  # (r1, T, K)
     else:
         start = torch.zeros(r1, t_fam, k, dtype=torch.float64, device=dev)
+    log_c = np.log(cs[order])
+    step = max(1, (block - 1) // 2)  # spacing of the extrapolation's nodes along the solved values
     for a in range(0, n_c, block):
         idx = torch.as_tensor(order[a:a + block], device=dev)
         nb = len(idx)
@@ -410,7 +441,25 @@ def fit_path(x: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, classes: np.n
         # shift, which also leaves the intercept free there), and so does every gradient at such a point: the
         # solve is kept in that subspace, where the redundant direction (curvature 1/C only) is gone
         w -= w.mean(2, keepdim=True)
-        it, st = _lbfgs(prob, basis, w, fam, inv_c, tol, max_iter, memory)
+        first = None
+        nodes = [a - 1 - i * step for i in range(3) if a - 1 - i * step >= 0]
+        if len(nodes) >= 2 and len(set(log_c[nodes])) == len(nodes):
+            # a second candidate start: the path extrapolated in log C, the polynomial through (up to) three
+            # solved values (the largest C solved and two before it). Each problem starts from a candidate that
+            # already passes the gradient test (the plain one first), else from the one with the lower objective;
+            # one evaluation of both, which is also the solver's first
+            wts = torch.as_tensor(_lagrange(log_c[nodes], log_c[a:a + nb]), device=dev)  # (nodes, nb)
+            solved = w_all[:, :, torch.as_tensor(order[nodes], device=dev)]  # (r1, T, nodes, K)
+            ext = torch.einsum("mn,rtmk->rtnk", wts, solved).reshape(r1, t_fam * nb, k).to(tdt)
+            ext -= ext.mean(2, keepdim=True)
+            fb, gb, cb = prob.value_grad(torch.cat([w, ext], 1), fam.repeat(2), inv_c.repeat(2))
+            m = t_fam * nb
+            done_plain, done_ext = (_max_grad_original(gc, basis, tol * len(basis.z)) for gc in gb.split(m, 1))
+            pick = ~done_plain & (done_ext | (fb[m:] < fb[:m]))  # NaN (an overflowing extrapolation) never wins
+            w = torch.where(pick[None, :, None], ext, w)
+            first = (torch.where(pick, fb[m:], fb[:m]), torch.where(pick[None, :, None], gb[:, m:], gb[:, :m]),
+                     torch.where(pick[:, None], cb[m:], cb[:m]))
+        it, st = _lbfgs(prob, basis, w, fam, inv_c, tol, max_iter, memory, first=first)
         w64 = w.double()
         sel = torch.nonzero(st == 2).flatten()
         if tdt == torch.float32 and len(sel):  # stalled in float32: finish in float64 on the same z
@@ -463,6 +512,32 @@ def _scores(path: LogRegPath, x: np.ndarray, y: np.ndarray, metric: Metric, devi
     return np.array([fn(y, pred[:, j]) for j in range(pred.shape[1])])
 
 
+def _labels(metric: Metric, ys: Sequence[np.ndarray], fit_kw: dict) -> list[np.ndarray]:
+    """Labels as the metric takes them (map11: (n, T) 0/1 columns, two-class problems); checks the metric."""
+    if metric == "map11":
+        fit_kw.setdefault("classes", np.array([0, 1]))
+        return [np.asarray(v).astype(np.int64) for v in ys]
+    if metric not in ("top1", "mean_per_class"):
+        raise ValueError(f"unknown metric {metric!r} (top1, mean_per_class, map11)")
+    return list(ys)
+
+
+def refit_at(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+             test: tuple[np.ndarray, np.ndarray], path: LogRegPath, i: int, metric: Metric = "top1", *,
+             fit: Callable[..., LogRegPath] | None = None, **fit_kw) -> tuple[LogRegPath, float]:
+    """The last step of :func:`select_and_refit`: refit on train + val at ``path.Cs[i]`` (ours: warm-started from
+    the train solution ``i`` of ``path``), score test with ``metric``; (the refit, the test score)."""
+    fit = fit_path if fit is None else fit
+    fit_kw = dict(fit_kw)
+    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
+    ytr, yva, yte = _labels(metric, (ytr, yva, yte), fit_kw)
+    fit_kw.setdefault("classes", np.union1d(path.classes, np.unique(yva)))
+    if np.array_equal(np.asarray(fit_kw["classes"]), path.classes):
+        fit_kw["init"] = (path.coef[:, i], path.intercept[:, i])
+    refit = fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), [path.Cs[i]], **fit_kw)
+    return refit, float(_scores(refit, xte, yte, metric, fit_kw.get("device", "cpu"))[0])
+
+
 def select_and_refit(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
                      test: tuple[np.ndarray, np.ndarray], Cs: Sequence[float] | None = None,
                      metric: Metric = "top1", *, fit: Callable[..., LogRegPath] | None = None,
@@ -470,25 +545,16 @@ def select_and_refit(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray
     """ssl-transfer ``LinearTester.validate`` + ``evaluate``: fit every C on train, score val with ``metric``
     (``top1``, ``mean_per_class`` or ``map11``; ``map11`` takes (n, T) binary labels, ``target == 1``, and fits
     a two-class problem per column, all columns sharing one C), choose C by :func:`select_index`, refit on
-    train + val at that C (ours: warm-started from the train solution), score test. ``Cs`` defaults to
-    :func:`reference_costs`; ``fit`` to :func:`fit_path` (a backend of ``reference`` is a drop-in), which gets
-    ``fit_kw``. Features are used as given: the reference neither normalises nor standardises them."""
+    train + val at that C (:func:`refit_at`), score test. ``Cs`` defaults to :func:`reference_costs`; ``fit``
+    to :func:`fit_path` (a backend of ``reference`` is a drop-in), which gets ``fit_kw``. Features are used as
+    given: the reference neither normalises nor standardises them."""
     fit = fit_path if fit is None else fit
     cs = reference_costs() if Cs is None else np.asarray(Cs, dtype=np.float64)
-    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
-    device = fit_kw.get("device", "cpu")
-    if metric == "map11":
-        ytr, yva, yte = (np.asarray(v).astype(np.int64) for v in (ytr, yva, yte))
-        fit_kw.setdefault("classes", np.array([0, 1]))
-    elif metric not in ("top1", "mean_per_class"):
-        raise ValueError(f"unknown metric {metric!r} (top1, mean_per_class, map11)")
+    fit_kw = dict(fit_kw)
+    (xtr, ytr), (xva, yva) = train, val
+    ytr, yva = _labels(metric, (ytr, yva), fit_kw)
     path = fit(xtr, ytr, cs, **fit_kw)
-    val_scores = _scores(path, xva, yva, metric, device)
+    val_scores = _scores(path, xva, yva, metric, fit_kw.get("device", "cpu"))
     i = select_index(list(val_scores), list(cs))
-    kw = dict(fit_kw)
-    kw.setdefault("classes", np.union1d(path.classes, np.unique(yva)))
-    if np.array_equal(np.asarray(kw["classes"]), path.classes):
-        kw["init"] = (path.coef[:, i], path.intercept[:, i])
-    refit = fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), [cs[i]], **kw)
-    test_score = float(_scores(refit, xte, yte, metric, device)[0])
+    refit, test_score = refit_at(train, val, test, path, i, metric, fit=fit, **fit_kw)
     return TransferFit(metric, cs, val_scores, i, float(cs[i]), test_score, path, refit)
