@@ -15,27 +15,31 @@ import os
 import torch
 import torch.distributed as dist
 
+from evalsuite.distributed import env_world_size, rank_and_world
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    return rank_and_world()[1]
 
 
 def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    return rank_and_world()[0]
 
 
 def init_from_env(device: str = "cpu") -> tuple[int, int]:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
+    """Initialise the process group for the whole training run when launched by torchrun (WORLD_SIZE > 1; NCCL on
+    CUDA, each rank on the GPU of its LOCAL_RANK, gloo otherwise); returns (rank, world). Evaluation commands use
+    :func:`evalsuite.distributed.process_group`, which also ends the group."""
+    if env_world_size() > 1 and not is_dist():
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return rank(), world_size()
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return rank_and_world()
 
 
 class _GatherWithGrad(torch.autograd.Function):
