@@ -5,6 +5,9 @@ Architectures (registered into :data:`evalsuite.trunks.ARCHS`, family ``"vit"``)
 - ``vit_{tiny,small,base,large}_patch16``: DeiT / DINO / MAE / MoCo v3's ViTs (timm ``vit_*_patch16_224``,
   224 px grid 14 x 14, no LayerScale); ``vit_small_patch16_h12`` is MoCo v3's ViT-S (12 heads, same weights'
   shapes as ``vit_small_patch16``: picked for MoCo v3 files, or by ``--arch``).
+- ``vit_{tiny,small,base,large}_patch8``: the same ViTs with 8 px patches (224 px grid 28 x 28; timm
+  ``vit_small_patch8_224`` / ``vit_base_patch8_224``, DINO's ViT-S/8 and ViT-B/8 releases): four times the tokens
+  of ``patch16`` at any size, e.g. an 8 x 8 grid at 64 px, for pretraining on small images.
 - ``vit_{...}_patch14`` and ``vit_{...}_patch14_reg4``: DINOv2's ViTs without / with 4 register tokens (timm
   ``vit_*_patch14[_reg4]_dinov2``: LayerScale, position embeddings for 518 px, a 37 x 37 grid);
   ``vit_giant_patch14[_reg4]``: DINOv2's ViT-g (1536 dims, 40 blocks, SwiGLU MLPs: the hub's ``mlp.w12`` /
@@ -55,9 +58,11 @@ from .errors import UserError
 
 # size: (embed dim, depth, heads)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
-# the timm model each variant is built from (its config; the size's dim / depth / heads override it)
-VARIANTS = {"patch16": "vit_{size}_patch16_224", "patch14": "vit_small_patch14_dinov2",
-            "patch14_reg4": "vit_small_patch14_reg4_dinov2"}
+# the timm model each variant is built from (its config; the size's dim / depth / heads override it), its patch and
+# image size; patch8 is timm's vit_{small,base}_patch8_224 (patch16's config with 8 px patches)
+VARIANTS = {"patch16": ("vit_{size}_patch16_224", 16, 224), "patch8": ("vit_{size}_patch16_224", 8, 224),
+            "patch14": ("vit_small_patch14_dinov2", 14, 518),
+            "patch14_reg4": ("vit_small_patch14_reg4_dinov2", 14, 518)}
 # DINOv2's ViT-g/14: timm's own configs (SwiGLU MLP, 24 heads of 64 dims)
 GIANT = {"patch14": "vit_giant_patch14_dinov2", "patch14_reg4": "vit_giant_patch14_reg4_dinov2"}
 # CLIP image towers: variant -> (timm model whose config is used, patch); QuickGELU first: OpenAI's, the default
@@ -84,10 +89,12 @@ def _info(timm_name: str, overrides: dict, dim: int, depth: int, patch: int, img
 def _named_archs() -> dict[str, dict]:
     archs = {}
     for size, (dim, depth, heads) in SIZES.items():
-        for variant, base in VARIANTS.items():
+        for variant, (base, patch, img) in VARIANTS.items():
             name = base.format(size=size)
-            overrides = {} if variant == "patch16" else {"embed_dim": dim, "depth": depth, "num_heads": heads}
-            patch, img = (16, 224) if variant == "patch16" else (14, 518)
+            if variant.startswith("patch14"):
+                overrides = {"embed_dim": dim, "depth": depth, "num_heads": heads}
+            else:  # timm's own config of the size, with the variant's patch
+                overrides = {} if patch == 16 else {"patch_size": patch}
             archs[f"vit_{size}_{variant}"] = _info(name, overrides, dim, depth, patch, img,
                                                    prefix=5 if variant.endswith("reg4") else 1)
     for variant, name in GIANT.items():

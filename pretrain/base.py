@@ -95,7 +95,8 @@ CLUSTERING_OPTIM = optim_config("sgd", lr=0.05, weight_decay=1e-5)
 
 #: optimizer changes every method gets under the ``short`` recipe: a warm-up of a fraction of an epoch (the
 #: papers' 10 warm-up epochs would use up a short run at a tiny lr) and a base batch size of 64 for the lr
-#: scaling (so a batch of 64 gets the method's base lr, not a quarter of it)
+#: scaling (so a batch of 64 gets the method's base lr, not a quarter of it); DINO's short recipe keeps the paper's
+#: scaling (at 4x it a ViT's embedding collapses within 20 steps: docs/pretraining.md)
 SHORT_OPTIM: dict[str, Any] = {"warmup_epochs": 0.5, "base_batch_size": 64}
 #: the joint-embedding methods' short-run optimizer: LARS with eta = 0.001 at a batch of 64 moves each weight
 #: by ~1e-4 of its norm per step (the papers pair it with batches of 4096 and lrs of 4.8), far too little

@@ -58,11 +58,12 @@ EXPECTED = {
                 {**SGD_KW, "lr": 0.5, "weight_decay": 1e-5}, "cifar_symmetric_weak"),
     # dino.yaml: proj 2048 -> 256, 4096 prototypes, tau 0.9995 -> 1.0, lars lr 0.3 wd 1e-6; solo/methods/dino.py
     # defaults: clip_grad 0, freeze_last_layer 1, norm_last_layer, student T 0.1, teacher T 0.07 (warm-up from
-    # 0.04 over 0 epochs); no weight-decay schedule; asymmetric.yaml
+    # 0.04 over 0 epochs); no weight-decay schedule; asymmetric.yaml; main_linear.py evaluates the "backbone."
+    # weights, the student (the teacher is "momentum_backbone.")
     "dino": ({"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "momentum_teacher": 0.9995,
               "clip_grad": 0.0, "freeze_last_layer": 1, "norm_last_layer": True, "student_temp": 0.1,
               "teacher_temp": 0.07, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
-              "center_momentum": 0.9, "n_local": 0, "weight_decay_end": 1e-6},
+              "center_momentum": 0.9, "n_local": 0, "weight_decay_end": 1e-6, "checkpoint_trunk": "student"},
              {**LARS_KW, "lr": 0.3, "weight_decay": 1e-6}, "cifar_asymmetric"),
 }
 

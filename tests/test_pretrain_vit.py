@@ -15,7 +15,7 @@ from evalsuite.errors import UserError
 from pretrain import TrainConfig, Trainer
 from pretrain.base import trunk_embedding
 from pretrain.methods.byol import cosine_momentum
-from pretrain.methods.dino import DINO, dino_loss, teacher_temperature
+from pretrain.methods.dino import DINO, dino_loss, entropy_monitors, local_crop_size, teacher_temperature
 from pretrain.methods.mae import MAE, mae_loss, patchify, random_masking
 from pretrain.registry import get_method
 from tests.helpers import make_context
@@ -77,6 +77,36 @@ def test_dino_teacher_temperature_warm_up_and_centre_update():
     torch.testing.assert_close(m.center, 0.9 * c0 + 0.1 * out.mean(0, keepdim=True))
 
 
+def test_dino_entropy_monitors_against_hand_computed_values():
+    k = 8
+    uniform = torch.full((4, k), 1 / k)
+    assert entropy_monitors(uniform) == pytest.approx({"t_entropy": math.log(k), "t_marginal": math.log(k)})
+    same = torch.zeros(4, k)
+    same[:, 3] = 1  # one prototype for every image: the collapse sharpening leads to
+    assert entropy_monitors(same) == pytest.approx({"t_entropy": 0.0, "t_marginal": 0.0}, abs=1e-6)
+    spread = torch.eye(k)[:4]  # a different one-hot per image: healthy
+    assert entropy_monitors(spread) == pytest.approx({"t_entropy": 0.0, "t_marginal": math.log(4)}, abs=1e-6)
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]])
+    h = [-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)), -(0.2 * math.log(0.1) + 0.8 * math.log(0.8))]
+    mean = [0.3, 0.175, 0.525]
+    assert entropy_monitors(p) == pytest.approx({"t_entropy": sum(h) / 2,
+                                                 "t_marginal": -sum(m * math.log(m) for m in mean)})
+
+
+def test_dino_local_crops_are_whole_patches_of_a_vit():
+    """96/224 of the size, rounded to whole patches on a ViT (DINO: 96 = 6 x 16; DINOv2: 98 = 7 x 14): at 64 px the
+    local crops were 27 px, zero-padded by the trunk to a 2 x 2 grid of 16 px patches."""
+    assert [local_crop_size(224, 16), local_crop_size(224, 14), local_crop_size(224, None)] == [96, 98, 96]
+    assert [local_crop_size(64, 16), local_crop_size(64, 8), local_crop_size(64, None)] == [32, 24, 27]
+    assert local_crop_size(16, 16) == 16  # at least one patch
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    for arch, local in ((VIT, 32), ("vit_tiny_patch8", 24), ("resnet18", 27)):
+        views = DINO(arch, hp=SMALL["dino"]).views(64)(img)
+        assert [tuple(v.shape[-2:]) for v in views] == [(64, 64)] * 2 + [(local, local)] * 2, arch
+
+
 def _dino_views(batch=4, size=32, local=16, n_local=2):
     return [torch.randn(batch, 3, size, size) for _ in range(2)] + [torch.randn(batch, 3, local, local)
                                                                      for _ in range(n_local)]
@@ -106,6 +136,34 @@ def test_dino_teacher_gets_no_gradients_and_follows_the_student_by_ema():
     online = list(m.trunk.parameters()) + list(m.head.parameters())
     for b, p, o in zip(before, teacher, online):
         torch.testing.assert_close(p, mom * b + (1 - mom) * o.detach())
+
+
+def test_dino_center_init_batch_centres_the_first_step_on_its_own_teacher_mean():
+    """center_init=batch: the first step's targets are centred on that batch's teacher mean (DINOLoss's zero centre
+    leaves them uncentred, and at a short run's lr the student collapses onto their shared part within a few
+    steps); a resumed run keeps its saved centre; zero is DINOLoss's."""
+    from pretrain.base import Batch
+
+    views = _dino_views()
+    batch = Batch(views, torch.arange(4), torch.zeros(4, dtype=torch.long))
+    for init in ("zero", "batch"):
+        torch.manual_seed(0)
+        m = DINO(VIT, hp={**SMALL["dino"], "center_init": init, "drop_path_rate": 0.0})
+        m.on_train_start(types.SimpleNamespace(epoch=0, global_step=0))
+        with torch.no_grad():  # teacher = student at init (no stochastic depth)
+            outs = [m.head(m.embed(v)) for v in views]
+        mean = torch.cat(outs[:2]).mean(0, keepdim=True)
+        loss, _ = m.training_step(batch)
+        centre = mean if init == "batch" else torch.zeros_like(mean)
+        assert loss.item() == pytest.approx(dino_loss(outs, outs[:2], centre, 0.04, 0.1).item(), rel=1e-5)
+        # then the EMA update with the same batch: c <- 0.9 c + 0.1 mean
+        torch.testing.assert_close(m.center, 0.9 * centre + 0.1 * mean)
+    m.center.fill_(0.5)
+    m.on_train_start(types.SimpleNamespace(epoch=0, global_step=7))  # resumed: the centre came with the state
+    m.training_step(batch)
+    torch.testing.assert_close(m.center, 0.9 * torch.full_like(mean, 0.5) + 0.1 * mean)
+    with pytest.raises(UserError, match="center_init must be one of zero, batch"):
+        DINO(VIT, hp={**SMALL["dino"], "center_init": "mean"})
 
 
 def test_dino_after_backward_clips_each_gradient_freezes_the_last_layer_and_schedules_weight_decay():
@@ -211,6 +269,11 @@ def test_trains_and_the_checkpoint_evaluates(method, arch, tiny_imagefolder, tmp
     assert meta["hyperparameters"] == {**get_method(method).defaults, **SMALL[method]}
     assert set(ck.state_dict) == set(init)  # the trunk only: no teacher, head or decoder
     assert any(not torch.equal(v, init[k]) for k, v in ck.state_dict.items() if v.is_floating_point())
+    if method == "dino":  # the teacher, as DINO evaluates and releases it (eval_knn.py --checkpoint_key teacher)
+        assert meta["hyperparameters"]["checkpoint_trunk"] == "teacher"
+        teacher, student = trainer.method.teacher_trunk.state_dict(), trainer.method.trunk.state_dict()
+        assert all(torch.equal(ck.state_dict[k], v) for k, v in teacher.items())
+        assert any(not torch.equal(ck.state_dict[k], v) for k, v in student.items() if v.is_floating_point())
     if arch != VIT:
         return
     # the evaluation's feature of the last block is the method's embedding (the normed CLS token)
@@ -230,5 +293,12 @@ def test_short_recipes_resolve_over_the_paper_values():
         cls = get_method(name)
         assert cls.resolve_hp({}) == cls.defaults
         assert cls.resolve_hp({}, "short") == {**cls.defaults, **cls.short["hp"]}
-        assert cls.optim_defaults("short")["warmup_epochs"] < 1
+    assert get_method("mae").optim_defaults("short")["warmup_epochs"] < 1
+    # DINO keeps the paper's lr scaling (5e-4 x B/256: 1.25e-4 at a batch of 64; SHORT_OPTIM's 4x lr collapses the
+    # ViT's embedding within 20 steps) and warms up over an epoch (~5 % of a 10-minute run)
+    d = get_method("dino").optim_defaults("short")
+    assert d["lr"] * 64 / d["base_batch_size"] == pytest.approx(1.25e-4) and d["warmup_epochs"] == 1
+    hp = get_method("dino").resolve_hp({}, "short")
+    assert (hp["n_local"], hp["teacher_temp"], hp["center_init"]) == (0, 0.02, "batch")
+    assert hp["momentum_teacher"] == 0.996  # the paper's
     assert get_method("dino").defaults["out_dim"] == 65536 and get_method("mae").defaults["mask_ratio"] == 0.75

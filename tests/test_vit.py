@@ -42,7 +42,7 @@ def images(n=2, size=32, seed=0) -> torch.Tensor:
 
 def test_archs_and_tap_shapes():
     for size in ("tiny", "small", "base", "large"):
-        for variant in ("patch16", "patch14", "patch14_reg4"):
+        for variant in ("patch16", "patch8", "patch14", "patch14_reg4"):
             assert arch_info(f"vit_{size}_{variant}")["family"] == "vit"
     info = arch_info("vit_tiny_patch16")
     assert info["taps"] == tuple(f"block{i}" for i in range(12)) + ("last4",)
@@ -128,6 +128,28 @@ def test_position_embeddings_are_interpolated_and_recorded():
         x = images(size=size, seed=size)
         with torch.no_grad():
             torch.testing.assert_close(trunk(x, ["block11"])["block11"][:, 0], fixed(x))
+
+
+
+def test_patch8_archs_are_timms_patch8_vits_and_dinos_vit_s8_release_is_recognised(tmp_path):
+    """vit_*_patch8: timm's vit_small_patch8_224 (patch16's config with 8 px patches): its 64 px input is an 8 x 8
+    grid (4 x the tokens of patch16), and a ViT-S/8 state dict as DINO released it (pos_embed 1 + 28 x 28) loads
+    as vit_small_patch8 with the same features."""
+    assert tap_shapes("vit_tiny_patch8", 64)["block11"] == (192, 8, 8)
+    assert tap_shapes("vit_tiny_patch16", 64)["block11"] == (192, 4, 4)
+    trunk = build_trunk("vit_small_patch8", seed=4).eval()
+    model = timm_model("vit_small_patch8_224", trunk.state_dict(), dynamic_img_size=True)  # strict: same keys
+    assert model.pos_embed.shape == (1, 1 + 28 * 28, 384) and model.patch_embed.patch_size == (8, 8)
+    x = images(size=64, seed=8)
+    with torch.no_grad():
+        tokens = trunk(x, ["block11"])["block11"]
+        torch.testing.assert_close(tokens[:, 0], model(x))
+    assert tokens.shape == (2, 1 + 8 * 8, 384)
+    assert pool_spec("vit_small_patch8", "block11", 384, 8, "cls").op == "cls(skip=1,pos_embed=28x28->8x8)"
+    torch.save({k: v.clone() for k, v in trunk.state_dict().items()}, tmp_path / "dino_deitsmall8_pretrain.pth")
+    loaded = load_checkpoint(tmp_path / "dino_deitsmall8_pretrain.pth")
+    assert (loaded.format, loaded.arch) == ("timm", "vit_small_patch8")
+    assert_same_features(loaded, trunk)
 
 
 # ---------------------------------------------------------------- checkpoint layouts
