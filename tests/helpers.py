@@ -102,3 +102,17 @@ def torchrun_processes(cmd: Sequence[str], cwd: Path, world: int = 2, env: Mappi
                 proc.kill()
                 proc.communicate()
     return outputs
+
+
+def write_feature_store(x, root: Path, shard_rows: int = 256, budget: int | str = "1G",
+                        fields: Mapping[str, Any] | None = None):
+    """``x`` written as one complete cache entry under ``root`` (its key ``fields``) and opened as a FeatureStore
+    under ``budget`` (nothing loaded)."""
+    cache = FeatureCache(root, shard_rows=shard_rows, memory_budget=budget)
+    entry = cache.entry(dict(fields or {"test": "store", "shape": list(x.shape)}), len(x))
+    entry.prepare()
+    for i in range(entry.num_shards):
+        lo, hi = entry.shard_range(i)
+        entry.write_shard(i, x[lo:hi])
+    entry.finalize()
+    return entry.open(memory_budget=cache.memory_budget)

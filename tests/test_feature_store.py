@@ -18,6 +18,7 @@ from evalsuite.cache import CorruptEntry, FeatureCache, format_size, parse_size,
 from evalsuite.errors import UserError
 from tasks.knn.search import SearchConfig, StoredBank, normalize_rows, open_bank, search, search_memory
 from tasks.linear.probe import ProbeConfig, epoch_order, train_linear_probe
+from tests.helpers import write_feature_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,15 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_store(x: np.ndarray, root: Path, shard_rows: int, budget: str | int = "1G"):
-    """``x`` written as a complete cache entry, opened as a store (nothing loaded)."""
-    cache = FeatureCache(root, shard_rows=shard_rows, memory_budget=budget)
-    entry = cache.entry({"test": "store", "shape": list(x.shape)}, len(x))
-    entry.prepare()
-    for i in range(entry.num_shards):
-        lo, hi = entry.shard_range(i)
-        entry.write_shard(i, x[lo:hi])
-    entry.finalize()
-    return entry.open(memory_budget=cache.memory_budget)
+    return write_feature_store(x, root, shard_rows, budget)
 
 
 def test_sizes_parse_and_print():

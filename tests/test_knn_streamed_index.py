@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evalsuite.cache import FeatureCache, FeatureStore
+from evalsuite.cache import FeatureStore
 from evalsuite.errors import UserError
 from tasks.knn.search import (
     SearchConfig,
@@ -21,19 +21,13 @@ from tasks.knn.search import (
     normalize_rows,
     search,
 )
+from tests.helpers import write_feature_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_store(x: np.ndarray, root: Path, shard_rows: int = 256) -> FeatureStore:
-    cache = FeatureCache(root, shard_rows=shard_rows, memory_budget="1G")
-    entry = cache.entry({"test": "bank"}, len(x))
-    entry.prepare()
-    for i in range(entry.num_shards):
-        lo, hi = entry.shard_range(i)
-        entry.write_shard(i, x[lo:hi])
-    entry.finalize()
-    return entry.open(memory_budget=cache.memory_budget)
+    return write_feature_store(x, root, shard_rows, fields={"test": "bank"})
 
 
 def test_ivf_training_size_and_cost_follow_the_faiss_guideline():

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from evalsuite.cache import FeatureCache, FeatureStore, lockstep_batches, shuffle_windows
+from evalsuite.cache import FeatureStore, lockstep_batches, shuffle_windows
 from tasks.linear.probe import ProbeConfig, train_linear_probe, train_linear_probes
-from tests.helpers import torchrun_processes
+from tests.helpers import torchrun_processes, write_feature_store
 
 CLASSES = 4
 DIMS = {"a": 12, "b": 8}  # a: BatchNorm over 4 channels x 3 positions; b: one statistic per dimension
@@ -35,14 +35,7 @@ def taps_features(n: int = 200, seed: int = 0) -> tuple[dict[str, np.ndarray], n
 
 
 def write_store(x: np.ndarray, root: Path, tap: str, shard_rows: int = 32, budget: int | str = "1G") -> FeatureStore:
-    cache = FeatureCache(root, shard_rows=shard_rows, memory_budget=budget)
-    entry = cache.entry({"tap": tap}, len(x))
-    entry.prepare()
-    for i in range(entry.num_shards):
-        lo, hi = entry.shard_range(i)
-        entry.write_shard(i, x[lo:hi])
-    entry.finalize()
-    return entry.open(memory_budget=cache.memory_budget)
+    return write_feature_store(x, root, shard_rows, budget, fields={"tap": tap})
 
 
 CONFIG = ProbeConfig(epochs=3, batch_size=32, lr=0.05, lr_milestones=(2,), bn="channel", bn_affine=True, seed=5)
