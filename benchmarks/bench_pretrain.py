@@ -9,11 +9,13 @@ default heads scaled down by ``--small`` (default on, so the trunk dominates), R
 Prints a table and writes benchmarks/out/bench_pretrain.json.
 
 ``--table``: every joint-embedding method (``JOINT_EMBEDDING``) at every ``--sizes`` (32 and 64 px), in every
-``--modes`` (fp32, bf16 autocast, each with and without channels_last) and with every ``--workers`` count of
-data-loading processes (0 and 2), measured one after the other in one run; the synthetic images are written at
-each size, so decoding and augmenting them is part of every step. Writes benchmarks/out/bench_pretrain_table.json.
+``--modes`` (fp32, bf16 autocast, each with and without channels_last) and with every ``--workers`` entry: a count of
+data-loading processes drawing per-image views (0 and 2), or ``batch``, the views drawn per batch from the images
+held in memory (``pretrain.batch_views``), measured one after the other in one run; the synthetic images are written
+at each size, so decoding (per image) and augmenting them is part of every step. Writes
+benchmarks/out/bench_pretrain_table.json.
 
-    python -m benchmarks.bench_pretrain --table [--device cuda] [--steps 20] [--batch 256]
+    python -m benchmarks.bench_pretrain --table [--device cuda] [--steps 20] [--batch 256] [--arch resnet18_cifar_w16]
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+cl": ("fp32", T
 
 
 def steps_per_second(method: str, root: Path, out: Path, size: int, batch: int, steps: int, precision: str,
-                     channels_last: bool, hp: dict, workers: int = 0, device: str = "cpu") -> float:
+                     channels_last: bool, hp: dict, workers: int = 0, device: str = "cpu", arch: str = "resnet18",
+                     batch_views: str = "off") -> float:
     from pretrain import TrainConfig, Trainer
 
-    cfg = TrainConfig(method=method, data_root=str(root), out=str(out), batch_size=batch, image_size=size,
-                      epochs=1, max_steps_per_epoch=steps + 1, hp=hp, precision=precision,
-                      channels_last=channels_last, progress=False, resume=False, workers=workers, device=device)
+    cfg = TrainConfig(method=method, arch=arch, data_root=str(root), out=str(out), batch_size=batch,
+                      image_size=size, epochs=1, max_steps_per_epoch=steps + 1, hp=hp, precision=precision,
+                      channels_last=channels_last, progress=False, resume=False, workers=workers, device=device,
+                      batch_views=batch_views)
     tr = Trainer(cfg)
     times: list[float] = []
     orig = tr.method.on_after_step
@@ -82,7 +86,7 @@ def table(a) -> dict:
     methods = [m for m in a.methods.split(",") if m] if a.methods else list(JOINT_EMBEDDING)
     sizes = [int(s) for s in a.sizes.split(",")]
     modes = [m for m in a.modes.split(",") if m]
-    workers = [int(w) for w in a.workers.split(",")]
+    workers = [w if w == "batch" else int(w) for w in a.workers.split(",")]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise SystemExit(f"unknown --modes {', '.join(unknown)}; known: {', '.join(MODES)}")
@@ -97,12 +101,13 @@ def table(a) -> dict:
                     precision, cl = MODES[mode]
                     for w in workers:
                         sps = steps_per_second(m, root, root / f"{m}.safetensors", size, a.batch, a.steps,
-                                               precision, cl, hp, workers=w, device=a.device)
+                                               precision, cl, hp, workers=0 if w == "batch" else w, device=a.device,
+                                               arch=a.arch, batch_views="on" if w == "batch" else "off")
                         rows.append({"method": m, "image_size": size, "mode": mode, "precision": precision,
                                      "channels_last": cl, "workers": w, "steps_per_s": round(sps, 4), "hp": hp})
                         print(f"{m:14s} {size:3d} px  {mode:8s} workers {w}  {sps:8.3f} steps/s", flush=True)
     _print_table(rows, modes, workers)
-    payload = {"arch": "resnet18", "batch_size": a.batch, "steps": a.steps, "device": a.device,
+    payload = {"arch": a.arch, "batch_size": a.batch, "steps": a.steps, "device": a.device,
                "threads": a.threads, "rows": rows}
     write_json("bench_pretrain_table", payload)
     return payload
@@ -110,7 +115,8 @@ def table(a) -> dict:
 
 def _print_table(rows: list[dict], modes: list[str], workers: list[int]) -> None:
     cols = [(mode, w) for mode in modes for w in workers]
-    print("\n| method | px | " + " | ".join(f"{mode} w{w}" for mode, w in cols) + " |")
+    print("\n| method | px | " + " | ".join(f"{mode} {'batch' if w == 'batch' else f'w{w}'}" for mode, w in cols)
+          + " |")
     print("|---|---|" + "---|" * len(cols))
     cell = {(r["method"], r["image_size"], r["mode"], r["workers"]): r["steps_per_s"] for r in rows}
     for method, size in dict.fromkeys((r["method"], r["image_size"]) for r in rows):
@@ -131,7 +137,9 @@ def main(argv=None) -> dict:
     p.add_argument("--table", action="store_true", help="the steps/s table (module docstring)")
     p.add_argument("--sizes", default="32,64", help="--table: image sizes")
     p.add_argument("--modes", default="fp32,bf16,fp32+cl,bf16+cl", help=f"--table: of {', '.join(MODES)}")
-    p.add_argument("--workers", default="0,2", help="--table: data-loading worker counts")
+    p.add_argument("--workers", default="0,2,batch",
+                   help="--table: data-loading worker counts (per-image views) and/or 'batch' (per-batch views)")
+    p.add_argument("--arch", default="resnet18", help="--table: the trunk")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.table:

@@ -44,6 +44,8 @@ probe on the train split's centre views, top-1 on the test split). No VOC.
         --methods supervised,simclr,moco_v2,byol,swav,barlow_twins,rotnet,jigsaw,colorization
     python -m benchmarks.bench_pretrain_quality --data-folder shared/realdata/cifar10_dev.tar.gz --recipe cifar \\
         --methods simclr,moco_v2,byol,swav,barlow_twins,simsiam,dino --minutes 10
+    python -m benchmarks.bench_pretrain_quality --data-folder shared/realdata/cifar10_dev.tar.gz --px 32 \\
+        --arch resnet18_cifar_w16 --batch-size 128 --methods simclr,moco_v2 --minutes 10 --threads 1
     python -m benchmarks.bench_pretrain_quality --video --minutes 10 --per-class 120 --voc-scale 4 \\
         --precision fp32 --no-channels-last
 
@@ -197,6 +199,7 @@ def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, 
                       data_path=folder["root"] if folder else None,
                       batch_size=a.batch_size, epochs=epochs, max_steps_per_epoch=per_epoch, seed=a.seed,
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
+                      batch_views=a.batch_views,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
                       view_gray=a.view_gray if get_method(method).has_colour_views() else None,
                       view_jitter=a.view_jitter if get_method(method).has_colour_views() else None,
@@ -362,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="feature extraction precision (bf16's oneDNN warm-up per batch shape costs minutes here)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-views", default="auto", choices=["auto", "on", "off"],
+                   help="the trainer's per-batch views (pretrain.batch_views; auto: images of at most 64 px)")
     p.add_argument("--device", default="cpu", help="pretraining and evaluation device (cpu, cuda)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

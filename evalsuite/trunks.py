@@ -23,7 +23,9 @@ adaptively like every arch other than ResNet-50 at 224 px.
 
 Small-image ResNets (``resnet18_cifar``, ``resnet34_cifar``, ``resnet50_cifar``) are torchvision's with
 solo-learn's CIFAR stem (:data:`CIFAR_CONV1`, no max-pool); their taps keep the ResNet names, and ``goyal`` pools
-them adaptively like every other arch/resolution pair.
+them adaptively like every other arch/resolution pair. ``resnet18_cifar_w16`` is the same at a quarter of the width
+(16 channels after the stem, doubling per stage), torchvision's key names and init: a trunk that sees tens of
+epochs of a small image set in minutes of CPU time.
 
 Vision Transformers (family ``vit``: taps, token pooling, ``timm:<name>``) live in :mod:`evalsuite.vit`.
 
@@ -70,6 +72,10 @@ ARCHS: dict[str, dict] = {
                        "blocks": (3, 4, 6, 3), "block": "basic", "stem": "cifar", "base": "resnet34"},
     "resnet50_cifar": {"family": "resnet", "taps": RESNET_TAPS, "channels": (64, 256, 512, 1024, 2048),
                        "blocks": (3, 4, 6, 3), "block": "bottleneck", "stem": "cifar", "base": "resnet50"},
+    # a quarter of ResNet-18's width (16-16-32-64-128 channels): ~1/16 the compute, for minutes of CPU pretraining
+    "resnet18_cifar_w16": {"family": "resnet", "taps": RESNET_TAPS, "channels": (16, 16, 32, 64, 128),
+                           "blocks": (2, 2, 2, 2), "block": "basic", "stem": "cifar", "base": "resnet18",
+                           "width": 16},
     "alexnet": {"family": "alexnet", "taps": ALEXNET_TAPS, "channels": (64, 192, 384, 256, 256)},
 }
 # torchvision's RegNetYs (torchvision/models/regnet.py, regnet_y_*: BlockParams.from_init_params with se_ratio 0.25,
@@ -150,6 +156,23 @@ def published_comparability(arch: str) -> dict:
     return {} if why is None else {"comparable_to_published": False, "not_comparable_reason": why}
 
 
+def _narrow(net: torchvision.models.ResNet, width: int) -> None:
+    """Rebuild a torchvision ResNet's stem and stages at ``width`` channels after the stem (2x, 4x, 8x in
+    res3..res5), initialised as torchvision initialises a ResNet (kaiming-normal fan-out convs, unit BN)."""
+    block = type(net.layer1[0])
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.inplanes = width
+    for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        setattr(net, name, net._make_layer(block, width * 2**i, len(getattr(net, name)), stride=1 if i == 0 else 2))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNetTrunk(nn.Module):
     """torchvision ResNet without avgpool/fc; taps conv1 (after ReLU, before max-pool) and res2..res5.
     A CIFAR-stem arch swaps conv1 and the max-pool as solo-learn does (fresh nn.Conv2d, default init)."""
@@ -158,6 +181,8 @@ class ResNetTrunk(nn.Module):
         super().__init__()
         info = arch_info(arch)
         net = getattr(torchvision.models, info.get("base", arch))(weights=None)
+        if "width" in info:
+            _narrow(net, info["width"])
         if info.get("stem") == "cifar":
             k, s, p = CIFAR_CONV1
             net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=k, stride=s, padding=p, bias=False)
@@ -350,7 +375,8 @@ def infer_arch(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None 
     ResNets are told apart by their blocks per stage and block type; a stage missing altogether (a partial
     file) is ignored as long as the stages present fit exactly one architecture. ``shapes`` (name -> tensor
     shape) tells the stems apart: a 3x3 ``conv1.weight`` is the CIFAR stem, anything else (or no conv1) the
-    ImageNet one. RegNets are told apart by their blocks and width per stage (read from ``shapes``).
+    ImageNet one, and its output channels the width (16: ``resnet18_cifar_w16``). RegNets are told apart by their
+    blocks and width per stage (read from ``shapes``).
     """
     names = set(names)
     if "features.0.weight" in names and "features.10.weight" in names:
@@ -361,10 +387,11 @@ def infer_arch(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None 
     counts, block = resnet_layout(names)
     if all(c is None for c in counts):
         return None
-    kernel = tuple((shapes or {}).get("conv1.weight", ()))[-2:]
-    stem = "cifar" if kernel == (CIFAR_CONV1[0], CIFAR_CONV1[0]) else "imagenet"
+    conv1 = tuple((shapes or {}).get("conv1.weight", ()))
+    stem = "cifar" if conv1[-2:] == (CIFAR_CONV1[0], CIFAR_CONV1[0]) else "imagenet"
+    width = conv1[0] if conv1 else 64
     fits = [arch for arch, info in ARCHS.items() if info["family"] == "resnet" and info["block"] == block
-            and info.get("stem", "imagenet") == stem
+            and info.get("stem", "imagenet") == stem and info.get("width", 64) == width
             and all(c is None or c == n for c, n in zip(counts, info["blocks"]))]
     return fits[0] if len(fits) == 1 else None
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2 as T
 
+from .batch_views import BatchViews, ColourViewSpec
+
 
 def _tensor() -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
@@ -53,21 +55,28 @@ def blur_sigma(size: int) -> tuple[float, float]:
     return 0.1 * size / 224, 2.0 * size / 224
 
 
-def _blur(size: int, p: float, sigma: tuple[float, float] | None = None) -> T.Transform:
-    """Gaussian blur with probability ``p``: the papers' sigma range scaled to the size with a kernel of ~10% of
-    the side, or a fixed ``sigma`` range in pixels with a kernel reaching 3 sigma (PIL's blur, as solo-learn)."""
+def blur_kernel(size: int, sigma: tuple[float, float] | None = None) -> tuple[int, tuple[float, float]]:
+    """Kernel size and sigma range (px) of the views' blur: the papers' sigma range scaled to the size with a kernel
+    of ~10% of the side, or a fixed ``sigma`` range in pixels with a kernel reaching 3 sigma (PIL's blur, as
+    solo-learn)."""
     if sigma is None:
-        k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
-        return T.RandomApply([T.GaussianBlur(k, sigma=blur_sigma(size))], p=p)
+        return max(3, int(0.1 * size) // 2 * 2 + 1), blur_sigma(size)  # odd kernel, ~10% of the side
     half = min(math.ceil(3 * sigma[1]), max(1, (size - 1) // 2))  # reflect padding must stay inside the view
-    return T.RandomApply([T.GaussianBlur(2 * half + 1, sigma=sigma)], p=p)
+    return 2 * half + 1, tuple(sigma)
+
+
+def _blur(size: int, p: float, sigma: tuple[float, float] | None = None) -> T.Transform:
+    k, s = blur_kernel(size, sigma)
+    return T.RandomApply([T.GaussianBlur(k, sigma=s)], p=p)
 
 
 def simclr_view(size: int, scale=(0.08, 1.0), s: float = 1.0, blur: float = 0.5, solarize: float = 0.0,
                 jitter=(0.8, 0.8, 0.8, 0.2), gray: float = 0.2, interpolation: str = "bilinear",
                 blur_px: tuple[float, float] | None = None) -> T.Compose:
     """Crop, flip, colour jitter (p=0.8, amplitudes ``jitter`` x ``s``), grayscale, blur, solarize; the crop
-    resamples with ``interpolation`` and the blur's sigma is ``blur_px`` px (None: the papers' scaled range)."""
+    resamples with ``interpolation`` and the blur's sigma is ``blur_px`` px (None: the papers' scaled range).
+    The pipeline carries its parameters as ``.spec`` (a :class:`pretrain.batch_views.ColourViewSpec`), from which
+    the batched views draw the same view for a whole batch."""
     b, c, sat, hue = (j * s for j in jitter)
     crop = T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode(interpolation), antialias=True)
     ops = [crop, T.RandomHorizontalFlip(),
@@ -77,7 +86,12 @@ def simclr_view(size: int, scale=(0.08, 1.0), s: float = 1.0, blur: float = 0.5,
     ops += _tensor()
     if solarize > 0:
         ops.append(T.RandomSolarize(threshold=0.5, p=solarize))
-    return T.Compose(ops)
+    pipeline = T.Compose(ops)
+    kernel, sigma = blur_kernel(size, blur_px)
+    pipeline.spec = ColourViewSpec(size=size, scale=tuple(scale), jitter=(b, c, sat, min(hue, 0.5)), gray=gray,
+                                   blur=blur, blur_kernel=kernel, blur_sigma=sigma, solarize=solarize,
+                                   interpolation=interpolation)
+    return pipeline
 
 
 def basic_view(size: int, scale=(0.08, 1.0)) -> T.Compose:
@@ -110,6 +124,14 @@ class ViewTransform:
 
     def describe(self) -> dict:
         return {"preset": self.name, "views": [repr(p) for p in self.pipelines]}
+
+    def batched(self) -> BatchViews | None:
+        """The same views drawn for a whole batch (:mod:`pretrain.batch_views`), or None when a pipeline is not a
+        colour-distortion view or a subclass applies them its own way."""
+        specs = [getattr(p, "spec", None) for p in self.pipelines]
+        if type(self).__call__ is not ViewTransform.__call__ or any(s is None for s in specs):
+            return None  # a subclass that combines its pipelines its own way (multitask), or a non-colour view
+        return BatchViews(specs, self.name, [repr(p) for p in self.pipelines])
 
 
 def multi_crop(size: int, n_global: int = 2, n_local: int = 6, local_size: int | None = None,

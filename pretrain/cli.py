@@ -55,6 +55,9 @@ def add_command(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-views", default="auto", choices=["auto", "on", "off"],
+                   help="draw the colour-distortion views per batch from the images held in memory (auto: for sets "
+                        "of equal-size images of at most 64 px)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--save-every", type=int, default=0, help="also save the resume state every N steps")
@@ -136,7 +139,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                       weight_decay=a.weight_decay, momentum=a.momentum, lars_eta=a.lars_eta,
                       warmup_epochs=a.warmup_epochs,
                       precision=a.precision, channels_last=a.channels_last, workers=a.workers, seed=a.seed,
-                      device=a.device, save_every=a.save_every, max_steps_per_epoch=a.max_steps_per_epoch,
+                      batch_views=a.batch_views, device=a.device, save_every=a.save_every,
+                      max_steps_per_epoch=a.max_steps_per_epoch,
                       limit_images=a.limit_images, resume=not a.no_resume, progress=not a.no_progress, hp=hp,
                       recipe=a.recipe, time_budget_s=a.time_budget, view_gray=a.view_gray,
                       view_jitter=a.view_jitter, view_blur=a.view_blur, samples_per_video=a.samples_per_video)

@@ -39,6 +39,7 @@ from evalsuite.io import ResumeState
 from . import distributed as D
 from .augment import ViewTransform, center_view
 from .base import Batch, Method
+from .batch_views import BatchViews, step_generator
 from .optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
 from .registry import get_method
 from .video import SampleDataset, VideoSampler, collate_samples, data_kind
@@ -93,12 +94,45 @@ class TrainConfig:
     samples_per_video: int = 8
     #: smallest area fraction of the colour-distortion views' (global) crops; None = the preset's
     view_scale: float | None = None
+    #: draw the colour-distortion views for a whole batch at once (``pretrain.batch_views``) from the images held
+    #: in memory as uint8: ``on``, ``off``, or ``auto`` (on for sets of equal-size images of at most
+    #: BATCH_VIEWS_AUTO_PX px, the small-image case where per-image views cost as much as a step)
+    batch_views: str = "auto"
 
 
 #: TrainConfig fields a resumed run may change: where the data and the run live and how fast it goes, not
 #: what it trains (every other field, hyper-parameters and views included, must match the resume state)
 RESUME_MAY_CHANGE = frozenset({"data_root", "data_path", "workers", "device", "save_every", "progress", "resume",
                                "channels_last", "time_budget_s", "budget_check"})
+
+
+#: ``batch_views="auto"`` holds a set in memory when its first image is at most this many px on its longer side
+BATCH_VIEWS_AUTO_PX = 64
+#: and the uint8 copy takes at most this many bytes
+BATCH_VIEWS_MAX_BYTES = 2 << 30
+
+
+def preload_images(data, n: int, strict: bool) -> torch.Tensor | None:
+    """The first ``n`` images of ``data`` as one uint8 (n, 3, H, W) tensor; None (``strict``: BadData naming the
+    file) when their sizes differ or the copy would exceed BATCH_VIEWS_MAX_BYTES."""
+    first = np.array(data.load_image(0).convert("RGB"))
+    need = n * first.size
+    if need > BATCH_VIEWS_MAX_BYTES:
+        if strict:
+            raise UserError(f"--batch-views on: {n} images of {first.shape[1]}x{first.shape[0]} px take "
+                            f"{need / 2**30:.1f} GiB in memory (at most {BATCH_VIEWS_MAX_BYTES / 2**30:.0f})")
+        return None
+    out = torch.empty((n, *first.shape), dtype=torch.uint8)
+    out[0] = torch.from_numpy(first)
+    for i in range(1, n):
+        a = np.array(data.load_image(i).convert("RGB"))
+        if a.shape != first.shape:
+            if strict:
+                raise BadData(f"--batch-views on needs images of one size: {a.shape[1]}x{a.shape[0]} px, the "
+                              f"first is {first.shape[1]}x{first.shape[0]}", data.image_path(i))
+            return None
+        out[i] = torch.from_numpy(a)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 class ViewDataset(Dataset):
@@ -187,10 +221,14 @@ class Trainer:
         self.method.view_options = {**self.method.recipe_view_options(cfg.image_size), **self._view_options(cfg)}
         self.views: ViewTransform | None = None
         self.sampler: VideoSampler | None = None
+        #: the views drawn per batch from ``images`` (uint8, on the device), when ``batch_views`` is in effect
+        self.batch_views: BatchViews | None = None
+        self.images: torch.Tensor | None = None
         if self.data_kind == "images":
             self.views = self.method.views(cfg.image_size)
             self.dataset = ViewDataset(self.data, self.views, cfg.seed, cfg.limit_images)
             self.collate, what = _collate, f"{self.n_images} images"
+            self.batch_views, self.images = self._batch_views()
         else:
             self.sampler = self.method.sampler(cfg.image_size)
             self.dataset = SampleDataset(self.data, self.sampler, cfg.seed, cfg.samples_per_video, cfg.limit_images)
@@ -248,6 +286,32 @@ class Trainer:
                 raise UserError(f"{flag} must be in [0, {hi:g}], got {value}")
             opts[key] = float(value)
         return opts
+
+    def _batch_views(self) -> tuple[BatchViews | None, torch.Tensor | None]:
+        """The batched views and the images they draw from, or (None, None) for per-image views."""
+        mode = self.cfg.batch_views
+        if mode not in ("auto", "on", "off"):
+            raise UserError(f"--batch-views must be auto, on or off, got {mode!r}")
+        batched = None if mode == "off" else self.views.batched()
+        if batched is None:
+            if mode == "on":
+                raise UserError(f"--batch-views on: the views of {self.cfg.method} ({self.views.name}) are not "
+                                "colour-distortion views")
+            return None, None
+        if mode == "auto" and max(self.data.load_image(0).size) > BATCH_VIEWS_AUTO_PX:
+            return None, None
+        images = preload_images(self.data, self.n_images, strict=mode == "on")
+        return (None, None) if images is None else (batched, images.to(self.device))
+
+    def _batched_loader(self, sampler: EpochSampler):
+        """The epoch's remaining batches as the DataLoader gives them: (views, index, label), views drawn for the
+        whole batch with a generator seeded by (seed, epoch, step, rank)."""
+        order, b = sampler.indices()[sampler.start:], self.cfg.batch_size
+        labels = torch.as_tensor(self.dataset.labels)
+        for k in range(len(order) // b):
+            index = torch.tensor(order[k * b:(k + 1) * b])
+            gen = step_generator(self.cfg.seed, self.epoch, self.step_in_epoch, self.rank)
+            yield self.batch_views(self.images[index.to(self.images.device)], gen), index, labels[index]
 
     def _open_data(self):
         from evalsuite.data import DATA_LAYOUT, open_dataset
@@ -400,9 +464,12 @@ class Trainer:
             self.method.on_epoch_start(self, self.epoch)
         sampler.epoch, sampler.start = self.epoch, self.step_in_epoch * cfg.batch_size
         self.dataset.epoch = self.epoch
-        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.workers, collate_fn=self.collate, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+        if self.batch_views is not None:
+            loader = self._batched_loader(sampler)
+        else:
+            loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=cfg.workers, collate_fn=self.collate,
+                                pin_memory=self.device.type == "cuda", persistent_workers=False)
         remaining = self.steps_per_epoch - self.step_in_epoch
         with progress(total=remaining, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
                       enabled=cfg.progress and self.rank == 0) as bar:
@@ -412,7 +479,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.save_state()
 
-    def _run_steps(self, loader: DataLoader, remaining: int, bar) -> bool:
+    def _run_steps(self, loader, remaining: int, bar) -> bool:
         """The epoch's remaining steps; True when the time budget ended training (state saved)."""
         cfg = self.cfg
         it = iter(loader)
@@ -489,7 +556,7 @@ class Trainer:
             "hyperparameters": self.method.hp,
             "optimizer": self.optim_cfg,
             # image views, or the video sampler's settings (frame gaps, crop)
-            "augment": (self.views if self.sampler is None else self.sampler).describe(),
+            "augment": (self.batch_views or self.views if self.sampler is None else self.sampler).describe(),
             "data_kind": self.data_kind,
             "sampling": None if self.sampler is None else {
                 "samples_per_video": cfg.samples_per_video, "examples_per_epoch": self.n_items,

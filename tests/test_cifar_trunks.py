@@ -314,3 +314,32 @@ def test_pretrain_builds_the_cifar_trunk_by_name(tiny_imagefolder: Path, tmp_pat
     ck = load_checkpoint(train(cfg))
     assert ck.arch == "resnet18_cifar" and ck.metadata["arch"] == "resnet18_cifar" and ck.report.missing == []
     assert ck.state_dict["conv1.weight"].shape == (64, 3, 3, 3)
+
+
+def test_quarter_width_trunk(tmp_path: Path, images) -> None:
+    """resnet18_cifar_w16: resnet18_cifar's layout at 16-16-32-64-128 channels, torchvision's key names, told apart
+    from the full width by conv1's output channels; goyal keeps res5's whole 5 x 5 grid (3200 dims: no grid of a
+    5 x 5 map comes closer to 9216)."""
+    arch = "resnet18_cifar_w16"
+    widths = (16, 16, 32, 64, 128)
+    assert tap_shapes(arch, 32) == {t: (w, *SHAPES_32["resnet18_cifar"][t][1:])
+                                    for t, w in zip(SHAPES_32["resnet18_cifar"], widths)}
+    trunk = build_trunk(arch, seed=0).eval()
+    with torch.no_grad():
+        out = trunk(images[:2])
+    assert {t: tuple(v.shape[1:]) for t, v in out.items()} == tap_shapes(arch, 32)
+    state = trunk.state_dict()
+    assert set(state) == set(build_trunk("resnet18_cifar").state_dict())  # same names, narrower tensors
+    assert state["layer4.1.conv2.weight"].shape == (128, 128, 3, 3) and state["conv1.weight"].shape == (16, 3, 3, 3)
+    assert state["layer2.0.downsample.0.weight"].shape == (32, 16, 1, 1)
+    # torchvision's init: kaiming-normal fan-out (std sqrt(2 / (out * k * k))), unit BN
+    w = state["layer3.0.conv1.weight"]
+    assert abs(float(w.std()) - (2 / (64 * 9)) ** 0.5) < 0.1 * (2 / (64 * 9)) ** 0.5
+    assert torch.equal(state["bn1.weight"], torch.ones(16))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert infer_arch(shapes, shapes) == arch
+    spec = pool_spec(arch, "res5", 128, 5, "goyal")
+    assert spec.op == "adaptive_avg(5)" and spec.dim == 128 * 25
+    torch.save(state, tmp_path / "w16.pth")
+    ck = load_checkpoint(tmp_path / "w16.pth")
+    assert ck.arch == arch and ck.report.missing == []
