@@ -1,8 +1,10 @@
 """One training loop for every method: single process or ``torchrun`` (DDP; gloo on CPU, NCCL on GPU).
 
 - Data: ``evalsuite.data.open_dataset`` (any classification reader, ImageFolder by default); each sample's
-  augmentations are drawn from a generator seeded by (seed, epoch, index), and each epoch's order from
-  (seed, epoch), so a run is reproducible and a resumed run sees exactly the batches it would have seen.
+  augmentations are drawn from a generator seeded by (seed, epoch, index), or, with the colour-distortion views
+  drawn per batch (``batch_views``, ``pretrain.batch_views``), each batch's from one seeded by (seed, epoch, step,
+  rank); each epoch's order from (seed, epoch), so a run is reproducible and a resumed run sees exactly the batches
+  it would have seen.
   Video methods train on video readers through ``pretrain.video.SampleDataset`` (``samples_per_video``
   examples per video per epoch, drawn by the method's sampler, seeded alike); a method is refused data of a kind
   its ``data_kinds`` does not name.
