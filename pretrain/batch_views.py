@@ -209,6 +209,11 @@ class BatchViews:
                 "specs": [asdict(s) for s in self.specs]}
 
 
+def view_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's views (per-image views) or one batch's (``index`` = step), in torch's seed range."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
+
+
 def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """The CPU generator of one batch's view parameters."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + step) * 131 + rank)
+    return torch.Generator().manual_seed((view_seed(seed, epoch, step) * 131 + rank) % (2**63 - 1))

@@ -41,7 +41,7 @@ from evalsuite.io import ResumeState
 from . import distributed as D
 from .augment import ViewTransform, center_view
 from .base import Batch, Method
-from .batch_views import BatchViews, step_generator
+from .batch_views import BatchViews, step_generator, view_seed
 from .optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
 from .registry import get_method
 from .video import SampleDataset, VideoSampler, collate_samples, data_kind
@@ -150,9 +150,8 @@ class ViewDataset(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % (2**63 - 1)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            torch.manual_seed(view_seed(self.seed, self.epoch, i))
             views = self.transform(self.data.load_image(i))
         if isinstance(views, torch.Tensor):
             views = [views]
