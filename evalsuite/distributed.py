@@ -50,5 +50,6 @@ def process_group(device: str) -> Iterator[tuple[int, int]]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield rank_and_world()
+        dist.barrier()  # no rank tears its connections down while another still works (gloo aborts at exit)
     finally:
         dist.destroy_process_group()

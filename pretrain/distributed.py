@@ -10,12 +10,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
-from evalsuite.distributed import env_world_size, rank_and_world
+from evalsuite.distributed import rank_and_world
 
 
 def is_dist() -> bool:
@@ -28,18 +26,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return rank_and_world()[0]
-
-
-def init_from_env(device: str = "cpu") -> tuple[int, int]:
-    """Initialise the process group for the whole training run when launched by torchrun (WORLD_SIZE > 1; NCCL on
-    CUDA, each rank on the GPU of its LOCAL_RANK, gloo otherwise); returns (rank, world). Evaluation commands use
-    :func:`evalsuite.distributed.process_group`, which also ends the group."""
-    if env_world_size() > 1 and not is_dist():
-        cuda = device.startswith("cuda") and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return rank_and_world()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from evalsuite.checkpoints import save_checkpoint
 from evalsuite.console import note, progress
+from evalsuite.distributed import process_group, rank_and_world
 from evalsuite.errors import BadData, UserError
 from evalsuite.io import ResumeState
 
@@ -193,7 +194,7 @@ class Trainer:
         #: called after every optimisation step, before any state is saved (logging; an exception it raises,
         #: e.g. KeyboardInterrupt, stops training as a kill would)
         self.on_step = on_step
-        self.rank, self.world = D.init_from_env(cfg.device)
+        self.rank, self.world = rank_and_world()  # torchrun's group, started by train()
         if cfg.device.startswith("cuda") and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         else:
@@ -577,5 +578,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, on_step: Callable[[Trainer], None] | None = None) -> Path | None:
-    """Train and write the checkpoint; returns its path on rank 0 (None on other ranks)."""
-    return Trainer(cfg, on_step).fit()
+    """Train and write the checkpoint; returns its path on rank 0 (None on other ranks). Under torchrun the ranks'
+    process group (NCCL on CUDA, gloo otherwise) lives for this call."""
+    with process_group(cfg.device if torch.cuda.is_available() else "cpu"):
+        return Trainer(cfg, on_step).fit()

@@ -18,12 +18,15 @@ from pretrain.losses import nt_xent, sinkhorn
 
 WORKER = textwrap.dedent(r"""
     import json, os, sys
+    from contextlib import ExitStack
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
+    from evalsuite.distributed import process_group
     from pretrain import distributed as D
     from pretrain.losses import nt_xent
-    D.init_from_env("cpu")
+    group = ExitStack()
+    group.enter_context(process_group("cpu"))
     r, w = D.rank(), D.world_size()
     g = torch.Generator().manual_seed(0)
     x1, x2, W = torch.randn(2 * w, 5, generator=g), torch.randn(2 * w, 5, generator=g), torch.randn(5, 4, generator=g)
@@ -68,7 +71,7 @@ WORKER = textwrap.dedent(r"""
            "mixed": mixed}
     with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
+    group.close()
 """)
 
 

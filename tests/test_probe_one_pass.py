@@ -160,8 +160,11 @@ WORKER = textwrap.dedent(r"""
     import numpy as np
     import torch
     import torch.distributed as dist
+    from contextlib import ExitStack
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    from evalsuite.distributed import process_group
+    group = ExitStack()
+    group.enter_context(process_group("cpu"))
     from evalsuite.cache import FeatureCache
     from tasks.linear.probe import ProbeConfig, train_linear_probes
     root, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
@@ -179,7 +182,7 @@ WORKER = textwrap.dedent(r"""
     for mode, fits in (("memory", memory), ("streamed", streamed)):
         torch.save({t: f.model.state_dict() for t, f in fits.items()}, root / f"{mode}{r}.pt")
         (root / f"{mode}{r}.json").write_text(json.dumps({t: [f.history, f.pass_record()] for t, f in fits.items()}))
-    dist.destroy_process_group()
+    group.close()
 """)
 
 
