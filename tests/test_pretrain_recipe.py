@@ -82,6 +82,20 @@ def test_swav_short_recipe_takes_the_authors_collapse_workarounds():
     assert short.queues is None
 
 
+def test_simsiam_projector_depth_and_its_output_bn():
+    """ImageNet's projector is three Linear+BN layers, the paper's CIFAR one two (``proj_layers``); both end in a BN
+    without affine parameters, as the official code."""
+    from torch import nn
+
+    from pretrain.methods.simsiam import SimSiam
+
+    for layers in (3, 2):
+        m = SimSiam("resnet18", hp=SimSiam.resolve_hp({"proj_dim": 16, "proj_layers": str(layers)}))
+        linears = [x for x in m.projector if isinstance(x, nn.Linear)]
+        assert [x.out_features for x in linears] == [16] * layers and linears[0].in_features == m.feat_dim
+        assert isinstance(m.projector[-1], nn.BatchNorm1d) and not m.projector[-1].affine
+
+
 def test_override_beats_recipe_and_unknown_recipe_refused():
     cls = get_method("simclr")
     assert cls.resolve_hp({"temperature": "0.3"}, "short")["temperature"] == 0.3

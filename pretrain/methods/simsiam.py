@@ -1,6 +1,7 @@
 """SimSiam (Chen & He, CVPR 2021): 3-layer projector with BN (the output BN without affine, as the official
 code), bottleneck predictor (2048 -> 512 -> 2048), symmetric negative cosine with stop-gradient on
-the target branch, no momentum encoder. SGD lr 0.05 x B/256, wd 1e-4, predictor at a fixed lr."""
+the target branch, no momentum encoder. SGD lr 0.05 x B/256, wd 1e-4, predictor at a fixed lr.
+``proj_layers`` 2 is the paper's CIFAR projector (its appendix: two layers instead of ImageNet's three)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class SimSiam(Method):
     name = "simsiam"
     description = "SimSiam: stop-gradient, predictor, no EMA, symmetric negative cosine"
-    defaults = {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True}
+    defaults = {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True, "proj_layers": 3}
     optim = optim_config("sgd", lr=0.05, weight_decay=1e-4)
     #: solo-learn scripts/pretrain/cifar/simsiam.yaml (its temperature: 0.2 is read by no SimSiam code)
     cifar = {"hp": {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True},
@@ -29,7 +30,7 @@ class SimSiam(Method):
     def __init__(self, arch, hp=None, **kw):
         super().__init__(arch, hp, **kw)
         d = self.hp["proj_dim"]
-        self.projector = mlp([self.feat_dim, d, d, d], last_bn=True, last_affine=False)
+        self.projector = mlp([self.feat_dim] + [d] * self.hp["proj_layers"], last_bn=True, last_affine=False)
         self.predictor = mlp([d, self.hp["pred_hidden"], d])
 
     def training_step(self, batch: Batch):
