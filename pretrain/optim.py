@@ -9,7 +9,8 @@
   (solo-learn's ``clip_lr``, NVIDIA apex LARC's clip mode).
 - Schedule: linear warm-up from 0 over ``warmup_epochs`` (or from ``warmup_start_lr``, solo-learn's
   LinearWarmupCosineAnnealingLR) then half-cosine down to ``min_lr_ratio * lr`` (Loshchilov & Hutter 2017),
-  evaluated per step. Groups flagged ``fixed_lr`` (SimSiam's predictor) keep their base lr.
+  evaluated per step. Groups flagged ``fixed_lr`` (SimSiam's predictor) keep their base lr; a group's ``lr_scale``
+  multiplies its base lr.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def build_optimizer(groups: list[dict], name: str, lr: float, weight_decay: floa
             g.pop("lars_exclude")
             g.pop("weight_decay", None)
         g.setdefault("weight_decay", weight_decay)
-        g["base_lr"] = g.get("lr", lr)
+        g["base_lr"] = g.get("lr", lr) * g.get("lr_scale", 1.0)
         g["lr"] = g["base_lr"]
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=lars_clip,

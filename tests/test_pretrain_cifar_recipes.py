@@ -218,6 +218,24 @@ def test_sgd_recipes_decay_biases_and_norms():
     assert sorted(g["weight_decay"] for g in kept) == [0.0, 1e-5, 1e-5]
 
 
+def test_simsiam_predictor_lr_scale_with_and_without_the_fixed_lr():
+    from pretrain.optim import set_lr
+
+    for fixed in (True, False):
+        m = get_method("simsiam")("resnet18", hp={"proj_dim": 32, "pred_hidden": 8, "fix_pred_lr": fixed,
+                                                  "pred_lr_scale": 10.0})
+        opt = build_optimizer(m.param_groups(), "sgd", 0.5, 1e-5, 0.9)
+        pred = {id(p) for p in m.predictor.parameters()}
+        set_lr(opt, 0.25)  # e.g. a step of the cosine schedule
+        for g in opt.param_groups:
+            is_pred = {id(p) in pred for p in g["params"]}
+            assert len(is_pred) == 1  # the predictor has its own group
+            want = 5.0 * (1 if fixed else 0.25) if is_pred == {True} else 0.5 * 0.25
+            assert g["lr"] == pytest.approx(want)
+    default = get_method("simsiam")("resnet18", hp={"proj_dim": 32, "pred_hidden": 8, "fix_pred_lr": False})
+    assert len(default.param_groups()) == len(super(type(default), default).param_groups())  # no extra group
+
+
 def test_moco_v2_plus_symmetric_loss_two_queues_and_cosine_momentum():
     """solo/methods/mocov2plus.py: (InfoNCE(q1, k2, queue[1]) + InfoNCE(q2, k1, queue[0])) / 2, each view's keys
     enqueued in its own queue; tau = 0.999 - (0.999 - 0.99) (cos(pi k / K) + 1) / 2 (solo/utils/momentum.py)."""

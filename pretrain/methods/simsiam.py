@@ -1,7 +1,8 @@
 """SimSiam (Chen & He, CVPR 2021): 3-layer projector with BN (the output BN without affine, as the official
 code), bottleneck predictor (2048 -> 512 -> 2048), symmetric negative cosine with stop-gradient on
 the target branch, no momentum encoder. SGD lr 0.05 x B/256, wd 1e-4, predictor at a fixed lr.
-``proj_layers`` 2 is the paper's CIFAR projector (its appendix: two layers instead of ImageNet's three)."""
+``proj_layers`` 2 is the paper's CIFAR projector (its appendix: two layers instead of ImageNet's three);
+``pred_lr_scale`` multiplies the predictor's lr (1 in the paper)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class SimSiam(Method):
     name = "simsiam"
     description = "SimSiam: stop-gradient, predictor, no EMA, symmetric negative cosine"
-    defaults = {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True, "proj_layers": 3}
+    defaults = {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True, "proj_layers": 3,
+                "pred_lr_scale": 1.0}
     optim = optim_config("sgd", lr=0.05, weight_decay=1e-4)
     #: solo-learn scripts/pretrain/cifar/simsiam.yaml (its temperature: 0.2 is read by no SimSiam code)
     cifar = {"hp": {"proj_dim": 2048, "pred_hidden": 512, "fix_pred_lr": True},
@@ -41,9 +43,10 @@ class SimSiam(Method):
 
     def param_groups(self):
         groups = super().param_groups()
-        if not self.hp["fix_pred_lr"]:
+        if not self.hp["fix_pred_lr"] and self.hp["pred_lr_scale"] == 1.0:
             return groups
         pred = {id(p) for p in self.predictor.parameters()}
         for g in groups:
             g["params"] = [p for p in g["params"] if id(p) not in pred]
-        return groups + [{"params": list(self.predictor.parameters()), "fixed_lr": True}]
+        return groups + [{"params": list(self.predictor.parameters()), "fixed_lr": self.hp["fix_pred_lr"],
+                          "lr_scale": float(self.hp["pred_lr_scale"])}]
