@@ -9,7 +9,8 @@ STAMP := $(VENV)/.evalsuite-installed
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
-# one pytest-xdist worker per core (each test process runs torch on one thread)
+# one pytest-xdist worker per core (each test process runs torch on one thread); an idle worker takes
+# the tests still queued behind a long one on the other (worksteal)
 PYTEST_WORKERS ?= auto
 DEMO_ARGS ?=
 
@@ -29,7 +30,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)
-	@OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	@OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

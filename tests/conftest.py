@@ -20,6 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first: pytest-xdist deals tests out in this order, so the long ones start at
+    once on both workers and the short ones fill in behind them instead of one long test finishing alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def one_thread():
     """torch and FAISS on one thread for the test (exact-equality searches compare runs thread for thread)."""

@@ -50,6 +50,7 @@ def test_video_methods_and_their_data():
         video_dataset("rotnet")
 
 
+@pytest.mark.slow
 def test_bench_video_mode(tmp_path, monkeypatch, capsys):
     """A video method and an ego-motion method, 1 step each on 2 tiny videos / walks: the random-init row and
     both methods' rows with per-tap kNN top-1 and VOC mAP, each checkpoint trained on its kind of data."""

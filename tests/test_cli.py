@@ -100,19 +100,32 @@ def _bad_inputs(tmp: Path, data: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_bad_inputs_exit_2_with_one_line_and_nothing_written(tmp_path, tiny_imagefolder) -> None:
+def _assert_refused(name: str, rc: int, stderr: str, needle: str, out: Path, cache: Path) -> None:
+    assert rc == 2, (name, stderr[-2000:])
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("evalsuite: error:"), (name, stderr[-2000:])
+    assert needle in lines[0], (name, lines[0])
+    assert "Traceback" not in stderr
+    assert not (out / "results.jsonl").exists(), name
+    assert not list(cache.rglob("manifest.json")), name
+
+
+def test_bad_inputs_exit_2_with_one_line_and_nothing_written(tmp_path, tiny_imagefolder, monkeypatch,
+                                                             capsys) -> None:
+    """Every case through ``main`` in this process (an unexpected exception would fail the test with its
+    traceback); one case also through a real ``python -m evalsuite`` process, for the exit status itself."""
     cases = _bad_inputs(tmp_path, tiny_imagefolder)
     for name, (args, needle) in cases.items():
         out = tmp_path / f"out_{name.replace(' ', '_')}"
         cache = tmp_path / f"cache_{name.replace(' ', '_')}"
-        proc = run_cli(args + ["--out", str(out)], cache)
-        assert proc.returncode == 2, (name, proc.stderr[-2000:])
-        lines = [x for x in proc.stderr.splitlines() if x.strip()]
-        assert len(lines) == 1 and lines[0].startswith("evalsuite: error:"), (name, proc.stderr[-2000:])
-        assert needle in lines[0], (name, lines[0])
-        assert "Traceback" not in proc.stderr
-        assert not (out / "results.jsonl").exists(), name
-        assert not list(cache.rglob("manifest.json")), name
+        monkeypatch.setenv("EVALSUITE_CACHE", str(cache))
+        capsys.readouterr()
+        rc = main(args + ["--out", str(out)])
+        _assert_refused(name, rc, capsys.readouterr().err, needle, out, cache)
+    args, needle = cases["missing file"]
+    out, cache = tmp_path / "out_process", tmp_path / "cache_process"
+    proc = run_cli(args + ["--out", str(out)], cache)
+    _assert_refused("missing file (process)", proc.returncode, proc.stderr, needle, out, cache)
 
 
 def test_debug_shows_traceback(tmp_path) -> None:

@@ -239,6 +239,7 @@ def test_frozen_stages_get_no_gradient_and_do_not_change(freeze_at):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in be.model.modules())
 
 
+@pytest.mark.slow
 def test_training_overfits_a_tiny_set_and_beats_the_untrained_head():
     recs = tiny_records(4)
     be = backend(freeze_at=0)
@@ -764,48 +765,15 @@ def write_easy_voc(root: Path, seed: int = 0, n_trainval: int = 40, n_test: int 
     return voc
 
 
-EASY_SETTINGS = [
-    "detection.proposals=sliding_window", "detection.proposal_limit=200", "detection.lr=0.04",
-    "detection.steps=[120]", "detection.warmup_iters=10", "detection.cls_agnostic_bbox_reg=true",
-    "detection.train_scales=[192]", "detection.test_scale=192", "detection.train_max_size=288",
-    "detection.test_max_size=288",
-]
-
-
 @pytest.mark.slow
-def test_training_on_easy_voc_layout_data_learns_a_detector(tmp_path_factory):
-    """End to end (reader, proposals, sampler, training, test, VOC07 AP) on data whose classes a random
-    frozen trunk can tell apart (colour and shape): training must take the mAP from ~0 to well over 40
-    (measured numbers: docs/tasks/detection.md)."""
+def test_quick_preset_learns_a_detector_end_to_end(tmp_path_factory):
+    """The ``quick`` preset as the demo runs it (sliding-window proposals, 300 iterations) through reader,
+    proposals, sampler, training, test and VOC07 AP, on data whose classes a random frozen trunk can tell apart
+    (colour and shape): training takes the mAP from ~0 to well over 50 (measured: 0.1 -> 68.5; on the demo's
+    20 shape x texture classes a random trunk gains only a few points, docs/tasks/detection.md)."""
     root = tmp_path_factory.mktemp("easy_voc")
     write_easy_voc(root, seed=0, n_trainval=40, n_test=24)
     out = tmp_path_factory.mktemp("easy_out")
-
-    def run(iters: int):
-        torch.manual_seed(0)
-        results = det.task.run(make_ctx(root, out, [*EASY_SETTINGS, f"detection.max_iter={iters}"]))
-        return {r.metric: r for r in results}
-
-    untrained, trained = run(0), run(150)
-    assert trained["mAP"].params["num_test_images"] == 24
-    # only the three drawn classes have ground truth: the other 17 are left out of the mean
-    assert sum(r.value is not None for m, r in trained.items() if m.startswith("AP/")) == 3
-    assert untrained["mAP"].value < 5
-    assert trained["mAP"].value > 40, trained["mAP"].value
-    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 30
-
-
-@pytest.mark.slow
-def test_quick_preset_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path_factory):
-    """The ``quick`` preset as the demo runs it (sliding-window proposals) on synthetic VOC-like data:
-    training finds the objects (class-agnostic AP far above the untrained head's) and beats the untrained
-    mAP. The 20 shape x texture classes are hard for a random trunk, so the mAP margin is a few points while the
-    localisation margin is tens of points (measured numbers: docs/tasks/detection.md)."""
-    from evalsuite.data.synth_voc import write_voc2007
-
-    root = tmp_path_factory.mktemp("voc_learn")
-    write_voc2007(root, seed=0, scale=0.25)  # 50 trainval + 50 test images, ~112 px
-    out = tmp_path_factory.mktemp("det_learn")
 
     def run(iters: int | None):
         torch.manual_seed(0)  # the same head initialisation for both runs
@@ -815,10 +783,12 @@ def test_quick_preset_on_synthetic_voc_clearly_beats_the_untrained_head(tmp_path
     untrained, trained = run(0), run(None)
     n_iter = det.task.default_protocol("quick").max_iter
     assert untrained["mAP"].params["iterations_run"] == 0 and trained["mAP"].params["iterations_run"] == n_iter
-    assert untrained["mAP"].params["num_test_images"] == trained["mAP"].params["num_test_images"] == 50
+    assert trained["mAP"].params["num_test_images"] == 24
     curve = trained["mAP"].params["train_curve"]
-    assert curve["last"]["loss_cls"] < 0.6 * curve["first"]["loss_cls"]
-    assert untrained["mAP"].value < 0.5
+    assert curve["last"]["loss_cls"] < 0.5 * curve["first"]["loss_cls"]
+    # only the three drawn classes have ground truth: the other 17 are left out of the mean
+    assert sum(r.value is not None for m, r in trained.items() if m.startswith("AP/")) == 3
     got = {k: (untrained[k].value, trained[k].value) for k in ("mAP", "AP_class_agnostic")}
-    assert trained["mAP"].value > untrained["mAP"].value + 2.0, got
-    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 12, got
+    assert untrained["mAP"].value < 5, got
+    assert trained["mAP"].value > 50, got
+    assert trained["AP_class_agnostic"].value > untrained["AP_class_agnostic"].value + 40, got

@@ -15,8 +15,9 @@ from evalsuite.cli import main
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--set", "navigation.frames=1024", "--set", "navigation.eval_episodes=8", "--set", "detection.max_iter=10",
-         "--set", "detection.steps=[8]", "--set", "detection.max_test_images=40"]
+SMALL = [*(x for o in ("navigation.frames=256", "navigation.n_envs=2", "navigation.ppo.n_steps=16",
+                       "navigation.ppo.batch_size=32", "navigation.eval_episodes=4", "detection.max_iter=10",
+                       "detection.steps=[8]", "detection.max_test_images=8") for x in ("--set", o))]
 
 
 def test_demo_pretrain_all_tasks_leaderboard_compare_and_resume(tmp_path, cache_dir, capsys) -> None:

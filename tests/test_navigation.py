@@ -285,6 +285,7 @@ def test_short_ppo_run_beats_the_random_policy():
     assert ppo["timing"]["train_encode_s"] > 0
 
 
+@pytest.mark.slow
 @needs_gl
 def test_task_end_to_end_records_policy_and_baselines_and_resumes(tmp_path, monkeypatch):
     ckpt = load_checkpoint("random:resnet18", seed=0)

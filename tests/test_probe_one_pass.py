@@ -186,6 +186,7 @@ WORKER = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_path):
     xs, y = taps_features(n=160, seed=2)
     np.savez(tmp_path / "data.npz", a=xs["a"], b=xs["b"], y=y)

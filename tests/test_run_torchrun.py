@@ -20,6 +20,7 @@ def run_args(data_root, out, cache) -> list[str]:
             "--data-root", str(data_root), "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
 
 
+@pytest.mark.slow
 def test_run_under_torchrun_trains_the_probe_data_parallel_and_knn_on_rank_0(tmp_path, tiny_imagefolder):
     ranks = torchrun_processes([sys.executable, "-m", "evalsuite", *run_args(tiny_imagefolder, tmp_path / "ddp",
                                                                              tmp_path / "cache_ddp")], cwd=tmp_path)

@@ -360,6 +360,7 @@ def run_interrupted(ctx: TaskContext, monkeypatch, after_epoch: int) -> Path:
     return state
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_numbers(planar_root, tmp_path, monkeypatch):
     reference = sn.task.run(make_ctx(planar_root, tmp_path / "ref", RESUME))
     state = run_interrupted(make_ctx(planar_root, tmp_path / "run", RESUME), monkeypatch, after_epoch=2)
@@ -382,6 +383,7 @@ class PlantedPickle:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_in_the_resume_state_is_never_run(planar_root, tmp_path, monkeypatch, capsys):
     reference = sn.task.run(make_ctx(planar_root, tmp_path / "ref", RESUME))
     state = run_interrupted(make_ctx(planar_root, tmp_path / "run", RESUME), monkeypatch, after_epoch=2)

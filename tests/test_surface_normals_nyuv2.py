@@ -31,6 +31,7 @@ def mean_normal_baseline(root):
     return summarize_errors(errs)
 
 
+@pytest.mark.slow
 def test_cli_quick_on_synthetic_nyuv2_beats_the_mean_normal(tmp_path, cache_dir):
     nyu = write_nyuv2(tmp_path / "data", seed=0, n_train=12, n_test=4, height=48, width=64)
     rc = cli_main(["run", "--checkpoint", "random:resnet18", "--tasks", "surface_normals", "--protocol", "quick",

@@ -210,6 +210,7 @@ def test_headline_metrics_are_emitted(name, overrides, voc, headline, roots, syn
     assert getattr(task, "lower_is_better", ()) == ()  # every metric of these tasks: higher is better
 
 
+@pytest.mark.slow
 def test_dry_run_of_goyal19_detection_prints_the_plan_warns_and_writes_nothing(synthetic_voc, tmp_path, cache_dir,
                                                                                capsys) -> None:
     before = sorted(p.relative_to(synthetic_voc) for p in synthetic_voc.rglob("*"))
