@@ -174,8 +174,9 @@ class CacheEntry:
     def is_complete(self) -> bool:
         return self.manifest_path.is_file()
 
-    def prepare(self) -> None:
-        """Create the entry directory; drop it first if it holds another key (stale)."""
+    def prepare(self, *, clean: bool = True) -> None:
+        """Create the entry directory; drop it first if it holds another key (stale). ``clean`` also removes
+        temporary files that killed writers left: never while another process may be writing into the entry."""
         key_file = self.dir / "key.json"
         if key_file.is_file():
             try:
@@ -189,7 +190,7 @@ class CacheEntry:
         if not key_file.is_file():
             payload = {"fields": self.fields, "rows": self.rows, "shard_rows": self.shard_rows}
             _atomic_write_bytes(key_file, json.dumps(payload, sort_keys=True, default=str).encode())
-        for leftover in self.dir.iterdir():
+        for leftover in self.dir.iterdir() if clean else ():
             if is_temporary(leftover):
                 leftover.unlink(missing_ok=True)
 

@@ -490,8 +490,8 @@ class FeatureExtractor:
         entries, specs = self.cache_entries(dataset, taps, pooling, transform)
         todo = {t: e for t, e in entries.items() if not e.is_complete()}
         for e in todo.values():
-            if not (e.dir / "key.json").is_file():  # never clean up beside running tasks: the launcher does
-                e.prepare()
+            if not (e.dir / "key.json").is_file():
+                e.prepare(clean=False)  # other tasks may be writing here: the launcher cleans up after them
         if todo:
             any_entry = next(iter(todo.values()))
             mine = list(range(part, any_entry.num_shards, parts))

@@ -101,6 +101,25 @@ def test_killed_array_task_is_resubmitted_and_the_cache_equals_one_process(launc
     assert len([f for f in _files(tmp_path / "one") if f.endswith(".npy")]) == 2 * 6
 
 
+def test_an_array_task_creating_an_entry_keeps_the_other_tasks_temporaries(tiny_imagefolder, tmp_path) -> None:
+    """Two tasks that start together both find key.json missing. The one that writes it first must not delete the
+    other's temporary files (its key.json or shard in flight): only the launcher cleans up, once no task runs."""
+    ds = open_dataset("imagefolder", tiny_imagefolder / "imagefolder", "train")
+    ck = load_checkpoint("random:resnet18", seed=0)
+    ex = FeatureExtractor(ck.build_trunk(), ck.sha256, ck.arch, cache=FeatureCache(tmp_path, shard_rows=8),
+                          progress=False, **SETTINGS)
+    transform = Transform(size=32)
+    entries, _ = ex.cache_entries(ds, ("res5",), "goyal", transform)
+    entry = entries["res5"]
+    entry.dir.mkdir(parents=True)
+    in_flight = [entry.dir / ".key.json.other.tmp", entry.dir / f".{entry.shard_path(1).name}.other.tmp"]
+    for f in in_flight:
+        f.write_bytes(b"the other task is writing this")
+    ex.extract_part(ds, ("res5",), "goyal", transform, part=0, parts=2)
+    assert all(f.is_file() for f in in_flight)
+    assert entry.missing_shards() == [1, 3, 5]  # task 0 wrote its shards 0, 2, 4
+
+
 def test_extract_cli_array_matches_one_process_and_run_uses_it_for_large_splits(tiny_imagefolder, tmp_path,
                                                                                capsys) -> None:
     """`evalsuite extract --launcher debug --array 3` writes what `evalsuite extract` writes; `evalsuite run
