@@ -181,7 +181,7 @@ def load() -> float:
 def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, dataset: str | None = None) -> dict:
     """Train ``method`` on the synthetic ImageFolder under ``root``, on ``folder``'s train split, or on the videos
     of kind ``dataset`` under ``root``."""
-    from evalsuite.checkpoints import read_metadata
+    from evalsuite.checkpoints import read_metadata, save_checkpoint
     from pretrain.registry import get_method
     from pretrain.trainer import TrainConfig, Trainer
 
@@ -209,7 +209,19 @@ def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, 
                       warmup_epochs=a.warmup_epochs,
                       device=a.device, hp=method_hp(method, a.hp))
     l0, t0 = load(), time.perf_counter()
-    trainer = Trainer(cfg)
+    marks, taken = sorted(m for m in a.snapshots if m < a.minutes) if budget else [], []
+
+    def snapshot(tr: Trainer) -> None:
+        """At each of the ``--snapshots`` wall marks: the trunk as it is, mid-schedule, beside ``out``."""
+        elapsed = time.perf_counter() - tr._fit_t0
+        while marks and elapsed >= marks[0] * 60:
+            mark = marks.pop(0)
+            path = out.with_name(f"{out.stem}_at{mark:g}min{out.suffix}")
+            save_checkpoint(path, tr.method.trunk_state_dict(), tr.metadata(elapsed))
+            taken.append({"at_minutes": mark, "minutes": round(elapsed / 60, 2), "steps": tr.global_step,
+                          "path": str(path)})
+
+    trainer = Trainer(cfg, on_step=snapshot if marks else None)
     trainer.fit()
     seconds = time.perf_counter() - t0
     meta = read_metadata(out)
@@ -221,7 +233,13 @@ def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, 
             "load_before": l0, "load_after": load(), "recipe": meta.get("recipe"),
             "hyperparameters": meta.get("hyperparameters"), "optimizer": meta.get("optimizer"),
             "view_options": meta.get("view_options"),
-            "precision": meta.get("precision"), "image_size": meta.get("image_size")}
+            "precision": meta.get("precision"), "image_size": meta.get("image_size"), "snapshots": taken}
+
+
+def evaluate_snapshots(row: dict, evaluate_one) -> None:
+    """Evaluate each snapshot of ``row`` with ``evaluate_one(checkpoint)``, in place."""
+    for snap in row.get("snapshots", []):
+        snap.update(evaluate_one(snap.pop("path")))
 
 
 def method_hp(method: str, hp: dict[str, str]) -> dict[str, str]:
@@ -292,6 +310,7 @@ def main_folder(a, methods: list[str], work: Path) -> list[dict]:
         try:
             row = {"method": m, **pretrain(m, a, work, ck, folder)}
             row.update(evaluate_folder(str(ck), a, folder, work))
+            evaluate_snapshots(row, lambda c: evaluate_folder(c, a, folder, work))
         except Exception as e:  # one broken method must not cost the others' measurements
             print(f"{m}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
@@ -313,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
                    "default: simclr,rotnet, with --video every video method)")
     p.add_argument("--minutes", type=float, default=0.5, help="wall budget per method")
     p.add_argument("--steps", type=int, help="fixed step count per method instead of --minutes")
+    p.add_argument("--snapshots", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                   metavar="M1,M2", help="also evaluate the trunk as it was after M1, M2, ... minutes of the "
+                   "--minutes run (mid-schedule: the cosine spans the whole run), a learning curve in one run")
     p.add_argument("--epochs", type=int, default=10**6, help="cap on epochs under --minutes")
     p.add_argument("--arch", help="trunk (default: the recipe's, else resnet18)")
     p.add_argument("--px", type=int, help="pretraining crop size (default: the recipe's, else 64 = the quick "
@@ -416,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = {"method": m, **({"pretrain_dataset": kinds[m]} if m in kinds else {}),
                        **pretrain(m, a, root, ck, dataset=kinds.get(m))}
                 row.update(evaluate(str(ck), a, root, work))
+                evaluate_snapshots(row, lambda c: evaluate(c, a, root, work))
             except Exception as e:  # one broken method must not cost the others' measurements
                 print(f"{m}: FAILED {type(e).__name__}: {e}", flush=True)
                 rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
@@ -453,6 +476,13 @@ def _print_row(r: dict) -> None:
           f"({r['knn_best_layer']})  mAP {r['map']:5.1f} ({r['map_best_layer']})  per-layer mAP "
           + " ".join(f"{k}={v:.1f}" for k, v in r["map_per_layer"].items())
           + f"  load {r.get('load_before')}->{r.get('load_after', '')}", flush=True)
+    _print_snapshots(r)
+
+
+def _print_snapshots(r: dict) -> None:
+    for snap in r.get("snapshots", []):
+        print(f"  after {snap['minutes']:5.2f} min {snap['steps']:5d} steps  kNN {snap['knn_top1']} "
+              f"({snap['knn_best_layer']})", flush=True)
 
 
 def _print_folder_row(r: dict) -> None:
@@ -462,6 +492,7 @@ def _print_folder_row(r: dict) -> None:
     print(f"{r['method']:16s} {r['minutes']:5.2f} min {r['steps']:5d} steps  kNN {f(r['knn_top1'])} "
           f"({r['knn_best_layer']})  linear {f(r['linear_top1'])} ({r['linear_best_layer']})  "
           f"load {r.get('load_before')}->{r.get('load_after', '')}", flush=True)
+    _print_snapshots(r)
 
 
 def _print_folder_table(rows: list[dict]) -> None:

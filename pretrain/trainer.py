@@ -45,7 +45,7 @@ from .base import Batch, Method
 from .batch_views import BatchViews, step_generator, view_seed
 from .optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
 from .registry import get_method
-from .video import SampleDataset, VideoSampler, collate_samples, data_kind
+from .video import FramesInMemory, SampleDataset, VideoSampler, collate_samples, data_kind, frames_fit
 
 
 @dataclass
@@ -111,7 +111,7 @@ RESUME_MAY_CHANGE = frozenset({"data_root", "data_path", "workers", "device", "s
 
 #: ``batch_views="auto"`` holds a set in memory when its first image is at most this many px on its longer side
 BATCH_VIEWS_AUTO_PX = 64
-#: and the uint8 copy takes at most this many bytes
+#: and the uint8 copy takes at most this many bytes (also the bound for holding a video set's decoded frames)
 BATCH_VIEWS_MAX_BYTES = 2 << 30
 
 
@@ -233,7 +233,9 @@ class Trainer:
             self.batch_views, self.images = self._batch_views()
         else:
             self.sampler = self.method.sampler(cfg.image_size)
-            self.dataset = SampleDataset(self.data, self.sampler, cfg.seed, cfg.samples_per_video, cfg.limit_images)
+            self.frames_in_memory = frames_fit(self.data, self.n_images, BATCH_VIEWS_MAX_BYTES)
+            videos = FramesInMemory(self.data) if self.frames_in_memory else self.data
+            self.dataset = SampleDataset(videos, self.sampler, cfg.seed, cfg.samples_per_video, cfg.limit_images)
             self.collate = collate_samples
             what = f"{len(self.dataset)} examples ({self.n_images} videos x {cfg.samples_per_video})"
         #: training examples per epoch: images, or videos x samples_per_video
@@ -562,7 +564,7 @@ class Trainer:
             "data_kind": self.data_kind,
             "sampling": None if self.sampler is None else {
                 "samples_per_video": cfg.samples_per_video, "examples_per_epoch": self.n_items,
-                "seed": "numpy Generator per (seed, epoch, example)"},
+                "seed": "numpy Generator per (seed, epoch, example)", "frames_in_memory": self.frames_in_memory},
             "view_options": dict(self.method.view_options),
             "recipe": cfg.recipe,
             "time_budget_s": cfg.time_budget_s,

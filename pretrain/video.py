@@ -142,6 +142,38 @@ class VideoSampler:
         return {"sampler": self.name, "min_frames": self.min_frames, "crop": self.crop.describe(), **self.settings()}
 
 
+class FramesInMemory:
+    """A video reader whose ``clip`` serves frames from memory: each video is decoded whole on its first use and
+    kept (the same frames as a seek to the clip gives); everything else is the reader's. For sets whose decoded
+    frames fit in memory (:func:`frames_fit`), where decoding each example's frames again is most of a step."""
+
+    def __init__(self, data):
+        self.data, self._frames = data, {}
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("data", "_frames"):  # unpickling: before __init__'s attributes
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def clip(self, i: int, start: int, num_frames: int, stride: int = 1) -> torch.Tensor:
+        n = self.data.info(i).num_frames
+        last = start + (num_frames - 1) * stride
+        if num_frames < 1 or stride < 1 or start < 0 or last >= n:
+            return self.data.clip(i, start, num_frames, stride)  # the reader's error
+        if i not in self._frames:
+            self._frames[i] = self.data.clip(i, 0, n)
+        return self._frames[i][start:last + 1:stride].clone()
+
+
+def frames_fit(data, n_videos: int, max_bytes: int) -> bool:
+    """Whether the decoded uint8 frames of the first ``n_videos`` videos take at most ``max_bytes``."""
+    infos = [data.info(i) for i in range(n_videos)]
+    return sum(v.num_frames * v.height * v.width * 3 for v in infos) <= max_bytes
+
+
 class SampleDataset(Dataset):
     """``samples_per_video`` examples of every video per epoch: item ``i`` is drawn from video ``i % n`` by the
     sampler with a generator seeded by (seed, epoch, i) (torch's RNG is seeded alike for torch-random ops)."""

@@ -363,6 +363,28 @@ def test_bench_real_folder_mode(tmp_path, monkeypatch, capsys):
     assert "| simclr |" in capsys.readouterr().out
 
 
+def test_bench_snapshots_evaluate_the_trunk_part_way_through_a_timed_run(tmp_path, monkeypatch, capsys):
+    """``--snapshots`` saves the trunk when the run's wall clock passes each mark and evaluates it like the final
+    one: a learning curve from one run."""
+    import benchmarks.common
+    from benchmarks import bench_pretrain_quality as bench
+    from evalsuite.data.synthetic import write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "photos", seed=0, per_class=6, size=32, classes=4,
+                               splits={"train": 1.0, "test": 0.5})
+    monkeypatch.setattr(benchmarks.common, "OUT_DIR", tmp_path / "out")
+    bench.main(["--data-folder", str(folder), "--methods", "rotnet", "--arch", "resnet18_cifar_w16", "--px", "32",
+                "--batch-size", "8", "--minutes", "0.05", "--snapshots", "0.01,0.5", "--threads", "1",
+                "--precision", "fp32", "--keep", str(tmp_path / "work")])
+    _, row = json.loads((tmp_path / "out" / "bench_pretrain_quality_folder.json").read_text())["rows"]
+    (snap,) = row["snapshots"]  # the 0.5-minute mark lies beyond the 0.05-minute run
+    assert snap["at_minutes"] == 0.01 and 0.01 <= snap["minutes"] <= row["minutes"]
+    assert 0 < snap["steps"] < row["steps"]
+    assert snap["knn_top1"] == max(snap["knn_top1_per_layer"].values()) and "linear_top1" in snap
+    assert (tmp_path / "work" / "rotnet_at0.01min.safetensors").is_file()
+    assert f"after {snap['minutes']:5.2f} min" in capsys.readouterr().out
+
+
 def test_solo_learn_reference_rows():
     """Every method's CIFAR-10 / CIFAR-100 top-1 of solo-learn's README (dc6e552, 'Acc@1 (online)')."""
     from leaderboard.references import load_references

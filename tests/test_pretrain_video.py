@@ -247,6 +247,32 @@ def cfg(method: str, root: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def test_frames_in_memory_are_the_readers_clips_decoded_once(tmp_path):
+    """H.264 with the writer's settings (key frames, B-frames): every clip served from the whole-video decode equals
+    the reader's own seek-and-decode; a clip outside the video gets the reader's error; each video is decoded once;
+    the wrapper pickles (DataLoader workers) and the trainer records whether it held the frames."""
+    import pickle
+
+    from evalsuite.data.synth_video import write_videos
+    from pretrain.video import FramesInMemory, frames_fit
+
+    write_videos(tmp_path, seed=1, n_train=2, n_val=1, seconds=3.0, size=32, fps=10)
+    ds = open_dataset("video", tmp_path / "video", "train")
+    mem = FramesInMemory(ds)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        v, stride = int(rng.integers(2)), int(rng.integers(1, 4))
+        num = int(rng.integers(1, 30 // stride))
+        start = int(rng.integers(0, 30 - (num - 1) * stride))
+        assert torch.equal(mem.clip(v, start, num, stride), ds.clip(v, start, num, stride)), (v, start, num, stride)
+    assert sorted(mem._frames) == [0, 1]
+    with pytest.raises(IndexError, match="outside the 30 frames"):
+        mem.clip(0, 25, 6)
+    again = pickle.loads(pickle.dumps(mem))
+    assert torch.equal(again.clip(1, 3, 4), ds.clip(1, 3, 4)) and len(again) == 2 and again.info(0).num_frames == 30
+    assert frames_fit(ds, 2, 2 * 30 * 32 * 32 * 3) and not frames_fit(ds, 2, 2 * 30 * 32 * 32 * 3 - 1)
+
+
 def test_video_examples_are_the_files_frames(video_root):
     ds = open_dataset("video", video_root / "video", "train")
     sampler = SteadyTripletSampler(32, max_gap=2)
@@ -263,7 +289,7 @@ def test_video_method_trains_and_checkpoint_loads(method, video_root, random_ini
     meta = ck.metadata
     assert meta["method"] == method and meta["data_kind"] == "video" and meta["steps"] == 1
     assert meta["sampling"] == {"samples_per_video": 2, "examples_per_epoch": 6,
-                                "seed": "numpy Generator per (seed, epoch, example)"}
+                                "seed": "numpy Generator per (seed, epoch, example)", "frames_in_memory": True}
     assert meta["augment"]["crop"]["size"] == 32 and meta["n_images"] == 3
     assert math.isfinite(meta["final_loss"])
     taps = ck.build_trunk()(torch.zeros(1, 3, 32, 32))

@@ -167,7 +167,10 @@ def test_navigation_plan_counts_the_frames_ppo_really_collects(tmp_path) -> None
     ctx = make_context("navigation", tmp_path / "no-data", tmp_path / "out",
                        overrides=[f"navigation.{k}={v}" for k, v in settings.items()])
     plan = registry.get_task("navigation").plan(ctx)  # needs no data root
+    from stable_baselines3.common.logger import Logger
+
     model = PPO("MlpPolicy", make_vec_env(Corridor, n_envs=3), n_steps=4, batch_size=6, n_epochs=1, verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default one leaves $TMPDIR/SB3-<time>
     model.learn(total_timesteps=25)
     assert model.num_timesteps == 36  # whole rollouts of 4 steps x 3 envs: 3 rollouts
     assert plan.images == {"ppo training frames": 2 * model.num_timesteps} and plan.image_size == 32  # quick
