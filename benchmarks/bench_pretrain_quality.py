@@ -18,6 +18,9 @@ Side by side in one run, on synthetic data written by the real writers (``evalsu
   ImageFolder ``val`` split against the ``train`` bank, every tap) and ``voc07_svm`` (per-class linear SVM
   with cross-validated cost, test mAP on the synthetic VOC2007 ``test`` split, every tap).
 
+``--snapshots M1,M2`` also saves the trunk when a ``--minutes`` run's wall clock passes each mark and evaluates it
+like the final one (each row's ``snapshots``): a learning curve from one run, its points mid-schedule.
+
 The issues' acceptance: each method's kNN top-1 (best tap) and best-layer VOC mAP clearly above the
 random-init rows; Jigsaw's per-layer mAP peaks at an intermediate tap. The machine load average is recorded
 before and after each method (the CPU is shared), so the minutes can be read against it.
@@ -25,7 +28,8 @@ before and after each method (the CPU is shared), so the minutes can be read aga
 Video (``--video``): the twelve methods that learn an image trunk from video, sound or ego-motion (every method
 whose ``data_kinds`` lacks ``images``; ``--methods`` picks some) pretrain on synthetic videos written once under the
 data root: ``video/train`` (``evalsuite.data.synth_video.write_videos``: the same 20 object classes moving over the
-VOC-like clutter, with sound; ``--videos``) for the methods that take ``video`` data, ``egomotion/train``
+VOC-like clutter, with sound; ``--videos``; ``--video-backgrounds K`` draws the clutter from a pool of K shared
+backdrops) for the methods that take ``video`` data, ``egomotion/train``
 (``write_egomotion``: MiniWorld walks with the camera's pose, through the navigation plug-in's recorder;
 ``--egomotion-sequences``) for those that only take ``egomotion`` data; ``--video-seconds`` long at 10 fps,
 ``--video-px`` square frames, ``--samples-per-video`` examples drawn per video per epoch. Each checkpoint and
@@ -109,7 +113,8 @@ def make_video_data(root: Path, a, kinds: set[str]) -> dict:
     out = {}
     for kind in sorted(kinds):
         t0, n = time.perf_counter(), video_count(a, kind)
-        desc = f"{kind} seed={a.seed} train={n} frames={frames} fps={VIDEO_FPS} px={a.video_px}"
+        desc = f"{kind} seed={a.seed} train={n} frames={frames} fps={VIDEO_FPS} px={a.video_px}" + (
+            f" backgrounds={a.video_backgrounds}" if kind == "video" and a.video_backgrounds else "")
         marker = root / f"{kind}.txt"
         if (root / kind).exists() and (not marker.exists() or marker.read_text() != desc):
             print(f"{root / kind}: holds other videos than {desc!r}; use a fresh --data-root", file=sys.stderr)
@@ -117,7 +122,7 @@ def make_video_data(root: Path, a, kinds: set[str]) -> dict:
         if not (root / kind).exists():
             if kind == "video":
                 write_videos(root, seed=a.seed, n_train=n, n_val=1, seconds=frames / VIDEO_FPS, size=a.video_px,
-                             fps=VIDEO_FPS)
+                             fps=VIDEO_FPS, backgrounds=a.video_backgrounds)
             else:
                 write_egomotion(root, egomotion_recorder(), seed=a.seed, n_train=n, n_val=1, length=frames,
                                 size=a.video_px, fps=VIDEO_FPS)
@@ -359,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--egomotion-sequences", type=int, default=64, help="--video: ego-motion training walks")
     p.add_argument("--video-seconds", type=float, default=3.0, help="--video: length of each video and walk (10 fps)")
     p.add_argument("--video-px", type=int, default=64, help="--video: frame size of the videos and walks")
+    p.add_argument("--video-backgrounds", type=int, help="--video: draw the videos' backdrops from a pool of this "
+                   "many shared by all videos (default: each video its own), so a backdrop identifies no video")
     p.add_argument("--samples-per-video", type=int, default=8,
                    help="--video: examples drawn from each video per epoch")
     p.add_argument("--view-gray", type=float, help="grayscale probability of the colour-distortion views "

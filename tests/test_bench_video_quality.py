@@ -92,10 +92,13 @@ def test_bench_video_mode(tmp_path, monkeypatch, capsys):
         assert "voc07_svm.costs=[1.0]" in row["eval_overrides"]
     out = capsys.readouterr().out
     assert "| random:resnet18 |" in out and "| slow_features (video) |" in out and "| egomotion (egomotion) |" in out
-    # a reused data root holding other videos (3 instead of 2) is refused before anything is written
-    other = types.SimpleNamespace(seed=0, videos=3, egomotion_sequences=2, video_seconds=1.5, video_px=32)
-    with pytest.raises(SystemExit):
-        bench.make_video_data(root, other, {"video"})
+    # a reused data root holding other videos (3 instead of 2; or each with its own backdrop where a pool is
+    # asked for) is refused before anything is written
+    for videos, pool in ((3, None), (2, 4)):
+        other = types.SimpleNamespace(seed=0, videos=videos, egomotion_sequences=2, video_seconds=1.5, video_px=32,
+                                      video_backgrounds=pool)
+        with pytest.raises(SystemExit):
+            bench.make_video_data(root, other, {"video"})
     assert len(list((root / "video" / "train").glob("vid_*.json"))) == 2
 
 

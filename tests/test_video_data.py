@@ -54,6 +54,32 @@ def test_writer_containers_read_back_with_pyav_and_are_deterministic(tmp_path: P
     assert not [p for p in tmp_path.rglob(".*")]  # no temporaries left behind
 
 
+def test_videos_drawn_from_a_backdrop_pool_share_their_clutter():
+    """With a pool, every video's clutter is one of the pool's backdrops, seen through the video's camera offset:
+    outside the objects' boxes, frame 0 is that backdrop's crop (to the uint8 rounding)."""
+    from evalsuite.data.render import to_uint8
+    from evalsuite.data.synth_video import backdrop_pool
+
+    pool = backdrop_pool(seed=0, k=2, size=32)
+    assert [b.shape[:2] for b in pool] == [(48, 48)] * 2  # the frame plus the camera's 8 px margin each side
+    used = set()
+    for k in range(6):
+        frames, _, truth = render_video([5, k], num_frames=4, size=32, fps=10, sample_rate=RATE, backdrops=pool)
+        ox, oy = truth["camera_offset"][0]
+        free = np.ones((32, 32), bool)
+        for o in truth["objects"]:  # every pixel an object may cover: its radius around its centre, generously
+            cx, cy = o["centres"][0]
+            yy, xx = np.mgrid[:32, :32]
+            free &= (xx - cx) ** 2 + (yy - cy) ** 2 > (1.6 * o["radius"] + 2) ** 2
+        match = [b for b, back in enumerate(pool)
+                 if np.array_equal(frames[0][free], to_uint8(back[oy:oy + 32, ox:ox + 32])[free])]
+        assert len(match) == 1 and free.sum() > 50, (k, match)
+        used |= set(match)
+    assert used == {0, 1}
+    with pytest.raises(ValueError, match="must be 96 px square for 64 px frames"):
+        render_video([5, 0], num_frames=2, size=64, fps=10, sample_rate=RATE, backdrops=pool)
+
+
 def test_clip_returns_the_frames_the_writer_drew(one_object: dict):
     ds = VideoFolder(one_object["root"], "all")
     assert ds.ids == ["a.mp4", "a_lossless.mkv", "b.mp4"]

@@ -154,17 +154,23 @@ OBJECT_GAIN = 0.25  # peak amplitude of one object (three at full speed stay wit
 
 
 def render_video(seed: int | Sequence[int], num_frames: int = 30, size: int = 64, fps: int = 10,
-                 sample_rate: int = 16000, classes: Sequence[int] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+                 sample_rate: int = 16000, classes: Sequence[int] | None = None,
+                 backdrops: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """One video: frames uint8 (T, size, size, 3), stereo audio float32 (2, T * sample_rate / fps) and its ground
     truth (the sidecar's content). ``classes`` fixes the objects' classes (default: 1-3 distinct at random; the
-    first is drawn at the back)."""
+    first is drawn at the back). ``backdrops``: a pool (:func:`backdrop_pool`) the video draws its backdrop from,
+    instead of clutter of its own."""
     rng = np.random.default_rng(seed)
     if classes is None:
         n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
         classes = [int(c) for c in rng.choice(len(VOC_CLASSES), size=n, replace=False)]
     margin = size // 4
-    backdrop = _background(rng, size + 2 * margin, size + 2 * margin)
+    if backdrops is None:
+        backdrop = _background(rng, size + 2 * margin, size + 2 * margin)
+    else:
+        backdrop = backdrops[int(rng.integers(len(backdrops)))]
+        if backdrop.shape[:2] != (size + 2 * margin, size + 2 * margin):
+            raise ValueError(f"backdrops must be {size + 2 * margin} px square for {size} px frames")
     # camera: a slow elliptical pan over the larger backdrop (integer offsets: the backdrop stays crisp)
     pan_period, pan_phase = rng.uniform(4.0, 8.0), rng.uniform(0, 2 * math.pi)
     times = np.arange(num_frames) / fps
@@ -239,19 +245,32 @@ def render_video(seed: int | Sequence[int], num_frames: int = 30, size: int = 64
     return frames, np.clip(audio, -1, 1).astype(np.float32), truth
 
 
+def backdrop_pool(seed: int, k: int, size: int) -> list[np.ndarray]:
+    """``k`` cluttered backdrops for ``size`` px frames (each larger by the camera's pan margin on every side)."""
+    if k < 1:
+        raise UserError(f"a backdrop pool needs at least 1 backdrop, got {k}")
+    side = size + 2 * (size // 4)
+    return [_background(np.random.default_rng([seed, 23, b]), side, side) for b in range(int(k))]
+
+
 def write_videos(root: str | Path, seed: int = 0, scale: float = 1.0, n_train: int = 12, n_val: int = 4,
                  seconds: float = 3.0, size: int = 64, fps: int = 10, sample_rate: int = 16000,
-                 codec_name: str = "h264") -> Path:
+                 codec_name: str = "h264", backgrounds: int | None = None) -> Path:
     """``root/video/{train,val}/vid_NNNNN.<mp4|mkv>`` each with a ``.json`` sidecar; returns ``root/video``.
-    ``scale`` multiplies the number of videos. Deterministic per seed (byte-identical files with the same PyAV)."""
+    ``scale`` multiplies the number of videos. ``backgrounds``: None gives every video its own clutter; ``k``
+    draws each video's backdrop from one pool of ``k`` shared by all videos and splits, so that the backdrop
+    identifies no video (as ``write_object_imagefolder``'s studio set does for images). Deterministic per seed
+    (byte-identical files with the same PyAV)."""
     target = Path(root) / "video"
     suffix = codec(codec_name).suffix
     num_frames = max(2, int(round(seconds * fps)))
     counts = {"train": max(1, round(n_train * scale)), "val": max(1, round(n_val * scale))}
+    pool = None if backgrounds is None else backdrop_pool(seed, backgrounds, size)
     with replace_dir(target) as tmp:
         for s_i, (split, n) in enumerate(counts.items()):
             for k in range(n):
-                frames, audio, truth = render_video([seed, 21, s_i, k], num_frames, size, fps, sample_rate)
+                frames, audio, truth = render_video([seed, 21, s_i, k], num_frames, size, fps, sample_rate,
+                                                    backdrops=pool)
                 stem = tmp / split / f"vid_{k:05d}"
                 write_video(stem.with_suffix(suffix), frames, fps, audio, sample_rate, codec_name)
                 atomic_write_json(stem.with_suffix(".json"), truth, indent=1)
