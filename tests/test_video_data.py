@@ -73,11 +73,22 @@ def test_videos_drawn_from_a_backdrop_pool_share_their_clutter():
             free &= (xx - cx) ** 2 + (yy - cy) ** 2 > (1.6 * o["radius"] + 2) ** 2
         match = [b for b, back in enumerate(pool)
                  if np.array_equal(frames[0][free], to_uint8(back[oy:oy + 32, ox:ox + 32])[free])]
-        assert len(match) == 1 and free.sum() > 50, (k, match)
+        assert match == [truth["backdrop"]] and free.sum() > 50, (k, match)
         used |= set(match)
     assert used == {0, 1}
     with pytest.raises(ValueError, match="must be 96 px square for 64 px frames"):
         render_video([5, 0], num_frames=2, size=64, fps=10, sample_rate=RATE, backdrops=pool)
+    assert "backdrop" not in render_video([5, 0], num_frames=2, size=32, fps=10, sample_rate=RATE)[2]
+
+
+def test_data_synth_video_backgrounds_flag(tmp_path: Path, capsys):
+    common = ["data", "synth", "--kind", "video", "--size", "0.125", "--image-size", "32", "--seconds", "0.5"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--backgrounds", "1"]) == 0
+    sidecars = sorted((tmp_path / "one" / "video").rglob("*.json"))
+    assert len(sidecars) == 3 and {json.loads(p.read_text())["backdrop"] for p in sidecars} == {0}
+    assert main([*common, "--out", str(tmp_path / "none"), "--backgrounds", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "evalsuite: error: --backgrounds must be at least 1, got 0"
+    assert not (tmp_path / "none").exists()
 
 
 def test_clip_returns_the_frames_the_writer_drew(one_object: dict):

@@ -75,6 +75,9 @@ def add_command(sub) -> None:
     s.add_argument("--codec", choices=["h264", "mpeg4", "ffv1"], default="h264",
                    help="video codec: H.264 + AAC in MP4, MPEG-4 part 2 + AAC in MP4, or lossless FFV1 + FLAC in "
                         "Matroska (ego-motion is always FFV1)")
+    s.add_argument("--backgrounds", type=int, default=None, metavar="K",
+                   help="videos: draw every backdrop from one pool of K shared by all videos (default: each video "
+                        "its own clutter, which then identifies the video)")
     s.add_argument("--env", action="append", default=None,
                    help="ego-motion environment(s), cycled over the sequences (default: MiniWorld OneRoom, "
                         "FourRooms, TMaze, Maze)")
@@ -91,7 +94,7 @@ def add_command(sub) -> None:
 
 def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: int | None = None,
           nyu_format: str = "mat", imagenet_layout: str = "official", seconds: float = 3.0, fps: int = 10,
-          codec: str = "h264", envs: list[str] | None = None) -> dict[str, Path]:
+          codec: str = "h264", envs: list[str] | None = None, backgrounds: int | None = None) -> dict[str, Path]:
     """Write one kind (or "all") under the data root ``out``; returns {kind: written path}."""
     from . import synth_video as V
     from . import synthetic as S
@@ -116,7 +119,7 @@ def synth(kind: str, out: Path, seed: int = 0, scale: float = 1.0, image_size: i
             done[k] = S.write_cifar10(out, seed=seed, scale=scale)
         elif k == "video":
             done[k] = V.write_videos(out, seed=seed, scale=scale, seconds=seconds, size=image_size or 64, fps=fps,
-                                     codec_name=codec)
+                                     codec_name=codec, backgrounds=backgrounds)
         elif k in TRANSFER_KINDS:
             from .synth_transfer import DEFAULT_PER_CLASS, write_transfer
 
@@ -153,9 +156,11 @@ def cmd_synth(a: argparse.Namespace) -> int:
         raise UserError(f"--size must be positive, got {a.size}")
     if a.seconds <= 0 or a.fps <= 0:
         raise UserError(f"--seconds and --fps must be positive, got {a.seconds} and {a.fps}")
+    if a.backgrounds is not None and a.backgrounds < 1:
+        raise UserError(f"--backgrounds must be at least 1, got {a.backgrounds}")
     t0 = time.perf_counter()
     for k, path in synth(a.kind, a.out, a.seed, a.size, a.image_size, a.nyu_format, a.imagenet_layout, a.seconds,
-                         a.fps, a.codec, a.env).items():
+                         a.fps, a.codec, a.env, a.backgrounds).items():
         print(f"wrote {k} to {path}")
     print(f"done in {time.perf_counter() - t0:.1f}s (seed {a.seed}, size {a.size})")
     return 0

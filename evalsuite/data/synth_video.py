@@ -165,10 +165,11 @@ def render_video(seed: int | Sequence[int], num_frames: int = 30, size: int = 64
         n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
         classes = [int(c) for c in rng.choice(len(VOC_CLASSES), size=n, replace=False)]
     margin = size // 4
+    pooled = None if backdrops is None else int(rng.integers(len(backdrops)))
     if backdrops is None:
         backdrop = _background(rng, size + 2 * margin, size + 2 * margin)
     else:
-        backdrop = backdrops[int(rng.integers(len(backdrops)))]
+        backdrop = backdrops[pooled]
         if backdrop.shape[:2] != (size + 2 * margin, size + 2 * margin):
             raise ValueError(f"backdrops must be {size + 2 * margin} px square for {size} px frames")
     # camera: a slow elliptical pan over the larger backdrop (integer offsets: the backdrop stays crisp)
@@ -235,7 +236,7 @@ def render_video(seed: int | Sequence[int], num_frames: int = 30, size: int = 64
         "format": SIDECAR_FORMAT, "fps": fps, "num_frames": num_frames, "width": size, "height": size,
         "sample_rate": sample_rate, "audio_channels": 2, "classes": [o["class"] for o in objects],
         "box_convention": "x1, y1, x2, y2 of the visible pixels, 1-based inclusive (VOC); null when < 12 px visible",
-        "camera_offset": cam.tolist(),
+        "camera_offset": cam.tolist(), **({} if pooled is None else {"backdrop": pooled}),
         "objects": [{"class": o["class"], "class_index": o["class_index"], "pitch_hz": o["pitch_hz"],
                      "timbre": class_recipe(o["class_index"])[0], "tremolo_hz": TREMOLO_HZ[class_recipe(
                          o["class_index"])[1]], "radius": o["radius"], "boxes": boxes[k], "visible": visible[k],
