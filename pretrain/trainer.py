@@ -233,7 +233,8 @@ class Trainer:
             self.batch_views, self.images = self._batch_views()
         else:
             self.sampler = self.method.sampler(cfg.image_size)
-            self.frames_in_memory = frames_fit(self.data, self.n_images, BATCH_VIEWS_MAX_BYTES)
+            # every data-loading process holds its own copy
+            self.frames_in_memory = frames_fit(self.data, self.n_images, BATCH_VIEWS_MAX_BYTES // max(1, cfg.workers))
             videos = FramesInMemory(self.data) if self.frames_in_memory else self.data
             self.dataset = SampleDataset(videos, self.sampler, cfg.seed, cfg.samples_per_video, cfg.limit_images)
             self.collate = collate_samples

@@ -87,7 +87,8 @@ def test_data_synth_video_backgrounds_flag(tmp_path: Path, capsys):
     sidecars = sorted((tmp_path / "one" / "video").rglob("*.json"))
     assert len(sidecars) == 3 and {json.loads(p.read_text())["backdrop"] for p in sidecars} == {0}
     assert main([*common, "--out", str(tmp_path / "none"), "--backgrounds", "0"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "evalsuite: error: --backgrounds must be at least 1, got 0"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "evalsuite: error: --backgrounds must be at least 1, got 0"
     assert not (tmp_path / "none").exists()
 
 

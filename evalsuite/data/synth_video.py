@@ -165,10 +165,10 @@ def render_video(seed: int | Sequence[int], num_frames: int = 30, size: int = 64
         n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
         classes = [int(c) for c in rng.choice(len(VOC_CLASSES), size=n, replace=False)]
     margin = size // 4
-    pooled = None if backdrops is None else int(rng.integers(len(backdrops)))
     if backdrops is None:
-        backdrop = _background(rng, size + 2 * margin, size + 2 * margin)
+        pooled, backdrop = None, _background(rng, size + 2 * margin, size + 2 * margin)
     else:
+        pooled = int(rng.integers(len(backdrops)))
         backdrop = backdrops[pooled]
         if backdrop.shape[:2] != (size + 2 * margin, size + 2 * margin):
             raise ValueError(f"backdrops must be {size + 2 * margin} px square for {size} px frames")
