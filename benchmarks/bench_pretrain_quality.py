@@ -187,6 +187,7 @@ def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, 
     """Train ``method`` on the synthetic ImageFolder under ``root``, on ``folder``'s train split, or on the videos
     of kind ``dataset`` under ``root``."""
     from evalsuite.checkpoints import read_metadata, save_checkpoint
+    from pretrain.augment import VIEW_OPTIONS
     from pretrain.registry import get_method
     from pretrain.trainer import TrainConfig, Trainer
 
@@ -206,10 +207,8 @@ def pretrain(method: str, a, root: Path, out: Path, folder: dict | None = None, 
                       workers=a.workers, precision=a.precision, channels_last=a.channels_last, resume=False,
                       batch_views=a.batch_views,
                       progress=a.progress, recipe=a.recipe, time_budget_s=budget,
-                      view_gray=a.view_gray if get_method(method).has_colour_views() else None,
-                      view_jitter=a.view_jitter if get_method(method).has_colour_views() else None,
-                      view_blur=a.view_blur if get_method(method).has_colour_views() else None,
-                      view_scale=a.view_scale if get_method(method).has_colour_views() else None,
+                      **{f"view_{k}": getattr(a, f"view_{k}") if k in get_method(method).view_option_names() else None
+                         for k in VIEW_OPTIONS},
                       lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, lars_eta=a.lars_eta,
                       warmup_epochs=a.warmup_epochs,
                       device=a.device, hp=method_hp(method, a.hp))
@@ -375,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--view-blur", type=float, help="blur probability of the colour-distortion views "
                    "(methods that have them; default: the preset's)")
     p.add_argument("--view-scale", type=float, help="smallest crop area fraction of the colour-distortion views "
-                   "(methods that have them; default: the recipe's at the size, else the preset's)")
+                   "and of the basic crop + flip view (methods that have them; default: the recipe's at the size, "
+                   "else the preset's)")
     p.add_argument("--lr", type=float, help="learning rate of every method (default: each recipe's, scaled by batch)")
     p.add_argument("--optimizer", help="optimizer of every method (default: each recipe's)")
     p.add_argument("--lars-eta", type=float, help="LARS trust coefficient of every method (default: each recipe's)")

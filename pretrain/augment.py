@@ -204,13 +204,13 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
     """The named augmentation preset with ``n_views`` views (multi-crop presets use their own counts);
     ``gray`` replaces the grayscale probability of the colour-distortion presets, ``jitter`` scales their
     colour-jitter amplitudes (SimCLR's strength s: 1 = the paper's, 0.5 = half), ``blur`` replaces their blur
-    probability and ``scale`` the smallest area fraction of their (global) crops."""
+    probability and ``scale`` the smallest area fraction of their (global) crops, and of ``basic``'s crop."""
     from evalsuite.errors import UserError
 
-    for opt, value in (("gray", gray), ("jitter", jitter), ("blur", blur), ("scale", scale)):
-        if value is not None and name not in COLOUR_PRESETS:
+    for opt, value in zip(VIEW_OPTIONS, (gray, jitter, blur, scale)):
+        if value is not None and name not in COLOUR_PRESETS and not (opt == "scale" and name == "basic"):
             raise UserError(f"augmentation preset {name!r} has no colour step; view {opt} applies to "
-                            f"{', '.join(COLOUR_PRESETS)}")
+                            f"{', '.join(COLOUR_PRESETS)}" + (" and basic" if opt == "scale" else ""))
     g = {} if gray is None else {"gray": float(gray)}
     if blur is not None:
         g["blur"] = float(blur)
@@ -239,7 +239,7 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
                                  T.RandomHorizontalFlip(), T.RandomRotation(20),
                                  T.RandomApply([T.ColorJitter(0.6, 0.6, 0.6, 0.1)], p=0.9), *_tensor()])
     elif name == "basic":
-        one = lambda: basic_view(size)
+        one = lambda: basic_view(size, **crop)
     elif name == "center":
         one = lambda: center_view(size)
     else:
@@ -248,4 +248,6 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
 
 
 PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", *CIFAR_VIEWS, "exemplar", "basic", "center")
+#: the view options of :func:`preset` (the trainer's ``--view-gray / -jitter / -blur / -scale``)
+VIEW_OPTIONS = ("gray", "jitter", "blur", "scale")
 COLOUR_PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", *CIFAR_VIEWS)

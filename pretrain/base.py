@@ -33,7 +33,7 @@ from evalsuite.trunks import arch_info, build_trunk
 from evalsuite.vit import ViTTaps
 
 from . import RECIPES
-from .augment import COLOUR_PRESETS, ViewTransform, preset
+from .augment import COLOUR_PRESETS, VIEW_OPTIONS, ViewTransform, preset
 
 
 @dataclass
@@ -247,6 +247,14 @@ class Method(nn.Module):
     def has_colour_views(cls) -> bool:
         """Whether ``view_options`` (grayscale probability) apply: the preset views of a colour preset."""
         return cls.views is Method.views and cls.augment in COLOUR_PRESETS
+
+    @classmethod
+    def view_option_names(cls) -> tuple[str, ...]:
+        """The ``view_options`` the views take: all four with colour distortion, only the crop's smallest area
+        fraction (``scale``) with the ``basic`` crop + flip preset, none with a method's own views."""
+        if cls.has_colour_views():
+            return VIEW_OPTIONS
+        return ("scale",) if cls.views is Method.views and cls.augment == "basic" else ()
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] -> network input (the recipe's normalisation, else ImageNet's; or the method's input

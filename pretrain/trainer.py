@@ -285,8 +285,9 @@ class Trainer:
                                      ("--view-scale", "scale", cfg.view_scale, 1.0)):
             if value is None:
                 continue
-            if not self.method.has_colour_views():
-                raise UserError(f"{flag}: the views of {cfg.method} have no colour-distortion step")
+            if key not in self.method.view_option_names():
+                raise UserError(f"{flag}: the views of {cfg.method} have no colour-distortion step"
+                                + ("" if key != "scale" else " and no basic crop"))
             if not 0.0 <= float(value) <= hi:
                 raise UserError(f"{flag} must be in [0, {hi:g}], got {value}")
             opts[key] = float(value)

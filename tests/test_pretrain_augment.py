@@ -163,8 +163,30 @@ def test_view_scale_sets_the_global_crops_smallest_area():
     assert [_crops(v) for v in dino] == [[(0.5, 1.0)]] * 2 + [[(0.05, 0.4)]] * 2
     from evalsuite.errors import UserError
 
-    with pytest.raises(UserError, match="no colour step; view scale"):
-        preset("basic", 32, scale=0.2)
+    # the basic crop + flip view (supervised, the pretext tasks) takes the crop's bound, not the colour options
+    assert [_crops(v) for v in preset("basic", 32).pipelines] == [[(0.08, 1.0)]] * 2
+    assert [_crops(v) for v in preset("basic", 32, n_views=1, scale=1.0).pipelines] == [[(1.0, 1.0)]]
+    with pytest.raises(UserError, match="no colour step; view scale applies to .* and basic"):
+        preset("exemplar", 32, scale=0.2)
+    from pretrain.registry import get_method
+
+    assert get_method("supervised").view_option_names() == get_method("rotnet").view_option_names() == ("scale",)
+    assert get_method("simclr").view_option_names() == ("gray", "jitter", "blur", "scale")
+    assert get_method("jigsaw").view_option_names() == ()
+
+
+def test_view_scale_of_a_basic_view_method_reaches_its_views_and_is_refused_without_one(tiny_imagefolder, tmp_path):
+    from evalsuite.errors import UserError
+    from pretrain import TrainConfig, Trainer
+
+    cfg = dict(data_root=str(tiny_imagefolder), batch_size=8, image_size=32, epochs=1, max_steps_per_epoch=1,
+               progress=False, view_scale=1.0)
+    tr = Trainer(TrainConfig(method="supervised", out=str(tmp_path / "s.safetensors"), **cfg))
+    assert tr.method.view_options == {"scale": 1.0}
+    assert [_crops(v) for v in tr.method.views(32).pipelines] == [[(1.0, 1.0)]]
+    with pytest.raises(UserError, match="--view-scale: the views of jigsaw have no colour-distortion step and no "
+                                        "basic crop"):
+        Trainer(TrainConfig(method="jigsaw", out=str(tmp_path / "j.safetensors"), **cfg))
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "swav", "dino"])
