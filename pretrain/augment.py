@@ -208,9 +208,10 @@ def preset(name: str, size: int, n_views: int = 2, gray: float | None = None, ji
     from evalsuite.errors import UserError
 
     for opt, value in zip(VIEW_OPTIONS, (gray, jitter, blur, scale)):
-        if value is not None and name not in COLOUR_PRESETS and not (opt == "scale" and name == "basic"):
+        if value is not None and opt not in preset_options(name):
+            takes = [p for p in PRESETS if opt in preset_options(p)]
             raise UserError(f"augmentation preset {name!r} has no colour step; view {opt} applies to "
-                            f"{', '.join(COLOUR_PRESETS)}" + (" and basic" if opt == "scale" else ""))
+                            + (f"{', '.join(takes[:-1])} and {takes[-1]}" if len(takes) > 1 else takes[0]))
     g = {} if gray is None else {"gray": float(gray)}
     if blur is not None:
         g["blur"] = float(blur)
@@ -251,3 +252,8 @@ PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", *CIFAR_VIEWS, "exempl
 #: the view options of :func:`preset` (the trainer's ``--view-gray / -jitter / -blur / -scale``)
 VIEW_OPTIONS = ("gray", "jitter", "blur", "scale")
 COLOUR_PRESETS = ("simclr", "moco_v1", "moco_v2", "byol", "swav", *CIFAR_VIEWS)
+
+
+def preset_options(name: str) -> tuple[str, ...]:
+    """The view options preset ``name`` takes: all with colour distortion, the crop's bound alone with ``basic``."""
+    return VIEW_OPTIONS if name in COLOUR_PRESETS else ("scale",) if name == "basic" else ()

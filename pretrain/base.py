@@ -33,7 +33,7 @@ from evalsuite.trunks import arch_info, build_trunk
 from evalsuite.vit import ViTTaps
 
 from . import RECIPES
-from .augment import COLOUR_PRESETS, VIEW_OPTIONS, ViewTransform, preset
+from .augment import COLOUR_PRESETS, VIEW_OPTIONS, ViewTransform, preset, preset_options
 
 
 @dataclass
@@ -254,7 +254,7 @@ class Method(nn.Module):
         fraction (``scale``) with the ``basic`` crop + flip preset, none with a method's own views."""
         if cls.has_colour_views():
             return VIEW_OPTIONS
-        return ("scale",) if cls.views is Method.views and cls.augment == "basic" else ()
+        return preset_options(cls.augment) if cls.views is Method.views else ()
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] -> network input (the recipe's normalisation, else ImageNet's; or the method's input
